@@ -43,13 +43,15 @@ def prepare(
     src: Annotated[Path, typer.Argument(help="ImageFolder tree: one sub-folder per class (class index = position in sorted folder names).")],
     out: Annotated[Path, typer.Option("--out", help="Output dataset folder (webdataset shards + manifest.json).")],
     shard_size: Annotated[int, typer.Option(help="Samples per tar shard.")] = 1000,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out unreadable images (listed in the manifest) instead of failing.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing dataset in OUT.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out unreadable images (listed in the manifest's `skipped`) instead of failing. [default: off]")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty OUT (the new dataset is built beside it, then swapped in). [default: off]")] = False,
+    shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle", help="Write samples in a seeded random order so every shard mixes classes (training reads whole shards); --no-shuffle keeps folder order.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the shuffled sample order.")] = 0,
 ) -> None:
     """Convert an ImageFolder tree into webdataset shards plus manifest.json (deterministic)."""
     from dho import data
 
-    ds = data.prepare(src, out, shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite)
+    ds = data.prepare(src, out, shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite, shuffle=shuffle, seed=seed)
     typer.echo(f"wrote {ds.num_samples} samples in {len(ds.shards)} shards, {len(ds.classnames)} classes -> {out}")
 
 
@@ -59,7 +61,7 @@ def index(
     classnames: Annotated[Path, typer.Option("--classnames", help="Text file with one class name per line (line i = class index i).")],
     out: Annotated[Path, typer.Option("--out", help="Folder to write manifest.json into (shards are referenced, not copied).")],
     label_key: Annotated[str, typer.Option(help="Sample field holding the integer label; samples without it are unlabeled (-1).")] = "cls",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing manifest in OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT/manifest.json. [default: off]")] = False,
 ) -> None:
     """Write a manifest for webdataset shards you already have (no image decoding)."""
     from dho import data
@@ -72,23 +74,18 @@ def index(
 def split(
     dataset: Annotated[Path, typer.Argument(help="Source dataset folder (with manifest.json).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for the labeled subset (shards + manifest).")],
-    shots: Annotated[Optional[int], typer.Option(help="K labeled samples per class.")] = None,
-    percent: Annotated[Optional[float], typer.Option(help="P% of the data, class-balanced (at least one per class).")] = None,
-    keys: Annotated[Optional[Path], typer.Option("--keys", help="File listing the labeled samples, one key or file name per line (e.g. SimCLR ImageNet 1%/10% lists).")] = None,
+    shots: Annotated[Optional[int], typer.Option(help="K labeled samples per class (seeded). Give exactly one of --shots, --percent, --keys. [default: none]")] = None,
+    percent: Annotated[Optional[float], typer.Option(help="P% of the labeled samples, class-balanced: round(P% of N) split over classes in proportion to their sizes (largest remainder), at least one per class. [default: none]")] = None,
+    keys: Annotated[Optional[Path], typer.Option("--keys", help="File listing the labeled samples, one key, relative file name or file basename per line; blank lines and # comments ignored (e.g. SimCLR ImageNet 1%/10% lists). [default: none]")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the random choice of samples.")] = 0,
     val_per_class: Annotated[int, typer.Option(help="Also carve M samples per class (disjoint from the labeled ones) into a validation split.")] = 0,
-    val_out: Annotated[Optional[Path], typer.Option("--val-out", help="Output folder for the validation split (needed with --val-per-class).")] = None,
+    val_out: Annotated[Optional[Path], typer.Option("--val-out", help="Output folder for the validation split (needed with --val-per-class). [default: none]")] = None,
     shard_size: Annotated[int, typer.Option(help="Samples per tar shard of the written splits.")] = 1000,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing non-empty output folders. [default: off]")] = False,
 ) -> None:
     """Make the labeled subset (and optionally a validation split) as its own dataset."""
     from dho import data
 
-    chosen = [x is not None for x in (shots, percent, keys)]
-    if sum(chosen) != 1:
-        _fail("give exactly one of --shots K, --percent P or --keys FILE")
-    if val_per_class and val_out is None:
-        _fail("--val-per-class needs --val-out DIR")
     labeled, val = data.split(
         dataset, out, shots=shots, percent=percent, keys_file=keys, seed=seed,
         val_per_class=val_per_class, val_out=val_out, shard_size=shard_size, overwrite=overwrite,
@@ -96,6 +93,241 @@ def split(
     typer.echo(f"labeled split: {labeled.num_samples} samples -> {out}")
     if val is not None:
         typer.echo(f"validation split: {val.num_samples} samples -> {val_out}")
+
+# --------------------------------------------------------------------------------------------
+# stage 2: distill
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def distill(
+    labeled: Annotated[Optional[Path], typer.Option("--labeled", help="Labeled dataset (made by `dho split`). [required unless in --config]")] = None,
+    labeled_cache: Annotated[Optional[Path], typer.Option("--labeled-cache", help="Teacher cache of the labeled dataset. [required unless in --config]")] = None,
+    unlabeled: Annotated[Optional[Path], typer.Option("--unlabeled", help="Unlabeled pool; unlabeled batches are drawn from labeled ∪ unlabeled (keys already in --labeled are not repeated). [required for every method but ce]")] = None,
+    unlabeled_cache: Annotated[Optional[Path], typer.Option("--unlabeled-cache", help="Teacher cache of the unlabeled dataset. [required with --unlabeled]")] = None,
+    student: Annotated[Optional[str], typer.Option("--student", help="Student: resnet18, resnet50, mobilenet_v2, resnet-tiny, an open_clip name (ViT-B-16, ViT-L-14, ...) or an open_clip model-config JSON. [required unless in --config]")] = None,
+    student_pretrained: Annotated[Optional[str], typer.Option("--student-pretrained", help="Student weights: torchvision weights name, open_clip tag, a local checkpoint file, or none. [default: none]")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="dho | ce | kd | ce+kd | ce+kd-feature. " + "[default: dho]")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (config.json, metrics.jsonl, checkpoints/, model.pt). [required unless in --config]")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file of options (keys as in RUN_DIR/config.json); options given on the command line override it. [default: none]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs; one epoch = one pass over the unlabeled stream. [default: 20]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Labeled AND unlabeled samples per step, global over ranks (B+B). [default: 64]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (betas 0.9, 0.999). [default: 0.001]")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay. [default: 0.01]")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps before the cosine decay. [default: 0]")] = None,
+    lambda_: Annotated[Optional[float], typer.Option("--lambda", help="Loss weight: lambda * L_CE + (1 - lambda) * L_KD. [default: 0.5]")] = None,
+    eta: Annotated[Optional[float], typer.Option(help="KD temperature eta; the KD term is scaled by eta^2. A cache stored at another eta is re-tempered exactly. [default: 2.0]")] = None,
+    zeta: Annotated[Optional[float], typer.Option(help="Scale 1/zeta of the aligned cosine kd_head of VLM students (Eq. 10). [default: 0.01]")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Inference mix stored with a dho model (Eq. 11); tune later with `dho evaluate --search-on`. [default: 0.5]")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="Inference temperature of kd_head stored with a dho model (Eq. 11). [default: 0.5]")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16. [default: auto]")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cuda | cpu. [default: auto]")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers per rank; the data order depends on ranks x workers. [default: 2]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for initialisation and the data order. [default: 0]")] = None,
+    view_sampling: Annotated[Optional[str], typer.Option(help="Which cached teacher view a sample gets: cycle (pass mod V) | random. [default: cycle]")] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the global gradient norm to this value; 0 = off. [default: 0.0]")] = None,
+    accum_steps: Annotated[Optional[int], typer.Option(help="Gradient accumulation: forward passes per optimiser step (batch split evenly). [default: 1]")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints (RUN_DIR/checkpoints/last.pt; also at each epoch end). [default: 500]")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Steps between metric/progress lines. [default: 20]")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (smoke runs); the schedule keeps its full length. [default: none]")] = None,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Validation dataset evaluated at the end of training (never the test set). [default: none]")] = None,
+    eval_every_epoch: Annotated[Optional[bool], typer.Option("--eval-every-epoch", help="Also evaluate --val after every epoch. [default: off]")] = None,
+    log_grad_cosine: Annotated[Optional[int], typer.Option(help="Every N steps log cos(grad L_CE, grad L_KD) over the feature extractor (dho, ce+kd) and plot it; 0 = off. [default: 0]")] = None,
+    text_init: Annotated[Optional[bool], typer.Option("--text-init/--no-text-init", help="Language-aware init of both heads from the student's own text encoder (VLM students). [default: on]")] = None,
+    align_kd_head: Annotated[Optional[bool], typer.Option("--align-kd-head/--no-align-kd-head", help="Cosine kd_head aligned with the teacher's rule, Eq. 10 (VLM students). [default: on]")] = None,
+    window: Annotated[Optional[int], typer.Option(help="Shards per shuffle window of each data consumer. [default: 2]")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where its last checkpoint stopped. [default: off]")] = False,
+) -> None:
+    """Train a student from datasets + teacher caches (the teacher is never loaded)."""
+    import dataclasses
+
+    from dho.distill import DistillConfig, distill as run_distill
+
+    values: dict = {}
+    if config is not None:
+        values.update(_load_options_file(config))
+    given = {
+        "labeled": labeled, "labeled_cache": labeled_cache, "unlabeled": unlabeled, "unlabeled_cache": unlabeled_cache,
+        "student": student, "student_pretrained": student_pretrained, "method": method, "out": out, "epochs": epochs,
+        "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps, "lambda_": lambda_,
+        "eta": eta, "zeta": zeta, "alpha": alpha, "beta": beta, "precision": precision, "device": device, "workers": workers,
+        "seed": seed, "view_sampling": view_sampling, "grad_clip": grad_clip, "accum_steps": accum_steps,
+        "checkpoint_every": checkpoint_every, "log_every": log_every, "max_steps": max_steps, "val": val,
+        "eval_every_epoch": eval_every_epoch, "log_grad_cosine": log_grad_cosine, "init_heads_from_text": text_init,
+        "align_kd_head": align_kd_head, "window": window,
+    }
+    values.update({k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None})
+    if values.get("student_pretrained") in ("none", ""):
+        values["student_pretrained"] = None
+    required = [f.name for f in dataclasses.fields(DistillConfig) if f.default is dataclasses.MISSING]
+    missing = [k for k in required if k not in values]
+    if missing:
+        _fail("missing " + ", ".join("--" + k.replace("_", "-") for k in missing) + " (on the command line or in --config)")
+    known = {f.name for f in dataclasses.fields(DistillConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        _fail(f"{config}: unknown option keys {unknown}; known: {sorted(known)}")
+    run_distill(DistillConfig(**values), resume=resume)
+
+
+def _load_options_file(path: Path) -> dict:
+    """A YAML or JSON mapping of option names (underscores or dashes) to values."""
+    import yaml
+
+    from dho.errors import ConfigError
+
+    if not path.exists():
+        raise ConfigError(f"--config {path}: no such file")
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
+    out = {}
+    for k, v in raw.items():
+        key = str(k).replace("-", "_")
+        out["lambda_" if key == "lambda" else key] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate · predict · export
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
+    data: Annotated[Path, typer.Option("--data", help="Labeled dataset to evaluate on (the test split).")],
+    alpha: Annotated[Optional[float], typer.Option(help="Weight of ce_head in Eq. 11, in [0, 1]. Default: the run's (RUN_DIR/alpha_beta.json from an earlier --search-on, else the value stored in model.pt, 0.5 for dho).")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="Temperature of kd_head in Eq. 11, > 0. Default: the run's, as for --alpha.")] = None,
+    search_on: Annotated[Optional[Path], typer.Option("--search-on", help="Labeled validation dataset: grid-search alpha in {0, 0.05, ..., 1} x beta in {0.1 ... 4} on it, store the best in RUN_DIR/alpha_beta.json (+ alpha_beta_heatmap.png), then evaluate --data with it. Must not be --data itself. Default: none.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (ce_head, kd_head, combined: top1/top5 in %; alpha; beta; counts) instead of a table. Default: off.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cuda:N or cpu.")] = "auto",
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images.")] = 2,
+) -> None:
+    """Top-1/top-5 of ce_head, kd_head and their combination (Eq. 11) on a labeled dataset."""
+    import json
+
+    from dho import evaluate as evaluation
+
+    if search_on is not None and (alpha is not None or beta is not None):
+        _fail("give either --alpha/--beta or --search-on VAL_DATASET, not both")
+    result = evaluation.evaluate(run_dir, data, alpha=alpha, beta=beta, search_on=search_on,
+                                 batch_size=batch_size, device=device, workers=workers)
+    if json_out:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"run {run_dir}  data {result['data']} ({result['num_samples']} samples, {result['num_classes']} classes)")
+    if result["num_unlabeled_ignored"]:
+        typer.echo(f"left out {result['num_unlabeled_ignored']} unlabeled samples")
+    typer.echo(f"alpha = {result['alpha']:g}, beta = {result['beta']:g}  ({result['alpha_beta_source']})")
+    typer.echo(f"{'head':<10} {'top-1':>7} {'top-5':>7}")
+    for head in ("ce_head", "kd_head", "combined"):
+        typer.echo(f"{head:<10} {result[head]['top1']:>7.2f} {result[head]['top5']:>7.2f}")
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (jpg, png, webp, ...).")],
+    topk: Annotated[int, typer.Option(help="Classes to print per image, most probable first.")] = 5,
+    device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cuda:N or cpu.")] = "cpu",
+) -> None:
+    """Print the top-k classes and probabilities of each image (Eq. 11 with the run's alpha, beta)."""
+    from dho import evaluate as evaluation
+
+    for path, top in evaluation.predict(run_dir, images, topk=topk, device=device):
+        typer.echo(str(path))
+        for classname, prob in top:
+            typer.echo(f"  {prob:.4f}  {classname}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
+    out: Annotated[Path, typer.Option("--out", help="TorchScript file to write (load with torch.jit.load; metadata in the extra file dho.json).")],
+) -> None:
+    """Write a TorchScript model: normalised images (B, 3, S, S) -> probabilities (B, C), alpha/beta baked in."""
+    from dho.export import export as export_run
+
+    path = export_run(run_dir, out)
+    typer.echo(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------------------------
+# stage 1: teacher cache
+# --------------------------------------------------------------------------------------------
+
+
+def _floats3(text: Optional[str], option: str) -> Optional[tuple[float, float, float]]:
+    """'0.5,0.5,0.5' or '0.5 0.5 0.5' -> (0.5, 0.5, 0.5)."""
+    if text is None:
+        return None
+    parts = text.replace(",", " ").split()
+    try:
+        values = tuple(float(x) for x in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        _fail(f"{option} takes three numbers (R,G,B), e.g. {option} 0.485,0.456,0.406; got {text!r}")
+    return values
+
+
+@app.command("precompute-teacher")
+def precompute_teacher(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (manifest.json + shards).")],
+    out: Annotated[Path, typer.Option("--out", help="Teacher cache to create or resume (a Zarr v3 folder, e.g. CACHE.zarr).")],
+    model: Annotated[Optional[str], typer.Option(help="open_clip model name, or a path to an open_clip model-config JSON file (registered under its file stem); ignored with --pretrained local-dir:. Default: ViT-H-14-378-quickgelu.")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="Teacher weights: an open_clip tag, a local checkpoint file, local-dir:FOLDER (open_clip_config.json + weights) or none (seeded random init). Default: dfn5b.")] = None,
+    templates: Annotated[Optional[str], typer.Option(help="Prompt templates: tip-adapter (the 7 of Tip-Adapter), openai (open_clip's 80), simple ('a photo of a {}.') or a file with one template per line. Default: tip-adapter.")] = None,
+    views: Annotated[Optional[int], typer.Option(help="Augmented views per sample: RandomResizedCrop(scale 0.5-1, ratio 3/4-4/3) + flip p=0.5, seeded by (seed, key, view). Default: 10.")] = None,
+    center_view: Annotated[bool, typer.Option("--center-view", help="Also store the evaluation view (whole image for squash resize, central square for shortest) as an extra last view. Default: off.")] = False,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the view boxes. Default: 0.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images (sample-views) per teacher forward, rounded down to whole samples. Default: 64.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32 (autocast; weights stay fp32). Default: auto.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto (cuda if available), cuda, cuda:N or cpu; under torchrun each rank uses cuda:LOCAL_RANK. Default: auto.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes decoding and cropping images (0 = in the main process). Default: 4.")] = None,
+    store_embeddings: Annotated[bool, typer.Option("--store-embeddings", help="Also store the teacher's normalised image embeddings (V, N, D) float16, for feature KD. Default: off.")] = False,
+    topk: Annotated[Optional[int], typer.Option(help="Store only the K largest probabilities per row (indices + values) instead of dense probs; readers spread the remaining mass uniformly over the other classes. Default: none = dense.")] = None,
+    eta: Annotated[Optional[float], typer.Option(help="KD temperature eta of the stored softmax(cos / (zeta * eta)); distill re-tempers exactly if it uses another. Default: 2.0.")] = None,
+    zeta: Annotated[Optional[float], typer.Option(help="Teacher logit scale 1/zeta: logits = cos / zeta. Default: 0.01.")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="This job's index for job arrays (no torchrun); with --world-size. Default: none = single process or torchrun.")] = None,
+    world_size: Annotated[Optional[int], typer.Option(help="Number of jobs of a job array; shards are split round-robin. Default: none.")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images as invalid (valid=False, NaN rows) instead of stopping with an error. Default: off.")] = False,
+    image_size: Annotated[Optional[int], typer.Option(help="Override the teacher's input size (pixels). Default: from the pretrained config.")] = None,
+    mean: Annotated[Optional[str], typer.Option(help="Override the normalisation mean, R,G,B. Default: from the pretrained config.")] = None,
+    std: Annotated[Optional[str], typer.Option(help="Override the normalisation std, R,G,B. Default: from the pretrained config.")] = None,
+    interpolation: Annotated[Optional[str], typer.Option(help="Override the resize interpolation: bicubic or bilinear. Default: from the pretrained config.")] = None,
+    resize_mode: Annotated[Optional[str], typer.Option(help="Override the evaluation resize mode (used by --center-view): squash, shortest or longest. Default: from the pretrained config.")] = None,
+) -> None:
+    """Run the teacher once over V augmented views of every sample into a teacher cache (resumable, torchrun-ready)."""
+    from dho.precompute import precompute
+
+    given = dict(
+        model=model, pretrained=pretrained, templates=templates, views=views, seed=seed, batch_size=batch_size,
+        precision=precision, device=device, workers=workers, eta=eta, zeta=zeta,
+        image_size=image_size, interpolation=interpolation, resize_mode=resize_mode,
+        mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"),
+    )
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    precompute(
+        dataset, out, center_view=center_view, store_embeddings=store_embeddings, topk=topk,
+        rank=rank, world_size=world_size, skip_bad=skip_bad, **kwargs,
+    )
+
+
+@app.command("cache-info")
+def cache_info(
+    cache: Annotated[Path, typer.Argument(help="Teacher cache folder (CACHE.zarr).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text. Default: off.")] = False,
+) -> None:
+    """Teacher, views, coverage (done units, valid samples), size on disk and teacher/label top-1 agreement."""
+    import json
+
+    from dho.cache import format_summary, summarize
+
+    info = summarize(cache)
+    typer.echo(json.dumps(info) if json_out else format_summary(info))
 
 
 def main() -> None:

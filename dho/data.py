@@ -1,0 +1,852 @@
+"""Datasets: webdataset tar shards + manifest.json, splits, ordered reading, view replay.
+
+A dataset is a folder holding `manifest.json` and webdataset tar shards (`shard-000000.tar`, ...).
+Each sample is `__key__`, the original encoded image bytes under their own lowercased extension
+(`jpg`, `png`, `webp`, ...), and `cls` (ASCII int label; absent or -1 = unlabeled). The global row
+of a sample is the offset of its shard (sum of the earlier counts) plus its position in the shard.
+The manifest lists every shard's count, sha256, keys and labels, so readers check what they read.
+
+This is the only module that imports webdataset. Out of scope here: the training streams of
+`dho distill` (see distill) and image augmentation beyond the RandomResizedCrop + flip of the
+paper, which is reduced to replayable parameters (`view_params` / `replay_view`).
+
+Images larger than PIL's default decompression-bomb limit (about 89 MP) are allowed up to
+`MAX_IMAGE_PIXELS` (see below); PIL still refuses images over twice that, which `prepare` reports
+as an unreadable file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import base_plus_ext
+
+import dho
+from dho.errors import ConfigError, DatasetError
+
+MANIFEST = "manifest.json"
+FORMAT, VERSION = "dho-dataset", 1
+# extensions torchvision's ImageFolder accepts; stored lowercased, bytes never re-encoded
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
+# decode silently up to 200 MP (a 14k x 14k scan); PIL itself refuses above 2x this
+MAX_IMAGE_PIXELS = 200_000_000
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# RandomResizedCrop of the paper (Table 6): area fraction and aspect ratio ranges
+CROP_SCALE = (0.5, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+FLIP_P = 0.5
+PathLike = Union[str, os.PathLike]
+
+
+# --------------------------------------------------------------------------------------------
+# types
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    key: str
+    image: Optional[Image.Image]  # RGB; None when read with decode=False
+    label: int  # -1 = unlabeled
+    index: int  # global row
+    shard: int
+    data: Optional[bytes] = None  # the encoded image bytes as stored in the shard
+    ext: Optional[str] = None  # their extension, e.g. "jpg"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path  # absolute
+    count: int
+    offset: int  # global row of the shard's first sample
+    sha256: str
+    keys: list
+    labels: list
+    files: Optional[list] = None  # original relative file names (prepare only)
+
+
+class Dataset:
+    """A dataset folder opened from its manifest.json. Cheap: reads no shard."""
+
+    def __init__(self, root: Path, manifest: dict):
+        where = root / MANIFEST
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise DatasetError(
+                f"{where}: not a {FORMAT} version {VERSION} manifest "
+                f"(format={manifest.get('format')!r}, version={manifest.get('version')!r}); "
+                "re-create it with `dho prepare` or `dho index`"
+            )
+        for field in ("classnames", "shards", "num_samples"):
+            if field not in manifest:
+                raise DatasetError(f"{where}: field {field!r} is missing; re-create it with `dho prepare` or `dho index`")
+        self.root = root
+        self.manifest = manifest
+        self.classnames = list(manifest["classnames"])
+        self.num_classes = len(self.classnames)
+        self.label_key = manifest.get("label_key", "cls").lower()
+        self.shards: list[ShardInfo] = []
+        offset = 0
+        for i, s in enumerate(manifest["shards"]):
+            missing = [f for f in ("path", "count", "sha256", "keys", "labels") if f not in s]
+            if missing:
+                raise DatasetError(f"{where}: shard {i} lacks {missing}; the manifest is corrupt, re-create it with `dho index`")
+            count, keys, labels = s["count"], s["keys"], s["labels"]
+            files = s.get("files")
+            if len(keys) != count or len(labels) != count or (files is not None and len(files) != count):
+                raise DatasetError(
+                    f"{where}: shard {i} ({s['path']}) says count={count} but lists {len(keys)} keys, "
+                    f"{len(labels)} labels; the manifest is corrupt, re-create it with `dho index`"
+                )
+            path = Path(s["path"])
+            path = path if path.is_absolute() else root / path
+            self.shards.append(ShardInfo(path, count, offset, s["sha256"], keys, labels, files))
+            offset += count
+        self.num_samples = offset
+        if manifest["num_samples"] != offset:
+            raise DatasetError(
+                f"{where}: num_samples={manifest['num_samples']} but the shard counts add up to {offset}; "
+                "the manifest is corrupt, re-create it with `dho index`"
+            )
+        self.keys: list[str] = [k for s in self.shards for k in s.keys]
+        self.labels = np.array([lab for s in self.shards for lab in s.labels], dtype=np.int64)  # (N,)
+        if len(set(self.keys)) != len(self.keys):
+            raise DatasetError(f"{where}: sample keys are not unique; re-create it with `dho index`")
+        bad = np.flatnonzero((self.labels < -1) | (self.labels >= self.num_classes))
+        if len(bad):
+            raise DatasetError(
+                f"{where}: sample {self.keys[bad[0]]!r} has label {self.labels[bad[0]]} outside "
+                f"[-1, {self.num_classes}); check the class names"
+            )
+        self.fingerprint = _fingerprint(self.classnames, manifest["shards"])
+
+    @classmethod
+    def open(cls, path: PathLike, verify: bool = False) -> "Dataset":
+        """Open the dataset folder `path` (or its manifest.json); `verify` rechecks every shard's sha256."""
+        path = Path(path)
+        root = path.parent if path.name == MANIFEST and path.is_file() else path
+        where = root / MANIFEST
+        if not where.is_file():
+            raise DatasetError(f"{root}: no {MANIFEST} found; create one with `dho prepare` (ImageFolder) or `dho index` (shards)")
+        try:
+            manifest = json.loads(where.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{where}: not valid JSON ({e}); re-create it with `dho prepare` or `dho index`") from e
+        ds = cls(root.resolve(), manifest)
+        if verify:
+            ds.verify()
+        return ds
+
+    def verify(self) -> None:
+        """Recheck every shard's sha256 against the manifest (reads all shards)."""
+        for i in range(len(self.shards)):
+            verify_shard(self, i)
+
+    def __repr__(self) -> str:
+        return f"Dataset({str(self.root)!r}, samples={self.num_samples}, shards={len(self.shards)}, classes={self.num_classes})"
+
+
+def _fingerprint(classnames: list, shards: list) -> str:
+    """sha256 of the content (class names, shard basenames, counts, sha256s, keys, labels)."""
+    content = {
+        "classnames": list(classnames),
+        "shards": [
+            {"name": Path(s["path"]).name, "count": s["count"], "sha256": s["sha256"], "keys": s["keys"], "labels": s["labels"]}
+            for s in shards
+        ],
+    }
+    blob = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_shard(ds: Dataset, shard_index: int) -> None:
+    """Raise DatasetError if shard `shard_index` is missing or its sha256 differs from the manifest."""
+    shard = ds.shards[shard_index]
+    if not shard.path.is_file():
+        raise DatasetError(f"shard {shard_index} ({shard.path}) of dataset {ds.root} is missing; restore it or re-run `dho prepare`/`dho index`")
+    digest = _sha256_file(shard.path)
+    if digest != shard.sha256:
+        raise DatasetError(
+            f"shard {shard_index} ({shard.path}) of dataset {ds.root} changed since its manifest was written "
+            f"(sha256 {digest[:12]}... != {shard.sha256[:12]}...); restore the shard or re-run `dho prepare`/`dho index`"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, ext: str, where: str) -> Image.Image:
+    """Decode encoded image bytes into an RGB PIL image; errors name `where` (a file or shard + key)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{where}: cannot decode the {ext} image ({e}); replace the file or leave it out (prepare --skip-bad)") from e
+
+
+def _image_ext(sample: dict) -> Optional[str]:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return ext
+    return None
+
+
+def iter_shard(ds: Dataset, shard_index: int, decode: bool = True) -> Iterator[Sample]:
+    """Samples of one shard in order; each key is checked against the manifest while reading."""
+    shard = ds.shards[shard_index]
+    name = f"shard {shard_index} ({shard.path})"
+    if not shard.path.is_file():
+        raise DatasetError(f"{name} of dataset {ds.root} is missing; restore it or re-run `dho prepare`/`dho index`")
+    changed = "the shard changed since the manifest was written; run `dho index` again or restore the shard"
+    j = -1
+    for j, raw in enumerate(wds.tarfile_samples([{"url": str(shard.path)}])):
+        key = raw["__key__"]
+        if j >= shard.count:
+            raise DatasetError(f"{name}: holds more than the {shard.count} samples of the manifest (extra key {key!r}); {changed}")
+        if key != shard.keys[j]:
+            raise DatasetError(f"{name}: sample {j} has key {key!r} but the manifest expects {shard.keys[j]!r}; {changed}")
+        ext = _image_ext(raw)
+        if ext is None:
+            raise DatasetError(f"{name}: sample {key!r} has no image member (one of {', '.join(IMAGE_EXTS)}); {changed}")
+        label = shard.labels[j]
+        if ds.label_key in raw and raw[ds.label_key].strip() != str(label).encode("ascii"):
+            raise DatasetError(f"{name}: sample {key!r} has label {raw[ds.label_key][:20]!r} but the manifest says {label}; {changed}")
+        data = raw[ext]
+        image = decode_image(data, ext, f"{name} key {key!r}") if decode else None
+        yield Sample(key=key, image=image, label=label, index=shard.offset + j, shard=shard_index, data=data, ext=ext)
+    if j + 1 != shard.count:
+        raise DatasetError(f"{name}: holds {j + 1} samples but the manifest says {shard.count}; {changed}")
+
+
+def assign_shards(num_shards: int, consumer: int, num_consumers: int) -> list[int]:
+    """Whole shards for one consumer (rank x worker), round-robin: consumer c gets c, c + n, c + 2n, ..."""
+    if not 0 <= consumer < num_consumers:
+        raise ValueError(f"consumer {consumer} not in [0, {num_consumers})")
+    return list(range(consumer, num_shards, num_consumers))
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class OrderedReader(torch.utils.data.IterableDataset):
+    """Every sample of this (rank, DataLoader worker)'s whole shards, in shard order.
+
+    Consumers are rank x worker (consumer = rank * num_workers + worker). The union over all
+    ranks and workers is every sample of `shards` (default: all) exactly once; each yielded
+    item carries its global row (`Sample.index`) when `transform` keeps it.
+    """
+
+    def __init__(self, ds: Dataset, transform: Optional[Callable] = None, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, shards: Optional[Sequence[int]] = None, decode: bool = True):
+        super().__init__()
+        dist_rank, dist_world = _dist_rank_world()
+        self.ds = ds
+        self.transform = transform
+        self.rank = dist_rank if rank is None else rank
+        self.world_size = dist_world if world_size is None else world_size
+        self.shards = list(range(len(ds.shards))) if shards is None else list(shards)
+        self.decode = decode
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+
+    def my_shards(self) -> list[int]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        consumer = self.rank * num_workers + worker
+        picked = assign_shards(len(self.shards), consumer, self.world_size * num_workers)
+        return [self.shards[i] for i in picked]
+
+    def __iter__(self):
+        for s in self.my_shards():
+            for sample in iter_shard(self.ds, s, decode=self.decode):
+                yield sample if self.transform is None else self.transform(sample)
+
+
+# --------------------------------------------------------------------------------------------
+# writing: shards + manifest, atomically
+# --------------------------------------------------------------------------------------------
+
+
+class _ShardWriter:
+    """Deterministic webdataset shards: fixed mtime/owner/mode, PAX headers (non-ASCII names)."""
+
+    def __init__(self, folder: Path, shard_size: int):
+        self.folder, self.shard_size = folder, shard_size
+        self.entries: list[dict] = []
+        self.file = self.tar = None
+
+    def write(self, key: str, ext: str, data: bytes, label: int, file: Optional[str] = None) -> None:
+        if self.tar is None or self.entries[-1]["count"] == self.shard_size:
+            self._roll()
+        sample = {"__key__": key, ext: data}
+        if label >= 0:
+            sample["cls"] = str(label).encode("ascii")
+        self.tar.write(sample)
+        e = self.entries[-1]
+        e["count"] += 1
+        e["keys"].append(key)
+        e["labels"].append(int(label))
+        if file is not None:
+            e.setdefault("files", []).append(file)
+
+    def _roll(self) -> None:
+        self._close_current()
+        name = f"shard-{len(self.entries):06d}.tar"
+        self.file = open(self.folder / name, "wb")
+        self.tar = wds.TarWriter(self.file, user="", group="", mode=0o644, encoder=False, mtime=0)
+        self.entries.append({"path": name, "count": 0, "sha256": "", "keys": [], "labels": []})
+
+    def _close_current(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.file.close()
+            self.entries[-1]["sha256"] = _sha256_file(self.folder / self.entries[-1]["path"])
+            self.tar = self.file = None
+
+    def close(self) -> list[dict]:
+        self._close_current()
+        return self.entries
+
+
+def _manifest(classnames: list, shards: list, skipped: list, provenance: dict, label_key: str = "cls") -> dict:
+    return {
+        "format": FORMAT, "version": VERSION,
+        "classnames": list(classnames),
+        "label_key": label_key,
+        "num_samples": sum(s["count"] for s in shards),
+        "shards": shards,
+        "skipped": skipped,
+        "provenance": provenance,
+    }
+
+
+def _dump_manifest(manifest: dict, path: Path) -> None:
+    """Readable and compact: one line per top-level field and per shard; no timestamps."""
+    def dump(v):
+        return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+
+    lines = []
+    for k, v in manifest.items():
+        if k == "shards":
+            body = ",\n".join(f"  {dump(s)}" for s in v)
+            lines.append(f' "shards": [\n{body}\n ]' if v else ' "shards": []')
+        else:
+            lines.append(f" {dump(k)}: {dump(v)}")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_out(out: Path, overwrite: bool, what: str) -> None:
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DatasetError(f"{out} is not empty; choose another --out or pass --overwrite to replace it ({what})")
+
+
+def _temp_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Replace `out` by the finished `tmp` folder with renames, so `out` is never half-written."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+class _Progress:
+    """Plain periodic progress lines with rate and ETA on stderr."""
+
+    def __init__(self, what: str, total: int, every_s: float = 10.0):
+        self.what, self.total, self.every_s = what, total, every_s
+        self.start = self.last = time.monotonic()
+        self.done = 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            print(f"{self.what}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.1f}%) "
+                  f"{rate:.1f}/s ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# prepare: ImageFolder -> shards
+# --------------------------------------------------------------------------------------------
+
+
+def _folder_key(classname: str, rel_in_class: str) -> str:
+    """`class/sub/stem` with dots of the stem replaced: webdataset splits a member name at the first '.' of its basename."""
+    parent, _, base = rel_in_class.rpartition("/")
+    stem = base.rsplit(".", 1)[0].replace(".", "_")
+    return "/".join(p for p in (classname, parent, stem) if p)
+
+
+def _read_and_check(path: Path) -> tuple[Optional[bytes], Optional[str]]:
+    """(bytes, None) for a readable image, (None, reason) otherwise; full decode catches truncation."""
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return data, None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool = False, overwrite: bool = False,
+            shuffle: bool = True, seed: int = 0) -> Dataset:
+    """ImageFolder tree -> deterministic webdataset shards + manifest.json (original bytes, no re-encode).
+
+    Class index = position in the sorted class folder names (as torchvision's ImageFolder); files are
+    taken recursively, sorted by relative path; only image extensions (IMAGE_EXTS) are used, hidden
+    files are ignored. Every image is fully decoded once to validate it.
+
+    With `shuffle` (the default) the samples are written in a seeded random order, so every shard
+    holds a mix of classes: training streams read whole shards, and class-sorted shards would give
+    batches of a handful of classes. The order is still deterministic (same input + seed -> same bytes).
+    """
+    src, out = Path(src), Path(out)
+    if shard_size < 1:
+        raise ConfigError(f"--shard-size must be >= 1, got {shard_size}")
+    if not src.is_dir():
+        raise DatasetError(f"{src} is not a folder; give an ImageFolder tree (one sub-folder per class)")
+    _check_out(out, overwrite, "prepare")
+    classnames = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classnames:
+        raise DatasetError(f"{src} has no class sub-folders; an ImageFolder tree has one folder per class")
+
+    files: list[tuple[str, str, int, str]] = []  # (relative file, key, label, ext)
+    seen: dict[str, str] = {}
+    for label, classname in enumerate(classnames):
+        cdir = src / classname
+        rels = sorted(
+            p.relative_to(cdir).as_posix() for p in cdir.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(cdir).parts)
+            and p.suffix[1:].lower() in IMAGE_EXTS
+        )
+        if not rels:
+            raise DatasetError(f"class folder {cdir} holds no image files ({', '.join(IMAGE_EXTS)}); remove it or add images")
+        for rel in rels:
+            key = _folder_key(classname, rel)
+            file = f"{classname}/{rel}"
+            if key in seen:
+                raise DatasetError(
+                    f"{src}: files {seen[key]!r} and {file!r} map to the same sample key {key!r} "
+                    "(keys drop the extension and replace dots with '_'); rename one of them"
+                )
+            seen[key] = file
+            files.append((file, key, label, rel.rsplit(".", 1)[1].lower()))
+
+    if shuffle:
+        files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+
+    tmp = _temp_dir(out)
+    try:
+        writer = _ShardWriter(tmp, shard_size)
+        skipped = []
+        progress = _Progress(f"prepare {src}", len(files))
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for start in range(0, len(files), 256):
+                batch = files[start:start + 256]
+                for (file, key, label, ext), (data, reason) in zip(batch, pool.map(lambda f: _read_and_check(src / f[0]), batch)):
+                    if data is None:
+                        skipped.append({"file": file, "reason": reason})
+                        continue
+                    writer.write(key, ext, data, label, file)
+                progress.update(len(batch))
+        shards = writer.close()
+        skipped.sort(key=lambda s: s["file"])
+        if skipped and not skip_bad:
+            listed = "; ".join(f"{src / s['file']}: not a readable image ({s['reason']})" for s in skipped[:20])
+            more = f" (and {len(skipped) - 20} more)" if len(skipped) > 20 else ""
+            raise DatasetError(f"{listed}{more}; fix or remove them, or pass --skip-bad to leave them out")
+        if not shards:
+            raise DatasetError(f"{src}: no readable images at all; nothing to write")
+        provenance = {"command": "prepare", "source": str(src.resolve()), "shard_size": shard_size,
+                      "shuffle": shuffle, "seed": seed,
+                      "skip_bad": skip_bad, "dho_version": dho.__version__}
+        _dump_manifest(_manifest(classnames, shards, skipped, provenance), tmp / MANIFEST)
+        _publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return Dataset.open(out)
+
+
+# --------------------------------------------------------------------------------------------
+# index: manifest for existing shards
+# --------------------------------------------------------------------------------------------
+
+
+def _read_classnames(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DatasetError(f"class names file {path} not found; give a text file with one class name per line")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    for i, name in enumerate(lines):
+        if not name:
+            raise DatasetError(f"{path}: line {i + 1} is empty; every line up to the last is a class name (line i = class i)")
+    dup = sorted({n for n in lines if lines.count(n) > 1})
+    if dup:
+        raise DatasetError(f"{path}: class names repeat: {dup[:10]}; class names must be unique")
+    if not lines:
+        raise DatasetError(f"{path}: no class names; write one class name per line")
+    return lines
+
+
+def _scan_shard(path: Path, label_key: str) -> tuple[list[str], list[int]]:
+    """Keys and labels of a tar shard from member names (+ the small label members); no image decode."""
+    keys: list[str] = []
+    labels: list[int] = []
+    has_image: list[bool] = []
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for ti in tf:
+                if not ti.isreg():
+                    continue
+                key, ext = base_plus_ext(ti.name)
+                if key is None:
+                    continue
+                ext = ext.lower()
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+                    labels.append(-1)
+                    has_image.append(False)
+                if ext == label_key:
+                    raw = tf.extractfile(ti).read()
+                    try:
+                        labels[-1] = int(raw.strip())
+                    except ValueError:
+                        raise DatasetError(f"shard {path}: sample {key!r} has label member {ti.name!r} = {raw[:20]!r}, not an integer; fix the shard or pass another --label-key") from None
+                elif ext in IMAGE_EXTS:
+                    has_image[-1] = True
+    except tarfile.TarError as e:
+        raise DatasetError(f"shard {path}: not a readable tar file ({e}); check or re-create it") from e
+    for key, ok in zip(keys, has_image):
+        if not ok:
+            raise DatasetError(f"shard {path}: sample {key!r} has no image member ({', '.join(IMAGE_EXTS)}); fix the shard")
+    return keys, labels
+
+
+def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, label_key: str = "cls", overwrite: bool = False) -> Dataset:
+    """Write OUT/manifest.json for existing webdataset shards (given order = global order)."""
+    out = Path(out)
+    label_key = label_key.lower()  # webdataset lowercases member extensions
+    classnames = _read_classnames(Path(classnames_file))
+    if not shards:
+        raise DatasetError("no shards given; pass the .tar shards in their global order")
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out} exists and is not a folder; choose another --out")
+    if (out / MANIFEST).exists() and not overwrite:
+        raise DatasetError(f"{out / MANIFEST} already exists; pass --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    out_abs = out.resolve()
+    entries, owner, given = [], {}, set()
+    for p in map(Path, shards):
+        if not p.is_file():
+            raise DatasetError(f"shard {p} not found; check the path")
+        p = p.resolve()
+        if p in given:
+            raise DatasetError(f"shard {p} is given twice; list each shard once")
+        given.add(p)
+        keys, labels = _scan_shard(p, label_key)
+        for key in keys:
+            if key in owner:
+                raise DatasetError(f"sample key {key!r} appears in shard {owner[key]} and again in shard {p}; keys must be unique across all shards")
+            owner[key] = p
+        for key, lab in zip(keys, labels):
+            if not -1 <= lab < len(classnames):
+                raise DatasetError(f"shard {p}: sample {key!r} has label {lab} but {classnames_file} lists {len(classnames)} classes; fix the labels or the class names file")
+        try:
+            path = p.relative_to(out_abs).as_posix()
+        except ValueError:
+            path = str(p)
+        entries.append({"path": path, "count": len(keys), "sha256": _sha256_file(p), "keys": keys, "labels": labels})
+    provenance = {"command": "index", "label_key": label_key, "classnames_file": Path(classnames_file).name, "dho_version": dho.__version__}
+    _dump_manifest(_manifest(classnames, entries, [], provenance, label_key=label_key), out / MANIFEST)
+    return Dataset.open(out)
+
+
+# --------------------------------------------------------------------------------------------
+# split: labeled subset (+ validation) as new datasets
+# --------------------------------------------------------------------------------------------
+
+
+def percent_allocation(class_sizes: Sequence[int], percent: float) -> list[int]:
+    """Per-class counts for P% class-balanced: largest-remainder allocation of round(P% of N).
+
+    Quotas q_c = T * n_c / N with T = P/100 * N rounded half up; each class gets floor(q_c), at least 1, and
+    the rest goes one by one to the largest fractional parts (ties: lower class index). If the
+    at-least-one rule overshoots T, the most over-allocated classes give one back (down to 1).
+    """
+    sizes = np.asarray(class_sizes, dtype=np.int64)
+    n = int(sizes.sum())
+    target = max(int(math.floor(percent / 100.0 * n + 0.5)), int((sizes > 0).sum()))
+    quota = target * sizes / n  # (C,)
+    alloc = np.maximum(np.floor(quota).astype(np.int64), (sizes > 0).astype(np.int64))
+    # hand out the rest by largest remainder (ties: lower class index); alloc + 1 <= ceil(quota) <= n_c
+    room = np.flatnonzero(alloc < sizes)
+    order = room[np.lexsort((room, -(quota[room] - alloc[room])))]
+    alloc[order[: max(target - int(alloc.sum()), 0)]] += 1
+    # the at-least-one rule overshot: the most over-allocated class gives one back, until on target
+    while alloc.sum() > target:
+        excess = np.where(alloc > 1, alloc - quota, -np.inf)
+        alloc[int(np.argmax(excess))] -= 1
+    return alloc.tolist()
+
+
+def _read_keys_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DatasetError(f"keys file {path} not found; give a text file with one key or file name per line")
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and line not in entries:
+            entries.append(line)
+    if not entries:
+        raise DatasetError(f"{path}: lists no keys; write one key or file name per line")
+    return entries
+
+
+def _match_keys(ds: Dataset, entries: list[str], where: Path) -> list[int]:
+    """Global rows named by key, key basename, original file name or file basename (+ stem without image ext)."""
+    names: dict[str, int] = {}
+    ambiguous: set[str] = set()
+    for row, key in enumerate(ds.keys):
+        for name in {key, key.rsplit("/", 1)[-1]}:
+            if name in names and names[name] != row:
+                ambiguous.add(name)
+            names[name] = row
+    for s in ds.shards:
+        for j, file in enumerate(s.files or []):
+            row = s.offset + j
+            for name in (file, file.rsplit("/", 1)[-1]):
+                if name in names and names[name] != row:
+                    ambiguous.add(name)
+                names[name] = row
+    rows, unmatched = [], []
+    for entry in entries:
+        stem, _, ext = entry.rpartition(".")
+        name = entry if entry in names else (stem if stem and ext.lower() in IMAGE_EXTS and stem in names else None)
+        if name is None:
+            unmatched.append(entry)
+            continue
+        if name in ambiguous:
+            raise DatasetError(f"{where}: entry {entry!r} matches several samples of {ds.root}; use the full key or relative file name")
+        rows.append(names[name])
+    if unmatched:
+        raise DatasetError(
+            f"{where}: {len(unmatched)} of {len(entries)} entries match no sample of {ds.root} "
+            f"(first {min(10, len(unmatched))}: {unmatched[:10]}); entries are keys, file names or file basenames"
+        )
+    rows = sorted(set(rows))
+    unlabeled = [ds.keys[r] for r in rows if ds.labels[r] < 0]
+    if unlabeled:
+        raise DatasetError(f"{where}: names unlabeled samples of {ds.root} (first: {unlabeled[:10]}); a labeled split needs labels")
+    return rows
+
+
+def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int] = None, percent: Optional[float] = None,
+          keys_file: Optional[PathLike] = None, seed: int = 0, val_per_class: int = 0, val_out: Optional[PathLike] = None,
+          shard_size: int = 1000, overwrite: bool = False) -> tuple[Dataset, Optional[Dataset]]:
+    """Labeled subset (K shots per class, P% class-balanced, or a key list) + optional validation split.
+
+    Per class, the labeled samples are permuted once with numpy Generator(seed) (classes in index
+    order); the labeled split takes the first K (or the P% allocation) and the validation split the
+    next M, so the labeled split does not depend on M. With a key list, validation samples are drawn
+    from the rest the same way. Outputs keep the source's global order, keys and original bytes.
+    """
+    ds = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset)
+    out = Path(out)
+    val_out = None if val_out is None else Path(val_out)
+    if sum(x is not None for x in (shots, percent, keys_file)) != 1:
+        raise ConfigError("give exactly one of shots (--shots K), percent (--percent P) or keys_file (--keys FILE)")
+    if shots is not None and shots < 1:
+        raise ConfigError(f"--shots must be >= 1, got {shots}")
+    if percent is not None and not 0 < percent <= 100:
+        raise ConfigError(f"--percent must be in (0, 100], got {percent}")
+    if val_per_class < 0:
+        raise ConfigError(f"--val-per-class must be >= 0, got {val_per_class}")
+    if val_per_class and val_out is None:
+        raise ConfigError("--val-per-class needs --val-out DIR")
+    if shard_size < 1:
+        raise ConfigError(f"--shard-size must be >= 1, got {shard_size}")
+    outs = [out] + ([val_out] if val_per_class else [])
+    for o in outs:
+        if o.resolve() == ds.root:
+            raise DatasetError(f"{o} is the source dataset itself; choose another output folder")
+        _check_out(o, overwrite, "split")
+    if val_per_class and out.resolve() == val_out.resolve():
+        raise ConfigError("--out and --val-out must be different folders")
+
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(ds.labels == c) for c in range(ds.num_classes)]  # rows per class, global order
+    perms = [rng.permutation(rows) for rows in by_class]
+    provenance = {"command": "split", "source_fingerprint": ds.fingerprint, "source": str(ds.root), "seed": seed,
+                  "val_per_class": val_per_class, "dho_version": dho.__version__}
+    if keys_file is not None:
+        keys_file = Path(keys_file)
+        labeled = _match_keys(ds, _read_keys_file(keys_file), keys_file)
+        taken = set(labeled)
+        perms = [np.array([r for r in p if r not in taken], dtype=np.int64) for p in perms]
+        want = [0] * ds.num_classes
+        provenance.update(method="keys", keys_file=keys_file.name, keys_sha256=_sha256_file(keys_file))
+    elif shots is not None:
+        want = [shots] * ds.num_classes
+        provenance.update(method="shots", shots=shots)
+    else:
+        sizes = [len(r) for r in by_class]
+        if sum(sizes) == 0:
+            raise DatasetError(f"{ds.root}: has no labeled samples to split")
+        want = percent_allocation(sizes, percent)
+        provenance.update(method="percent", percent=percent, rounding="largest-remainder, at least 1 per class")
+    short = [f"{ds.classnames[c]!r} has {len(perms[c])}" for c in range(ds.num_classes) if len(perms[c]) < want[c] + val_per_class]
+    if short:
+        need = f"{want[0]} + {val_per_class}" if shots is not None else f"the allocation + {val_per_class}"
+        raise DatasetError(f"{ds.root}: not enough labeled samples per class for {need} (validation): {', '.join(short[:10])}; lower --shots/--val-per-class")
+    if keys_file is None:
+        labeled = sorted(int(r) for c in range(ds.num_classes) for r in perms[c][:want[c]])
+    val = sorted(int(r) for c in range(ds.num_classes) for r in perms[c][want[c]:want[c] + val_per_class])
+
+    tmps = [_temp_dir(o) for o in outs]
+    try:
+        writers = [_ShardWriter(t, shard_size) for t in tmps]
+        role = np.full(ds.num_samples, -1, dtype=np.int64)  # (N,) 0 = labeled, 1 = validation
+        role[labeled] = 0
+        role[val] = 1
+        for s, shard in enumerate(ds.shards):
+            if not (role[shard.offset:shard.offset + shard.count] >= 0).any():
+                continue
+            for sample in iter_shard(ds, s, decode=False):
+                r = role[sample.index]
+                if r >= 0:
+                    file = None if shard.files is None else shard.files[sample.index - shard.offset]
+                    writers[r].write(sample.key, sample.ext, sample.data, sample.label, file)
+        for r, (t, w) in enumerate(zip(tmps, writers)):
+            prov = dict(provenance, role="labeled" if r == 0 else "validation")
+            _dump_manifest(_manifest(ds.classnames, w.close(), [], prov), t / MANIFEST)
+        for t, o in zip(tmps, outs):
+            _publish(t, o)
+    finally:
+        for t in tmps:
+            if t.exists():
+                shutil.rmtree(t)
+    return Dataset.open(out), (Dataset.open(val_out) if val_per_class else None)
+
+
+# --------------------------------------------------------------------------------------------
+# augmented views: replayable RandomResizedCrop + flip
+# --------------------------------------------------------------------------------------------
+
+
+def view_seed(seed: int, key: str, view: int) -> int:
+    """Stable 63-bit seed of (seed, key, view): the first 8 bytes of sha256, top bit dropped."""
+    digest = hashlib.sha256(f"{seed}|{key}|{view}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def view_params(key: str, view: int, seed: int, width: int, height: int) -> tuple[int, int, int, int, bool]:
+    """(top, left, height, width, flip): torchvision RandomResizedCrop.get_params(scale=(0.5, 1),
+    ratio=(3/4, 4/3)) + a p=0.5 flip, drawn from a generator seeded by (seed, key, view) only."""
+    g = torch.Generator().manual_seed(view_seed(seed, key, view))
+    area = height * width
+    log_ratio = torch.log(torch.tensor(CROP_RATIO))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(CROP_SCALE[0], CROP_SCALE[1], generator=g).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)).item()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=g).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=g).item())
+            break
+    else:  # central crop, aspect ratio clamped into the range
+        in_ratio = width / height
+        if in_ratio < min(CROP_RATIO):
+            w, h = width, int(round(width / min(CROP_RATIO)))
+        elif in_ratio > max(CROP_RATIO):
+            w, h = int(round(height * max(CROP_RATIO))), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    flip = bool(torch.rand(1, generator=g).item() < FLIP_P)
+    return top, left, h, w, flip
+
+
+def center_view_params(width: int, height: int, resize_mode: str) -> tuple[int, int, int, int, bool]:
+    """Evaluation view as a box: `squash` = whole image, `shortest` = central square (torchvision rounding)."""
+    if resize_mode == "squash":
+        return 0, 0, height, width, False
+    if resize_mode == "shortest":
+        side = min(width, height)
+        return int(round((height - side) / 2.0)), int(round((width - side) / 2.0)), side, side, False
+    raise ConfigError(f"unknown resize_mode {resize_mode!r}; use 'squash' or 'shortest'")
+
+
+_INTERPOLATION = {
+    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+}
+
+
+def replay_view(image: Image.Image, params: Sequence, size: int, interpolation: str,
+                mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Crop the box from the original RGB image, resize to (size, size), flip, to [0, 1], normalise -> (3, size, size)."""
+    top, left, h, w, flip = (int(p) for p in params)
+    if interpolation not in _INTERPOLATION:
+        raise ConfigError(f"unknown interpolation {interpolation!r}; use one of {sorted(_INTERPOLATION)}")
+    if top < 0 or left < 0 or h < 1 or w < 1 or top + h > image.height or left + w > image.width:
+        raise DatasetError(f"view box (top={top}, left={left}, h={h}, w={w}) lies outside the {image.width}x{image.height} image; "
+                           "the cache was built for other images")
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    view = image.crop((left, top, left + w, top + h)).resize((size, size), _INTERPOLATION[interpolation])
+    if flip:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.asarray(view, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)  # (3, S, S)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - mean_t) / std_t  # (3, S, S)

@@ -1,0 +1,52 @@
+"""`dho --help` and every registered command's `--help` list every option and show its default."""
+
+from __future__ import annotations
+
+import re
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from dho.cli import app
+
+COMMAND = typer.main.get_command(app)
+COMMAND_NAMES = sorted(COMMAND.commands)
+
+
+def _help(args: list[str]) -> str:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return re.sub(r"[\s│]+", " ", result.output)  # undo rich's box drawing and line wrapping
+
+
+def test_top_level_help_lists_every_command():
+    text = _help(["--help"])
+    assert "Dual-Head Optimization" in text
+    for name in ["prepare", "index", "split"] + COMMAND_NAMES:
+        assert name in text
+
+
+@pytest.mark.parametrize("name", COMMAND_NAMES)
+def test_command_help_mentions_every_option_with_its_default(name):
+    text = _help([name, "--help"])
+    command = COMMAND.commands[name]
+    assert command.help and command.help.split("\n")[0].strip()[:30] in text
+    missing = []  # options whose help shows no default
+    for param in command.params:
+        if isinstance(param, click.Argument):
+            assert param.name in text.lower()
+            continue
+        for opt in param.opts + param.secondary_opts:
+            assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", text), f"{name}: {opt} missing from --help"
+        assert param.help, f"{name}: {param.opts[0]} has no help text"
+        if param.required:
+            continue
+        explicit = re.search(r"default|required", param.help.lower()) is not None  # "[default: ...]", a sentence, or "[required unless ...]"
+        auto = param.show_default is not False and param.default is not None and not (param.is_flag and param.default is False)
+        missing.extend([] if explicit or auto else [param.opts[0]])
+        if auto and not explicit:
+            shown = str(param.default).lower() if not isinstance(param.default, bool) else ("" if not param.secondary_opts else param.opts[0].lstrip("-"))
+            assert f"[default: {shown}" in text.lower(), f"{name}: {param.opts[0]} default {param.default!r} not shown"
+    assert not missing, f"{name}: {missing} show no default; add '[default: ...]' (or '[required ...]') to their help"

@@ -1,0 +1,430 @@
+"""Data layer: prepare / index / split, shard checks, ordered reading, view params and replay."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from dho import data
+from dho.errors import ConfigError, DatasetError
+from helpers_data import ODD_BAD_FILES, ODD_EXTRA_FILES, make_image_folder
+
+
+def _sha_tree(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _all_samples(ds, decode=False):
+    return [s for i in range(len(ds.shards)) for s in data.iter_shard(ds, i, decode=decode)]
+
+
+# --------------------------------------------------------------------------------------------
+# prepare / index
+# --------------------------------------------------------------------------------------------
+
+
+def test_prepare_keeps_keys_labels_and_original_bytes(image_folder, tmp_path):
+    ds = data.prepare(image_folder, tmp_path / "ds", shard_size=5, shuffle=False)
+    assert ds.classnames == ["class_0", "class_1", "class_2"]
+    assert ds.num_samples == 24 and [s.count for s in ds.shards] == [5, 5, 5, 5, 4]
+    assert [s.offset for s in ds.shards] == [0, 5, 10, 15, 20]
+    assert ds.keys[:2] == ["class_0/img_000", "class_0/img_001"] and ds.keys[-1] == "class_2/img_007"
+    assert ds.labels.tolist() == [0] * 8 + [1] * 8 + [2] * 8
+    assert ds.shards[0].files[0] == "class_0/img_000.jpg"
+    assert [s.path.name for s in ds.shards] == [f"shard-{i:06d}.tar" for i in range(5)]
+    samples = _all_samples(ds, decode=False)
+    assert [s.index for s in samples] == list(range(24)) and [s.key for s in samples] == ds.keys
+    for s in samples:
+        file = ds.shards[s.shard].files[s.index - ds.shards[s.shard].offset]
+        assert s.image is None and s.ext == "jpg" and s.data == (image_folder / file).read_bytes()
+    decoded = next(data.iter_shard(ds, 4))
+    original = Image.open(image_folder / "class_2/img_004.jpg")
+    assert decoded.key == "class_2/img_004" and decoded.label == 2 and decoded.index == 20
+    assert decoded.image.mode == "RGB" and decoded.image.size == original.size
+    assert np.array_equal(np.asarray(decoded.image), np.asarray(original.convert("RGB")))
+    m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert m["format"] == "dho-dataset" and m["version"] == 1 and m["num_samples"] == 24 and m["skipped"] == []
+    assert m["provenance"]["command"] == "prepare" and m["provenance"]["shard_size"] == 5
+    with tarfile.open(ds.shards[0].path) as tf:
+        members = tf.getmembers()
+    assert [t.name for t in members[:2]] == ["class_0/img_000.cls", "class_0/img_000.jpg"]
+    assert {(t.mtime, t.uid, t.gid, t.uname, t.gname) for t in members} == {(0, 0, 0, "", "")}
+
+
+def test_prepare_shuffles_classes_across_shards_deterministically(image_folder, tmp_path):
+    a = data.prepare(image_folder, tmp_path / "a", shard_size=6)
+    b = data.prepare(image_folder, tmp_path / "b", shard_size=6, seed=1)
+    assert sorted(a.keys) == sorted(b.keys) and a.keys != b.keys
+    assert all(len(set(s.labels)) > 1 for s in a.shards)  # every shard mixes classes
+    assert a.labels.tolist() == [int(k.split("/")[0][-1]) for k in a.keys]
+    assert a.keys == data.prepare(image_folder, tmp_path / "c", shard_size=6).keys
+
+
+def test_prepare_is_byte_identical_on_rerun(image_folder, tmp_path):
+    data.prepare(image_folder, tmp_path / "a", shard_size=7)
+    data.prepare(image_folder, tmp_path / "b", shard_size=7)
+    a, b = _sha_tree(tmp_path / "a"), _sha_tree(tmp_path / "b")
+    assert list(a) == ["manifest.json"] + [f"shard-{i:06d}.tar" for i in range(4)]
+    assert a == b
+
+
+def test_index_of_prepared_shards_matches_prepare(tiny_dataset, tmp_path):
+    names = tmp_path / "classes.txt"
+    names.write_text("class_0\nclass_1\nclass_2\n\n")
+    elsewhere = data.index([s.path for s in tiny_dataset.shards], names, tmp_path / "idx")
+    assert elsewhere.keys == tiny_dataset.keys
+    assert elsewhere.labels.tolist() == tiny_dataset.labels.tolist()
+    assert elsewhere.fingerprint == tiny_dataset.fingerprint
+    assert [Path(s["path"]).is_absolute() for s in elsewhere.manifest["shards"]] == [True] * 5
+    # in place: paths relative to OUT, so the folder can be moved
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dataset.root, copy)
+    (copy / "manifest.json").unlink()
+    inplace = data.index(sorted(copy.glob("shard-*.tar")), names, copy)
+    assert [s["path"] for s in inplace.manifest["shards"]] == [f"shard-{i:06d}.tar" for i in range(5)]
+    assert inplace.fingerprint == tiny_dataset.fingerprint
+    moved = tmp_path / "moved"
+    copy.rename(moved)
+    assert data.Dataset.open(moved, verify=True).fingerprint == tiny_dataset.fingerprint
+    with pytest.raises(DatasetError, match="already exists.*--overwrite"):
+        data.index(sorted(moved.glob("shard-*.tar")), names, moved)
+
+
+def test_index_reads_labels_from_label_key_and_checks_them(tmp_path):
+    def shard(path, samples):
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+            for name, payload in samples:
+                ti = tarfile.TarInfo(name)
+                ti.size = len(payload)
+                tf.addfile(ti, io.BytesIO(payload))
+
+    jpg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpg, format="JPEG")
+    img = jpg.getvalue()
+    shard(tmp_path / "a.tar", [("x1.jpg", img), ("x1.label", b"1"), ("x2.jpg", img)])
+    shard(tmp_path / "b.tar", [("x3.jpg", img), ("x3.label", b" 0\n")])
+    names = tmp_path / "names.txt"
+    names.write_text("zero\none\n")
+    ds = data.index([tmp_path / "a.tar", tmp_path / "b.tar"], names, tmp_path / "out", label_key="label")
+    assert ds.keys == ["x1", "x2", "x3"] and ds.labels.tolist() == [1, -1, 0]
+    assert [s.key for s in _all_samples(ds, decode=True)] == ["x1", "x2", "x3"]
+    shard(tmp_path / "c.tar", [("x2.jpg", img)])
+    with pytest.raises(DatasetError, match=r"'x2' appears in shard .*a\.tar and again in shard .*c\.tar"):
+        data.index([tmp_path / "a.tar", tmp_path / "c.tar"], names, tmp_path / "out2", label_key="label")
+    shard(tmp_path / "d.tar", [("x4.jpg", img), ("x4.label", b"2")])
+    with pytest.raises(DatasetError, match=r"'x4' has label 2 but .*names\.txt lists 2 classes"):
+        data.index([tmp_path / "d.tar"], names, tmp_path / "out3", label_key="label")
+    shard(tmp_path / "e.tar", [("x5.txt", b"caption")])
+    with pytest.raises(DatasetError, match="'x5' has no image member"):
+        data.index([tmp_path / "e.tar"], names, tmp_path / "out4")
+
+
+def test_bad_file_fails_naming_it_and_leaves_nothing(odd_image_folder, tmp_path):
+    out = tmp_path / "ds"
+    with pytest.raises(DatasetError, match=r"class_2/broken\.jpg: not a readable image.*--skip-bad"):
+        data.prepare(odd_image_folder, out)
+    assert list(tmp_path.iterdir()) == []  # no output, no temp folder
+
+
+def test_skip_bad_lists_files_and_odd_images_work(odd_image_folder, tmp_path):
+    ds = data.prepare(odd_image_folder, tmp_path / "ds", shard_size=4, skip_bad=True)
+    skipped = ds.manifest["skipped"]
+    assert [s["file"] for s in skipped] == ODD_BAD_FILES
+    assert all(s["reason"] for s in skipped)
+    files = [f for s in ds.shards for f in s.files]
+    assert set(ODD_EXTRA_FILES) <= set(files) and not set(ODD_BAD_FILES) & set(files)
+    assert "class_1/README.txt" not in files
+    assert ds.num_samples == 3 * 4 + len(ODD_EXTRA_FILES)
+    by_key = {s.key: s for s in _all_samples(ds, decode=True)}
+    assert by_key["class_1/photo_v2_final"].ext == "jpg"  # dots of the stem replaced
+    assert by_key["class_1/čaj_ünï"].label == 1  # non-ASCII names survive the tar round trip
+    assert by_key["class_1/huge"].image.size == (5000, 5000)
+    assert {by_key[f"class_1/{k}"].image.mode for k in ("gray", "palette", "alpha")} == {"RGB"}
+
+
+def test_colliding_keys_are_refused(tmp_path):
+    src = make_image_folder(tmp_path / "src", num_classes=1, per_class=1)
+    shutil.copy(src / "class_0/img_000.jpg", src / "class_0/a.b.jpg")
+    shutil.copy(src / "class_0/img_000.jpg", src / "class_0/a_b.jpg")
+    with pytest.raises(DatasetError, match=r"'class_0/a\.b\.jpg' and 'class_0/a_b\.jpg' map to the same sample key 'class_0/a_b'"):
+        data.prepare(src, tmp_path / "ds")
+
+
+def test_prepare_refuses_non_empty_out_unless_overwrite(image_folder, tmp_path):
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(DatasetError, match="not empty.*--overwrite"):
+        data.prepare(image_folder, out)
+    assert (out / "keep.txt").exists()
+    ds = data.prepare(image_folder, out, overwrite=True)
+    assert ds.num_samples == 24 and not (out / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "images"]  # old copy removed
+
+
+def test_modified_shard_is_detected(image_folder, tmp_path):
+    ds = data.prepare(image_folder, tmp_path / "ds", shard_size=5, shuffle=False)
+    ds.verify()
+    with open(ds.shards[1].path, "ab") as f:
+        f.write(b"\0" * 512)  # samples unchanged, bytes changed
+    with pytest.raises(DatasetError, match=r"shard 1 \(.*shard-000001\.tar\) .*changed since its manifest"):
+        data.Dataset.open(tmp_path / "ds", verify=True)
+    with pytest.raises(DatasetError, match="shard-000001.tar.*changed"):
+        data.verify_shard(ds, 1)
+    # another shard's content under this name: caught while reading, without hashing
+    shutil.copy(ds.shards[3].path, ds.shards[2].path)
+    with pytest.raises(DatasetError, match=r"sample 0 has key 'class_1/img_007' but the manifest expects 'class_1/img_002'"):
+        list(data.iter_shard(ds, 2, decode=False))
+    with tarfile.open(ds.shards[3].path) as tf:  # keep the first 4 of its 5 samples
+        members = [(t, tf.extractfile(t).read()) for t in tf.getmembers()[:8]]
+    with tarfile.open(ds.shards[3].path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for t, payload in members:
+            tf.addfile(t, io.BytesIO(payload))
+    with pytest.raises(DatasetError, match="holds 4 samples but the manifest says 5"):
+        list(data.iter_shard(ds, 3, decode=False))
+    ds.shards[0].path.unlink()
+    with pytest.raises(DatasetError, match="shard 0 .* is missing"):
+        ds.verify()
+
+
+def test_decode_error_names_where():
+    with pytest.raises(DatasetError, match="shard 3 key 'k1': cannot decode the png image"):
+        data.decode_image(b"not a png", "png", "shard 3 key 'k1'")
+
+
+# --------------------------------------------------------------------------------------------
+# ordered reading
+# --------------------------------------------------------------------------------------------
+
+
+def _index_of(sample):
+    return sample.index
+
+
+def _read_indices(ds, num_workers, rank=0, world_size=1):
+    reader = data.OrderedReader(ds, transform=_index_of, rank=rank, world_size=world_size)
+    loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=num_workers)
+    return [int(i) for i in loader]
+
+
+def test_ordered_reader_covers_every_sample_once(tiny_dataset):
+    n = tiny_dataset.num_samples
+    assert _read_indices(tiny_dataset, num_workers=0) == list(range(n))
+    two_workers = _read_indices(tiny_dataset, num_workers=2)
+    assert sorted(two_workers) == list(range(n))
+    ranks = [_read_indices(tiny_dataset, num_workers=0, rank=r, world_size=2) for r in (0, 1)]
+    assert ranks[0] == list(range(0, 5)) + list(range(10, 15)) + list(range(20, 24))  # shards 0, 2, 4
+    assert sorted(ranks[0] + ranks[1]) == list(range(n))
+    both = [i for r in (0, 1) for i in _read_indices(tiny_dataset, num_workers=2, rank=r, world_size=2)]
+    assert sorted(both) == list(range(n))
+    assert data.assign_shards(5, 1, 2) == [1, 3] and data.assign_shards(2, 3, 4) == []
+
+
+def test_ordered_reader_yields_samples_of_chosen_shards(tiny_dataset):
+    samples = list(data.OrderedReader(tiny_dataset, shards=[3, 1]))
+    assert [s.index for s in samples] == list(range(15, 20)) + list(range(5, 10))
+    assert all(s.image.mode == "RGB" for s in samples)
+    with pytest.raises(ConfigError, match="rank 2"):
+        data.OrderedReader(tiny_dataset, rank=2, world_size=2)
+
+
+# --------------------------------------------------------------------------------------------
+# split
+# --------------------------------------------------------------------------------------------
+
+
+def test_split_shots_with_val(tiny_dataset, tmp_path):
+    lab, val = data.split(tiny_dataset, tmp_path / "lab", shots=2, seed=3, val_per_class=3, val_out=tmp_path / "val", shard_size=4)
+    assert lab.num_samples == 6 and np.bincount(lab.labels).tolist() == [2, 2, 2]
+    assert val.num_samples == 9 and np.bincount(val.labels).tolist() == [3, 3, 3]
+    assert not set(lab.keys) & set(val.keys)
+    rows = [tiny_dataset.keys.index(k) for k in lab.keys]
+    assert rows == sorted(rows)  # source global order
+    src_bytes = {s.key: s.data for s in _all_samples(tiny_dataset)}
+    for s in _all_samples(lab) + _all_samples(val):
+        assert s.data == src_bytes[s.key] and s.label == tiny_dataset.labels[tiny_dataset.keys.index(s.key)]
+    assert [s.count for s in lab.shards] == [4, 2]
+    source_files = [f for s in tiny_dataset.shards for f in s.files]
+    assert [f for s in lab.shards for f in s.files] == [source_files[r] for r in rows]
+    p = lab.manifest["provenance"]
+    assert (p["command"], p["method"], p["shots"], p["seed"], p["role"]) == ("split", "shots", 2, 3, "labeled")
+    assert p["source_fingerprint"] == tiny_dataset.fingerprint and val.manifest["provenance"]["role"] == "validation"
+    # the labeled split does not depend on the validation size; it does on the seed
+    alone, none = data.split(tiny_dataset, tmp_path / "alone", shots=2, seed=3, shard_size=4)
+    assert none is None and alone.keys == lab.keys
+    other, _ = data.split(tiny_dataset, tmp_path / "other", shots=2, seed=4, shard_size=4)
+    assert other.keys != lab.keys
+
+
+def test_split_is_deterministic(tiny_dataset, tmp_path):
+    for name in ("a", "b"):
+        data.split(tiny_dataset, tmp_path / name / "lab", percent=25, seed=0, val_per_class=1, val_out=tmp_path / name / "val")
+    assert _sha_tree(tmp_path / "a") == _sha_tree(tmp_path / "b")
+    lab = data.Dataset.open(tmp_path / "a" / "lab")
+    assert np.bincount(lab.labels).tolist() == [2, 2, 2]  # 25% of 24 = 6, balanced
+    assert lab.manifest["provenance"]["percent"] == 25
+
+
+def test_percent_allocation_largest_remainder():
+    assert data.percent_allocation([10, 5, 1], 25) == [2, 1, 1]
+    assert data.percent_allocation([7, 7, 7], 50) == [4, 4, 3]  # 10.5 rounds half up to 11
+    assert data.percent_allocation([1000, 10], 1) == [9, 1]  # at least one per class, total kept
+    assert data.percent_allocation([1, 1, 1, 100], 1) == [1, 1, 1, 1]  # at least one each beats P%
+    assert data.percent_allocation([1300] * 10, 1) == [13] * 10
+    assert data.percent_allocation([3, 3], 100) == [3, 3]
+    alloc = data.percent_allocation([13, 29, 58, 7, 93], 10)
+    assert sum(alloc) == 20 and alloc == [1, 3, 6, 1, 9]
+
+
+def test_split_by_simclr_style_file_list(tmp_path):
+    src = make_image_folder(tmp_path / "src", num_classes=3, per_class=5, imagenet_names=True)
+    ds = data.prepare(src, tmp_path / "ds", shard_size=4, shuffle=False)
+    assert ds.keys[0] == "class_0/class_0_0000" and ds.shards[0].files[0] == "class_0/class_0_0000.JPEG"
+    listing = tmp_path / "1percent.txt"
+    listing.write_text("# SimCLR-style list\nclass_2_0004.JPEG\n\nclass_0_0001.JPEG\nclass_1/class_1_0003\nclass_0/class_0_0001.JPEG\n")
+    lab, val = data.split(ds, tmp_path / "lab", keys_file=listing, val_per_class=2, val_out=tmp_path / "val")
+    assert lab.keys == ["class_0/class_0_0001", "class_1/class_1_0003", "class_2/class_2_0004"]
+    assert lab.labels.tolist() == [0, 1, 2] and [s.ext for s in _all_samples(lab)] == ["jpeg"] * 3
+    assert np.bincount(val.labels).tolist() == [2, 2, 2] and not set(val.keys) & set(lab.keys)
+    p = lab.manifest["provenance"]
+    assert p["method"] == "keys" and p["keys_file"] == "1percent.txt" and len(p["keys_sha256"]) == 64
+    listing.write_text("class_0_0001.JPEG\nnope_1.JPEG\nnope_2\n")
+    with pytest.raises(DatasetError, match=r"2 of 3 entries match no sample .*\['nope_1.JPEG', 'nope_2'\]"):
+        data.split(ds, tmp_path / "lab2", keys_file=listing)
+
+
+def test_ambiguous_basename_is_refused(tiny_dataset, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("img_001.jpg\n")  # in every class folder
+    with pytest.raises(DatasetError, match="'img_001.jpg' matches several samples"):
+        data.split(tiny_dataset, tmp_path / "lab", keys_file=listing)
+
+
+def test_split_refusals(tiny_dataset, tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of"):
+        data.split(tiny_dataset, tmp_path / "a", shots=2, percent=10)
+    with pytest.raises(ConfigError, match="exactly one of"):
+        data.split(tiny_dataset, tmp_path / "a")
+    with pytest.raises(DatasetError, match=r"'class_0' has 8, 'class_1' has 8, 'class_2' has 8"):
+        data.split(tiny_dataset, tmp_path / "a", shots=6, val_per_class=3, val_out=tmp_path / "v")
+    with pytest.raises(ConfigError, match="--val-per-class needs --val-out"):
+        data.split(tiny_dataset, tmp_path / "a", shots=1, val_per_class=1)
+    with pytest.raises(ConfigError, match=r"--percent must be in \(0, 100\]"):
+        data.split(tiny_dataset, tmp_path / "a", percent=0)
+    with pytest.raises(DatasetError, match="source dataset itself"):
+        data.split(tiny_dataset, tiny_dataset.root, shots=1)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(DatasetError, match="not empty.*--overwrite"):
+        data.split(tiny_dataset, tmp_path / "full", shots=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # nothing half-written
+
+
+# --------------------------------------------------------------------------------------------
+# augmented views
+# --------------------------------------------------------------------------------------------
+
+
+def test_view_params_match_torchvision_with_the_same_generator():
+    for i in range(60):
+        key, view, (w, h) = f"n01440764/img_{i}", i % 4, [(500, 375), (64, 640), (33, 31), (300, 10)][i % 4]
+        torch.manual_seed(data.view_seed(7, key, view))  # the global RNG seeded as view_params seeds its own
+        box = T.RandomResizedCrop.get_params(torch.empty(3, h, w), [0.5, 1.0], [3 / 4, 4 / 3])
+        flip = bool(torch.rand(1) < 0.5)
+        assert data.view_params(key, view, 7, w, h) == (*box, flip)
+
+
+def test_view_params_are_order_independent_and_in_bounds():
+    calls = [(f"k{i}", v) for i in range(50) for v in range(3)]
+    forward = {c: data.view_params(c[0], c[1], 0, 400, 300) for c in calls}
+    torch.manual_seed(123)
+    torch.rand(17)  # global RNG state must not matter
+    backward = {c: data.view_params(c[0], c[1], 0, 400, 300) for c in reversed(calls)}
+    assert forward == backward
+    assert data.view_params("k0", 0, 1, 400, 300) != forward[("k0", 0)]
+    assert len(set(forward.values())) == len(calls)
+    for top, left, h, w, flip in forward.values():
+        assert 0 <= top and top + h <= 300 and 0 <= left and left + w <= 400
+        assert 0.49 <= h * w / (400 * 300) <= 1.0 and 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
+    assert 50 <= sum(f for *_, f in forward.values()) <= 100  # p = 0.5 of 150
+    # no box fits a 300x10 strip: central fallback, ratio clamped to 4/3
+    assert data.view_params("strip", 0, 0, 300, 10)[:4] == (0, 143, 10, 13)
+
+
+def test_center_view_params():
+    assert data.center_view_params(50, 30, "squash") == (0, 0, 30, 50, False)
+    assert data.center_view_params(50, 30, "shortest") == (0, 10, 30, 30, False)
+    assert data.center_view_params(20, 33, "shortest") == (6, 0, 20, 20, False)
+    with pytest.raises(ConfigError, match="resize_mode 'crop'"):
+        data.center_view_params(20, 33, "crop")
+
+
+@pytest.mark.parametrize("interpolation,flip", [("bicubic", True), ("bilinear", False)])
+def test_replay_view_equals_torchvision(interpolation, flip):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    top, left, h, w, _ = data.view_params("a", 0, 0, 53, 37)
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    x = data.replay_view(image, (top, left, h, w, flip), 24, interpolation, mean, std)
+    y = TF.resized_crop(image, top, left, h, w, [24, 24], InterpolationMode(interpolation), antialias=True)
+    y = TF.normalize(TF.to_tensor(TF.hflip(y) if flip else y), mean, std)
+    assert x.shape == (3, 24, 24) and x.dtype == torch.float32
+    assert torch.equal(x, y)
+    gray = data.replay_view(image.convert("L"), (top, left, h, w, flip), 24, interpolation, (0.5,) * 3, (0.5,) * 3)
+    assert gray.shape == (3, 24, 24) and torch.equal(gray[0], gray[1])
+
+
+def test_replay_view_refuses_bad_boxes_and_interpolations():
+    image = Image.new("RGB", (20, 10))
+    with pytest.raises(DatasetError, match="outside the 20x10 image"):
+        data.replay_view(image, (5, 0, 10, 10, 0), 8, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(ConfigError, match="unknown interpolation 'cubic'"):
+        data.replay_view(image, (0, 0, 10, 10, 0), 8, "cubic", (0.5,) * 3, (0.5,) * 3)
+
+
+# --------------------------------------------------------------------------------------------
+# the command line, end to end
+# --------------------------------------------------------------------------------------------
+
+
+def _dho(*args, cwd):
+    exe = Path(sys.executable).parent / "dho"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([str(exe), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prepare_index_split(odd_image_folder, tmp_path):
+    bad = _dho("prepare", odd_image_folder, "--out", "ds", cwd=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    error = bad.stderr.splitlines()[-1]  # progress lines come first
+    assert error.startswith("error: ") and "broken.jpg" in error and "notes.jpg" in error and "--skip-bad" in error
+    ok = _dho("prepare", odd_image_folder, "--out", "ds", "--shard-size", "5", "--skip-bad", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "wrote 18 samples in 4 shards, 3 classes" in ok.stdout
+    ds = data.Dataset.open(tmp_path / "ds")
+    (tmp_path / "classes.txt").write_text("\n".join(ds.classnames) + "\n")
+    shards = sorted((tmp_path / "ds").glob("shard-*.tar"))
+    idx = _dho("index", *shards, "--classnames", "classes.txt", "--out", "idx", cwd=tmp_path)
+    assert idx.returncode == 0, idx.stderr
+    assert "indexed 18 samples in 4 shards" in idx.stdout
+    assert data.Dataset.open(tmp_path / "idx").fingerprint == ds.fingerprint
+    sp = _dho("split", "ds", "--out", "lab", "--shots", "1", "--val-per-class", "1", "--val-out", "val", "--seed", "5", cwd=tmp_path)
+    assert sp.returncode == 0, sp.stderr
+    assert "labeled split: 3 samples" in sp.stdout and "validation split: 3 samples" in sp.stdout
+    lab = data.Dataset.open(tmp_path / "lab", verify=True)
+    assert sorted(lab.labels.tolist()) == [0, 1, 2] and lab.manifest["provenance"]["seed"] == 5
