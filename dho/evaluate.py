@@ -1,0 +1,385 @@
+"""Inference with both heads (Eq. 11, Alg. 2), metrics, the alpha/beta search and its heatmap.
+
+    p_hat = alpha * softmax(ce_head(z)) + (1 - alpha) * softmax(kd_head(z) / beta)    (Eq. 11)
+
+alpha and beta are inference-time knobs. ``evaluate`` takes them from, in order: explicit
+arguments, the run's ``alpha_beta.json`` (written by an earlier ``--search-on``), the values
+stored in ``model.pt`` by distill (the run's config: paper defaults 0.5 / 0.5).
+
+The search (``search_on``) runs on a labeled validation dataset and refuses to run on the
+data being evaluated (same manifest fingerprint): never tune on the test split. Likewise a
+stored ``alpha_beta.json`` searched on the very dataset being evaluated is refused.
+
+Evaluation view: the central square of side min(W, H) (``resize_mode`` "shortest"; "squash"
+for students whose preprocessing says so, e.g. DFN-pretrained towers), resized to the
+student's size with its interpolation and normalisation, via ``data.replay_view`` — the same
+function that replays training views.
+
+Out of scope: multi-crop / TTA evaluation, per-class metrics, distributed evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from dho import data as data_lib
+from dho.errors import ConfigError, DatasetError
+from dho.students import DualHeadStudent, load_student
+
+ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1 (paper §4.1)
+BETA_GRID = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)  # kd_head temperatures, 0.1 ... 4
+DEFAULT_ALPHA, DEFAULT_BETA = 0.5, 0.5  # low-shot defaults (Table 6); also the search's tie-break centre
+ALPHA_BETA_FILE = "alpha_beta.json"
+HEATMAP_FILE = "alpha_beta_heatmap.png"
+MODEL_FILE = "model.pt"
+
+
+# --------------------------------------------------------------------------------------------
+# math: head combination, metrics, search
+# --------------------------------------------------------------------------------------------
+
+
+def combine_heads(ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """alpha * softmax(ce_logits) + (1 - alpha) * softmax(kd_logits / beta) (Eq. 11) -> (N, C) probs."""
+    if not 0.0 <= alpha <= 1.0 or beta <= 0.0:
+        raise ConfigError(f"need 0 <= alpha <= 1 and beta > 0 (Eq. 11), got alpha={alpha}, beta={beta}")
+    p_ce = torch.softmax(ce_logits.float(), dim=-1)  # (N, C)
+    p_kd = torch.softmax(kd_logits.float() / beta, dim=-1)  # (N, C)
+    return alpha * p_ce + (1.0 - alpha) * p_kd
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Top-k accuracy in percent for each k (k capped at C) of probabilities or logits (N, C)."""
+    if len(labels) == 0:
+        raise ConfigError("top-k accuracy of zero samples is undefined")
+    labels = torch.as_tensor(labels).long()
+    topk = scores.topk(min(max(ks), scores.shape[-1]), dim=-1).indices  # (N, K)
+    hit = topk == labels[:, None]  # (N, K)
+    return {k: 100.0 * int(hit[:, : min(k, scores.shape[-1])].any(dim=-1).sum()) / len(labels) for k in ks}
+
+
+def search_alpha_beta(
+    ce_logits: torch.Tensor,
+    kd_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha_grid: Sequence[float] = ALPHA_GRID,
+    beta_grid: Sequence[float] = BETA_GRID,
+) -> tuple[float, float, np.ndarray]:
+    """Grid search of Eq. 11's (alpha, beta) for top-1 -> (alpha, beta, grid (len(A), len(B)) in %).
+
+    Ties (common on small validation sets) are broken deterministically: highest top-1, then
+    alpha closest to 0.5, then beta closest to 0.5 in log scale, then grid order.
+    """
+    labels = torch.as_tensor(labels).long()
+    p_ce = torch.softmax(ce_logits.float(), dim=-1)  # (N, C)
+    correct = np.zeros((len(alpha_grid), len(beta_grid)), dtype=np.int64)
+    for j, beta in enumerate(beta_grid):
+        p_kd = torch.softmax(kd_logits.float() / beta, dim=-1)  # (N, C)
+        for i, alpha in enumerate(alpha_grid):
+            pred = (alpha * p_ce + (1.0 - alpha) * p_kd).argmax(dim=-1)  # (N,)
+            correct[i, j] = int((pred == labels).sum())
+    cells = [(i, j) for i in range(len(alpha_grid)) for j in range(len(beta_grid))]
+    i, j = min(cells, key=lambda c: (-correct[c], abs(alpha_grid[c[0]] - DEFAULT_ALPHA),
+                                     abs(math.log(beta_grid[c[1]] / DEFAULT_BETA)), c))
+    grid = 100.0 * correct / len(labels)
+    return float(alpha_grid[i]), float(beta_grid[j]), grid
+
+
+def plot_alpha_beta(
+    grid: np.ndarray,
+    path: Union[str, Path],
+    alpha_grid: Sequence[float] = ALPHA_GRID,
+    beta_grid: Sequence[float] = BETA_GRID,
+    best: Optional[tuple[float, float]] = None,
+    title: str = "validation top-1 (%) of Eq. 11",
+) -> Path:
+    """Heatmap of top-1 over (alpha rows, beta columns), as the paper's Fig. 10; best cell boxed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    grid = np.asarray(grid, dtype=float)
+    if best is None:
+        i, j = np.unravel_index(np.argmax(grid), grid.shape)
+    else:
+        i, j = list(alpha_grid).index(best[0]), list(beta_grid).index(best[1])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(beta_grid), 1.5 + 0.36 * len(alpha_grid)))
+    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(beta_grid)), [f"{b:g}" for b in beta_grid])
+    ax.set_yticks(range(len(alpha_grid)), [f"{a:g}" for a in alpha_grid])
+    ax.set_xlabel("beta (kd_head temperature)")
+    ax.set_ylabel("alpha (weight of ce_head)")
+    mid = (grid.max() + grid.min()) / 2
+    for r in range(grid.shape[0]):
+        for c in range(grid.shape[1]):
+            ax.text(c, r, f"{grid[r, c]:.1f}", ha="center", va="center", fontsize=6,
+                    color="black" if grid[r, c] > mid else "white")
+    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_title(f"{title}\nbest alpha={alpha_grid[i]:g}, beta={beta_grid[j]:g}: {grid[i, j]:.2f}%", fontsize=9)
+    fig.colorbar(im, ax=ax, label="top-1 (%)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# running the student over a dataset
+# --------------------------------------------------------------------------------------------
+
+
+class _EvalView:
+    """Sample -> (evaluation view (3, S, S), label, global row). A class so workers can pickle it."""
+
+    def __init__(self, preprocess: dict):
+        self.size = int(preprocess["image_size"])
+        self.interpolation = preprocess["interpolation"]
+        self.mean, self.std = list(preprocess["mean"]), list(preprocess["std"])
+        self.resize_mode = preprocess.get("resize_mode", "shortest")
+
+    def image(self, image) -> torch.Tensor:
+        params = data_lib.center_view_params(image.width, image.height, self.resize_mode)
+        return data_lib.replay_view(image, params, self.size, self.interpolation, self.mean, self.std)
+
+    def __call__(self, sample) -> tuple[torch.Tensor, int, int]:
+        return self.image(sample.image), sample.label, sample.index
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """'auto' -> cuda if available, else cpu."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is available; use --device cpu or auto")
+    return device
+
+
+@torch.no_grad()
+def collect_logits(
+    model: DualHeadStudent,
+    dataset: data_lib.Dataset,
+    batch_size: int = 256,
+    device: Union[str, torch.device] = "cpu",
+    workers: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the student over the dataset's evaluation views -> (ce_logits (N, C), kd_logits (N, C),
+    labels (N,)) as float32 / int64 CPU tensors in dataset order. Restores the model's train mode."""
+    device = resolve_device(device)
+    reader = data_lib.OrderedReader(dataset, transform=_EvalView(model.preprocess), rank=0, world_size=1)
+    loader = torch.utils.data.DataLoader(reader, batch_size=batch_size, num_workers=workers)
+    n = dataset.num_samples
+    ce = torch.empty(n, model.num_classes)  # (N, C)
+    kd = torch.empty(n, model.num_classes)  # (N, C)
+    labels = torch.full((n,), -2, dtype=torch.int64)  # (N,), -2 = not seen yet
+    was_training = model.training
+    model.eval()
+    start = last = time.monotonic()
+    seen = 0
+    try:
+        for x, y, index in loader:
+            out = model(x.to(device, non_blocking=True))
+            ce[index] = out["ce_logits"].float().cpu()
+            kd[index] = out["kd_logits"].float().cpu()
+            labels[index] = y
+            seen += len(index)
+            now = time.monotonic()
+            if now - last >= 10.0:
+                last, rate = now, seen / (now - start)
+                print(f"evaluate {dataset.root.name}: {seen}/{n} images, {rate:.1f}/s, ETA {(n - seen) / rate:.0f}s",
+                      file=sys.stderr, flush=True)
+    finally:
+        model.train(was_training)
+    if seen != n or bool((labels == -2).any()):
+        raise DatasetError(f"{dataset.root}: read {seen} of the {n} samples of the manifest; check the shards with `dho index`")
+    return ce, kd, labels
+
+
+# --------------------------------------------------------------------------------------------
+# run directories
+# --------------------------------------------------------------------------------------------
+
+
+def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu") -> tuple[DualHeadStudent, dict]:
+    """The finished student of RUN_DIR (RUN_DIR/model.pt) in eval mode on `device`, and its meta."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} not found")
+    model_file = run_dir / MODEL_FILE
+    if not model_file.is_file():
+        hint = (" (only checkpoints/last.pt is there)" if (run_dir / "checkpoints" / "last.pt").is_file() else "")
+        raise ConfigError(f"{model_file} not found: the run is not finished{hint}; run `dho distill ... --out {run_dir} --resume` to finish it")
+    return load_student(model_file, map_location=resolve_device(device))
+
+
+def run_alpha_beta(run_dir: Union[str, Path], meta: dict) -> tuple[float, float, str]:
+    """The run's (alpha, beta, source): RUN_DIR/alpha_beta.json if a search wrote one, else model.pt's."""
+    stored = read_alpha_beta(run_dir)
+    if stored is not None:
+        return float(stored["alpha"]), float(stored["beta"]), ALPHA_BETA_FILE
+    return float(meta["alpha"]), float(meta["beta"]), MODEL_FILE
+
+
+def read_alpha_beta(run_dir: Union[str, Path]) -> Optional[dict]:
+    path = Path(run_dir) / ALPHA_BETA_FILE
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); delete it and re-run `dho evaluate --search-on VAL`") from e
+    if not isinstance(stored, dict) or "alpha" not in stored or "beta" not in stored:
+        raise ConfigError(f"{path} lacks alpha/beta; delete it and re-run `dho evaluate --search-on VAL`")
+    return stored
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _open_for(data: Union[str, Path, data_lib.Dataset], classnames: list[str], what: str) -> data_lib.Dataset:
+    ds = data if isinstance(data, data_lib.Dataset) else data_lib.Dataset.open(data)
+    if ds.classnames != list(classnames):
+        raise ConfigError(
+            f"{what} dataset {ds.root} has other class names than the model ({ds.num_classes} vs "
+            f"{len(classnames)} classes, or another order); evaluate on data with the training class list"
+        )
+    if ds.num_samples == 0 or bool((ds.labels < 0).all()):
+        raise DatasetError(f"{what} dataset {ds.root} has no labeled samples (all labels are -1); it cannot be evaluated")
+    return ds
+
+
+def _labeled(ce: torch.Tensor, kd: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    keep = labels >= 0
+    return ce[keep], kd[keep], labels[keep]
+
+
+def evaluate(
+    run_dir: Union[str, Path],
+    data: Union[str, Path, data_lib.Dataset],
+    alpha: Optional[float] = None,
+    beta: Optional[float] = None,
+    search_on: Union[str, Path, data_lib.Dataset, None] = None,
+    batch_size: int = 256,
+    device: Union[str, torch.device] = "auto",
+    workers: int = 2,
+) -> dict:
+    """Top-1/top-5 (%) of ce_head, kd_head and their combination (Eq. 11) on `data`.
+
+    Returns {ce_head: {top1, top5}, kd_head: {...}, combined: {...}, alpha, beta,
+    alpha_beta_source, num_samples, num_unlabeled_ignored, num_classes, data, data_fingerprint}.
+    Samples of `data` labeled -1 are left out (counted in num_unlabeled_ignored).
+    With `search_on`, (alpha, beta) are grid-searched on that validation dataset first and
+    stored in RUN_DIR/alpha_beta.json (+ alpha_beta_heatmap.png).
+    """
+    run_dir = Path(run_dir)
+    if search_on is not None and (alpha is not None or beta is not None):
+        raise ConfigError("give either --alpha/--beta or --search-on VAL, not both")
+    student, meta = load_run(run_dir, device)
+    device = resolve_device(device)
+    ds = _open_for(data, meta["classnames"], "evaluation")
+
+    if search_on is not None:
+        val = _open_for(search_on, meta["classnames"], "validation")
+        if val.fingerprint == ds.fingerprint:
+            raise ConfigError(
+                f"--search-on {val.root} is the same data as --data {ds.root} (fingerprint {ds.fingerprint[:12]}); "
+                "never tune alpha/beta on the test data: search on a validation split (`dho split --val-out`)"
+            )
+        v_ce, v_kd, v_labels = _labeled(*collect_logits(student, val, batch_size, device, workers))
+        alpha, beta, grid = search_alpha_beta(v_ce, v_kd, v_labels)
+        _write_json(run_dir / ALPHA_BETA_FILE, {
+            "alpha": alpha, "beta": beta,
+            "search_on": str(val.root), "search_on_fingerprint": val.fingerprint, "num_samples": int(len(v_labels)),
+            "alpha_grid": list(ALPHA_GRID), "beta_grid": list(BETA_GRID),
+            "top1_grid": [[round(float(v), 4) for v in row] for row in grid],  # rows: alpha, columns: beta
+            "best_top1": float(grid[ALPHA_GRID.index(alpha), BETA_GRID.index(beta)]),
+        })
+        plot_alpha_beta(grid, run_dir / HEATMAP_FILE, best=(alpha, beta),
+                        title=f"top-1 (%) on {val.root.name}, Eq. 11")
+        source = f"search on {val.root}"
+    else:
+        stored = read_alpha_beta(run_dir)
+        if stored is not None and stored.get("search_on_fingerprint") == ds.fingerprint and (alpha is None or beta is None):
+            raise ConfigError(
+                f"{run_dir / ALPHA_BETA_FILE} was searched on {ds.root} itself; never tune on the test data: "
+                "pass --alpha/--beta or re-run with --search-on a validation split"
+            )
+        run_alpha, run_beta, source = run_alpha_beta(run_dir, meta)
+        if alpha is not None or beta is not None:
+            source = "explicit" if alpha is not None and beta is not None else f"explicit + {source}"
+        alpha = run_alpha if alpha is None else float(alpha)
+        beta = run_beta if beta is None else float(beta)
+
+    ce, kd, labels = collect_logits(student, ds, batch_size, device, workers)
+    num_unlabeled = int((labels < 0).sum())
+    ce, kd, labels = _labeled(ce, kd, labels)
+    combined = combine_heads(ce, kd, alpha, beta)  # (N, C)
+
+    def pct(scores: torch.Tensor) -> dict:
+        acc = topk_accuracy(scores, labels, ks=(1, 5))
+        return {"top1": acc[1], "top5": acc[5]}
+
+    return {
+        "ce_head": pct(ce),
+        "kd_head": pct(kd),  # temperature beta does not change the ranking of one head
+        "combined": pct(combined),
+        "alpha": alpha,
+        "beta": beta,
+        "alpha_beta_source": source,
+        "num_samples": int(len(labels)),
+        "num_unlabeled_ignored": num_unlabeled,
+        "num_classes": len(meta["classnames"]),
+        "data": str(ds.root),
+        "data_fingerprint": ds.fingerprint,
+    }
+
+
+def load_image(path: Union[str, Path]):
+    """An image file as an RGB PIL image; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"image {path} not found")
+    return data_lib.decode_image(path.read_bytes(), path.suffix.lstrip(".") or "image", str(path))
+
+
+@torch.no_grad()
+def predict(
+    run_dir: Union[str, Path],
+    images: Sequence[Union[str, Path]],
+    topk: int = 5,
+    device: Union[str, torch.device] = "cpu",
+    batch_size: int = 64,
+) -> list[tuple[Path, list[tuple[str, float]]]]:
+    """Top-k (class name, probability) per image from the combined heads (Eq. 11) with the run's alpha, beta."""
+    student, meta = load_run(run_dir, device)
+    alpha, beta, _ = run_alpha_beta(run_dir, meta)
+    view = _EvalView(meta["preprocess"])
+    classnames = meta["classnames"]
+    k = min(topk, len(classnames))
+    results = []
+    paths = [Path(p) for p in images]
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        x = torch.stack([view.image(load_image(p)) for p in chunk])  # (B, 3, S, S)
+        out = student(x.to(resolve_device(device)))
+        probs = combine_heads(out["ce_logits"], out["kd_logits"], alpha, beta).cpu()  # (B, C)
+        top = probs.topk(k, dim=-1)
+        for p, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
+            results.append((p, [(classnames[c], v) for c, v in zip(indices, values)]))
+    return results

@@ -1,0 +1,140 @@
+"""Training objectives of DHO and its single-head baselines, as small pure functions.
+
+Every function takes logits / probabilities and returns tensors; the combined objectives
+return a dict of named terms (``loss`` is the one to backpropagate, the others are for
+logging). All arithmetic is done in float32, whatever the autocast dtype of the logits.
+
+Conventions (paper §3, Alg. 1):
+- ``teacher_probs`` come from the teacher cache: the teacher softmax at temperature
+  ``zeta * eta`` (Eq. 1 with the extra KD temperature of Alg. 1 lines 13/19).
+- KD compares them with ``softmax(student_logits / eta)`` and multiplies the KL by
+  ``eta**2`` (Hinton et al., 2015, and the reference code): the gradient of the KL w.r.t.
+  the logits scales as 1/eta, so without the factor the KD term would be eta times
+  weaker than the CE term it is balanced against with ``lambda_``.
+
+Out of scope: SSKD / DHKD objectives, sparse (top-k) teacher targets (the cache reader
+densifies them before they reach these functions).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def ce_loss(ce_logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of softmax(ce_logits) against the labels (Eq. 2 / Eq. 6)."""
+    return F.cross_entropy(ce_logits.float(), labels)
+
+
+def kd_loss(kd_logits: Tensor, teacher_probs: Tensor, eta: float) -> Tensor:
+    """eta**2 * mean_b KL(p_teacher || softmax(kd_logits / eta)) (Eq. 3 / Eq. 7).
+
+    The direction is KL(p || q): the teacher distribution p weights the log-ratio, so
+    classes the teacher gives zero mass contribute nothing (0 * log 0 = 0, via xlogy).
+    """
+    p = teacher_probs.float()  # (B, C)
+    log_q = F.log_softmax(kd_logits.float() / eta, dim=-1)  # (B, C)
+    kl = (torch.special.xlogy(p, p) - p * log_q).sum(dim=-1)  # (B,)
+    return kl.mean() * eta**2
+
+
+def dho_loss(
+    ce_logits_l: Tensor,
+    kd_logits_l: Tensor,
+    labels: Tensor,
+    probs_l: Tensor,
+    kd_logits_u: Tensor,
+    probs_u: Tensor,
+    lambda_: float,
+    eta: float,
+) -> dict[str, Tensor]:
+    """Dual-head objective L = lambda * L_CE + (1 - lambda) * L_KD (Eq. 6, 7; Alg. 1 line 23).
+
+    L_CE uses the ce_head logits of the labeled batch only; L_KD uses the kd_head logits of
+    the labeled batch and of the unlabeled batch, each averaged over its own batch and summed.
+    """
+    ce = ce_loss(ce_logits_l, labels)
+    kd_labeled = kd_loss(kd_logits_l, probs_l, eta)
+    kd_unlabeled = kd_loss(kd_logits_u, probs_u, eta)
+    kd = kd_labeled + kd_unlabeled
+    loss = lambda_ * ce + (1.0 - lambda_) * kd
+    return {"loss": loss, "ce": ce, "kd": kd, "kd_labeled": kd_labeled, "kd_unlabeled": kd_unlabeled}
+
+
+def sho_loss(
+    logits_l: Tensor,
+    labels: Tensor,
+    probs_l: Tensor,
+    logits_u: Tensor,
+    probs_u: Tensor,
+    lambda_: float,
+    eta: float,
+) -> dict[str, Tensor]:
+    """Single-head CE+KD (logit) baseline: Eq. 2 + Eq. 3 on ONE head, lambda-weighted.
+
+    Same formula as ``dho_loss`` but CE and KD act on the same logits, which is what
+    creates the gradient conflict of Eq. 4-5.
+    """
+    ce = ce_loss(logits_l, labels)
+    kd_labeled = kd_loss(logits_l, probs_l, eta)
+    kd_unlabeled = kd_loss(logits_u, probs_u, eta)
+    kd = kd_labeled + kd_unlabeled
+    loss = lambda_ * ce + (1.0 - lambda_) * kd
+    return {"loss": loss, "ce": ce, "kd": kd, "kd_labeled": kd_labeled, "kd_unlabeled": kd_unlabeled}
+
+
+def ce_only(ce_logits_l: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """CE baseline: supervised training on the labeled set only (Eq. 2)."""
+    ce = ce_loss(ce_logits_l, labels)
+    return {"loss": ce, "ce": ce}
+
+
+def kd_only(kd_logits_u: Tensor, probs_u: Tensor, eta: float) -> dict[str, Tensor]:
+    """KD (logit) baseline: distillation on the unlabeled set only (second term of Eq. 3)."""
+    kd = kd_loss(kd_logits_u, probs_u, eta)
+    return {"loss": kd, "kd": kd}
+
+
+def feature_kd_loss(student_z: Tensor, teacher_emb: Tensor, projection: torch.nn.Module) -> Tensor:
+    """Feature distillation (CLIP-KD style): squared error between L2-normalised vectors.
+
+    ``projection`` maps the student feature (B, D_s) to the teacher's embedding size
+    (B, D_t). The squared error is summed over the embedding dimension and averaged over
+    the batch, i.e. mean_b ||n(P z) - n(e)||^2 = mean_b (2 - 2 cos(P z, e)), in [0, 4].
+    This is D_t times the elementwise-mean MSE; summing keeps the term on the scale of
+    L_CE whatever D_t is (the paper scales the MSE "to match L_CE", following CLIP-KD).
+    """
+    s = F.normalize(projection(student_z.float()), dim=-1)  # (B, D_t)
+    t = F.normalize(teacher_emb.float(), dim=-1)  # (B, D_t)
+    return (s - t).pow(2).sum(dim=-1).mean()
+
+
+def ce_feature_kd_loss(
+    logits_l: Tensor,
+    labels: Tensor,
+    student_z: Tensor,
+    teacher_emb: Tensor,
+    projection: torch.nn.Module,
+    lambda_: float,
+) -> dict[str, Tensor]:
+    """CE+KD (feature) baseline: lambda * L_CE + (1 - lambda) * feature KD, one head.
+
+    ``student_z`` / ``teacher_emb`` are whichever samples the caller distills on
+    (e.g. the labeled and unlabeled batches concatenated).
+    """
+    ce = ce_loss(logits_l, labels)
+    feature_kd = feature_kd_loss(student_z, teacher_emb, projection)
+    loss = lambda_ * ce + (1.0 - lambda_) * feature_kd
+    return {"loss": loss, "ce": ce, "feature_kd": feature_kd}
+
+
+def retemper(probs: Tensor, eta_from: float, eta_to: float) -> Tensor:
+    """Exact re-tempering of a softmax: softmax(l / t) -> softmax(l / t') is p^(t / t') renormalised.
+
+    With p = softmax(l / eta_from): p^(eta_from / eta_to) is proportional to exp(l / eta_to).
+    Computed in log space (float32); zero probabilities stay zero.
+    """
+    log_p = torch.log(probs.float())  # (B, C), -inf where p == 0
+    return torch.softmax(log_p * (eta_from / eta_to), dim=-1)

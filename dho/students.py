@@ -1,0 +1,479 @@
+"""Dual-head students: a feature extractor g and two linear heads on z = g(x) (paper §3.2).
+
+    z = g(x)                                   # (B, D)
+    ce_logits = ce_head(z) = W_ce z + b_ce     # (B, C), trained with CE only
+    kd_logits = kd_head(z)                     # (B, C), trained with KD only
+              = W_kd z + b_kd                  # linear (CNN students)
+              = (1 / zeta) * cos(z, w_c)       # aligned cosine head, Eq. 10 (VLM students)
+
+Students:
+- torchvision CNNs: ``resnet18``, ``resnet50``, ``mobilenet_v2`` and the test variant
+  ``resnet-tiny`` (a real torchvision ``ResNet`` with BasicBlocks [1, 1, 1, 1], widths
+  16-128). z is the penultimate pooled feature (the classifier is removed; for MobileNetV2
+  this also removes its dropout).
+- open_clip image towers: ``clip:NAME`` or a bare open_clip model name (``ViT-B-16``), or a
+  path to an open_clip model-config JSON (``clip:path/to/tiny.json``). z is the image
+  tower's output embedding after its projection, D = embed_dim. The student's own text
+  encoder is used once for language-aware head init and then dropped.
+
+Head init (VLM students, ``init_heads_from_text``): both heads' weights are the class text
+embeddings of the student's own text encoder (per-class mean over templates of L2-normalised
+embeddings, re-normalised), biases zero. Otherwise (and always for CNN students):
+``nn.init.kaiming_uniform_(W, a=sqrt(5))`` (PyTorch's nn.Linear default, fan_in) and zero
+biases. ``align_kd_head`` (VLM students) makes kd_head the cosine head of Eq. 10. Both flags
+are independent (Table 5 ablation) and have no effect on CNN students.
+
+Model files: ``save_student`` / ``load_student`` hold everything needed to rebuild the
+student offline (no download, no text encoder): build args (incl. the open_clip model
+config), state_dict, class names, preprocessing, alpha and beta.
+
+Out of scope: timm backbones, non-linear heads (paper §E.2), ``hf-hub:`` / ``local-dir:``
+open_clip sources for students.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.resnet import BasicBlock, ResNet
+
+import dho
+from dho.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_TEMPLATES = ("a photo of a {}.",)  # Alg. 1 input: prompt template "A photo of [CLASS]"
+MODEL_FILE_FORMAT = "dho-student"
+MODEL_FILE_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# heads
+# --------------------------------------------------------------------------------------------
+
+
+class CosineHead(nn.Module):
+    """Aligned KD head (Eq. 10): logits_c = (1 / zeta) * cos(z, w_c), no bias, fixed scale."""
+
+    def __init__(self, in_features: int, num_classes: int, zeta: float = 0.01):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))  # (C, D)
+        self.zeta = float(zeta)
+        _kaiming_init(self.weight)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        # float32 even under autocast: at scale 1/zeta = 100, bf16 logits would be off by up to 0.5
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = F.normalize(z.float(), dim=-1)  # (B, D)
+            w = F.normalize(self.weight.float(), dim=-1)  # (C, D)
+            return z @ w.t() / self.zeta  # (B, C)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, num_classes={self.weight.shape[0]}, zeta={self.zeta}"
+
+
+def _kaiming_init(weight: torch.Tensor) -> None:
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # fan_in; PyTorch's nn.Linear default
+
+
+class DualHeadStudent(nn.Module):
+    """Feature extractor g (``backbone``) with ``ce_head`` and ``kd_head`` on the same z."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        num_classes: int,
+        align_kd_head: bool,
+        zeta: float,
+        preprocess: dict,
+        build_args: dict,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.num_classes = num_classes
+        self.ce_head = nn.Linear(feature_dim, num_classes)
+        self.kd_head = CosineHead(feature_dim, num_classes, zeta) if align_kd_head else nn.Linear(feature_dim, num_classes)
+        for head in (self.ce_head, self.kd_head):
+            _kaiming_init(head.weight)
+            if getattr(head, "bias", None) is not None:
+                nn.init.zeros_(head.bias)
+        self.preprocess = dict(preprocess)  # {image_size, interpolation, mean, std, resize_mode}
+        self.build_args = dict(build_args)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """z = g(x): (B, 3, S, S) normalised images -> (B, D)."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.features(x)  # (B, D)
+        return {"ce_logits": self.ce_head(z), "kd_logits": self.kd_head(z), "z": z}  # (B, C), (B, C), (B, D)
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision students
+# --------------------------------------------------------------------------------------------
+
+
+class _TinyResNet(ResNet):
+    """torchvision ResNet with BasicBlocks [1, 1, 1, 1] and narrow stages, for tests."""
+
+    def __init__(self, widths: tuple[int, int, int, int] = (16, 32, 64, 128), num_classes: int = 1000):
+        nn.Module.__init__(self)
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(BasicBlock, widths[0], 1)
+        self.layer2 = self._make_layer(BasicBlock, widths[1], 1, stride=2)
+        self.layer3 = self._make_layer(BasicBlock, widths[2], 1, stride=2)
+        self.layer4 = self._make_layer(BasicBlock, widths[3], 1, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+
+# name -> (builder(weights) -> model, classifier attribute, feature dim, default image size)
+_TORCHVISION_STUDENTS: dict[str, tuple[Callable[..., nn.Module], str, int, int]] = {
+    "resnet18": (lambda weights=None: torchvision.models.resnet18(weights=weights), "fc", 512, 224),
+    "resnet50": (lambda weights=None: torchvision.models.resnet50(weights=weights), "fc", 2048, 224),
+    "mobilenet_v2": (lambda weights=None: torchvision.models.mobilenet_v2(weights=weights), "classifier", 1280, 224),
+    "resnet-tiny": (lambda weights=None: _TinyResNet(), "fc", 128, 32),
+}
+
+
+def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in ("module.", "backbone."):
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def _load_backbone_checkpoint(backbone: nn.Module, path: Path, classifier: str) -> None:
+    """Load a local torchvision-style checkpoint (plain state_dict, or under 'state_dict' /
+    'model' / 'teacher' as in DINO) into the backbone, ignoring the classifier."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt / pickled-object files
+        raise ConfigError(
+            f"cannot read student checkpoint {path}: {e}. It must be a torch.save'd state_dict of "
+            "tensors (or a dict holding one under 'state_dict', 'model' or 'teacher'); re-save just "
+            "the state_dict if it also pickles Python objects."
+        ) from e
+    if isinstance(ckpt, dict):
+        for wrapper in ("state_dict", "model", "teacher"):
+            if wrapper in ckpt and isinstance(ckpt[wrapper], dict):
+                ckpt = ckpt[wrapper]
+                break
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise ConfigError(f"student checkpoint {path} holds no state_dict of tensors")
+    state = {k: v for k, v in _strip_prefixes(ckpt).items() if not k.startswith(classifier + ".")}
+    result = backbone.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(classifier + ".")]
+    if missing:
+        raise ConfigError(
+            f"student checkpoint {path} lacks {len(missing)} backbone weights (e.g. {missing[:5]}); "
+            f"is it a checkpoint of this architecture? Keys seen: {list(state)[:5]}"
+        )
+    if result.unexpected_keys:
+        warnings.warn(
+            f"student checkpoint {path}: ignored {len(result.unexpected_keys)} keys that are not part "
+            f"of the backbone (e.g. {result.unexpected_keys[:5]})",
+            stacklevel=3,
+        )
+
+
+def _build_torchvision(name: str, pretrained: Optional[str]) -> tuple[nn.Module, int, dict]:
+    builder, classifier, dim, size = _TORCHVISION_STUDENTS[name]
+    preprocess = {"image_size": size, "interpolation": "bilinear", "mean": list(IMAGENET_MEAN),
+                  "std": list(IMAGENET_STD), "resize_mode": "shortest"}
+    if pretrained is not None and Path(pretrained).is_file():
+        model = builder()
+        _load_backbone_checkpoint(model, Path(pretrained), classifier)
+    elif pretrained is not None:
+        if name not in torchvision.models.list_models():
+            raise ConfigError(f"student {name!r} has no torchvision weights; give --pretrained none or a checkpoint file")
+        try:
+            weights = torchvision.models.get_model_weights(name)[pretrained]
+        except KeyError:
+            known = list(torchvision.models.get_model_weights(name).__members__)
+            raise ConfigError(
+                f"--pretrained {pretrained!r} is neither a file nor a torchvision weights name for "
+                f"{name} (known: {known})"
+            ) from None
+        model = builder(weights)  # downloads into the torch hub cache unless already there
+        preprocess["image_size"] = int(weights.transforms().crop_size[0])
+    else:
+        model = builder()
+    setattr(model, classifier, nn.Identity())  # g(x) = penultimate pooled feature (B, D)
+    return model, dim, preprocess
+
+
+# --------------------------------------------------------------------------------------------
+# open_clip students
+# --------------------------------------------------------------------------------------------
+
+
+def _clip_source(name: str) -> Optional[str]:
+    """The open_clip model name or config path behind a student name, or None (not a VLM)."""
+    if name.startswith("clip:"):
+        return name[len("clip:"):]
+    if name.endswith(".json"):
+        return name
+    if name in _TORCHVISION_STUDENTS:
+        return None
+    import open_clip
+
+    return name if name in open_clip.list_models() else None
+
+
+def _register_clip_config(source: str) -> str:
+    """Make an open_clip model name out of a config path (registered with open_clip)."""
+    import open_clip
+
+    if not source.endswith(".json"):
+        if source not in open_clip.list_models():
+            raise ConfigError(f"unknown open_clip model {source!r}; see open_clip.list_models() or give a config .json")
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"open_clip model config {path} not found")
+    cfg = json.loads(path.read_text())
+    if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise ConfigError(f"open_clip model config {path} needs the keys embed_dim, vision_cfg, text_cfg")
+    open_clip.add_model_config(path)
+    return path.stem
+
+
+def _clip_preprocess(model: nn.Module) -> dict:
+    import open_clip
+
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg["size"]
+    if isinstance(size, (tuple, list)):
+        if size[0] != size[1]:
+            raise ConfigError(f"non-square open_clip input size {size} is not supported for students")
+        size = size[0]
+    return {"image_size": int(size), "interpolation": cfg.get("interpolation", "bicubic"),
+            "mean": [float(m) for m in cfg["mean"]], "std": [float(s) for s in cfg["std"]],
+            "resize_mode": cfg.get("resize_mode", "shortest")}
+
+
+@torch.no_grad()
+def _text_classifier(model: nn.Module, model_name: str, classnames: list[str], templates: list[str], device) -> torch.Tensor:
+    """(C, D): per class, the mean of L2-normalised template embeddings, re-normalised (Eq. 1)."""
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(model_name)
+    model = model.to(device).eval()
+    rows = []
+    for classname in classnames:
+        tokens = tokenizer([t.format(classname) for t in templates]).to(device)  # (T, L)
+        emb = model.encode_text(tokens, normalize=True).float()  # (T, D)
+        rows.append(F.normalize(emb.mean(dim=0), dim=-1))  # (D,)
+    return torch.stack(rows).cpu()  # (C, D)
+
+
+def _build_open_clip(source: str, pretrained: Optional[str]) -> tuple[nn.Module, nn.Module, str, dict]:
+    """-> (full CLIP model, its image tower, registered model name, model config)."""
+    import open_clip
+
+    model_name = _register_clip_config(source)
+    if pretrained is not None and not Path(pretrained).is_file() and Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        raise ConfigError(f"student checkpoint {pretrained} not found")
+    try:
+        model = open_clip.create_model(model_name, pretrained=pretrained, output_dict=True)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"cannot load open_clip student {model_name!r} with pretrained={pretrained!r}: {e}. "
+            "Offline, pass a local checkpoint file with --pretrained PATH."
+        ) from e
+    cfg = copy.deepcopy(open_clip.get_model_config(model_name))
+    return model, model.visual, model_name, cfg
+
+
+def _rebuild_clip_tower(cfg: dict) -> nn.Module:
+    """Image tower only, random init, from a stored model config (no download, no text tower)."""
+    from open_clip.model import _build_vision_tower  # open_clip's own tower builder
+
+    vision_cfg = copy.deepcopy(cfg["vision_cfg"])
+    if "timm_model_name" in vision_cfg:
+        vision_cfg["timm_model_pretrained"] = False
+    return _build_vision_tower(cfg["embed_dim"], vision_cfg, cfg.get("quick_gelu", False))
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+
+
+def list_students() -> list[str]:
+    """Registered CNN students (any open_clip model name or config path also works)."""
+    return list(_TORCHVISION_STUDENTS)
+
+
+def build_student(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: Optional[str] = None,
+    classnames: Optional[list[str]] = None,
+    templates: Optional[list[str]] = None,
+    init_heads_from_text: bool = True,
+    align_kd_head: bool = True,
+    zeta: float = 0.01,
+    device: str | torch.device = "cpu",
+) -> DualHeadStudent:
+    """Build a dual-head student (on CPU).
+
+    name: ``resnet18`` | ``resnet50`` | ``mobilenet_v2`` | ``resnet-tiny`` | ``clip:NAME`` |
+        an open_clip model name | a path to an open_clip model-config JSON.
+    pretrained: None / "none" (random init); for CNNs a torchvision weights name
+        (``IMAGENET1K_V1``, downloads) or a local checkpoint file; for open_clip a pretrained
+        tag (downloads) or a local checkpoint file.
+    classnames, templates: for language-aware init of VLM students (templates contain ``{}``;
+        default ``["a photo of a {}."]``).
+    init_heads_from_text, align_kd_head: VLM students only (see module docstring).
+    zeta: the cosine head's fixed temperature (logit scale 1 / zeta), Eq. 10.
+    device: where the text encoder runs for language-aware init.
+    """
+    if pretrained is not None and str(pretrained).lower() == "none":
+        pretrained = None
+    pretrained = None if pretrained is None else str(pretrained)
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    source = _clip_source(name)
+    if source is None and name not in _TORCHVISION_STUDENTS:
+        raise ConfigError(
+            f"unknown student {name!r}; use one of {list_students()}, 'clip:<open_clip model>' "
+            "or a path to an open_clip model-config .json"
+        )
+
+    if source is None:
+        backbone, dim, preprocess = _build_torchvision(name, pretrained)
+        build_args = {"name": name, "kind": "torchvision", "num_classes": num_classes, "feature_dim": dim,
+                      "align_kd_head": False, "zeta": zeta, "pretrained": pretrained, "init_heads_from_text": False}
+        return DualHeadStudent(backbone, dim, num_classes, False, zeta, preprocess, build_args)
+
+    if init_heads_from_text:
+        if classnames is None or len(classnames) != num_classes:
+            raise ConfigError(
+                f"language-aware head init of {name!r} needs {num_classes} class names "
+                f"(got {None if classnames is None else len(classnames)}); pass classnames= or "
+                "init_heads_from_text=False"
+            )
+        templates = list(templates or DEFAULT_TEMPLATES)
+        bad = [t for t in templates if "{}" not in t]
+        if bad:
+            raise ConfigError(f"prompt templates must contain '{{}}' for the class name: {bad}")
+    model, tower, model_name, cfg = _build_open_clip(source, pretrained)
+    dim = int(cfg["embed_dim"])
+    preprocess = _clip_preprocess(model)
+    text_weights = _text_classifier(model, model_name, classnames, templates, device) if init_heads_from_text else None
+    tower = tower.cpu()
+    del model  # the text encoder is used only for init
+    build_args = {"name": name, "kind": "open_clip", "num_classes": num_classes, "feature_dim": dim,
+                  "align_kd_head": bool(align_kd_head), "zeta": zeta, "pretrained": pretrained,
+                  "init_heads_from_text": bool(init_heads_from_text), "clip_config": cfg,
+                  "templates": templates if init_heads_from_text else None}
+    student = DualHeadStudent(tower, dim, num_classes, bool(align_kd_head), zeta, preprocess, build_args)
+    if text_weights is not None:
+        with torch.no_grad():
+            for head in (student.ce_head, student.kd_head):
+                head.weight.copy_(text_weights)  # (C, D) unit rows
+                if getattr(head, "bias", None) is not None:
+                    head.bias.zero_()
+    return student
+
+
+def rebuild_student(build_args: dict, preprocess: dict) -> DualHeadStudent:
+    """Rebuild the architecture described by ``student.build_args`` (random init, offline)."""
+    kind = build_args.get("kind")
+    if kind == "torchvision":
+        backbone, dim, _ = _build_torchvision(build_args["name"], None)
+    elif kind == "open_clip":
+        backbone, dim = _rebuild_clip_tower(build_args["clip_config"]), int(build_args["feature_dim"])
+    else:
+        raise ConfigError(f"unknown student kind {kind!r} in build args {build_args}")
+    return DualHeadStudent(backbone, dim, int(build_args["num_classes"]), bool(build_args["align_kd_head"]),
+                           float(build_args["zeta"]), preprocess, build_args)
+
+
+def save_student(
+    path: str | Path,
+    student: DualHeadStudent,
+    classnames: list[str],
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    extra: Optional[dict] = None,
+) -> Path:
+    """Write a self-describing model file (atomically: a crash never leaves a partial file).
+
+    Holds build_args, state_dict (CPU), classnames, preprocess, alpha, beta (Eq. 11 defaults
+    of this run), dho version and ``extra`` (JSON-like metadata, e.g. the run's method).
+    """
+    path = Path(path)
+    if len(classnames) != student.num_classes:
+        raise ConfigError(f"{len(classnames)} class names for a student with {student.num_classes} classes")
+    payload: dict[str, Any] = {
+        "format": MODEL_FILE_FORMAT,
+        "version": MODEL_FILE_VERSION,
+        "dho_version": dho.__version__,
+        "build_args": student.build_args,
+        "preprocess": student.preprocess,
+        "classnames": list(classnames),
+        "alpha": float(alpha),
+        "beta": float(beta),
+        "extra": extra or {},
+        "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_student(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DualHeadStudent, dict]:
+    """-> (student in eval mode, meta) where meta has classnames, preprocess, alpha, beta,
+    build_args, extra, dho_version. Rebuilds offline from the file alone."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model file {path} not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt / truncated / not a torch file
+        raise ConfigError(f"cannot read model file {path}: {e}") from e
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FILE_FORMAT:
+        raise ConfigError(f"{path} is not a dho student model file (written by dho distill / save_student)")
+    if payload.get("version") != MODEL_FILE_VERSION:
+        raise ConfigError(f"{path} has model file version {payload.get('version')}; this dho reads version {MODEL_FILE_VERSION}")
+    student = rebuild_student(payload["build_args"], payload["preprocess"])
+    student.load_state_dict(payload["state_dict"])
+    student.to(map_location).eval()
+    meta = {k: payload[k] for k in ("classnames", "preprocess", "alpha", "beta", "build_args", "extra", "dho_version")}
+    return student, meta

@@ -1,0 +1,233 @@
+"""dho.evaluate: Eq. 11, metrics, the alpha/beta search and its guard against test data, the
+heatmap, evaluate/predict on real tiny datasets, and the evaluate/predict CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from helpers_data import make_image_folder
+from helpers_student import make_trained_run, reference_view
+from typer.testing import CliRunner
+
+from dho import data
+from dho import evaluate as ev
+from dho.cli import app
+from dho.errors import ConfigError, DatasetError
+from dho.students import load_student
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------- pure math
+
+
+def test_combine_heads_endpoints_and_hand_value():
+    ce = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    kd = torch.tensor([[0.0, 3.0, 0.0], [1.0, 0.0, 2.0]])
+    torch.testing.assert_close(ev.combine_heads(ce, kd, 1.0, 0.5), torch.softmax(ce, -1))
+    torch.testing.assert_close(ev.combine_heads(ce, kd, 0.0, 0.5), torch.softmax(kd / 0.5, -1))
+    torch.testing.assert_close(ev.combine_heads(ce, kd, 0.0, 3.0), torch.softmax(kd / 3.0, -1))
+    # two classes: 0.25 * sigmoid(1) + 0.75 * sigmoid(-2 / 0.5)
+    got = ev.combine_heads(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]), 0.25, 0.5)[0, 0].item()
+    assert got == pytest.approx(0.25 / (1 + np.exp(-1.0)) + 0.75 / (1 + np.exp(4.0)), rel=1e-6)
+    with pytest.raises(ConfigError):
+        ev.combine_heads(ce, kd, 1.5, 0.5)
+
+
+def test_topk_accuracy_hand_values():
+    scores = torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.9, 0.0, 0.05, 0.05], [0.2, 0.3, 0.4, 0.1]])
+    labels = torch.tensor([1, 2, 0])
+    acc = ev.topk_accuracy(scores, labels, ks=(1, 2, 3))
+    assert acc == pytest.approx({1: 100 / 3, 2: 200 / 3, 3: 100.0})
+    assert ev.topk_accuracy(scores[:, :3], labels, ks=(1, 5))[5] == 100.0  # k capped at C
+
+
+def test_grids():
+    assert len(ev.ALPHA_GRID) == 21 and ev.ALPHA_GRID[0] == 0.0 and ev.ALPHA_GRID[-1] == 1.0
+    assert ev.ALPHA_GRID[1] == 0.05 and ev.BETA_GRID[0] == 0.1 and ev.BETA_GRID[-1] == 4.0
+
+
+def test_search_alpha_beta_known_optimum_and_tie_break():
+    # ce_head right (confidence sigmoid(1.5)), kd_head wrong: at alpha = 0.5 the sum is right iff
+    # sigmoid(1 / beta) < sigmoid(1.5), i.e. beta > 2/3 -> the closest such beta to 0.5 is 0.75
+    ce = torch.tensor([[1.5, 0.0], [0.0, 1.5]])
+    kd = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    labels = torch.tensor([0, 1])
+    alpha, beta, grid = ev.search_alpha_beta(ce, kd, labels)
+    assert (alpha, beta) == (0.5, 0.75)
+    assert grid.shape == (21, 10)
+    assert (grid[0] == 0.0).all() and (grid[-1] == 100.0).all()  # alpha = 0: kd_head; alpha = 1: ce_head
+    assert grid[10, ev.BETA_GRID.index(0.5)] == 0.0 and grid[10, ev.BETA_GRID.index(0.75)] == 100.0
+    # all cells tie -> the paper's defaults
+    same = torch.tensor([[1.0, 0.0]])
+    assert ev.search_alpha_beta(same, same, torch.tensor([0]))[:2] == (0.5, 0.5)
+
+
+def test_plot_alpha_beta_png(tmp_path):
+    grid = np.random.default_rng(0).uniform(40, 90, size=(21, 10))
+    path = ev.plot_alpha_beta(grid, tmp_path / "heat.png", best=(0.35, 1.5))
+    raw = path.read_bytes()
+    assert raw[:8] == PNG_SIGNATURE and len(raw) > 20_000
+    import matplotlib.image
+
+    assert matplotlib.image.imread(path).shape[2] in (3, 4)
+
+
+# ---------------------------------------------------------------------------------- tiny runs
+
+
+@pytest.fixture(scope="module")
+def val_dataset(tmp_path_factory):
+    """A labeled validation split: other images of the same 3 classes (read-only)."""
+    root = tmp_path_factory.mktemp("val")
+    return data.prepare(make_image_folder(root / "images", num_classes=3, per_class=6, seed=1), root / "dataset", shard_size=4)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_dataset):
+    """Read-only finished run; copy it before writing alpha_beta.json."""
+    return make_trained_run(tmp_path_factory.mktemp("runs") / "run", tiny_dataset)
+
+
+@pytest.fixture
+def run_copy(tmp_path, trained_run):
+    return shutil.copytree(trained_run, tmp_path / "run")
+
+
+def test_collect_logits_order_matches_image_files(trained_run, tiny_dataset):
+    student, _ = load_student(trained_run / "model.pt")
+    ce, kd, labels = ev.collect_logits(student, tiny_dataset, batch_size=7, device="cpu", workers=0)
+    assert ce.shape == (24, 3) and kd.shape == (24, 3)
+    assert labels.tolist() == tiny_dataset.labels.tolist()
+    src = tiny_dataset.root.parent / "images"
+    files = [f for s in tiny_dataset.shards for f in s.files]  # dataset order
+    with torch.no_grad():
+        ref = student(torch.stack([reference_view(src / f, student.preprocess) for f in files]))
+    torch.testing.assert_close(ce, ref["ce_logits"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kd, ref["kd_logits"], atol=1e-4, rtol=1e-4)
+    # two DataLoader workers read interleaved shards; the result is still in dataset order
+    ce2, kd2, labels2 = ev.collect_logits(student, tiny_dataset, batch_size=3, device="cpu", workers=2)
+    torch.testing.assert_close(ce2, ce)
+    assert labels2.tolist() == labels.tolist()
+    assert not student.training
+
+
+def test_evaluate_defaults_and_head_endpoints(trained_run, tiny_dataset):
+    student, _ = load_student(trained_run / "model.pt")
+    ce, kd, labels = ev.collect_logits(student, tiny_dataset, workers=0)
+    res = ev.evaluate(trained_run, tiny_dataset.root, workers=0, device="cpu")
+    assert (res["alpha"], res["beta"], res["alpha_beta_source"]) == (0.5, 0.5, "model.pt")
+    assert res["num_samples"] == 24 and res["num_classes"] == 3
+    assert res["ce_head"]["top1"] == pytest.approx(ev.topk_accuracy(ce, labels)[1])
+    assert res["kd_head"]["top1"] == pytest.approx(ev.topk_accuracy(kd, labels)[1])
+    assert res["combined"]["top1"] == pytest.approx(ev.topk_accuracy(ev.combine_heads(ce, kd, 0.5, 0.5), labels)[1])
+    assert res["ce_head"]["top5"] == 100.0  # 3 classes: top-5 is capped at top-3
+    # the brief training made ce_head learn the labels and kd_head the wrong teacher
+    assert res["ce_head"]["top1"] > 90.0 and res["kd_head"]["top1"] < 10.0
+    only_ce = ev.evaluate(trained_run, tiny_dataset, alpha=1.0, beta=0.5, workers=0, device="cpu")
+    assert only_ce["combined"] == only_ce["ce_head"] and only_ce["alpha_beta_source"] == "explicit"
+    only_kd = ev.evaluate(trained_run, tiny_dataset, alpha=0.0, beta=2.0, workers=0, device="cpu")
+    assert only_kd["combined"] == only_kd["kd_head"]
+
+
+def test_search_on_validation_writes_choice_and_heatmap(run_copy, tiny_dataset, val_dataset):
+    res = ev.evaluate(run_copy, tiny_dataset, search_on=val_dataset.root, workers=0, device="cpu")
+    stored = json.loads((run_copy / "alpha_beta.json").read_text())
+    assert (stored["alpha"], stored["beta"]) == (res["alpha"], res["beta"])
+    assert stored["search_on_fingerprint"] == val_dataset.fingerprint and stored["num_samples"] == 18
+    grid = np.array(stored["top1_grid"])
+    assert grid.shape == (21, 10) and stored["best_top1"] == grid.max()
+    student, _ = load_student(run_copy / "model.pt")
+    v_ce, v_kd, v_labels = ev.collect_logits(student, val_dataset, workers=0)
+    assert grid[-1] == pytest.approx([ev.topk_accuracy(v_ce, v_labels)[1]] * 10)  # alpha = 1: ce_head
+    assert grid[0] == pytest.approx([ev.topk_accuracy(v_kd, v_labels)[1]] * 10)  # alpha = 0: kd_head
+    assert res["alpha"] >= 0.5  # kd_head follows a wrong teacher: the search leans on ce_head
+    heat = (run_copy / "alpha_beta_heatmap.png").read_bytes()
+    assert heat[:8] == PNG_SIGNATURE and len(heat) > 20_000
+    # later evaluations and predictions use the stored choice
+    again = ev.evaluate(run_copy, tiny_dataset, workers=0, device="cpu")
+    assert (again["alpha"], again["beta"], again["alpha_beta_source"]) == (res["alpha"], res["beta"], "alpha_beta.json")
+    # ... but refuse to evaluate on the very data the choice was tuned on
+    with pytest.raises(ConfigError, match="never tune on the test data"):
+        ev.evaluate(run_copy, val_dataset, workers=0, device="cpu")
+
+
+def test_search_never_runs_on_test_data(run_copy, tiny_dataset, tmp_path):
+    with pytest.raises(ConfigError, match="never tune alpha/beta on the test data"):
+        ev.evaluate(run_copy, tiny_dataset, search_on=tiny_dataset.root, workers=0, device="cpu")
+    moved = shutil.copytree(tiny_dataset.root, tmp_path / "moved")  # same content elsewhere: same data
+    with pytest.raises(ConfigError, match="never tune"):
+        ev.evaluate(run_copy, tiny_dataset, search_on=moved, workers=0, device="cpu")
+    assert not (run_copy / "alpha_beta.json").exists() and not (run_copy / "alpha_beta_heatmap.png").exists()
+    with pytest.raises(ConfigError, match="not both"):
+        ev.evaluate(run_copy, tiny_dataset, alpha=0.5, search_on=tmp_path / "moved")
+
+
+def test_evaluate_refuses_bad_inputs(trained_run, tiny_dataset, tmp_path):
+    unlabeled = shutil.copytree(tiny_dataset.root, tmp_path / "unlabeled")
+    manifest = json.loads((unlabeled / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        shard["labels"] = [-1] * shard["count"]
+    (unlabeled / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="no labeled samples"):
+        ev.evaluate(trained_run, unlabeled, workers=0)
+
+    other = data.prepare(make_image_folder(tmp_path / "img4", num_classes=4, per_class=2), tmp_path / "four")
+    with pytest.raises(ConfigError, match="other class names"):
+        ev.evaluate(trained_run, other.root, workers=0)
+
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    (unfinished / "checkpoints" / "last.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="not finished.*--resume"):
+        ev.evaluate(unfinished, tiny_dataset, workers=0)
+
+
+def test_predict_matches_combined_heads(trained_run, tiny_dataset):
+    src = tiny_dataset.root.parent / "images"
+    files = [src / "class_0" / "img_000.jpg", src / "class_2" / "img_003.jpg"]
+    out = ev.predict(trained_run, files, topk=5)
+    student, meta = load_student(trained_run / "model.pt")
+    with torch.no_grad():
+        logits = student(torch.stack([reference_view(f, meta["preprocess"]) for f in files]))
+    probs = ev.combine_heads(logits["ce_logits"], logits["kd_logits"], 0.5, 0.5)
+    for (path, top), p in zip(out, probs):
+        assert len(top) == 3  # capped at C
+        names, values = zip(*top)
+        order = torch.argsort(p, descending=True).tolist()
+        assert list(names) == [meta["classnames"][c] for c in order]
+        assert list(values) == pytest.approx(p[order].tolist(), abs=1e-5)
+        assert sum(values) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(DatasetError, match="not found"):
+        ev.predict(trained_run, [src / "missing.jpg"])
+
+
+def test_cli_evaluate_json_table_and_predict(trained_run, tiny_dataset):
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", str(trained_run), "--data", str(tiny_dataset.root), "--json",
+                                 "--workers", "0", "--device", "cpu", "--alpha", "1", "--beta", "0.5"])
+    assert result.exit_code == 0, result.output
+    obj = json.loads(result.stdout)
+    assert {"ce_head", "kd_head", "combined", "alpha", "beta"} <= set(obj)
+    assert set(obj["combined"]) == {"top1", "top5"} and obj["combined"] == obj["ce_head"] and obj["alpha"] == 1.0
+
+    table = runner.invoke(app, ["evaluate", str(trained_run), "--data", str(tiny_dataset.root), "--workers", "0"])
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert any(line.startswith("combined") for line in lines) and "alpha = 0.5, beta = 0.5" in table.stdout
+
+    bad = runner.invoke(app, ["evaluate", str(trained_run), "--data", str(tiny_dataset.root), "--alpha", "0.3",
+                              "--search-on", str(tiny_dataset.root)])
+    assert bad.exit_code == 2 and "not both" in bad.output
+
+    image = tiny_dataset.root.parent / "images" / "class_1" / "img_002.jpg"
+    pred = runner.invoke(app, ["predict", str(trained_run), str(image), "--topk", "2"])
+    assert pred.exit_code == 0, pred.output
+    lines = pred.stdout.splitlines()
+    assert lines[0] == str(image) and len(lines) == 3
+    expected = ev.predict(trained_run, [image], topk=2)[0][1]
+    assert lines[1].split() == [f"{expected[0][1]:.4f}", expected[0][0]]
