@@ -1,0 +1,561 @@
+"""Stage 2: train a dual-head student from datasets + teacher caches (Alg. 1). The teacher is never loaded.
+
+`distill(cfg)` reads top to bottom: set-up (devices, ranks, data checks), model, optimiser and
+schedule, optional resume, then one loop over steps. Each step takes a labeled and an
+unlabeled mini-batch of equal size (1:1, the unlabeled one drawn from labeled ∪ unlabeled,
+Alg. 1 line 7), computes the method's loss (dho.losses) and updates g, ce_head and kd_head.
+
+Methods (`--method`):
+  dho            Eq. 6-7: CE on ce_head (labeled), KD on kd_head (labeled + unlabeled); both heads kept.
+  ce             CE on ce_head, labeled only.
+  kd             logit KD on kd_head, unlabeled stream only.
+  ce+kd          single head (SHO, Eq. 2-3): CE and KD on ce_head.
+  ce+kd-feature  single head: CE on ce_head + MSE between projected student features and the
+                 teacher's image embeddings (CLIP-KD style); needs `embeddings` in the caches.
+
+An epoch is one pass over the unlabeled stream (labeled ∪ unlabeled), for every method, so
+baselines get the same number of steps; the labeled stream cycles. Out of scope: mixed
+teacher caches within one stream (all caches must share class list and teacher temperature).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dho import data, losses
+from dho.errors import CacheError, ConfigError, DhoError
+from dho.stream import Part, PairedStream
+
+# Test-only: seconds to sleep after each step, so a test can SIGKILL a run mid-way.
+_TEST_STEP_SLEEP = float(os.environ.get("DHO_TEST_STEP_SLEEP", "0"))
+METHODS = ("dho", "ce", "kd", "ce+kd", "ce+kd-feature")
+# Inference defaults stored with each method's model (Eq. 11): single-head methods predict with
+# the head they trained (alpha = 1 -> ce_head; alpha = 0, beta = 1 -> kd_head).
+METHOD_ALPHA_BETA = {"dho": None, "ce": (1.0, 1.0), "kd": (0.0, 1.0), "ce+kd": (1.0, 1.0), "ce+kd-feature": (1.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Every training option in one place; the defaults follow the paper (Table 6)."""
+
+    labeled: str
+    labeled_cache: str
+    student: str
+    out: str
+    unlabeled: Optional[str] = None  # the unlabeled pool; samples already in `labeled` are not repeated
+    unlabeled_cache: Optional[str] = None
+    method: str = "dho"
+    student_pretrained: Optional[str] = None  # tag / local checkpoint / none (random init)
+    epochs: int = 20  # few-shot ImageNet: 20; 10 datasets: 200; low-shot: 32
+    batch_size: int = 64  # per side and global over ranks: B labeled + B unlabeled per step (paper: 256+256)
+    lr: float = 1e-3  # low-shot CLIP students: 5e-5
+    weight_decay: float = 1e-2  # low-shot CLIP students: 5e-2
+    warmup_steps: int = 0  # linear warmup, then cosine decay to 0 (low-shot: 5000)
+    lambda_: float = 0.5  # L = lambda * L_CE + (1 - lambda) * L_KD
+    eta: float = 2.0  # KD temperature; the cache is re-tempered exactly if it was stored at another eta
+    zeta: float = 0.01  # scale 1/zeta of the aligned cosine kd_head (VLM students)
+    alpha: float = 0.5  # inference mix of the heads (Eq. 11), stored with the model
+    beta: float = 0.5  # inference temperature of kd_head (Eq. 11)
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"
+    workers: int = 2  # DataLoader workers per rank (decode + crop replay)
+    seed: int = 0
+    view_sampling: str = "cycle"  # cycle: view = pass mod V; random: per (seed, key, pass)
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    accum_steps: int = 1  # gradient accumulation: each optimiser step = accum_steps forward passes
+    checkpoint_every: int = 500  # steps between checkpoints (also written at the end of each epoch)
+    log_every: int = 20  # steps between metric lines
+    max_steps: Optional[int] = None  # stop early after this many steps (smoke runs); the schedule keeps its length
+    val: Optional[str] = None  # validation dataset evaluated at the end (and per epoch with eval_every_epoch)
+    eval_every_epoch: bool = False
+    log_grad_cosine: int = 0  # every N steps: cos(grad L_CE, grad L_KD) over g's parameters (Fig. 4); 0 = off
+    init_heads_from_text: bool = True  # language-aware init of both heads (VLM students)
+    align_kd_head: bool = True  # cosine kd_head of Eq. 10 (VLM students)
+    window: int = 2  # shards per shuffle window of each consumer
+
+    @staticmethod
+    def load(path: Path) -> "DistillConfig":
+        """Strict load of a resolved config.json: unknown keys are an error."""
+        raw = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(DistillConfig)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown config keys {unknown}; known keys: {sorted(known)}")
+        return DistillConfig(**raw)
+
+
+# Options that may change on --resume without changing the result.
+RESUME_FREE = {"workers", "log_every", "checkpoint_every", "max_steps", "val", "eval_every_epoch", "device"}
+
+
+def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) — torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain runs are 0/1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    dev = torch.device(f"cuda:{local_rank}") if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if want_cuda else "gloo")
+    return rank, world, dev
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in table:
+        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return table[precision]
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _open_part(dataset: str, cache: str, role: str):
+    """Open a dataset and its cache and check they belong together (keys, classes, completeness)."""
+    from dho.cache import TeacherCache
+
+    ds = data.Dataset.open(dataset)
+    tc = TeacherCache.open(cache, dataset=ds)
+    if not tc.is_complete():
+        raise CacheError(
+            f"{cache}: the teacher cache for the {role} set is incomplete (see `dho cache-info {cache}`); "
+            "re-run the same `dho precompute-teacher` command to finish it"
+        )
+    return ds, tc
+
+
+class Trainee(nn.Module):
+    """The student plus training-only parts (the feature-KD projection); only `student` is exported."""
+
+    def __init__(self, student: nn.Module, projection: Optional[nn.Module]):
+        super().__init__()
+        self.student = student
+        self.projection = projection
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return self.student(x)
+
+
+def _compute_loss(method: str, out_l: Optional[dict], out_u: Optional[dict], batch: dict, model: Trainee, cfg: DistillConfig) -> dict:
+    """The method's loss terms (dho.losses), as a dict with `loss` and named parts."""
+    if method == "dho":
+        return losses.dho_loss(
+            out_l["ce_logits"], out_l["kd_logits"], batch["l_label"], batch["l_probs"],
+            out_u["kd_logits"], batch["u_probs"], lambda_=cfg.lambda_, eta=cfg.eta,
+        )
+    if method == "ce":
+        ce = losses.ce_loss(out_l["ce_logits"], batch["l_label"])
+        return {"loss": ce, "ce": ce}
+    if method == "kd":
+        kd = losses.kd_loss(out_u["kd_logits"], batch["u_probs"], eta=cfg.eta)
+        return {"loss": kd, "kd": kd}
+    if method == "ce+kd":
+        return losses.sho_loss(
+            out_l["ce_logits"], batch["l_label"], batch["l_probs"], out_u["ce_logits"], batch["u_probs"],
+            lambda_=cfg.lambda_, eta=cfg.eta,
+        )
+    if method == "ce+kd-feature":
+        ce = losses.ce_loss(out_l["ce_logits"], batch["l_label"])
+        z = torch.cat([out_l["z"], out_u["z"]])  # (B_l + B_u, D)
+        emb = torch.cat([batch["l_emb"], batch["u_emb"]])  # (B_l + B_u, D_teacher)
+        feat = losses.feature_kd_loss(z, emb, model.projection)
+        loss = cfg.lambda_ * ce + (1 - cfg.lambda_) * feat
+        return {"loss": loss, "ce": ce, "feature_kd": feat}
+    raise ConfigError(f"--method must be one of {METHODS}, got {method!r}")
+
+
+def _grad_cosine(model: Trainee, batch: dict, cfg: DistillConfig, autocast) -> float:
+    """cos(∇θ L_CE, ∇θ L_KD) over the feature extractor g's parameters (paper Fig. 4)."""
+    student = model.student
+    params = [p for p in student.backbone.parameters() if p.requires_grad]
+    with autocast():
+        out_l = student(batch["l_image"])
+        out_u = student(batch["u_image"])
+        kd_head_logits = "kd_logits" if cfg.method == "dho" else "ce_logits"  # SHO: one head for both
+        ce = losses.ce_loss(out_l["ce_logits"], batch["l_label"])
+        kd = losses.kd_loss(out_l[kd_head_logits], batch["l_probs"], eta=cfg.eta) + losses.kd_loss(
+            out_u[kd_head_logits], batch["u_probs"], eta=cfg.eta
+        )
+    g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
+    g_kd = torch.autograd.grad(kd, params, allow_unused=True)
+    flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(gs, params)])
+    return float(F.cosine_similarity(flat(g_ce), flat(g_kd), dim=0))
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _Log:
+    """Metrics to RUN_DIR/metrics.jsonl (+ TensorBoard when installed) and progress lines to stdout."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.file = open(out / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record.get("step", 0))
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def distill(cfg: DistillConfig, resume: bool = False) -> Path:
+    """Train the student of `cfg` and write RUN_DIR (config.json, metrics.jsonl, checkpoints/, model.pt)."""
+    from dho.students import build_student, save_student
+
+    if cfg.method not in METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {cfg.method!r}")
+    out = Path(cfg.out)
+    rank, world, device = _setup_distributed(cfg.device)
+    is_main = rank == 0
+    num_workers = max(cfg.workers, 1)
+    autocast_dtype = _autocast_dtype(cfg.precision, device)
+
+    # ---- data: datasets + caches, checked against each other --------------------------------
+    uses_labeled = cfg.method != "kd"
+    uses_unlabeled = cfg.method != "ce"
+    l_ds, l_cache = _open_part(cfg.labeled, cfg.labeled_cache, "labeled")
+    if (l_ds.labels < 0).any():
+        bad = l_ds.keys[int(np.flatnonzero(l_ds.labels < 0)[0])]
+        raise ConfigError(f"{cfg.labeled}: the labeled set has unlabeled samples (e.g. key {bad!r}); make it with `dho split`")
+    parts_u: list[Part] = []
+    sizes_u = 0
+    if cfg.unlabeled is not None:
+        if cfg.unlabeled_cache is None:
+            raise ConfigError("--unlabeled needs --unlabeled-cache (made by `dho precompute-teacher` on that dataset)")
+        u_ds, u_cache = _open_part(cfg.unlabeled, cfg.unlabeled_cache, "unlabeled")
+        if u_ds.classnames != l_ds.classnames:
+            raise ConfigError(f"{cfg.unlabeled} and {cfg.labeled} have different class lists; both must come from one source dataset")
+        for name in ("eta", "zeta"):
+            if u_cache.attrs[name] != l_cache.attrs[name]:
+                raise CacheError(f"the labeled and unlabeled caches were made with different {name} ({l_cache.attrs[name]} vs {u_cache.attrs[name]})")
+        parts_u.append(Part(Path(cfg.unlabeled), Path(cfg.unlabeled_cache)))
+        sizes_u += int(np.asarray(u_cache.valid).sum())
+        # Alg. 1 line 7: unlabeled batches come from labeled ∪ unlabeled. If the unlabeled pool
+        # already holds every labeled key (e.g. the full train set), it *is* that union.
+        if not set(l_ds.keys) <= set(u_ds.keys):
+            parts_u.append(Part(Path(cfg.labeled), Path(cfg.labeled_cache)))
+            sizes_u += int(np.asarray(l_cache.valid).sum())
+    elif uses_unlabeled:
+        raise ConfigError(f"--method {cfg.method} needs --unlabeled DATASET --unlabeled-cache CACHE")
+    if cfg.method == "ce+kd-feature" and "embeddings" not in l_cache.group:
+        raise CacheError(
+            f"{cfg.labeled_cache}: --method ce+kd-feature needs teacher image embeddings in the caches; "
+            "re-run `dho precompute-teacher ... --store-embeddings`"
+        )
+    if cfg.method == "ce+kd-feature":
+        from dho.cache import TeacherCache
+
+        for p in parts_u:
+            if "embeddings" not in TeacherCache.open(p.cache_path).group:
+                raise CacheError(f"{p.cache_path}: --method ce+kd-feature needs `--store-embeddings` caches")
+    classnames = list(l_ds.classnames)
+    num_classes = len(classnames)
+    if l_cache.num_classes != num_classes:
+        raise CacheError(f"{cfg.labeled_cache} has {l_cache.num_classes} classes but {cfg.labeled} has {num_classes}")
+    epoch_size = sizes_u if sizes_u else int(np.asarray(l_cache.valid).sum())
+
+    consumers = world * num_workers
+    per_forward = cfg.batch_size // cfg.accum_steps
+    if cfg.batch_size % (consumers * cfg.accum_steps):
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} must be divisible by world_size x workers x accum_steps = "
+            f"{world} x {num_workers} x {cfg.accum_steps}; pick a batch size that is a multiple of {consumers * cfg.accum_steps}"
+        )
+    micro = per_forward // consumers  # samples per side, per consumer, per forward pass
+    steps_per_epoch = max(1, epoch_size // cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+
+    # ---- run directory, config, resume ----------------------------------------------------
+    ckpt_path = out / "checkpoints" / "last.pt"
+    if is_main:
+        if out.exists() and (out / "config.json").exists() and not resume:
+            raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if resume:
+        if not ckpt_path.exists():
+            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}; start the run without --resume")
+        old = DistillConfig.load(out / "config.json")
+        diffs = [f.name for f in dataclasses.fields(cfg) if f.name not in RESUME_FREE and getattr(old, f.name) != getattr(cfg, f.name)]
+        if diffs:
+            raise ConfigError(f"--resume with changed options {diffs}; resume with the original options (see {out / 'config.json'})")
+    if is_main:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n")
+
+    # ---- model, optimiser, schedule -----------------------------------------------------------
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    student = build_student(
+        cfg.student, num_classes, pretrained=cfg.student_pretrained, classnames=classnames,
+        templates=l_cache.attrs.get("templates"), init_heads_from_text=cfg.init_heads_from_text,
+        align_kd_head=cfg.align_kd_head, zeta=cfg.zeta,
+    )
+    projection = None
+    if cfg.method == "ce+kd-feature":
+        projection = nn.Linear(student.feature_dim, int(l_cache.attrs["embed_dim"]))
+    if cfg.method in ("ce", "ce+kd", "ce+kd-feature"):
+        student.kd_head.requires_grad_(False)  # single-head methods train ce_head only
+    if cfg.method == "kd":
+        student.ce_head.requires_grad_(False)
+    model = Trainee(student, projection).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+    start_step, grad_cos = 0, []
+    if resume:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt["consumers"] != consumers:
+            raise ConfigError(
+                f"--resume: the run used world_size x workers = {ckpt['consumers']} data consumers, now {consumers}; "
+                "the data order depends on it, so resume with the same number of ranks and --workers"
+            )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+        start_step, grad_cos = ckpt["step"], ckpt.get("grad_cosine", [])
+    ddp = model
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    stream = PairedStream(
+        [Part(Path(cfg.labeled), Path(cfg.labeled_cache))] if uses_labeled else [],
+        parts_u if uses_unlabeled else [],
+        micro_l=micro, micro_u=micro, seed=cfg.seed, rank=rank, world_size=world, num_workers=num_workers,
+        start_item=start_step * cfg.accum_steps, view_sampling=cfg.view_sampling,
+        image_size=student.preprocess["image_size"], interpolation=student.preprocess["interpolation"],
+        mean=student.preprocess["mean"], std=student.preprocess["std"], eta=cfg.eta,
+        need_embeddings=cfg.method == "ce+kd-feature", window=cfg.window,
+    )
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None,
+    )
+    batches = iter(loader)
+
+    def next_forward_batch() -> dict:
+        """Concatenate one micro-batch from each of this rank's W consumers (round-robin order)."""
+        items = [next(batches) for _ in range(num_workers)]
+        return {k: torch.cat([it[k] for it in items]).to(device, non_blocking=True) for k in items[0]}
+
+    def autocast():
+        return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
+    log = _Log(out, enabled=is_main)
+    log.say(
+        f"dho distill: {cfg.method} | student {cfg.student} | {num_classes} classes | "
+        f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs = {total_steps} steps "
+        f"(batch {cfg.batch_size}+{cfg.batch_size}, {world} rank(s) x {num_workers} consumer(s)) | device {device}"
+        + (f" | resuming at step {start_step}" if resume else "")
+    )
+
+    # ---- the loop ---------------------------------------------------------------------------
+    model.train()
+    t0, seen_since, t_last = time.time(), 0, time.time()
+    step = start_step
+    while step < stop_step:
+        terms_sum: dict[str, float] = {}
+        for micro_step in range(cfg.accum_steps):
+            batch = next_forward_batch()
+            sync = micro_step == cfg.accum_steps - 1 or world == 1
+            ctx = ddp.no_sync() if (world > 1 and not sync) else _nullcontext()
+            with ctx:
+                with autocast():
+                    # one forward over [labeled; unlabeled] so both halves share the batch statistics
+                    if uses_labeled and uses_unlabeled:
+                        n_l = batch["l_image"].shape[0]
+                        both = ddp(torch.cat([batch["l_image"], batch["u_image"]]))  # (B_l + B_u, ...)
+                        out_l = {k: v[:n_l] for k, v in both.items()}
+                        out_u = {k: v[n_l:] for k, v in both.items()}
+                    elif uses_labeled:
+                        out_l, out_u = ddp(batch["l_image"]), None
+                    else:
+                        out_l, out_u = None, ddp(batch["u_image"])
+                    terms = _compute_loss(cfg.method, out_l, out_u, batch, model, cfg)
+                loss = terms["loss"]
+                if not torch.isfinite(loss.detach()):
+                    raise DhoError(
+                        f"loss is {loss.item()} at step {step} (epoch {step // steps_per_epoch}); terms: "
+                        + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                        + ". Lower --lr, use --precision fp32/bf16, or --grad-clip 1.0"
+                    )
+                scaler.scale(loss / cfg.accum_steps).backward()
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.accum_steps
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        if _TEST_STEP_SLEEP:
+            time.sleep(_TEST_STEP_SLEEP)
+        seen_since += 2 * cfg.batch_size if (uses_labeled and uses_unlabeled) else cfg.batch_size
+
+        if cfg.log_grad_cosine and cfg.method in ("dho", "ce+kd") and step % cfg.log_grad_cosine == 0 and is_main:
+            cos = _grad_cosine(model, batch, cfg, autocast)
+            grad_cos.append((step, cos))
+            log.write({"step": step, "grad_cosine": cos})
+        if step % cfg.log_every == 0 or step == stop_step or step == start_step + 1:
+            now = time.time()
+            rate = seen_since / max(now - t_last, 1e-9)
+            eta_s = (stop_step - step) * (now - t0) / max(step - start_step, 1)
+            record = {"step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
+                      "samples_per_s": rate, **{k: round(v, 6) for k, v in terms_sum.items()}}
+            log.write(record)
+            log.say(
+                f"step {step}/{stop_step} epoch {step / steps_per_epoch:.2f} loss {terms_sum['loss']:.4f} "
+                f"lr {record['lr']:.3g} | {rate:.1f} samples/s | ETA {_fmt_time(eta_s)}"
+            )
+            t_last, seen_since = now, 0
+        end_of_epoch = step % steps_per_epoch == 0
+        if step % cfg.checkpoint_every == 0 or end_of_epoch or step == stop_step:
+            if is_main:
+                _atomic_save(
+                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": _rng_state(), "step": step, "epoch": step // steps_per_epoch,
+                     "consumers": consumers, "grad_cosine": grad_cos, "config": dataclasses.asdict(cfg)},
+                    ckpt_path,
+                )
+        if end_of_epoch and cfg.eval_every_epoch and cfg.val and is_main:
+            log.write({"step": step, "epoch": step // steps_per_epoch, **_validate(student, cfg, device)})
+            model.train()
+
+    # ---- the end: the model, validation, plots ---------------------------------------------------
+    if is_main:
+        alpha, beta = METHOD_ALPHA_BETA[cfg.method] or (cfg.alpha, cfg.beta)
+        save_student(out / "model.pt", student, classnames, alpha=alpha, beta=beta,
+                     extra={"method": cfg.method, "steps": step, "total_steps": total_steps})
+        if cfg.val:
+            result = _validate(student, cfg, device)
+            log.write({"step": step, "final": True, **result})
+            log.say("validation: " + json.dumps(result))
+        if grad_cos:
+            _plot_grad_cosine(grad_cos, out / "grad_cosine.png", cfg.method)
+        log.say(f"done: {out / 'model.pt'}")
+    log.close()
+    if world > 1:
+        torch.distributed.barrier()
+    return out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _validate(student: nn.Module, cfg: DistillConfig, device: torch.device) -> dict:
+    """Top-1/top-5 of ce_head, kd_head and the combination (Eq. 11) on --val."""
+    from dho import evaluate
+
+    student.eval()
+    ce, kd, labels = evaluate.collect_logits(student, data.Dataset.open(cfg.val), batch_size=256, device=device, workers=cfg.workers)
+    alpha, beta = METHOD_ALPHA_BETA[cfg.method] or (cfg.alpha, cfg.beta)
+    return {
+        "val_ce_head_top1": evaluate.topk_accuracy(ce, labels)[1],
+        "val_kd_head_top1": evaluate.topk_accuracy(kd, labels)[1],
+        "val_combined_top1": evaluate.topk_accuracy(evaluate.combine_heads(ce, kd, alpha, beta), labels)[1],
+    }
+
+
+def _plot_grad_cosine(points: list[tuple[int, float]], path: Path, method: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, cos = zip(*points)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, cos, marker=".", label=method)
+    ax.axhline(0.0, color="gray", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cos(∇θ L_CE, ∇θ L_KD)")
+    ax.set_title("Gradient alignment over the feature extractor (paper Fig. 4)")
+    ax.set_ylim(-1, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+

@@ -1,0 +1,228 @@
+"""`dho distill` end to end on CPU: tiny students, caches made by the real precompute-teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dho import data
+from dho.distill import DistillConfig, distill, lr_lambda
+from dho.errors import CacheError, ConfigError, DhoError
+from dho.precompute import precompute
+from dho.students import load_student
+from fixtures_models import TINY_CLIP_CONFIG, tiny_teacher_ckpt  # noqa: F401
+from helpers_data import make_image_folder
+
+DHO = Path(sys.executable).parent / "dho"
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory, tiny_teacher_ckpt):
+    """A 4-class dataset (40 images), its 2-shot labeled split and a validation split, with caches."""
+    root = tmp_path_factory.mktemp("distill")
+    src = make_image_folder(root / "images", num_classes=4, per_class=10)
+    full = data.prepare(src, root / "full", shard_size=8)
+    labeled, val = data.split(full, root / "labeled", shots=2, seed=0, val_per_class=2, val_out=root / "val", shard_size=4)
+    teacher = dict(model=str(TINY_CLIP_CONFIG), pretrained=str(tiny_teacher_ckpt), views=2, device="cpu", workers=0, batch_size=16)
+    precompute(full.root, root / "full.zarr", store_embeddings=True, **teacher)
+    precompute(labeled.root, root / "labeled.zarr", store_embeddings=True, **teacher)
+    precompute(labeled.root, root / "labeled-noemb.zarr", **teacher)
+    return root
+
+
+def _cfg(world: Path, out: Path, **kw) -> DistillConfig:
+    base = dict(
+        labeled=str(world / "labeled"), labeled_cache=str(world / "labeled.zarr"),
+        unlabeled=str(world / "full"), unlabeled_cache=str(world / "full.zarr"),
+        student="resnet-tiny", out=str(out), method="dho", epochs=4, batch_size=8, lr=3e-3,
+        workers=0, device="cpu", log_every=1, seed=0,
+    )
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _state(run: Path) -> dict:
+    student, meta = load_student(run / "model.pt")
+    return {k: v.clone() for k, v in student.state_dict().items()}
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_schedule_warmup_then_cosine():
+    assert lr_lambda(0, 4, 20) == pytest.approx(0.25) and lr_lambda(3, 4, 20) == pytest.approx(1.0)
+    assert lr_lambda(4, 4, 20) == pytest.approx(1.0) and lr_lambda(12, 4, 20) == pytest.approx(0.5)
+    assert lr_lambda(20, 4, 20) == pytest.approx(0.0) and lr_lambda(0, 0, 10) == pytest.approx(1.0)
+
+
+def test_short_run_lowers_loss_and_writes_run_dir(world, tmp_path):
+    run = tmp_path / "run"
+    distill(_cfg(world, run, epochs=6, val=str(world / "val"), log_grad_cosine=2))
+    losses = [m["loss"] for m in _metrics(run) if "loss" in m]
+    assert len(losses) == 6 * (40 // 8)  # an epoch is one pass over the unlabeled pool (labeled ⊂ full)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    assert {"ce", "kd", "kd_labeled", "kd_unlabeled", "lr", "samples_per_s"} <= set(_metrics(run)[0])
+    cfg = DistillConfig.load(run / "config.json")
+    assert cfg.method == "dho" and cfg.epochs == 6 and cfg.lambda_ == 0.5 and cfg.eta == 2.0
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["step"] == 30 and {"model", "optimizer", "scheduler", "rng", "consumers"} <= set(ckpt)
+    student, meta = load_student(run / "model.pt")
+    assert (meta["alpha"], meta["beta"]) == (0.5, 0.5) and meta["classnames"] == data.Dataset.open(world / "full").classnames
+    final = [m for m in _metrics(run) if m.get("final")]
+    assert final and 0.0 <= final[0]["val_combined_top1"] <= 100.0
+    cos = [m["grad_cosine"] for m in _metrics(run) if "grad_cosine" in m]
+    assert len(cos) == 15 and all(-1.0 <= c <= 1.0 for c in cos)
+    png = (run / "grad_cosine.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def _fresh_student(name: str, run: Path):
+    """The student exactly as `distill` builds it before step 0 (seed 0), to compare trained weights with."""
+    from dho.cache import TeacherCache
+    from dho.students import build_student
+
+    cfg = DistillConfig.load(run / "config.json")
+    torch.manual_seed(cfg.seed)
+    classnames = data.Dataset.open(cfg.labeled).classnames
+    return build_student(name, len(classnames), classnames=classnames, templates=TeacherCache.open(cfg.labeled_cache).attrs["templates"])
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "ce+kd", "ce+kd-feature"])
+def test_baselines_train_their_head_only(world, tmp_path, method):
+    run = tmp_path / "run"
+    distill(_cfg(world, run, method=method, epochs=1))
+    student, meta = load_student(run / "model.pt")
+    init = _fresh_student("resnet-tiny", run)
+    trained, frozen = ("kd_head", "ce_head") if method == "kd" else ("ce_head", "kd_head")
+    assert not torch.equal(getattr(student, trained).weight, getattr(init, trained).weight)
+    assert torch.equal(getattr(student, frozen).weight, getattr(init, frozen).weight)
+    assert meta["alpha"] == (0.0 if method == "kd" else 1.0)
+    expected = {"ce": {"ce"}, "kd": {"kd"}, "ce+kd": {"ce", "kd"}, "ce+kd-feature": {"ce", "feature_kd"}}[method]
+    assert expected <= set(_metrics(run)[0])
+
+
+def test_refusals_name_the_problem(world, tmp_path):
+    with pytest.raises(CacheError, match="does not belong to dataset"):
+        distill(_cfg(world, tmp_path / "a", labeled_cache=str(world / "full.zarr")))
+    with pytest.raises(CacheError, match="store-embeddings"):
+        distill(_cfg(world, tmp_path / "b", method="ce+kd-feature", labeled_cache=str(world / "labeled-noemb.zarr")))
+    with pytest.raises(ConfigError, match="divisible"):
+        distill(_cfg(world, tmp_path / "c", batch_size=6, workers=4))
+    with pytest.raises(ConfigError, match="--unlabeled"):
+        distill(_cfg(world, tmp_path / "d", unlabeled=None, unlabeled_cache=None))
+    other = make_image_folder(tmp_path / "other", num_classes=3, per_class=4)
+    other_ds = data.prepare(other, tmp_path / "other_ds", shard_size=4)
+    with pytest.raises(CacheError, match="4 classes in the cache, 3 in the dataset"):
+        distill(_cfg(world, tmp_path / "e", unlabeled=str(other_ds.root)))
+    distill(_cfg(world, tmp_path / "f", epochs=1))
+    with pytest.raises(ConfigError, match="--resume"):
+        distill(_cfg(world, tmp_path / "f", epochs=1))
+
+
+def test_nan_loss_stops_with_the_step(world, tmp_path):
+    with pytest.raises(DhoError, match=r"at step \d+"):
+        distill(_cfg(world, tmp_path / "run", lr=1e12, epochs=3))
+
+
+def _cli_args(world: Path, run: Path, *extra) -> list[str]:
+    return [
+        "--labeled", str(world / "labeled"), "--labeled-cache", str(world / "labeled.zarr"),
+        "--unlabeled", str(world / "full"), "--unlabeled-cache", str(world / "full.zarr"),
+        "--out", str(run), "--batch-size", "8", "--lr", "3e-3", "--device", "cpu", "--seed", "0", *extra,
+    ]
+
+
+def _env(**kw) -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **kw)
+
+
+def test_sigkill_then_resume_gives_the_same_weights(world, tmp_path):
+    args = ["--student", "resnet-tiny", "--epochs", "3", "--checkpoint-every", "4", "--workers", "2"]
+    full = tmp_path / "full"
+    subprocess.run([str(DHO), "distill", *_cli_args(world, full, *args)], check=True, env=_env(), capture_output=True, timeout=300)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([str(DHO), "distill", *_cli_args(world, run, *args)], env=_env(DHO_TEST_STEP_SLEEP="0.3"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "model.pt").exists(), "the run finished before it could be killed"
+    step_at_kill = torch.load(ckpt, weights_only=False)["step"]
+    assert 0 < step_at_kill < 15
+
+    resumed = subprocess.run([str(DHO), "distill", *_cli_args(world, run, *args), "--resume"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {step_at_kill}" in resumed.stdout
+    a, b = _state(full), _state(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_torchrun_two_ranks_match_one_process(world, tmp_path):
+    args = ["--student", str(TINY_CLIP_CONFIG), "--epochs", "1", "--lr", "1e-3"]
+    single = tmp_path / "single"
+    one = subprocess.run([str(DHO), "distill", *_cli_args(world, single, *args, "--workers", "2")], env=_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    ddp = tmp_path / "ddp"
+    two = subprocess.run(
+        [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", "29533", "-m", "dho.cli", "distill", *_cli_args(world, ddp, *args, "--workers", "1")],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 rank(s)" in two.stdout
+    a, b = _state(single), _state(ddp)
+    for k in [k for k in a if k.endswith("attn.in_proj_bias")]:
+        # The key bias gets no gradient in exact arithmetic (softmax is shift-invariant), so Adam
+        # turns pure float noise into updates there; it cannot affect any output. Compare q and v.
+        d = a[k].shape[0] // 3
+        a[k], b[k] = torch.cat([a[k][:d], a[k][2 * d:]]), torch.cat([b[k][:d], b[k][2 * d:]])
+    diffs = {k: float((a[k].float() - b[k].float()).abs().max()) for k in a}
+    worst = sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+    assert worst[0][1] < 1e-4, worst
+    assert not torch.equal(a["ce_head.weight"], _fresh_student(str(TINY_CLIP_CONFIG), single).ce_head.weight)
+
+
+def test_distill_help_shows_the_config_defaults():
+    """The `[default: X]` in each `dho distill` option's help matches DistillConfig (no drift)."""
+    import dataclasses
+    import re
+
+    import typer
+
+    from dho.cli import app
+
+    command = typer.main.get_command(app).commands["distill"]
+    fields = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    checked = 0
+    for param in command.params:
+        name = "init_heads_from_text" if param.name == "text_init" else param.name
+        m = re.search(r"\[default: ([^\]]+)\]", param.help or "")
+        if name not in fields or m is None or fields[name] is dataclasses.MISSING:
+            continue
+        shown, default = m.group(1), fields[name]
+        if isinstance(default, bool):
+            assert shown == ("on" if default else "off"), name
+        elif default is None:
+            assert shown == "none", name
+        else:
+            assert type(default)(shown) == default, (name, shown, default)
+        checked += 1
+    assert checked >= 25
