@@ -1,0 +1,571 @@
+"""The teacher cache: a Zarr v3 group of per-view teacher probabilities (stage 1 -> stage 2).
+
+This is the only module that imports zarr. The layout is defined by `cache_schemas/v1.json`
+(JSON Schema of the group attributes + the `x-dho-arrays` table) and documented in
+`cache_schemas/README.md`; every open validates both, so a cache of another schema version,
+another dataset or another class list fails with a message saying what differs.
+
+Writing rules (a Zarr chunk file is the unit of writing; two writers in one chunk lose data):
+- the store is created complete (attributes, keys, labels, text_classifier, empty arrays) in a
+  temporary folder and renamed into place, so it appears atomically and creation is race-safe:
+  several processes may try, one rename wins, the others open the winner's store;
+- a work unit is one (view, dataset shard); along N the chunk length L divides every shard
+  offset, so a unit is whole chunks and is written by exactly one process;
+- `done[v, s] = 1` (its own (1, 1) chunk) is written only after the unit's chunks are written
+  and fsynced; resuming skips done units and rewrites the others from scratch.
+
+Unreadable samples (`precompute --skip-bad`): `valid[i] = False`, their `probs` / `topk_probs` /
+`embeddings` rows are NaN, `topk_indices` and `view_params` rows are -1. Readers must mask with
+`TeacherCache.valid`; the NaNs make a forgotten mask fail loudly instead of silently.
+
+Out of scope: remote object stores (the atomic-rename creation and fsync need a local path).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import shutil
+import uuid
+from functools import reduce
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import zarr
+
+import dho
+from cache_schemas import CURRENT_VERSION, KNOWN_VERSIONS, SCHEMA_NAME, load_schema
+from dho.errors import CacheError
+
+# attributes that must be equal for a rerun to add units to an existing store ("don't mix")
+PARAM_KEYS = (
+    "dataset_fingerprint", "num_samples", "classnames", "shard_counts", "chunk_len", "num_views", "center_view",
+    "seed", "zeta", "eta", "teacher", "templates", "preprocess", "precision", "topk", "store_embeddings", "embed_dim",
+)
+VIEW_PARAM_FIELDS = ("top", "left", "height", "width", "flip")
+
+
+def chunk_length(shard_counts: list[int]) -> int:
+    """L = gcd of all shard counts but the last: every shard offset is a multiple of L, so each
+    (view, shard) unit is whole chunks (the last shard may end in a partial chunk). With equal-sized
+    shards (what `dho prepare` writes) L is the shard size and a unit is exactly one chunk."""
+    if len(shard_counts) == 1:
+        return int(shard_counts[0])
+    return int(reduce(math.gcd, shard_counts[:-1]))
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _symbols(attrs: dict) -> dict:
+    return {
+        "V": attrs["num_views"], "N": attrs["num_samples"], "C": len(attrs["classnames"]), "K": attrs["topk"],
+        "D": attrs["embed_dim"], "S": len(attrs["shard_counts"]), "L": attrs["chunk_len"],
+    }
+
+
+def _expected_arrays(attrs: dict) -> dict[str, dict]:
+    """The schema's array table for these attributes, with symbols resolved to numbers."""
+    sym = _symbols(attrs)
+    when = {
+        "always": True, "topk is null": attrs["topk"] is None, "topk is not null": attrs["topk"] is not None,
+        "store_embeddings": attrs["store_embeddings"],
+    }
+    out = {}
+    for name, spec in load_schema(attrs["schema_version"])["x-dho-arrays"].items():
+        if not when[spec["when"]]:
+            continue
+        shape = tuple(sym[d] if isinstance(d, str) else d for d in spec["shape"])
+        chunks = tuple(min(sym[d] if isinstance(d, str) else d, n) for d, n in zip(spec["chunks"], shape))
+        fill = float("nan") if spec["fill_value"] == "NaN" else spec["fill_value"]
+        out[name] = {"dtype": spec["dtype"], "shape": shape, "chunks": chunks, "fill_value": fill, "symbols": spec["shape"]}
+    return out
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class TeacherCache:
+    """A teacher cache opened for reading (`mode="r"`) or for adding units (`mode="r+"`)."""
+
+    def __init__(self, path: Path, group, mode: str):
+        self.path = path
+        self.group = group
+        self.mode = mode
+        self.attrs: dict = dict(group.attrs)
+        self.num_views: int = self.attrs["num_views"]
+        self.num_samples: int = self.attrs["num_samples"]
+        self.classnames: list[str] = list(self.attrs["classnames"])
+        self.num_classes = len(self.classnames)
+        self.shard_counts: list[int] = list(self.attrs["shard_counts"])
+        self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_counts)]).astype(np.int64)  # (S + 1,)
+        self.chunk_len: int = self.attrs["chunk_len"]
+        self.topk: int | None = self.attrs["topk"]
+        self.eta: float = float(self.attrs["eta"])
+        self._keys: list[str] | None = None
+        self._labels: np.ndarray | None = None
+        self._valid: np.ndarray | None = None
+        self._done: np.ndarray | None = None
+        self._arrays: dict = {}
+
+    def array(self, name: str):
+        """The zarr array `name` (opened once: each open reads its metadata file)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    # ------------------------------------------------------------------ creating and opening
+
+    @classmethod
+    def create_or_open(cls, path, attrs: dict, keys: list[str], labels: np.ndarray, text_classifier: np.ndarray,
+                       dataset=None) -> "TeacherCache":
+        """Open `path` for writing if it exists with the same parameters, else create it atomically.
+
+        Race-safe: each process builds the store in its own temporary folder and renames it into
+        place; when another process won the race, its store is opened and checked instead.
+        """
+        path = Path(path)
+        if not path.exists():
+            cls._create(path, attrs, keys, labels, text_classifier)
+        cache = cls.open(path, dataset=dataset, mode="r+")
+        cache.check_params(attrs)
+        return cache
+
+    @classmethod
+    def _create(cls, path: Path, attrs: dict, keys: list[str], labels: np.ndarray, text_classifier: np.ndarray) -> None:
+        attrs = {
+            "schema": SCHEMA_NAME, "schema_version": CURRENT_VERSION, "dho_version": dho.__version__,
+            **attrs, "created_at": _now(),
+        }
+        attrs.pop("complete", None)
+        try:
+            jsonschema.validate(attrs, load_schema(CURRENT_VERSION))
+        except jsonschema.ValidationError as e:
+            raise CacheError(f"{path}: refusing to create a cache with invalid attributes ({_where(e)}: {e.message})") from e
+        tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            group = zarr.open_group(str(tmp), mode="w-", attributes=attrs)
+            for name, spec in _expected_arrays(attrs).items():
+                dtype = str if spec["dtype"] == "string" else spec["dtype"]
+                group.create_array(name, shape=spec["shape"], dtype=dtype, chunks=spec["chunks"], fill_value=spec["fill_value"])
+            group["keys"][:] = np.asarray(keys, dtype=object)
+            group["labels"][:] = np.asarray(labels, dtype=np.int64)
+            group["text_classifier"][:] = np.asarray(text_classifier, dtype=np.float32)
+            for f in sorted(tmp.rglob("*")):
+                if f.is_file():
+                    _fsync_path(f)
+            try:
+                os.rename(tmp, path)  # atomic; fails if another process created `path` first
+            except OSError:
+                if not path.exists():
+                    raise
+            else:
+                _fsync_path(path.parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def open(cls, path, dataset=None, mode: str = "r") -> "TeacherCache":
+        """Open and validate a cache; with `dataset` (a dho.data.Dataset) also check it was built for it."""
+        path = Path(path)
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
+        if not (path / "zarr.json").is_file():
+            raise CacheError(f"{path}: no teacher cache here (no zarr.json); create one with `dho precompute-teacher`")
+        try:
+            group = zarr.open_group(str(path), mode=mode)
+        except (FileNotFoundError, ValueError, TypeError, KeyError) as e:
+            raise CacheError(f"{path}: not a readable Zarr v3 group ({e}); rebuild it with `dho precompute-teacher`") from e
+        attrs = dict(group.attrs)
+        if attrs.get("schema") != SCHEMA_NAME:
+            raise CacheError(f"{path}: a Zarr group but not a dho teacher cache (attribute schema={attrs.get('schema')!r})")
+        version = attrs.get("schema_version")
+        if version not in KNOWN_VERSIONS:
+            raise CacheError(
+                f"{path}: cache schema version {version!r}, but dho {dho.__version__} reads version(s) "
+                f"{', '.join(map(str, KNOWN_VERSIONS))}; use the dho version that wrote it (dho_version="
+                f"{attrs.get('dho_version')!r}) or rebuild the cache with `dho precompute-teacher`"
+            )
+        try:
+            jsonschema.validate(attrs, load_schema(version))
+        except jsonschema.ValidationError as e:
+            raise CacheError(
+                f"{path}: attributes do not match cache schema v{version} at {_where(e)}: {e.message}; "
+                "the cache is damaged or was written by another tool, rebuild it with `dho precompute-teacher`"
+            ) from e
+        _check_layout(path, group, attrs)
+        cache = cls(path, group, mode)
+        if dataset is not None:
+            cache.check_dataset(dataset)
+        return cache
+
+    def check_dataset(self, dataset) -> None:
+        """Raise CacheError saying what differs when this cache was not built for `dataset`."""
+        a, fix = self.attrs, "use the cache built for this dataset, or build one with `dho precompute-teacher`"
+        where = f"cache {self.path} does not belong to dataset {dataset.root}"
+        if list(dataset.classnames) != self.classnames:
+            diff = next((i for i, (x, y) in enumerate(zip(self.classnames, dataset.classnames)) if x != y), None)
+            detail = (f"class {diff} is {self.classnames[diff]!r} in the cache but {dataset.classnames[diff]!r} in the dataset"
+                      if diff is not None else f"{len(self.classnames)} classes in the cache, {len(dataset.classnames)} in the dataset")
+            raise CacheError(f"{where}: another class list ({detail}); {fix}")
+        if dataset.num_samples != self.num_samples:
+            raise CacheError(f"{where}: {self.num_samples} samples in the cache, {dataset.num_samples} in the dataset; {fix}")
+        if [s.count for s in dataset.shards] != self.shard_counts:
+            raise CacheError(f"{where}: shard sizes differ ({self.shard_counts[:5]}... vs {[s.count for s in dataset.shards][:5]}...); {fix}")
+        keys = self.keys
+        if list(dataset.keys) != keys:
+            i = next(i for i, (x, y) in enumerate(zip(keys, dataset.keys)) if x != y)
+            raise CacheError(f"{where}: sample {i} has key {keys[i]!r} in the cache but {dataset.keys[i]!r} in the dataset; {fix}")
+        if dataset.fingerprint != a["dataset_fingerprint"]:
+            raise CacheError(
+                f"{where}: dataset fingerprint {dataset.fingerprint[:12]}... differs from the cache's "
+                f"{a['dataset_fingerprint'][:12]}... (same keys, but labels or shard contents changed); {fix}"
+            )
+
+    def check_params(self, attrs: dict) -> None:
+        """Raise CacheError listing every parameter in which `attrs` differs from this store."""
+        diffs = []
+        for k in PARAM_KEYS:
+            mine, theirs = self.attrs.get(k), attrs.get(k)
+            if k == "preprocess":
+                mine = {x: y for x, y in (mine or {}).items() if x != "source"}
+                theirs = {x: y for x, y in (theirs or {}).items() if x != "source"}
+            if isinstance(mine, dict) and isinstance(theirs, dict):  # name the differing fields
+                pairs = [(f"{k}.{x}", mine.get(x), theirs.get(x)) for x in sorted(set(mine) | set(theirs))]
+            else:
+                pairs = [(k, mine, theirs)]
+            for name, a, b in pairs:
+                if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+                    diffs.append(f"{name}: {_short(a)} in the cache vs {_short(b)} now")
+        if diffs:
+            raise CacheError(
+                f"{self.path} was built with other parameters ({'; '.join(diffs)}); the cache never mixes "
+                "settings: re-run with the cache's settings to resume it, or write to a new --out"
+            )
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def keys(self) -> list[str]:
+        if self._keys is None:
+            self._keys = [str(k) for k in self.array("keys")[:]]
+        return self._keys
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) int64, -1 = unlabeled."""
+        if self._labels is None:
+            self._labels = np.asarray(self.array("labels")[:], dtype=np.int64)
+        return self._labels
+
+    @property
+    def valid(self) -> np.ndarray:
+        """(N,) bool: False for samples skipped as unreadable (NaN rows) and for samples of shards not started."""
+        if self._valid is None:
+            self._valid = np.asarray(self.array("valid")[:], dtype=bool)
+        return self._valid
+
+    @property
+    def done(self) -> np.ndarray:
+        """(V, S) bool: which (view, shard) units are complete (as of opening or the last `refresh()`)."""
+        if self._done is None:
+            self._done = np.asarray(self.array("done")[:], dtype=bool)
+        return self._done
+
+    def refresh(self) -> None:
+        """Forget what was read of `done` and `valid` (other processes may have written units since)."""
+        self._done, self._valid = None, None
+
+    @property
+    def text_classifier(self) -> np.ndarray:
+        """(C, D) float32 zero-shot classifier of the teacher (unit rows)."""
+        return np.asarray(self.array("text_classifier")[:], dtype=np.float32)
+
+    def is_complete(self) -> bool:
+        """True when every unit is done and the store was finalised (attribute complete=True)."""
+        return bool(self.group.attrs.get("complete", False)) and bool(self.done.all())
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Global rows [start, stop) of dataset shard `shard`."""
+        return int(self.shard_offsets[shard]), int(self.shard_offsets[shard + 1])
+
+    def _check_read(self, view: int, start: int, stop: int) -> None:
+        if not 0 <= view < self.num_views:
+            raise CacheError(f"{self.path}: view {view} out of range (the cache has {self.num_views} views)")
+        if not 0 <= start <= stop <= self.num_samples:
+            raise CacheError(f"{self.path}: rows [{start}, {stop}) out of range (the cache has {self.num_samples} samples)")
+        if stop == start:
+            return
+        first = int(np.searchsorted(self.shard_offsets, start, side="right")) - 1
+        last = int(np.searchsorted(self.shard_offsets, stop - 1, side="right")) - 1
+        for s in range(first, last + 1):
+            if not self.done[view, s]:
+                raise CacheError(
+                    f"{self.path}: view {view} of shard {s} (rows {self.shard_range(s)}) is not computed yet; "
+                    "re-run the same `dho precompute-teacher` command to finish the cache"
+                )
+
+    def probs(self, view: int, start: int, stop: int, eta: float | None = None) -> np.ndarray:
+        """Teacher probabilities softmax(cos / (zeta * eta)) of rows [start, stop) -> float32 (n, C).
+
+        Top-k caches are densified: the stored K values, and the remainder mass 1 - sum(top-k)
+        (clipped at 0) spread uniformly over the other C - K classes. With `eta` != the cache's
+        eta the rows are re-tempered exactly: p' = p^(eta_cache / eta) / sum (for top-k caches,
+        of the densified rows). Invalid (unreadable) samples come back as NaN rows.
+        A shard-aligned [start, stop) of one view is one chunk read.
+        """
+        self._check_read(view, start, stop)
+        if self.topk is None:
+            p = np.asarray(self.array("probs")[view, start:stop], dtype=np.float32)  # (n, C)
+        else:
+            idx = np.asarray(self.array("topk_indices")[view, start:stop], dtype=np.int64)  # (n, K)
+            val = np.asarray(self.array("topk_probs")[view, start:stop], dtype=np.float32)  # (n, K)
+            p = densify_topk(idx, val, self.num_classes)
+        if eta is not None and float(eta) != self.eta:
+            p = retemper(p, self.eta / float(eta))
+        return p
+
+    def view_params(self, view: int, start: int, stop: int) -> np.ndarray:
+        """(n, 5) int32 rows (top, left, height, width, flip) of the boxes the teacher saw; -1 rows for invalid samples."""
+        self._check_read(view, start, stop)
+        return np.asarray(self.array("view_params")[view, start:stop], dtype=np.int32)
+
+    def embeddings(self, view: int, start: int, stop: int) -> np.ndarray:
+        """(n, D) float32 L2-normalised teacher image embeddings (stored as float16; needs --store-embeddings)."""
+        if "embeddings" not in self.group:
+            raise CacheError(f"{self.path} holds no teacher embeddings; rebuild it with `dho precompute-teacher --store-embeddings`")
+        self._check_read(view, start, stop)
+        return np.asarray(self.array("embeddings")[view, start:stop], dtype=np.float32)
+
+    # ------------------------------------------------------------------ writing (one process per unit)
+
+    def _unit_chunk_files(self, name: str, view: int, shard: int) -> list[Path]:
+        """Chunk files of array `name` covered by unit (view, shard); `valid` is per shard (view ignored)."""
+        arr = self.array(name)
+        start, stop = self.shard_range(shard)
+        rows = range(start // self.chunk_len, (stop - 1) // self.chunk_len + 1)
+        coords = [(j,) if arr.ndim == 1 else (view, j, 0) for j in rows]
+        return [self.path / name / arr.metadata.encode_chunk_key(c) for c in coords]
+
+    def _clean_and_sync(self, names: list[str], view: int, shard: int, sync: bool) -> None:
+        """Delete stray `*.partial` temp files of a killed writer in these chunks, or fsync the chunks."""
+        dirs = set()
+        for name in names:
+            for f in self._unit_chunk_files(name, view, shard):
+                if not sync:
+                    for stray in f.parent.glob(f"{f.name}.*.partial"):
+                        stray.unlink(missing_ok=True)
+                elif f.exists():  # an all-fill-value chunk is not stored
+                    _fsync_path(f)
+                    dirs.add(f.parent)
+        for d in dirs:
+            _fsync_path(d)
+
+    def write_valid(self, shard: int, valid: np.ndarray) -> None:
+        """valid[rows of shard] (whole chunks of this shard only); call before any unit of the shard is marked done."""
+        start, stop = self.shard_range(shard)
+        self._clean_and_sync(["valid"], 0, shard, sync=False)
+        self.array("valid")[start:stop] = np.asarray(valid, dtype=bool)
+        self._clean_and_sync(["valid"], 0, shard, sync=True)
+        self._valid = None
+
+    def write_unit(self, view: int, shard: int, *, view_params: np.ndarray, probs: np.ndarray | None = None,
+                   topk_indices: np.ndarray | None = None, topk_probs: np.ndarray | None = None,
+                   embeddings: np.ndarray | None = None) -> None:
+        """Write and fsync all data of unit (view, shard): rows of the shard, whole chunks; then mark it done."""
+        if self.mode != "r+":
+            raise CacheError(f"{self.path} is open read-only")
+        start, stop = self.shard_range(shard)
+        data = {"view_params": np.asarray(view_params, dtype=np.int32)}
+        if self.topk is None:
+            data["probs"] = np.asarray(probs, dtype=np.float16)
+        else:
+            data["topk_indices"] = np.asarray(topk_indices, dtype=np.int32)
+            data["topk_probs"] = np.asarray(topk_probs, dtype=np.float16)
+        if self.attrs["store_embeddings"]:
+            data["embeddings"] = np.asarray(embeddings, dtype=np.float16)
+        for name, values in data.items():
+            if values.shape[0] != stop - start:
+                raise ValueError(f"{name} for shard {shard} has {values.shape[0]} rows, expected {stop - start}")
+        self._clean_and_sync(list(data), view, shard, sync=False)
+        for name, values in data.items():
+            self.array(name)[view, start:stop] = values
+        self._clean_and_sync(list(data), view, shard, sync=True)
+        # the completion flag goes last, in its own chunk, and is itself made durable
+        self.array("done")[view, shard] = 1
+        self._fsync_done(view, shard)
+        if self._done is not None:
+            self._done[view, shard] = True
+
+    def _fsync_done(self, view: int, shard: int) -> None:
+        f = self.path / "done" / self.array("done").metadata.encode_chunk_key((view, shard))
+        _fsync_path(f)
+        _fsync_path(f.parent)
+
+    def finalize(self) -> bool:
+        """Set attribute complete=True if every unit is done; returns whether the cache is complete."""
+        self.refresh()
+        if not self.done.all():
+            return False
+        if not self.group.attrs.get("complete", False):
+            self.group.attrs.update({"complete": True})
+            _fsync_path(self.path / "zarr.json")
+            self.attrs["complete"] = True
+        return True
+
+
+def densify_topk(indices: np.ndarray, values: np.ndarray, num_classes: int) -> np.ndarray:
+    """(n, K) top-k indices/probs -> (n, C): top-k kept, remainder 1 - sum spread uniformly over the rest."""
+    rest = num_classes - values.shape[1]
+    remainder = np.clip(1.0 - values.sum(axis=1, keepdims=True), 0.0, None)  # (n, 1); NaN rows stay NaN
+    fill = remainder / rest if rest > 0 else np.zeros_like(remainder)
+    dense = np.repeat(fill, num_classes, axis=1).astype(np.float32)  # (n, C)
+    rows = np.flatnonzero(~np.isnan(values).any(axis=1))  # invalid samples keep their NaN row
+    dense[rows[:, None], indices[rows]] = values[rows]
+    return dense
+
+
+def retemper(p: np.ndarray, power: float) -> np.ndarray:
+    """p' = p^power / sum (exact re-tempering of softmax(l / eta) to softmax(l / eta'), power = eta / eta')."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logp = np.log(p.astype(np.float64)) * power  # (n, C), -inf where p == 0
+        logp -= np.nanmax(np.where(np.isfinite(logp), logp, -np.inf), axis=1, keepdims=True)
+        q = np.exp(logp)
+        q /= q.sum(axis=1, keepdims=True)
+    return q.astype(np.float32)
+
+
+def _where(e: jsonschema.ValidationError) -> str:
+    return "/".join(str(p) for p in e.absolute_path) or "(top level)"
+
+
+def _short(v) -> str:
+    s = json.dumps(v, sort_keys=True)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _check_layout(path: Path, group, attrs: dict) -> None:
+    """Every array of the schema's table exists with its dtype, shape and chunks."""
+    expected = _expected_arrays(attrs)
+    present = set(group.array_keys())
+    for name, spec in expected.items():
+        if name not in present:
+            raise CacheError(f"{path}: array {name!r} required by cache schema v{attrs['schema_version']} is missing; rebuild the cache")
+        arr = group[name]
+        dtype = arr.metadata.data_type.to_json(zarr_format=3)
+        dims = "(" + ", ".join(map(str, spec["symbols"])) + ")"
+        if dtype != spec["dtype"] or tuple(arr.shape) != spec["shape"] or tuple(arr.chunks) != spec["chunks"]:
+            raise CacheError(
+                f"{path}: array {name!r} is {dtype} {tuple(arr.shape)} in chunks {tuple(arr.chunks)}, but schema "
+                f"v{attrs['schema_version']} requires {spec['dtype']} {dims} = {spec['shape']} in chunks {spec['chunks']}; rebuild the cache"
+            )
+    extra = present - set(expected)
+    if extra:
+        raise CacheError(f"{path}: unexpected arrays {sorted(extra)} for these attributes (topk / store_embeddings); rebuild the cache")
+
+
+# ---------------------------------------------------------------------------------- cache-info
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of all files under `path`."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def summarize(path) -> dict:
+    """What `dho cache-info` prints: teacher, views, coverage, valid samples, size, teacher/label agreement."""
+    cache = TeacherCache.open(path)
+    a = cache.attrs
+    done = cache.done  # (V, S)
+    valid = cache.valid  # (N,)
+    labels = cache.labels  # (N,)
+    view = cache.num_views - 1 if a["center_view"] else 0
+    agree, counted = 0, 0
+    for s in np.flatnonzero(done[view]):
+        start, stop = cache.shard_range(int(s))
+        mask = valid[start:stop] & (labels[start:stop] >= 0)
+        if mask.any():
+            pred = cache.probs(view, start, stop).argmax(axis=1)
+            agree += int((pred[mask] == labels[start:stop][mask]).sum())
+            counted += int(mask.sum())
+    samples_done = int(sum(c for c, d in zip(cache.shard_counts, done.all(axis=0)) if d))
+    started = _shard_rows(cache, done.any(axis=0))  # (N,) rows of shards with any unit done
+    return {
+        "path": str(cache.path),
+        "schema_version": a["schema_version"],
+        "dho_version": a["dho_version"],
+        "created_at": a["created_at"],
+        "teacher": a["teacher"],
+        "precision": a["precision"],
+        "templates": a["templates"],
+        "preprocess": a["preprocess"],
+        "zeta": a["zeta"],
+        "eta": a["eta"],
+        "num_views": cache.num_views,
+        "center_view": a["center_view"],
+        "seed": a["seed"],
+        "topk": a["topk"],
+        "store_embeddings": a["store_embeddings"],
+        "num_samples": cache.num_samples,
+        "num_classes": cache.num_classes,
+        "num_shards": len(cache.shard_counts),
+        "chunk_len": cache.chunk_len,
+        "units_done": int(done.sum()),
+        "units_total": int(done.size),
+        "samples_all_views_done": samples_done,
+        "valid_samples": int((valid & started).sum()),
+        "invalid_samples": int((~valid & started).sum()),
+        "complete": cache.is_complete(),
+        "size_bytes": disk_size(cache.path),
+        "agreement_view": view,
+        "agreement": agree / counted if counted else None,
+        "agreement_count": counted,
+    }
+
+
+def _shard_rows(cache: TeacherCache, shard_done: np.ndarray) -> np.ndarray:
+    rows = np.zeros(cache.num_samples, dtype=bool)
+    for s in np.flatnonzero(shard_done):
+        start, stop = cache.shard_range(int(s))
+        rows[start:stop] = True
+    return rows
+
+
+def format_summary(info: dict) -> str:
+    """Human-readable lines of `summarize` (the output of `dho cache-info`)."""
+    t, pp = info["teacher"], info["preprocess"]
+    storage = "dense probs (float16)" if info["topk"] is None else f"top-{info['topk']} (indices int32 + probs float16)"
+    if info["store_embeddings"]:
+        storage += " + embeddings"
+    views = f"{info['num_views']}" + (" (last = center view)" if info["center_view"] else "")
+    pct = 100.0 * info["units_done"] / info["units_total"]
+    if info["agreement"] is None:
+        agree = "n/a (no labeled samples computed)"
+    else:
+        which = "center view" if info["center_view"] else "view 0"
+        agree = f"{100.0 * info['agreement']:.2f}% on {info['agreement_count']} labeled valid samples ({which})"
+    lines = [
+        f"cache:      {info['path']} (schema v{info['schema_version']}, dho {info['dho_version']}, created {info['created_at']})",
+        f"teacher:    {t['model']} / {t['pretrained']} (weights sha256 {t['weights_sha256'][:16]}...), precision {info['precision']}",
+        f"classifier: {len(info['templates'])} templates, zeta={info['zeta']} (logit scale {1.0 / info['zeta']:g}), eta={info['eta']}",
+        f"preprocess: {pp['image_size']}px {pp['interpolation']} resize_mode={pp['resize_mode']} mean={pp['mean']} std={pp['std']} ({pp['source']})",
+        f"views:      {views}, seed {info['seed']}; storage: {storage}",
+        f"data:       {info['num_samples']} samples, {info['num_classes']} classes, {info['num_shards']} shards, chunk length {info['chunk_len']}",
+        f"coverage:   {info['units_done']}/{info['units_total']} units done ({pct:.1f}%), complete: {'yes' if info['complete'] else 'no'}",
+        f"samples:    {info['samples_all_views_done']}/{info['num_samples']} with all views done, "
+        f"{info['valid_samples']} valid, {info['invalid_samples']} invalid (unreadable, NaN rows)",
+        f"size:       {info['size_bytes'] / 2**20:.2f} MiB on disk",
+        f"agreement:  teacher top-1 vs labels {agree}",
+    ]
+    return "\n".join(lines)

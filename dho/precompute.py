@@ -1,0 +1,382 @@
+"""Stage 1: run the teacher once over V augmented views of every sample into a teacher cache.
+
+`precompute(dataset, out, ...)` reads top to bottom:
+  1. ranks: torchrun (RANK / WORLD_SIZE / LOCAL_RANK env; gloo on CPU, nccl on CUDA) or explicit
+     `rank` / `world_size` (job arrays, no process group); a single process otherwise;
+  2. the dataset and the teacher (`dho.teacher.load_teacher`) with its zero-shot text classifier;
+  3. the store (`dho.cache.TeacherCache`): created with every attribute, keys, labels and the text
+     classifier before any unit is written (torchrun: rank 0 creates, barrier, others open; job
+     arrays: every rank tries an atomic create and the losers open the winner's store). An existing
+     store built with other parameters is an error, never a mix;
+  4. work: units are (view, dataset shard); ranks own whole shards (`data.assign_shards`) and skip
+     shards whose units are all done. DataLoader workers decode each image once and replay all its
+     views (`data.view_params` boxes, or `data.center_view_params` for the optional last center
+     view) with `data.replay_view` at the teacher's size / interpolation / mean / std. Batches never
+     cross shards and are formed the same way on every run (shard, batch size, views), so a resumed
+     or multi-rank run computes bit-identical numbers on the same hardware (a partly done shard is
+     recomputed whole). Each worker takes whole shards: more workers than this rank's shards idle;
+  5. the teacher runs batched under torch.inference_mode and autocast (`precision`); per sample and
+     view p = softmax(cos(f_X(x), w_c) / (zeta * eta)) (Eq. 1 with the KD temperature). One batch
+     is in flight: while the device runs batch k, the host scatters batch k-1 and writes shards;
+  6. when a shard's rows are all in, each of its pending units is written as whole chunks, fsynced,
+     then marked done; whichever process finds every unit done sets `complete=True`.
+
+Precision: `auto` = bf16 autocast on CUDA, fp32 on CPU (CPU bf16 autocast works but is rarely
+faster and costs accuracy). Unreadable images raise DatasetError naming shard and key; with
+`skip_bad` they are recorded as invalid (see dho/cache.py for how readers see them).
+
+Test-only hook: env DHO_TEST_SLOW_UNITS=SECONDS sleeps after every written unit, so tests can
+SIGKILL a run between units. Never set it otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from dho import data
+from dho.cache import TeacherCache, chunk_length
+from dho.errors import ConfigError, DatasetError
+from dho.teacher import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_TEMPLATES, DEFAULT_ZETA, load_teacher, resolve_device
+
+DEFAULT_VIEWS = 10  # augmented views per sample, each replayable by distill from its stored box
+DEFAULT_ETA = 2.0  # KD temperature of the paper (Alg. 1)
+DEFAULT_BATCH_SIZE = 64  # images (sample-views) per teacher forward
+DEFAULT_WORKERS = 4  # DataLoader processes decoding and cropping
+
+
+def _setup_ranks(rank: int | None, world_size: int | None, device: torch.device) -> tuple[int, int, str, torch.device]:
+    """(rank, world_size, process group: "" none / "joined" existing / "own" created here, device of this rank)."""
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise ConfigError("give both --rank and --world-size (job arrays), or neither")
+        if env_world > 1:
+            raise ConfigError("--rank/--world-size are for job arrays; under torchrun the ranks come from the environment")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"--rank {rank} is not in [0, --world-size {world_size})")
+        return rank, world_size, "", device
+    dist = torch.distributed
+    if env_world > 1 or (dist.is_available() and dist.is_initialized()):
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        group = "joined"
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            group = "own"
+        return dist.get_rank(), dist.get_world_size(), group, device
+    return 0, 1, "", device
+
+
+class _ShardBatches(torch.utils.data.IterableDataset):
+    """Teacher input batches: `samples_per_batch` consecutive samples of one shard, all views each.
+
+    Runs in DataLoader workers (each takes whole shards through data.OrderedReader). Every image
+    is decoded once; an unreadable one yields zero images, -1 params, valid=False and its error.
+    """
+
+    def __init__(self, ds, shards: list[int], num_views: int, center_view: bool, seed: int, preprocess: dict,
+                 samples_per_batch: int):
+        super().__init__()
+        self.ds, self.shards = ds, shards
+        self.num_views, self.center_view, self.seed = num_views, center_view, seed
+        self.pp = preprocess
+        self.samples_per_batch = samples_per_batch
+
+    def __iter__(self):
+        reader = data.OrderedReader(self.ds, rank=0, world_size=1, shards=self.shards, decode=False)
+        buf = []
+        for sample in reader:
+            if buf and (sample.shard != buf[0].shard or len(buf) == self.samples_per_batch):
+                yield self._batch(buf)
+                buf = []
+            buf.append(sample)
+        if buf:
+            yield self._batch(buf)
+
+    def _batch(self, samples: list) -> dict:
+        pp, n = self.pp, len(samples)
+        total = self.num_views + int(self.center_view)
+        size = pp["image_size"]
+        images = torch.zeros(n, total, 3, size, size)  # (b, V', 3, S, S)
+        params = torch.full((n, total, 5), -1, dtype=torch.int32)  # (b, V', 5)
+        valid = torch.ones(n, dtype=torch.bool)
+        errors = []
+        for i, s in enumerate(samples):
+            where = f"shard {s.shard} ({self.ds.shards[s.shard].path.name}) key {s.key!r}"
+            try:
+                image = data.decode_image(s.data, s.ext, where)
+            except DatasetError as e:
+                valid[i] = False
+                errors.append(str(e))
+                continue
+            w, h = image.size
+            for v in range(total):
+                if v == self.num_views:  # the evaluation view, last
+                    box = data.center_view_params(w, h, pp["resize_mode"])
+                else:
+                    box = data.view_params(s.key, v, self.seed, w, h)
+                params[i, v] = torch.tensor([int(b) for b in box], dtype=torch.int32)
+                images[i, v] = data.replay_view(image, box, size, pp["interpolation"], pp["mean"], pp["std"])
+        return {
+            "images": images.view(n * total, 3, size, size),  # (b * V', 3, S, S), sample-major
+            "shard": samples[0].shard,
+            "rows": torch.tensor([s.index for s in samples], dtype=torch.int64),  # (b,) global rows
+            "params": params,
+            "valid": valid,
+            "errors": errors,
+        }
+
+
+class _Progress:
+    """Images done, rate and ETA: a live line on a TTY, plain periodic lines otherwise."""
+
+    def __init__(self, total: int, prefix: str, every_s: float):
+        self.total, self.prefix, self.every_s = total, prefix, every_s
+        self.done, self.t0, self.last = 0, time.time(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n: int, final: bool = False) -> None:
+        self.done += n
+        now = time.time()
+        if not final and now - self.last < (0.5 if self.tty else self.every_s):
+            return
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        eta = datetime.timedelta(seconds=round((self.total - self.done) / rate)) if rate > 0 else "?"
+        pct = 100.0 * self.done / max(self.total, 1)
+        line = f"{self.prefix}: {self.done}/{self.total} images ({pct:.1f}%), {rate:.1f} images/s, ETA {eta}"
+        if self.tty:
+            print("\r" + line, end="\n" if final else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+def _run_teacher(teacher, images: torch.Tensor, zeta: float, eta: float, topk: int | None,
+                 store_embeddings: bool) -> tuple[dict, object]:
+    """Enqueue the teacher on one batch (B = b * V' images) and start copying its results to the host.
+
+    Returns ({name: (B, X) host tensor}, a CUDA event to wait on, or None on CPU). Per image:
+    p = softmax(cos(f_X(x), w_c) / (zeta * eta)) (Eq. 1 at the KD temperature), float16.
+    """
+    emb = teacher.encode_images(images)  # (B, D) float32, unit norm
+    p = torch.softmax(teacher.logits(emb, zeta) / eta, dim=-1)  # (B, C)
+    out = {}
+    if topk is None:
+        out["probs"] = p.to(torch.float16)
+    else:
+        values, indices = torch.topk(p, topk, dim=-1)  # (B, K) each, largest first
+        out["probs"], out["topk_indices"] = values.to(torch.float16), indices.to(torch.int32)
+    if store_embeddings:
+        out["embeddings"] = emb.to(torch.float16)  # (B, D)
+    if teacher.device.type != "cuda":
+        return out, None
+    out = {k: v.to("cpu", non_blocking=True) for k, v in out.items()}
+    ready = torch.cuda.Event()
+    ready.record()
+    return out, ready
+
+
+def precompute(
+    dataset,
+    out,
+    *,
+    model: str = DEFAULT_MODEL,
+    pretrained: str = DEFAULT_PRETRAINED,
+    templates: str | list[str] = DEFAULT_TEMPLATES,
+    views: int = DEFAULT_VIEWS,
+    center_view: bool = False,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    precision: str = "auto",
+    device: str = "auto",
+    workers: int = DEFAULT_WORKERS,
+    store_embeddings: bool = False,
+    topk: int | None = None,
+    eta: float = DEFAULT_ETA,
+    zeta: float = DEFAULT_ZETA,
+    rank: int | None = None,
+    world_size: int | None = None,
+    skip_bad: bool = False,
+    image_size: int | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    interpolation: str | None = None,
+    resize_mode: str | None = None,
+    progress_every_s: float = 30.0,
+    stats: dict | None = None,
+) -> TeacherCache:
+    """Fill (or resume) the teacher cache `out` for `dataset`; returns it opened read-only.
+
+    `stats`, if given, is filled with this rank's timing: images (sample-views) computed,
+    setup_s (teacher + store), loop_s (decode -> teacher -> writes) and first_batch_s (worker
+    start-up until the first batch arrives, part of loop_s), for bench/.
+    """
+    t_start = time.time()
+    if views < 1:
+        raise ConfigError(f"--views must be >= 1, got {views}")
+    if batch_size < 1 or workers < 0:
+        raise ConfigError(f"--batch-size must be >= 1 and --workers >= 0 (got {batch_size}, {workers})")
+    if eta <= 0 or zeta <= 0:
+        raise ConfigError(f"--eta and --zeta must be > 0 (got {eta}, {zeta})")
+    dev = resolve_device(device)
+    rank, world_size, distributed, dev = _setup_ranks(rank, world_size, dev)
+    log = (lambda msg: print(f"precompute-teacher [rank {rank}/{world_size}]: {msg}", file=sys.stderr, flush=True))
+
+    # ---- data and teacher
+    ds = data.Dataset.open(dataset)
+    if topk is not None and not 1 <= topk < ds.num_classes:
+        raise ConfigError(f"--topk {topk} must be in [1, {ds.num_classes - 1}] for {ds.num_classes} classes (or leave it out: dense)")
+    teacher = load_teacher(
+        model, pretrained, dev, precision, classnames=ds.classnames, templates=templates, image_size=image_size,
+        mean=mean, std=std, interpolation=interpolation, resize_mode=resize_mode, verbose=rank == 0,
+    )
+    pp = teacher.preprocess
+    if center_view and pp["resize_mode"] not in ("squash", "shortest"):
+        raise ConfigError(f"--center-view needs resize mode squash or shortest, the teacher uses {pp['resize_mode']!r}; pass --resize-mode")
+
+    # ---- the store: fully created before any unit is written
+    total_views = views + int(center_view)
+    attrs = {
+        "dataset_fingerprint": ds.fingerprint,
+        "num_samples": ds.num_samples,
+        "classnames": list(ds.classnames),
+        "num_views": total_views,
+        "center_view": bool(center_view),
+        "seed": int(seed),
+        "zeta": float(zeta),
+        "eta": float(eta),
+        "teacher": dict(teacher.identity),
+        "templates": list(teacher.templates),
+        "preprocess": dict(pp),
+        "precision": teacher.precision,
+        "topk": topk,
+        "store_embeddings": bool(store_embeddings),
+        "embed_dim": teacher.embed_dim,
+        "shard_counts": [s.count for s in ds.shards],
+        "chunk_len": chunk_length([s.count for s in ds.shards]),
+    }
+    create = dict(attrs=attrs, keys=ds.keys, labels=ds.labels, text_classifier=teacher.text_classifier.cpu().numpy(), dataset=ds)
+    if distributed:
+        if rank == 0:
+            cache = TeacherCache.create_or_open(out, **create)
+        torch.distributed.barrier()
+        if rank != 0:
+            cache = TeacherCache.open(out, dataset=ds, mode="r+")
+            cache.check_params(attrs)
+    else:
+        cache = TeacherCache.create_or_open(out, **create)
+
+    # ---- this rank's work: whole shards with any unit not done
+    mine = data.assign_shards(len(ds.shards), rank, world_size)
+    todo = [s for s in mine if not cache.done[:, s].all()]
+    total_images = sum(ds.shards[s].count for s in todo) * total_views
+    log(
+        f"teacher {teacher.identity['model']} / {teacher.identity['pretrained']} on {dev} ({teacher.precision}); "
+        f"{total_views} views; {len(todo)} of my {len(mine)} shards to do ({len(ds.shards)} in all)"
+    )
+    samples_per_batch = max(1, batch_size // total_views)
+    loader = torch.utils.data.DataLoader(
+        _ShardBatches(ds, todo, views, center_view, seed, pp, samples_per_batch),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=dev.type == "cuda",
+    )
+    progress = _Progress(total_images, f"precompute-teacher [rank {rank}/{world_size}]", progress_every_s)
+    slow_units = float(os.environ.get("DHO_TEST_SLOW_UNITS", "0"))  # test-only hook, see module docstring
+    buffers: dict[int, dict] = {}
+    C, D = ds.num_classes, teacher.embed_dim
+    t_loop = t_first = time.time()
+
+    def collect(batch: dict, results: dict, ready) -> None:
+        """Scatter one batch's teacher results into its shard's buffer; write the shard's units once full."""
+        if ready is not None:
+            ready.synchronize()  # the non-blocking copies to the host have landed
+        s = int(batch["shard"])
+        n, start = ds.shards[s].count, ds.shards[s].offset
+        if s not in buffers:  # rows of shard s for every view; NaN / -1 stay for invalid samples
+            buffers[s] = {
+                "probs": np.full((total_views, n, topk or C), np.nan, dtype=np.float16),
+                "topk_indices": np.full((total_views, n, topk), -1, dtype=np.int32) if topk else None,
+                "embeddings": np.full((total_views, n, D), np.nan, dtype=np.float16) if store_embeddings else None,
+                "params": np.full((total_views, n, 5), -1, dtype=np.int32),
+                "valid": np.zeros(n, dtype=bool),
+                "filled": 0,
+            }
+        buf = buffers[s]
+        b = len(batch["rows"])
+        pos = (batch["rows"] - start).numpy()  # (b,) rows inside the shard
+        ok = batch["valid"].numpy()  # (b,)
+        for name, values in results.items():  # (b * V', X) sample-major -> (V', b, X)
+            values = values.view(b, total_views, -1).transpose(0, 1).numpy()
+            buf[name][:, pos[ok]] = values[:, ok]
+        buf["params"][:, pos] = batch["params"].numpy().transpose(1, 0, 2)  # (V', b, 5)
+        buf["valid"][pos] = ok
+        buf["filled"] += b
+        progress.update(b * total_views)
+        if buf["filled"] < n:
+            return
+        # every row of shard s is in: write its pending units (whole chunks, fsynced, then done)
+        cache.write_valid(s, buf["valid"])
+        for v in range(total_views):
+            if cache.done[v, s]:
+                continue
+            cache.write_unit(
+                v, s,
+                view_params=buf["params"][v],
+                probs=buf["probs"][v] if topk is None else None,
+                topk_indices=buf["topk_indices"][v] if topk is not None else None,
+                topk_probs=buf["probs"][v] if topk is not None else None,
+                embeddings=buf["embeddings"][v] if store_embeddings else None,
+            )
+            if slow_units:
+                time.sleep(slow_units)
+        del buffers[s]
+
+    # One batch in flight: while the device runs batch k, the host collects and writes batch k-1.
+    in_flight = None
+    with torch.inference_mode():
+        for batch in loader:
+            if progress.done == 0 and in_flight is None:
+                t_first = time.time()
+            if batch["errors"] and not skip_bad:
+                if in_flight is not None:
+                    collect(*in_flight)
+                raise DatasetError(
+                    f"{batch['errors'][0]}; or pass --skip-bad to `dho precompute-teacher` to record it as invalid"
+                )
+            launched = (batch, *_run_teacher(teacher, batch["images"], zeta, eta, topk, store_embeddings))
+            if in_flight is not None:
+                collect(*in_flight)
+            in_flight = launched
+        if in_flight is not None:
+            collect(*in_flight)
+    progress.update(0, final=True)
+    if stats is not None:
+        stats.update(images=progress.done, setup_s=t_loop - t_start, loop_s=time.time() - t_loop, first_batch_s=t_first - t_loop)
+    if buffers:  # a shard that yielded fewer rows than its manifest count (iter_shard checks this too)
+        s = next(iter(buffers))
+        raise DatasetError(f"shard {s} ({ds.shards[s].path}) ended after {buffers[s]['filled']} of {ds.shards[s].count} samples")
+
+    # ---- finalisation: rank 0 after a barrier (torchrun), else whichever process sees every unit done
+    if distributed:
+        torch.distributed.barrier()
+    if not distributed or rank == 0:
+        if cache.finalize():
+            log(f"complete: {int(cache.done.sum())}/{cache.done.size} units -> {out}")
+        else:
+            log(
+                f"my units are done; {int(cache.done.sum())}/{cache.done.size} units overall. The last process to "
+                "finish (or a rerun of the same command) marks the cache complete"
+            )
+    if distributed:
+        torch.distributed.barrier()  # nobody returns before rank 0 has finalised
+    if distributed == "own":
+        torch.distributed.destroy_process_group()
+    return TeacherCache.open(out, dataset=ds)

@@ -1,0 +1,219 @@
+"""dho.cache: layout, schema checks, unit writes, readers (dense, top-k, re-tempering), mismatches."""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from helpers_data import make_image_folder
+
+import cache_schemas
+from dho import data
+from dho.cache import TeacherCache, chunk_length, densify_topk, retemper
+from dho.errors import CacheError
+
+README = Path(cache_schemas.__file__).parent / "README.md"
+
+
+def _attrs(ds, views=2, topk=None, store_embeddings=False, eta=2.0, D=4) -> dict:
+    counts = [s.count for s in ds.shards]
+    return {
+        "dataset_fingerprint": ds.fingerprint, "num_samples": ds.num_samples, "classnames": list(ds.classnames),
+        "num_views": views, "center_view": False, "seed": 0, "zeta": 0.01, "eta": eta,
+        "teacher": {"model": "m", "pretrained": "none", "weights_sha256": "a" * 64, "model_config_sha256": "b" * 64},
+        "templates": ["a photo of a {}."],
+        "preprocess": {"image_size": 32, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
+                       "resize_mode": "squash", "source": "test"},
+        "precision": "fp32", "topk": topk, "store_embeddings": store_embeddings, "embed_dim": D,
+        "shard_counts": counts, "chunk_len": chunk_length(counts),
+    }
+
+
+def _create(path, ds, **kw) -> TeacherCache:
+    tc = np.eye(ds.num_classes, 4, dtype=np.float32)
+    return TeacherCache.create_or_open(path, _attrs(ds, **kw), ds.keys, ds.labels, tc, dataset=ds)
+
+
+def _logits(rng, n, c):
+    return rng.normal(size=(n, c)) * 3.0
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_chunk_length_makes_every_shard_whole_chunks():
+    assert chunk_length([5, 5, 5, 5, 4]) == 5  # prepare's layout: one chunk per shard, last partial
+    assert chunk_length([1000, 1000, 167]) == 1000
+    assert chunk_length([4, 6, 8]) == 2
+    assert chunk_length([7]) == 7
+    for counts in ([4, 6, 8], [6, 9, 3, 5], [5, 5, 5, 5, 4]):
+        L = chunk_length(counts)
+        assert all(off % L == 0 for off in np.cumsum([0] + counts[:-1]))
+
+
+def test_units_roundtrip_with_plain_zarr_and_done_guard(tmp_path, tiny_dataset):
+    ds = tiny_dataset  # 24 samples in shards of 5, 5, 5, 5, 4; 3 classes
+    cache = _create(tmp_path / "c.zarr", ds, store_embeddings=True)
+    rng = np.random.default_rng(0)
+    p = _softmax(_logits(rng, 5, 3)).astype(np.float16)  # (5, C)
+    vp = np.arange(25, dtype=np.int32).reshape(5, 5)
+    emb = rng.normal(size=(5, 4)).astype(np.float16)
+    cache.write_valid(1, np.array([True, True, False, True, True]))
+    cache.write_unit(0, 1, view_params=vp, probs=p, embeddings=emb)
+    assert cache.done.tolist() == [[False, True, False, False, False], [False] * 5]
+    np.testing.assert_array_equal(cache.probs(0, 5, 10), p.astype(np.float32))
+    np.testing.assert_array_equal(cache.view_params(0, 5, 10), vp)
+    np.testing.assert_array_equal(cache.embeddings(0, 5, 10), emb.astype(np.float32))
+    assert cache.valid[5:10].tolist() == [True, True, False, True, True] and not cache.valid[:5].any()
+    with pytest.raises(CacheError, match="view 1 of shard 1 .* not computed yet; re-run"):
+        cache.probs(1, 5, 10)
+    with pytest.raises(CacheError, match="view 0 of shard 2"):
+        cache.probs(0, 8, 12)
+    # the store is plain Zarr v3: one chunk per (view, shard) unit, done flags in their own chunks
+    g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    assert g["probs"].chunks == (1, 5, 3) and g["done"].chunks == (1, 1)
+    assert list(g["keys"][:]) == ds.keys and g["labels"][:].tolist() == ds.labels.tolist()
+    assert (tmp_path / "c.zarr" / "probs" / "c" / "0" / "1" / "0").is_file()
+    assert sorted(p.name for p in (tmp_path / "c.zarr" / "done" / "c" / "0").iterdir()) == ["1"]
+    assert not cache.finalize() and "complete" not in g.attrs
+
+
+def test_finalize_and_stray_partial_files(tmp_path, tiny_dataset):
+    ds = tiny_dataset
+    cache = _create(tmp_path / "c.zarr", ds, views=1)
+    chunk = tmp_path / "c.zarr" / "probs" / "c" / "0" / "4" / "0"
+    chunk.parent.mkdir(parents=True)
+    stray = chunk.parent / "0.deadbeef.partial"  # what a writer killed mid-write leaves behind
+    stray.write_bytes(b"junk")
+    for s in range(5):
+        n = ds.shards[s].count
+        cache.write_valid(s, np.ones(n, bool))
+        cache.write_unit(0, s, view_params=np.zeros((n, 5), np.int32), probs=np.full((n, 3), 1 / 3, np.float16))
+    assert not stray.exists() and chunk.is_file()
+    assert cache.finalize() and cache.is_complete()
+    reopened = TeacherCache.open(tmp_path / "c.zarr", dataset=ds)
+    assert reopened.is_complete() and reopened.attrs["complete"] is True
+
+
+def test_topk_densify_and_exact_retempering(tmp_path, tiny_dataset):
+    rng = np.random.default_rng(1)
+    logits = _logits(rng, 6, 5)
+    p = _softmax(logits / 2.0)  # stored at eta = 2
+    # re-tempering p^(eta/eta') / sum == softmax(logits / eta')
+    np.testing.assert_allclose(retemper(p, 2.0 / 0.5), _softmax(logits / 0.5), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(retemper(p, 2.0 / 4.0), _softmax(logits / 4.0), rtol=1e-5, atol=1e-7)
+    # top-2 of 5 classes: remainder spread uniformly over the 3 others
+    idx = np.argsort(-p, axis=1)[:, :2]
+    val = np.take_along_axis(p, idx, axis=1).astype(np.float32)
+    dense = densify_topk(idx, val, 5)
+    np.testing.assert_allclose(dense.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(np.take_along_axis(dense, idx, axis=1), val)
+    rest = np.ones_like(p, bool)
+    np.put_along_axis(rest, idx, False, axis=1)
+    np.testing.assert_allclose(dense[rest].reshape(6, 3), ((1 - val.sum(1)) / 3)[:, None].repeat(3, 1), rtol=1e-6)
+    nan_row = densify_topk(np.array([[-1, -1]]), np.full((1, 2), np.nan, np.float32), 5)
+    assert np.isnan(nan_row).all()
+
+    # through the store: a top-2 cache read back densified and re-tempered
+    ds = tiny_dataset
+    cache = _create(tmp_path / "k.zarr", ds, views=1, topk=2)
+    assert "probs" not in cache.group and cache.group["topk_probs"].shape == (1, 24, 2)
+    n = ds.shards[0].count
+    lg = _logits(rng, n, 3)
+    pp = _softmax(lg / 2.0)
+    top = np.argsort(-pp, axis=1)[:, :2]
+    cache.write_valid(0, np.ones(n, bool))
+    cache.write_unit(0, 0, view_params=np.zeros((n, 5), np.int32), topk_indices=top,
+                     topk_probs=np.take_along_axis(pp, top, axis=1))
+    got = cache.probs(0, 0, n)
+    np.testing.assert_allclose(got, pp, atol=2e-3)  # with C - K = 1 the remainder is the 3rd class
+    np.testing.assert_allclose(cache.probs(0, 0, n, eta=1.0), _softmax(lg / 1.0), atol=5e-3)
+
+
+def test_schema_checked_on_every_open(tmp_path, tiny_dataset):
+    path = tmp_path / "c.zarr"
+    _create(path, tiny_dataset)
+    g = zarr.open_group(str(path), mode="r+")
+    g.attrs.update({"schema_version": 2})
+    with pytest.raises(CacheError, match="cache schema version 2, but dho .* reads version\\(s\\) 1"):
+        TeacherCache.open(path)
+    g.attrs.update({"schema_version": 1, "eta": -1})
+    with pytest.raises(CacheError, match="do not match cache schema v1 at eta"):
+        TeacherCache.open(path)
+    g.attrs.update({"eta": 2.0, "chunk_len": 3})
+    with pytest.raises(CacheError, match="array 'probs' .* chunks \\(1, 5, 3\\), but schema v1 requires .* chunks \\(1, 3, 3\\)"):
+        TeacherCache.open(path)
+    g.attrs.update({"chunk_len": 5, "schema": "something-else"})
+    with pytest.raises(CacheError, match="not a dho teacher cache"):
+        TeacherCache.open(path)
+    with pytest.raises(CacheError, match="no teacher cache here"):
+        TeacherCache.open(tmp_path / "nothing.zarr")
+
+
+def test_other_dataset_or_parameters_are_refused(tmp_path, tiny_dataset):
+    path = tmp_path / "c.zarr"
+    _create(path, tiny_dataset)
+    # another class list
+    other_src = make_image_folder(tmp_path / "imgs4", num_classes=4, per_class=6)
+    other = data.prepare(other_src, tmp_path / "ds4", shard_size=5)
+    with pytest.raises(CacheError, match="does not belong to dataset .*another class list \\(3 classes in the cache, 4"):
+        TeacherCache.open(path, dataset=other)
+    # same classes, other samples
+    same_classes = data.prepare(make_image_folder(tmp_path / "imgs3", num_classes=3, per_class=7), tmp_path / "ds3", shard_size=5)
+    with pytest.raises(CacheError, match="24 samples in the cache, 21 in the dataset"):
+        TeacherCache.open(path, dataset=same_classes)
+    # rerun with other settings on the same store: refused with every difference listed
+    changed = dict(_attrs(tiny_dataset), num_views=3, seed=1)
+    with pytest.raises(CacheError, match="other parameters \\(num_views: 2 in the cache vs 3 now; seed: 0 in the cache vs 1 now\\)"):
+        TeacherCache.create_or_open(path, changed, tiny_dataset.keys, tiny_dataset.labels, np.zeros((3, 4), np.float32))
+    # the same settings (another preprocess `source` wording is fine) reopen for writing
+    same = _attrs(tiny_dataset)
+    same["preprocess"] = dict(same["preprocess"], source="said differently")
+    assert TeacherCache.create_or_open(path, same, tiny_dataset.keys, tiny_dataset.labels, np.zeros((3, 4), np.float32)).mode == "r+"
+
+
+def test_concurrent_creation_is_race_safe(tmp_path, tiny_dataset):
+    path = tmp_path / "c.zarr"
+    with ThreadPoolExecutor(4) as pool:
+        caches = list(pool.map(lambda _: _create(path, tiny_dataset), range(4)))
+    assert all(c.attrs["created_at"] == caches[0].attrs["created_at"] for c in caches)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.zarr"]  # no temporary folders left
+    assert TeacherCache.open(path, dataset=tiny_dataset).keys == tiny_dataset.keys
+
+
+def _readme_tables() -> tuple[dict, set]:
+    arrays, attrs, section = {}, set(), None
+    for line in README.read_text().splitlines():
+        if line.startswith("## "):
+            section = line[3:].split()[0].lower()
+        m = re.match(r"\| `(\w+)` \| ([^|]+) \| ([^|]+) \|", line)
+        if m and section == "arrays":
+            arrays[m.group(1)] = (m.group(2).strip(), m.group(3).strip())
+        elif m and section == "attributes":
+            attrs.add(m.group(1))
+    return arrays, attrs
+
+
+def test_readme_and_json_schema_document_the_same_layout(tmp_path, tiny_dataset):
+    arrays, attrs = _readme_tables()
+    schema = cache_schemas.load_schema(1)
+    assert set(attrs) == set(schema["properties"])
+    table = schema["x-dho-arrays"]
+    assert set(arrays) == set(table)
+    for name, (shape, dtype) in arrays.items():
+        assert dtype == table[name]["dtype"], name
+        assert shape == "(" + ", ".join(map(str, table[name]["shape"])) + ("," if len(table[name]["shape"]) == 1 else "") + ")", name
+    # and a real store has exactly those arrays and attributes
+    cache = _create(tmp_path / "c.zarr", tiny_dataset, store_embeddings=True)
+    assert cache.finalize() is False
+    g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    assert set(g.array_keys()) == set(arrays) - {"topk_indices", "topk_probs"}
+    assert set(g.attrs) == attrs - {"complete"}
+    assert json.loads((tmp_path / "c.zarr" / "zarr.json").read_text())["attributes"]["schema"] == "dho-teacher-cache"

@@ -1,0 +1,132 @@
+"""dho.teacher: loading by config file / checkpoint / local-dir / none, preprocessing, text classifier."""
+
+from __future__ import annotations
+
+import hashlib
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from fixtures_models import (  # noqa: F401
+    LOCAL_DIR_PREPROCESS,
+    TINY_CLIP_NAME,
+    tiny_clip_config,
+    tiny_teacher_ckpt,
+    tiny_teacher_local_dir,
+)
+
+from dho.errors import ConfigError
+from dho.teacher import TIP_ADAPTER_TEMPLATES, load_teacher, resolve_templates
+
+CLASSNAMES = ["red square", "green thing", "blue sky"]
+SPEC_TIP_ADAPTER = [
+    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+]
+
+
+def _reference_classifier(ckpt, templates):
+    """Zero-shot classifier computed with plain open_clip, independently of dho.teacher."""
+    model = open_clip.create_model(TINY_CLIP_NAME, pretrained=str(ckpt)).eval()
+    tok = open_clip.get_tokenizer(TINY_CLIP_NAME)
+    rows = []
+    with torch.no_grad():
+        for c in CLASSNAMES:
+            e = F.normalize(model.encode_text(tok([t.format(c) for t in templates])), dim=-1)  # (T, D)
+            rows.append(F.normalize(e.mean(0), dim=-1))
+    return model, torch.stack(rows)  # (C, D)
+
+
+def test_checkpoint_file_defaults_identity_and_classifier(tiny_clip_config, tiny_teacher_ckpt, capsys):
+    t = load_teacher(str(tiny_clip_config), str(tiny_teacher_ckpt), "cpu", "auto", classnames=CLASSNAMES)
+    # a bare checkpoint carries no preprocessing: open_clip's defaults are used, printed and recorded
+    assert t.preprocess == {
+        "image_size": 32, "interpolation": "bicubic", "mean": list(open_clip.OPENAI_DATASET_MEAN),
+        "std": list(open_clip.OPENAI_DATASET_STD), "resize_mode": "shortest",
+        "source": "open_clip defaults (the weights carry no preprocessing config)",
+    }
+    err = capsys.readouterr().err
+    assert "carries no preprocessing config" in err and "resize_mode=shortest" in err
+    assert t.precision == "fp32" and t.device.type == "cpu" and t.embed_dim == 32
+    assert t.identity == {
+        "model": "tiny-clip",
+        "pretrained": tiny_teacher_ckpt.name,
+        "weights_sha256": hashlib.sha256(tiny_teacher_ckpt.read_bytes()).hexdigest(),
+        "model_config_sha256": t.identity["model_config_sha256"],
+    }
+    assert t.templates == SPEC_TIP_ADAPTER
+    ref_model, ref_cls = _reference_classifier(tiny_teacher_ckpt, SPEC_TIP_ADAPTER)
+    assert t.text_classifier.shape == (3, 32)
+    torch.testing.assert_close(t.text_classifier, ref_cls, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(t.text_classifier.norm(dim=-1), torch.ones(3))
+    # images: normalised embeddings and logits cos / zeta
+    x = torch.randn(4, 3, 32, 32)
+    emb = t.encode_images(x)
+    with torch.no_grad():
+        ref_emb = F.normalize(ref_model.encode_image(x), dim=-1)
+    torch.testing.assert_close(emb, ref_emb, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(t.logits(emb, zeta=0.01), emb @ ref_cls.T * 100.0, atol=1e-4, rtol=1e-5)
+
+
+def test_local_dir_preprocessing_and_same_weights(tiny_teacher_local_dir, tiny_teacher_ckpt, tiny_clip_config):
+    t = load_teacher("ignored-model-name", f"local-dir:{tiny_teacher_local_dir}", "cpu", "fp32", classnames=CLASSNAMES)
+    assert {k: t.preprocess[k] for k in LOCAL_DIR_PREPROCESS} == LOCAL_DIR_PREPROCESS  # bilinear, squash, 0.5/0.25
+    assert t.preprocess["image_size"] == 32
+    assert "open_clip_config.json" in t.preprocess["source"]
+    assert t.identity["model"] == t.identity["pretrained"] == f"local-dir:{tiny_teacher_local_dir.name}"
+    from_file = load_teacher(str(tiny_clip_config), str(tiny_teacher_ckpt), "cpu", "fp32", classnames=CLASSNAMES)
+    torch.testing.assert_close(t.text_classifier, from_file.text_classifier)
+    assert t.identity["model_config_sha256"] == from_file.identity["model_config_sha256"]
+
+
+def test_overrides_and_seeded_random_init(tiny_clip_config):
+    a = load_teacher(str(tiny_clip_config), "none", "cpu", "fp32", image_size=48, mean=(0.1, 0.2, 0.3),
+                     interpolation="bilinear", resize_mode="squash", verbose=False)
+    assert a.preprocess["image_size"] == 48 and a.model.visual.image_size == (48, 48)
+    assert a.preprocess["mean"] == pytest.approx([0.1, 0.2, 0.3])
+    assert a.preprocess["std"] == pytest.approx(list(open_clip.OPENAI_DATASET_STD))
+    assert a.preprocess["source"].endswith("overridden: image_size, interpolation, mean, resize_mode")
+    assert a.encode_images(torch.randn(2, 3, 48, 48)).shape == (2, 32)
+    # `none` is a seeded random init: every process builds the same teacher, same fingerprint
+    b = load_teacher(str(tiny_clip_config), "none", "cpu", "fp32", verbose=False)
+    c = load_teacher(str(tiny_clip_config), "none", "cpu", "fp32", verbose=False)
+    assert b.identity == c.identity and b.identity["pretrained"] == "none"
+    for (k, v), (_, w) in zip(b.model.state_dict().items(), c.model.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_templates_builtin_file_and_errors(tmp_path):
+    assert resolve_templates("tip-adapter") == SPEC_TIP_ADAPTER == TIP_ADAPTER_TEMPLATES
+    openai = resolve_templates("openai")
+    assert len(openai) == 80 and openai[0] == "a bad photo of a {}."
+    assert openai == [t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES]
+    assert resolve_templates("simple") == ["a photo of a {}."]
+    f = tmp_path / "templates.txt"
+    f.write_text("a photo of a {}.\n\n  a sketch of the {}.  \n")
+    assert resolve_templates(str(f)) == ["a photo of a {}.", "a sketch of the {}."]
+    f.write_text("a photo of a {}.\nno placeholder here\n")
+    with pytest.raises(ConfigError, match="no placeholder here.*has no '\\{\\}'"):
+        resolve_templates(str(f))
+    with pytest.raises(ConfigError, match="neither a built-in template set"):
+        resolve_templates("imagenet-fancy")
+
+
+def test_load_errors_are_specific(tiny_clip_config, tmp_path):
+    with pytest.raises(ConfigError, match="unknown open_clip model 'ViT-Nope'"):
+        load_teacher("ViT-Nope", "none", "cpu")
+    with pytest.raises(ConfigError, match="checkpoint file not found"):
+        load_teacher(str(tiny_clip_config), str(tmp_path / "missing.pt"), "cpu")
+    # DFN was trained with QuickGELU: the plain model name would be silently wrong
+    with pytest.raises(ConfigError, match="use --model ViT-H-14-378-quickgelu"):
+        load_teacher("ViT-H-14-378", "dfn5b", "cpu")
+    with pytest.raises(ConfigError, match="not a tag of tiny-clip"):
+        load_teacher(str(tiny_clip_config), "laion2b", "cpu")
+    with pytest.raises(ConfigError, match="local-dir.*open_clip_config.json not found"):
+        load_teacher("x", f"local-dir:{tmp_path}", "cpu")
+    bad = tmp_path / "wrong.pt"
+    torch.save({"visual.conv1.weight": torch.zeros(1)}, bad)
+    with pytest.raises(ConfigError, match="could not build teacher tiny-clip.*matches the model"):
+        load_teacher(str(tiny_clip_config), str(bad), "cpu", verbose=False)
+    with pytest.raises(ConfigError, match="--precision"):
+        load_teacher(str(tiny_clip_config), "none", "cpu", "fp8")
