@@ -1,0 +1,112 @@
+"""Turn a recipe's sections into `dho` options, so the YAML file is the one source of truth.
+
+    # run a command with a section appended as options (keys = option names, '_' for '-')
+    python pipelines/lowshot/recipe.py run pipelines/lowshot/vit-b16.yaml precompute [KEY=VALUE ...] \
+        -- dho precompute-teacher runs/lowshot/data/train --out runs/lowshot/cache/train.zarr
+    # write a section as a plain YAML mapping, e.g. for `dho distill --config FILE`
+    python pipelines/lowshot/recipe.py config pipelines/lowshot/vit-b16.yaml distill --out distill.yaml
+
+A recipe (see pipelines/README.md) has the sections `recipe` (what it is, splits), `precompute`
+(options of `dho precompute-teacher`), `distill` (DistillConfig fields, read by `dho distill
+--config`), `evaluate` (options of `dho evaluate`) and `expected` (the paper's numbers).
+`KEY=VALUE` overrides a key of the section for this call (VALUE is read as YAML; an empty VALUE
+drops the key): the Makefile uses it for what depends on the machine or the dataset, e.g.
+`pretrained=/models/dfn5b.bin` or `views=1 center_view=true` for the validation cache.
+
+Option rendering: `key: value` -> `--key value`; `true` -> `--key` (flag options), `false` and
+null -> left out; a list -> `--key a,b,c` (e.g. mean/std). `run` prints the full command to
+stderr, then replaces itself with it (same exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+SECTIONS = ("recipe", "precompute", "distill", "evaluate", "expected")
+
+
+def load_recipe(path: Path) -> dict:
+    """The recipe mapping; every top-level key must be a known section."""
+    if not path.is_file():
+        sys.exit(f"error: recipe {path} not found")
+    recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(recipe, dict):
+        sys.exit(f"error: {path} is not a YAML mapping of sections {SECTIONS}")
+    unknown = sorted(set(recipe) - set(SECTIONS))
+    if unknown:
+        sys.exit(f"error: {path}: unknown sections {unknown}; known: {list(SECTIONS)}")
+    return recipe
+
+
+def section(path: Path, name: str, overrides: list[str] = ()) -> dict:
+    """Section `name` of the recipe at `path`, with `KEY=VALUE` overrides applied."""
+    recipe = load_recipe(path)
+    if not isinstance(recipe.get(name), dict):
+        sys.exit(f"error: {path} has no `{name}:` section (a mapping)")
+    values = dict(recipe[name])
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            sys.exit(f"error: override {item!r} is not KEY=VALUE")
+        if raw == "":
+            values.pop(key, None)
+        else:
+            values[key] = yaml.safe_load(raw)
+    return values
+
+
+def to_options(values: dict) -> list[str]:
+    """`{"views": 10, "center_view": True, "mean": [0.5, 0.5, 0.5]}` -> `--views 10 --center-view --mean 0.5,0.5,0.5`."""
+    options: list[str] = []
+    for key, value in values.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            options.append(flag)
+        elif isinstance(value, (list, tuple)):
+            options += [flag, ",".join(str(v) for v in value)]
+        else:
+            options += [flag, str(value)]
+    return options
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    command = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    run = sub.add_parser("run", help="run `-- COMMAND ...` with the section appended as options")
+    config = sub.add_parser("config", help="write the section as a YAML mapping")
+    for p in (run, config):
+        p.add_argument("recipe", type=Path)
+        p.add_argument("section", choices=SECTIONS)
+        p.add_argument("overrides", nargs="*", help="KEY=VALUE (VALUE read as YAML; empty drops KEY)")
+    config.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    values = section(args.recipe, args.section, args.overrides)
+    if args.action == "config":
+        if command:
+            sys.exit("error: `config` takes no `-- COMMAND`")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(f"# `{args.section}` of {args.recipe}\n" + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+        os.replace(tmp, args.out)
+        return
+    if not command:
+        sys.exit("error: `run` needs `-- COMMAND ...` after the recipe arguments")
+    full = command + to_options(values)
+    print("+ " + shlex.join(full), file=sys.stderr, flush=True)
+    os.execvp(full[0], full)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""Every recipe in pipelines/ is checked against the real CLI and DistillConfig (torchtune style).
+
+A recipe's options are parsed by the real `dho` commands (typer/click parsing, types converted,
+unknown options refused), its `distill:` section goes through `recipe.py config` and the loader of
+`dho distill --config` into a DistillConfig, and its header comment must say how to run it, on
+what, for how long, and what comes out. Also the small scripts the Makefile uses
+(pipelines/lowshot/recipe.py, classnames.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import open_clip
+import pytest
+import typer.main
+import yaml
+
+from dho.cli import _load_options_file, app
+from dho.distill import METHODS, DistillConfig
+from dho.students import list_students
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINES = ROOT / "pipelines"
+RECIPES = sorted(PIPELINES.rglob("*.yaml"))
+RECIPE_IDS = [str(p.relative_to(PIPELINES)) for p in RECIPES]
+COMMANDS = typer.main.get_command(app).commands
+SECTIONS = ("recipe", "precompute", "distill", "evaluate", "expected")
+HEADER_TAGS = ("Command:", "Hardware:", "Runtime:", "Expected:")
+# Paths and run-control options come from the Makefile / command line, never from a recipe.
+NOT_IN_PRECOMPUTE = {"dataset", "out", "rank", "world_size"}
+NOT_IN_DISTILL = {"labeled", "labeled_cache", "unlabeled", "unlabeled_cache", "out"}
+NOT_IN_EVALUATE = {"run_dir", "data", "search_on", "json_out"}
+# Paper Table 6 (and §4.1 for alpha/beta) per setting; recipe name prefix -> values that must match.
+PAPER = {
+    "lowshot-vit": {
+        "precompute": {"model": "ViT-H-14-378-quickgelu", "pretrained": "dfn5b", "templates": "tip-adapter", "zeta": 0.01, "eta": 2.0},
+        "distill": {"epochs": 32, "lr": 5e-5, "weight_decay": 5e-2, "batch_size": 256, "warmup_steps": 5000,
+                    "lambda_": 0.5, "eta": 2.0, "zeta": 0.01, "alpha": 0.5, "beta": 0.5, "method": "dho",
+                    "student_pretrained": "openai"},
+        "splits": {"1pct": {"percent": 1, "seed": 0}, "10pct": {"percent": 10, "seed": 0}},
+    },
+    "fewshot-": {
+        "precompute": {"model": "RN50-quickgelu", "pretrained": "openai", "templates": "tip-adapter", "zeta": 0.01, "eta": 2.0},
+        "distill": {"epochs": 20, "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 256, "warmup_steps": 0,
+                    "lambda_": 0.5, "eta": 2.0, "alpha": 0.4, "beta": 0.5, "method": "dho"},
+        "splits": {f"{k}shot": {"shots": k, "seed": 0} for k in (1, 2, 4, 8, 16)},
+    },
+}
+# Recipes that must share one teacher cache (identical precompute sections).
+SHARED_CACHE = [("lowshot/vit-b16.yaml", "lowshot/vit-l14.yaml"), ("fewshot/resnet18-scratch.yaml", "fewshot/resnet50-dino.yaml")]
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, PIPELINES / "lowshot" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+recipe_py = _load_script("recipe")
+classnames_py = _load_script("classnames")
+
+
+def _parse(command: str, args: list[str]) -> dict:
+    """The option values the real CLI command parses from `args` (raises on unknown options / bad types)."""
+    return COMMANDS[command].make_context(command, [str(a) for a in args]).params
+
+
+def _header(path: Path) -> list[str]:
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return lines
+
+
+def _check_model(model: str, pretrained, where: str) -> None:
+    """A model name the builders accept; an open_clip tag that exists and whose activation matches."""
+    if model.endswith(".json"):
+        assert (ROOT / model).is_file(), f"{where}: model config {model} does not exist"
+        return
+    if model in list_students():
+        assert pretrained is None or str(pretrained).endswith((".pth", ".pt")), f"{where}: CNN weights must be a local file"
+        return
+    assert model in open_clip.list_models(), f"{where}: {model!r} is neither a dho student nor an open_clip model"
+    if pretrained is None or str(pretrained) == "none" or str(pretrained).endswith((".pt", ".pth", ".bin")):
+        return
+    assert pretrained in open_clip.list_pretrained_tags_by_model(model), f"{where}: {model} has no pretrained tag {pretrained!r}"
+    model_gelu = open_clip.get_model_config(model).get("quick_gelu", False)
+    tag_gelu = open_clip.get_pretrained_cfg(model, pretrained).get("quick_gelu", False)
+    assert model_gelu == tag_gelu, (
+        f"{where}: {model} / {pretrained}: the weights were trained with quick_gelu={tag_gelu} but the model config "
+        f"builds quick_gelu={model_gelu} (open_clip only warns); use the '-quickgelu' model name"
+    )
+
+
+def _hint_ok(value, hint) -> bool:
+    """Is `value` (from YAML) of the DistillConfig field type `hint`?"""
+    if typing.get_origin(hint) is typing.Union:
+        return any(_hint_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+@pytest.fixture(scope="module", params=RECIPES, ids=RECIPE_IDS)
+def recipe(request) -> tuple[Path, dict]:
+    path = request.param
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert isinstance(data, dict), f"{path}: not a YAML mapping"
+    return path, data
+
+
+def test_there_are_recipes_for_every_paper_setting():
+    names = {yaml.safe_load(p.read_text())["recipe"]["name"] for p in RECIPES}
+    assert {"lowshot-vit-b16", "lowshot-vit-l14", "lowshot-smoke", "fewshot-resnet18-scratch", "fewshot-resnet50-dino"} <= names
+
+
+def test_sections_and_header(recipe):
+    path, data = recipe
+    assert set(data) == set(SECTIONS), f"{path}: sections {sorted(data)}, want {SECTIONS}"
+    header = _header(path)
+    text = "\n".join(header)
+    for tag in HEADER_TAGS:
+        assert any(line.startswith(f"# {tag}") for line in header), f"{path}: header has no '# {tag}' line"
+    # every command the header names exists: dho subcommands, make targets, pipeline files
+    for sub in re.findall(r"\bdho(?:\.cli)? ([a-z][a-z-]+)", text):
+        assert sub in COMMANDS, f"{path}: header runs `dho {sub}`, which is not a dho command"
+    makefile = (ROOT / "Makefile").read_text()
+    for target in re.findall(r"\bmake ([a-z][a-z-]+)\b", text):
+        assert re.search(rf"^{target}:", makefile, re.M), f"{path}: header runs `make {target}`, not a Makefile target"
+    for ref in re.findall(r"pipelines/[\w/.-]+\.(?:py|yaml)", text):
+        assert (ROOT / ref).is_file(), f"{path}: header names {ref}, which does not exist"
+    assert str(path.relative_to(ROOT)) in text or "make reproduce-lowshot" in text
+
+
+def test_recipe_section(recipe):
+    path, data = recipe
+    r = data["recipe"]
+    assert isinstance(r["name"], str) and isinstance(r["setting"], str)
+    assert isinstance(r["gpus"], int) and r["gpus"] >= 1
+    assert r["splits"], f"{path}: recipe.splits is empty"
+    for name, options in r["splits"].items():
+        params = _parse("split", ["SRC", "--out", "OUT", *recipe_py.to_options(options)])
+        given = [k for k in ("shots", "percent", "keys") if params[k] is not None]
+        assert len(given) == 1, f"{path}: split {name} must give exactly one of shots/percent/keys, got {given}"
+
+
+def test_precompute_section_parses_as_precompute_teacher_options(recipe):
+    path, data = recipe
+    pre = data["precompute"]
+    assert not NOT_IN_PRECOMPUTE & set(pre), f"{path}: {sorted(NOT_IN_PRECOMPUTE & set(pre))} come from the Makefile"
+    params = _parse("precompute-teacher", ["DATASET", "--out", "OUT.zarr", *recipe_py.to_options(pre)])
+    for key, value in pre.items():
+        assert key in params, f"{path}: precompute.{key} is not an option of `dho precompute-teacher`"
+        if value is not None and not isinstance(value, list):
+            assert params[key] == value, f"{path}: precompute.{key} = {value!r} parses as {params[key]!r}"
+    _check_model(pre["model"], pre.get("pretrained"), f"{path} precompute")
+
+
+def test_distill_section_is_a_distill_config(recipe, tmp_path):
+    path, data = recipe
+    dist = data["distill"]
+    assert not NOT_IN_DISTILL & set(dist), f"{path}: {sorted(NOT_IN_DISTILL & set(dist))} come from the Makefile"
+    out = tmp_path / "distill.yaml"
+    subprocess.run([sys.executable, str(PIPELINES / "lowshot" / "recipe.py"), "config", str(path), "distill", "--out", str(out)],
+                   check=True, cwd=ROOT)
+    values = _load_options_file(out)  # exactly what `dho distill --config FILE` reads
+    assert values == {("lambda_" if k == "lambda" else k): v for k, v in dist.items()}
+    hints = typing.get_type_hints(DistillConfig)
+    for key, value in values.items():
+        assert key in hints, f"{path}: distill.{key} is not a DistillConfig field ({sorted(hints)})"
+        assert _hint_ok(value, hints[key]), f"{path}: distill.{key} = {value!r} is not {hints[key]}"
+    cfg = DistillConfig(labeled="L", labeled_cache="L.zarr", unlabeled="U", unlabeled_cache="U.zarr", out="RUN", **values)
+    assert cfg.method in METHODS
+    assert cfg.eta == data["precompute"]["eta"] and cfg.zeta == data["precompute"]["zeta"], "student and cache temperatures differ"
+    _check_model(cfg.student, cfg.student_pretrained, f"{path} distill")
+    consumers = data["recipe"]["gpus"] * max(cfg.workers, 1) * cfg.accum_steps
+    assert cfg.batch_size % consumers == 0, f"{path}: batch {cfg.batch_size} does not split over {consumers} consumers"
+
+
+def test_evaluate_section(recipe):
+    path, data = recipe
+    ev = data["evaluate"]
+    assert not NOT_IN_EVALUATE & set(ev)
+    params = _parse("evaluate", ["RUN", "--data", "VAL", *recipe_py.to_options(ev)])
+    for key, value in ev.items():
+        assert params[key] == value, f"{path}: evaluate.{key} = {value!r} parses as {params[key]!r}"
+    assert 0.0 <= ev["alpha"] <= 1.0 and ev["beta"] > 0
+    assert (ev["alpha"], ev["beta"]) == (data["distill"]["alpha"], data["distill"]["beta"]), "evaluate and the stored model disagree"
+
+
+def test_expected_numbers(recipe):
+    path, data = recipe
+    exp, splits = data["expected"], set(data["recipe"]["splits"])
+    assert isinstance(exp["architecture"], str) and exp["params_m"] > 0
+    assert set(exp["top1"]) == splits, f"{path}: expected.top1 has {sorted(exp['top1'])}, splits are {sorted(splits)}"
+    assert all(isinstance(v, float) and 0 < v <= 100 for v in exp["top1"].values())
+    assert isinstance(exp["teacher"]["name"], str) and 0 < exp["teacher"]["top1"] <= 100
+    for method, numbers in exp.get("baselines", {}).items():
+        assert method in METHODS and set(numbers) == splits
+    if data["recipe"]["name"].endswith("smoke"):
+        assert set(exp["loss_step1"]) == splits
+
+
+def test_paper_hyperparameters(recipe):
+    """The non-smoke recipes carry Table 6 of the paper."""
+    path, data = recipe
+    name = data["recipe"]["name"]
+    settings = [v for prefix, v in PAPER.items() if name.startswith(prefix)]
+    if name.endswith("smoke"):
+        assert data["recipe"]["splits"] == PAPER["lowshot-vit"]["splits"], "the smoke run must use the real splits"
+        return
+    assert len(settings) == 1, f"{path}: recipe name {name!r} matches no paper setting in {sorted(PAPER)}"
+    paper = settings[0]
+    for section in ("precompute", "distill"):
+        for key, value in paper[section].items():
+            assert data[section][key] == pytest.approx(value) if isinstance(value, float) else data[section][key] == value, (
+                f"{path}: {section}.{key} = {data[section][key]!r}, the paper uses {value!r}"
+            )
+    assert data["recipe"]["splits"] == paper["splits"]
+
+
+@pytest.mark.parametrize("pair", SHARED_CACHE, ids=[a.split("/")[0] for a, _ in SHARED_CACHE])
+def test_recipes_of_one_setting_share_one_teacher_cache(pair):
+    a, b = (yaml.safe_load((PIPELINES / p).read_text())["precompute"] for p in pair)
+    assert a == b
+
+
+def test_makefile_students_have_recipes():
+    makefile = (ROOT / "Makefile").read_text()
+    students = re.search(r"^STUDENTS := (.+)$", makefile, re.M).group(1).split()
+    assert students == ["vit-b16", "vit-l14"]
+    for s in students:
+        assert (PIPELINES / "lowshot" / f"{s}.yaml").is_file()
+        assert re.search(rf"^RECIPE_{s} := \$\(LOWSHOT\)/{s}\.yaml$", makefile, re.M)
+
+
+# --------------------------------------------------------------------------------------------
+# the scripts the Makefile runs
+# --------------------------------------------------------------------------------------------
+
+
+def test_recipe_options_rendering_and_overrides():
+    smoke = PIPELINES / "lowshot" / "smoke.yaml"
+    values = recipe_py.section(smoke, "precompute", ["pretrained=/w/t.pt", "views=1", "center_view=true", "workers="])
+    assert values["pretrained"] == "/w/t.pt" and values["views"] == 1 and values["center_view"] is True
+    assert "workers" not in values
+    opts = recipe_py.to_options({"views": 3, "center_view": True, "store_embeddings": False, "topk": None, "mean": [0.5, 0.25, 0.5]})
+    assert opts == ["--views", "3", "--center-view", "--mean", "0.5,0.25,0.5"]
+    params = _parse("precompute-teacher", ["D", "--out", "O", *recipe_py.to_options(values)])
+    assert params["views"] == 1 and params["center_view"] is True and params["pretrained"] == "/w/t.pt"
+
+
+def test_recipe_run_appends_the_section_and_keeps_the_exit_status(tmp_path):
+    script = [sys.executable, str(PIPELINES / "lowshot" / "recipe.py")]
+    smoke = str(PIPELINES / "lowshot" / "smoke.yaml")
+    probe = "import sys; print(sys.argv[1:]); sys.exit(3)"
+    done = subprocess.run(script + ["run", smoke, "evaluate", "beta=2", "--", sys.executable, "-c", probe],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 3
+    assert done.stdout.strip() == str(["--alpha", "0.5", "--beta", "2", "--batch-size", "16", "--device", "cpu", "--workers", "0"])
+    assert done.stderr.startswith("+ ")
+    bad = subprocess.run(script + ["run", smoke, "nosuch", "--", "true"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("recipe: {}\ntraining: {}\n")
+    bad = subprocess.run(script + ["config", str(broken), "recipe", "--out", str(tmp_path / "x.yaml")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown sections ['training']" in bad.stderr
+
+
+def test_classnames_for_imagenet_wnids(tmp_path):
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    train = tmp_path / "train"
+    wnids = [f"n{1440764 + 7 * i:08d}" for i in range(1000)]
+    for w in wnids:
+        (train / w).mkdir(parents=True)
+    names = classnames_py.class_names(train)
+    assert len(names) == 1000 == len(set(names))  # unique: `dho index` refuses repeats
+    assert names[0] == "tench" and names[744] == "projectile" and names[836] == "sunglass"
+    assert [i for i, (a, b) in enumerate(zip(names, IMAGENET_CLASSNAMES)) if a != b] == [744, 836]
+
+
+def test_classnames_for_readable_folders_and_errors(tmp_path):
+    for name in ("red_fox", "blue"):
+        (tmp_path / "ok" / name).mkdir(parents=True)
+    assert classnames_py.class_names(tmp_path / "ok") == ["blue", "red fox"]
+    for name in ("n01440764", "n01443537"):
+        (tmp_path / "few" / name).mkdir(parents=True)
+    with pytest.raises(SystemExit, match="CLASSNAMES=FILE"):
+        classnames_py.class_names(tmp_path / "few")
+    with pytest.raises(SystemExit, match="not a folder"):
+        classnames_py.class_names(tmp_path / "missing")

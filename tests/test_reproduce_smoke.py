@@ -1,0 +1,122 @@
+"""`make reproduce-lowshot SMOKE=1`: the real Make graph end to end on tiny data, then its resume logic.
+
+One run (about a minute on 2 cores) builds the table from a generated ImageNet-shaped folder with
+tiny random-init open_clip models on CPU; the numbers are compared with the smoke recipe's stored
+ones. A second `make` must do nothing (no stage runs, no artefact's mtime changes, `make -q` says
+up to date). Then one run loses its model.pt and evaluation: the third `make` resumes only that
+run from its checkpoint and rebuilds only what depends on it.
+
+The test runs make with this interpreter's venv (VENV=sys.prefix) and `-o VENV/.installed`, so
+the `setup` stage (pip) is never re-run from a test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LOWSHOT = ROOT / "pipelines" / "lowshot"
+STUDENTS = ("vit-b16", "vit-l14")
+SPLITS = ("1pct", "10pct")
+
+pytestmark = pytest.mark.slow
+
+
+def _make(work: Path, *targets: str, question: bool = False) -> subprocess.CompletedProcess:
+    venv = Path(sys.prefix)
+    assert (venv / "bin" / "dho").exists(), f"{venv}/bin/dho missing: install the project into this venv (make setup)"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    cmd = ["make", "-q" if question else "-j2", "-o", f"{venv}/.installed",
+           "SMOKE=1", f"WORK={work}", f"VENV={venv}", *targets]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _artefacts(work: Path) -> dict[str, float]:
+    """mtime of every file the stages produce (the smoke inputs included)."""
+    return {str(p.relative_to(work)): p.stat().st_mtime_ns for p in sorted(work.rglob("*")) if p.is_file()}
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| DHO |") or line.startswith("| zero-shot teacher |"):
+            rows[f"{cells[0]} {cells[1]}"] = cells[3:]
+    return rows
+
+
+def test_reproduce_lowshot_smoke_then_nothing_then_resume(tmp_path):
+    work = tmp_path / "work"
+    first = _make(work, "reproduce-lowshot")
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+
+    # ---- the table: rows, numeric cells, the smoke run's stored numbers, the paper's numbers
+    smoke = yaml.safe_load((LOWSHOT / "smoke.yaml").read_text())["expected"]
+    table = (work / "table.md").read_text()
+    assert table.startswith("# SMOKE RUN") and "Smoke numbers" in table
+    rows = _table_rows(table)
+    assert sorted(rows) == ["DHO ViT-B/16", "DHO ViT-L/14", "zero-shot teacher DFN ViT-H/14 (zero-shot)"]
+    for name, cells in rows.items():
+        assert len(cells) == 3 * len(SPLITS)
+        assert all(re.fullmatch(r"[+-]?\d+\.\d", c) for c in cells), f"{name}: non-numeric cells {cells}"
+    for student in STUDENTS:
+        paper = yaml.safe_load((LOWSHOT / f"{student}.yaml").read_text())["expected"]
+        cells = rows[f"DHO {paper['architecture']}"]
+        for i, split in enumerate(SPLITS):
+            ours, theirs, delta = (float(c) for c in cells[3 * i: 3 * i + 3])
+            assert ours == smoke["top1"][split] and theirs == paper["top1"][split]
+            assert delta == pytest.approx(ours - theirs, abs=0.051)
+            result = json.loads((work / "eval" / f"{student}-{split}.json").read_text())
+            assert result["num_samples"] == 16 and result["num_classes"] == 4
+            assert (result["alpha"], result["beta"]) == (0.5, 0.5)
+    teacher_cells = rows["zero-shot teacher DFN ViT-H/14 (zero-shot)"]
+    assert float(teacher_cells[0]) == smoke["teacher"]["top1"] and float(teacher_cells[1]) == 84.4
+
+    # ---- the training runs: stored first-step losses; both student slots ran the same smoke config
+    for split in SPLITS:
+        losses = []
+        for student in STUDENTS:
+            lines = (work / "runs" / f"{student}-{split}" / "metrics.jsonl").read_text().splitlines()
+            losses.append([json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)])
+        assert losses[0][0] == pytest.approx(smoke["loss_step1"][split], abs=1e-3)
+        assert losses[0] == losses[1], "the same config on the same data must give the same losses"
+    labeled = {s: json.loads((work / "data" / f"train-{s}" / "manifest.json").read_text())["num_samples"] for s in SPLITS}
+    assert labeled == {"1pct": 4, "10pct": 5}  # 1% and 10% of 48, at least one per class
+    names = (work / "classnames.txt").read_text().split()
+    assert names == ["blue", "green", "red", "yellow"]
+    assert json.loads((work / "data" / "train" / "manifest.json").read_text())["classnames"] == names
+
+    # ---- rerun: nothing to do
+    before = _artefacts(work)
+    second = _make(work, "reproduce-lowshot")
+    assert second.returncode == 0, second.stderr
+    stages = [line for line in second.stdout.splitlines() if line.startswith("== ")]
+    assert stages == [f"== table: {work}/table.md"], second.stdout
+    assert _artefacts(work) == before
+    assert _make(work, str(work / "table.md"), question=True).returncode == 0
+
+    # ---- one run lost its model and evaluation: only that run resumes (from checkpoints/last.pt)
+    run = work / "runs" / "vit-l14-10pct"
+    old_eval = json.loads((work / "eval" / "vit-l14-10pct.json").read_text())
+    (run / "model.pt").unlink()
+    (work / "eval" / "vit-l14-10pct.json").unlink()
+    third = _make(work, "reproduce-lowshot")
+    assert third.returncode == 0, third.stdout[-4000:] + third.stderr[-4000:]
+    stages = [line.split(" -> ")[0] for line in third.stdout.splitlines() if line.startswith("== ")]
+    assert stages == [
+        "== distill vit-l14 on the 10pct labels", f"== evaluate {work}/runs/vit-l14-10pct on {work}/data/val",
+        f"== report", f"== table: {work}/table.md",
+    ], third.stdout
+    assert "--resume" in third.stdout
+    assert json.loads((work / "eval" / "vit-l14-10pct.json").read_text()) == old_eval
+    after = _artefacts(work)
+    changed = sorted(k for k in after if after[k] != before.get(k))
+    assert all(k.startswith(("runs/vit-l14-10pct", "eval/vit-l14-10pct.json", "table.md")) for k in changed), changed
