@@ -1,0 +1,64 @@
+"""CUDA checks (run on a GPU machine; skipped where torch sees no CUDA device, as in CI)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dho import data
+from dho.cache import TeacherCache
+from dho.distill import DistillConfig, distill
+from dho.precompute import precompute
+from dho.students import load_student
+from fixtures_models import TINY_CLIP_CONFIG, tiny_teacher_ckpt  # noqa: F401
+from helpers_data import make_image_folder
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(scope="module")
+def gpu_world(tmp_path_factory, tiny_teacher_ckpt):
+    root = tmp_path_factory.mktemp("gpu")
+    full = data.prepare(make_image_folder(root / "images", num_classes=4, per_class=10), root / "full", shard_size=8)
+    labeled, _ = data.split(full, root / "labeled", shots=2, seed=0, shard_size=4)
+    return root, full, labeled
+
+
+def test_precompute_on_cuda_matches_cpu(gpu_world, tiny_teacher_ckpt):
+    root, full, _ = gpu_world
+    common = dict(model=str(TINY_CLIP_CONFIG), pretrained=str(tiny_teacher_ckpt), views=2, workers=0, batch_size=16, precision="fp32")
+    precompute(full.root, root / "cpu.zarr", device="cpu", **common)
+    precompute(full.root, root / "cuda.zarr", device="cuda", **common)
+    cpu, cuda = TeacherCache.open(root / "cpu.zarr", dataset=full), TeacherCache.open(root / "cuda.zarr", dataset=full)
+    for v in range(2):
+        np.testing.assert_array_equal(cpu.view_params(v, 0, full.num_samples), cuda.view_params(v, 0, full.num_samples))
+        np.testing.assert_allclose(cpu.probs(v, 0, full.num_samples), cuda.probs(v, 0, full.num_samples), atol=2e-3)
+
+
+def test_precompute_bf16_rows_are_distributions(gpu_world, tiny_teacher_ckpt):
+    root, full, _ = gpu_world
+    precompute(full.root, root / "bf16.zarr", model=str(TINY_CLIP_CONFIG), pretrained=str(tiny_teacher_ckpt), views=1,
+               device="cuda", precision="bf16", workers=2, batch_size=16)
+    p = TeacherCache.open(root / "bf16.zarr").probs(0, 0, full.num_samples)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-3)
+
+
+def test_distill_on_cuda_with_bf16(gpu_world, tiny_teacher_ckpt, tmp_path):
+    root, full, labeled = gpu_world
+    teacher = dict(model=str(TINY_CLIP_CONFIG), pretrained=str(tiny_teacher_ckpt), views=2, device="cuda", workers=0)
+    precompute(full.root, tmp_path / "full.zarr", **teacher)
+    precompute(labeled.root, tmp_path / "labeled.zarr", **teacher)
+    cfg = DistillConfig(labeled=str(labeled.root), labeled_cache=str(tmp_path / "labeled.zarr"), unlabeled=str(full.root),
+                        unlabeled_cache=str(tmp_path / "full.zarr"), student=str(TINY_CLIP_CONFIG), out=str(tmp_path / "run"),
+                        epochs=6, batch_size=8, lr=3e-3, device="cuda", precision="bf16", workers=2, log_every=1)
+    distill(cfg)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    student, meta = load_student(tmp_path / "run" / "model.pt")  # loads on CPU
+    assert next(student.parameters()).device.type == "cpu" and meta["alpha"] == 0.5
