@@ -305,6 +305,13 @@ def _build_open_clip(source: str, pretrained: Optional[str]) -> tuple[nn.Module,
     model_name = _register_clip_config(source)
     if pretrained is not None and not Path(pretrained).is_file() and Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"):
         raise ConfigError(f"student checkpoint {pretrained} not found")
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else {}
+    if tag_cfg and bool(tag_cfg.get("quick_gelu", False)) != bool(open_clip.get_model_config(model_name).get("quick_gelu", False)):
+        other = f"{model_name}-quickgelu" if tag_cfg.get("quick_gelu") else model_name.removesuffix("-quickgelu")
+        raise ConfigError(
+            f"pretrained tag {pretrained!r} was trained with quick_gelu={bool(tag_cfg.get('quick_gelu'))} but student "
+            f"{model_name} uses the other activation; use --student {other}, or the features are silently wrong"
+        )
     try:
         model = open_clip.create_model(model_name, pretrained=pretrained, output_dict=True)
     except RuntimeError as e:

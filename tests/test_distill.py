@@ -226,3 +226,17 @@ def test_distill_help_shows_the_config_defaults():
             assert type(default)(shown) == default, (name, shown, default)
         checked += 1
     assert checked >= 25
+
+
+def test_distill_never_imports_the_teacher(world, tmp_path):
+    """Stage 2 trains from the cache alone: neither dho.teacher nor the teacher's weights are loaded."""
+    cfg = _cfg(world, tmp_path / "run", epochs=1)
+    script = (
+        "import sys, json\n"
+        "from dho.distill import DistillConfig, distill\n"
+        f"distill(DistillConfig(**json.loads({json.dumps(json.dumps(cfg.__dict__))})))\n"
+        "assert 'dho.teacher' not in sys.modules and 'dho.precompute' not in sys.modules, sorted(m for m in sys.modules if m.startswith('dho'))\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

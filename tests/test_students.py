@@ -183,3 +183,14 @@ def test_load_student_errors(tmp_path):
         load_student(tmp_path / "junk.pt")
     with pytest.raises(ConfigError, match="class names"):
         save_student(tmp_path / "m.pt", build_student("resnet-tiny", 3), ["a", "b"])
+
+
+def test_quickgelu_mismatch_with_a_pretrained_tag_is_refused():
+    """OpenAI CLIP weights need the -quickgelu config; the plain name would silently use GELU."""
+    import pytest
+
+    from dho.errors import ConfigError
+    from dho.students import build_student
+
+    with pytest.raises(ConfigError, match="ViT-B-16-quickgelu"):
+        build_student("ViT-B-16", 10, pretrained="openai", init_heads_from_text=False)
