@@ -448,7 +448,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
                 if not torch.isfinite(loss.detach()):
                     raise DhoError(
                         f"loss is {loss.item()} at step {step} (epoch {step // steps_per_epoch}); terms: "
-                        + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                        + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
                         + ". Lower --lr, use --precision fp32/bf16, or --grad-clip 1.0"
                     )
                 scaler.scale(loss / cfg.accum_steps).backward()

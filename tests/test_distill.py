@@ -69,21 +69,21 @@ def test_schedule_warmup_then_cosine():
 
 def test_short_run_lowers_loss_and_writes_run_dir(world, tmp_path):
     run = tmp_path / "run"
-    distill(_cfg(world, run, epochs=6, val=str(world / "val"), log_grad_cosine=2))
+    distill(_cfg(world, run, epochs=4, val=str(world / "val"), log_grad_cosine=4))
     losses = [m["loss"] for m in _metrics(run) if "loss" in m]
-    assert len(losses) == 6 * (40 // 8)  # an epoch is one pass over the unlabeled pool (labeled ⊂ full)
+    assert len(losses) == 4 * (40 // 8)  # an epoch is one pass over the unlabeled pool (labeled ⊂ full)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     assert {"ce", "kd", "kd_labeled", "kd_unlabeled", "lr", "samples_per_s"} <= set(_metrics(run)[0])
     cfg = DistillConfig.load(run / "config.json")
-    assert cfg.method == "dho" and cfg.epochs == 6 and cfg.lambda_ == 0.5 and cfg.eta == 2.0
+    assert cfg.method == "dho" and cfg.epochs == 4 and cfg.lambda_ == 0.5 and cfg.eta == 2.0
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
-    assert ckpt["step"] == 30 and {"model", "optimizer", "scheduler", "rng", "consumers"} <= set(ckpt)
+    assert ckpt["step"] == 20 and {"model", "optimizer", "scheduler", "rng", "consumers"} <= set(ckpt)
     student, meta = load_student(run / "model.pt")
     assert (meta["alpha"], meta["beta"]) == (0.5, 0.5) and meta["classnames"] == data.Dataset.open(world / "full").classnames
     final = [m for m in _metrics(run) if m.get("final")]
     assert final and 0.0 <= final[0]["val_combined_top1"] <= 100.0
     cos = [m["grad_cosine"] for m in _metrics(run) if "grad_cosine" in m]
-    assert len(cos) == 15 and all(-1.0 <= c <= 1.0 for c in cos)
+    assert len(cos) == 5 and all(-1.0 <= c <= 1.0 for c in cos)
     png = (run / "grad_cosine.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
