@@ -282,6 +282,9 @@ def precompute(
         f"{total_views} views; {len(todo)} of my {len(mine)} shards to do ({len(ds.shards)} in all)"
     )
     samples_per_batch = max(1, batch_size // total_views)
+    if dev.type == "cpu" and workers > 0:
+        # decoding workers share the cores with the teacher: a machine-wide OpenMP pool would spin and starve them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size - workers))
     loader = torch.utils.data.DataLoader(
         _ShardBatches(ds, todo, views, center_view, seed, pp, samples_per_batch),
         batch_size=None,
