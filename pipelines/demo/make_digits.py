@@ -1,0 +1,125 @@
+"""The demo's real data: scikit-learn's bundled digits as ImageFolder trees of 32x32 RGB PNGs.
+
+    python pipelines/demo/make_digits.py --out demo_out/digits --seed 0
+
+`sklearn.datasets.load_digits()` ships 1797 real handwritten 8x8 digits (values 0..16, 10
+classes) inside scikit-learn, so the demo needs no download. The samples are split once,
+stratified per class and seeded, into four disjoint parts:
+
+    DIR/pretrain/<class>/*.png    ~35%  only for the stand-in VLM teacher's contrastive
+                                        pre-training (train_teacher.py); dho never sees it
+    DIR/task/train/<class>/*.png  ~45%  the task: `dho split` labels 5-10% of it, the rest
+                                        is the unlabeled pool
+    DIR/task/val/<class>/*.png     ~8%  alpha/beta search
+    DIR/task/test/<class>/*.png   ~12%  final numbers only
+
+Class folders are the English words `zero` .. `nine`, so the names read naturally in prompts
+("a photo of the number seven."). `dho prepare` numbers classes by sorted folder name, which
+for these words is alphabetical (eight=0, five=1, four=2, nine=3, one=4, seven=5, six=6,
+three=7, two=8, zero=9); `SORTED_CLASSNAMES` spells that order out.
+
+Rendering: the 8x8 intensities are upsampled bicubically to 32x32 and painted with a
+per-image dark ink colour on a light background (both drawn from the seed), so the three
+channels differ and images are not all the same grey. Output is byte-identical for the same
+seed (file names carry the row of the digit in `load_digits()`: `digit-0042.png`).
+
+Out of scope: other datasets, augmentation (that is the teacher's and dho's business).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dho.errors import ConfigError, DatasetError
+
+CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]  # digit order
+SORTED_CLASSNAMES = sorted(CLASSNAMES)  # class index order of the ImageFolder trees / `dho prepare`
+PARTS = ("pretrain", "task/train", "task/val", "task/test")
+FRACTIONS = (0.35, 0.45, 0.08, 0.12)  # of every class, in PARTS order
+IMAGE_SIZE = 32  # the demo teacher's and students' input resolution: no resize in the pipeline
+
+
+def split_rows(labels: np.ndarray, fractions=FRACTIONS, seed: int = 0) -> list[np.ndarray]:
+    """Stratified, seeded split of row indices into len(fractions) disjoint sorted parts.
+
+    Every class is shuffled on its own and cut at the rounded cumulative fractions, so each
+    part holds round(fraction * class size) +- 1 samples of every class.
+    """
+    if abs(sum(fractions) - 1.0) > 1e-9:
+        raise ConfigError(f"split fractions must sum to 1, got {fractions}; pass one fraction per part of {PARTS}")
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in fractions]
+    bounds = np.cumsum((0.0,) + tuple(fractions))  # (P + 1,)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        rows = rows[rng.permutation(len(rows))]
+        cuts = np.round(bounds * len(rows)).astype(int)  # (P + 1,) from 0 to len(rows)
+        for p in range(len(fractions)):
+            parts[p].extend(rows[cuts[p]:cuts[p + 1]].tolist())
+    return [np.array(sorted(p), dtype=np.int64) for p in parts]
+
+
+def render_digit(pixels: np.ndarray, ink: np.ndarray, background: np.ndarray, size: int = IMAGE_SIZE) -> Image.Image:
+    """8x8 intensities in 0..16 -> (size, size) RGB image: bicubic upsampling, then colouring."""
+    gray = Image.fromarray((pixels.astype(np.float32) / 16.0).reshape(8, 8), mode="F")
+    up = np.asarray(gray.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)  # (H, W)
+    up = np.clip(up, 0.0, 1.0)[..., None]  # (H, W, 1) ink coverage; bicubic overshoot clipped
+    rgb = background[None, None, :] * (1.0 - up) + ink[None, None, :] * up  # (H, W, 3)
+    return Image.fromarray(np.round(rgb).astype(np.uint8), mode="RGB")
+
+
+def make_digits(out: str | Path, seed: int = 0, fractions=FRACTIONS, overwrite: bool = False) -> dict:
+    """Write the four ImageFolder parts under `out` and `out/digits.json`; return its content.
+
+    `digits.json` records the seed, fractions, class names and the `load_digits()` rows of
+    every part, so the split can be audited and reproduced.
+    """
+    from sklearn.datasets import load_digits
+
+    out = Path(out)
+    if (out / "digits.json").exists() or (out / "pretrain").exists() or (out / "task").exists():
+        if not overwrite:
+            raise DatasetError(f"{out} already holds a digits export; pass overwrite=True (--overwrite) to replace it")
+        for top in ("pretrain", "task"):  # stale files of another seed would overlap the new split
+            shutil.rmtree(out / top, ignore_errors=True)
+    digits = load_digits()
+    images, labels = digits.data, digits.target.astype(np.int64)  # (1797, 64) in 0..16, (1797,)
+    rng = np.random.default_rng([seed, 1])  # colours: a stream separate from the split's
+    inks = rng.uniform(0, 90, size=(len(labels), 3))  # (N, 3) dark ink
+    backgrounds = rng.uniform(170, 255, size=(len(labels), 3))  # (N, 3) light paper
+    parts = split_rows(labels, fractions, seed)
+
+    summary = {"seed": seed, "fractions": dict(zip(PARTS, fractions)), "classnames": CLASSNAMES,
+               "sorted_classnames": SORTED_CLASSNAMES, "image_size": IMAGE_SIZE, "parts": {}}
+    for part, rows in zip(PARTS, parts):
+        for name in CLASSNAMES:
+            (out / part / name).mkdir(parents=True, exist_ok=True)
+        for row in rows:
+            image = render_digit(images[row], inks[row], backgrounds[row])
+            image.save(out / part / CLASSNAMES[labels[row]] / f"digit-{row:04d}.png", optimize=False)
+        summary["parts"][part] = {"num_samples": len(rows),
+                                  "per_class": np.bincount(labels[rows], minlength=10).tolist(),
+                                  "rows": rows.tolist()}
+    (out / "digits.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="output folder (pretrain/ and task/{train,val,test}/)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the stratified split and the colours")
+    parser.add_argument("--overwrite", action="store_true", help="write into a folder that already holds an export")
+    args = parser.parse_args()
+    summary = make_digits(args.out, seed=args.seed, overwrite=args.overwrite)
+    sizes = ", ".join(f"{p}={s['num_samples']}" for p, s in summary["parts"].items())
+    print(f"wrote digits ({sizes}) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
