@@ -170,23 +170,18 @@ def _compute_loss(method: str, out_l: Optional[dict], out_u: Optional[dict], bat
             out_u["kd_logits"], batch["u_probs"], lambda_=cfg.lambda_, eta=cfg.eta,
         )
     if method == "ce":
-        ce = losses.ce_loss(out_l["ce_logits"], batch["l_label"])
-        return {"loss": ce, "ce": ce}
+        return losses.ce_only(out_l["ce_logits"], batch["l_label"])
     if method == "kd":
-        kd = losses.kd_loss(out_u["kd_logits"], batch["u_probs"], eta=cfg.eta)
-        return {"loss": kd, "kd": kd}
+        return losses.kd_only(out_u["kd_logits"], batch["u_probs"], eta=cfg.eta)
     if method == "ce+kd":
         return losses.sho_loss(
             out_l["ce_logits"], batch["l_label"], batch["l_probs"], out_u["ce_logits"], batch["u_probs"],
             lambda_=cfg.lambda_, eta=cfg.eta,
         )
     if method == "ce+kd-feature":
-        ce = losses.ce_loss(out_l["ce_logits"], batch["l_label"])
         z = torch.cat([out_l["z"], out_u["z"]])  # (B_l + B_u, D)
         emb = torch.cat([batch["l_emb"], batch["u_emb"]])  # (B_l + B_u, D_teacher)
-        feat = losses.feature_kd_loss(z, emb, model.projection)
-        loss = cfg.lambda_ * ce + (1 - cfg.lambda_) * feat
-        return {"loss": loss, "ce": ce, "feature_kd": feat}
+        return losses.ce_feature_kd_loss(out_l["ce_logits"], batch["l_label"], z, emb, model.projection, lambda_=cfg.lambda_)
     raise ConfigError(f"--method must be one of {METHODS}, got {method!r}")
 
 

@@ -77,12 +77,7 @@ def sho_loss(
     Same formula as ``dho_loss`` but CE and KD act on the same logits, which is what
     creates the gradient conflict of Eq. 4-5.
     """
-    ce = ce_loss(logits_l, labels)
-    kd_labeled = kd_loss(logits_l, probs_l, eta)
-    kd_unlabeled = kd_loss(logits_u, probs_u, eta)
-    kd = kd_labeled + kd_unlabeled
-    loss = lambda_ * ce + (1.0 - lambda_) * kd
-    return {"loss": loss, "ce": ce, "kd": kd, "kd_labeled": kd_labeled, "kd_unlabeled": kd_unlabeled}
+    return dho_loss(logits_l, logits_l, labels, probs_l, logits_u, probs_u, lambda_=lambda_, eta=eta)
 
 
 def ce_only(ce_logits_l: Tensor, labels: Tensor) -> dict[str, Tensor]:
