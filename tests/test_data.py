@@ -389,6 +389,52 @@ def test_replay_view_equals_torchvision(interpolation, flip):
     assert gray.shape == (3, 24, 24) and torch.equal(gray[0], gray[1])
 
 
+def _smooth_photo(width: int, height: int, fmt: str) -> bytes:
+    """A smooth random image (so a downscaled decode is close to a full one), encoded as `fmt`."""
+    rng = np.random.default_rng(1)
+    low = Image.fromarray(rng.integers(0, 256, (height // 40, width // 40, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    low.resize((width, height), Image.Resampling.BICUBIC).save(buf, format=fmt, quality=95)
+    return buf.getvalue()
+
+
+def test_decode_view_keeps_small_boxes_exact():
+    """A box that cannot lose a factor 2 decodes at full size: the view equals replay_view's."""
+    blob = _smooth_photo(400, 300, "JPEG")
+    params = (10, 20, 250, 300, True)
+    image, box = data.decode_view(blob, "jpg", "shard 0 key 'a'", np.array(params, dtype=np.int32), 160)
+    assert image.size == (400, 300) and image.mode == "RGB" and box == params
+    full = data.decode_image(blob, "jpg", "x")
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    x = data.replay_view_uint8(image, box, 160, "bicubic")
+    assert x.dtype == torch.uint8 and x.shape == (3, 160, 160)
+    assert torch.equal(data.normalize(x, mean, std), data.replay_view(full, params, 160, "bicubic", mean, std))
+    assert torch.equal(data.normalize(x[None], mean, std)[0], data.normalize(x, mean, std))  # batched too
+
+
+def test_decode_view_downscales_large_jpegs_only():
+    blob = _smooth_photo(1600, 1200, "JPEG")
+    params = (100, 200, 900, 1000, False)  # short side 900 -> 32 px: libjpeg can decode at 1/8
+    image, box = data.decode_view(blob, "jpg", "k", params, 32)
+    assert image.size == (200, 150) and box == (12.5, 25.0, 112.5, 125.0, False)  # 1/8, sub-pixel
+    drafted = data.replay_view_uint8(image, box, 32, "bicubic").float()
+    exact = data.replay_view_uint8(data.decode_image(blob, "jpg", "k"), params, 32, "bicubic").float()
+    assert (drafted - exact).abs().mean() < 1.5  # the same region: resampling noise only (of 255)
+    # no more reduction than the box allows: 900/112 = 8.04 -> 1/8, 900/113 = 7.96 -> 1/4 (400x300)
+    assert data.decode_view(blob, "jpg", "k", params, 113)[0].size == (400, 300)
+    # PNGs (no DCT scaling) decode at full size with the box unchanged
+    image, box = data.decode_view(_smooth_photo(1600, 1200, "PNG"), "png", "k", params, 32)
+    assert image.size == (1600, 1200) and box == params
+
+
+def test_decode_view_errors_name_the_sample():
+    blob = _smooth_photo(80, 40, "JPEG")
+    with pytest.raises(DatasetError, match=r"shard 3 key 'k1': view box .* outside the 80x40 image"):
+        data.decode_view(blob, "jpg", "shard 3 key 'k1'", (0, 0, 41, 10, 0), 8)
+    with pytest.raises(DatasetError, match=r"shard 3 key 'k1': cannot decode the jpg image"):
+        data.decode_view(blob[:50], "jpg", "shard 3 key 'k1'", (0, 0, 10, 10, 0), 8)
+
+
 def test_replay_view_refuses_bad_boxes_and_interpolations():
     image = Image.new("RGB", (20, 10))
     with pytest.raises(DatasetError, match="outside the 20x10 image"):
