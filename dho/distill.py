@@ -394,8 +394,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
         parts_u if uses_unlabeled else [],
         micro_l=micro, micro_u=micro, seed=cfg.seed, rank=rank, world_size=world, num_workers=num_workers,
         start_item=start_step * cfg.accum_steps, view_sampling=cfg.view_sampling,
-        image_size=student.preprocess["image_size"], interpolation=student.preprocess["interpolation"],
-        mean=student.preprocess["mean"], std=student.preprocess["std"], eta=cfg.eta,
+        image_size=student.preprocess["image_size"], interpolation=student.preprocess["interpolation"], eta=cfg.eta,
         need_embeddings=cfg.method == "ce+kd-feature", window=cfg.window,
     )
     loader = torch.utils.data.DataLoader(
@@ -407,7 +406,12 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     def next_forward_batch() -> dict:
         """Concatenate one micro-batch from each of this rank's W consumers (round-robin order)."""
         items = [next(batches) for _ in range(num_workers)]
-        return {k: torch.cat([it[k] for it in items]).to(device, non_blocking=True) for k in items[0]}
+        # copy each pinned micro-batch (asynchronous), then concatenate on the device
+        batch = {k: torch.cat([it[k].to(device, non_blocking=True) for it in items]) for k in items[0]}
+        for k in ("l_image", "u_image"):
+            if k in batch:  # uint8 from the workers -> the student's normalisation, on the device
+                batch[k] = data.normalize(batch[k], student.preprocess["mean"], student.preprocess["std"])
+        return batch
 
     def autocast():
         return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -421,6 +425,24 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     )
 
     # ---- the loop ---------------------------------------------------------------------------
+    # Loss finiteness is checked a few steps late, in one host sync, so that the CPU can queue the
+    # next step while the GPU runs this one; it is always checked before logging or saving, and the
+    # error names the first bad step (the weights after it are never saved).
+    unchecked: list[tuple[int, dict]] = []  # (step, terms as device tensors)
+
+    def check_finite() -> dict[str, float]:
+        losses_ = torch.stack([t["loss"] for _, t in unchecked]).tolist()
+        for (bad_step, terms_), value in zip(unchecked, losses_):
+            if not math.isfinite(value):
+                raise DhoError(
+                    f"loss is {value} at step {bad_step} (epoch {bad_step // steps_per_epoch}); terms: "
+                    + ", ".join(f"{k}={float(v):.4g}" for k, v in terms_.items())
+                    + ". Lower --lr, use --precision fp32/bf16, or --grad-clip 1.0"
+                )
+        last = {k: float(v) for k, v in unchecked[-1][1].items()}
+        unchecked.clear()
+        return last
+
     model.train()
     t0, seen_since, t_last = time.time(), 0, time.time()
     step = start_step
@@ -443,16 +465,9 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
                     else:
                         out_l, out_u = None, ddp(batch["u_image"])
                     terms = _compute_loss(cfg.method, out_l, out_u, batch, model, cfg)
-                loss = terms["loss"]
-                if not torch.isfinite(loss.detach()):
-                    raise DhoError(
-                        f"loss is {loss.item()} at step {step} (epoch {step // steps_per_epoch}); terms: "
-                        + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-                        + ". Lower --lr, use --precision fp32/bf16, or --grad-clip 1.0"
-                    )
-                scaler.scale(loss / cfg.accum_steps).backward()
-            for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.accum_steps
+                scaler.scale(terms["loss"] / cfg.accum_steps).backward()
+            for k, v in terms.items():  # device tensors: no host sync inside the step
+                terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float() / cfg.accum_steps
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -464,12 +479,18 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
         if _TEST_STEP_SLEEP:
             time.sleep(_TEST_STEP_SLEEP)
         seen_since += 2 * cfg.batch_size if (uses_labeled and uses_unlabeled) else cfg.batch_size
+        unchecked.append((step, terms_sum))
+        end_of_epoch = step % steps_per_epoch == 0
+        saving = step % cfg.checkpoint_every == 0 or end_of_epoch or step == stop_step
+        logging = step % cfg.log_every == 0 or step == stop_step or step == start_step + 1
+        if saving or logging or len(unchecked) >= 32:
+            terms_sum = check_finite()  # the last step's terms, as floats
 
         if cfg.log_grad_cosine and cfg.method in ("dho", "ce+kd") and step % cfg.log_grad_cosine == 0 and is_main:
             cos = _grad_cosine(model, batch, cfg, autocast)
             grad_cos.append((step, cos))
             log.write({"step": step, "grad_cosine": cos})
-        if step % cfg.log_every == 0 or step == stop_step or step == start_step + 1:
+        if logging:
             now = time.time()
             rate = seen_since / max(now - t_last, 1e-9)
             eta_s = (stop_step - step) * (now - t0) / max(step - start_step, 1)
@@ -481,8 +502,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
                 f"lr {record['lr']:.3g} | {rate:.1f} samples/s | ETA {_fmt_time(eta_s)}"
             )
             t_last, seen_since = now, 0
-        end_of_epoch = step % steps_per_epoch == 0
-        if step % cfg.checkpoint_every == 0 or end_of_epoch or step == stop_step:
+        if saving:
             if is_main:
                 _atomic_save(
                     {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

@@ -12,16 +12,20 @@ DDP averages over ranks. So one process with 2 workers and `torchrun` with 2 ran
 train on exactly the same global batches.
 
 Order. Pass p of a stream (one sweep over its shards) permutes all shards with a generator
-seeded by (seed, stream, p). With at least C shards, consumer c takes every C-th shard of that
-permutation (whole shards: each tar is read by one consumer) and shuffles samples inside windows
-of `window` consecutive shards. With fewer shards than consumers it falls back to taking every
-C-th sample of the pass (each consumer then reads every shard: fine for the small sets where it
-happens). Passes repeat forever; the loop decides how many steps an epoch has.
+seeded by (seed, stream, p), lines up their valid samples in that order, and cuts the line into
+C contiguous chunks whose sizes differ by at most one: consumer c takes chunk c and shuffles its
+samples inside windows of `window` consecutive shards. So every consumer yields the same number
+of samples per pass (the passes of all consumers stay in step, and no sample is seen more often
+than another), reads only the few shards its chunk touches (each shard is read by at most a
+couple of consumers, sequentially, once per pass), and keeps at most `window` + 1 shards in memory.
+Passes repeat forever; the loop decides how many steps an epoch has.
 
 Views. Each sample's view comes from its own cache: `cycle` uses view (pass mod V), so a
 sample is seen under all V teacher views in turn; `random` draws a view per (seed, key, pass).
-The student's crop is replayed from the cached `view_params` at the student's resolution and
-normalisation (`data.replay_view`), i.e. the student sees the view the teacher saw.
+The student's crop is replayed from the cached `view_params` at the student's resolution
+(`data.decode_view` + `data.replay_view_uint8`), i.e. the student sees the view the teacher saw.
+Workers yield uint8 images (a quarter of the bytes through shared and pinned memory); the loop
+normalises them on the device with the student's mean/std (`data.normalize`).
 
 Out of scope: images are read per shard into memory (a window of `window` shards per consumer);
 very large shards need a smaller window.
@@ -91,19 +95,28 @@ def consumer_records(
         off = offsets[p][s]
         return [Record(p, s, i, pass_) for i in range(shard_counts[p][s]) if valid[p][off + i]]
 
+    valid_per_shard = [int(valid[p][offsets[p][s] : offsets[p][s] + shard_counts[p][s]].sum()) for p, s in shards]
+    total = sum(valid_per_shard)
+    if total < num_consumers:
+        raise ConfigError(
+            f"the {stream} stream has {total} usable samples for {num_consumers} data consumers (ranks x workers); "
+            "use fewer --workers or ranks"
+        )
+    lo, hi = consumer * total // num_consumers, (consumer + 1) * total // num_consumers  # my chunk of the pass
+
     pass_ = 0
     while True:
         rng = np.random.default_rng(_seed_of(seed, stream, "pass", pass_))
-        order = [shards[i] for i in rng.permutation(len(shards))]
+        order = rng.permutation(len(shards))
         local = np.random.default_rng(_seed_of(seed, stream, "pass", pass_, "consumer", consumer))
-        if len(shards) >= num_consumers:
-            mine = order[consumer::num_consumers]
-            for w in range(0, len(mine), window):
-                records = [r for p, s in mine[w : w + window] for r in shard_records(p, s, pass_)]
-                for i in local.permutation(len(records)):
-                    yield records[i]
-        else:
-            records = [r for p, s in order for r in shard_records(p, s, pass_)][consumer::num_consumers]
+        mine, start = [], 0  # my chunk, grouped by shard
+        for i in order:
+            n = valid_per_shard[i]
+            if n and start < hi and start + n > lo:
+                mine.append(shard_records(*shards[i], pass_)[max(lo - start, 0) : min(hi - start, n)])
+            start += n
+        for w in range(0, len(mine), window):
+            records = [r for group in mine[w : w + window] for r in group]
             for i in local.permutation(len(records)):
                 yield records[i]
         pass_ += 1
@@ -154,7 +167,7 @@ class _PartReader:
 class PairedStream(IterableDataset):
     """Yields one micro-batch dict per step for this consumer: labeled and/or unlabeled halves.
 
-    Keys (present when the half is used): `l_image` (b_l, 3, S, S), `l_label` (b_l,),
+    Keys (present when the half is used): `l_image` (b_l, 3, S, S) uint8, `l_label` (b_l,),
     `l_probs` (b_l, C), `l_emb` (b_l, D); `u_image`, `u_probs`, `u_emb` likewise; `u_index`/`l_index`
     (global rows, for debugging and tests).
     """
@@ -174,8 +187,6 @@ class PairedStream(IterableDataset):
         view_sampling: str,
         image_size: int,
         interpolation: str,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
         eta: float,
         need_embeddings: bool = False,
         window: int = 2,
@@ -187,7 +198,7 @@ class PairedStream(IterableDataset):
         self.num_workers = max(num_workers, 1)
         self.start_item = start_item
         self.view_sampling = view_sampling
-        self.replay = dict(size=image_size, interpolation=interpolation, mean=tuple(mean), std=tuple(std))
+        self.size, self.interpolation = image_size, interpolation
         self.eta = eta
         self.need_embeddings = need_embeddings
         self.window = window
@@ -221,16 +232,15 @@ class PairedStream(IterableDataset):
                     view = _seed_of(self.seed, sample.key, r.pass_, "view") % num_views
                 block = reader.block(view, r.shard)
                 where = f"{info.path.name} key {sample.key!r}"
-                image = data.decode_image(sample.data, sample.ext, where)
-                params = tuple(int(x) for x in block["params"][r.pos])
-                images.append(data.replay_view(image, params, **self.replay))  # (3, S, S)
+                image, box = data.decode_view(sample.data, sample.ext, where, block["params"][r.pos], self.size)
+                images.append(data.replay_view_uint8(image, box, self.size, self.interpolation))  # (3, S, S) uint8
                 labels.append(int(reader.ds.labels[info.offset + r.pos]))
                 probs.append(torch.from_numpy(np.asarray(block["probs"][r.pos], dtype=np.float32)))
                 if self.need_embeddings:
                     embs.append(torch.from_numpy(np.asarray(block["emb"][r.pos], dtype=np.float32)))
                 index.append(info.offset + r.pos)
             batch = {
-                f"{name}_image": torch.stack(images),  # (b, 3, S, S)
+                f"{name}_image": torch.stack(images),  # (b, 3, S, S) uint8, normalised on the device
                 f"{name}_label": torch.tensor(labels, dtype=torch.long),  # (b,)
                 f"{name}_probs": torch.stack(probs),  # (b, C)
                 f"{name}_index": torch.tensor(index, dtype=torch.long),  # (b,)

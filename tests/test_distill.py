@@ -132,8 +132,18 @@ def test_refusals_name_the_problem(world, tmp_path):
 
 
 def test_nan_loss_stops_with_the_step(world, tmp_path):
-    with pytest.raises(DhoError, match=r"at step \d+"):
-        distill(_cfg(world, tmp_path / "run", lr=1e12, epochs=3))
+    """Finiteness is checked a few steps late (no host sync per step) but before anything is saved:
+    the error names the first bad step, and no checkpoint or model holds the broken weights."""
+    run = tmp_path / "run"
+    with pytest.raises(DhoError, match=r"at step \d+") as info:
+        distill(_cfg(world, run, lr=1e12, epochs=3, checkpoint_every=1))
+    bad_step = int(str(info.value).split("at step ")[1].split()[0])
+    assert not (run / "model.pt").exists()
+    ckpt_file = run / "checkpoints" / "last.pt"
+    ckpt = torch.load(ckpt_file, weights_only=False)  # saved every step until the bad one
+    assert ckpt["step"] == bad_step - 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    losses = [m["loss"] for m in _metrics(run) if "loss" in m]
+    assert all(np.isfinite(losses))
 
 
 def _cli_args(world: Path, run: Path, *extra) -> list[str]:
@@ -240,3 +250,27 @@ def test_distill_never_imports_the_teacher(world, tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_stream_replays_the_cached_views_as_uint8(world):
+    """Each streamed image is the cached view's box replayed at the student's size, as uint8;
+    normalised on the device it equals the float `replay_view` the evaluation path uses."""
+    from dho.cache import TeacherCache
+    from dho.stream import PairedStream, Part
+
+    full = data.Dataset.open(world / "full")
+    cache = TeacherCache.open(world / "full.zarr", dataset=full)
+    stream = PairedStream([], [Part(world / "full", world / "full.zarr")], micro_l=0, micro_u=6, seed=0,
+                          rank=0, world_size=1, num_workers=0, start_item=0, view_sampling="cycle",
+                          image_size=24, interpolation="bicubic", eta=2.0)
+    batch = next(iter(stream))
+    assert batch["u_image"].dtype == torch.uint8 and batch["u_image"].shape == (6, 3, 24, 24)
+    samples = {s.key: s for i in range(len(full.shards)) for s in data.iter_shard(full, i)}
+    keys = [k for i in range(len(full.shards)) for k in full.shards[i].keys]
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    for row, index in enumerate(batch["u_index"].tolist()):
+        params = cache.view_params(0, index, index + 1)[0]  # pass 0 -> view 0
+        expected = data.replay_view(samples[keys[index]].image, params, 24, "bicubic", mean, std)
+        assert torch.equal(data.normalize(batch["u_image"][row], mean, std), expected)
+        probs = cache.probs(0, index, index + 1, eta=2.0)[0]
+        assert np.allclose(batch["u_probs"][row].numpy(), probs)

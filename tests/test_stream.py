@@ -45,15 +45,53 @@ def test_order_is_deterministic_and_depends_on_seed_and_pass():
     assert first != second  # each pass reshuffles
 
 
-def test_whole_shards_per_consumer_when_enough_shards():
-    counts, valid = [[4] * 6], [np.ones(24, bool)]
-    shards_of = []
-    for c in range(3):
-        recs = list(islice(consumer_records(counts, valid, stream="u", seed=3, consumer=c, num_consumers=3, window=1), 8))
-        assert {r.pass_ for r in recs} == {0}
-        shards_of.append({r.shard for r in recs})
-    assert all(len(s) == 2 for s in shards_of)  # 6 shards / 3 consumers, whole shards
-    assert set.union(*shards_of) == set(range(6))
+def _one_pass(counts, num_consumers, window, seed=3):
+    """Each consumer's records of pass 0 (a pass holds at most total // C + 1 records per consumer)."""
+    valid = [np.ones(sum(c), bool) for c in counts]
+    total = sum(sum(c) for c in counts)
+    out = []
+    for c in range(num_consumers):
+        it = consumer_records(counts, valid, stream="u", seed=seed, consumer=c, num_consumers=num_consumers, window=window)
+        out.append([r for r in islice(it, total // num_consumers + 1) if r.pass_ == 0])
+    return out
+
+
+def _shard_loads(records, keep):
+    """How often a reader with an LRU of `keep` shards loads a shard while following `records`."""
+    lru, loads = [], 0
+    for r in records:
+        if (r.part, r.shard) in lru:
+            lru.remove((r.part, r.shard))
+        else:
+            loads += 1
+        lru.append((r.part, r.shard))
+        del lru[:-keep]
+    return loads
+
+
+@pytest.mark.parametrize("counts,num_consumers", [
+    ([[4] * 6], 3),          # chunks are whole shards
+    ([[4] * 7], 3),          # 28 samples: chunks of 9, 9, 10 cut through shards
+    ([[10, 10]], 5),         # fewer shards than consumers: neighbours share a shard
+    ([[1000] * 13], 16),     # ImageNet-1%-like labeled split on 2 GPUs x 8 workers
+    ([[5, 5, 3], [4, 4]], 4),
+])
+def test_chunks_are_balanced_and_read_each_shard_once(counts, num_consumers):
+    window = 2
+    per_consumer = _one_pass(counts, num_consumers, window)
+    sizes = [len(r) for r in per_consumer]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == sum(sum(c) for c in counts)
+    num_shards = sum(len(c) for c in counts)
+    touched = [{(r.part, r.shard) for r in recs} for recs in per_consumer]
+    # a chunk is contiguous in the pass's shard order: all shards are read once, plus one per cut
+    assert sum(len(t) for t in touched) <= num_shards + num_consumers - 1
+    for recs, shards in zip(per_consumer, touched):
+        assert _shard_loads(recs, keep=window + 1) == len(shards)  # the reader's LRU never reloads a shard
+
+
+def test_every_consumer_needs_a_sample():
+    with pytest.raises(ConfigError, match="3 usable samples for 4 data consumers"):
+        next(consumer_records([[3]], [np.ones(3, bool)], stream="l", seed=0, consumer=0, num_consumers=4, window=2))
 
 
 def test_no_usable_samples_is_an_error():
