@@ -41,17 +41,25 @@ from dho.students import build_student  # noqa: E402
 from dho.teacher import load_teacher  # noqa: E402
 
 
-def make_images(root: Path, images: int, num_classes: int, size: tuple[int, int]) -> Path:
-    """An ImageFolder of smooth random JPEGs (photo-like sizes), `num_classes` folders."""
+def make_images(root: Path, images: int, num_classes: int, size: tuple[int, int], noise: float) -> tuple[Path, float]:
+    """An ImageFolder of random JPEGs, `num_classes` folders: smooth blobs plus Gaussian grain of std
+    `noise`, so that the files cost what photos cost to decode (at 500x375 and noise 16 they are
+    ~90 KB, like ImageNet's average JPEG). Returns (root, mean KB per file)."""
     rng = np.random.default_rng(0)
+    grain = rng.normal(0.0, noise, (size[1] + 64, size[0] + 64, 3)).astype(np.int16)  # shifted per image
+    total = 0
     for i in range(images):
         folder = root / f"class_{i % num_classes:04d}"
         folder.mkdir(parents=True, exist_ok=True)
-        low = rng.integers(0, 255, size=(size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
+        low = rng.integers(0, 255, size=(max(size[1] // 16, 1), max(size[0] // 16, 1), 3), dtype=np.uint8)
+        pixels = np.asarray(Image.fromarray(low).resize(size, Image.Resampling.BILINEAR), dtype=np.int16)
+        dy, dx = rng.integers(0, 64, 2)
+        pixels = np.clip(pixels + grain[dy : dy + size[1], dx : dx + size[0]], 0, 255).astype(np.uint8)  # (H, W, 3)
         buf = io.BytesIO()
-        Image.fromarray(low).resize(size, Image.Resampling.BILINEAR).save(buf, format="JPEG", quality=90)
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
         (folder / f"img_{i:06d}.jpg").write_bytes(buf.getvalue())
-    return root
+        total += buf.tell()
+    return root, total / images / 1024
 
 
 def _autocast(device: torch.device, precision: str):
@@ -107,7 +115,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--classes", type=int, default=100)
-    ap.add_argument("--image-size", type=int, nargs=2, default=[160, 120], metavar=("W", "H"))
+    ap.add_argument("--image-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"),
+                    help="JPEG size; 500x375 is ImageNet's typical photo")
+    ap.add_argument("--noise", type=float, default=16.0, help="grain std of the synthetic JPEGs (decode cost)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--teacher-batch-size", type=int, default=64)
     ap.add_argument("--results", type=Path, default=None, help="append a JSON line with the numbers here")
@@ -117,7 +127,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        src = make_images(root / "images", args.images, args.classes, tuple(args.image_size))
+        src, jpeg_kb = make_images(root / "images", args.images, args.classes, tuple(args.image_size), args.noise)
         full = data.prepare(src, root / "full", shard_size=max(args.batch_size, 64))
         labeled, _ = data.split(full, root / "labeled", percent=25, shard_size=max(args.batch_size // 2, 16))
         t0 = time.perf_counter()
@@ -145,6 +155,7 @@ def main() -> None:
     result = {
         "device": name, "student": args.student, "teacher": args.teacher, "precision": args.precision,
         "batch": f"{args.batch_size}+{args.batch_size}", "workers": args.workers,
+        "jpeg": f"{args.image_size[0]}x{args.image_size[1]}, {jpeg_kb:.0f} KB",
         "distill_samples_per_s": round(r_distill, 1), "student_only_samples_per_s": round(r_student, 1),
         "online_teacher_samples_per_s": round(r_online, 1),
         "data_path_efficiency": round(r_distill / r_student, 3), "cache_speedup": round(r_distill / r_online, 2),

@@ -2,6 +2,7 @@
 # The GPU checks, as one script for a lent GPU machine (torch preinstalled, no network):
 #   bash bench/gpu_checks.sh OUT_DIR
 # Needs the wheels of open_clip_torch, webdataset, zarr (+ deps) in .whl/ (see bench/RESULTS.md).
+# PRECOMPUTE=1 adds the precompute bench (measured 2026-11-26 on an H200); WORKERS sets distill's workers.
 # Writes OUT_DIR/gpu.log and OUT_DIR/*.jsonl; results go into bench/RESULTS.md by hand, with the card's name.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_checks.sh OUT_DIR}
@@ -12,12 +13,14 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
   echo "== GPU tests"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_losses.py 2>&1 | tail -5
-  echo "== precompute efficiency: ViT-H-14-378-quickgelu, random init, bf16"
-  timeout 200 python3 bench/bench_precompute.py --model ViT-H-14-378-quickgelu --device cuda --precision bf16 \
-      --batch-size 128 --images 1024 --views 1 --workers 14 --classes 1000 --shard-size 128 --topk 0 2>&1 | grep -v "^precompute-teacher\|^prepare\|^index"
-  echo "== distill ratios: ViT-B-16 student, ViT-H-14-378 teacher, bf16"
-  timeout 240 python3 bench/bench_distill.py --student ViT-B-16-quickgelu --teacher ViT-H-14-378-quickgelu --device cuda \
-      --precision bf16 --batch-size 128 --steps 40 --workers 14 --images 2048 --classes 1000 --teacher-batch-size 256 \
-      --results "$OUT/distill.jsonl" 2>&1 | grep -v "^step \|^precompute-teacher\|^prepare\|^split"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_losses.py 2>&1 | tail -5
+  echo "== distill ratios: ViT-B-16 student, ViT-H-14-378 teacher, bf16, ImageNet-sized JPEGs"
+  timeout ${DISTILL_TIMEOUT:-300} python3 bench/bench_distill.py --student ViT-B-16-quickgelu --teacher ViT-H-14-378-quickgelu \
+      --device cuda --precision bf16 --batch-size 128 --steps 60 --workers ${WORKERS:-14} --images 2048 --classes 1000 \
+      --teacher-batch-size 256 --results "$OUT/distill.jsonl" 2>&1 | grep -v "^step \|^precompute-teacher\|^prepare\|^split"
+  if [ -n "${PRECOMPUTE:-}" ]; then
+    echo "== precompute efficiency: ViT-H-14-378-quickgelu, random init, bf16"
+    timeout 200 python3 bench/bench_precompute.py --model ViT-H-14-378-quickgelu --device cuda --precision bf16 \
+        --batch-size 128 --images 1024 --views 1 --workers 14 --classes 1000 --shard-size 128 --topk 0 2>&1 | grep -v "^precompute-teacher\|^prepare\|^index"
+  fi
 } 2>&1 | tee "$OUT/gpu.log"
