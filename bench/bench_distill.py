@@ -1,8 +1,11 @@
 """Throughput of `dho distill` as ratios within one run (never asserted in tests).
 
     python bench/bench_distill.py [--student resnet-tiny --teacher ViT-S-32 --device cpu --batch-size 32 --steps 30]
-    python bench/bench_distill.py --student ViT-B-16 --teacher ViT-H-14-378-quickgelu --device cuda \
-        --batch-size 128 --steps 40 --workers 12 --images 2048          # on a GPU
+    python bench/bench_distill.py --student ViT-B-16-quickgelu --teacher ViT-H-14-378-quickgelu --device cuda \
+        --precision bf16 --batch-size 128 --steps 60 --workers 8 --images 8192 --views 1 --classes 1000   # on a GPU
+
+Use more images than steps x batch: `distill` checkpoints at every epoch's end, and with a tiny
+dataset those saves would fall inside the measurement (real epochs are thousands of steps).
 
 Three measurements of the same student, loss (dho, Eq. 6-7), optimiser (AdamW), batch (B labeled +
 B unlabeled) and precision, all with random-init weights:
@@ -119,6 +122,7 @@ def main() -> None:
                     help="JPEG size; 500x375 is ImageNet's typical photo")
     ap.add_argument("--noise", type=float, default=16.0, help="grain std of the synthetic JPEGs (decode cost)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--views", type=int, default=2, help="teacher views per image in the caches")
     ap.add_argument("--teacher-batch-size", type=int, default=64)
     ap.add_argument("--results", type=Path, default=None, help="append a JSON line with the numbers here")
     args = ap.parse_args()
@@ -132,18 +136,23 @@ def main() -> None:
         labeled, _ = data.split(full, root / "labeled", percent=25, shard_size=max(args.batch_size // 2, 16))
         t0 = time.perf_counter()
         for ds, name in ((full, "full"), (labeled, "labeled")):
-            precompute(ds.root, root / f"{name}.zarr", model=args.teacher, pretrained="none", views=2, device=args.device,
+            precompute(ds.root, root / f"{name}.zarr", model=args.teacher, pretrained="none", views=args.views, device=args.device,
                        precision=args.precision, batch_size=args.teacher_batch_size, workers=args.workers, templates="simple")
         t_pre = time.perf_counter() - t0
         cfg = DistillConfig(
             labeled=str(labeled.root), labeled_cache=str(root / "labeled.zarr"), unlabeled=str(full.root),
             unlabeled_cache=str(root / "full.zarr"), student=args.student, out=str(root / "run"), method="dho",
             epochs=10_000, max_steps=args.steps, batch_size=args.batch_size, workers=args.workers, device=args.device,
-            precision=args.precision, log_every=max(args.steps // 4, 1), checkpoint_every=10**9,
+            precision=args.precision, log_every=5, checkpoint_every=10**9,
         )
+        steps_per_epoch = args.images // args.batch_size
+        if steps_per_epoch <= args.steps:
+            print(f"note: {args.images} images make {steps_per_epoch} steps per epoch; the checkpoint saved at each epoch's "
+                  f"end falls inside the measurement (real epochs are thousands of steps): use --images > steps x batch")
         distill(cfg)
-        rates = [m["samples_per_s"] for m in map(json.loads, (root / "run" / "metrics.jsonl").read_text().splitlines())
-                 if "samples_per_s" in m][2:]  # drop step 1 and the interval with worker start-up
+        records = [m for m in map(json.loads, (root / "run" / "metrics.jsonl").read_text().splitlines()) if "samples_per_s" in m]
+        # steady state: drop the intervals up to step max(10, steps / 4), which hold the workers' start-up
+        rates = [m["samples_per_s"] for m in records if m["step"] > max(10, args.steps // 4)]
         r_distill = float(np.mean(rates))
 
     student = build_student(args.student, args.classes, classnames=[f"class {i}" for i in range(args.classes)]).to(device)
@@ -159,7 +168,8 @@ def main() -> None:
         "distill_samples_per_s": round(r_distill, 1), "student_only_samples_per_s": round(r_student, 1),
         "online_teacher_samples_per_s": round(r_online, 1),
         "data_path_efficiency": round(r_distill / r_student, 3), "cache_speedup": round(r_distill / r_online, 2),
-        "precompute_seconds_2_views": round(t_pre, 1),
+        "distill_interval_rates": [round(r) for r in rates],
+        "images": args.images, "views": args.views, "precompute_seconds": round(t_pre, 1),
     }
     print(json.dumps(result, indent=2))
     if args.results:
