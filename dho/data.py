@@ -201,6 +201,10 @@ def verify_shard(ds: Dataset, shard_index: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _undecodable(where: str, ext: str, e: Exception) -> DatasetError:
+    return DatasetError(f"{where}: cannot decode the {ext} image ({e}); replace the file or leave it out (prepare --skip-bad)")
+
+
 def decode_image(data: bytes, ext: str, where: str) -> Image.Image:
     """Decode encoded image bytes into an RGB PIL image; errors name `where` (a file or shard + key)."""
     try:
@@ -208,7 +212,7 @@ def decode_image(data: bytes, ext: str, where: str) -> Image.Image:
             im.load()
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"{where}: cannot decode the {ext} image ({e}); replace the file or leave it out (prepare --skip-bad)") from e
+        raise _undecodable(where, ext, e) from e
 
 
 def _image_ext(sample: dict) -> Optional[str]:
@@ -891,7 +895,7 @@ def decode_view(data: bytes, ext: str, where: str, params: Sequence, size: int) 
             im.load()
             image = im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"{where}: cannot decode the {ext} image ({e}); replace the file or leave it out (prepare --skip-bad)") from e
+        raise _undecodable(where, ext, e) from e
     if image.size == (width, height):
         return image, (top, left, h, w, flip)
     fx, fy = image.width / width, image.height / height  # 1/2, 1/4 or 1/8 (up to libjpeg's rounding up)

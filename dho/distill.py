@@ -431,8 +431,8 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     unchecked: list[tuple[int, dict]] = []  # (step, terms as device tensors)
 
     def check_finite() -> dict[str, float]:
-        losses_ = torch.stack([t["loss"] for _, t in unchecked]).tolist()
-        for (bad_step, terms_), value in zip(unchecked, losses_):
+        values = torch.stack([t["loss"] for _, t in unchecked]).tolist()
+        for (bad_step, terms_), value in zip(unchecked, values):
             if not math.isfinite(value):
                 raise DhoError(
                     f"loss is {value} at step {bad_step} (epoch {bad_step // steps_per_epoch}); terms: "
