@@ -119,16 +119,20 @@ def _canonical_sha256(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _read_json(path: Path, what: str = "") -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what}{path} is not valid JSON: {e}") from e
+
+
 def _register_model(model: str) -> tuple[str, dict]:
     """Resolve --model to (open_clip name, model config); a JSON path is registered under its stem."""
     if model.endswith(".json") or Path(model).is_file():
         path = Path(model)
         if not path.is_file():
             raise ConfigError(f"model config file {path} does not exist; pass an open_clip model name or a config JSON")
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"model config {path} is not valid JSON: {e}") from e
+        cfg = _read_json(path, "model config ")
         if "model_cfg" in cfg:
             raise ConfigError(
                 f"{path} looks like an hf-hub-style open_clip_config.json; put it in a folder with the weights "
@@ -268,10 +272,7 @@ def load_teacher(
         config_file = folder / "open_clip_config.json"
         if not config_file.is_file():
             raise ConfigError(f"--pretrained {pretrained}: {config_file} not found (open_clip hf-hub folder layout expected)")
-        try:
-            folder_cfg = json.loads(config_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{config_file} is not valid JSON: {e}") from e
+        folder_cfg = _read_json(config_file)
         if "model_cfg" not in folder_cfg:
             raise ConfigError(f"{config_file} has no 'model_cfg' (open_clip hf-hub config format expected)")
         oc_name, oc_pretrained, model_cfg = f"local-dir:{folder}", None, folder_cfg["model_cfg"]
