@@ -20,6 +20,9 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
   timeout ${DISTILL_TIMEOUT:-300} python3 bench/bench_distill.py --student ViT-B-16-quickgelu --teacher ViT-H-14-378-quickgelu \
       --device cuda --precision bf16 --batch-size 128 --steps 60 --workers ${WORKERS:-8} --images 8192 --views 1 --classes 1000 \
       --teacher-batch-size 256 --results "$OUT/distill.jsonl" 2>&1 | grep -v "^step \|^precompute-teacher\|^prepare\|^split"
+  echo "== teacher precision: fp16 and bf16 probabilities against fp32 (ViT-H-14-378-quickgelu, random init)"
+  timeout 120 python3 bench/teacher_precision.py --model ViT-H-14-378-quickgelu --pretrained none --device cuda \
+      --images 256 --classes 1000 --batch-size 64 --results "$OUT/precision.jsonl"
   if [ -n "${PRECOMPUTE:-}" ]; then
     echo "== precompute efficiency: ViT-H-14-378-quickgelu, random init, bf16"
     timeout 200 python3 bench/bench_precompute.py --model ViT-H-14-378-quickgelu --device cuda --precision bf16 \

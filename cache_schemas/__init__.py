@@ -1,6 +1,6 @@
 """Versioned schemas of the dho teacher cache (see README.md in this folder).
 
-`v1.json` is a JSON Schema (draft 2020-12) of the cache's group attributes plus, under the
+`v1.json`, `v2.json`, ... are JSON Schemas (draft 2020-12) of the cache's group attributes plus, under the
 custom keyword `x-dho-arrays`, the table of arrays (dtype, symbolic shape and chunks). A change
 of meaning of any array or attribute means a new version file, never an edit of an old one.
 """
@@ -12,8 +12,8 @@ from functools import lru_cache
 from importlib import resources
 
 SCHEMA_NAME = "dho-teacher-cache"
-CURRENT_VERSION = 1
-KNOWN_VERSIONS = (1,)
+CURRENT_VERSION = 2
+KNOWN_VERSIONS = (1, 2)
 
 
 @lru_cache(maxsize=None)

@@ -43,7 +43,8 @@ from dho.errors import CacheError
 # attributes that must be equal for a rerun to add units to an existing store ("don't mix")
 PARAM_KEYS = (
     "dataset_fingerprint", "num_samples", "classnames", "shard_counts", "chunk_len", "num_views", "center_view",
-    "seed", "zeta", "eta", "teacher", "templates", "preprocess", "precision", "topk", "store_embeddings", "embed_dim",
+    "seed", "zeta", "eta", "teacher", "templates", "text_classifier_norm", "preprocess", "precision", "topk",
+    "store_embeddings", "embed_dim",
 )
 VIEW_PARAM_FIELDS = ("top", "left", "height", "width", "flip")
 
@@ -102,6 +103,8 @@ class TeacherCache:
         self.group = group
         self.mode = mode
         self.attrs: dict = dict(group.attrs)
+        if self.attrs["schema_version"] == 1:  # v1 had one classifier: the re-normalised template mean
+            self.attrs.setdefault("text_classifier_norm", "renormalize")
         self.num_views: int = self.attrs["num_views"]
         self.num_samples: int = self.attrs["num_samples"]
         self.classnames: list[str] = list(self.attrs["classnames"])
@@ -289,7 +292,7 @@ class TeacherCache:
 
     @property
     def text_classifier(self) -> np.ndarray:
-        """(C, D) float32 zero-shot classifier of the teacher (unit rows)."""
+        """(C, D) float32 zero-shot classifier of the teacher (unit rows unless text_classifier_norm is "mean")."""
         return np.asarray(self.array("text_classifier")[:], dtype=np.float32)
 
     def is_complete(self) -> bool:
@@ -509,6 +512,7 @@ def summarize(path) -> dict:
         "teacher": a["teacher"],
         "precision": a["precision"],
         "templates": a["templates"],
+        "text_classifier_norm": a["text_classifier_norm"],
         "preprocess": a["preprocess"],
         "zeta": a["zeta"],
         "eta": a["eta"],
@@ -558,7 +562,8 @@ def format_summary(info: dict) -> str:
     lines = [
         f"cache:      {info['path']} (schema v{info['schema_version']}, dho {info['dho_version']}, created {info['created_at']})",
         f"teacher:    {t['model']} / {t['pretrained']} (weights sha256 {t['weights_sha256'][:16]}...), precision {info['precision']}",
-        f"classifier: {len(info['templates'])} templates, zeta={info['zeta']} (logit scale {1.0 / info['zeta']:g}), eta={info['eta']}",
+        f"classifier: {len(info['templates'])} templates ({info['text_classifier_norm']}), zeta={info['zeta']} "
+        f"(logit scale {1.0 / info['zeta']:g}), eta={info['eta']}",
         f"preprocess: {pp['image_size']}px {pp['interpolation']} resize_mode={pp['resize_mode']} mean={pp['mean']} std={pp['std']} ({pp['source']})",
         f"views:      {views}, seed {info['seed']}; storage: {storage}",
         f"data:       {info['num_samples']} samples, {info['num_classes']} classes, {info['num_shards']} shards, chunk length {info['chunk_len']}",

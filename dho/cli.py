@@ -116,6 +116,8 @@ def distill(
     lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (betas 0.9, 0.999). [default: 0.001]")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay. [default: 0.01]")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps before the cosine decay. [default: 0]")] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option(help="warmup-cosine (linear warmup to lr, then cosine to 0 at the end; floor(stream/batch) steps per epoch) | reference (the authors' code: warmup from 0.01*lr times a cosine over total-warmup steps from step 0; ceil(stream/batch) steps per epoch). [default: warmup-cosine]")] = None,
+    unlabeled_pool: Annotated[Optional[str], typer.Option(help="Unlabeled batches from: union (labeled ∪ unlabeled, Alg. 1) | exclude-labeled (the unlabeled pool without the labeled samples, as the reference code); an epoch is one pass over it. [default: union]")] = None,
     lambda_: Annotated[Optional[float], typer.Option("--lambda", help="Loss weight: lambda * L_CE + (1 - lambda) * L_KD. [default: 0.5]")] = None,
     eta: Annotated[Optional[float], typer.Option(help="KD temperature eta; the KD term is scaled by eta^2. A cache stored at another eta is re-tempered exactly. [default: 2.0]")] = None,
     zeta: Annotated[Optional[float], typer.Option(help="Scale 1/zeta of the aligned cosine kd_head of VLM students (Eq. 10). [default: 0.01]")] = None,
@@ -136,6 +138,8 @@ def distill(
     log_grad_cosine: Annotated[Optional[int], typer.Option(help="Every N steps log cos(grad L_CE, grad L_KD) over the feature extractor (dho, ce+kd) and plot it; 0 = off. [default: 0]")] = None,
     text_init: Annotated[Optional[bool], typer.Option("--text-init/--no-text-init", help="Language-aware init of both heads from the student's own text encoder (VLM students). [default: on]")] = None,
     align_kd_head: Annotated[Optional[bool], typer.Option("--align-kd-head/--no-align-kd-head", help="Cosine kd_head aligned with the teacher's rule, Eq. 10 (VLM students). [default: on]")] = None,
+    vlm_heads: Annotated[Optional[str], typer.Option(help="Aligned kd_head and text init of VLM students: reference (the authors' code: linear with bias on the normalised feature, times 1/zeta; heads start from the raw template-mean text embeddings) | eq10 (1/zeta * cos(z, w_c), unit rows, no bias; normalised text embeddings). [default: reference]")] = None,
+    interpolation: Annotated[Optional[str], typer.Option(help="Resampling of the student's training views and evaluation images: bilinear | bicubic; none keeps the student's own (bilinear for torchvision CNNs, the open_clip config's for VLM students). [default: none]")] = None,
     window: Annotated[Optional[int], typer.Option(help="Shards per shuffle window of each data consumer. [default: 2]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where its last checkpoint stopped. [default: off]")] = False,
 ) -> None:
@@ -150,12 +154,13 @@ def distill(
     given = {
         "labeled": labeled, "labeled_cache": labeled_cache, "unlabeled": unlabeled, "unlabeled_cache": unlabeled_cache,
         "student": student, "student_pretrained": student_pretrained, "method": method, "out": out, "epochs": epochs,
-        "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps, "lambda_": lambda_,
+        "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+        "lr_schedule": lr_schedule, "unlabeled_pool": unlabeled_pool, "lambda_": lambda_,
         "eta": eta, "zeta": zeta, "alpha": alpha, "beta": beta, "precision": precision, "device": device, "workers": workers,
         "seed": seed, "view_sampling": view_sampling, "grad_clip": grad_clip, "accum_steps": accum_steps,
         "checkpoint_every": checkpoint_every, "log_every": log_every, "max_steps": max_steps, "val": val,
         "eval_every_epoch": eval_every_epoch, "log_grad_cosine": log_grad_cosine, "init_heads_from_text": text_init,
-        "align_kd_head": align_kd_head, "window": window,
+        "align_kd_head": align_kd_head, "vlm_heads": vlm_heads, "interpolation": interpolation, "window": window,
     }
     values.update({k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None})
     if values.get("student_pretrained") in ("none", ""):
@@ -282,10 +287,11 @@ def precompute_teacher(
     pretrained: Annotated[Optional[str], typer.Option(help="Teacher weights: an open_clip tag, a local checkpoint file, local-dir:FOLDER (open_clip_config.json + weights) or none (seeded random init). Default: dfn5b.")] = None,
     templates: Annotated[Optional[str], typer.Option(help="Prompt templates: tip-adapter (the 7 of Tip-Adapter), openai (open_clip's 80), simple ('a photo of a {}.') or a file with one template per line. Default: tip-adapter.")] = None,
     views: Annotated[Optional[int], typer.Option(help="Augmented views per sample: RandomResizedCrop(scale 0.5-1, ratio 3/4-4/3) + flip p=0.5, seeded by (seed, key, view). Default: 10.")] = None,
-    center_view: Annotated[bool, typer.Option("--center-view", help="Also store the evaluation view (whole image for squash resize, central square for shortest) as an extra last view. Default: off.")] = False,
+    center_view: Annotated[bool, typer.Option("--center-view", help="Also store the evaluation view (open_clip's eval transform of the teacher's preprocessing: resize + center crop for shortest, whole image for squash and longest) as an extra last view. Default: off.")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the view boxes. Default: 0.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images (sample-views) per teacher forward, rounded down to whole samples. Default: 64.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32 (autocast; weights stay fp32). Default: auto.")] = None,
+    text_classifier_norm: Annotated[Optional[str], typer.Option(help="Zero-shot classifier w_c: renormalize (mean of the normalised template embeddings, re-normalised: Eq. 1) | mean (not re-normalised, as the reference code's DFN teacher: logits scale with the mean's norm). Stored in the cache. Default: renormalize.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (fp16 on CUDA, as the reference code; fp32 on CPU), bf16, fp16 or fp32 (autocast; weights stay fp32). Default: auto.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto (cuda if available), cuda, cuda:N or cpu; under torchrun each rank uses cuda:LOCAL_RANK. Default: auto.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes decoding and cropping images (0 = in the main process). Default: 4.")] = None,
     store_embeddings: Annotated[bool, typer.Option("--store-embeddings", help="Also store the teacher's normalised image embeddings (V, N, D) float16, for feature KD. Default: off.")] = False,
@@ -305,7 +311,8 @@ def precompute_teacher(
     from dho.precompute import precompute
 
     given = dict(
-        model=model, pretrained=pretrained, templates=templates, views=views, seed=seed, batch_size=batch_size,
+        model=model, pretrained=pretrained, templates=templates, text_classifier_norm=text_classifier_norm, views=views,
+        seed=seed, batch_size=batch_size,
         precision=precision, device=device, workers=workers, eta=eta, zeta=zeta,
         image_size=image_size, interpolation=interpolation, resize_mode=resize_mode,
         mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"),

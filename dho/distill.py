@@ -13,9 +13,20 @@ Methods (`--method`):
   ce+kd-feature  single head: CE on ce_head + MSE between projected student features and the
                  teacher's image embeddings (CLIP-KD style); needs `embeddings` in the caches.
 
-An epoch is one pass over the unlabeled stream (labeled ∪ unlabeled), for every method, so
-baselines get the same number of steps; the labeled stream cycles. Out of scope: mixed
-teacher caches within one stream (all caches must share class list and teacher temperature).
+An epoch is one pass over the unlabeled stream, for every method, so baselines get the same
+number of steps; the labeled stream cycles. The unlabeled stream (`unlabeled_pool`) is labeled ∪
+unlabeled (`union`, Alg. 1 line 7) or the unlabeled pool without the labeled samples
+(`exclude-labeled`, what the reference code's loaders do). Learning rate (`lr_schedule`):
+`warmup-cosine` is a linear warm-up to the base rate over `warmup_steps`, then a cosine to 0 at the
+last step (Table 6's wording); `reference` is the authors' code: a linear warm-up from 0.01 of the
+base rate over `warmup_steps` multiplied by a cosine over (total - warmup_steps) steps that starts at
+step 0 (torch's ChainedScheduler of LinearLR and CosineAnnealingLR), with epochs of
+ceil(stream / batch) steps as a DataLoader without drop_last. docs/fidelity.md lists every such
+choice. At start the run prints how often each cached (sample, view) will be drawn and warns past
+REUSE_WARN: a labeled set drawn thousands of times through a few cached crops loses augmentation.
+
+Out of scope: mixed teacher caches within one stream (all caches must share class list and
+teacher temperature).
 """
 
 from __future__ import annotations
@@ -45,6 +56,9 @@ METHODS = ("dho", "ce", "kd", "ce+kd", "ce+kd-feature")
 # Inference defaults stored with each method's model (Eq. 11): single-head methods predict with
 # the head they trained (alpha = 1 -> ce_head; alpha = 0, beta = 1 -> kd_head).
 METHOD_ALPHA_BETA = {"dho": None, "ce": (1.0, 1.0), "kd": (0.0, 1.0), "ce+kd": (1.0, 1.0), "ce+kd-feature": (1.0, 1.0)}
+LR_SCHEDULES = ("warmup-cosine", "reference")
+UNLABELED_POOLS = ("union", "exclude-labeled")
+REUSE_WARN = 10  # warn when a cached (sample, view) is drawn more often than this over the run
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,8 @@ class DistillConfig:
     lr: float = 1e-3  # low-shot CLIP students: 5e-5
     weight_decay: float = 1e-2  # low-shot CLIP students: 5e-2
     warmup_steps: int = 0  # linear warmup, then cosine decay to 0 (low-shot: 5000)
+    lr_schedule: str = "warmup-cosine"  # or "reference" (the authors' code; see the module docstring)
+    unlabeled_pool: str = "union"  # unlabeled batches from labeled ∪ unlabeled, or "exclude-labeled" (reference code)
     lambda_: float = 0.5  # L = lambda * L_CE + (1 - lambda) * L_KD
     eta: float = 2.0  # KD temperature; the cache is re-tempered exactly if it was stored at another eta
     zeta: float = 0.01  # scale 1/zeta of the aligned cosine kd_head (VLM students)
@@ -83,7 +99,9 @@ class DistillConfig:
     eval_every_epoch: bool = False
     log_grad_cosine: int = 0  # every N steps: cos(grad L_CE, grad L_KD) over g's parameters (Fig. 4); 0 = off
     init_heads_from_text: bool = True  # language-aware init of both heads (VLM students)
-    align_kd_head: bool = True  # cosine kd_head of Eq. 10 (VLM students)
+    align_kd_head: bool = True  # kd_head aligned with the teacher's rule, Eq. 10 (VLM students)
+    vlm_heads: str = "reference"  # form of the aligned head and text init: "reference" (authors' code) | "eq10"
+    interpolation: Optional[str] = None  # student resampling (bilinear | bicubic); None = the student's own
     window: int = 2  # shards per shuffle window of each consumer
 
     @staticmethod
@@ -129,11 +147,57 @@ def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtyp
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+    """Linear warmup over `warmup_steps`, then cosine decay to 0 at `total_steps` (`warmup-cosine`)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def reference_lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The reference code's schedule (`reference`): ChainedScheduler(LinearLR(start_factor=0.01,
+    total_iters=W), CosineAnnealingLR(T_max=total - W)), both stepped every iteration from step 0.
+
+    That is L(t) * c(t) with L the linear warm-up factor and c(t) = (1 + cos(pi t / T_max)) / 2: the
+    cosine starts at step 0, reaches 0 at step total - W and, being periodic, rises again over the
+    last W steps (by 0.5 * (1 - cos(pi * W / (total - W))) of the base rate at most), as it did for
+    the paper. Torch's chained (recursive) form restarts the cosine from the base rate one step after
+    each zero, dropping the warm-up factor of that moment: L(t) * c(t) / L(r) after the last restart
+    r, which only differs from L(t) * c(t) when the cosine reaches 0 before the warm-up ends.
+    """
+    def warm(t: int) -> float:
+        return 0.01 + 0.99 * min(t, warmup_steps) / warmup_steps if warmup_steps > 0 else 1.0
+
+    t_max = max(1, total_steps - warmup_steps)
+    restart = t_max + 1 + ((step - t_max - 1) // (2 * t_max)) * 2 * t_max if step > t_max else None
+    cosine = 0.5 * (1.0 + math.cos(math.pi * step / t_max))
+    return warm(step) * cosine / (warm(restart) if restart is not None else 1.0)
+
+
+def schedule_steps(epoch_size: int, batch_size: int, epochs: int, lr_schedule: str) -> tuple[int, int]:
+    """(steps per epoch, total steps): an epoch is one pass over a stream of `epoch_size` samples.
+
+    `warmup-cosine` drops the ragged last batch (floor); `reference` counts it as the reference's
+    DataLoader without drop_last does (ceil).
+    """
+    per_epoch = -(-epoch_size // batch_size) if lr_schedule == "reference" else epoch_size // batch_size
+    per_epoch = max(1, per_epoch)
+    return per_epoch, epochs * per_epoch
+
+
+def draws_per_sample(total_steps: int, batch_size: int, stream_size: int) -> float:
+    """How often each sample of a stream of `stream_size` is drawn over `total_steps` steps of `batch_size`."""
+    return total_steps * batch_size / max(1, stream_size)
+
+
+def views_needed(total_steps: int, batch_size: int, stream_size: int, max_reuse: float) -> int:
+    """Teacher views a stream's cache needs so that no (sample, view) is drawn more than `max_reuse` times."""
+    return max(1, math.ceil(draws_per_sample(total_steps, batch_size, stream_size) / max_reuse - 1e-9))
+
+
+def _train_views(cache) -> int:
+    """Augmented views of a cache that training draws from (an optional center view is stored last and skipped)."""
+    return cache.num_views - int(bool(cache.attrs.get("center_view", False)))
 
 
 def _open_part(dataset: str, cache: str, role: str):
@@ -268,6 +332,10 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
 
     if cfg.method not in METHODS:
         raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {cfg.method!r}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}; got {cfg.lr_schedule!r}")
+    if cfg.unlabeled_pool not in UNLABELED_POOLS:
+        raise ConfigError(f"--unlabeled-pool must be one of {', '.join(UNLABELED_POOLS)}; got {cfg.unlabeled_pool!r}")
     out = Path(cfg.out)
     rank, world, device = _setup_distributed(cfg.device)
     is_main = rank == 0
@@ -296,13 +364,22 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
         for name in ("eta", "zeta"):
             if u_cache.attrs[name] != l_cache.attrs[name]:
                 raise CacheError(f"the labeled and unlabeled caches were made with different {name} ({l_cache.attrs[name]} vs {u_cache.attrs[name]})")
-        parts_u.append(Part(Path(cfg.unlabeled), Path(cfg.unlabeled_cache)))
-        sizes_u += int(np.asarray(u_cache.valid).sum())
+        labeled_keys = set(l_ds.keys)
+        if cfg.unlabeled_pool == "exclude-labeled":
+            # the reference code's unlabeled loader: the pool without the labeled samples
+            part = Part(Path(cfg.unlabeled), Path(cfg.unlabeled_cache), exclude=tuple(k for k in u_ds.keys if k in labeled_keys))
+            parts_u.append(part)
+            sizes_u += int(part.usable(u_ds.keys, u_cache.valid).sum())
+        else:
+            parts_u.append(Part(Path(cfg.unlabeled), Path(cfg.unlabeled_cache)))
+            sizes_u += int(np.asarray(u_cache.valid).sum())
+        views_u = [_train_views(u_cache)]
         # Alg. 1 line 7: unlabeled batches come from labeled ∪ unlabeled. If the unlabeled pool
         # already holds every labeled key (e.g. the full train set), it *is* that union.
-        if not set(l_ds.keys) <= set(u_ds.keys):
+        if cfg.unlabeled_pool == "union" and not labeled_keys <= set(u_ds.keys):
             parts_u.append(Part(Path(cfg.labeled), Path(cfg.labeled_cache)))
             sizes_u += int(np.asarray(l_cache.valid).sum())
+            views_u.append(_train_views(l_cache))
     elif uses_unlabeled:
         raise ConfigError(f"--method {cfg.method} needs --unlabeled DATASET --unlabeled-cache CACHE")
     if cfg.method == "ce+kd-feature" and "embeddings" not in l_cache.group:
@@ -320,7 +397,11 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     num_classes = len(classnames)
     if l_cache.num_classes != num_classes:
         raise CacheError(f"{cfg.labeled_cache} has {l_cache.num_classes} classes but {cfg.labeled} has {num_classes}")
-    epoch_size = sizes_u if sizes_u else int(np.asarray(l_cache.valid).sum())
+    if cfg.unlabeled is not None and sizes_u == 0:
+        raise ConfigError(f"the unlabeled stream is empty: every sample of {cfg.unlabeled} is labeled or invalid; "
+                          "use --unlabeled-pool union or a larger pool")
+    size_l = int(np.asarray(l_cache.valid).sum())
+    epoch_size = sizes_u if sizes_u else size_l  # one pass over the unlabeled stream, for every method (ce too)
 
     consumers = world * num_workers
     per_forward = cfg.batch_size // cfg.accum_steps
@@ -330,9 +411,13 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
             f"{world} x {num_workers} x {cfg.accum_steps}; pick a batch size that is a multiple of {consumers * cfg.accum_steps}"
         )
     micro = per_forward // consumers  # samples per side, per consumer, per forward pass
-    steps_per_epoch = max(1, epoch_size // cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
+    steps_per_epoch, total_steps = schedule_steps(epoch_size, cfg.batch_size, cfg.epochs, cfg.lr_schedule)
     stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    reuse = []  # (stream, samples, views, draws per sample) of each stream this method reads
+    if uses_labeled:
+        reuse.append(("labeled", size_l, _train_views(l_cache), draws_per_sample(total_steps, cfg.batch_size, size_l)))
+    if uses_unlabeled:
+        reuse.append(("unlabeled", sizes_u, min(views_u), draws_per_sample(total_steps, cfg.batch_size, sizes_u)))
 
     # ---- run directory, config, resume ----------------------------------------------------
     ckpt_path = out / "checkpoints" / "last.pt"
@@ -357,7 +442,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     student = build_student(
         cfg.student, num_classes, pretrained=cfg.student_pretrained, classnames=classnames,
         templates=l_cache.attrs.get("templates"), init_heads_from_text=cfg.init_heads_from_text,
-        align_kd_head=cfg.align_kd_head, zeta=cfg.zeta,
+        align_kd_head=cfg.align_kd_head, zeta=cfg.zeta, vlm_heads=cfg.vlm_heads, interpolation=cfg.interpolation,
     )
     projection = None
     if cfg.method == "ce+kd-feature":
@@ -369,7 +454,8 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     model = Trainee(student, projection).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps))
+    schedule = reference_lr_lambda if cfg.lr_schedule == "reference" else lr_lambda
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, cfg.warmup_steps, total_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
     start_step, grad_cos = 0, []
     if resume:
@@ -423,6 +509,14 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
         f"(batch {cfg.batch_size}+{cfg.batch_size}, {world} rank(s) x {num_workers} consumer(s)) | device {device}"
         + (f" | resuming at step {start_step}" if resume else "")
     )
+    for stream, size, views, draws in reuse:
+        per_view = draws / views
+        log.say(f"{stream} stream: {size} samples x {views} cached views; each sample is drawn ~{draws:.1f} times, "
+                f"each (sample, view) ~{per_view:.1f} times over the run")
+        if per_view > REUSE_WARN:
+            log.say(f"warning: each {stream} (sample, view) is used ~{per_view:.0f} times (more than {REUSE_WARN}): the same "
+                    f"few crops repeat instead of fresh augmentation; precompute that cache with --views "
+                    f"{math.ceil(draws / REUSE_WARN)} or more")
 
     # ---- the loop ---------------------------------------------------------------------------
     # Loss finiteness is checked a few steps late, in one host sync, so that the CPU can queue the
@@ -471,6 +565,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        lr_used = optimizer.param_groups[0]["lr"]  # the rate of this step, before the schedule moves on
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -494,7 +589,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
             now = time.time()
             rate = seen_since / max(now - t_last, 1e-9)
             eta_s = (stop_step - step) * (now - t0) / max(step - start_step, 1)
-            record = {"step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
+            record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr_used,
                       "samples_per_s": rate, **{k: round(v, 6) for k, v in terms_sum.items()}}
             log.write(record)
             log.say(

@@ -10,10 +10,10 @@ The search (``search_on``) runs on a labeled validation dataset and refuses to r
 data being evaluated (same manifest fingerprint): never tune on the test split. Likewise a
 stored ``alpha_beta.json`` searched on the very dataset being evaluated is refused.
 
-Evaluation view: the central square of side min(W, H) (``resize_mode`` "shortest"; "squash"
-for students whose preprocessing says so, e.g. DFN-pretrained towers), resized to the
-student's size with its interpolation and normalisation, via ``data.replay_view`` — the same
-function that replays training views.
+Evaluation view: open_clip's eval transform for the student's preprocessing, pixel for pixel
+(``data.eval_view_uint8``): resize the short side to the student's size, then center-crop
+(``resize_mode`` "shortest"); "squash" and "longest" for students whose preprocessing says so,
+e.g. DFN-pretrained towers; then the student's normalisation.
 
 Out of scope: multi-crop / TTA evaluation, per-class metrics, distributed evaluation.
 """
@@ -151,8 +151,8 @@ class _EvalView:
         self.resize_mode = preprocess.get("resize_mode", "shortest")
 
     def image(self, image) -> torch.Tensor:
-        params = data_lib.center_view_params(image.width, image.height, self.resize_mode)
-        return data_lib.replay_view(image, params, self.size, self.interpolation, self.mean, self.std)
+        view = data_lib.eval_view_uint8(image, self.size, self.interpolation, self.resize_mode)  # (3, S, S) uint8
+        return data_lib.normalize(view, self.mean, self.std)
 
     def __call__(self, sample) -> tuple[torch.Tensor, int, int]:
         return self.image(sample.image), sample.label, sample.index

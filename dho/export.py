@@ -35,9 +35,10 @@ from dho.students import DualHeadStudent
 
 META_FILE = "dho.json"
 VIEW_RECIPE = (
-    "shortest: crop the central square of side s = min(W, H) at top = round((H - s) / 2), "
-    "left = round((W - s) / 2); squash: the whole image. Then resize to (image_size, image_size) "
-    "with PIL and the interpolation, scale to [0, 1], subtract mean and divide by std per channel."
+    "open_clip's eval transform: shortest: torchvision Resize(image_size) (the short side, PIL, the "
+    "interpolation), then CenterCrop(image_size); squash: Resize((image_size, image_size)); longest: "
+    "resize the long side to image_size keeping the ratio, then center-crop-or-pad with black. Then "
+    "scale to [0, 1], subtract mean and divide by std per channel."
 )
 
 

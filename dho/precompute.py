@@ -10,8 +10,9 @@
      store built with other parameters is an error, never a mix;
   4. work: units are (view, dataset shard); ranks own whole shards (`data.assign_shards`) and skip
      shards whose units are all done. DataLoader workers decode each image once and replay all its
-     views (`data.view_params` boxes, or `data.center_view_params` for the optional last center
-     view) with `data.replay_view` at the teacher's size / interpolation / mean / std. Batches never
+     views (`data.view_params` boxes replayed with `data.replay_view`; the optional last center view
+     is open_clip's eval transform, `data.eval_view_uint8`, its region stored as a box) at the
+     teacher's size / interpolation / mean / std. Batches never
      cross shards and are formed the same way on every run (shard, batch size, views), so a resumed
      or multi-rank run computes bit-identical numbers on the same hardware (a partly done shard is
      recomputed whole). Each worker takes whole shards: more workers than this rank's shards idle;
@@ -21,8 +22,8 @@
   6. when a shard's rows are all in, each of its pending units is written as whole chunks, fsynced,
      then marked done; whichever process finds every unit done sets `complete=True`.
 
-Precision: `auto` = bf16 autocast on CUDA, fp32 on CPU (CPU bf16 autocast works but is rarely
-faster and costs accuracy). Unreadable images raise DatasetError naming shard and key; with
+Precision: `auto` = fp16 autocast on CUDA (the reference code's choice; bf16 moves a probability
+by up to ~2e-2 and the cache keeps it for every student), fp32 on CPU. Unreadable images raise DatasetError naming shard and key; with
 `skip_bad` they are recorded as invalid (see dho/cache.py for how readers see them).
 
 Test-only hook: env DHO_TEST_SLOW_UNITS=SECONDS sleeps after every written unit, so tests can
@@ -118,12 +119,14 @@ class _ShardBatches(torch.utils.data.IterableDataset):
                 continue
             w, h = image.size
             for v in range(total):
-                if v == self.num_views:  # the evaluation view, last
-                    box = data.center_view_params(w, h, pp["resize_mode"])
+                if v == self.num_views:  # the evaluation view, last: open_clip's eval transform, pixel for pixel
+                    box = data.center_view_params(w, h, pp["resize_mode"])  # the region it shows, for the record
+                    view = data.eval_view_uint8(image, size, pp["interpolation"], pp["resize_mode"])
+                    images[i, v] = data.normalize(view, pp["mean"], pp["std"])
                 else:
                     box = data.view_params(s.key, v, self.seed, w, h)
+                    images[i, v] = data.replay_view(image, box, size, pp["interpolation"], pp["mean"], pp["std"])
                 params[i, v] = torch.tensor([int(b) for b in box], dtype=torch.int32)
-                images[i, v] = data.replay_view(image, box, size, pp["interpolation"], pp["mean"], pp["std"])
         return {
             "images": images.view(n * total, 3, size, size),  # (b * V', 3, S, S), sample-major
             "shard": samples[0].shard,
@@ -190,6 +193,7 @@ def precompute(
     model: str = DEFAULT_MODEL,
     pretrained: str = DEFAULT_PRETRAINED,
     templates: str | list[str] = DEFAULT_TEMPLATES,
+    text_classifier_norm: str = "renormalize",
     views: int = DEFAULT_VIEWS,
     center_view: bool = False,
     seed: int = 0,
@@ -234,12 +238,11 @@ def precompute(
     if topk is not None and not 1 <= topk < ds.num_classes:
         raise ConfigError(f"--topk {topk} must be in [1, {ds.num_classes - 1}] for {ds.num_classes} classes (or leave it out: dense)")
     teacher = load_teacher(
-        model, pretrained, dev, precision, classnames=ds.classnames, templates=templates, image_size=image_size,
+        model, pretrained, dev, precision, classnames=ds.classnames, templates=templates,
+        text_classifier_norm=text_classifier_norm, image_size=image_size,
         mean=mean, std=std, interpolation=interpolation, resize_mode=resize_mode, verbose=rank == 0,
     )
     pp = teacher.preprocess
-    if center_view and pp["resize_mode"] not in ("squash", "shortest"):
-        raise ConfigError(f"--center-view needs resize mode squash or shortest, the teacher uses {pp['resize_mode']!r}; pass --resize-mode")
 
     # ---- the store: fully created before any unit is written
     total_views = views + int(center_view)
@@ -254,6 +257,7 @@ def precompute(
         "eta": float(eta),
         "teacher": dict(teacher.identity),
         "templates": list(teacher.templates),
+        "text_classifier_norm": teacher.text_classifier_norm,
         "preprocess": dict(pp),
         "precision": teacher.precision,
         "topk": topk,

@@ -49,10 +49,18 @@ from dho.errors import ConfigError
 
 @dataclass(frozen=True)
 class Part:
-    """One dataset with its teacher cache, as a member of a stream."""
+    """One dataset with its teacher cache, as a member of a stream; `exclude` keys are never drawn."""
 
     dataset_path: Path
     cache_path: Path
+    exclude: tuple[str, ...] = ()
+
+    def usable(self, keys: list[str], valid: np.ndarray) -> np.ndarray:
+        """(N,) bool: valid in the cache and not excluded."""
+        if not self.exclude:
+            return np.asarray(valid, dtype=bool)
+        excluded = set(self.exclude)
+        return np.asarray(valid, dtype=bool) & ~np.fromiter((k in excluded for k in keys), dtype=bool, count=len(keys))
 
 
 @dataclass(frozen=True)
@@ -210,7 +218,7 @@ class PairedStream(IterableDataset):
         readers = [_PartReader(p, keep=self.window + 1, eta=self.eta, need_embeddings=self.need_embeddings) for p in parts]
         records = consumer_records(
             [[s.count for s in r.ds.shards] for r in readers],
-            [np.asarray(r.cache.valid, dtype=bool) for r in readers],
+            [p.usable(r.ds.keys, r.cache.valid) for p, r in zip(parts, readers)],
             stream=name, seed=self.seed, consumer=consumer, num_consumers=num_consumers, window=self.window,
         )
         for _ in range(self.start_item * micro):  # resume: skip already-consumed records, no decoding

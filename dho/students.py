@@ -4,7 +4,8 @@
     ce_logits = ce_head(z) = W_ce z + b_ce     # (B, C), trained with CE only
     kd_logits = kd_head(z)                     # (B, C), trained with KD only
               = W_kd z + b_kd                  # linear (CNN students)
-              = (1 / zeta) * cos(z, w_c)       # aligned cosine head, Eq. 10 (VLM students)
+              = (1 / zeta) * (W_kd n(z) + b_kd)  # aligned head of the reference code (VLM students, default)
+              = (1 / zeta) * cos(z, w_c)       # aligned head as Eq. 10 states it (vlm_heads="eq10")
 
 Students:
 - torchvision CNNs: ``resnet18``, ``resnet50``, ``mobilenet_v2`` and the test variant
@@ -16,12 +17,17 @@ Students:
   tower's output embedding after its projection, D = embed_dim. The student's own text
   encoder is used once for language-aware head init and then dropped.
 
-Head init (VLM students, ``init_heads_from_text``): both heads' weights are the class text
-embeddings of the student's own text encoder (per-class mean over templates of L2-normalised
-embeddings, re-normalised), biases zero. Otherwise (and always for CNN students):
-``nn.init.kaiming_uniform_(W, a=sqrt(5))`` (PyTorch's nn.Linear default, fan_in) and zero
-biases. ``align_kd_head`` (VLM students) makes kd_head the cosine head of Eq. 10. Both flags
-are independent (Table 5 ablation) and have no effect on CNN students.
+Head forms of VLM students (``vlm_heads``; no effect on CNN students):
+- ``reference`` (the authors' code, which produced Table 4; n = L2 normalisation): the aligned
+  kd_head is a linear layer with bias on n(z), times 1/zeta, so its weight norms and bias train;
+  language-aware init sets both heads' weights to the raw per-class mean of the template text
+  embeddings (not normalised), biases zero.
+- ``eq10`` (the paper's text): the aligned kd_head is (1/zeta) cos(z, w_c), unit-norm rows, no
+  bias; language-aware init uses the per-class mean of L2-normalised template embeddings,
+  re-normalised (the teacher's classifier of Eq. 1).
+``init_heads_from_text`` off: ``nn.init.kaiming_uniform_(W, a=sqrt(5))`` (PyTorch's nn.Linear
+default, fan_in) and zero biases, as always for CNN students. ``align_kd_head`` off: kd_head is a
+plain linear head on z. The three settings are independent (Table 5 ablation).
 
 Model files: ``save_student`` / ``load_student`` hold everything needed to rebuild the
 student offline (no download, no text encoder): build args (incl. the open_clip model
@@ -55,6 +61,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_TEMPLATES = ("a photo of a {}.",)  # Alg. 1 input: prompt template "A photo of [CLASS]"
 MODEL_FILE_FORMAT = "dho-student"
 MODEL_FILE_VERSION = 1
+VLM_HEADS = ("reference", "eq10")  # see the module docstring
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,6 +89,22 @@ class CosineHead(nn.Module):
         return f"in_features={self.weight.shape[1]}, num_classes={self.weight.shape[0]}, zeta={self.zeta}"
 
 
+class NormalizedLinearHead(nn.Linear):
+    """Aligned KD head of the reference code: logits = (W n(z) + b) / zeta, weight norms and bias trainable."""
+
+    def __init__(self, in_features: int, num_classes: int, zeta: float = 0.01):
+        super().__init__(in_features, num_classes)
+        self.zeta = float(zeta)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        # float32 even under autocast, as CosineHead: the 1/zeta scale magnifies rounding
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return F.linear(F.normalize(z.float(), dim=-1), self.weight.float(), self.bias.float()) / self.zeta  # (B, C)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", zeta={self.zeta}"
+
+
 def _kaiming_init(weight: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # fan_in; PyTorch's nn.Linear default
 
@@ -98,13 +121,19 @@ class DualHeadStudent(nn.Module):
         zeta: float,
         preprocess: dict,
         build_args: dict,
+        vlm_heads: str = "eq10",
     ):
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.num_classes = num_classes
         self.ce_head = nn.Linear(feature_dim, num_classes)
-        self.kd_head = CosineHead(feature_dim, num_classes, zeta) if align_kd_head else nn.Linear(feature_dim, num_classes)
+        if not align_kd_head:
+            self.kd_head = nn.Linear(feature_dim, num_classes)
+        elif vlm_heads == "reference":
+            self.kd_head = NormalizedLinearHead(feature_dim, num_classes, zeta)
+        else:
+            self.kd_head = CosineHead(feature_dim, num_classes, zeta)
         for head in (self.ce_head, self.kd_head):
             _kaiming_init(head.weight)
             if getattr(head, "bias", None) is not None:
@@ -284,8 +313,13 @@ def _clip_preprocess(model: nn.Module) -> dict:
 
 
 @torch.no_grad()
-def _text_classifier(model: nn.Module, model_name: str, classnames: list[str], templates: list[str], device) -> torch.Tensor:
-    """(C, D): per class, the mean of L2-normalised template embeddings, re-normalised (Eq. 1)."""
+def _text_classifier(model: nn.Module, model_name: str, classnames: list[str], templates: list[str], device,
+                     normalized: bool = True) -> torch.Tensor:
+    """(C, D) class text embeddings for head init.
+
+    normalized: per class, the mean of L2-normalised template embeddings, re-normalised (Eq. 1);
+    else the plain mean of the raw template embeddings (the reference code's student init).
+    """
     import open_clip
 
     tokenizer = open_clip.get_tokenizer(model_name)
@@ -293,8 +327,8 @@ def _text_classifier(model: nn.Module, model_name: str, classnames: list[str], t
     rows = []
     for classname in classnames:
         tokens = tokenizer([t.format(classname) for t in templates]).to(device)  # (T, L)
-        emb = model.encode_text(tokens, normalize=True).float()  # (T, D)
-        rows.append(F.normalize(emb.mean(dim=0), dim=-1))  # (D,)
+        emb = model.encode_text(tokens, normalize=normalized).float()  # (T, D)
+        rows.append(F.normalize(emb.mean(dim=0), dim=-1) if normalized else emb.mean(dim=0))  # (D,)
     return torch.stack(rows).cpu()  # (C, D)
 
 
@@ -353,6 +387,8 @@ def build_student(
     init_heads_from_text: bool = True,
     align_kd_head: bool = True,
     zeta: float = 0.01,
+    vlm_heads: str = "reference",
+    interpolation: Optional[str] = None,
     device: str | torch.device = "cpu",
 ) -> DualHeadStudent:
     """Build a dual-head student (on CPU).
@@ -364,8 +400,10 @@ def build_student(
         tag (downloads) or a local checkpoint file.
     classnames, templates: for language-aware init of VLM students (templates contain ``{}``;
         default ``["a photo of a {}."]``).
-    init_heads_from_text, align_kd_head: VLM students only (see module docstring).
-    zeta: the cosine head's fixed temperature (logit scale 1 / zeta), Eq. 10.
+    init_heads_from_text, align_kd_head, vlm_heads: VLM students only (see module docstring).
+    zeta: the aligned head's fixed temperature (logit scale 1 / zeta), Eq. 10.
+    interpolation: resampling of the student's views and evaluation images (default: the
+        student's own, bilinear for torchvision CNNs, the open_clip config's for VLM students).
     device: where the text encoder runs for language-aware init.
     """
     if pretrained is not None and str(pretrained).lower() == "none":
@@ -373,6 +411,10 @@ def build_student(
     pretrained = None if pretrained is None else str(pretrained)
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    if vlm_heads not in VLM_HEADS:
+        raise ConfigError(f"--vlm-heads must be one of {', '.join(VLM_HEADS)}, got {vlm_heads!r}")
+    if interpolation is not None and interpolation not in ("bilinear", "bicubic"):
+        raise ConfigError(f"--interpolation must be bilinear or bicubic, got {interpolation!r}")
     source = _clip_source(name)
     if source is None and name not in _TORCHVISION_STUDENTS:
         raise ConfigError(
@@ -382,6 +424,8 @@ def build_student(
 
     if source is None:
         backbone, dim, preprocess = _build_torchvision(name, pretrained)
+        if interpolation is not None:
+            preprocess["interpolation"] = interpolation
         build_args = {"name": name, "kind": "torchvision", "num_classes": num_classes, "feature_dim": dim,
                       "align_kd_head": False, "zeta": zeta, "pretrained": pretrained, "init_heads_from_text": False}
         return DualHeadStudent(backbone, dim, num_classes, False, zeta, preprocess, build_args)
@@ -400,18 +444,21 @@ def build_student(
     model, tower, model_name, cfg = _build_open_clip(source, pretrained)
     dim = int(cfg["embed_dim"])
     preprocess = _clip_preprocess(model)
-    text_weights = _text_classifier(model, model_name, classnames, templates, device) if init_heads_from_text else None
+    if interpolation is not None:
+        preprocess["interpolation"] = interpolation
+    text_weights = (_text_classifier(model, model_name, classnames, templates, device, normalized=vlm_heads == "eq10")
+                    if init_heads_from_text else None)
     tower = tower.cpu()
     del model  # the text encoder is used only for init
     build_args = {"name": name, "kind": "open_clip", "num_classes": num_classes, "feature_dim": dim,
                   "align_kd_head": bool(align_kd_head), "zeta": zeta, "pretrained": pretrained,
                   "init_heads_from_text": bool(init_heads_from_text), "clip_config": cfg,
-                  "templates": templates if init_heads_from_text else None}
-    student = DualHeadStudent(tower, dim, num_classes, bool(align_kd_head), zeta, preprocess, build_args)
+                  "templates": templates if init_heads_from_text else None, "vlm_heads": vlm_heads}
+    student = DualHeadStudent(tower, dim, num_classes, bool(align_kd_head), zeta, preprocess, build_args, vlm_heads)
     if text_weights is not None:
         with torch.no_grad():
             for head in (student.ce_head, student.kd_head):
-                head.weight.copy_(text_weights)  # (C, D) unit rows
+                head.weight.copy_(text_weights)  # (C, D): unit rows (eq10) or raw template means (reference)
                 if getattr(head, "bias", None) is not None:
                     head.bias.zero_()
     return student
@@ -426,8 +473,9 @@ def rebuild_student(build_args: dict, preprocess: dict) -> DualHeadStudent:
         backbone, dim = _rebuild_clip_tower(build_args["clip_config"]), int(build_args["feature_dim"])
     else:
         raise ConfigError(f"unknown student kind {kind!r} in build args {build_args}")
+    # model files written before the option existed hold the Eq. 10 heads
     return DualHeadStudent(backbone, dim, int(build_args["num_classes"]), bool(build_args["align_kd_head"]),
-                           float(build_args["zeta"]), preprocess, build_args)
+                           float(build_args["zeta"]), preprocess, build_args, build_args.get("vlm_heads", "eq10"))
 
 
 def save_student(

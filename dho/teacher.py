@@ -13,8 +13,13 @@ three questions for stage 1 (`dho.precompute`):
   the pretrained config (tag or local-dir), else open_clip's defaults, which are then printed;
   every field can be overridden. The result is `Teacher.preprocess` and goes into the cache.
 - how it predicts: the zero-shot classifier `w_c` = per-class mean of the L2-normalised text
-  embeddings of the prompts `template.format(classname)`, re-normalised; logits
-  `cos(f_X(x), w_c) / zeta` (paper Eq. 1 / Alg. 1 line 13 without the KD temperature).
+  embeddings of the prompts `template.format(classname)`, re-normalised (`text_classifier_norm`
+  "renormalize", Eq. 1) or not ("mean", what the reference code's DFN branch does: logits then
+  scale with the norm of the mean, 100 ||m_c|| cos); logits `f_X(x) . w_c / zeta` for a
+  normalised image embedding (Alg. 1 line 13 without the KD temperature).
+
+Precision: the teacher runs once, so `auto` is fp16 autocast on CUDA (the reference code's
+`precision='fp16'`; bf16 moves a probability by up to ~2e-2) and fp32 on CPU.
 
 Weights fingerprint (`Teacher.identity['weights_sha256']`): the sha256 of the checkpoint file when
 `pretrained` is a file (streamed); otherwise (tag, local-dir, none) the sha256 of the string
@@ -60,6 +65,7 @@ TIP_ADAPTER_TEMPLATES = [
 INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("squash", "shortest", "longest")
 PRECISIONS = ("fp32", "bf16", "fp16")
+TEXT_CLASSIFIER_NORMS = ("renormalize", "mean")
 
 
 def builtin_templates() -> dict[str, list[str]]:
@@ -172,8 +178,9 @@ class Teacher:
     preprocess: dict  # {image_size, interpolation, mean, std, resize_mode, source}
     identity: dict  # {model, pretrained, weights_sha256, model_config_sha256}
     embed_dim: int
-    text_classifier: torch.Tensor | None = None  # (C, D) float32, unit rows
+    text_classifier: torch.Tensor | None = None  # (C, D) float32: unit rows (renormalize) or template means (mean)
     templates: list[str] = field(default_factory=list)
+    text_classifier_norm: str = "renormalize"
 
     def autocast(self):
         if self.precision == "fp32":
@@ -200,16 +207,21 @@ class Teacher:
             out.append(F.normalize(z.float(), dim=-1))
         return torch.cat(out)
 
-    def build_text_classifier(self, classnames: list[str], templates: list[str]) -> torch.Tensor:
-        """w_c = normalise(mean_t normalise(f_T(template_t(c)))) for every class c -> (C, D), also kept on self."""
+    def build_text_classifier(self, classnames: list[str], templates: list[str], norm: str = "renormalize") -> torch.Tensor:
+        """w_c = mean_t normalise(f_T(template_t(c))), re-normalised unless norm="mean", for every class c
+        -> (C, D), also kept on self."""
+        if norm not in TEXT_CLASSIFIER_NORMS:
+            raise ConfigError(f"--text-classifier-norm must be one of {', '.join(TEXT_CLASSIFIER_NORMS)}, got {norm!r}")
         prompts = [t.replace("{}", c) for c in classnames for t in templates]
         emb = self.encode_texts(prompts).view(len(classnames), len(templates), -1)  # (C, T, D)
-        self.text_classifier = F.normalize(emb.mean(dim=1), dim=-1)  # (C, D)
+        mean = emb.mean(dim=1)  # (C, D)
+        self.text_classifier = F.normalize(mean, dim=-1) if norm == "renormalize" else mean
         self.templates = list(templates)
+        self.text_classifier_norm = norm
         return self.text_classifier
 
     def logits(self, image_emb: torch.Tensor, zeta: float = DEFAULT_ZETA) -> torch.Tensor:
-        """Zero-shot logits cos(f_X(x), w_c) / zeta (Eq. 1) from normalised embeddings (B, D) -> (B, C)."""
+        """Zero-shot logits f_X(x) . w_c / zeta (Eq. 1; = cos / zeta for unit w_c) from normalised embeddings (B, D) -> (B, C)."""
         if self.text_classifier is None:
             raise ConfigError("the teacher has no text classifier yet; call build_text_classifier(classnames, templates)")
         return image_emb.float() @ self.text_classifier.to(image_emb.device).T / zeta
@@ -226,9 +238,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CUDA (tensor cores), fp32 on CPU (CPU bf16 autocast is allowed but rarely faster)."""
+    """'auto' -> fp16 on CUDA (as the reference code; bf16's 8-bit mantissa costs accuracy the cache keeps
+    forever), fp32 on CPU (CPU low-precision autocast is allowed but rarely faster)."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "fp16" if device.type == "cuda" else "fp32"
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision!r}: choose one of auto, {', '.join(PRECISIONS)}")
     return precision
@@ -242,6 +255,7 @@ def load_teacher(
     *,
     classnames: list[str] | None = None,
     templates: str | list[str] = DEFAULT_TEMPLATES,
+    text_classifier_norm: str = "renormalize",
     image_size: int | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
@@ -389,5 +403,5 @@ def load_teacher(
         embed_dim=int(model_cfg["embed_dim"]),
     )
     if classnames is not None:
-        teacher.build_text_classifier(list(classnames), resolve_templates(templates))
+        teacher.build_text_classifier(list(classnames), resolve_templates(templates), text_classifier_norm)
     return teacher

@@ -14,19 +14,15 @@ from dho.students import build_student, save_student
 
 
 def reference_view(path: Path, preprocess: dict) -> torch.Tensor:
-    """The evaluation view computed straight from an image file with PIL (independent of dho.data):
-    central square (torchvision rounding), resize, [0, 1], normalise -> (3, S, S)."""
+    """The evaluation view computed straight from an image file by open_clip's own eval transform
+    (independent of dho.data) -> (3, S, S) normalised."""
+    from open_clip.transform import image_transform
+
+    transform = image_transform(preprocess["image_size"], is_train=False, mean=tuple(preprocess["mean"]),
+                                std=tuple(preprocess["std"]), resize_mode=preprocess.get("resize_mode", "shortest"),
+                                interpolation=preprocess["interpolation"])
     with Image.open(path) as im:
-        im = im.convert("RGB")
-    side = min(im.width, im.height)
-    top, left = int(round((im.height - side) / 2.0)), int(round((im.width - side) / 2.0))
-    size = preprocess["image_size"]
-    resample = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}[preprocess["interpolation"]]
-    im = im.crop((left, top, left + side, top + side)).resize((size, size), resample)
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
-    mean = torch.tensor(preprocess["mean"]).view(3, 1, 1)
-    std = torch.tensor(preprocess["std"]).view(3, 1, 1)
-    return (x - mean) / std
+        return transform(im.convert("RGB"))
 
 
 def make_trained_run(run_dir: Path, ds: data.Dataset, steps: int = 20, seed: int = 0) -> Path:
@@ -38,8 +34,8 @@ def make_trained_run(run_dir: Path, ds: data.Dataset, steps: int = 20, seed: int
     xs, ys = [], []
     for s in range(len(ds.shards)):
         for sample in data.iter_shard(ds, s):
-            params = data.center_view_params(sample.image.width, sample.image.height, "shortest")
-            xs.append(data.replay_view(sample.image, params, pre["image_size"], pre["interpolation"], pre["mean"], pre["std"]))
+            view = data.eval_view_uint8(sample.image, pre["image_size"], pre["interpolation"], pre["resize_mode"])
+            xs.append(data.normalize(view, pre["mean"], pre["std"]))
             ys.append(sample.label)
     x, y = torch.stack(xs), torch.tensor(ys)  # (N, 3, S, S), (N,)
     c = ds.num_classes

@@ -26,7 +26,7 @@ def _attrs(ds, views=2, topk=None, store_embeddings=False, eta=2.0, D=4) -> dict
         "dataset_fingerprint": ds.fingerprint, "num_samples": ds.num_samples, "classnames": list(ds.classnames),
         "num_views": views, "center_view": False, "seed": 0, "zeta": 0.01, "eta": eta,
         "teacher": {"model": "m", "pretrained": "none", "weights_sha256": "a" * 64, "model_config_sha256": "b" * 64},
-        "templates": ["a photo of a {}."],
+        "templates": ["a photo of a {}."], "text_classifier_norm": "renormalize",
         "preprocess": {"image_size": 32, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
                        "resize_mode": "squash", "source": "test"},
         "precision": "fp32", "topk": topk, "store_embeddings": store_embeddings, "embed_dim": D,
@@ -141,14 +141,20 @@ def test_schema_checked_on_every_open(tmp_path, tiny_dataset):
     path = tmp_path / "c.zarr"
     _create(path, tiny_dataset)
     g = zarr.open_group(str(path), mode="r+")
-    g.attrs.update({"schema_version": 2})
-    with pytest.raises(CacheError, match="cache schema version 2, but dho .* reads version\\(s\\) 1"):
+    g.attrs.update({"schema_version": 9})
+    with pytest.raises(CacheError, match="cache schema version 9, but dho .* reads version\\(s\\) 1, 2"):
         TeacherCache.open(path)
-    g.attrs.update({"schema_version": 1, "eta": -1})
-    with pytest.raises(CacheError, match="do not match cache schema v1 at eta"):
+    g.attrs.update({"schema_version": 1})  # v1 has no text_classifier_norm
+    with pytest.raises(CacheError, match="do not match cache schema v1 at \\(top level\\): Additional properties"):
         TeacherCache.open(path)
-    g.attrs.update({"eta": 2.0, "chunk_len": 3})
-    with pytest.raises(CacheError, match="array 'probs' .* chunks \\(1, 5, 3\\), but schema v1 requires .* chunks \\(1, 3, 3\\)"):
+    g.attrs.update({"schema_version": 2, "eta": -1})
+    with pytest.raises(CacheError, match="do not match cache schema v2 at eta"):
+        TeacherCache.open(path)
+    g.attrs.update({"eta": 2.0, "text_classifier_norm": "other"})
+    with pytest.raises(CacheError, match="do not match cache schema v2 at text_classifier_norm"):
+        TeacherCache.open(path)
+    g.attrs.update({"text_classifier_norm": "mean", "chunk_len": 3})
+    with pytest.raises(CacheError, match="array 'probs' .* chunks \\(1, 5, 3\\), but schema v2 requires .* chunks \\(1, 3, 3\\)"):
         TeacherCache.open(path)
     g.attrs.update({"chunk_len": 5, "schema": "something-else"})
     with pytest.raises(CacheError, match="not a dho teacher cache"):
@@ -203,7 +209,7 @@ def _readme_tables() -> tuple[dict, set]:
 
 def test_readme_and_json_schema_document_the_same_layout(tmp_path, tiny_dataset):
     arrays, attrs = _readme_tables()
-    schema = cache_schemas.load_schema(1)
+    schema = cache_schemas.load_schema(cache_schemas.CURRENT_VERSION)
     assert set(attrs) == set(schema["properties"])
     table = schema["x-dho-arrays"]
     assert set(arrays) == set(table)
@@ -217,3 +223,36 @@ def test_readme_and_json_schema_document_the_same_layout(tmp_path, tiny_dataset)
     assert set(g.array_keys()) == set(arrays) - {"topk_indices", "topk_probs"}
     assert set(g.attrs) == attrs - {"complete"}
     assert json.loads((tmp_path / "c.zarr" / "zarr.json").read_text())["attributes"]["schema"] == "dho-teacher-cache"
+
+
+def test_a_schema_v1_cache_stays_readable_and_resumable(tmp_path):
+    """tests/assets/v1-cache was written by dho 0.1.0: it opens, reads, summarises and resumes unchanged."""
+    import shutil
+    import subprocess
+    import sys
+
+    asset = Path(__file__).parent / "assets" / "v1-cache"
+    shutil.copytree(asset, tmp_path / "v1")
+    ds = data.Dataset.open(tmp_path / "v1" / "dataset")
+    cache = TeacherCache.open(tmp_path / "v1" / "cache.zarr", dataset=ds)
+    assert cache.attrs["schema_version"] == 1 and cache.is_complete()
+    assert cache.attrs["text_classifier_norm"] == "renormalize"  # v1 knew only the re-normalised classifier
+    np.testing.assert_allclose(np.linalg.norm(cache.text_classifier, axis=1), 1.0, atol=1e-5)
+    for view in range(cache.num_views):
+        p = cache.probs(view, 0, cache.num_samples)  # (N, C)
+        assert np.isfinite(p).all() and (p >= 0).all()
+        np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=2e-3)
+    from dho.cache import summarize
+
+    info = summarize(tmp_path / "v1" / "cache.zarr")
+    assert info["schema_version"] == 1 and info["complete"] and info["text_classifier_norm"] == "renormalize"
+    # the same precompute command finds it complete and changes nothing
+    before = {f: f.read_bytes() for f in (tmp_path / "v1" / "cache.zarr").rglob("*") if f.is_file()}
+    dho = str(Path(sys.executable).parent / "dho")
+    proc = subprocess.run([dho, "precompute-teacher", str(tmp_path / "v1" / "dataset"), "--out", str(tmp_path / "v1" / "cache.zarr"),
+                           "--model", str(Path(__file__).parent / "assets" / "tiny-clip.json"), "--pretrained", "none",
+                           "--templates", "simple", "--views", "2", "--center-view", "--device", "cpu", "--workers", "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    after = {f: f.read_bytes() for f in (tmp_path / "v1" / "cache.zarr").rglob("*") if f.is_file()}
+    assert after == before

@@ -368,10 +368,31 @@ def test_view_params_are_order_independent_and_in_bounds():
 
 def test_center_view_params():
     assert data.center_view_params(50, 30, "squash") == (0, 0, 30, 50, False)
+    assert data.center_view_params(50, 30, "longest") == (0, 0, 30, 50, False)
     assert data.center_view_params(50, 30, "shortest") == (0, 10, 30, 30, False)
     assert data.center_view_params(20, 33, "shortest") == (6, 0, 20, 20, False)
     with pytest.raises(ConfigError, match="resize_mode 'crop'"):
         data.center_view_params(20, 33, "crop")
+
+
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash", "longest"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("width,height,size", [(53, 37, 24), (37, 53, 24), (500, 375, 224), (333, 500, 378), (20, 31, 32)])
+def test_eval_view_is_open_clips_eval_transform_pixel_for_pixel(resize_mode, interpolation, width, height, size):
+    """Non-square images, down- and upsampling: the evaluation view equals open_clip's eval preprocess exactly."""
+    from open_clip.transform import image_transform
+
+    rng = np.random.default_rng(width * height)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    theirs = image_transform(size, is_train=False, mean=mean, std=std, resize_mode=resize_mode, interpolation=interpolation)(image)
+    ours = data.normalize(data.eval_view_uint8(image, size, interpolation, resize_mode), mean, std)
+    assert ours.shape == (3, size, size)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    if resize_mode == "shortest" and (width, height) == (500, 375):  # the old crop-then-resize view differs
+        box = data.center_view_params(width, height, "shortest")
+        old = data.replay_view(image, box, size, interpolation, mean, std)
+        assert (old - theirs).abs().max() > 0.05
 
 
 @pytest.mark.parametrize("interpolation,flip", [("bicubic", True), ("bilinear", False)])

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dho import data
-from dho.distill import DistillConfig, distill, lr_lambda
+from dho.distill import DistillConfig, distill, draws_per_sample, lr_lambda, reference_lr_lambda, schedule_steps, views_needed
 from dho.errors import CacheError, ConfigError, DhoError
 from dho.precompute import precompute
 from dho.students import load_student
@@ -67,6 +67,38 @@ def test_schedule_warmup_then_cosine():
     assert lr_lambda(20, 4, 20) == pytest.approx(0.0) and lr_lambda(0, 0, 10) == pytest.approx(1.0)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of")
+@pytest.mark.parametrize("warmup,total", [(20, 200), (50, 60), (0, 30), (5000, 158_560)])
+def test_reference_schedule_is_torchs_chained_linear_and_cosine_at_every_step(warmup, total):
+    """The authors' low-shot schedule: ChainedScheduler(LinearLR(0.01 -> 1 over W), CosineAnnealingLR(T_max =
+    total - W)), stepped per iteration; the cosine starts at step 0 and, periodic, rises again after total - W."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=5e-5)
+    chained = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup)]
+    if warmup:
+        chained.insert(0, torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, end_factor=1.0, total_iters=warmup))
+    scheduler = torch.optim.lr_scheduler.ChainedScheduler(chained)
+    steps = range(total) if total < 1000 else [*range(0, 6000), *range(total - 6000, total)]
+    done = 0
+    for step in steps:
+        while done < step:
+            scheduler.step()
+            done += 1
+        torch_lr = opt.param_groups[0]["lr"]
+        assert 5e-5 * reference_lr_lambda(step, warmup, total) == pytest.approx(torch_lr, rel=1e-6, abs=1e-13), step
+
+
+def test_schedule_steps_and_view_reuse_arithmetic():
+    # ImageNet 1%: 1,281,167 - 12,811 unlabeled at 256: the reference's 4,955 steps per epoch (ceil)
+    assert schedule_steps(1_281_167 - 12_811, 256, 32, "reference") == (4955, 32 * 4955)
+    assert schedule_steps(1_281_167, 256, 32, "warmup-cosine") == (5004, 32 * 5004)
+    assert schedule_steps(5, 8, 3, "warmup-cosine") == (1, 3)  # at least one step per epoch
+    # a labeled image of the 1% split is drawn ~3,200 times over the 32-epoch schedule
+    assert draws_per_sample(32 * 5004, 256, 12_811) == pytest.approx(3199.8, abs=0.1)
+    assert views_needed(32 * 5004, 256, 12_811, max_reuse=10) == 320
+    assert views_needed(100, 10, 1000, max_reuse=4) == 1
+
+
 def test_short_run_lowers_loss_and_writes_run_dir(world, tmp_path):
     run = tmp_path / "run"
     distill(_cfg(world, run, epochs=4, val=str(world / "val"), log_grad_cosine=4))
@@ -111,6 +143,8 @@ def test_baselines_train_their_head_only(world, tmp_path, method):
     assert meta["alpha"] == (0.0 if method == "kd" else 1.0)
     expected = {"ce": {"ce"}, "kd": {"kd"}, "ce+kd": {"ce", "kd"}, "ce+kd-feature": {"ce", "feature_kd"}}[method]
     assert expected <= set(_metrics(run)[0])
+    # every method trains the same steps: an epoch is one pass over the unlabeled pool, even for ce
+    assert len([m for m in _metrics(run) if "loss" in m]) == 40 // 8
 
 
 def test_refusals_name_the_problem(world, tmp_path):
@@ -274,3 +308,49 @@ def test_stream_replays_the_cached_views_as_uint8(world):
         assert torch.equal(data.normalize(batch["u_image"][row], mean, std), expected)
         probs = cache.probs(0, index, index + 1, eta=2.0)[0]
         assert np.allclose(batch["u_probs"][row].numpy(), probs)
+
+
+def test_exclude_labeled_pool_never_draws_a_labeled_sample_and_sets_the_epoch(world):
+    """--unlabeled-pool exclude-labeled (the reference's loaders): the unlabeled half skips every labeled key."""
+    from dho.stream import PairedStream, Part
+
+    full, labeled = data.Dataset.open(world / "full"), data.Dataset.open(world / "labeled")
+    part = Part(world / "full", world / "full.zarr", exclude=tuple(labeled.keys))
+    stream = PairedStream([], [part], micro_l=0, micro_u=4, seed=0, rank=0, world_size=1, num_workers=0, start_item=0,
+                          view_sampling="cycle", image_size=24, interpolation="bilinear", eta=2.0)
+    pool = len(full.keys) - len(labeled.keys)  # 40 - 8
+    batches = iter(stream)
+    drawn = [full.keys[i] for _ in range(2 * pool // 4) for i in next(batches)["u_index"].tolist()]  # two passes
+    assert not set(drawn) & set(labeled.keys)
+    assert sorted(drawn[:pool]) == sorted(set(full.keys) - set(labeled.keys)) == sorted(drawn[pool:])
+
+
+def test_reference_options_are_recorded_and_lr_is_the_rate_each_step_used(world, tmp_path, capsys):
+    run = tmp_path / "run"
+    distill(_cfg(world, run, epochs=2, lr_schedule="reference", warmup_steps=3, unlabeled_pool="exclude-labeled",
+                 interpolation="bicubic"))
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["lr_schedule"], cfg["unlabeled_pool"], cfg["vlm_heads"], cfg["interpolation"]) == (
+        "reference", "exclude-labeled", "reference", "bicubic")
+    steps_per_epoch = -(-(40 - 8) // 8)  # ceil: the reference's DataLoader keeps the ragged batch
+    logged = [m for m in _metrics(run) if "loss" in m]
+    assert [m["step"] for m in logged] == list(range(1, 2 * steps_per_epoch + 1))
+    for m in logged:  # step s (1-based) ran at the rate of schedule position s - 1
+        assert m["lr"] == pytest.approx(3e-3 * reference_lr_lambda(m["step"] - 1, 3, 2 * steps_per_epoch), rel=1e-9)
+    assert load_student(run / "model.pt")[1]["preprocess"]["interpolation"] == "bicubic"
+    out = capsys.readouterr().out
+    # 8 labeled samples x 2 views, drawn 8 x 8 / 8 = 8 times each; the pool's 32 x 2 views, 2 times each
+    assert "labeled stream: 8 samples x 2 cached views; each sample is drawn ~8.0 times, each (sample, view) ~4.0 times" in out
+    assert "unlabeled stream: 32 samples x 2 cached views; each sample is drawn ~2.0 times, each (sample, view) ~1.0 times" in out
+    assert "warning" not in out
+
+
+def test_heavy_reuse_of_cached_views_is_warned_about(world, tmp_path, capsys):
+    distill(_cfg(world, tmp_path / "run", epochs=6))
+    out = capsys.readouterr().out
+    # 6 epochs x 5 steps x 8 labeled per step over 8 labeled samples = 30 draws over 2 views = 15 per view
+    assert "warning: each labeled (sample, view) is used ~15 times (more than 10)" in out and "--views 3 or more" in out
+    with pytest.raises(ConfigError, match="--lr-schedule must be one of warmup-cosine, reference"):
+        distill(_cfg(world, tmp_path / "bad", lr_schedule="linear"))
+    with pytest.raises(ConfigError, match="--unlabeled-pool must be one of union, exclude-labeled"):
+        distill(_cfg(world, tmp_path / "bad", unlabeled_pool="all"))

@@ -20,27 +20,22 @@ from dho.students import build_student, save_student
 TINY_CLIP = Path(__file__).parent / "assets" / "tiny-clip.json"
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit.*deprecated")
 
-# Plain torch + PIL: load the model, read its metadata, preprocess as it says, print top-k.
+# Plain torch + torchvision + PIL: load the model, read its metadata, preprocess with the usual
+# torchvision Resize + CenterCrop (what the metadata describes), print top-k.
 STANDALONE = r"""
 import json, sys
-import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 extra = {"dho.json": ""}
 model = torch.jit.load(sys.argv[1], _extra_files=extra)
 meta = json.loads(extra["dho.json"])
 pre = meta["preprocess"]
-size = pre["image_size"]
-resample = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}[pre["interpolation"]]
-xs = []
-for path in sys.argv[2:]:
-    im = Image.open(path).convert("RGB")
-    side = min(im.size)
-    top, left = int(round((im.height - side) / 2.0)), int(round((im.width - side) / 2.0))
-    im = im.crop((left, top, left + side, top + side)).resize((size, size), resample)
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    xs.append((x - torch.tensor(pre["mean"]).view(3, 1, 1)) / torch.tensor(pre["std"]).view(3, 1, 1))
+assert pre["resize_mode"] == "shortest"
+preprocess = T.Compose([T.Resize(pre["image_size"], interpolation=T.InterpolationMode(pre["interpolation"])),
+                        T.CenterCrop(pre["image_size"]), T.ToTensor(), T.Normalize(pre["mean"], pre["std"])])
+xs = [preprocess(Image.open(path).convert("RGB")) for path in sys.argv[2:]]
 with torch.no_grad():
     probs = model(torch.stack(xs))
 top = probs.topk(min(5, probs.shape[1]), dim=-1)

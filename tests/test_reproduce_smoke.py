@@ -72,13 +72,16 @@ def test_reproduce_lowshot_smoke_then_nothing_then_resume(tmp_path):
         cells = rows[f"DHO {paper['architecture']}"]
         for i, split in enumerate(SPLITS):
             ours, theirs, delta = (float(c) for c in cells[3 * i: 3 * i + 3])
-            assert ours == smoke["top1"][split] and theirs == paper["top1"][split]
-            assert delta == pytest.approx(ours - theirs, abs=0.051)
             result = json.loads((work / "eval" / f"{student}-{split}.json").read_text())
+            assert ours == pytest.approx(result["combined"]["top1"], abs=0.051) and theirs == paper["top1"][split]
+            assert delta == pytest.approx(ours - theirs, abs=0.101)  # each cell rounded on its own
+            # trained numbers: another CPU may flip a near-tied prediction of these random-init models,
+            # so the stored value holds within two of the 16 images, not digit for digit
+            assert abs(ours - smoke["top1"][split]) <= 12.5 + 0.051
             assert result["num_samples"] == 16 and result["num_classes"] == 4
             assert (result["alpha"], result["beta"]) == (0.5, 0.5)
     teacher_cells = rows["zero-shot teacher DFN ViT-H/14 (zero-shot)"]
-    assert float(teacher_cells[0]) == smoke["teacher"]["top1"] and float(teacher_cells[1]) == 84.4
+    assert abs(float(teacher_cells[0]) - smoke["teacher"]["top1"]) <= 12.5 + 0.051 and float(teacher_cells[1]) == 84.4
 
     # ---- the training runs: stored first-step losses; both student slots ran the same smoke config
     for split in SPLITS:
@@ -90,6 +93,11 @@ def test_reproduce_lowshot_smoke_then_nothing_then_resume(tmp_path):
         assert losses[0] == losses[1], "the same config on the same data must give the same losses"
     labeled = {s: json.loads((work / "data" / f"train-{s}" / "manifest.json").read_text())["num_samples"] for s in SPLITS}
     assert labeled == {"1pct": 4, "10pct": 5}  # 1% and 10% of 48, at least one per class
+    # labeled caches get the views the schedule needs: ceil(6 steps x 8 / n_labeled / max_labeled_reuse 4) = 3
+    for split in SPLITS:
+        assert json.loads((work / "cache" / f"train-{split}.zarr" / "zarr.json").read_text())["attributes"]["num_views"] == 3
+    config = json.loads((work / "runs" / "vit-b16-1pct" / "config.json").read_text())
+    assert (config["lr_schedule"], config["unlabeled_pool"], config["vlm_heads"]) == ("reference", "exclude-labeled", "reference")
     names = (work / "classnames.txt").read_text().split()
     assert names == ["blue", "green", "red", "yellow"]
     assert json.loads((work / "data" / "train" / "manifest.json").read_text())["classnames"] == names

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dho.errors import ConfigError
-from dho.students import CosineHead, DualHeadStudent, build_student, load_student, save_student
+from dho.students import CosineHead, DualHeadStudent, NormalizedLinearHead, build_student, load_student, save_student
 
 TINY_CLIP = Path(__file__).parent / "assets" / "tiny-clip.json"
 CLASSNAMES = ["cat", "dog", "tiny red car"]
@@ -79,20 +79,45 @@ def test_local_checkpoint_dino_style(tmp_path):
         build_student("resnet-tiny", num_classes=4, pretrained=str(tmp_path / "partial.pt"))
 
 
-def _text_embeddings(ckpt: Path) -> torch.Tensor:
-    """Independent reference: the tiny CLIP's own text encoder, one prompt at a time."""
+def _text_embeddings(ckpt: Path, normalized: bool = True) -> torch.Tensor:
+    """Independent reference: the tiny CLIP's own text encoder, one prompt at a time; per class the
+    re-normalised mean of normalised embeddings (Eq. 1), or the plain mean of raw ones (reference code)."""
     model = open_clip.create_model(TINY_CLIP.stem, pretrained=str(ckpt)).eval()
     tokenizer = open_clip.get_tokenizer(TINY_CLIP.stem)
     rows = []
     with torch.no_grad():
         for c in CLASSNAMES:
-            embs = [F.normalize(model.encode_text(tokenizer([t.format(c)]))[0], dim=-1) for t in TEMPLATES]
-            rows.append(F.normalize(torch.stack(embs).mean(0), dim=-1))
+            embs = [model.encode_text(tokenizer([t.format(c)]))[0] for t in TEMPLATES]
+            if normalized:
+                rows.append(F.normalize(torch.stack([F.normalize(e, dim=-1) for e in embs]).mean(0), dim=-1))
+            else:
+                rows.append(torch.stack(embs).mean(0))
     return torch.stack(rows)  # (C, D)
 
 
-def test_tiny_clip_language_aware_init_and_aligned_head(tiny_clip_ckpt):
+def test_tiny_clip_reference_heads_are_linear_on_the_normalised_feature_with_raw_text_init(tiny_clip_ckpt):
     s = build_student(str(TINY_CLIP), 3, pretrained=str(tiny_clip_ckpt), classnames=CLASSNAMES, templates=TEMPLATES)
+    assert s.build_args["vlm_heads"] == "reference" and isinstance(s.kd_head, NormalizedLinearHead)
+    raw = _text_embeddings(tiny_clip_ckpt, normalized=False)  # (C, D), not unit rows
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(3), atol=1e-2)
+    torch.testing.assert_close(s.ce_head.weight, raw, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s.kd_head.weight, raw, atol=1e-5, rtol=1e-5)
+    assert s.ce_head.bias.abs().sum() == 0 and s.kd_head.bias.abs().sum() == 0
+    with torch.no_grad():  # the bias and the weight norms train: give them values that Eq. 10 would not have
+        s.kd_head.bias.copy_(torch.tensor([0.3, -0.2, 0.1]))
+        s.kd_head.weight.mul_(torch.tensor([[2.0], [0.5], [1.0]]))
+    x = torch.randn(2, 3, 32, 32)
+    out = s.eval()(x)
+    linear = torch.nn.Linear(32, 3)
+    linear.load_state_dict({"weight": s.kd_head.weight.detach(), "bias": s.kd_head.bias.detach()})
+    with torch.no_grad():
+        torch.testing.assert_close(out["kd_logits"], linear(F.normalize(out["z"], dim=-1)) / 0.01, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out["ce_logits"], out["z"] @ raw.t(), atol=1e-4, rtol=1e-4)
+
+
+def test_tiny_clip_language_aware_init_and_aligned_head(tiny_clip_ckpt):
+    s = build_student(str(TINY_CLIP), 3, pretrained=str(tiny_clip_ckpt), classnames=CLASSNAMES, templates=TEMPLATES,
+                      vlm_heads="eq10")
     text = _text_embeddings(tiny_clip_ckpt)
     torch.testing.assert_close(s.ce_head.weight, text, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s.kd_head.weight, text, atol=1e-5, rtol=1e-5)
@@ -125,11 +150,11 @@ def test_tiny_clip_ablation_flags(tiny_clip_ckpt):
     assert type(plain.kd_head) is torch.nn.Linear
     assert not torch.allclose(plain.ce_head.weight, text, atol=1e-3)
     init_only = build_student(f"clip:{TINY_CLIP}", 3, pretrained=str(tiny_clip_ckpt), classnames=CLASSNAMES,
-                              templates=TEMPLATES, align_kd_head=False)
+                              templates=TEMPLATES, align_kd_head=False, vlm_heads="eq10")
     assert type(init_only.kd_head) is torch.nn.Linear
     torch.testing.assert_close(init_only.kd_head.weight, text, atol=1e-5, rtol=1e-5)
     assert init_only.kd_head.bias.abs().sum() == 0
-    aligned_only = build_student(str(TINY_CLIP), 3, init_heads_from_text=False, zeta=0.05)
+    aligned_only = build_student(str(TINY_CLIP), 3, init_heads_from_text=False, zeta=0.05, vlm_heads="eq10")
     x = torch.randn(2, 3, 32, 32)
     out = aligned_only.eval()(x)
     w = aligned_only.kd_head.weight
@@ -139,6 +164,8 @@ def test_tiny_clip_ablation_flags(tiny_clip_ckpt):
         build_student(str(TINY_CLIP), 3)
     with pytest.raises(ConfigError, match="must contain"):
         build_student(str(TINY_CLIP), 3, classnames=CLASSNAMES, templates=["no placeholder"])
+    with pytest.raises(ConfigError, match="--vlm-heads must be one of reference, eq10"):
+        build_student(str(TINY_CLIP), 3, init_heads_from_text=False, vlm_heads="paper")
 
 
 def test_save_load_roundtrip_resnet(tmp_path):
@@ -160,16 +187,23 @@ def test_save_load_roundtrip_resnet(tmp_path):
 def test_save_load_roundtrip_tiny_clip_without_config_file(tmp_path, tiny_clip_ckpt):
     config = tmp_path / "my-clip.json"
     shutil.copy(TINY_CLIP, config)
-    s = build_student(str(config), 3, pretrained=str(tiny_clip_ckpt), classnames=CLASSNAMES)
-    save_student(tmp_path / "model.pt", s, CLASSNAMES)
-    config.unlink()  # the model file alone is enough to rebuild (config stored in build_args)
-    loaded, meta = load_student(tmp_path / "model.pt")
-    assert isinstance(loaded.kd_head, CosineHead)
-    x = torch.randn(2, 3, 32, 32)
-    a, b = s.eval()(x), loaded(x)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k])
-    assert meta["alpha"] == 0.5 and meta["beta"] == 0.5
+    for heads, head_type in (("reference", NormalizedLinearHead), ("eq10", CosineHead)):
+        s = build_student(str(config), 3, pretrained=str(tiny_clip_ckpt), classnames=CLASSNAMES, vlm_heads=heads)
+        save_student(tmp_path / f"model-{heads}.pt", s, CLASSNAMES)
+        config.unlink(missing_ok=True)  # the model file alone is enough to rebuild (config stored in build_args)
+        loaded, meta = load_student(tmp_path / f"model-{heads}.pt")
+        assert isinstance(loaded.kd_head, head_type)
+        x = torch.randn(2, 3, 32, 32)
+        a, b = s.eval()(x), loaded(x)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k])
+        assert meta["alpha"] == 0.5 and meta["beta"] == 0.5
+        shutil.copy(TINY_CLIP, config)
+    # model files written before vlm_heads existed hold Eq. 10 heads
+    payload = torch.load(tmp_path / "model-eq10.pt", weights_only=True)
+    del payload["build_args"]["vlm_heads"]
+    torch.save(payload, tmp_path / "model-old.pt")
+    assert isinstance(load_student(tmp_path / "model-old.pt")[0].kd_head, CosineHead)
 
 
 def test_load_student_errors(tmp_path):

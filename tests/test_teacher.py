@@ -17,7 +17,7 @@ from fixtures_models import (  # noqa: F401
 )
 
 from dho.errors import ConfigError
-from dho.teacher import TIP_ADAPTER_TEMPLATES, load_teacher, resolve_templates
+from dho.teacher import TIP_ADAPTER_TEMPLATES, load_teacher, resolve_precision, resolve_templates
 
 CLASSNAMES = ["red square", "green thing", "blue sky"]
 SPEC_TIP_ADAPTER = [
@@ -130,3 +130,27 @@ def test_load_errors_are_specific(tiny_clip_config, tmp_path):
         load_teacher(str(tiny_clip_config), str(bad), "cpu", verbose=False)
     with pytest.raises(ConfigError, match="--precision"):
         load_teacher(str(tiny_clip_config), "none", "cpu", "fp8")
+
+
+def test_unnormalised_classifier_is_the_template_mean_as_the_reference_dfn_branch(tiny_clip_config, tiny_teacher_ckpt):
+    """text_classifier_norm="mean": w_c = mean_t normalise(f_T(t_c)), not re-normalised; logits 100 * f_X . w_c."""
+    t = load_teacher(str(tiny_clip_config), str(tiny_teacher_ckpt), "cpu", "auto", classnames=CLASSNAMES,
+                     templates="tip-adapter", text_classifier_norm="mean")
+    model = open_clip.create_model(TINY_CLIP_NAME, pretrained=str(tiny_teacher_ckpt)).eval()
+    tok = open_clip.get_tokenizer(TINY_CLIP_NAME)
+    with torch.no_grad():
+        mean = torch.stack([F.normalize(model.encode_text(tok([tp.format(c) for tp in SPEC_TIP_ADAPTER])), dim=-1).mean(0)
+                            for c in CLASSNAMES])  # (C, D)
+    torch.testing.assert_close(t.text_classifier, mean, atol=1e-6, rtol=1e-5)
+    assert (t.text_classifier.norm(dim=-1) < 1 - 1e-3).all() and t.text_classifier_norm == "mean"
+    emb = t.encode_images(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(t.logits(emb, zeta=0.01), 100.0 * emb @ mean.T, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ConfigError, match="--text-classifier-norm must be one of renormalize, mean"):
+        load_teacher(str(tiny_clip_config), str(tiny_teacher_ckpt), "cpu", "auto", classnames=CLASSNAMES,
+                     text_classifier_norm="unit")
+
+
+def test_auto_precision_is_fp16_on_cuda_as_the_reference_and_fp32_on_cpu():
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp16"
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cuda", 0)) == "bf16"

@@ -5,6 +5,10 @@
         -- dho precompute-teacher runs/lowshot/data/train --out runs/lowshot/cache/train.zarr
     # write a section as a plain YAML mapping, e.g. for `dho distill --config FILE`
     python pipelines/lowshot/recipe.py config pipelines/lowshot/vit-b16.yaml distill --out distill.yaml
+    # teacher views a labeled split's cache needs so that no labeled (sample, view) is drawn more than
+    # the recipe's `max_labeled_reuse` times over the distill schedule (prints one integer)
+    python pipelines/lowshot/recipe.py labeled-views pipelines/lowshot/vit-b16.yaml \
+        --labeled runs/lowshot/data/train-1pct --pool runs/lowshot/data/train
 
 A recipe (see pipelines/README.md) has the sections `recipe` (what it is, splits), `precompute`
 (options of `dho precompute-teacher`), `distill` (DistillConfig fields, read by `dho distill
@@ -77,6 +81,31 @@ def to_options(values: dict) -> list[str]:
     return options
 
 
+def labeled_views(path: Path, labeled: Path, pool: Path) -> int:
+    """Views for the labeled cache: the distill section's schedule (dho.distill's own arithmetic) over
+    these datasets, so that each labeled (sample, view) is drawn at most `recipe.max_labeled_reuse` times."""
+    import json
+
+    from dho.distill import DistillConfig, schedule_steps, views_needed
+
+    recipe = load_recipe(path)
+    max_reuse = recipe.get("recipe", {}).get("max_labeled_reuse")
+    if not isinstance(max_reuse, (int, float)) or max_reuse <= 0:
+        sys.exit(f"error: {path}: `recipe: max_labeled_reuse:` must be a positive number")
+    defaults = {f: getattr(DistillConfig, f) for f in ("epochs", "batch_size", "lr_schedule", "unlabeled_pool")}
+    cfg = {**defaults, **{k: v for k, v in recipe["distill"].items() if k in defaults}}
+    sizes = {}
+    for name, folder in (("labeled", labeled), ("pool", pool)):
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            sys.exit(f"error: {manifest} not found: make the {name} dataset first")
+        sizes[name] = json.loads(manifest.read_text())["num_samples"]
+    # the unlabeled stream: the pool without the labeled samples, or labeled ∪ pool (labeled ⊂ pool here)
+    stream = sizes["pool"] - sizes["labeled"] if cfg["unlabeled_pool"] == "exclude-labeled" else sizes["pool"]
+    _, total = schedule_steps(stream, cfg["batch_size"], cfg["epochs"], cfg["lr_schedule"])
+    return views_needed(total, cfg["batch_size"], sizes["labeled"], max_reuse)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     command = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -85,12 +114,19 @@ def main() -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     run = sub.add_parser("run", help="run `-- COMMAND ...` with the section appended as options")
     config = sub.add_parser("config", help="write the section as a YAML mapping")
+    views = sub.add_parser("labeled-views", help="print the teacher views a labeled split's cache needs")
+    views.add_argument("recipe", type=Path)
+    views.add_argument("--labeled", type=Path, required=True, help="the labeled dataset (made by `dho split`)")
+    views.add_argument("--pool", type=Path, required=True, help="the unlabeled pool dataset it was split from")
     for p in (run, config):
         p.add_argument("recipe", type=Path)
         p.add_argument("section", choices=SECTIONS)
         p.add_argument("overrides", nargs="*", help="KEY=VALUE (VALUE read as YAML; empty drops KEY)")
     config.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.action == "labeled-views":
+        print(labeled_views(args.recipe, args.labeled, args.pool))
+        return
 
     values = section(args.recipe, args.section, args.overrides)
     if args.action == "config":
