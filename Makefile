@@ -9,7 +9,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo reproduce-lowshot clean
+.PHONY: setup test demo demo-record demo-teacher reproduce-lowshot clean
 
 setup: $(VENV)/.installed
 
@@ -23,20 +23,38 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
-# The whole method on embedded real data (scikit-learn digits), offline, CPU, a few minutes.
+# The whole method on embedded real data (scikit-learn digits), offline, CPU, over 5 seeds (~5 min).
 DEMO_OUT ?= demo_out
+DEMO_ARGS ?=
 demo: setup
-	$(PY) pipelines/demo/run_demo.py --out $(DEMO_OUT)
+	$(PY) pipelines/demo/run_demo.py --out $(DEMO_OUT) $(DEMO_ARGS)
+
+# After a `make demo` that should become the README's table: record its results.json and table.
+demo-record: setup
+	$(PY) pipelines/demo/run_demo.py --out $(DEMO_OUT) --record
+
+# Retrain the demo's stand-in teacher and ship it (pipelines/demo/teacher/): ~40 s of CPU; the digits of
+# its fixed pre-training part never change, but another CPU gives other floats, so another checksum.
+DEMO_TEACHER := pipelines/demo/teacher
+demo-teacher: setup
+	rm -rf $(DEMO_OUT)-teacher
+	$(PY) pipelines/demo/make_digits.py --out $(DEMO_OUT)-teacher/digits
+	$(PY) pipelines/demo/train_teacher.py --data $(DEMO_OUT)-teacher/digits/pretrain --config pipelines/demo/demo-clip.json \
+	  --out $(DEMO_OUT)-teacher/teacher.pt --seed 0 --eval $(DEMO_OUT)-teacher/digits/task/train \
+	  --eval $(DEMO_OUT)-teacher/digits/task/val --eval $(DEMO_OUT)-teacher/digits/task/test
+	mkdir -p $(DEMO_TEACHER)
+	gzip -9 -n -c $(DEMO_OUT)-teacher/teacher.pt > $(DEMO_TEACHER)/teacher.pt.gz
+	cp $(DEMO_OUT)-teacher/teacher.json $(DEMO_TEACHER)/teacher.json
 
 clean:
-	rm -rf $(VENV) demo_out build *.egg-info
+	rm -rf $(VENV) demo_out demo_out-teacher build *.egg-info
 
 # =============================================================================================
 # reproduce-lowshot: the paper's Table 4 (ImageNet 1% / 10% labels) end to end.
 #   make reproduce-lowshot IMAGENET=/data/imagenet [GPUS=8] [WORK=runs/lowshot] [SPLIT_1PCT=f SPLIT_10PCT=f]
 #   make reproduce-lowshot SMOKE=1 [WORK=runs/lowshot-smoke]   # the same graph on tiny data, CPU, ~1 min
 # Optional: TEACHER_WEIGHTS=FILE|local-dir:DIR (offline DFN weights), LABELED_VIEWS=N (views of the labeled
-# caches), CLASSNAMES=FILE, SHARD_SIZE=N, SEED=N. Every stage makes a file that exists only when the stage
+# caches; default: computed from the schedule, `recipe.py labeled-views`), CLASSNAMES=FILE, SHARD_SIZE=N, SEED=N. Every stage makes a file that exists only when the stage
 # is complete, so a rerun skips what is done and resumes the rest. Graph and arithmetic: pipelines/README.md.
 # =============================================================================================
 DHO = $(VENV)/bin/dho
@@ -77,8 +95,10 @@ SPLIT_OPTS_10pct = $(if $(SPLIT_10PCT),--keys $(SPLIT_10PCT),--percent 10 --seed
 TEACHER_SET = $(if $(TEACHER_WEIGHTS),pretrained=$(TEACHER_WEIGHTS))
 CACHE_SET_train :=
 CACHE_SET_val := views=1 center_view=true
-CACHE_SET_train-1pct = $(if $(LABELED_VIEWS),views=$(LABELED_VIEWS))
-CACHE_SET_train-10pct = $(if $(LABELED_VIEWS),views=$(LABELED_VIEWS))
+# labeled caches: LABELED_VIEWS, or enough views that no labeled crop repeats more than the recipe's max_labeled_reuse
+LABELED_VIEWS_OF = $(if $(LABELED_VIEWS),$(LABELED_VIEWS),$$($(RECIPE) labeled-views $(TEACHER_RECIPE) --labeled $(DATA)/$(1) --pool $(DATA)/train))
+CACHE_SET_train-1pct = views=$(call LABELED_VIEWS_OF,train-1pct)
+CACHE_SET_train-10pct = views=$(call LABELED_VIEWS_OF,train-10pct)
 NEED_IMAGENET = test -d "$(IMAGENET)/train" -a -d "$(IMAGENET)/val" || { echo "error: IMAGENET='$(IMAGENET)' \
 	must be a folder with train/ and val/ class folders: make reproduce-lowshot IMAGENET=/path/to/imagenet"; exit 2; }
 # GPU stages use every GPU (torchrun): never two at once, even under make -j (SMOKE runs on CPU, in parallel)
@@ -117,6 +137,7 @@ $(SPLITS:%=$(DATA)/train-%/manifest.json): $(DATA)/train-%/manifest.json: $(DATA
 	$(DHO) split $(<D) --out $(@D) $(SPLIT_OPTS_$*)
 
 # 2. teacher caches (once): the unlabeled pool (all of train), each labeled split, val; a stamp after exit 0
+$(SPLITS:%=$(CACHE)/train-%.done): $(DATA)/train/manifest.json
 $(CACHE)/%.done: $(DATA)/%/manifest.json $(SOURCE_DEPS)
 	@echo "== precompute-teacher $(<D) -> $(CACHE)/$*.zarr"
 	mkdir -p $(CACHE)

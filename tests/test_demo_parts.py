@@ -87,8 +87,12 @@ def test_make_digits_images_are_32px_rgb_and_byte_identical_per_seed(digits, tmp
     with pytest.raises(DatasetError, match="overwrite"):
         make_digits.make_digits(again, seed=1)
     make_digits.make_digits(again, seed=1, overwrite=True)
-    other = json.loads((again / "digits.json").read_text())["parts"]["task/test"]["rows"]
-    assert other != json.loads((digits / "digits.json").read_text())["parts"]["task/test"]["rows"]
+    other = json.loads((again / "digits.json").read_text())["parts"]
+    mine = json.loads((digits / "digits.json").read_text())["parts"]
+    assert other["task/test"]["rows"] != mine["task/test"]["rows"]  # the seed redraws the task's cut ...
+    assert other["pretrain"]["rows"] == mine["pretrain"]["rows"]  # ... never the teacher's pre-training part
+    assert {k: v for k, v in _tree_digest(again).items() if k.startswith("pretrain/")} == \
+        {k: v for k, v in _tree_digest(digits).items() if k.startswith("pretrain/")}  # same pixels, same colours
     assert len(list(again.rglob("*.png"))) == 1797  # the old seed's files are gone
 
 
@@ -185,3 +189,18 @@ def test_noisy_captions_name_another_class_for_the_given_fraction():
     assert 0.25 < wrong.float().mean().item() < 0.35
     assert captions.min() >= 0 and captions.max() <= 9
     assert torch.equal(train_teacher.noisy_captions(labels, 10, 0.0, torch.Generator().manual_seed(0)), labels)
+
+
+def test_pruning_the_vocabulary_keeps_every_caption_embedding():
+    """The shipped teacher zeroes the token rows no demo caption uses: the captions' embeddings stay exact."""
+    name = train_teacher.register_config(CONFIG)
+    torch.manual_seed(0)
+    model = open_clip.create_model(name).eval()
+    tokenizer = open_clip.get_tokenizer(name)
+    classes = make_digits.SORTED_CLASSNAMES
+    before = train_teacher.zero_shot_classifier(model, tokenizer, classes, train_teacher.TEMPLATES)
+    kept = train_teacher.prune_vocabulary(model, tokenizer, classes, train_teacher.TEMPLATES)
+    after = train_teacher.zero_shot_classifier(model, tokenizer, classes, train_teacher.TEMPLATES)
+    assert torch.equal(before, after)
+    rows = model.token_embedding.weight
+    assert kept == int((rows.abs().sum(dim=1) > 0).sum()) and 10 < kept < 100 and rows.shape[0] == 49408

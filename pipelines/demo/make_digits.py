@@ -3,8 +3,8 @@
     python pipelines/demo/make_digits.py --out demo_out/digits --seed 0
 
 `sklearn.datasets.load_digits()` ships 1797 real handwritten 8x8 digits (values 0..16, 10
-classes) inside scikit-learn, so the demo needs no download. The samples are split once,
-stratified per class and seeded, into four disjoint parts:
+classes) inside scikit-learn, so the demo needs no download. The samples are split,
+stratified per class, into four disjoint parts:
 
     DIR/pretrain/<class>/*.png    ~35%  only for the stand-in VLM teacher's contrastive
                                         pre-training (train_teacher.py); dho never sees it
@@ -13,13 +13,18 @@ stratified per class and seeded, into four disjoint parts:
     DIR/task/val/<class>/*.png     ~8%  alpha/beta search
     DIR/task/test/<class>/*.png   ~12%  final numbers only
 
+The pre-training part (and every image's colours) is fixed: it is drawn with
+`PRETRAIN_SEED` whatever `--seed` is, so the demo's shipped teacher (pipelines/demo/teacher/)
+never sees a task image. `--seed` draws only how the task part is cut into train/val/test,
+which is what the demo's seeds vary.
+
 Class folders are the English words `zero` .. `nine`, so the names read naturally in prompts
 ("a photo of the number seven."). `dho prepare` numbers classes by sorted folder name, which
 for these words is alphabetical (eight=0, five=1, four=2, nine=3, one=4, seven=5, six=6,
 three=7, two=8, zero=9); `SORTED_CLASSNAMES` spells that order out.
 
 Rendering: the 8x8 intensities are upsampled bicubically to 32x32 and painted with a
-per-image dark ink colour on a light background (both drawn from the seed), so the three
+per-image dark ink colour on a light background (fixed per image), so the three
 channels differ and images are not all the same grey. Output is byte-identical for the same
 seed (file names carry the row of the digit in `load_digits()`: `digit-0042.png`).
 
@@ -43,6 +48,7 @@ SORTED_CLASSNAMES = sorted(CLASSNAMES)  # class index order of the ImageFolder t
 PARTS = ("pretrain", "task/train", "task/val", "task/test")
 FRACTIONS = (0.35, 0.45, 0.08, 0.12)  # of every class, in PARTS order
 IMAGE_SIZE = 32  # the demo teacher's and students' input resolution: no resize in the pipeline
+PRETRAIN_SEED = 0  # draws the pre-training part and the colours; never changes (the shipped teacher was trained on it)
 
 
 def split_rows(labels: np.ndarray, fractions=FRACTIONS, seed: int = 0) -> list[np.ndarray]:
@@ -74,6 +80,14 @@ def render_digit(pixels: np.ndarray, ink: np.ndarray, background: np.ndarray, si
     return Image.fromarray(np.round(rgb).astype(np.uint8), mode="RGB")
 
 
+def split_parts(labels: np.ndarray, seed: int, fractions=FRACTIONS) -> list[np.ndarray]:
+    """The rows of the four PARTS: pretrain drawn with PRETRAIN_SEED, the task part cut by `seed`."""
+    pretrain, task = split_rows(labels, (fractions[0], 1.0 - fractions[0]), PRETRAIN_SEED)
+    rest = np.asarray(fractions[1:], dtype=np.float64)
+    task_parts = split_rows(labels[task], tuple(rest / rest.sum()), seed)  # row indices into `task`
+    return [pretrain] + [task[p] for p in task_parts]
+
+
 def make_digits(out: str | Path, seed: int = 0, fractions=FRACTIONS, overwrite: bool = False) -> dict:
     """Write the four ImageFolder parts under `out` and `out/digits.json`; return its content.
 
@@ -90,12 +104,12 @@ def make_digits(out: str | Path, seed: int = 0, fractions=FRACTIONS, overwrite: 
             shutil.rmtree(out / top, ignore_errors=True)
     digits = load_digits()
     images, labels = digits.data, digits.target.astype(np.int64)  # (1797, 64) in 0..16, (1797,)
-    rng = np.random.default_rng([seed, 1])  # colours: a stream separate from the split's
+    rng = np.random.default_rng([PRETRAIN_SEED, 1])  # colours: fixed per image, a stream separate from the split's
     inks = rng.uniform(0, 90, size=(len(labels), 3))  # (N, 3) dark ink
     backgrounds = rng.uniform(170, 255, size=(len(labels), 3))  # (N, 3) light paper
-    parts = split_rows(labels, fractions, seed)
+    parts = split_parts(labels, seed, fractions)
 
-    summary = {"seed": seed, "fractions": dict(zip(PARTS, fractions)), "classnames": CLASSNAMES,
+    summary = {"seed": seed, "pretrain_seed": PRETRAIN_SEED, "fractions": dict(zip(PARTS, fractions)), "classnames": CLASSNAMES,
                "sorted_classnames": SORTED_CLASSNAMES, "image_size": IMAGE_SIZE, "parts": {}}
     for part, rows in zip(PARTS, parts):
         for name in CLASSNAMES:
@@ -113,7 +127,7 @@ def make_digits(out: str | Path, seed: int = 0, fractions=FRACTIONS, overwrite: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output folder (pretrain/ and task/{train,val,test}/)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the stratified split and the colours")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task part's train/val/test split (the pretrain part is fixed)")
     parser.add_argument("--overwrite", action="store_true", help="write into a folder that already holds an export")
     args = parser.parse_args()
     summary = make_digits(args.out, seed=args.seed, overwrite=args.overwrite)

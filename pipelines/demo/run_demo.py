@@ -1,28 +1,39 @@
-"""`make demo`: the whole dho pipeline on real data, offline, on a laptop CPU, in a few minutes.
+"""`make demo`: the whole dho pipeline on real data, offline, on a laptop CPU, over several seeds.
 
-    python pipelines/demo/run_demo.py --out demo_out [--seed 0] [--epochs 12]
+    python pipelines/demo/run_demo.py --out demo_out [--seeds 0,1,2,3,4] [--epochs 12]
+        [--labeled-views auto|N] [--train-teacher]
 
-1. Data: scikit-learn's bundled handwritten digits, as 32 px RGB ImageFolder trees split into a
-   teacher pre-training part and a disjoint task part (train / val / test) — make_digits.py.
-2. A stand-in VLM: a small open_clip CLIP trained contrastively on the pre-training part with
-   captions ("a photo of the number seven.") — train_teacher.py. It never sees the task images;
-   it has real zero-shot knowledge, like a web-pretrained VLM.
-3. The real commands, as a user runs them (each printed; logs in OUT/logs/):
-   dho prepare (train/val/test) -> dho split --percent 8 (the labeled part; the rest is the
-   unlabeled pool) -> dho precompute-teacher (4 views) -> dho distill --method ce | ce+kd | dho
-   -> dho evaluate --search-on val (alpha/beta) -> dho evaluate on test.
-4. A table of test accuracies: teacher zero-shot, CE only, SHO (ce+kd), DHO's heads and their
-   combination with the alpha/beta chosen on val, plus the paths of the plots.
+1. The stand-in VLM teacher: a small open_clip CLIP pre-trained contrastively on digits that the
+   task never uses, shipped in pipelines/demo/teacher/ (checked against its sha256; `make
+   demo-teacher` retrains it, `--train-teacher` retrains it for this run only). Shipping it means
+   every machine distils from the same teacher: its ~40 s of training was the most CPU-dependent
+   step of the demo (other kernels, other floats, another teacher).
+2. Per seed S (the seeds vary everything below; the teacher stays):
+   data: scikit-learn's bundled digits as 32 px ImageFolder trees (make_digits.py --seed S draws
+   the task's train/val/test cut) -> dho prepare -> dho split --percent 8 --seed S (the labeled
+   part; the rest is the unlabeled pool) -> dho precompute-teacher (4 views of every image; the
+   labeled cache gets enough views that no labeled crop is reused more than MAX_LABELED_REUSE
+   times) -> dho distill --method ce | ce+kd | dho --seed S -> dho evaluate (alpha/beta of DHO
+   searched on val) on test.
+3. A table of test top-1 over the seeds, mean ± std (population std over seeds) with every seed's
+   value, and the paired differences the demo's story rests on.
 
-Deterministic for a seed (CPU). Out of scope: GPUs (the demo pins --device cpu).
+With 216 test images one image is 0.46 points, and one seed cannot order methods a point apart:
+read the table with its spread. Deterministic for given seeds on one machine (CPU); another CPU
+gives other floats, so other digits within the spread. Out of scope: GPUs (--device cpu).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import hashlib
 import json
+import math
 import os
 import shlex
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -30,10 +41,25 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DHO = str(Path(sys.executable).parent / "dho")
+TEACHER_DIR = HERE / "teacher"  # the shipped teacher: teacher.pt.gz + teacher.json (made by `make demo-teacher`)
+SEEDS = (0, 1, 2, 3, 4)  # ~1 min each on 2 cores
 LABELED_PERCENT = 8  # of the task's train part; the rest is the unlabeled pool
-VIEWS = 4  # teacher views per image in the cache
+VIEWS = 4  # teacher views per image of the unlabeled pool (each is drawn ~12 times over 12 epochs)
+MAX_LABELED_REUSE = 4  # --labeled-views auto: enough labeled views that none is drawn more often than this
 BATCH = 32  # labeled + unlabeled per step (32 + 32)
 STUDENT = "resnet-tiny"  # a real torchvision ResNet (BasicBlock x [1,1,1,1]) at 32 px, from scratch
+METHODS = ("ce", "ce+kd", "dho")
+ROWS = (  # (key in a seed's results, table label)
+    ("teacher", "teacher zero-shot (stand-in VLM)"),
+    ("ce", "CE only (labeled data)"),
+    ("sho", "SHO: CE+KD, single head"),
+    ("dho_ce_head", "DHO ce_head  (alpha = 1)"),
+    ("dho_kd_head", "DHO kd_head  (alpha = 0)"),
+    ("dho_combined", "DHO combined (alpha, beta on val)"),
+)
+PAIRED = (("dho_combined", "sho"), ("dho_combined", "teacher"), ("sho", "teacher"), ("dho_ce_head", "sho"),
+          ("dho_combined", "dho_ce_head"))
+README_MARKER = "<!-- demo table: made by `make demo-record` from pipelines/demo/results.json -->"
 
 
 def run(cmd: list, log: Path, quiet: bool = False) -> str:
@@ -51,99 +77,85 @@ def run(cmd: list, log: Path, quiet: bool = False) -> str:
     return proc.stdout
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (rebuilt from scratch)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the data split, teacher and students")
-    ap.add_argument("--epochs", type=int, default=12, help="student epochs (one epoch = one pass over the unlabeled pool)")
-    ap.add_argument("--teacher-epochs", type=int, default=None, help="teacher pre-training epochs (default: train_teacher.py's)")
-    args = ap.parse_args()
-    out: Path = args.out.resolve()
-    if out.exists():
-        import shutil
+def labeled_draws(num_labeled: int, pool: int, epochs: int, batch: int = BATCH) -> float:
+    """How often each labeled image is drawn over the run, with distill's own schedule arithmetic
+    (default options: an epoch is one pass over the pool, which holds the labeled images)."""
+    from dho.distill import draws_per_sample, schedule_steps
 
-        shutil.rmtree(out)
-    logs, ds, runs = out / "logs", out / "datasets", out / "runs"
+    _, total_steps = schedule_steps(pool, batch, epochs, "warmup-cosine")
+    return draws_per_sample(total_steps, batch, num_labeled)
+
+
+def unpack_teacher(out: Path) -> tuple[Path, dict]:
+    """The shipped teacher as OUT/teacher.pt, after checking it is byte for byte the recorded one."""
+    record = json.loads((TEACHER_DIR / "teacher.json").read_text())
+    payload = gzip.decompress((TEACHER_DIR / "teacher.pt.gz").read_bytes())
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != record["sha256"]:
+        sys.exit(f"demo: {TEACHER_DIR / 'teacher.pt.gz'} has sha256 {digest}, {TEACHER_DIR / 'teacher.json'} records "
+                 f"{record['sha256']}: the file is damaged; restore it with git or retrain it with `make demo-teacher`")
+    path = out / "teacher.pt"
+    path.write_bytes(payload)
+    return path, record
+
+
+def train_teacher(out: Path, logs: Path) -> tuple[Path, dict]:
+    """Retrain the stand-in teacher on the fixed pre-training part (what `make demo-teacher` ships)."""
     py = sys.executable
-    t0 = time.time()
+    run([py, HERE / "make_digits.py", "--out", out / "teacher-digits"], logs / "teacher_digits.log")
+    run([py, HERE / "train_teacher.py", "--data", out / "teacher-digits" / "pretrain", "--config", HERE / "demo-clip.json",
+         "--out", out / "teacher.pt", "--seed", 0], logs / "train_teacher.log")
+    return out / "teacher.pt", json.loads((out / "teacher.json").read_text())
 
-    print("[1/6] data: scikit-learn digits -> ImageFolder trees (pre-training part + task train/val/test)")
-    run([py, HERE / "make_digits.py", "--out", out / "digits", "--seed", args.seed], logs / "make_digits.log")
 
-    print("[2/6] stand-in VLM: contrastive pre-training of a small CLIP on the pre-training part only")
-    teacher_cmd = [py, HERE / "train_teacher.py", "--data", out / "digits" / "pretrain", "--config", HERE / "demo-clip.json",
-                   "--out", out / "teacher.pt", "--seed", args.seed]
-    if args.teacher_epochs:
-        teacher_cmd += ["--epochs", args.teacher_epochs]
-    run(teacher_cmd, logs / "train_teacher.log")
-
-    print("[3/6] datasets: dho prepare + dho split")
+def run_seed(out: Path, seed: int, teacher: Path, epochs: int, labeled_views: int | str) -> dict:
+    """The real commands for one seed under OUT/seed-S; -> {row key: test top-1 (%)} plus details."""
+    py = sys.executable
+    logs, ds, runs = out / "logs", out / "datasets", out / "runs"
+    run([py, HERE / "make_digits.py", "--out", out / "digits", "--seed", seed], logs / "make_digits.log")
     for part in ("train", "val", "test"):
-        run([DHO, "prepare", out / "digits" / "task" / part, "--out", ds / part, "--shard-size", 64, "--seed", args.seed], logs / f"prepare_{part}.log")
-    run([DHO, "split", ds / "train", "--out", ds / "labeled", "--percent", LABELED_PERCENT, "--seed", args.seed, "--shard-size", 16],
-        logs / "split.log")
-
-    print(f"[4/6] teacher cache: dho precompute-teacher ({VIEWS} augmented views per image)")
-    teacher = ["--model", HERE / "demo-clip.json", "--pretrained", out / "teacher.pt", "--templates", HERE / "digits-templates.txt",
-               "--device", "cpu", "--workers", 1, "--seed", args.seed]
-    for name in ("train", "labeled"):
-        run([DHO, "precompute-teacher", ds / name, "--out", out / f"{name}.zarr", "--views", VIEWS, *teacher], logs / f"precompute_{name}.log")
-    # the teacher's own zero-shot accuracy on test (its evaluation view), for the table only
-    run([DHO, "precompute-teacher", ds / "test", "--out", out / "test-teacher.zarr", "--views", 1, "--center-view", *teacher],
-        logs / "precompute_test.log")
-    zero_shot = _cache_agreement(out / "test-teacher.zarr")
-
-    print("[5/6] students: dho distill with ce, ce+kd (SHO) and dho")
-    common = ["--labeled", ds / "labeled", "--labeled-cache", out / "labeled.zarr", "--unlabeled", ds / "train",
-              "--unlabeled-cache", out / "train.zarr", "--student", STUDENT, "--epochs", args.epochs, "--batch-size", BATCH,
-              "--lr", "2e-3", "--weight-decay", "1e-2", "--device", "cpu", "--workers", 2, "--seed", args.seed, "--log-every", 50]
-    for method in ("ce", "ce+kd", "dho"):
-        extra = ["--log-grad-cosine", 10] if method in ("ce+kd", "dho") else []
-        run([DHO, "distill", *common, "--method", method, "--out", runs / method, *extra], logs / f"distill_{method.replace('+', '_')}.log")
-
-    print("[6/6] evaluation: alpha/beta searched on val, accuracies on test")
-    results = {}
-    for method in ("ce", "ce+kd"):
-        results[method] = json.loads(run([DHO, "evaluate", runs / method, "--data", ds / "test", "--json", "--device", "cpu"],
-                                         logs / f"evaluate_{method.replace('+', '_')}.log"))
-    results["dho"] = json.loads(run([DHO, "evaluate", runs / "dho", "--data", ds / "test", "--search-on", ds / "val", "--json",
-                                     "--device", "cpu"], logs / "evaluate_dho.log"))
-
+        run([DHO, "prepare", out / "digits" / "task" / part, "--out", ds / part, "--shard-size", 64, "--seed", seed],
+            logs / f"prepare_{part}.log")
+    run([DHO, "split", ds / "train", "--out", ds / "labeled", "--percent", LABELED_PERCENT, "--seed", seed,
+         "--shard-size", 16], logs / "split.log")
     counts = {p: json.loads((ds / p / "manifest.json").read_text())["num_samples"] for p in ("train", "labeled", "val", "test")}
-    teacher_info = json.loads((out / "teacher.json").read_text()) if (out / "teacher.json").exists() else {}
-    d = results["dho"]
-    rows = [
-        ("teacher zero-shot (stand-in VLM)", 100 * zero_shot, None),
-        ("CE only (labeled data)", results["ce"]["ce_head"]["top1"], results["ce"]["ce_head"]["top5"]),
-        ("SHO: CE+KD, single head", results["ce+kd"]["ce_head"]["top1"], results["ce+kd"]["ce_head"]["top5"]),
-        ("DHO ce_head  (alpha = 1)", d["ce_head"]["top1"], d["ce_head"]["top5"]),
-        ("DHO kd_head  (alpha = 0)", d["kd_head"]["top1"], d["kd_head"]["top5"]),
-        (f"DHO combined (alpha = {d['alpha']:g}, beta = {d['beta']:g})", d["combined"]["top1"], d["combined"]["top5"]),
-    ]
-    lines = [
-        "",
-        f"dho demo: handwritten digits (scikit-learn), 10 classes, seed {args.seed}",
-        f"  task train {counts['train']} images, of which {counts['labeled']} labeled ({LABELED_PERCENT}%); "
-        f"val {counts['val']} (alpha/beta search); test {counts['test']}",
-        f"  teacher: small CLIP pre-trained on {teacher_info.get('pretrain_images', 'a disjoint set of')} other digit images; "
-        f"student: {STUDENT} from scratch, {args.epochs} epochs",
-        "",
-        f"  {'method':<42} {'test top-1':>10} {'top-5':>7}",
-        f"  {'-' * 42} {'-' * 10} {'-' * 7}",
-    ]
-    for name, top1, top5 in rows:
-        lines.append(f"  {name:<42} {top1:>9.1f}% {('%.1f%%' % top5) if top5 is not None else '-':>7}")
-    lines += [
-        "",
-        "  alpha/beta chosen on val (never on test): " + str(runs / "dho" / "alpha_beta_heatmap.png"),
-        "  gradient cosine, DHO vs SHO (paper Fig. 4): " + ", ".join(str(runs / m / "grad_cosine.png") for m in ("dho", "ce+kd")),
-        f"  everything else (datasets, caches, runs, logs): {out}   [{time.time() - t0:.0f} s]",
-        "",
-    ]
-    table = "\n".join(lines)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({"teacher_zero_shot_top1": 100 * zero_shot, **results}, indent=2) + "\n")
-    print(table)
+    draws = labeled_draws(counts["labeled"], counts["train"], epochs)
+    if labeled_views == "auto":
+        labeled_views = max(VIEWS, math.ceil(draws / MAX_LABELED_REUSE - 1e-9))
+
+    teacher_args = ["--model", HERE / "demo-clip.json", "--pretrained", teacher, "--templates", HERE / "digits-templates.txt",
+                    "--device", "cpu", "--workers", 1, "--seed", seed]
+    for name, views in (("train", VIEWS), ("labeled", labeled_views)):
+        run([DHO, "precompute-teacher", ds / name, "--out", out / f"{name}.zarr", "--views", views, *teacher_args],
+            logs / f"precompute_{name}.log")
+    # the teacher's own zero-shot accuracy on test (its evaluation view), for the table only
+    run([DHO, "precompute-teacher", ds / "test", "--out", out / "test-teacher.zarr", "--views", 1, "--center-view",
+         *teacher_args], logs / "precompute_test.log")
+
+    common = ["--labeled", ds / "labeled", "--labeled-cache", out / "labeled.zarr", "--unlabeled", ds / "train",
+              "--unlabeled-cache", out / "train.zarr", "--student", STUDENT, "--epochs", epochs, "--batch-size", BATCH,
+              "--lr", "2e-3", "--weight-decay", "1e-2", "--device", "cpu", "--workers", 2, "--seed", seed, "--log-every", 50]
+    evals = {}
+    for method in METHODS:
+        tag = method.replace("+", "_")
+        extra = ["--log-grad-cosine", 10] if method in ("ce+kd", "dho") else []
+        run([DHO, "distill", *common, "--method", method, "--out", runs / method, *extra], logs / f"distill_{tag}.log")
+        search = ["--search-on", ds / "val"] if method == "dho" else []
+        evals[method] = json.loads(run([DHO, "evaluate", runs / method, "--data", ds / "test", *search, "--json",
+                                        "--device", "cpu"], logs / f"evaluate_{tag}.log"))
+    d = evals["dho"]
+    top1 = {
+        "teacher": 100 * _cache_agreement(out / "test-teacher.zarr"),
+        "ce": evals["ce"]["ce_head"]["top1"],
+        "sho": evals["ce+kd"]["ce_head"]["top1"],
+        "dho_ce_head": d["ce_head"]["top1"],
+        "dho_kd_head": d["kd_head"]["top1"],
+        "dho_combined": d["combined"]["top1"],
+    }
+    top5 = {"ce": evals["ce"]["ce_head"]["top5"], "sho": evals["ce+kd"]["ce_head"]["top5"],
+            "dho_ce_head": d["ce_head"]["top5"], "dho_kd_head": d["kd_head"]["top5"], "dho_combined": d["combined"]["top5"]}
+    return {"seed": seed, "top1": top1, "top5": top5, "alpha": d["alpha"], "beta": d["beta"], "counts": counts,
+            "labeled_views": int(labeled_views), "labeled_draws_per_image": round(draws, 2)}
 
 
 def _cache_agreement(path: Path) -> float:
@@ -151,6 +163,127 @@ def _cache_agreement(path: Path) -> float:
     from dho.cache import summarize
 
     return float(summarize(path)["agreement"])
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (0 for one value)."""
+    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+
+
+SHORT = {"teacher": "teacher", "ce": "CE only", "sho": "SHO", "dho_ce_head": "DHO ce_head", "dho_kd_head": "DHO kd_head",
+         "dho_combined": "DHO combined"}
+
+
+def format_table(record: dict) -> str:
+    """The demo's table from its results.json record: per row mean ± std over seeds and every seed's
+    value, then paired differences (same seed) with wins/ties/losses. No timings: the README shows it."""
+    per_seed = record["per_seed"]
+    seeds = [r["seed"] for r in per_seed]
+    c = per_seed[0]["counts"]
+    views = sorted({r["labeled_views"] for r in per_seed})
+    lines = [
+        f"dho demo: handwritten digits (scikit-learn), 10 classes, {len(seeds)} seed(s): {' '.join(map(str, seeds))}",
+        f"  task train {c['train']} images, of which {c['labeled']} labeled ({LABELED_PERCENT}%); "
+        f"val {c['val']} (alpha/beta search); test {c['test']} (one image = {100 / c['test']:.2f} points)",
+        f"  teacher: small CLIP pre-trained on {record['teacher_pretrain_images']} other digit images (shipped); "
+        f"student: {STUDENT} from scratch, {record['epochs']} epochs",
+        f"  teacher views: {VIEWS} per unlabeled image, {'/'.join(map(str, views))} per labeled image "
+        f"(each labeled crop drawn <= {MAX_LABELED_REUSE} times)",
+        "",
+        f"  {'method':<36} {'test top-1, mean ± std':>22}   per seed",
+        f"  {'-' * 36} {'-' * 22}   {'-' * 8}",
+    ]
+    for key, label in ROWS:
+        values = [r["top1"][key] for r in per_seed]
+        m, s = mean_std(values)
+        lines.append(f"  {label:<36} {m:>14.1f} ± {s:>4.1f}%   " + " ".join(f"{v:.1f}" for v in values))
+    lines += ["", f"  {'paired difference (same seed)':<36} {'mean ± std':>22}   wins/ties/losses"]
+    for a, b in PAIRED:
+        diffs = [r["top1"][a] - r["top1"][b] for r in per_seed]
+        m, s = mean_std(diffs)
+        wins, ties = sum(d > 1e-9 for d in diffs), sum(abs(d) <= 1e-9 for d in diffs)
+        lines.append(f"  {SHORT[a] + ' - ' + SHORT[b]:<36} {m:>+13.1f} ± {s:>4.1f} pt   {wins}/{ties}/{len(diffs) - wins - ties}")
+    lines.append("  alpha, beta chosen on val per seed: " + ", ".join(f"({r['alpha']:g}, {r['beta']:g})" for r in per_seed))
+    return "\n".join(lines)
+
+
+def record_results(out: Path) -> None:
+    """Make OUT's multi-seed run the recorded one: copy its results.json to pipelines/demo/ and put
+    its table into README.md (what `tests/test_demo.py` checks the README against)."""
+    results = out / "results.json"
+    if not results.is_file():
+        sys.exit(f"demo: {results} not found; run `make demo` first")
+    record = json.loads(results.read_text())
+    readme = HERE.parent.parent / "README.md"
+    text = readme.read_text()
+    start = text.index(README_MARKER)
+    begin = text.index("```text\n", start) + len("```text\n")
+    end = text.index("```", begin)
+    readme.write_text(text[:begin] + format_table(record) + "\n" + text[end:])
+    (HERE / "results.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"recorded {results} -> {HERE / 'results.json'} and the table in {readme}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (rebuilt from scratch)")
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)),
+                    help="comma-separated seeds: data split, labeled split, teacher views and student init (default: %(default)s)")
+    ap.add_argument("--epochs", type=int, default=12, help="student epochs (one epoch = one pass over the unlabeled pool)")
+    ap.add_argument("--labeled-views", default="auto",
+                    help=f"teacher views per labeled image; auto = enough that none is drawn more than {MAX_LABELED_REUSE} times")
+    ap.add_argument("--train-teacher", action="store_true",
+                    help="retrain the stand-in teacher (~40 s, CPU-dependent) instead of using the shipped one")
+    ap.add_argument("--record", action="store_true",
+                    help="do not run: make OUT's finished run the recorded one (pipelines/demo/results.json, README table)")
+    args = ap.parse_args()
+    if args.record:
+        record_results(args.out.resolve())
+        return
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        labeled_views = args.labeled_views if args.labeled_views == "auto" else int(args.labeled_views)
+    except ValueError:
+        sys.exit(f"demo: --seeds takes integers like 0,1,2 and --labeled-views auto or an integer; got "
+                 f"{args.seeds!r}, {args.labeled_views!r}")
+    if not seeds or args.epochs < 1 or (labeled_views != "auto" and labeled_views < 1):
+        sys.exit("demo: need at least one seed, --epochs >= 1 and --labeled-views >= 1")
+    out: Path = args.out.resolve()
+    if out.exists():
+        if not (out / "demo.json").exists() and any(out.iterdir()):
+            sys.exit(f"demo: {out} exists and is not a demo output folder; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / "demo.json").write_text(json.dumps({"seeds": seeds, "epochs": args.epochs, "complete": False}) + "\n")
+    t0 = time.time()
+
+    if args.train_teacher:
+        print("[teacher] retraining the stand-in VLM on the fixed pre-training part of the digits (~40 s)")
+        teacher, record = train_teacher(out, out / "logs")
+    else:
+        teacher, record = unpack_teacher(out)
+        print(f"[teacher] the shipped stand-in VLM ({TEACHER_DIR.relative_to(HERE.parent.parent)}, sha256 {record['sha256'][:12]})")
+    per_seed = []
+    for i, seed in enumerate(seeds):
+        print(f"[seed {seed}] ({i + 1}/{len(seeds)}) data, teacher caches, students ce / ce+kd / dho, evaluation", flush=True)
+        t_seed = time.time()
+        result = run_seed(out / f"seed-{seed}", seed, teacher, args.epochs, labeled_views)
+        result["wall_s"] = round(time.time() - t_seed, 1)
+        per_seed.append(result)
+        print("  test top-1: " + ", ".join(f"{k} {v:.1f}" for k, v in result["top1"].items()) + f"  [{result['wall_s']:.0f} s]")
+
+    wall = time.time() - t0
+    summary = {key: dict(zip(("mean", "std"), mean_std([r["top1"][key] for r in per_seed]))) for key, _ in ROWS}
+    results = {"seeds": seeds, "epochs": args.epochs, "teacher_sha256": record["sha256"],
+               "teacher_pretrain_images": record.get("num_images"), "summary": summary, "per_seed": per_seed,
+               "wall_s": round(wall, 1)}
+    table = format_table(results)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "demo.json").write_text(json.dumps({"seeds": seeds, "epochs": args.epochs, "complete": True}) + "\n")
+    print("\n" + table)
+    print(f"  everything (datasets, caches, runs, alpha/beta heatmaps, Fig. 4 gradient cosines, logs): {out}/seed-*"
+          f"   [{wall:.0f} s]\n")
 
 
 if __name__ == "__main__":
