@@ -145,7 +145,7 @@ $(CACHE)/%.done: $(DATA)/%/manifest.json $(SOURCE_DEPS)
 	  $(LAUNCH) precompute-teacher $(<D) --out $(CACHE)/$*.zarr
 	touch $@
 
-# 3. students: one run per (student, split); resumes from checkpoints/last.pt, restarts a run that has none
+# 3. students: one run per (student, split); resumes from checkpoints/last.pt (distill itself restarts a run that has none)
 define lowshot_run
 $(RUNS)/$(1)-$(2)/model.pt: STUDENT := $(1)
 $(RUNS)/$(1)-$(2)/model.pt: SPLIT := $(2)
@@ -158,7 +158,6 @@ $(foreach s,$(STUDENTS),$(foreach p,$(SPLITS),$(eval $(call lowshot_run,$(s),$(p
 $(RUNS)/%/model.pt:
 	@echo "== distill $(STUDENT) on the $(SPLIT) labels -> $(@D)"
 	$(RECIPE) config $(RECIPE_$(STUDENT)) distill --out $(@D).distill.yaml
-	test -f $(@D)/checkpoints/last.pt || rm -rf $(@D)
 	$(LAUNCH) distill --config $(@D).distill.yaml --out $(@D) \
 	  --labeled $(DATA)/train-$(SPLIT) --labeled-cache $(CACHE)/train-$(SPLIT).zarr \
 	  --unlabeled $(DATA)/train --unlabeled-cache $(CACHE)/train.zarr \

@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dho import data  # noqa: E402
-from dho.teacher import load_teacher, resolve_device  # noqa: E402
+from dho.devices import resolve_device  # noqa: E402
+from dho.teacher import load_teacher  # noqa: E402
 
 
 def images_of(args, preprocess: dict) -> torch.Tensor:

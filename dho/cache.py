@@ -18,6 +18,13 @@ Unreadable samples (`precompute --skip-bad`): `valid[i] = False`, their `probs` 
 `embeddings` rows are NaN, `topk_indices` and `view_params` rows are -1. Readers must mask with
 `TeacherCache.valid`; the NaNs make a forgotten mask fail loudly instead of silently.
 
+Damage is reported, never read as data (schema v2): every chunk carries a crc32c checksum, every
+chunk is stored (also one equal to the fill value), so a missing chunk of a finished unit is an
+error and not a block of fill values, and every row read is checked to be what it claims (a
+probability distribution, a box inside the image). The error names the array, view, shard and
+chunk. `dho cache-info --verify` reads every chunk. Version-1 caches have no checksums; the row
+checks still apply to them.
+
 Out of scope: remote object stores (the atomic-rename creation and fsync need a local path).
 """
 
@@ -28,16 +35,17 @@ import json
 import math
 import os
 import shutil
-import uuid
 from functools import reduce
 from pathlib import Path
 
 import jsonschema
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 import dho
 from cache_schemas import CURRENT_VERSION, KNOWN_VERSIONS, SCHEMA_NAME, load_schema
+from dho.atomic import remove_stale, temp_sibling
 from dho.errors import CacheError
 
 # attributes that must be equal for a rerun to add units to an existing store ("don't mix")
@@ -47,6 +55,9 @@ PARAM_KEYS = (
     "store_embeddings", "embed_dim",
 )
 VIEW_PARAM_FIELDS = ("top", "left", "height", "width", "flip")
+# store every chunk, also one equal to the fill value: a chunk file that is missing is then damage
+zarr.config.set({"array.write_empty_chunks": True})
+SUM_TOLERANCE = 1e-2  # |sum(p) - 1| of a stored float16 row (C roundings of at most 2^-11 each, relative)
 
 
 def chunk_length(shard_counts: list[int]) -> int:
@@ -137,6 +148,8 @@ class TeacherCache:
         place; when another process won the race, its store is opened and checked instead.
         """
         path = Path(path)
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()  # an empty folder made for the cache: the store is renamed into its place
         if not path.exists():
             cls._create(path, attrs, keys, labels, text_classifier)
         cache = cls.open(path, dataset=dataset, mode="r+")
@@ -154,13 +167,15 @@ class TeacherCache:
             jsonschema.validate(attrs, load_schema(CURRENT_VERSION))
         except jsonschema.ValidationError as e:
             raise CacheError(f"{path}: refusing to create a cache with invalid attributes ({_where(e)}: {e.message})") from e
-        tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(path)  # folders of creators that were killed
+        tmp = temp_sibling(path, "creating")
         try:
             group = zarr.open_group(str(tmp), mode="w-", attributes=attrs)
             for name, spec in _expected_arrays(attrs).items():
                 dtype = str if spec["dtype"] == "string" else spec["dtype"]
-                group.create_array(name, shape=spec["shape"], dtype=dtype, chunks=spec["chunks"], fill_value=spec["fill_value"])
+                group.create_array(name, shape=spec["shape"], dtype=dtype, chunks=spec["chunks"], fill_value=spec["fill_value"],
+                                   compressors=[ZstdCodec(), Crc32cCodec()])  # every chunk checksummed
             group["keys"][:] = np.asarray(keys, dtype=object)
             group["labels"][:] = np.asarray(labels, dtype=np.int64)
             group["text_classifier"][:] = np.asarray(text_classifier, dtype=np.float32)
@@ -274,9 +289,20 @@ class TeacherCache:
 
     @property
     def valid(self) -> np.ndarray:
-        """(N,) bool: False for samples skipped as unreadable (NaN rows) and for samples of shards not started."""
+        """(N,) bool: False for samples skipped as unreadable (NaN rows) and for samples of shards not started.
+
+        Schema v2 stores every chunk, so a shard with a finished unit must have its `valid` chunks: a
+        missing one would read as "all unreadable" and silently drop the shard from training."""
         if self._valid is None:
-            self._valid = np.asarray(self.array("valid")[:], dtype=bool)
+            if self.attrs["schema_version"] >= 2:
+                for shard in np.flatnonzero(self.done.any(axis=0)):
+                    missing = [f for f in self._unit_chunk_files("valid", 0, int(shard)) if not f.is_file()]
+                    if missing:
+                        start, stop = self.shard_range(int(shard))
+                        raise CacheError(f"{self.path}: array 'valid', {self._where(None, start, stop)}: the chunk file "
+                                         f"{missing[0].relative_to(self.path)} is missing; rebuild the cache with "
+                                         "`dho precompute-teacher` into a new --out")
+            self._valid = np.asarray(self._read("valid", None, 0, self.num_samples), dtype=bool)
         return self._valid
 
     @property
@@ -319,6 +345,27 @@ class TeacherCache:
                     "re-run the same `dho precompute-teacher` command to finish the cache"
                 )
 
+    def _where(self, view: int | None, start: int, stop: int) -> str:
+        shard = int(np.searchsorted(self.shard_offsets, start, side="right")) - 1
+        chunk = start // self.chunk_len
+        return (f"{'' if view is None else f'view {view}, '}shard {shard} (rows {start}-{stop - 1}, chunk {chunk})")
+
+    def _read(self, name: str, view: int | None, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of array `name` (of one view); a failed checksum is a CacheError naming the chunk."""
+        arr = self.array(name)
+        try:
+            return arr[start:stop] if view is None else arr[view, start:stop]
+        except ValueError as e:
+            if "checksum" not in str(e):
+                raise
+            raise CacheError(f"{self.path}: array {name!r}, {self._where(view, start, stop)} is damaged (its checksum does "
+                             "not match the data); rebuild the cache with `dho precompute-teacher` into a new --out") from None
+
+    def _damaged(self, name: str, view: int, start: int, stop: int, row: int, what: str) -> CacheError:
+        key = self.keys[start + row]
+        return CacheError(f"{self.path}: array {name!r}, {self._where(view, start, stop)}: sample {key!r} {what}; the chunk "
+                          "is damaged or missing: rebuild the cache with `dho precompute-teacher` into a new --out")
+
     def probs(self, view: int, start: int, stop: int, eta: float | None = None) -> np.ndarray:
         """Teacher probabilities softmax(cos / (zeta * eta)) of rows [start, stop) -> float32 (n, C).
 
@@ -329,27 +376,71 @@ class TeacherCache:
         A shard-aligned [start, stop) of one view is one chunk read.
         """
         self._check_read(view, start, stop)
+        valid = self.valid[start:stop]  # (n,)
         if self.topk is None:
-            p = np.asarray(self.array("probs")[view, start:stop], dtype=np.float32)  # (n, C)
+            p = np.asarray(self._read("probs", view, start, stop), dtype=np.float32)  # (n, C)
+            self._check_distribution("probs", view, start, stop, p, valid, exact_sum=True)
         else:
-            idx = np.asarray(self.array("topk_indices")[view, start:stop], dtype=np.int64)  # (n, K)
-            val = np.asarray(self.array("topk_probs")[view, start:stop], dtype=np.float32)  # (n, K)
+            idx = np.asarray(self._read("topk_indices", view, start, stop), dtype=np.int64)  # (n, K)
+            val = np.asarray(self._read("topk_probs", view, start, stop), dtype=np.float32)  # (n, K)
+            self._check_distribution("topk_probs", view, start, stop, val, valid, exact_sum=False)
+            bad = np.flatnonzero(valid & ((idx < 0) | (idx >= self.num_classes)).any(axis=1))
+            if len(bad):
+                raise self._damaged("topk_indices", view, start, stop, int(bad[0]), f"has class indices outside [0, {self.num_classes})")
             p = densify_topk(idx, val, self.num_classes)
         if eta is not None and float(eta) != self.eta:
             p = retemper(p, self.eta / float(eta))
         return p
 
+    def _check_distribution(self, name: str, view: int, start: int, stop: int, p: np.ndarray, valid: np.ndarray,
+                            exact_sum: bool) -> None:
+        """Rows of valid samples must be distributions: finite, non-negative, summing to 1 (top-k: at most 1)."""
+        sums = p.sum(axis=1)  # (n,)
+        ok = np.isfinite(p).all(axis=1) & (p >= 0).all(axis=1)
+        ok &= (np.abs(sums - 1.0) <= SUM_TOLERANCE) if exact_sum else (sums <= 1.0 + SUM_TOLERANCE)
+        bad = np.flatnonzero(valid & ~ok)
+        if len(bad):
+            row = p[bad[0]]
+            raise self._damaged(name, view, start, stop, int(bad[0]),
+                                f"has teacher probabilities that are not a distribution (sum {float(np.sum(row)):.4g}, "
+                                f"min {float(np.min(row)):.4g}, max {float(np.max(row)):.4g})")
+
     def view_params(self, view: int, start: int, stop: int) -> np.ndarray:
         """(n, 5) int32 rows (top, left, height, width, flip) of the boxes the teacher saw; -1 rows for invalid samples."""
         self._check_read(view, start, stop)
-        return np.asarray(self.array("view_params")[view, start:stop], dtype=np.int32)
+        params = np.asarray(self._read("view_params", view, start, stop), dtype=np.int32)  # (n, 5)
+        ok = (params[:, :2] >= 0).all(axis=1) & (params[:, 2:4] > 0).all(axis=1) & np.isin(params[:, 4], (0, 1))
+        bad = np.flatnonzero(self.valid[start:stop] & ~ok)
+        if len(bad):
+            raise self._damaged("view_params", view, start, stop, int(bad[0]), f"has no crop box ({params[bad[0]].tolist()})")
+        return params
 
     def embeddings(self, view: int, start: int, stop: int) -> np.ndarray:
         """(n, D) float32 L2-normalised teacher image embeddings (stored as float16; needs --store-embeddings)."""
         if "embeddings" not in self.group:
             raise CacheError(f"{self.path} holds no teacher embeddings; rebuild it with `dho precompute-teacher --store-embeddings`")
         self._check_read(view, start, stop)
-        return np.asarray(self.array("embeddings")[view, start:stop], dtype=np.float32)
+        emb = np.asarray(self._read("embeddings", view, start, stop), dtype=np.float32)  # (n, D)
+        bad = np.flatnonzero(self.valid[start:stop] & ~np.isfinite(emb).all(axis=1))
+        if len(bad):
+            raise self._damaged("embeddings", view, start, stop, int(bad[0]), "has no finite embedding")
+        return emb
+
+    def verify(self) -> list[str]:
+        """Read every chunk of every finished unit (checksums, missing chunks, row checks) -> one line per damaged unit."""
+        problems = []
+        done = self.done
+        for shard in range(len(self.shard_counts)):
+            start, stop = self.shard_range(shard)
+            for view in np.flatnonzero(done[:, shard]):
+                try:
+                    self.probs(int(view), start, stop)
+                    self.view_params(int(view), start, stop)
+                    if "embeddings" in self.group:
+                        self.embeddings(int(view), start, stop)
+                except CacheError as e:
+                    problems.append(str(e))
+        return problems
 
     # ------------------------------------------------------------------ writing (one process per unit)
 
@@ -473,6 +564,11 @@ def _check_layout(path: Path, group, attrs: dict) -> None:
                 f"{path}: array {name!r} is {dtype} {tuple(arr.shape)} in chunks {tuple(arr.chunks)}, but schema "
                 f"v{attrs['schema_version']} requires {spec['dtype']} {dims} = {spec['shape']} in chunks {spec['chunks']}; rebuild the cache"
             )
+    if attrs["schema_version"] >= 2:  # v2 checksums every chunk; a store without them was not written by dho
+        for name in expected:
+            if not any(isinstance(c, Crc32cCodec) for c in group[name].metadata.codecs):
+                raise CacheError(f"{path}: array {name!r} has no crc32c checksum codec, which cache schema v2 requires; "
+                                 "rebuild the cache with `dho precompute-teacher`")
     extra = present - set(expected)
     if extra:
         raise CacheError(f"{path}: unexpected arrays {sorted(extra)} for these attributes (topk / store_embeddings); rebuild the cache")
@@ -567,10 +663,15 @@ def format_summary(info: dict) -> str:
         f"preprocess: {pp['image_size']}px {pp['interpolation']} resize_mode={pp['resize_mode']} mean={pp['mean']} std={pp['std']} ({pp['source']})",
         f"views:      {views}, seed {info['seed']}; storage: {storage}",
         f"data:       {info['num_samples']} samples, {info['num_classes']} classes, {info['num_shards']} shards, chunk length {info['chunk_len']}",
-        f"coverage:   {info['units_done']}/{info['units_total']} units done ({pct:.1f}%), complete: {'yes' if info['complete'] else 'no'}",
+        f"coverage:   {info['units_done']}/{info['units_total']} units done ({pct:.1f}%), complete: {'yes' if info['complete'] else 'no'}"
+        + ("" if "verified" in info else " (chunks not read; --verify reads and checks every one)"),
         f"samples:    {info['samples_all_views_done']}/{info['num_samples']} with all views done, "
         f"{info['valid_samples']} valid, {info['invalid_samples']} invalid (unreadable, NaN rows)",
         f"size:       {info['size_bytes'] / 2**20:.2f} MiB on disk",
         f"agreement:  teacher top-1 vs labels {agree}",
     ]
+    if "verified" in info:
+        damaged = info["verified"]["damaged_units"]
+        lines.append(f"verified:   {'every chunk of every finished unit read back intact' if not damaged else f'{damaged} damaged unit(s)'}")
+        lines += [f"  damaged: {p}" for p in info["verified"]["problems"][:20]]
     return "\n".join(lines)

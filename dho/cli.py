@@ -7,6 +7,7 @@ stays fast and `dho distill` never imports the teacher code.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -141,14 +142,27 @@ def distill(
     vlm_heads: Annotated[Optional[str], typer.Option(help="Aligned kd_head and text init of VLM students: reference (the authors' code: linear with bias on the normalised feature, times 1/zeta; heads start from the raw template-mean text embeddings) | eq10 (1/zeta * cos(z, w_c), unit rows, no bias; normalised text embeddings). [default: reference]")] = None,
     interpolation: Annotated[Optional[str], typer.Option(help="Resampling of the student's training views and evaluation images: bilinear | bicubic; none keeps the student's own (bilinear for torchvision CNNs, the open_clip config's for VLM students). [default: none]")] = None,
     window: Annotated[Optional[int], typer.Option(help="Shards per shuffle window of each data consumer. [default: 2]")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where its last checkpoint stopped. [default: off]")] = False,
+    sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn", help="Under torchrun on GPUs, BatchNorm statistics over the global batch (SyncBatchNorm) instead of each rank's share. [default: off]")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a run exactly where its last checkpoint stopped: `dho distill --resume RUN_DIR` alone takes every option from RUN_DIR/config.json; options given as well must equal the run's. [default: off]")] = False,
+    run_dir: Annotated[Optional[Path], typer.Argument(help="With --resume: the run folder to continue (instead of --out). [default: none]", show_default=False)] = None,
 ) -> None:
     """Train a student from datasets + teacher caches (the teacher is never loaded)."""
     import dataclasses
 
     from dho.distill import DistillConfig, distill as run_distill
+    from dho.errors import ConfigError
 
     values: dict = {}
+    if run_dir is not None:  # `--resume RUN_DIR`: the run's own resolved options are the base
+        run_config = run_dir / "config.json"
+        if not resume:
+            raise ConfigError(f"a run folder ({run_dir}) is given without --resume; to start a run use --out")
+        if not run_config.is_file():
+            raise ConfigError(f"--resume {run_dir}: no run there (no config.json); give the folder that `dho distill --out` wrote")
+        if out is not None and out.resolve() != run_dir.resolve():
+            raise ConfigError(f"--resume {run_dir} and --out {out} name two runs; give one")
+        values.update(json.loads(run_config.read_text()))
+        out = run_dir
     if config is not None:
         values.update(_load_options_file(config))
     given = {
@@ -161,6 +175,7 @@ def distill(
         "checkpoint_every": checkpoint_every, "log_every": log_every, "max_steps": max_steps, "val": val,
         "eval_every_epoch": eval_every_epoch, "log_grad_cosine": log_grad_cosine, "init_heads_from_text": text_init,
         "align_kd_head": align_kd_head, "vlm_heads": vlm_heads, "interpolation": interpolation, "window": window,
+        "sync_bn": sync_bn,
     }
     values.update({k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None})
     if values.get("student_pretrained") in ("none", ""):
@@ -182,9 +197,15 @@ def _load_options_file(path: Path) -> dict:
 
     from dho.errors import ConfigError
 
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    raw = yaml.safe_load(path.read_text())
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ConfigError(f"--config {path}: not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__}); "
+                          "write one `option: value` per line") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values")
     out = {}
@@ -235,7 +256,7 @@ def evaluate(
 @app.command()
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
-    images: Annotated[list[Path], typer.Argument(help="Image files (jpg, png, webp, ...).")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (jpg, png, webp, ...) or folders of them.")],
     topk: Annotated[int, typer.Option(help="Classes to print per image, most probable first.")] = 5,
     device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cuda:N or cpu.")] = "cpu",
 ) -> None:
@@ -328,25 +349,78 @@ def precompute_teacher(
 def cache_info(
     cache: Annotated[Path, typer.Argument(help="Teacher cache folder (CACHE.zarr).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text. Default: off.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Read every chunk of every finished unit: checksums, missing chunks, and that every row is a distribution / a crop box; exit 2 if any is damaged. Default: off.")] = False,
 ) -> None:
     """Teacher, views, coverage (done units, valid samples), size on disk and teacher/label top-1 agreement."""
-    import json
-
-    from dho.cache import format_summary, summarize
+    from dho.cache import TeacherCache, format_summary, summarize
+    from dho.errors import CacheError
 
     info = summarize(cache)
+    if verify:
+        problems = TeacherCache.open(cache).verify()
+        info["verified"] = {"damaged_units": len(problems), "problems": problems}
     typer.echo(json.dumps(info) if json_out else format_summary(info))
+    if verify and info["verified"]["damaged_units"]:
+        raise CacheError(f"{cache}: {info['verified']['damaged_units']} damaged unit(s), the first: {problems[0]}")
+
+
+def _one_line(e: BaseException) -> str:
+    """The user-facing line of an error; an error raised in a DataLoader worker arrives wrapped in a
+    worker traceback, of which only its own last line is the message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        prefix = f"{type(e).__module__}.{type(e).__name__}: "
+        text = last[len(prefix):] if last.startswith(prefix) else last
+    return " ".join(text.split())
 
 
 def main() -> None:
-    """Console-script entry point: known input errors print one line, not a traceback."""
-    from dho.errors import DhoError
+    """Console-script entry point: every error a user can fix prints one line (`error: ...`), never a traceback.
+
+    Exit status: 0 done, 2 a problem with the input, options or environment (the line says which),
+    3 interrupted by SIGTERM/SIGINT after saving what can be resumed, 130 interrupted elsewhere.
+    """
+    import errno
+
+    import click
+
+    from dho.errors import DhoError, Interrupted
+
+    # typer >= 0.2x vendors click (typer._click); older typer raises click's own classes: catch both
+    usage_errors: tuple = (click.ClickException,)
+    aborts: tuple = (click.Abort, typer.Abort, KeyboardInterrupt)
+    try:
+        from typer._click.exceptions import ClickException as VendoredClickException
+
+        usage_errors += (VendoredClickException,)
+    except ImportError:
+        pass
+
+    def fail(message: str, code: int = 2) -> None:
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+        sys.exit(code)
 
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="dho")
+        sys.exit(code or 0)
+    except usage_errors as e:  # unknown options, bad types, missing arguments
+        if type(e).__name__ == "NoArgsIsHelpError":  # `dho` alone: the help, as click prints it
+            typer.echo(e.format_message(), err=True)
+            sys.exit(2)
+        name = e.ctx.command_path if getattr(e, "ctx", None) is not None else "dho"
+        fail(f"{_one_line(Exception(e.format_message()))} (see `{name} --help`)")
+    except Interrupted as e:
+        fail(_one_line(e), code=Interrupted.EXIT_CODE)
     except DhoError as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+        fail(_one_line(e))
+    except aborts:
+        fail("interrupted", code=130)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            where = e.filename or "the output"
+            fail(f"cannot write {where}: {e.strerror}; free disk space or choose a writable output folder")
+        raise
 
 
 if __name__ == "__main__":

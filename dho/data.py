@@ -38,12 +38,18 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 import dho
-from dho.errors import ConfigError, DatasetError
+from dho.atomic import guard_out, remove_stale, temp_sibling
+from dho.errors import ConfigError, DatasetError, check_number
 
 MANIFEST = "manifest.json"
 FORMAT, VERSION = "dho-dataset", 1
 # extensions torchvision's ImageFolder accepts; stored lowercased, bytes never re-encoded
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
+IMAGE_EXTS = ("jpg", "jpeg", "jfif", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
+# what `prepare` says about files it does not read (all are listed in the manifest's `ignored`)
+NOT_READ = {"heic": "HEIC needs a plug-in PIL does not have; convert to JPEG or PNG",
+            "heif": "HEIF needs a plug-in PIL does not have; convert to JPEG or PNG",
+            "avif": "AVIF needs a plug-in PIL may not have; convert to JPEG or PNG",
+            "gif": "GIF is animated or palette-only; convert the frame you want to PNG"}
 # decode silently up to 200 MP (a 14k x 14k scan); PIL itself refuses above 2x this
 MAX_IMAGE_PIXELS = 200_000_000
 if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
@@ -205,12 +211,40 @@ def _undecodable(where: str, ext: str, e: Exception) -> DatasetError:
     return DatasetError(f"{where}: cannot decode the {ext} image ({e}); replace the file or leave it out (prepare --skip-bad)")
 
 
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """Every decoded image to 8-bit RGB, scaling what PIL's own convert("RGB") would clip.
+
+    16-bit greyscale (I;16*, and 16-bit data PIL holds as I) is scaled by 65535, so it is not almost
+    all white; 32-bit float (F) by 1 when its values lie in [0, 1] (the usual float TIFF), else
+    clipped to [0, 255], so it is not all black; alpha (RGBA, LA, PA, palette with transparency) is
+    composited over white; CMYK and other modes go through PIL's conversion.
+    """
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        top = float(a.max()) if a.size else 0.0
+        if mode == "F":
+            scale = 1.0 if top <= 1.0 else 255.0
+        else:
+            scale = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+        grey = np.clip(np.round(a * (255.0 / scale)), 0, 255).astype(np.uint8)  # (H, W)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def decode_image(data: bytes, ext: str, where: str) -> Image.Image:
-    """Decode encoded image bytes into an RGB PIL image; errors name `where` (a file or shard + key)."""
+    """Decode encoded image bytes into an 8-bit RGB PIL image (`to_rgb8`); errors name `where`."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb8(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise _undecodable(where, ext, e) from e
 
@@ -371,18 +405,32 @@ def _dump_manifest(manifest: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _check_out(out: Path, overwrite: bool, what: str) -> None:
-    if out.exists() and not out.is_dir():
-        raise DatasetError(f"{out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DatasetError(f"{out} is not empty; choose another --out or pass --overwrite to replace it ({what})")
+def _dataset_entries(folder: Path) -> Optional[set]:
+    """The names a dho dataset written into `folder` consists of (its manifest and the shards inside
+    it), or None when `folder` holds no dho dataset."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None
+    names = {MANIFEST}
+    for s in manifest.get("shards", []):
+        path = Path(str(s.get("path", "")))
+        if not path.is_absolute() and len(path.parts) == 1:
+            names.add(path.name)
+    return names
+
+
+def _check_out(out: Path, overwrite: bool, what: str, sources: Sequence[Path] = ()) -> None:
+    guard_out(out, overwrite, what=f"dataset ({what})", sources=sources, owned=_dataset_entries)
 
 
 def _temp_dir(out: Path) -> Path:
+    """A fresh hidden folder beside `out` to build it in (leftovers of killed writers removed first)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_stale(out)
+    tmp = temp_sibling(out, "tmp")
     tmp.mkdir()
     return tmp
 
@@ -391,7 +439,7 @@ def _publish(tmp: Path, out: Path) -> None:
     """Replace `out` by the finished `tmp` folder with renames, so `out` is never half-written."""
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = temp_sibling(out, "old")
         os.rename(out, old)
     os.rename(tmp, out)
     if old is not None:
@@ -453,24 +501,32 @@ def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool
     batches of a handful of classes. The order is still deterministic (same input + seed -> same bytes).
     """
     src, out = Path(src), Path(out)
-    if shard_size < 1:
-        raise ConfigError(f"--shard-size must be >= 1, got {shard_size}")
+    check_number("--shard-size", shard_size, low=1, integer=True)
+    check_number("--seed", seed, low=0, high=2**32 - 1, integer=True)
     if not src.is_dir():
         raise DatasetError(f"{src} is not a folder; give an ImageFolder tree (one sub-folder per class)")
-    _check_out(out, overwrite, "prepare")
+    _check_out(out, overwrite, "prepare", sources=[src])
     classnames = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classnames:
         raise DatasetError(f"{src} has no class sub-folders; an ImageFolder tree has one folder per class")
 
     files: list[tuple[str, str, int, str]] = []  # (relative file, key, label, ext)
+    ignored: list[dict] = []  # files of other types, listed in the manifest and the output
     seen: dict[str, str] = {}
     for label, classname in enumerate(classnames):
         cdir = src / classname
-        rels = sorted(
-            p.relative_to(cdir).as_posix() for p in cdir.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(cdir).parts)
-            and p.suffix[1:].lower() in IMAGE_EXTS
-        )
+        rels = []
+        for p in sorted(cdir.rglob("*")):
+            rel = p.relative_to(cdir)
+            if not p.is_file() or any(part.startswith(".") for part in rel.parts):
+                continue
+            ext = p.suffix[1:].lower()
+            if ext in IMAGE_EXTS:
+                rels.append(rel.as_posix())
+            else:
+                reason = NOT_READ.get(ext, f"extension {p.suffix or '(none)'!r} is not an image format dho reads "
+                                           f"({', '.join(IMAGE_EXTS)})")
+                ignored.append({"file": f"{classname}/{rel.as_posix()}", "reason": reason})
         if not rels:
             raise DatasetError(f"class folder {cdir} holds no image files ({', '.join(IMAGE_EXTS)}); remove it or add images")
         for rel in rels:
@@ -512,8 +568,18 @@ def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool
         provenance = {"command": "prepare", "source": str(src.resolve()), "shard_size": shard_size,
                       "shuffle": shuffle, "seed": seed,
                       "skip_bad": skip_bad, "dho_version": dho.__version__}
-        _dump_manifest(_manifest(classnames, shards, skipped, provenance), tmp / MANIFEST)
+        manifest = _manifest(classnames, shards, skipped, provenance)
+        manifest["ignored"] = ignored
+        _dump_manifest(manifest, tmp / MANIFEST)
         _publish(tmp, out)
+        if ignored:
+            kinds = {}
+            for item in ignored:
+                ext = Path(item["file"]).suffix.lower() or "(no extension)"
+                kinds[ext] = kinds.get(ext, 0) + 1
+            print(f"prepare {src}: ignored {len(ignored)} file(s) that are not images dho reads ("
+                  + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())) + f"); listed under 'ignored' in {out / MANIFEST}",
+                  file=sys.stderr, flush=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -568,7 +634,15 @@ def _scan_shard(path: Path, label_key: str) -> tuple[list[str], list[int]]:
                         raise DatasetError(f"shard {path}: sample {key!r} has label member {ti.name!r} = {raw[:20]!r}, not an integer; fix the shard or pass another --label-key") from None
                 elif ext in IMAGE_EXTS:
                     has_image[-1] = True
-    except tarfile.TarError as e:
+            # tarfile reads a tar cut inside a header or a member as a shorter, valid one; a complete
+            # tar ends with two zero blocks after its last member
+            tf.fileobj.seek(tf.offset)
+            tail = tf.fileobj.read(2 * tarfile.BLOCKSIZE)
+            if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
+                last = f" after sample {keys[-1]!r}" if keys else ""
+                raise DatasetError(f"shard {path}: truncated{last} (no end-of-archive marker where the tar should end); "
+                                   "copy it again or re-create it")
+    except (tarfile.TarError, EOFError) as e:
         raise DatasetError(f"shard {path}: not a readable tar file ({e}); check or re-create it") from e
     for key, ok in zip(keys, has_image):
         if not ok:
@@ -587,6 +661,8 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
         raise DatasetError(f"{out} exists and is not a folder; choose another --out")
     if (out / MANIFEST).exists() and not overwrite:
         raise DatasetError(f"{out / MANIFEST} already exists; pass --overwrite to replace it")
+    if (out / MANIFEST).exists() and _dataset_entries(out) is None:
+        raise DatasetError(f"--overwrite: {out / MANIFEST} is not a dho manifest; it is left alone, choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     out_abs = out.resolve()
     entries, owner, given = [], {}, set()
@@ -709,21 +785,18 @@ def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int]
     val_out = None if val_out is None else Path(val_out)
     if sum(x is not None for x in (shots, percent, keys_file)) != 1:
         raise ConfigError("give exactly one of shots (--shots K), percent (--percent P) or keys_file (--keys FILE)")
-    if shots is not None and shots < 1:
-        raise ConfigError(f"--shots must be >= 1, got {shots}")
-    if percent is not None and not 0 < percent <= 100:
-        raise ConfigError(f"--percent must be in (0, 100], got {percent}")
-    if val_per_class < 0:
-        raise ConfigError(f"--val-per-class must be >= 0, got {val_per_class}")
+    if shots is not None:
+        check_number("--shots", shots, low=1, integer=True)
+    if percent is not None:
+        check_number("--percent", percent, low=0, low_open=True, high=100)
+    check_number("--val-per-class", val_per_class, low=0, integer=True)
+    check_number("--shard-size", shard_size, low=1, integer=True)
+    check_number("--seed", seed, low=0, high=2**32 - 1, integer=True)
     if val_per_class and val_out is None:
         raise ConfigError("--val-per-class needs --val-out DIR")
-    if shard_size < 1:
-        raise ConfigError(f"--shard-size must be >= 1, got {shard_size}")
     outs = [out] + ([val_out] if val_per_class else [])
     for o in outs:
-        if o.resolve() == ds.root:
-            raise DatasetError(f"{o} is the source dataset itself; choose another output folder")
-        _check_out(o, overwrite, "split")
+        _check_out(o, overwrite, "split", sources=[ds.root])
     if val_per_class and out.resolve() == val_out.resolve():
         raise ConfigError("--out and --val-out must be different folders")
 
@@ -925,7 +998,7 @@ def decode_view(data: bytes, ext: str, where: str, params: Sequence, size: int) 
             if im.format == "JPEG" and reduce >= 2:
                 im.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
             im.load()
-            image = im.convert("RGB")
+            image = to_rgb8(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise _undecodable(where, ext, e) from e
     if image.size == (width, height):

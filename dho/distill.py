@@ -47,7 +47,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dho import data, losses
-from dho.errors import CacheError, ConfigError, DhoError
+from dho.devices import resolve_device
+from dho.interrupt import StopSignal, ignore_interrupt, workers_gone
+from dho.errors import CacheError, ConfigError, DhoError, Interrupted, check_choice, check_number
 from dho.stream import Part, PairedStream
 
 # Test-only: seconds to sleep after each step, so a test can SIGKILL a run mid-way.
@@ -103,6 +105,40 @@ class DistillConfig:
     vlm_heads: str = "reference"  # form of the aligned head and text init: "reference" (authors' code) | "eq10"
     interpolation: Optional[str] = None  # student resampling (bilinear | bicubic); None = the student's own
     window: int = 2  # shards per shuffle window of each consumer
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all ranks (SyncBatchNorm)
+
+    def __post_init__(self) -> None:
+        """Type and range of every option, wherever the config came from (command line, --config YAML,
+        config.json on resume, Python): YAML's `5e-5` arrives as a string and becomes a float here."""
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), str(f.type)))
+        if not self.student.strip():
+            raise ConfigError("--student must name a student (see `dho distill --help`)")
+        check_choice("--method", self.method, METHODS)
+        check_choice("--lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("--unlabeled-pool", self.unlabeled_pool, UNLABELED_POOLS)
+        check_choice("--precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        check_choice("--view-sampling", self.view_sampling, ("cycle", "random"))
+        check_choice("--vlm-heads", self.vlm_heads, ("reference", "eq10"))
+        if self.interpolation is not None:
+            check_choice("--interpolation", self.interpolation, ("bilinear", "bicubic"))
+        for option, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--accum-steps", self.accum_steps),
+                              ("--checkpoint-every", self.checkpoint_every), ("--log-every", self.log_every),
+                              ("--window", self.window)):
+            check_number(option, value, low=1, integer=True)
+        for option, value in (("--warmup-steps", self.warmup_steps), ("--workers", self.workers),
+                              ("--log-grad-cosine", self.log_grad_cosine)):
+            check_number(option, value, low=0, integer=True)
+        check_number("--seed", self.seed, low=0, high=2**32 - 1, integer=True)
+        if self.max_steps is not None:
+            check_number("--max-steps", self.max_steps, low=1, integer=True)
+        check_number("--lr", self.lr, low=0, low_open=True)
+        check_number("--weight-decay", self.weight_decay, low=0)
+        check_number("--grad-clip", self.grad_clip, low=0)
+        check_number("--lambda", self.lambda_, low=0, high=1)
+        check_number("--alpha", self.alpha, low=0, high=1)
+        for option, value in (("--eta", self.eta), ("--zeta", self.zeta), ("--beta", self.beta)):
+            check_number(option, value, low=0, low_open=True)
 
     @staticmethod
     def load(path: Path) -> "DistillConfig":
@@ -115,32 +151,57 @@ class DistillConfig:
         return DistillConfig(**raw)
 
 
+def _coerce(name: str, value, annotation: str):
+    """A config value as its field's type: numbers from strings (YAML reads `5e-5` as a string), ints
+    from integral floats; anything else that does not fit is a ConfigError naming the option."""
+    option = "--" + ("lambda" if name == "lambda_" else name.replace("_", "-"))
+    optional = annotation.startswith("Optional[")
+    kind = annotation[len("Optional["):-1] if optional else annotation
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{option} needs a value")
+    try:
+        if kind == "int" and not isinstance(value, bool):
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, float) and number.is_integer():
+                number = int(number)
+            if isinstance(number, int):
+                return number
+        elif kind == "float" and not isinstance(value, bool):
+            return float(value)
+        elif kind == "bool" and isinstance(value, bool):
+            return value
+        elif kind == "str" and isinstance(value, (str, Path)):
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    wanted = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(kind, kind)
+    raise ConfigError(f"{option} must be {wanted}; got {value!r}")
+
+
 # Options that may change on --resume without changing the result.
-RESUME_FREE = {"workers", "log_every", "checkpoint_every", "max_steps", "val", "eval_every_epoch", "device"}
+# Anything that changes the data order or the numerics (workers set the thread count and the consumers,
+# the device the kernels) is refused on resume.
+RESUME_FREE = {"log_every", "checkpoint_every", "max_steps", "val", "eval_every_epoch"}
 
 
 def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world_size, device) — torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain runs are 0/1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-    dev = torch.device(f"cuda:{local_rank}") if want_cuda else torch.device("cpu")
-    if want_cuda:
+    dev = resolve_device(device)  # cuda:LOCAL_RANK under torchrun, cuda:N as asked otherwise
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if want_cuda else "gloo")
+        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return rank, world, dev
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in table:
-        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the value was checked by DistillConfig
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     return table[precision]
@@ -282,6 +343,61 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _prepare_run_dir(out: Path, cfg: DistillConfig, resume: bool) -> tuple[bool, str]:
+    """Decide what `--out` holds and what this command does with it -> (resume?, note for the log).
+
+    A folder with files but no config.json is not a run: refused, nothing of the user's is touched.
+    A finished run (model.pt) or a run with a checkpoint needs --resume. A run that died before its
+    first checkpoint is started again by the same command, with or without --resume.
+    """
+    ckpt = out / "checkpoints" / "last.pt"
+    is_run = (out / "config.json").is_file()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a run folder")
+    if out.is_dir() and any(out.iterdir()) and not is_run:
+        raise ConfigError(f"--out {out} holds files but no dho run (no config.json); choose a new or empty folder")
+    note = ""
+    if resume and not ckpt.is_file():
+        if not is_run:
+            raise ConfigError(f"--resume: {out} holds no run to resume; start it without --resume")
+        resume, note = False, f"{out} has no checkpoint yet (the run stopped before its first one): starting it again"
+    elif not resume and is_run:
+        if (out / "model.pt").is_file():
+            raise ConfigError(f"{out} already holds a finished run; choose another --out (or --resume to rerun its end)")
+        if ckpt.is_file():
+            step = torch.load(ckpt, map_location="cpu", weights_only=False).get("step", "?")
+            raise ConfigError(f"{out} holds a run stopped at step {step}; pass --resume to continue it, or choose another --out")
+        note = f"{out} holds a run that stopped before its first checkpoint: starting it again"
+    if resume:
+        old = DistillConfig.load(out / "config.json")
+        diffs = [f.name for f in dataclasses.fields(cfg) if f.name not in RESUME_FREE and getattr(old, f.name) != getattr(cfg, f.name)]
+        if diffs:
+            changed = ", ".join(f"{d}: {getattr(old, d)!r} -> {getattr(cfg, d)!r}" for d in diffs)
+            raise ConfigError(f"--resume with changed options ({changed}); they change the data order or the numerics: "
+                              f"resume with the run's options (`dho distill --resume {out}` takes them from its config.json)")
+    return resume, note
+
+
+def _write_run_dir(out: Path, cfg: DistillConfig, resume: bool) -> None:
+    """The run folder's skeleton and resolved config (rank 0, after every rank has read the old state)."""
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # the failed attempt's own log, not the user's
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n")
+
+
+def _check_val(cfg: DistillConfig, classnames: list[str]) -> None:
+    """--val is checked before training, not after it: same class list, some labeled samples."""
+    if cfg.val is None:
+        return
+    val = data.Dataset.open(cfg.val)
+    if list(val.classnames) != list(classnames):
+        raise ConfigError(f"--val {cfg.val} has another class list ({len(val.classnames)} classes) than {cfg.labeled} "
+                          f"({len(classnames)}); validate on a split of the same dataset")
+    if not (np.asarray(val.labels) >= 0).any():
+        raise ConfigError(f"--val {cfg.val} has no labeled samples; validation needs labels")
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -293,9 +409,16 @@ def _atomic_save(obj, path: Path) -> None:
 class _Log:
     """Metrics to RUN_DIR/metrics.jsonl (+ TensorBoard when installed) and progress lines to stdout."""
 
-    def __init__(self, out: Path, enabled: bool):
+    def __init__(self, out: Path, enabled: bool, resume_step: int | None = None):
         self.enabled = enabled
-        self.file = open(out / "metrics.jsonl", "a") if enabled else None
+        path = out / "metrics.jsonl"
+        if enabled and resume_step is not None and path.exists():
+            # records after the checkpoint were written by the interrupted run and come again: drop them
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self.file = open(path, "a") if enabled else None
         self.tb = None
         if enabled:
             try:
@@ -330,13 +453,9 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     """Train the student of `cfg` and write RUN_DIR (config.json, metrics.jsonl, checkpoints/, model.pt)."""
     from dho.students import build_student, save_student
 
-    if cfg.method not in METHODS:
-        raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {cfg.method!r}")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}; got {cfg.lr_schedule!r}")
-    if cfg.unlabeled_pool not in UNLABELED_POOLS:
-        raise ConfigError(f"--unlabeled-pool must be one of {', '.join(UNLABELED_POOLS)}; got {cfg.unlabeled_pool!r}")
     out = Path(cfg.out)
+    if cfg.sync_bn and int(os.environ.get("WORLD_SIZE", "1")) > 1 and resolve_device(cfg.device).type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); drop it on CPU")
     rank, world, device = _setup_distributed(cfg.device)
     is_main = rank == 0
     num_workers = max(cfg.workers, 1)
@@ -419,21 +538,17 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     if uses_unlabeled:
         reuse.append(("unlabeled", sizes_u, min(views_u), draws_per_sample(total_steps, cfg.batch_size, sizes_u)))
 
+    _check_val(cfg, classnames)
+
     # ---- run directory, config, resume ----------------------------------------------------
     ckpt_path = out / "checkpoints" / "last.pt"
+    resume, run_note = _prepare_run_dir(out, cfg, resume)  # every rank reads the old state ...
+    if world > 1:
+        torch.distributed.barrier()
     if is_main:
-        if out.exists() and (out / "config.json").exists() and not resume:
-            raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    if resume:
-        if not ckpt_path.exists():
-            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}; start the run without --resume")
-        old = DistillConfig.load(out / "config.json")
-        diffs = [f.name for f in dataclasses.fields(cfg) if f.name not in RESUME_FREE and getattr(old, f.name) != getattr(cfg, f.name)]
-        if diffs:
-            raise ConfigError(f"--resume with changed options {diffs}; resume with the original options (see {out / 'config.json'})")
-    if is_main:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n")
+        _write_run_dir(out, cfg, resume)  # ... before rank 0 writes the new one
+    if world > 1:
+        torch.distributed.barrier()
 
     # ---- model, optimiser, schedule -----------------------------------------------------------
     random.seed(cfg.seed)
@@ -473,6 +588,8 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
         start_step, grad_cos = ckpt["step"], ckpt.get("grad_cosine", [])
     ddp = model
     if world > 1:
+        if cfg.sync_bn:  # BatchNorm statistics over the global batch instead of each rank's share
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the BatchNorm children in place
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     stream = PairedStream(
@@ -486,6 +603,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None,
+        worker_init_fn=ignore_interrupt if cfg.workers > 0 else None,
     )
     batches = iter(loader)
 
@@ -502,7 +620,9 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     def autocast():
         return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
-    log = _Log(out, enabled=is_main)
+    log = _Log(out, enabled=is_main, resume_step=start_step if resume else None)
+    if run_note:
+        log.say(run_note)
     log.say(
         f"dho distill: {cfg.method} | student {cfg.student} | {num_classes} classes | "
         f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs = {total_steps} steps "
@@ -539,75 +659,111 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
 
     model.train()
     t0, seen_since, t_last = time.time(), 0, time.time()
-    step = start_step
-    while step < stop_step:
-        terms_sum: dict[str, float] = {}
-        for micro_step in range(cfg.accum_steps):
-            batch = next_forward_batch()
-            sync = micro_step == cfg.accum_steps - 1 or world == 1
-            ctx = ddp.no_sync() if (world > 1 and not sync) else _nullcontext()
-            with ctx:
-                with autocast():
-                    # one forward over [labeled; unlabeled] so both halves share the batch statistics
-                    if uses_labeled and uses_unlabeled:
-                        n_l = batch["l_image"].shape[0]
-                        both = ddp(torch.cat([batch["l_image"], batch["u_image"]]))  # (B_l + B_u, ...)
-                        out_l = {k: v[:n_l] for k, v in both.items()}
-                        out_u = {k: v[n_l:] for k, v in both.items()}
-                    elif uses_labeled:
-                        out_l, out_u = ddp(batch["l_image"]), None
-                    else:
-                        out_l, out_u = None, ddp(batch["u_image"])
-                    terms = _compute_loss(cfg.method, out_l, out_u, batch, model, cfg)
-                scaler.scale(terms["loss"] / cfg.accum_steps).backward()
-            for k, v in terms.items():  # device tensors: no host sync inside the step
-                terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float() / cfg.accum_steps
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        lr_used = optimizer.param_groups[0]["lr"]  # the rate of this step, before the schedule moves on
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
-        if _TEST_STEP_SLEEP:
-            time.sleep(_TEST_STEP_SLEEP)
-        seen_since += 2 * cfg.batch_size if (uses_labeled and uses_unlabeled) else cfg.batch_size
-        unchecked.append((step, terms_sum))
-        end_of_epoch = step % steps_per_epoch == 0
-        saving = step % cfg.checkpoint_every == 0 or end_of_epoch or step == stop_step
-        logging = step % cfg.log_every == 0 or step == stop_step or step == start_step + 1
-        if saving or logging or len(unchecked) >= 32:
-            terms_sum = check_finite()  # the last step's terms, as floats
+    def save_checkpoint(step: int) -> None:
+        _atomic_save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "rng": _rng_state(), "step": step, "epoch": step // steps_per_epoch,
+             "consumers": consumers, "grad_cosine": grad_cos, "config": dataclasses.asdict(cfg)},
+            ckpt_path,
+        )
 
-        if cfg.log_grad_cosine and cfg.method in ("dho", "ce+kd") and step % cfg.log_grad_cosine == 0 and is_main:
-            cos = _grad_cosine(model, batch, cfg, autocast)
-            grad_cos.append((step, cos))
-            log.write({"step": step, "grad_cosine": cos})
-        if logging:
-            now = time.time()
-            rate = seen_since / max(now - t_last, 1e-9)
-            eta_s = (stop_step - step) * (now - t0) / max(step - start_step, 1)
-            record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr_used,
-                      "samples_per_s": rate, **{k: round(v, 6) for k, v in terms_sum.items()}}
-            log.write(record)
-            log.say(
-                f"step {step}/{stop_step} epoch {step / steps_per_epoch:.2f} loss {terms_sum['loss']:.4f} "
-                f"lr {record['lr']:.3g} | {rate:.1f} samples/s | ETA {_fmt_time(eta_s)}"
-            )
-            t_last, seen_since = now, 0
-        if saving:
-            if is_main:
-                _atomic_save(
-                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": _rng_state(), "step": step, "epoch": step // steps_per_epoch,
-                     "consumers": consumers, "grad_cosine": grad_cos, "config": dataclasses.asdict(cfg)},
-                    ckpt_path,
+    def _loop(stop: StopSignal) -> tuple[int, list]:
+        """Steps until the end of the schedule or --max-steps -> (last step, grad cosines). SIGTERM/SIGINT
+        end it early: a checkpoint at the current step, then Interrupted (the CLI exits with status 3)."""
+        nonlocal t_last, seen_since
+        step = start_step
+        while step < stop_step:
+            terms_sum: dict[str, float] = {}
+            for micro_step in range(cfg.accum_steps):
+                try:
+                    batch = next_forward_batch()
+                except RuntimeError as e:
+                    if not workers_gone(e, stop):
+                        raise
+                    # SIGTERM took the DataLoader workers too: the model is as it was after `step` steps
+                    if unchecked:
+                        check_finite()  # never save weights after a non-finite loss
+                    if is_main:
+                        save_checkpoint(step)
+                    raise Interrupted(f"stopped by {stop.name} at step {step}/{stop_step} with a checkpoint; continue with "
+                                      f"`dho distill --resume {out}`") from None
+                sync = micro_step == cfg.accum_steps - 1 or world == 1
+                ctx = ddp.no_sync() if (world > 1 and not sync) else _nullcontext()
+                with ctx:
+                    with autocast():
+                        # one forward over [labeled; unlabeled] so both halves share the batch statistics
+                        if uses_labeled and uses_unlabeled:
+                            n_l = batch["l_image"].shape[0]
+                            both = ddp(torch.cat([batch["l_image"], batch["u_image"]]))  # (B_l + B_u, ...)
+                            out_l = {k: v[:n_l] for k, v in both.items()}
+                            out_u = {k: v[n_l:] for k, v in both.items()}
+                        elif uses_labeled:
+                            out_l, out_u = ddp(batch["l_image"]), None
+                        else:
+                            out_l, out_u = None, ddp(batch["u_image"])
+                        terms = _compute_loss(cfg.method, out_l, out_u, batch, model, cfg)
+                    scaler.scale(terms["loss"] / cfg.accum_steps).backward()
+                for k, v in terms.items():  # device tensors: no host sync inside the step
+                    terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float() / cfg.accum_steps
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            lr_used = optimizer.param_groups[0]["lr"]  # the rate of this step, before the schedule moves on
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            if _TEST_STEP_SLEEP:
+                time.sleep(_TEST_STEP_SLEEP)
+            seen_since += 2 * cfg.batch_size if (uses_labeled and uses_unlabeled) else cfg.batch_size
+            unchecked.append((step, terms_sum))
+            end_of_epoch = step % steps_per_epoch == 0
+            saving = step % cfg.checkpoint_every == 0 or end_of_epoch or step == stop_step
+            logging = step % cfg.log_every == 0 or step == stop_step or step == start_step + 1
+            sync_point = saving or logging or len(unchecked) >= 32  # the same steps on every rank
+            stopping = stop.signum is not None
+            if world > 1:  # every rank stops at the same step: agree at the sync points only
+                stopping = sync_point and _any_rank(stopping, device)
+            if sync_point or stopping:
+                terms_sum = check_finite()  # the last step's terms, as floats
+            if logging and world > 1:
+                terms_sum = _mean_over_ranks(terms_sum, device, world)
+
+            if cfg.log_grad_cosine and cfg.method in ("dho", "ce+kd") and step % cfg.log_grad_cosine == 0 and is_main:
+                cos = _grad_cosine(model, batch, cfg, autocast)
+                grad_cos.append((step, cos))
+                log.write({"step": step, "grad_cosine": cos})
+            if logging:
+                now = time.time()
+                rate = seen_since / max(now - t_last, 1e-9)
+                eta_s = (stop_step - step) * (now - t0) / max(step - start_step, 1)
+                record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr_used,
+                          "samples_per_s": rate, **{k: round(v, 6) for k, v in terms_sum.items()}}
+                log.write(record)
+                log.say(
+                    f"step {step}/{stop_step} epoch {step / steps_per_epoch:.2f} loss {terms_sum['loss']:.4f} "
+                    f"lr {record['lr']:.3g} | {rate:.1f} samples/s | ETA {_fmt_time(eta_s)}"
                 )
-        if end_of_epoch and cfg.eval_every_epoch and cfg.val and is_main:
-            log.write({"step": step, "epoch": step // steps_per_epoch, **_validate(student, cfg, device)})
-            model.train()
+                t_last, seen_since = now, 0
+            if (saving or stopping) and is_main:
+                save_checkpoint(step)
+            if stopping:
+                if world > 1:
+                    torch.distributed.barrier()  # the checkpoint is on disk before any rank exits
+                name = stop.name
+                log.say(f"stopped by {name} at step {step}/{stop_step}; checkpoint {ckpt_path}")
+                log.close()
+                raise Interrupted(f"stopped by {name} at step {step}/{stop_step} with a checkpoint; continue with "
+                                  f"`dho distill --resume {out}`")
+            if end_of_epoch and cfg.eval_every_epoch and cfg.val and is_main:
+                log.write({"step": step, "epoch": step // steps_per_epoch, **_validate(student, cfg, device)})
+                model.train()
+
+        return step, grad_cos
+
+    with StopSignal() as stop:
+        step, grad_cos = _loop(stop)
 
     # ---- the end: the model, validation, plots ---------------------------------------------------
     if is_main:
@@ -625,6 +781,21 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     if world > 1:
         torch.distributed.barrier()
     return out
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is True on any rank (one all-reduce)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _mean_over_ranks(terms: dict[str, float], device: torch.device, world: int) -> dict[str, float]:
+    """The logged loss terms averaged over ranks (each rank computed them on its share of the batch)."""
+    keys = sorted(terms)
+    t = torch.tensor([terms[k] for k in keys], device=device, dtype=torch.float32)
+    torch.distributed.all_reduce(t)
+    return dict(zip(keys, (t / world).tolist()))
 
 
 class _nullcontext:

@@ -19,3 +19,41 @@ class CacheError(DhoError):
 
 class ConfigError(DhoError):
     """An option or config value is invalid or inconsistent with the inputs."""
+
+
+class Interrupted(DhoError):
+    """SIGTERM/SIGINT stopped a long command after it saved what can be resumed (exit status 3)."""
+
+    EXIT_CODE = 3
+
+
+def check_number(option: str, value, *, low=None, high=None, low_open: bool = False, integer: bool = False):
+    """Return `value` if it is a finite number (an integer when `integer`) in [low, high] (low excluded when
+    `low_open`); otherwise raise a ConfigError naming the option and the allowed range. The one range check
+    every command's options go through where they enter (CLI, --config file or Python call)."""
+    import math
+
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int) and not isinstance(value, bool) if integer else (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        fmt = lambda x: str(x) if isinstance(x, int) else f"{x:g}"  # noqa: E731
+        if low is not None and high is not None:
+            allowed = f"{kind} in {'(' if low_open else '['}{fmt(low)}, {fmt(high)}]"
+        elif low is not None:
+            allowed = f"{kind} {'>' if low_open else '>='} {fmt(low)}"
+        else:
+            allowed = kind
+        raise ConfigError(f"{option} must be {allowed}; got {value!r}")
+    return value
+
+
+def check_choice(option: str, value, choices) -> str:
+    """Return `value` if it is one of `choices`, else a ConfigError listing them."""
+    if value not in choices:
+        raise ConfigError(f"{option} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value

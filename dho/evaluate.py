@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from dho import data as data_lib
-from dho.errors import ConfigError, DatasetError
+from dho.devices import resolve_device
+from dho.errors import ConfigError, DatasetError, check_number
 from dho.students import DualHeadStudent, load_student
 
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1 (paper §4.1)
@@ -158,16 +159,6 @@ class _EvalView:
         return self.image(sample.image), sample.label, sample.index
 
 
-def resolve_device(device: Union[str, torch.device]) -> torch.device:
-    """'auto' -> cuda if available, else cpu."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA device is available; use --device cpu or auto")
-    return device
-
-
 @torch.no_grad()
 def collect_logits(
     model: DualHeadStudent,
@@ -290,6 +281,12 @@ def evaluate(
     run_dir = Path(run_dir)
     if search_on is not None and (alpha is not None or beta is not None):
         raise ConfigError("give either --alpha/--beta or --search-on VAL, not both")
+    if alpha is not None:
+        check_number("--alpha", alpha, low=0, high=1)
+    if beta is not None:
+        check_number("--beta", beta, low=0, low_open=True)
+    check_number("--batch-size", batch_size, low=1, integer=True)
+    check_number("--workers", workers, low=0, integer=True)
     student, meta = load_run(run_dir, device)
     device = resolve_device(device)
     ds = _open_for(data, meta["classnames"], "evaluation")
@@ -366,14 +363,28 @@ def predict(
     device: Union[str, torch.device] = "cpu",
     batch_size: int = 64,
 ) -> list[tuple[Path, list[tuple[str, float]]]]:
-    """Top-k (class name, probability) per image from the combined heads (Eq. 11) with the run's alpha, beta."""
+    """Top-k (class name, probability) per image from the combined heads (Eq. 11) with the run's alpha, beta.
+    A folder among `images` stands for the image files in it (sorted, not recursive)."""
+    check_number("--topk", topk, low=1, integer=True)
+    paths = []
+    for p in map(Path, images):
+        if p.is_dir():
+            inside = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+                            and f.suffix[1:].lower() in data_lib.IMAGE_EXTS)
+            if not inside:
+                raise DatasetError(f"{p} is a folder without image files ({', '.join(data_lib.IMAGE_EXTS)}); give image files")
+            paths += inside
+        else:
+            paths.append(p)
+    for p in paths:
+        if not p.is_file():
+            raise DatasetError(f"image {p} not found")
     student, meta = load_run(run_dir, device)
     alpha, beta, _ = run_alpha_beta(run_dir, meta)
     view = _EvalView(meta["preprocess"])
     classnames = meta["classnames"]
     k = min(topk, len(classnames))
     results = []
-    paths = [Path(p) for p in images]
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         x = torch.stack([view.image(load_image(p)) for p in chunk])  # (B, 3, S, S)

@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 
 import dho
-from dho.errors import DhoError
+from dho.atomic import remove_stale, temp_sibling
+from dho.errors import ConfigError, DhoError
 from dho.evaluate import load_run, run_alpha_beta
 from dho.students import DualHeadStudent
 
@@ -63,6 +64,8 @@ class DeployableDHO(nn.Module):
 def export(run_dir: Union[str, Path], out: Union[str, Path]) -> Path:
     """Trace RUN_DIR/model.pt (with the run's alpha, beta) into a TorchScript file at `out`."""
     run_dir, out = Path(run_dir), Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the file to write, e.g. {out / 'model.ts'}")
     student, meta = load_run(run_dir, "cpu")
     alpha, beta, source = run_alpha_beta(run_dir, meta)
     wrapper = DeployableDHO(student, alpha, beta).eval()
@@ -88,7 +91,8 @@ def export(run_dir: Union[str, Path], out: Union[str, Path]) -> Path:
         "output": "probabilities (B, C) = alpha * softmax(ce_head) + (1 - alpha) * softmax(kd_head / beta)",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    remove_stale(out)  # files of exports that were killed while writing
+    tmp = temp_sibling(out, "tmp")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
         torch.jit.save(traced, str(tmp), _extra_files={META_FILE: json.dumps(info)})

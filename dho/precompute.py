@@ -36,14 +36,17 @@ import datetime
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from dho import data
 from dho.cache import TeacherCache, chunk_length
-from dho.errors import ConfigError, DatasetError
-from dho.teacher import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_TEMPLATES, DEFAULT_ZETA, load_teacher, resolve_device
+from dho.devices import resolve_device
+from dho.errors import CacheError, ConfigError, DatasetError, Interrupted, check_choice, check_number
+from dho.interrupt import StopSignal, ignore_interrupt, workers_gone
+from dho.teacher import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_TEMPLATES, DEFAULT_ZETA, load_teacher
 
 DEFAULT_VIEWS = 10  # augmented views per sample, each replayable by distill from its stored box
 DEFAULT_ETA = 2.0  # KD temperature of the paper (Alg. 1)
@@ -64,8 +67,7 @@ def _setup_ranks(rank: int | None, world_size: int | None, device: torch.device)
         return rank, world_size, "", device
     dist = torch.distributed
     if env_world > 1 or (dist.is_available() and dist.is_initialized()):
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.type == "cuda":  # resolve_device gave this rank cuda:LOCAL_RANK
             torch.cuda.set_device(device)
         group = "joined"
         if not dist.is_initialized():
@@ -223,12 +225,26 @@ def precompute(
     start-up until the first batch arrives, part of loop_s), for bench/.
     """
     t_start = time.time()
-    if views < 1:
-        raise ConfigError(f"--views must be >= 1, got {views}")
-    if batch_size < 1 or workers < 0:
-        raise ConfigError(f"--batch-size must be >= 1 and --workers >= 0 (got {batch_size}, {workers})")
-    if eta <= 0 or zeta <= 0:
-        raise ConfigError(f"--eta and --zeta must be > 0 (got {eta}, {zeta})")
+    # every option is checked here, where it enters (the CLI passes them through unchanged)
+    check_number("--views", views, low=1, integer=True)
+    check_number("--batch-size", batch_size, low=1, integer=True)
+    check_number("--workers", workers, low=0, integer=True)
+    check_number("--seed", seed, low=0, high=2**32 - 1, integer=True)
+    check_number("--eta", eta, low=0, low_open=True)
+    check_number("--zeta", zeta, low=0, low_open=True)
+    check_choice("--precision", precision, ("auto", "fp32", "bf16", "fp16"))
+    check_choice("--text-classifier-norm", text_classifier_norm, ("renormalize", "mean"))
+    out_path = Path(out)
+    if out_path.exists() and not (out_path / "zarr.json").is_file() and (not out_path.is_dir() or any(out_path.iterdir())):
+        raise CacheError(f"{out_path}: no teacher cache here (no zarr.json) and not empty; --out must be a new folder, an "
+                         "empty one or a cache to resume")
+    if topk is not None:
+        check_number("--topk", topk, low=1, integer=True)
+    if image_size is not None:
+        check_number("--image-size", image_size, low=1, integer=True)
+    for option, values in (("--mean", mean), ("--std", std)):
+        for v in values or ():
+            check_number(option, v, low=0, low_open=option == "--std")
     dev = resolve_device(device)
     rank, world_size, distributed, dev = _setup_ranks(rank, world_size, dev)
     log = (lambda msg: print(f"precompute-teacher [rank {rank}/{world_size}]: {msg}", file=sys.stderr, flush=True))
@@ -294,6 +310,7 @@ def precompute(
         batch_size=None,
         num_workers=workers,
         pin_memory=dev.type == "cuda",
+        worker_init_fn=ignore_interrupt if workers > 0 else None,
     )
     progress = _Progress(total_images, f"precompute-teacher [rank {rank}/{world_size}]", progress_every_s)
     slow_units = float(os.environ.get("DHO_TEST_SLOW_UNITS", "0"))  # test-only hook, see module docstring
@@ -348,8 +365,27 @@ def precompute(
 
     # One batch in flight: while the device runs batch k, the host collects and writes batch k-1.
     in_flight = None
-    with torch.inference_mode():
-        for batch in loader:
+
+    def interrupted(name: str) -> Interrupted:
+        done = int(cache.done.sum())
+        return Interrupted(f"stopped by {name} with {done}/{cache.done.size} units of {out} done; rerun the same "
+                           "command to compute the rest")
+
+    with torch.inference_mode(), StopSignal() as stop:
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except RuntimeError as e:  # SIGTERM took the DataLoader workers too
+                if not workers_gone(e, stop):
+                    raise
+                batch = None
+            if stop.signum is not None:  # stop between batches: the batch in flight may finish a shard's units,
+                if in_flight is not None:  # the rows of shards not yet complete are dropped (recomputed on rerun)
+                    collect(*in_flight)
+                raise interrupted(stop.name)
             if progress.done == 0 and in_flight is None:
                 t_first = time.time()
             if batch["errors"] and not skip_bad:

@@ -254,7 +254,14 @@ def _build_torchvision(name: str, pretrained: Optional[str]) -> tuple[nn.Module,
                 f"--pretrained {pretrained!r} is neither a file nor a torchvision weights name for "
                 f"{name} (known: {known})"
             ) from None
-        model = builder(weights)  # downloads into the torch hub cache unless already there
+        try:
+            model = builder(weights)  # downloads into the torch hub cache unless already there
+        except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError; a cut download a RuntimeError
+            raise ConfigError(
+                f"student {name} weights {pretrained!r} are not in the torch hub cache ({torch.hub.get_dir()}) and could "
+                f"not be downloaded ({type(e).__name__}); offline, download them elsewhere and pass the file with "
+                "--student-pretrained PATH"
+            ) from None
         preprocess["image_size"] = int(weights.transforms().crop_size[0])
     else:
         model = builder()

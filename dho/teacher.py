@@ -42,6 +42,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from dho.devices import resolve_device
 from dho.errors import ConfigError
 
 # The paper's low-shot teacher (Table 6): DFN ViT-H/14 at 378 px. The name must carry
@@ -227,16 +228,6 @@ class Teacher:
         return image_emb.float() @ self.text_classifier.to(image_emb.device).T / zeta
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; 'cuda' without a GPU is an error, not a silent fallback."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu or auto")
-    return dev
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' -> fp16 on CUDA (as the reference code; bf16's 8-bit mantissa costs accuracy the cache keeps
     forever), fp32 on CPU (CPU low-precision autocast is allowed but rarely faster)."""
@@ -343,8 +334,11 @@ def load_teacher(
                 image_interpolation=interpolation,
                 image_resize_mode=resize_mode,
             )
-        except (RuntimeError, ValueError, FileNotFoundError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - torch.load and open_clip raise many types for a bad checkpoint
+            if isinstance(e, ConfigError):
+                raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first if len(first) <= 160 else first[:157] + "..."
             hint = (
                 "with HF_HUB_OFFLINE=1 the weights must already be in the Hugging Face cache; otherwise pass a local "
                 "checkpoint file or local-dir:FOLDER"

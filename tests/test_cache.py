@@ -34,6 +34,11 @@ def _attrs(ds, views=2, topk=None, store_embeddings=False, eta=2.0, D=4) -> dict
     }
 
 
+def BOXES(n: int) -> np.ndarray:
+    """(n, 5) crop boxes (top, left, height, width, flip) of a 4 x 4 region, unflipped."""
+    return np.tile(np.array([0, 0, 4, 4, 0], dtype=np.int32), (n, 1))
+
+
 def _create(path, ds, **kw) -> TeacherCache:
     tc = np.eye(ds.num_classes, 4, dtype=np.float32)
     return TeacherCache.create_or_open(path, _attrs(ds, **kw), ds.keys, ds.labels, tc, dataset=ds)
@@ -63,7 +68,7 @@ def test_units_roundtrip_with_plain_zarr_and_done_guard(tmp_path, tiny_dataset):
     cache = _create(tmp_path / "c.zarr", ds, store_embeddings=True)
     rng = np.random.default_rng(0)
     p = _softmax(_logits(rng, 5, 3)).astype(np.float16)  # (5, C)
-    vp = np.arange(25, dtype=np.int32).reshape(5, 5)
+    vp = np.array([[r, r + 1, 10 + r, 12 + r, r % 2] for r in range(5)], dtype=np.int32)  # (5, 5) boxes + flips
     emb = rng.normal(size=(5, 4)).astype(np.float16)
     cache.write_valid(1, np.array([True, True, False, True, True]))
     cache.write_unit(0, 1, view_params=vp, probs=p, embeddings=emb)
@@ -95,7 +100,7 @@ def test_finalize_and_stray_partial_files(tmp_path, tiny_dataset):
     for s in range(5):
         n = ds.shards[s].count
         cache.write_valid(s, np.ones(n, bool))
-        cache.write_unit(0, s, view_params=np.zeros((n, 5), np.int32), probs=np.full((n, 3), 1 / 3, np.float16))
+        cache.write_unit(0, s, view_params=BOXES(n), probs=np.full((n, 3), 1 / 3, np.float16))
     assert not stray.exists() and chunk.is_file()
     assert cache.finalize() and cache.is_complete()
     reopened = TeacherCache.open(tmp_path / "c.zarr", dataset=ds)
@@ -130,7 +135,7 @@ def test_topk_densify_and_exact_retempering(tmp_path, tiny_dataset):
     pp = _softmax(lg / 2.0)
     top = np.argsort(-pp, axis=1)[:, :2]
     cache.write_valid(0, np.ones(n, bool))
-    cache.write_unit(0, 0, view_params=np.zeros((n, 5), np.int32), topk_indices=top,
+    cache.write_unit(0, 0, view_params=BOXES(n), topk_indices=top,
                      topk_probs=np.take_along_axis(pp, top, axis=1))
     got = cache.probs(0, 0, n)
     np.testing.assert_allclose(got, pp, atol=2e-3)  # with C - K = 1 the remainder is the 3rd class

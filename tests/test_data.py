@@ -169,11 +169,15 @@ def test_prepare_refuses_non_empty_out_unless_overwrite(image_folder, tmp_path):
     out = tmp_path / "ds"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(DatasetError, match="not empty.*--overwrite"):
+    with pytest.raises(ConfigError, match="not empty.*--overwrite"):
         data.prepare(image_folder, out)
-    assert (out / "keep.txt").exists()
-    ds = data.prepare(image_folder, out, overwrite=True)
-    assert ds.num_samples == 24 and not (out / "keep.txt").exists()
+    with pytest.raises(ConfigError, match="does not hold a dataset .* written by dho; it is left alone"):
+        data.prepare(image_folder, out, overwrite=True)  # not a dho dataset: never replaced
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    data.prepare(image_folder, out, shard_size=5)
+    ds = data.prepare(image_folder, out, overwrite=True)  # a dho dataset: replaced
+    assert ds.num_samples == 24 and len(ds.shards) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "images"]  # old copy removed
 
 
@@ -324,13 +328,13 @@ def test_split_refusals(tiny_dataset, tmp_path):
         data.split(tiny_dataset, tmp_path / "a", shots=6, val_per_class=3, val_out=tmp_path / "v")
     with pytest.raises(ConfigError, match="--val-per-class needs --val-out"):
         data.split(tiny_dataset, tmp_path / "a", shots=1, val_per_class=1)
-    with pytest.raises(ConfigError, match=r"--percent must be in \(0, 100\]"):
+    with pytest.raises(ConfigError, match=r"--percent must be a number in \(0, 100\]"):
         data.split(tiny_dataset, tmp_path / "a", percent=0)
-    with pytest.raises(DatasetError, match="source dataset itself"):
+    with pytest.raises(ConfigError, match="is the source"):
         data.split(tiny_dataset, tiny_dataset.root, shots=1)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    with pytest.raises(DatasetError, match="not empty.*--overwrite"):
+    with pytest.raises(ConfigError, match="not empty.*--overwrite"):
         data.split(tiny_dataset, tmp_path / "full", shots=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # nothing half-written
 

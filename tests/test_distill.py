@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -242,6 +243,89 @@ def test_torchrun_two_ranks_match_one_process(world, tmp_path):
     worst = sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
     assert worst[0][1] < 1e-4, worst
     assert not torch.equal(a["ce_head.weight"], _fresh_student(str(TINY_CLIP_CONFIG), single).ce_head.weight)
+    # the logged loss is the mean over ranks: the loss of the whole global batch, as the one process logs it
+    one_loss = [m["loss"] for m in _metrics(single) if "loss" in m]
+    two_loss = [m["loss"] for m in _metrics(ddp) if "loss" in m]
+    assert len(one_loss) == len(two_loss) and np.allclose(one_loss, two_loss, atol=1e-4), (one_loss, two_loss)
+
+
+def _run_until_checkpoint(cmd: list[str], ckpt: Path, env: dict, start_new_session: bool = False) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=start_new_session)
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.7)
+    return proc
+
+
+@pytest.mark.parametrize("target", ["process", "process group"])
+def test_sigterm_checkpoints_exits_3_and_resume_alone_finishes_bit_identical(world, tmp_path, target):
+    """Preemption: SIGTERM to the run (or to its whole process group, DataLoader workers included) saves a
+    checkpoint at the current step and exits with status 3; `dho distill --resume RUN` alone finishes it."""
+    args = ["--student", "resnet-tiny", "--epochs", "3", "--checkpoint-every", "4", "--workers", "2", "--log-every", "1"]
+    full = tmp_path / "full"
+    subprocess.run([str(DHO), "distill", *_cli_args(world, full, *args)], check=True, env=_env(), capture_output=True, timeout=300)
+
+    run = tmp_path / "stopped"
+    proc = _run_until_checkpoint([str(DHO), "distill", *_cli_args(world, run, *args)], run / "checkpoints" / "last.pt",
+                                 _env(DHO_TEST_STEP_SLEEP="0.3"), start_new_session=True)
+    if target == "process":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    step = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["step"]
+    assert f"stopped by SIGTERM at step {step}/15 with a checkpoint; continue with `dho distill --resume {run}`" in err
+    assert 4 <= step < 15, step  # the step it stopped at (the first periodic checkpoint was at step 4)
+    assert not (run / "model.pt").exists()
+
+    resumed = subprocess.run([str(DHO), "distill", "--resume", str(run)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {step}" in resumed.stdout
+    a, b = _state(full), _state(run)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [m["step"] for m in _metrics(run) if "loss" in m]
+    assert steps == sorted(set(steps)) == list(range(1, 16)), steps  # no step logged twice after the resume
+
+
+def test_a_run_that_died_before_its_first_checkpoint_is_started_again(world, tmp_path):
+    cfg = _cfg(world, tmp_path / "run", epochs=1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg.__dict__))  # what a run killed at step 0 leaves
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.9}\n')
+    distill(cfg)  # the same command: no "already holds a run", no "no checkpoint"
+    assert (tmp_path / "run" / "model.pt").is_file()
+    assert [m["step"] for m in _metrics(tmp_path / "run") if "loss" in m] == list(range(1, 6))
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "config.json").write_text(json.dumps(replace(cfg, out=str(again)).__dict__))
+    distill(replace(cfg, out=str(again)), resume=True)  # --resume on it starts it too
+    assert (again / "model.pt").is_file()
+    with pytest.raises(ConfigError, match="holds a run stopped at step 5; pass --resume"):
+        (again / "model.pt").unlink()
+        distill(replace(cfg, out=str(again)))
+
+
+def test_resume_refuses_what_changes_the_data_order_or_the_numerics(world, tmp_path):
+    run = tmp_path / "run"
+    distill(_cfg(world, run, epochs=1, max_steps=2))
+    for change, name in (({"workers": 1}, "workers: 0 -> 1"), ({"device": "auto"}, "device: 'cpu' -> 'auto'"),
+                         ({"precision": "fp32"}, "precision: 'auto' -> 'fp32'")):
+        with pytest.raises(ConfigError, match=re.escape(name)):
+            distill(_cfg(world, run, epochs=1, max_steps=2, **change), resume=True)
+    distill(_cfg(world, run, epochs=1, log_every=2), resume=True)  # logging and max_steps may change
+
+
+def test_sync_batchnorm_is_refused_on_cpu_under_torchrun(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--sync-bn needs CUDA devices"):
+        distill(_cfg(world, tmp_path / "run", sync_bn=True))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    distill(_cfg(world, tmp_path / "one", epochs=1, max_steps=1, sync_bn=True))  # one process: nothing to synchronise
 
 
 def test_distill_help_shows_the_config_defaults():

@@ -166,10 +166,38 @@ def test_sigkill_then_rerun_equals_uninterrupted(ref_cache, tiny_dataset, tiny_c
     assert not killed.is_complete() and 4 <= killed.done.sum() < 15
     text = CliRunner().invoke(app, ["cache-info", str(out)]).output
     assert re.search(rf"coverage: +{int(killed.done.sum())}/15 units done \(\d+\.\d%\), complete: no", text)
-    # rerun the same settings (here in-process, no DataLoader workers): skips done units, finishes the rest
-    precompute(tiny_dataset.root, out, **_kwargs(tiny_clip_config, tiny_teacher_ckpt))
+    # rerun the same command: skips done units, finishes the rest
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
     _assert_same_store(ref_cache, out)
     assert not list(out.rglob("*.partial"))
+
+
+@pytest.mark.parametrize("target", ["process", "process group"])
+def test_sigterm_stops_between_units_exits_3_and_the_rerun_finishes(ref_cache, tiny_dataset, tiny_clip_config,
+                                                                  tiny_teacher_ckpt, tmp_path, target):
+    out = tmp_path / "stopped.zarr"
+    cmd = [str(VENV_BIN / "dho"), "precompute-teacher", *_args(tiny_dataset, out, tiny_clip_config, tiny_teacher_ckpt)]
+    proc = subprocess.Popen(cmd, env=_env(DHO_TEST_SLOW_UNITS="0.4"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 90
+    while proc.poll() is None and time.time() < deadline:
+        if (out / "zarr.json").exists() and int(zarr.open_group(str(out), mode="r")["done"][:].sum()) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM) if target == "process" else os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: stopped by SIGTERM with \d+/15 units of {re.escape(str(out))} done; rerun the same command "
+                        "to compute the rest", last), last
+    assert "Traceback" not in err
+    stopped = TeacherCache.open(out, dataset=tiny_dataset)
+    assert not stopped.is_complete() and 3 <= stopped.done.sum() < 15
+    assert not list(out.rglob("*.partial"))
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    _assert_same_store(ref_cache, out)
 
 
 def test_torchrun_two_ranks_equals_one_process(ref_cache, tiny_dataset, tiny_clip_config, tiny_teacher_ckpt, tmp_path):
@@ -285,7 +313,7 @@ def test_cache_info_output(ref_cache, tiny_dataset):
     assert "classifier: 7 templates (renormalize), zeta=0.01 (logit scale 100), eta=2.0" in lines
     assert "views:      3 (last = center view), seed 3; storage: dense probs (float16) + embeddings" in lines
     assert "data:       24 samples, 3 classes, 5 shards, chunk length 5" in lines
-    assert "coverage:   15/15 units done (100.0%), complete: yes" in lines
+    assert "coverage:   15/15 units done (100.0%), complete: yes (chunks not read; --verify reads and checks every one)" in lines
     assert "samples:    24/24 with all views done, 24 valid, 0 invalid (unreadable, NaN rows)" in lines
     assert re.search(r"^size: +\d+\.\d\d MiB on disk$", r.stdout, re.M)
     assert f"agreement:  teacher top-1 vs labels {agree:.2f}% on 24 labeled valid samples (center view)" in lines
