@@ -96,6 +96,24 @@ def split(
     if val is not None:
         typer.echo(f"validation split: {val.num_samples} samples -> {val_out}")
 
+@app.command("import-coop")
+def import_coop(
+    name: Annotated[str, typer.Argument(help="CoOp benchmark dataset: caltech101, oxford_pets, stanford_cars, oxford_flowers, food101, fgvc_aircraft, sun397, dtd, eurosat, ucf101 or imagenet (CoOp's spellings, e.g. OxfordPets, work too).")],
+    root: Annotated[Path, typer.Argument(help="Folder holding the benchmark's dataset folders as CoOp's DATASETS.md lays them out (e.g. ROOT/oxford_pets/images + split_zhou_OxfordPets.json).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: OUT/train, OUT/val, OUT/test dho datasets (ImageNet: no val).")],
+    shard_size: Annotated[int, typer.Option(help="Samples per tar shard.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the shuffled sample order in the shards.")] = 0,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out unreadable images (listed in the manifest) instead of failing. [default: off]")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT/train, OUT/val, OUT/test if they hold datasets written by dho. [default: off]")] = False,
+) -> None:
+    """Import a dataset of the CoOp few-shot benchmark (its split and class names) as train/val/test datasets."""
+    from dho.coop import import_coop as run_import
+
+    parts = run_import(name, root, out, shard_size=shard_size, seed=seed, overwrite=overwrite, skip_bad=skip_bad)
+    for part, ds in parts.items():
+        typer.echo(f"{part}: {ds.num_samples} samples, {ds.num_classes} classes -> {ds.root}")
+
+
 # --------------------------------------------------------------------------------------------
 # stage 2: distill
 # --------------------------------------------------------------------------------------------
@@ -117,7 +135,8 @@ def distill(
     lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (betas 0.9, 0.999). [default: 0.001]")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay. [default: 0.01]")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps before the cosine decay. [default: 0]")] = None,
-    lr_schedule: Annotated[Optional[str], typer.Option(help="warmup-cosine (linear warmup to lr, then cosine to 0 at the end; floor(stream/batch) steps per epoch) | reference (the authors' code: warmup from 0.01*lr times a cosine over total-warmup steps from step 0; ceil(stream/batch) steps per epoch). [default: warmup-cosine]")] = None,
+    warmup_fraction: Annotated[Optional[float], typer.Option(help="Warm-up as a fraction of all steps, in [0, 1] (replaces --warmup-steps; the ten-dataset reference: 0.1). [default: none]")] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option(help="warmup-cosine (linear warmup to lr, then cosine to 0 at the end; floor(stream/batch) steps per epoch) | reference (the authors' ImageNet code: warmup from 0.01*lr times a cosine over total-warmup steps from step 0; ceil(stream/batch) steps per epoch) | linear (the authors' ten-dataset code: linear warmup from 0, then linear to 0; ceil). [default: warmup-cosine]")] = None,
     unlabeled_pool: Annotated[Optional[str], typer.Option(help="Unlabeled batches from: union (labeled ∪ unlabeled, Alg. 1) | exclude-labeled (the unlabeled pool without the labeled samples, as the reference code); an epoch is one pass over it. [default: union]")] = None,
     lambda_: Annotated[Optional[float], typer.Option("--lambda", help="Loss weight: lambda * L_CE + (1 - lambda) * L_KD. [default: 0.5]")] = None,
     eta: Annotated[Optional[float], typer.Option(help="KD temperature eta; the KD term is scaled by eta^2. A cache stored at another eta is re-tempered exactly. [default: 2.0]")] = None,
@@ -139,6 +158,9 @@ def distill(
     log_grad_cosine: Annotated[Optional[int], typer.Option(help="Every N steps log cos(grad L_CE, grad L_KD) over the feature extractor (dho, ce+kd) and plot it; 0 = off. [default: 0]")] = None,
     text_init: Annotated[Optional[bool], typer.Option("--text-init/--no-text-init", help="Language-aware init of both heads from the student's own text encoder (VLM students). [default: on]")] = None,
     align_kd_head: Annotated[Optional[bool], typer.Option("--align-kd-head/--no-align-kd-head", help="Cosine kd_head aligned with the teacher's rule, Eq. 10 (VLM students). [default: on]")] = None,
+    epoch: Annotated[Optional[str], typer.Option(help="unlabeled (an epoch is one pass over the unlabeled stream) | shorter (one pass over the shorter of the labeled and unlabeled streams, as the reference's zip of two loaders). [default: unlabeled]")] = None,
+    forward: Annotated[Optional[str], typer.Option(help="joint (one forward over [labeled; unlabeled], shared BatchNorm statistics) | separate (two forwards, as the ten-dataset reference). [default: joint]")] = None,
+    select_best_on_val: Annotated[Optional[bool], typer.Option("--select-best-on-val", help="Score --val after every epoch (dho: alpha/beta searched on it) and keep the best epoch as RUN/model.pt (+ alpha_beta.json), as the reference. [default: off]")] = None,
     vlm_heads: Annotated[Optional[str], typer.Option(help="Aligned kd_head and text init of VLM students: reference (the authors' code: linear with bias on the normalised feature, times 1/zeta; heads start from the raw template-mean text embeddings) | eq10 (1/zeta * cos(z, w_c), unit rows, no bias; normalised text embeddings). [default: reference]")] = None,
     interpolation: Annotated[Optional[str], typer.Option(help="Resampling of the student's training views and evaluation images: bilinear | bicubic; none keeps the student's own (bilinear for torchvision CNNs, the open_clip config's for VLM students). [default: none]")] = None,
     window: Annotated[Optional[int], typer.Option(help="Shards per shuffle window of each data consumer. [default: 2]")] = None,
@@ -169,7 +191,8 @@ def distill(
         "labeled": labeled, "labeled_cache": labeled_cache, "unlabeled": unlabeled, "unlabeled_cache": unlabeled_cache,
         "student": student, "student_pretrained": student_pretrained, "method": method, "out": out, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
-        "lr_schedule": lr_schedule, "unlabeled_pool": unlabeled_pool, "lambda_": lambda_,
+        "lr_schedule": lr_schedule, "unlabeled_pool": unlabeled_pool, "warmup_fraction": warmup_fraction,
+        "epoch": epoch, "forward": forward, "select_best_on_val": select_best_on_val, "lambda_": lambda_,
         "eta": eta, "zeta": zeta, "alpha": alpha, "beta": beta, "precision": precision, "device": device, "workers": workers,
         "seed": seed, "view_sampling": view_sampling, "grad_clip": grad_clip, "accum_steps": accum_steps,
         "checkpoint_every": checkpoint_every, "log_every": log_every, "max_steps": max_steps, "val": val,
@@ -306,7 +329,7 @@ def precompute_teacher(
     out: Annotated[Path, typer.Option("--out", help="Teacher cache to create or resume (a Zarr v3 folder, e.g. CACHE.zarr).")],
     model: Annotated[Optional[str], typer.Option(help="open_clip model name, or a path to an open_clip model-config JSON file (registered under its file stem); ignored with --pretrained local-dir:. Default: ViT-H-14-378-quickgelu.")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Teacher weights: an open_clip tag, a local checkpoint file, local-dir:FOLDER (open_clip_config.json + weights) or none (seeded random init). Default: dfn5b.")] = None,
-    templates: Annotated[Optional[str], typer.Option(help="Prompt templates: tip-adapter (the 7 of Tip-Adapter), openai (open_clip's 80), simple ('a photo of a {}.') or a file with one template per line. Default: tip-adapter.")] = None,
+    templates: Annotated[Optional[str], typer.Option(help="Prompt templates: tip-adapter (the 7 of Tip-Adapter), openai (open_clip's 80), simple ('a photo of a {}.'), coop:DATASET (the CoOp benchmark's prompt of that dataset, e.g. coop:oxford_pets) or a file with one template per line. Default: tip-adapter.")] = None,
     views: Annotated[Optional[int], typer.Option(help="Augmented views per sample: RandomResizedCrop(scale 0.5-1, ratio 3/4-4/3) + flip p=0.5, seeded by (seed, key, view). Default: 10.")] = None,
     center_view: Annotated[bool, typer.Option("--center-view", help="Also store the evaluation view (open_clip's eval transform of the teacher's preprocessing: resize + center crop for shortest, whole image for squash and longest) as an extra last view. Default: off.")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the view boxes. Default: 0.")] = None,
@@ -343,6 +366,43 @@ def precompute_teacher(
         dataset, out, center_view=center_view, store_embeddings=store_embeddings, topk=topk,
         rank=rank, world_size=world_size, skip_bad=skip_bad, **kwargs,
     )
+
+
+@app.command("tip-adapter")
+def tip_adapter(
+    labeled: Annotated[Path, typer.Option("--labeled", help="The K-shot labeled dataset (dho split --shots K).")],
+    labeled_cache: Annotated[Path, typer.Option("--labeled-cache", help="Its teacher cache, made with --store-embeddings (its augmented views are Tip-Adapter's training views).")],
+    val: Annotated[Path, typer.Option("--val", help="The validation split (CoOp: min(K, 4) per class of val) for the best epoch and the alpha/beta search.")],
+    val_cache: Annotated[Path, typer.Option("--val-cache", help="Its teacher cache, made with --store-embeddings (and --center-view: its evaluation view is used).")],
+    out: Annotated[Path, typer.Option("--out", help="Tip-Adapter-F file to write (e.g. TEACHER.pt).")],
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs over every cached (labeled image, view).")] = 20,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate of the keys (cosine schedule).")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Embeddings per fine-tuning step.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of the fine-tuning order.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Fit Tip-Adapter-F (the few-shot teacher of DHO-F) from teacher caches; the image tower does not run."""
+    from dho import tip_adapter as tip
+
+    adapter = tip.build(labeled, labeled_cache, val, val_cache, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                        device=device, log=lambda m: typer.echo(m, err=True))
+    path = tip.save(adapter, out)
+    typer.echo(json.dumps({"out": str(path), "alpha": adapter["alpha"], "beta": adapter["beta"], "val_top1": adapter["val_top1"]}))
+
+
+@app.command("tip-adapter-cache")
+def tip_adapter_cache(
+    adapter: Annotated[Path, typer.Argument(help="A Tip-Adapter-F file written by `dho tip-adapter`.")],
+    dataset: Annotated[Path, typer.Option("--dataset", help="The dataset of --cache.")],
+    cache: Annotated[Path, typer.Option("--cache", help="Its base teacher cache, with --store-embeddings.")],
+    out: Annotated[Path, typer.Option("--out", help="The Tip-Adapter-F teacher cache to create or resume (same views as --cache).")],
+    device: Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Write a teacher cache of Tip-Adapter-F for a dataset from its base cache's embeddings (for `dho distill`)."""
+    from dho import tip_adapter as tip
+
+    result = tip.apply(adapter, dataset, cache, out, device=device, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"wrote {result.path} ({int(result.done.sum())} units)")
 
 
 @app.command("cache-info")

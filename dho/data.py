@@ -470,7 +470,7 @@ class _Progress:
 # --------------------------------------------------------------------------------------------
 
 
-def _folder_key(classname: str, rel_in_class: str) -> str:
+def folder_key(classname: str, rel_in_class: str) -> str:
     """`class/sub/stem` with dots of the stem replaced: webdataset splits a member name at the first '.' of its basename."""
     parent, _, base = rel_in_class.rpartition("/")
     stem = base.rsplit(".", 1)[0].replace(".", "_")
@@ -530,7 +530,7 @@ def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool
         if not rels:
             raise DatasetError(f"class folder {cdir} holds no image files ({', '.join(IMAGE_EXTS)}); remove it or add images")
         for rel in rels:
-            key = _folder_key(classname, rel)
+            key = folder_key(classname, rel)
             file = f"{classname}/{rel}"
             if key in seen:
                 raise DatasetError(
@@ -542,12 +542,21 @@ def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool
 
     if shuffle:
         files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+    provenance = {"command": "prepare", "source": str(src.resolve()), "shard_size": shard_size,
+                  "shuffle": shuffle, "seed": seed, "skip_bad": skip_bad, "dho_version": dho.__version__}
+    return write_files(src, files, classnames, out, shard_size=shard_size, skip_bad=skip_bad, provenance=provenance,
+                       ignored=ignored, what=f"prepare {src}")
 
+
+def write_files(src: Path, files: list[tuple[str, str, int, str]], classnames: list[str], out: Path, *, shard_size: int,
+                skip_bad: bool, provenance: dict, ignored: Sequence[dict] = (), what: str = "prepare") -> Dataset:
+    """Write image files (relative file under `src`, key, label, ext), in this order, as a dataset at `out`:
+    original bytes, every image decoded once to check it, built beside `out` and renamed into place."""
     tmp = _temp_dir(out)
     try:
         writer = _ShardWriter(tmp, shard_size)
         skipped = []
-        progress = _Progress(f"prepare {src}", len(files))
+        progress = _Progress(what, len(files))
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             for start in range(0, len(files), 256):
                 batch = files[start:start + 256]
@@ -565,11 +574,8 @@ def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool
             raise DatasetError(f"{listed}{more}; fix or remove them, or pass --skip-bad to leave them out")
         if not shards:
             raise DatasetError(f"{src}: no readable images at all; nothing to write")
-        provenance = {"command": "prepare", "source": str(src.resolve()), "shard_size": shard_size,
-                      "shuffle": shuffle, "seed": seed,
-                      "skip_bad": skip_bad, "dho_version": dho.__version__}
         manifest = _manifest(classnames, shards, skipped, provenance)
-        manifest["ignored"] = ignored
+        manifest["ignored"] = list(ignored)
         _dump_manifest(manifest, tmp / MANIFEST)
         _publish(tmp, out)
         if ignored:
@@ -577,7 +583,7 @@ def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool
             for item in ignored:
                 ext = Path(item["file"]).suffix.lower() or "(no extension)"
                 kinds[ext] = kinds.get(ext, 0) + 1
-            print(f"prepare {src}: ignored {len(ignored)} file(s) that are not images dho reads ("
+            print(f"{what}: ignored {len(ignored)} file(s) that are not images dho reads ("
                   + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())) + f"); listed under 'ignored' in {out / MANIFEST}",
                   file=sys.stderr, flush=True)
     finally:

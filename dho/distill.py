@@ -31,6 +31,7 @@ teacher temperature).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -58,8 +59,10 @@ METHODS = ("dho", "ce", "kd", "ce+kd", "ce+kd-feature")
 # Inference defaults stored with each method's model (Eq. 11): single-head methods predict with
 # the head they trained (alpha = 1 -> ce_head; alpha = 0, beta = 1 -> kd_head).
 METHOD_ALPHA_BETA = {"dho": None, "ce": (1.0, 1.0), "kd": (0.0, 1.0), "ce+kd": (1.0, 1.0), "ce+kd-feature": (1.0, 1.0)}
-LR_SCHEDULES = ("warmup-cosine", "reference")
+LR_SCHEDULES = ("warmup-cosine", "reference", "linear")
 UNLABELED_POOLS = ("union", "exclude-labeled")
+EPOCHS = ("unlabeled", "shorter")  # an epoch: one pass over the unlabeled stream, or over the shorter of the two
+FORWARDS = ("joint", "separate")
 REUSE_WARN = 10  # warn when a cached (sample, view) is drawn more often than this over the run
 
 
@@ -80,8 +83,12 @@ class DistillConfig:
     lr: float = 1e-3  # low-shot CLIP students: 5e-5
     weight_decay: float = 1e-2  # low-shot CLIP students: 5e-2
     warmup_steps: int = 0  # linear warmup, then cosine decay to 0 (low-shot: 5000)
-    lr_schedule: str = "warmup-cosine"  # or "reference" (the authors' code; see the module docstring)
+    warmup_fraction: Optional[float] = None  # warm-up as a fraction of all steps (overrides warmup_steps)
+    lr_schedule: str = "warmup-cosine"  # or "reference" / "linear" (the authors' code; see the module docstring)
     unlabeled_pool: str = "union"  # unlabeled batches from labeled ∪ unlabeled, or "exclude-labeled" (reference code)
+    epoch: str = "unlabeled"  # one pass over the unlabeled stream, or "shorter" (the reference's zip of two loaders)
+    forward: str = "joint"  # one forward over [labeled; unlabeled], or "separate" (two: BatchNorm statistics apart)
+    select_best_on_val: bool = False  # keep the epoch best on --val (alpha/beta searched there), as the reference
     lambda_: float = 0.5  # L = lambda * L_CE + (1 - lambda) * L_KD
     eta: float = 2.0  # KD temperature; the cache is re-tempered exactly if it was stored at another eta
     zeta: float = 0.01  # scale 1/zeta of the aligned cosine kd_head (VLM students)
@@ -117,6 +124,12 @@ class DistillConfig:
         check_choice("--method", self.method, METHODS)
         check_choice("--lr-schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("--unlabeled-pool", self.unlabeled_pool, UNLABELED_POOLS)
+        check_choice("--epoch", self.epoch, EPOCHS)
+        check_choice("--forward", self.forward, FORWARDS)
+        if self.warmup_fraction is not None:
+            check_number("--warmup-fraction", self.warmup_fraction, low=0, high=1)
+        if self.select_best_on_val and self.val is None:
+            raise ConfigError("--select-best-on-val needs --val DATASET (a validation split)")
         check_choice("--precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         check_choice("--view-sampling", self.view_sampling, ("cycle", "random"))
         check_choice("--vlm-heads", self.vlm_heads, ("reference", "eq10"))
@@ -235,13 +248,21 @@ def reference_lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float
     return warm(step) * cosine / (warm(restart) if restart is not None else 1.0)
 
 
+def linear_lr_lambda(step: int, warmup_steps: float, total_steps: int) -> float:
+    """The ten-dataset reference's schedule (`linear`): transformers' get_linear_schedule_with_warmup,
+    a linear warm-up from 0 over `warmup_steps` (a float: 0.1 x total there), then linear to 0 at the end."""
+    if step < warmup_steps:
+        return step / max(1.0, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1.0, total_steps - warmup_steps))
+
+
 def schedule_steps(epoch_size: int, batch_size: int, epochs: int, lr_schedule: str) -> tuple[int, int]:
     """(steps per epoch, total steps): an epoch is one pass over a stream of `epoch_size` samples.
 
-    `warmup-cosine` drops the ragged last batch (floor); `reference` counts it as the reference's
-    DataLoader without drop_last does (ceil).
+    `warmup-cosine` drops the ragged last batch (floor); the schedules of the reference code count it
+    as its DataLoaders without drop_last do (ceil).
     """
-    per_epoch = -(-epoch_size // batch_size) if lr_schedule == "reference" else epoch_size // batch_size
+    per_epoch = -(-epoch_size // batch_size) if lr_schedule in ("reference", "linear") else epoch_size // batch_size
     per_epoch = max(1, per_epoch)
     return per_epoch, epochs * per_epoch
 
@@ -283,8 +304,17 @@ class Trainee(nn.Module):
         self.student = student
         self.projection = projection
 
-    def forward(self, x: torch.Tensor) -> dict:
-        return self.student(x)
+    def forward(self, l_image: Optional[torch.Tensor], u_image: Optional[torch.Tensor], separate: bool = False):
+        """-> (outputs of the labeled half, of the unlabeled half); either may be None. Joint: one forward over
+        [labeled; unlabeled], so both share the BatchNorm statistics; separate: two (the ten-dataset reference)."""
+        if l_image is None or u_image is None:
+            return (self.student(l_image) if l_image is not None else None,
+                    self.student(u_image) if u_image is not None else None)
+        if separate:
+            return self.student(l_image), self.student(u_image)
+        n_l = l_image.shape[0]
+        both = self.student(torch.cat([l_image, u_image]))  # (B_l + B_u, ...)
+        return {k: v[:n_l] for k, v in both.items()}, {k: v[n_l:] for k, v in both.items()}
 
 
 def _compute_loss(method: str, out_l: Optional[dict], out_u: Optional[dict], batch: dict, model: Trainee, cfg: DistillConfig) -> dict:
@@ -521,6 +551,8 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
                           "use --unlabeled-pool union or a larger pool")
     size_l = int(np.asarray(l_cache.valid).sum())
     epoch_size = sizes_u if sizes_u else size_l  # one pass over the unlabeled stream, for every method (ce too)
+    if cfg.epoch == "shorter" and sizes_u:  # the reference's zip(labeled loader, unlabeled loader)
+        epoch_size = min(size_l, sizes_u)
 
     consumers = world * num_workers
     per_forward = cfg.batch_size // cfg.accum_steps
@@ -569,10 +601,13 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     model = Trainee(student, projection).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    schedule = reference_lr_lambda if cfg.lr_schedule == "reference" else lr_lambda
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, cfg.warmup_steps, total_steps))
+    schedule = {"reference": reference_lr_lambda, "linear": linear_lr_lambda, "warmup-cosine": lr_lambda}[cfg.lr_schedule]
+    warmup = cfg.warmup_steps if cfg.warmup_fraction is None else cfg.warmup_fraction * total_steps
+    warmup = warmup if cfg.lr_schedule == "linear" else int(round(warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, warmup, total_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
     start_step, grad_cos = 0, []
+    best = {"top1": -1.0, "epoch": None, "step": None}  # --select-best-on-val: the best epoch so far
     if resume:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ckpt["consumers"] != consumers:
@@ -586,6 +621,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
         scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
         start_step, grad_cos = ckpt["step"], ckpt.get("grad_cosine", [])
+        best.update(ckpt.get("best") or {})
     ddp = model
     if world > 1:
         if cfg.sync_bn:  # BatchNorm statistics over the global batch instead of each rank's share
@@ -663,9 +699,34 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
         _atomic_save(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "rng": _rng_state(), "step": step, "epoch": step // steps_per_epoch,
-             "consumers": consumers, "grad_cosine": grad_cos, "config": dataclasses.asdict(cfg)},
+             "consumers": consumers, "grad_cosine": grad_cos, "config": dataclasses.asdict(cfg), "best": best},
             ckpt_path,
         )
+
+    def keep_if_best(step: int) -> float:
+        """--select-best-on-val: score this epoch on --val (dho: alpha/beta searched there); a better epoch
+        becomes RUN/model.pt (and its alpha_beta.json), as the reference keeps its best epoch."""
+        from dho import evaluate
+
+        val_ds = data.Dataset.open(cfg.val)
+        student.eval()
+        if cfg.method == "dho":
+            tmp = out / ".select"
+            tmp.mkdir(exist_ok=True)
+            alpha, beta, score = evaluate.search_and_store(tmp, student, val_ds, 256, device, cfg.workers,
+                                                           extra={"epoch": step // steps_per_epoch, "step": step})
+        else:
+            ce, kd, labels = evaluate.collect_logits(student, val_ds, batch_size=256, device=device, workers=cfg.workers)
+            alpha, beta = METHOD_ALPHA_BETA[cfg.method]
+            score = evaluate.topk_accuracy(evaluate.combine_heads(ce, kd, alpha, beta), labels)[1]
+        if score > best["top1"]:
+            best.update(top1=score, epoch=step // steps_per_epoch, step=step)
+            save_student(out / "model.pt", student, classnames, alpha=alpha, beta=beta,
+                         extra={"method": cfg.method, "steps": step, "total_steps": total_steps, "selected_on_val": dict(best)})
+            if cfg.method == "dho":
+                for name in (evaluate.ALPHA_BETA_FILE, evaluate.HEATMAP_FILE):
+                    os.replace(tmp / name, out / name)
+        return score
 
     def _loop(stop: StopSignal) -> tuple[int, list]:
         """Steps until the end of the schedule or --max-steps -> (last step, grad cosines). SIGTERM/SIGINT
@@ -688,19 +749,10 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
                     raise Interrupted(f"stopped by {stop.name} at step {step}/{stop_step} with a checkpoint; continue with "
                                       f"`dho distill --resume {out}`") from None
                 sync = micro_step == cfg.accum_steps - 1 or world == 1
-                ctx = ddp.no_sync() if (world > 1 and not sync) else _nullcontext()
+                ctx = ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
                 with ctx:
                     with autocast():
-                        # one forward over [labeled; unlabeled] so both halves share the batch statistics
-                        if uses_labeled and uses_unlabeled:
-                            n_l = batch["l_image"].shape[0]
-                            both = ddp(torch.cat([batch["l_image"], batch["u_image"]]))  # (B_l + B_u, ...)
-                            out_l = {k: v[:n_l] for k, v in both.items()}
-                            out_u = {k: v[n_l:] for k, v in both.items()}
-                        elif uses_labeled:
-                            out_l, out_u = ddp(batch["l_image"]), None
-                        else:
-                            out_l, out_u = None, ddp(batch["u_image"])
+                        out_l, out_u = ddp(batch.get("l_image"), batch.get("u_image"), cfg.forward == "separate")
                         terms = _compute_loss(cfg.method, out_l, out_u, batch, model, cfg)
                     scaler.scale(terms["loss"] / cfg.accum_steps).backward()
                 for k, v in terms.items():  # device tensors: no host sync inside the step
@@ -759,6 +811,14 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
             if end_of_epoch and cfg.eval_every_epoch and cfg.val and is_main:
                 log.write({"step": step, "epoch": step // steps_per_epoch, **_validate(student, cfg, device)})
                 model.train()
+            if end_of_epoch and cfg.select_best_on_val:
+                if is_main:
+                    score = keep_if_best(step)
+                    log.write({"step": step, "epoch": step // steps_per_epoch, "val_selection_top1": score,
+                               "best_val_top1": best["top1"], "best_epoch": best["epoch"]})
+                    model.train()
+                if world > 1:
+                    torch.distributed.barrier()
 
         return step, grad_cos
 
@@ -768,8 +828,12 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     # ---- the end: the model, validation, plots ---------------------------------------------------
     if is_main:
         alpha, beta = METHOD_ALPHA_BETA[cfg.method] or (cfg.alpha, cfg.beta)
-        save_student(out / "model.pt", student, classnames, alpha=alpha, beta=beta,
-                     extra={"method": cfg.method, "steps": step, "total_steps": total_steps})
+        if cfg.select_best_on_val and best["epoch"] is not None:
+            log.say(f"model.pt is epoch {best['epoch']} (step {best['step']}): the best on {cfg.val}, "
+                    f"top-1 {best['top1']:.2f}" + (" with alpha/beta searched there" if cfg.method == "dho" else ""))
+        else:
+            save_student(out / "model.pt", student, classnames, alpha=alpha, beta=beta,
+                         extra={"method": cfg.method, "steps": step, "total_steps": total_steps})
         if cfg.val:
             result = _validate(student, cfg, device)
             log.write({"step": step, "final": True, **result})
@@ -796,14 +860,6 @@ def _mean_over_ranks(terms: dict[str, float], device: torch.device, world: int) 
     t = torch.tensor([terms[k] for k in keys], device=device, dtype=torch.float32)
     torch.distributed.all_reduce(t)
     return dict(zip(keys, (t / world).tolist()))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _fmt_time(seconds: float) -> str:

@@ -260,6 +260,23 @@ def _labeled(ce: torch.Tensor, kd: torch.Tensor, labels: torch.Tensor) -> tuple[
     return ce[keep], kd[keep], labels[keep]
 
 
+def search_and_store(run_dir: Path, student: DualHeadStudent, val: data_lib.Dataset, batch_size: int, device, workers: int,
+                     extra: Optional[dict] = None) -> tuple[float, float, float]:
+    """Grid-search Eq. 11's alpha, beta on `val`, write RUN_DIR/alpha_beta.json (+ heatmap) -> (alpha, beta, top-1 %)."""
+    v_ce, v_kd, v_labels = _labeled(*collect_logits(student, val, batch_size, device, workers))
+    alpha, beta, grid = search_alpha_beta(v_ce, v_kd, v_labels)
+    best = float(grid[ALPHA_GRID.index(alpha), BETA_GRID.index(beta)])
+    _write_json(Path(run_dir) / ALPHA_BETA_FILE, {
+        "alpha": alpha, "beta": beta,
+        "search_on": str(val.root), "search_on_fingerprint": val.fingerprint, "num_samples": int(len(v_labels)),
+        "alpha_grid": list(ALPHA_GRID), "beta_grid": list(BETA_GRID),
+        "top1_grid": [[round(float(v), 4) for v in row] for row in grid],  # rows: alpha, columns: beta
+        "best_top1": best, **(extra or {}),
+    })
+    plot_alpha_beta(grid, Path(run_dir) / HEATMAP_FILE, best=(alpha, beta), title=f"top-1 (%) on {val.root.name}, Eq. 11")
+    return alpha, beta, best
+
+
 def evaluate(
     run_dir: Union[str, Path],
     data: Union[str, Path, data_lib.Dataset],
@@ -298,17 +315,7 @@ def evaluate(
                 f"--search-on {val.root} is the same data as --data {ds.root} (fingerprint {ds.fingerprint[:12]}); "
                 "never tune alpha/beta on the test data: search on a validation split (`dho split --val-out`)"
             )
-        v_ce, v_kd, v_labels = _labeled(*collect_logits(student, val, batch_size, device, workers))
-        alpha, beta, grid = search_alpha_beta(v_ce, v_kd, v_labels)
-        _write_json(run_dir / ALPHA_BETA_FILE, {
-            "alpha": alpha, "beta": beta,
-            "search_on": str(val.root), "search_on_fingerprint": val.fingerprint, "num_samples": int(len(v_labels)),
-            "alpha_grid": list(ALPHA_GRID), "beta_grid": list(BETA_GRID),
-            "top1_grid": [[round(float(v), 4) for v in row] for row in grid],  # rows: alpha, columns: beta
-            "best_top1": float(grid[ALPHA_GRID.index(alpha), BETA_GRID.index(beta)]),
-        })
-        plot_alpha_beta(grid, run_dir / HEATMAP_FILE, best=(alpha, beta),
-                        title=f"top-1 (%) on {val.root.name}, Eq. 11")
+        alpha, beta, _ = search_and_store(run_dir, student, val, batch_size, device, workers)
         source = f"search on {val.root}"
     else:
         stored = read_alpha_beta(run_dir)

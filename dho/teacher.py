@@ -86,14 +86,18 @@ def resolve_templates(spec: str | list[str]) -> list[str]:
         source = "the given list"
     elif spec in builtin_templates():
         return builtin_templates()[spec]
+    elif str(spec).startswith("coop:"):  # the CoOp benchmark's prompt of a dataset
+        from dho.coop import coop_templates
+
+        return coop_templates(str(spec)[len("coop:"):])
     elif Path(spec).is_file():
         lines = Path(spec).read_text(encoding="utf-8").splitlines()
         templates = [line.strip() for line in lines if line.strip()]
         source = f"template file {spec}"
     else:
         raise ConfigError(
-            f"--templates {spec!r} is neither a built-in template set ({', '.join(builtin_templates())}) "
-            "nor an existing file with one template per line"
+            f"--templates {spec!r} is neither a built-in template set ({', '.join(builtin_templates())}), "
+            "coop:DATASET (the CoOp benchmark's prompt), nor an existing file with one template per line"
         )
     if not templates:
         raise ConfigError(f"{source} holds no templates; write one template per line, e.g. 'a photo of a {{}}.'")

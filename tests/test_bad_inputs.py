@@ -152,7 +152,7 @@ CASES = [
     ("dist-val-no-labels", "distill {base} --out {new} --val {unl}", r"--val .* no labeled samples"),
     ("dist-config-malformed", "distill {base} --out {new} --config {root}/malformed.yaml", r"not valid YAML at line"),
     ("dist-config-ill-typed", "distill {base} --out {new} --config {root}/ill-typed.yaml", r"--lr must be a number; got 'many'"),
-    ("dist-config-unknown", "distill {base} --out {new} --config {root}/unknown.yaml", r"unknown option keys \['epoch'\]"),
+    ("dist-config-unknown", "distill {base} --out {new} --config {root}/unknown.yaml", r"unknown option keys \['epochz'\]"),
     ("dist-into-foreign", "distill {base} --out {root}/mine", r"holds files but no dho run"),
     ("dist-finished-run", "distill {base} --out {run}", r"already holds a finished run"),
     ("dist-resume-nothing", "distill --resume {root}/nothing", r"no run there"),
@@ -193,7 +193,7 @@ def prepared(w) -> dict:
     root = w["root"]
     (root / "malformed.yaml").write_text("epochs: [1\n lr: :\n")
     (root / "ill-typed.yaml").write_text("lr: many\n")
-    (root / "unknown.yaml").write_text("epoch: 3\n")
+    (root / "unknown.yaml").write_text("epochz: 3\n")
     (root / "empty").mkdir(exist_ok=True)
     (root / "foreign").mkdir(exist_ok=True)
     (root / "foreign" / "manifest.json").write_text('{"name": "someone else\'s manifest"}')

@@ -434,7 +434,41 @@ def test_heavy_reuse_of_cached_views_is_warned_about(world, tmp_path, capsys):
     out = capsys.readouterr().out
     # 6 epochs x 5 steps x 8 labeled per step over 8 labeled samples = 30 draws over 2 views = 15 per view
     assert "warning: each labeled (sample, view) is used ~15 times (more than 10)" in out and "--views 3 or more" in out
-    with pytest.raises(ConfigError, match="--lr-schedule must be one of warmup-cosine, reference"):
-        distill(_cfg(world, tmp_path / "bad", lr_schedule="linear"))
+    with pytest.raises(ConfigError, match="--lr-schedule must be one of warmup-cosine, reference, linear"):
+        distill(_cfg(world, tmp_path / "bad", lr_schedule="step"))
     with pytest.raises(ConfigError, match="--unlabeled-pool must be one of union, exclude-labeled"):
         distill(_cfg(world, tmp_path / "bad", unlabeled_pool="all"))
+
+
+def test_linear_schedule_is_transformers_linear_warmup_then_decay():
+    """The ten-dataset reference: get_linear_schedule_with_warmup(warmup = 0.1 x total), stepped per iteration."""
+    from dho.distill import linear_lr_lambda
+
+    total, warmup = 400, 0.1 * 400
+    assert linear_lr_lambda(0, warmup, total) == 0.0 and linear_lr_lambda(20, warmup, total) == pytest.approx(0.5)
+    assert linear_lr_lambda(40, warmup, total) == pytest.approx(1.0) and linear_lr_lambda(220, warmup, total) == pytest.approx(0.5)
+    assert linear_lr_lambda(400, warmup, total) == 0.0 and linear_lr_lambda(1, 0, 10) == pytest.approx(0.9)
+
+
+def test_the_ten_dataset_reference_options(world, tmp_path):
+    """--epoch shorter (the zip of two loaders), --forward separate, --lr-schedule linear with --warmup-fraction,
+    --select-best-on-val: the epoch best on val becomes model.pt with its alpha/beta."""
+    run = tmp_path / "run"
+    distill(_cfg(world, run, epochs=3, epoch="shorter", forward="separate", lr_schedule="linear", warmup_fraction=0.1,
+                 val=str(world / "val"), select_best_on_val=True, unlabeled_pool="exclude-labeled"))
+    # 8 labeled vs 32 unlabeled at batch 8: the shorter pass is 1 step, so 3 epochs are 3 steps
+    logged = [m for m in _metrics(run) if "loss" in m]
+    assert [m["step"] for m in logged] == [1, 2, 3]
+    assert logged[0]["lr"] == 0.0  # transformers' warm-up starts at 0
+    selections = [m for m in _metrics(run) if "val_selection_top1" in m]
+    assert [m["epoch"] for m in selections] == [1, 2, 3]
+    best = max(selections, key=lambda m: (m["val_selection_top1"], -m["epoch"]))
+    student, meta = load_student(run / "model.pt")
+    chosen = meta["extra"]["selected_on_val"]
+    assert chosen["epoch"] == best["epoch"] and chosen["top1"] == best["val_selection_top1"]
+    stored = json.loads((run / "alpha_beta.json").read_text())
+    assert (meta["alpha"], meta["beta"]) == (stored["alpha"], stored["beta"]) and stored["epoch"] == best["epoch"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["epoch"], cfg["forward"], cfg["lr_schedule"], cfg["warmup_fraction"]) == ("shorter", "separate", "linear", 0.1)
+    with pytest.raises(ConfigError, match="--select-best-on-val needs --val"):
+        _cfg(world, tmp_path / "x", select_best_on_val=True)

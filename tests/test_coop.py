@@ -1,0 +1,154 @@
+"""`dho import-coop`: the CoOp benchmark's layouts become train/val/test datasets with CoOp's class names,
+label order and splits; K-shot splits and the few-shot validation split are deterministic."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dho import data
+from dho.coop import SPECS, coop_templates, import_coop, read_split
+from dho.errors import ConfigError, DatasetError
+from dho.teacher import resolve_templates
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("make_smoke_coop", ROOT / "pipelines" / "fewshot" / "make_smoke_coop.py")
+smoke = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(smoke)
+
+
+@pytest.mark.parametrize("name", ["oxford_pets", "eurosat", "fgvc_aircraft", "stanford_cars", "imagenet"])
+def test_import_keeps_coops_counts_names_and_label_order(tmp_path, name):
+    smoke.make_smoke_coop(tmp_path / "coop", name, classes=3, train=5, val=3, test=4)
+    parts = import_coop(name, tmp_path / "coop", tmp_path / "out", shard_size=4)
+    expected_parts = ["train", "test"] if name == "imagenet" else ["train", "val", "test"]
+    assert sorted(parts) == sorted(expected_parts) and not (name == "imagenet" and (tmp_path / "out" / "val").exists())
+    split, classnames, images = read_split(name, tmp_path / "coop")
+    assert classnames == ["smoke class 2", "smoke class 1", "smoke class 0"]  # CoOp's order, not sorted
+    for part, ds in parts.items():
+        assert ds.classnames == classnames
+        assert ds.num_samples == len(split[part]) == 3 * {"train": 5, "val": 3, "test": 4}[part]
+        by_file = {f: lab for s in ds.shards for f, lab in zip(s.files, s.labels)}
+        assert by_file == {rel: label for rel, label, _ in split[part]}  # every file, with its CoOp label
+        assert ds.manifest["provenance"]["dataset"] == name
+    # deterministic: the same import gives byte-identical shards
+    again = import_coop(name, tmp_path / "coop", tmp_path / "again", shard_size=4)
+    for part in parts:
+        assert [s.sha256 for s in again[part].shards] == [s.sha256 for s in parts[part].shards]
+
+
+def test_kshot_and_fewshot_val_splits_are_deterministic_per_seed(tmp_path):
+    smoke.make_smoke_coop(tmp_path / "coop", "oxford_pets", classes=3, train=8, val=6, test=2)
+    parts = import_coop("oxford_pets", tmp_path / "coop", tmp_path / "out", shard_size=8)
+    picks = {}
+    for seed in (1, 2, 3):
+        for k in (1, 2, 4):
+            lab, _ = data.split(parts["train"], tmp_path / f"k{k}-s{seed}", shots=k, seed=seed)
+            val, _ = data.split(parts["val"], tmp_path / f"v{k}-s{seed}", shots=min(k, 4), seed=seed)
+            assert lab.num_samples == 3 * k and val.num_samples == 3 * min(k, 4)
+            picks[(k, seed)] = sorted(lab.keys)
+        again, _ = data.split(parts["train"], tmp_path / f"again-{seed}", shots=4, seed=seed)
+        assert sorted(again.keys) == picks[(4, seed)]
+    assert picks[(4, 1)] != picks[(4, 2)] != picks[(4, 3)]
+
+
+def test_coop_templates_and_names():
+    assert resolve_templates("coop:oxford_pets") == ["a photo of a {}, a type of pet."]
+    assert resolve_templates("coop:EuroSAT") == ["a centered satellite photo of {}."]
+    assert resolve_templates("coop:dtd") == ["{} texture."]
+    assert len(coop_templates("imagenet")) == 7 and coop_templates("imagenet")[0] == "itap of a {}."
+    assert len(SPECS) == 11
+    with pytest.raises(ConfigError, match="unknown CoOp dataset 'mnist'"):
+        resolve_templates("coop:mnist")
+
+
+def test_missing_files_and_damaged_splits_are_clear_errors(tmp_path):
+    folder = smoke.make_smoke_coop(tmp_path / "coop", "oxford_pets", classes=2, train=2, val=1, test=1)
+    with pytest.raises(DatasetError, match=r"oxford_pets.*not found: give the ROOT"):
+        import_coop("oxford_pets", tmp_path / "nowhere", tmp_path / "o1")
+    victim = next((folder / "images").rglob("*.jpg"))
+    victim.unlink()
+    with pytest.raises(DatasetError, match=rf"1 file\(s\) named by the split are missing, the first: .*{victim.name}"):
+        import_coop("oxford_pets", tmp_path / "coop", tmp_path / "o2")
+    assert not (tmp_path / "o2" / "train").exists()
+    split = json.loads((folder / "split_zhou_OxfordPets.json").read_text())
+    split["test"][0][2] = "another name"
+    (folder / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
+    with pytest.raises(DatasetError, match="label 1 is 'another name' .* but 'smoke class 0' elsewhere|label .* elsewhere"):
+        read_split("oxford_pets", tmp_path / "coop")
+    (folder / "split_zhou_OxfordPets.json").write_text('{"train": []}')
+    with pytest.raises(DatasetError, match="no 'train' list"):
+        read_split("oxford_pets", tmp_path / "coop")
+    shutil.rmtree(folder)
+    smoke.make_smoke_coop(tmp_path / "coop", "fgvc_aircraft", classes=2, train=1, val=1, test=1)
+    (tmp_path / "coop" / "fgvc_aircraft" / "images_variant_val.txt").write_text("0000001 Concorde\n")
+    with pytest.raises(DatasetError, match=r"images_variant_val.txt:1: variant 'Concorde' is not in"):
+        read_split("fgvc_aircraft", tmp_path / "coop")
+
+
+@pytest.fixture(scope="module")
+def fewshot(tmp_path_factory):
+    """A 3-class toy set in the CoOp layout, imported, a 4-shot split and its few-shot val, caches with embeddings."""
+    from fixtures_models import TINY_CLIP_CONFIG, _tiny_state_dict
+
+    import torch
+
+    from dho.precompute import precompute
+
+    root = tmp_path_factory.mktemp("fewshot")
+    smoke.make_smoke_coop(root / "coop", "oxford_pets", classes=3, train=10, val=4, test=6)
+    parts = import_coop("oxford_pets", root / "coop", root / "ds", shard_size=6)
+    data.split(parts["train"], root / "lab", shots=4, seed=1, shard_size=6)
+    data.split(parts["val"], root / "val4", shots=4, seed=1, shard_size=6)
+    torch.save(_tiny_state_dict(seed=1), root / "teacher.pt")
+    teacher = dict(model=str(TINY_CLIP_CONFIG), pretrained=str(root / "teacher.pt"), device="cpu", workers=0,
+                   templates="coop:oxford_pets", store_embeddings=True, batch_size=32)
+    precompute(root / "ds" / "train", root / "pool.zarr", views=2, **teacher)
+    precompute(root / "lab", root / "lab.zarr", views=4, **teacher)
+    precompute(root / "val4", root / "val4.zarr", views=1, center_view=True, **teacher)
+    precompute(root / "ds" / "test", root / "test.zarr", views=1, center_view=True, **teacher)
+    return root
+
+
+def test_tip_adapter_f_beats_the_zero_shot_teacher_and_its_cache_trains_a_student(fewshot):
+    from dho import tip_adapter as tip
+    from dho.cache import TeacherCache, summarize
+    from dho.distill import DistillConfig, distill
+
+    root = fewshot
+    adapter = tip.build(root / "lab", root / "lab.zarr", root / "val4", root / "val4.zarr", epochs=5, device="cpu", log=lambda m: None)
+    val = adapter["val_top1"]
+    assert val["tip_adapter_f"] > val["zero_shot"] + 20 and val["tip_adapter_f"] >= val["tip_adapter_f_fixed"]
+    assert adapter["keys"].shape == (12, 32) and adapter["values"].shape == (12, 3) and adapter["shots"] == 12
+    assert adapter["alpha"] in tip.ALPHA_GRID and adapter["beta"] in tip.BETA_GRID
+    path = tip.save(adapter, root / "tipf.pt")
+    assert tip.load(path)["labeled_fingerprint"] == data.Dataset.open(root / "lab").fingerprint
+
+    test = tip.apply(path, root / "ds" / "test", root / "test.zarr", root / "test-tipf.zarr", device="cpu", log=lambda m: None)
+    zs, tipf = summarize(root / "test.zarr"), summarize(root / "test-tipf.zarr")
+    assert tipf["complete"] and tipf["schema_version"] == 2 and tipf["teacher"]["model"] == "tip-adapter-f(tiny-clip)"
+    assert "12 labeled images of lab" in tipf["teacher"]["pretrained"]
+    assert tipf["agreement"] > zs["agreement"] + 0.2, (tipf["agreement"], zs["agreement"])  # on unseen test images
+    assert test.verify() == []
+    # the teacher caches of DHO-F: pool and labeled set, then a student trains from them unchanged
+    tip.apply(path, root / "ds" / "train", root / "pool.zarr", root / "pool-tipf.zarr", device="cpu", log=lambda m: None)
+    tip.apply(path, root / "lab", root / "lab.zarr", root / "lab-tipf.zarr", device="cpu", log=lambda m: None)
+    pool = TeacherCache.open(root / "pool-tipf.zarr", dataset=data.Dataset.open(root / "ds" / "train"))
+    np_probs = pool.probs(0, 0, 6)
+    assert abs(float(np_probs.sum(axis=1).mean()) - 1.0) < 1e-2 and "embeddings" not in pool.group
+    run = distill(DistillConfig(labeled=str(root / "lab"), labeled_cache=str(root / "lab-tipf.zarr"),
+                                unlabeled=str(root / "ds" / "train"), unlabeled_cache=str(root / "pool-tipf.zarr"),
+                                student="resnet-tiny", out=str(root / "run"), epochs=1, batch_size=6, workers=0, device="cpu",
+                                unlabeled_pool="exclude-labeled"))
+    assert (run / "model.pt").is_file()
+    # resumable and refusing: the same apply again computes nothing; a cache without embeddings is refused
+    again = tip.apply(path, root / "ds" / "test", root / "test.zarr", root / "test-tipf.zarr", device="cpu", log=lambda m: None)
+    assert again.is_complete()
+    with pytest.raises(Exception, match="holds no teacher embeddings"):
+        tip.apply(path, root / "ds" / "test", root / "test-tipf.zarr", root / "x.zarr", device="cpu", log=lambda m: None)
+    with pytest.raises(ConfigError, match="is the labeled set itself"):
+        tip.build(root / "lab", root / "lab.zarr", root / "lab", root / "lab.zarr", device="cpu", log=lambda m: None)
