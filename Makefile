@@ -9,7 +9,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo demo-record demo-teacher reproduce-lowshot clean
+.PHONY: setup test demo demo-record demo-teacher reproduce-lowshot reproduce-fewshot clean
 
 setup: $(VENV)/.installed
 
@@ -180,3 +180,149 @@ $(WORK)/table.md: $(foreach s,$(STUDENTS),$(foreach p,$(SPLITS),$(EVAL)/$(s)-$(p
 	@echo "== report -> $@"
 	$(PY) $(LOWSHOT)/report.py --eval $(EVAL) --runs $(RUNS) --students "$(STUDENTS)" --splits "$(SPLITS)" \
 	  --out $@ $(if $(SMOKE),--smoke)
+
+# =============================================================================================
+# reproduce-fewshot: the few-shot experiments (Table 1, Figs. 5/6) on one dataset of the CoOp benchmark.
+#   make reproduce-fewshot DATASET=oxford_pets ROOT=/data/coop [SHOTS="1 2 4 8 16"] [SEEDS="1 2 3"] [GPUS=N]
+#       [FS_RECIPE=pipelines/fewshot/coop-resnet18.yaml] [FS_WORK=runs/fewshot/DATASET] [TEACHER_WEIGHTS=FILE]
+#   make reproduce-fewshot DATASET=imagenet ROOT=/data/coop FS_RECIPE=pipelines/fewshot/resnet18-scratch.yaml GPUS=4
+#   make reproduce-fewshot SMOKE=1 [FS_WORK=runs/fewshot-smoke]   # generated CoOp-layout data, tiny models, CPU
+# Per K shots and seed S: the labeled split (K per class of train) and the few-shot val (min(K, 4) per class of
+# CoOp's val; ImageNet: of train), teacher caches with image embeddings, Tip-Adapter-F fitted on them (DHO-F),
+# a student from each teacher (zs: the zero-shot teacher, fs: Tip-Adapter-F), evaluation on test; then
+# FS_WORK/table.md: mean ± std over the seeds beside the paper. Resumable like reproduce-lowshot.
+# =============================================================================================
+ifdef SMOKE
+FS_DATASET := oxford_pets
+FS_WORK ?= runs/fewshot-smoke
+FS_ROOT = $(FS_WORK)/coop
+FS_RECIPE ?= pipelines/fewshot/coop-smoke.yaml
+SHOTS ?= 1 2
+SEEDS ?= 1 2
+FS_SOURCE = $(FS_WORK)/smoke-inputs.done
+FS_TEACHER_SET = pretrained=$(FS_WORK)/smoke-teacher.pt
+else
+FS_DATASET = $(DATASET)
+FS_WORK ?= runs/fewshot/$(DATASET)
+FS_ROOT = $(ROOT)
+FS_RECIPE ?= pipelines/fewshot/coop-resnet18.yaml
+SHOTS ?= 1 2 4 8 16
+SEEDS ?= 1 2 3
+FS_SOURCE :=
+FS_TEACHER_SET = $(if $(TEACHER_WEIGHTS),pretrained=$(TEACHER_WEIGHTS))
+endif
+FS_DATA = $(FS_WORK)/data
+FS_CACHE = $(FS_WORK)/cache
+FS_RUNS = $(FS_WORK)/runs
+FS_EVAL = $(FS_WORK)/eval
+FS_PAIRS = $(foreach k,$(SHOTS),$(foreach s,$(SEEDS),k$(k)-s$(s)))
+FS_VAL_SHOTS = $(if $(filter 1 2 3,$(1)),$(1),4)
+# CoOp datasets use their CoOp prompt; ImageNet keeps the recipe's (Tip-Adapter's 7 prompts, as the reference)
+FS_PRE = $(RECIPE) run $(FS_RECIPE) precompute $(FS_TEACHER_SET) $(if $(filter imagenet,$(FS_DATASET)),,templates=coop:$(FS_DATASET))
+FS_LAUNCH = $(if $(filter 1,$(GPUS)),$(DHO),$(TORCHRUN) --standalone --nproc_per_node=$(GPUS) -m dho.cli)
+FS_NEED = test -n "$(FS_DATASET)" -a -d "$(FS_ROOT)" || { echo "error: give DATASET=NAME ROOT=FOLDER (CoOp's layout): \
+	make reproduce-fewshot DATASET=oxford_pets ROOT=/data/coop"; exit 2; }
+# DHO-F predicts with Table 6's few-shot alpha where the recipe fixes alpha/beta (ImageNet)
+FS_EVAL_SET_fs = $$(a=$$($(RECIPE) get $(FS_RECIPE) recipe dho_f_alpha); test -n "$$a" && echo alpha=$$a)
+FS_EVAL_SET_zs =
+
+reproduce-fewshot: setup $(FS_WORK)/table.md
+	@echo "== table: $(FS_WORK)/table.md"
+
+$(FS_WORK)/smoke-inputs.done:
+	@echo "== smoke inputs -> $(FS_WORK)/coop, $(FS_WORK)/smoke-teacher.pt"
+	mkdir -p $(FS_WORK)
+	$(PY) pipelines/fewshot/make_smoke_coop.py --root $(FS_WORK)/coop --dataset $(FS_DATASET) --classes 4 --train 12 --val 6 \
+	  --test 8 --teacher-config tests/assets/tiny-clip.json --teacher-out $(FS_WORK)/smoke-teacher.pt
+	touch $@
+
+# 1. the benchmark's train/val/test, its K-shot splits and few-shot validation splits
+$(FS_DATA)/import.done: $(FS_SOURCE)
+	@$(FS_NEED)
+	@echo "== import-coop $(FS_DATASET) from $(FS_ROOT) -> $(FS_DATA)"
+	$(DHO) import-coop $(FS_DATASET) $(FS_ROOT) --out $(FS_DATA) --overwrite
+	touch $@
+
+# 2. caches of the whole train pool and of test (teacher's top-1), with the embeddings Tip-Adapter-F needs
+$(FS_CACHE)/pool.done: $(FS_DATA)/import.done
+	@echo "== precompute-teacher $(FS_DATA)/train -> $(FS_CACHE)/pool.zarr"
+	$(FS_PRE) -- $(FS_LAUNCH) precompute-teacher $(FS_DATA)/train --out $(FS_CACHE)/pool.zarr
+	touch $@
+$(FS_CACHE)/test.done: $(FS_DATA)/import.done
+	@echo "== precompute-teacher $(FS_DATA)/test -> $(FS_CACHE)/test.zarr (evaluation view)"
+	$(FS_PRE) views=1 center_view=true -- $(FS_LAUNCH) precompute-teacher $(FS_DATA)/test --out $(FS_CACHE)/test.zarr
+	touch $@
+$(FS_EVAL)/teacher-zs.json: $(FS_CACHE)/test.done
+	mkdir -p $(@D)
+	$(DHO) cache-info $(FS_CACHE)/test.zarr --json > $@.tmp
+	mv $@.tmp $@
+
+# 3. per K and seed: splits, caches, Tip-Adapter-F and its caches, both students, evaluation
+define fewshot_pair
+$(FS_DATA)/lab-$(1)/manifest.json: $(FS_DATA)/import.done
+	@echo "== split $(2) shots, seed $(3) -> $$(@D)"
+	$(DHO) split $(FS_DATA)/train --out $$(@D) --shots $(2) --seed $(3) --overwrite \
+	  $(if $(filter imagenet,$(FS_DATASET)),--val-per-class $(call FS_VAL_SHOTS,$(2)) --val-out $(FS_DATA)/val-$(1))
+$(FS_DATA)/val-$(1)/manifest.json: $(FS_DATA)/import.done $(if $(filter imagenet,$(FS_DATASET)),$(FS_DATA)/lab-$(1)/manifest.json)
+	$(if $(filter imagenet,$(FS_DATASET)),test -f $$@,$(DHO) split $(FS_DATA)/val --out $$(@D) --shots $(call FS_VAL_SHOTS,$(2)) --seed $(3) --overwrite)
+$(FS_CACHE)/lab-$(1).done: $(FS_DATA)/lab-$(1)/manifest.json
+	$(FS_PRE) views=$$$$($(RECIPE) labeled-views $(FS_RECIPE) --labeled $(FS_DATA)/lab-$(1) --pool $(FS_DATA)/train) -- \
+	  $(FS_LAUNCH) precompute-teacher $(FS_DATA)/lab-$(1) --out $(FS_CACHE)/lab-$(1).zarr
+	touch $$@
+$(FS_CACHE)/val-$(1).done: $(FS_DATA)/val-$(1)/manifest.json
+	$(FS_PRE) views=1 center_view=true -- $(FS_LAUNCH) precompute-teacher $(FS_DATA)/val-$(1) --out $(FS_CACHE)/val-$(1).zarr
+	touch $$@
+$(FS_WORK)/teacher/tipf-$(1).pt: $(FS_CACHE)/lab-$(1).done $(FS_CACHE)/val-$(1).done
+	@echo "== tip-adapter: Tip-Adapter-F on $(FS_DATA)/lab-$(1) -> $$@"
+	mkdir -p $$(@D)
+	$(DHO) tip-adapter --labeled $(FS_DATA)/lab-$(1) --labeled-cache $(FS_CACHE)/lab-$(1).zarr \
+	  --val $(FS_DATA)/val-$(1) --val-cache $(FS_CACHE)/val-$(1).zarr --seed $(3) --out $$@ > $$@.json.tmp
+	mv $$@.json.tmp $$@.json
+$(FS_CACHE)/pool-tipf-$(1).done: $(FS_WORK)/teacher/tipf-$(1).pt $(FS_CACHE)/pool.done
+	$(DHO) tip-adapter-cache $$< --dataset $(FS_DATA)/train --cache $(FS_CACHE)/pool.zarr --out $(FS_CACHE)/pool-tipf-$(1).zarr
+	touch $$@
+$(FS_CACHE)/lab-tipf-$(1).done: $(FS_WORK)/teacher/tipf-$(1).pt
+	$(DHO) tip-adapter-cache $$< --dataset $(FS_DATA)/lab-$(1) --cache $(FS_CACHE)/lab-$(1).zarr --out $(FS_CACHE)/lab-tipf-$(1).zarr
+	touch $$@
+$(FS_CACHE)/test-tipf-$(1).done: $(FS_WORK)/teacher/tipf-$(1).pt $(FS_CACHE)/test.done
+	$(DHO) tip-adapter-cache $$< --dataset $(FS_DATA)/test --cache $(FS_CACHE)/test.zarr --out $(FS_CACHE)/test-tipf-$(1).zarr
+	touch $$@
+$(FS_EVAL)/teacher-fs-$(1).json: $(FS_CACHE)/test-tipf-$(1).done
+	mkdir -p $$(@D)
+	$(DHO) cache-info $(FS_CACHE)/test-tipf-$(1).zarr --json > $$@.tmp
+	mv $$@.tmp $$@
+$(FS_RUNS)/zs-$(1)/model.pt: PAIR := $(1)
+$(FS_RUNS)/zs-$(1)/model.pt: SEED_S := $(3)
+$(FS_RUNS)/zs-$(1)/model.pt: TEACH := pool lab
+$(FS_RUNS)/zs-$(1)/model.pt: $(FS_CACHE)/lab-$(1).done $(FS_CACHE)/pool.done $(FS_DATA)/val-$(1)/manifest.json
+$(FS_RUNS)/fs-$(1)/model.pt: PAIR := $(1)
+$(FS_RUNS)/fs-$(1)/model.pt: SEED_S := $(3)
+$(FS_RUNS)/fs-$(1)/model.pt: TEACH := pool-tipf-$(1) lab-tipf-$(1)
+$(FS_RUNS)/fs-$(1)/model.pt: $(FS_CACHE)/lab-tipf-$(1).done $(FS_CACHE)/pool-tipf-$(1).done $(FS_DATA)/val-$(1)/manifest.json
+$(FS_EVAL)/zs-$(1).json: $(FS_RUNS)/zs-$(1)/model.pt $(FS_CACHE)/test.done
+$(FS_EVAL)/fs-$(1).json: $(FS_RUNS)/fs-$(1)/model.pt $(FS_CACHE)/test.done
+endef
+$(foreach k,$(SHOTS),$(foreach s,$(SEEDS),$(eval $(call fewshot_pair,k$(k)-s$(s),$(k),$(s)))))
+
+# the unlabeled cache is the first word of TEACH, the labeled one the second; the labeled split's own cache
+# name is lab-PAIR (zs) or lab-tipf-PAIR (fs)
+$(FS_RUNS)/%/model.pt:
+	@echo "== distill $* -> $(@D)"
+	mkdir -p $(FS_RUNS)
+	$(RECIPE) config $(FS_RECIPE) distill --out $(@D).distill.yaml
+	$(FS_LAUNCH) distill --config $(@D).distill.yaml --out $(@D) --seed $(SEED_S) \
+	  --labeled $(FS_DATA)/lab-$(PAIR) --labeled-cache $(FS_CACHE)/$(word 2,$(TEACH))$(if $(filter lab,$(word 2,$(TEACH))),-$(PAIR)).zarr \
+	  --unlabeled $(FS_DATA)/train --unlabeled-cache $(FS_CACHE)/$(word 1,$(TEACH)).zarr --val $(FS_DATA)/val-$(PAIR) \
+	  $$(test -f $(@D)/checkpoints/last.pt && echo --resume)
+
+$(FS_EVAL)/%.json:
+	@echo "== evaluate $(FS_RUNS)/$* on $(FS_DATA)/test"
+	mkdir -p $(@D)
+	$(RECIPE) run $(FS_RECIPE) evaluate $(FS_EVAL_SET_$(firstword $(subst -, ,$*))) -- \
+	  $(DHO) evaluate $(FS_RUNS)/$* --data $(FS_DATA)/test --json > $@.tmp
+	mv $@.tmp $@
+
+$(FS_WORK)/table.md: $(foreach p,$(FS_PAIRS),$(FS_EVAL)/zs-$(p).json $(FS_EVAL)/fs-$(p).json $(FS_EVAL)/teacher-fs-$(p).json) $(FS_EVAL)/teacher-zs.json
+	@echo "== report -> $@"
+	$(PY) pipelines/fewshot/report.py --eval $(FS_EVAL) --recipe $(FS_RECIPE) --dataset $(FS_DATASET) \
+	  --shots "$(SHOTS)" --seeds "$(SEEDS)" --out $@ $(if $(SMOKE),--smoke)

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -703,9 +704,12 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
             ckpt_path,
         )
 
+    best_dir = out / "checkpoints" / "best"  # the best epoch so far; RUN/model.pt only once the schedule ends
+
     def keep_if_best(step: int) -> float:
         """--select-best-on-val: score this epoch on --val (dho: alpha/beta searched there); a better epoch
-        becomes RUN/model.pt (and its alpha_beta.json), as the reference keeps its best epoch."""
+        is kept in checkpoints/best/ (model.pt, alpha_beta.json) and becomes RUN/model.pt at the end of the
+        run, as the reference keeps its best epoch; an unfinished run never has a model.pt."""
         from dho import evaluate
 
         val_ds = data.Dataset.open(cfg.val)
@@ -721,12 +725,23 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
             score = evaluate.topk_accuracy(evaluate.combine_heads(ce, kd, alpha, beta), labels)[1]
         if score > best["top1"]:
             best.update(top1=score, epoch=step // steps_per_epoch, step=step)
-            save_student(out / "model.pt", student, classnames, alpha=alpha, beta=beta,
+            best_dir.mkdir(parents=True, exist_ok=True)
+            save_student(best_dir / "model.pt", student, classnames, alpha=alpha, beta=beta,
                          extra={"method": cfg.method, "steps": step, "total_steps": total_steps, "selected_on_val": dict(best)})
             if cfg.method == "dho":
                 for name in (evaluate.ALPHA_BETA_FILE, evaluate.HEATMAP_FILE):
-                    os.replace(tmp / name, out / name)
+                    os.replace(tmp / name, best_dir / name)
         return score
+
+    def publish_best() -> None:
+        """Copy checkpoints/best/* into RUN (each file atomically, model.pt last: its presence means done)."""
+        from dho import evaluate
+
+        names = [n for n in (evaluate.ALPHA_BETA_FILE, evaluate.HEATMAP_FILE) if (best_dir / n).is_file()] + ["model.pt"]
+        for name in names:
+            tmp = out / f".{name}.tmp"
+            shutil.copyfile(best_dir / name, tmp)
+            os.replace(tmp, out / name)
 
     def _loop(stop: StopSignal) -> tuple[int, list]:
         """Steps until the end of the schedule or --max-steps -> (last step, grad cosines). SIGTERM/SIGINT
@@ -829,6 +844,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     if is_main:
         alpha, beta = METHOD_ALPHA_BETA[cfg.method] or (cfg.alpha, cfg.beta)
         if cfg.select_best_on_val and best["epoch"] is not None:
+            publish_best()
             log.say(f"model.pt is epoch {best['epoch']} (step {best['step']}): the best on {cfg.val}, "
                     f"top-1 {best['top1']:.2f}" + (" with alpha/beta searched there" if cfg.method == "dho" else ""))
         else:

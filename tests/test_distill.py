@@ -472,3 +472,40 @@ def test_the_ten_dataset_reference_options(world, tmp_path):
     assert (cfg["epoch"], cfg["forward"], cfg["lr_schedule"], cfg["warmup_fraction"]) == ("shorter", "separate", "linear", 0.1)
     with pytest.raises(ConfigError, match="--select-best-on-val needs --val"):
         _cfg(world, tmp_path / "x", select_best_on_val=True)
+    # the best epoch lives in checkpoints/best/ until the schedule ends; a lost model.pt comes back on --resume
+    assert (run / "model.pt").read_bytes() == (run / "checkpoints" / "best" / "model.pt").read_bytes()
+    kept = {n: (run / n).read_bytes() for n in ("model.pt", "alpha_beta.json")}
+    for name in kept:
+        (run / name).unlink()
+    distill(_cfg(world, run, epochs=3, epoch="shorter", forward="separate", lr_schedule="linear", warmup_fraction=0.1,
+                 val=str(world / "val"), select_best_on_val=True, unlabeled_pool="exclude-labeled"), resume=True)
+    assert {n: (run / n).read_bytes() for n in kept} == kept
+
+
+def test_an_unfinished_select_best_run_has_no_model(world, tmp_path, monkeypatch):
+    """--select-best-on-val keeps the best epoch so far out of RUN/model.pt: a run stopped after its first
+    epoch must not look finished (a Makefile or a user takes model.pt as the end of the run)."""
+    import os
+    import signal
+
+    from dho import evaluate
+    from dho.errors import Interrupted
+
+    search = evaluate.search_and_store
+
+    def search_then_stop(*args, **kwargs):
+        result = search(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # the run stops (with a checkpoint) at the end of the next step
+        return result
+
+    monkeypatch.setattr(evaluate, "search_and_store", search_then_stop)
+    run = tmp_path / "run"
+    cfg = dict(epochs=3, epoch="shorter", val=str(world / "val"), select_best_on_val=True, unlabeled_pool="exclude-labeled")
+    with pytest.raises(Interrupted, match="stopped by SIGTERM at step 2/3"):
+        distill(_cfg(world, run, **cfg))
+    assert (run / "checkpoints" / "best" / "model.pt").is_file() and not (run / "model.pt").exists()
+    assert not (run / "alpha_beta.json").exists()
+    monkeypatch.setattr(evaluate, "search_and_store", search)
+    distill(_cfg(world, run, **cfg), resume=True)
+    _, meta = load_student(run / "model.pt")
+    assert meta["extra"]["selected_on_val"]["epoch"] in (1, 2, 3) and (run / "alpha_beta.json").is_file()

@@ -3,10 +3,13 @@
     # run a command with a section appended as options (keys = option names, '_' for '-')
     python pipelines/lowshot/recipe.py run pipelines/lowshot/vit-b16.yaml precompute [KEY=VALUE ...] \
         -- dho precompute-teacher runs/lowshot/data/train --out runs/lowshot/cache/train.zarr
+    # print one value of a section (empty if absent)
+    python pipelines/lowshot/recipe.py get pipelines/fewshot/resnet18-scratch.yaml recipe dho_f_alpha
     # write a section as a plain YAML mapping, e.g. for `dho distill --config FILE`
     python pipelines/lowshot/recipe.py config pipelines/lowshot/vit-b16.yaml distill --out distill.yaml
     # teacher views a labeled split's cache needs so that no labeled (sample, view) is drawn more than
-    # the recipe's `max_labeled_reuse` times over the distill schedule (prints one integer)
+    # the recipe's `max_labeled_reuse` times over the distill schedule (prints one integer); pool-views
+    # the same for the unlabeled pool's cache
     python pipelines/lowshot/recipe.py labeled-views pipelines/lowshot/vit-b16.yaml \
         --labeled runs/lowshot/data/train-1pct --pool runs/lowshot/data/train
 
@@ -81,9 +84,10 @@ def to_options(values: dict) -> list[str]:
     return options
 
 
-def labeled_views(path: Path, labeled: Path, pool: Path) -> int:
-    """Views for the labeled cache: the distill section's schedule (dho.distill's own arithmetic) over
-    these datasets, so that each labeled (sample, view) is drawn at most `recipe.max_labeled_reuse` times."""
+def stream_views(path: Path, labeled: Path, pool: Path, stream: str = "labeled") -> int:
+    """Views for the cache of one stream: the distill section's schedule (dho.distill's own arithmetic) over
+    these datasets, so that each (sample, view) of the `labeled` or `unlabeled` stream is drawn at most
+    `recipe.max_labeled_reuse` times (the recipe's one reuse bound, for both streams)."""
     import json
 
     from dho.distill import DistillConfig, schedule_steps, views_needed
@@ -92,7 +96,7 @@ def labeled_views(path: Path, labeled: Path, pool: Path) -> int:
     max_reuse = recipe.get("recipe", {}).get("max_labeled_reuse")
     if not isinstance(max_reuse, (int, float)) or max_reuse <= 0:
         sys.exit(f"error: {path}: `recipe: max_labeled_reuse:` must be a positive number")
-    defaults = {f: getattr(DistillConfig, f) for f in ("epochs", "batch_size", "lr_schedule", "unlabeled_pool")}
+    defaults = {f: getattr(DistillConfig, f) for f in ("epochs", "batch_size", "lr_schedule", "unlabeled_pool", "epoch")}
     cfg = {**defaults, **{k: v for k, v in recipe["distill"].items() if k in defaults}}
     sizes = {}
     for name, folder in (("labeled", labeled), ("pool", pool)):
@@ -101,9 +105,10 @@ def labeled_views(path: Path, labeled: Path, pool: Path) -> int:
             sys.exit(f"error: {manifest} not found: make the {name} dataset first")
         sizes[name] = json.loads(manifest.read_text())["num_samples"]
     # the unlabeled stream: the pool without the labeled samples, or labeled ∪ pool (labeled ⊂ pool here)
-    stream = sizes["pool"] - sizes["labeled"] if cfg["unlabeled_pool"] == "exclude-labeled" else sizes["pool"]
-    _, total = schedule_steps(stream, cfg["batch_size"], cfg["epochs"], cfg["lr_schedule"])
-    return views_needed(total, cfg["batch_size"], sizes["labeled"], max_reuse)
+    unlabeled = sizes["pool"] - sizes["labeled"] if cfg["unlabeled_pool"] == "exclude-labeled" else sizes["pool"]
+    epoch_size = min(unlabeled, sizes["labeled"]) if cfg["epoch"] == "shorter" else unlabeled
+    _, total = schedule_steps(epoch_size, cfg["batch_size"], cfg["epochs"], cfg["lr_schedule"])
+    return views_needed(total, cfg["batch_size"], sizes["labeled"] if stream == "labeled" else unlabeled, max_reuse)
 
 
 def main() -> None:
@@ -114,18 +119,28 @@ def main() -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     run = sub.add_parser("run", help="run `-- COMMAND ...` with the section appended as options")
     config = sub.add_parser("config", help="write the section as a YAML mapping")
+    get = sub.add_parser("get", help="print one value of a section (nothing if the key is absent)")
+    get.add_argument("recipe", type=Path)
+    get.add_argument("section", choices=SECTIONS)
+    get.add_argument("key")
     views = sub.add_parser("labeled-views", help="print the teacher views a labeled split's cache needs")
-    views.add_argument("recipe", type=Path)
-    views.add_argument("--labeled", type=Path, required=True, help="the labeled dataset (made by `dho split`)")
-    views.add_argument("--pool", type=Path, required=True, help="the unlabeled pool dataset it was split from")
+    pool_views = sub.add_parser("pool-views", help="print the teacher views the unlabeled pool's cache needs")
+    for v in (views, pool_views):
+        v.add_argument("recipe", type=Path)
+        v.add_argument("--labeled", type=Path, required=True, help="the labeled dataset (made by `dho split`)")
+        v.add_argument("--pool", type=Path, required=True, help="the unlabeled pool dataset it was split from")
     for p in (run, config):
         p.add_argument("recipe", type=Path)
         p.add_argument("section", choices=SECTIONS)
         p.add_argument("overrides", nargs="*", help="KEY=VALUE (VALUE read as YAML; empty drops KEY)")
     config.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    if args.action == "labeled-views":
-        print(labeled_views(args.recipe, args.labeled, args.pool))
+    if args.action == "get":
+        value = section(args.recipe, args.section).get(args.key)
+        print("" if value is None else value)
+        return
+    if args.action in ("labeled-views", "pool-views"):
+        print(stream_views(args.recipe, args.labeled, args.pool, "labeled" if args.action == "labeled-views" else "unlabeled"))
         return
 
     values = section(args.recipe, args.section, args.overrides)

@@ -15,23 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tables import fmt, read_json, write_table  # noqa: E402
 
 HERE = Path(__file__).parent
 SPLIT_TITLES = {"1pct": "1%", "10pct": "10%"}
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        sys.exit(f"error: {path} not found; run `make reproduce-lowshot` (it makes every input of the table)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        sys.exit(f"error: {path} is not JSON ({e}); delete it and re-run `make reproduce-lowshot`")
+    return read_json(path, "reproduce-lowshot")
 
 
 def paper_numbers(student: str) -> dict:
@@ -42,8 +39,7 @@ def paper_numbers(student: str) -> dict:
     return yaml.safe_load(path.read_text(encoding="utf-8"))["expected"]
 
 
-def _fmt(x: float | None) -> str:
-    return "–" if x is None else f"{x:.1f}"
+_fmt = fmt
 
 
 def _delta(ours: float | None, paper: float | None) -> str:
@@ -129,10 +125,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="Title the table as a smoke run.")
     args = parser.parse_args()
     table = build_table(args.eval, args.runs, args.students.split(), args.splits.split(), args.smoke)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(table, encoding="utf-8")
-    os.replace(tmp, args.out)
-    print(table, end="")
+    write_table(args.out, table)
 
 
 if __name__ == "__main__":
