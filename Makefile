@@ -184,7 +184,7 @@ $(WORK)/table.md: $(foreach s,$(STUDENTS),$(foreach p,$(SPLITS),$(EVAL)/$(s)-$(p
 # =============================================================================================
 # reproduce-fewshot: the few-shot experiments (Table 1, Figs. 5/6) on one dataset of the CoOp benchmark.
 #   make reproduce-fewshot DATASET=oxford_pets ROOT=/data/coop [SHOTS="1 2 4 8 16"] [SEEDS="1 2 3"] [GPUS=N]
-#       [FS_RECIPE=pipelines/fewshot/coop-resnet18.yaml] [FS_WORK=runs/fewshot/DATASET] [TEACHER_WEIGHTS=FILE]
+#       [FS_RECIPE=pipelines/fewshot/coop-resnet18.yaml] [FS_WORK=runs/fewshot/DATASET] [TEACHER_WEIGHTS=FILE] [FS_VAL=fewshot|full]
 #   make reproduce-fewshot DATASET=imagenet ROOT=/data/coop FS_RECIPE=pipelines/fewshot/resnet18-scratch.yaml GPUS=4
 #   make reproduce-fewshot SMOKE=1 [FS_WORK=runs/fewshot-smoke]   # generated CoOp-layout data, tiny models, CPU
 # Per K shots and seed S: the labeled split (K per class of train) and the few-shot val (min(K, 4) per class of
@@ -216,7 +216,14 @@ FS_CACHE = $(FS_WORK)/cache
 FS_RUNS = $(FS_WORK)/runs
 FS_EVAL = $(FS_WORK)/eval
 FS_PAIRS = $(foreach k,$(SHOTS),$(foreach s,$(SEEDS),k$(k)-s$(s)))
+# the few-shot validation split: min(K, 4) per class of CoOp's val, as CoOp and Tip-Adapter draw it (FS_VAL=fewshot),
+# or the whole val, as the DHO reference code (train_others.py) scores its epochs and alpha/beta (FS_VAL=full)
+FS_VAL ?= fewshot
+ifneq ($(filter fewshot full,$(FS_VAL)),$(FS_VAL))
+$(error FS_VAL=$(FS_VAL): give FS_VAL=fewshot (min(K, 4) per class of val) or FS_VAL=full)
+endif
 FS_VAL_SHOTS = $(if $(filter 1 2 3,$(1)),$(1),4)
+FS_VAL_SPLIT = $(if $(filter full,$(FS_VAL)),--percent 100,--shots $(call FS_VAL_SHOTS,$(1)))
 # CoOp datasets use their CoOp prompt; ImageNet keeps the recipe's (Tip-Adapter's 7 prompts, as the reference)
 FS_PRE = $(RECIPE) run $(FS_RECIPE) precompute $(FS_TEACHER_SET) $(if $(filter imagenet,$(FS_DATASET)),,templates=coop:$(FS_DATASET))
 FS_LAUNCH = $(if $(filter 1,$(GPUS)),$(DHO),$(TORCHRUN) --standalone --nproc_per_node=$(GPUS) -m dho.cli)
@@ -264,7 +271,7 @@ $(FS_DATA)/lab-$(1)/manifest.json: $(FS_DATA)/import.done
 	$(DHO) split $(FS_DATA)/train --out $$(@D) --shots $(2) --seed $(3) --overwrite \
 	  $(if $(filter imagenet,$(FS_DATASET)),--val-per-class $(call FS_VAL_SHOTS,$(2)) --val-out $(FS_DATA)/val-$(1))
 $(FS_DATA)/val-$(1)/manifest.json: $(FS_DATA)/import.done $(if $(filter imagenet,$(FS_DATASET)),$(FS_DATA)/lab-$(1)/manifest.json)
-	$(if $(filter imagenet,$(FS_DATASET)),test -f $$@,$(DHO) split $(FS_DATA)/val --out $$(@D) --shots $(call FS_VAL_SHOTS,$(2)) --seed $(3) --overwrite)
+	$(if $(filter imagenet,$(FS_DATASET)),test -f $$@,$(DHO) split $(FS_DATA)/val --out $$(@D) $(call FS_VAL_SPLIT,$(2)) --seed $(3) --overwrite)
 $(FS_CACHE)/lab-$(1).done: $(FS_DATA)/lab-$(1)/manifest.json
 	$(FS_PRE) views=$$$$($(RECIPE) labeled-views $(FS_RECIPE) --labeled $(FS_DATA)/lab-$(1) --pool $(FS_DATA)/train) -- \
 	  $(FS_LAUNCH) precompute-teacher $(FS_DATA)/lab-$(1) --out $(FS_CACHE)/lab-$(1).zarr

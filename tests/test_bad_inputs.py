@@ -170,7 +170,7 @@ CASES = [
     ("predict-empty-folder", "predict {run} {root}/empty", r"folder without image files"),
     ("export-into-folder", "export {run} --out {root}/mine", r"is a folder; give the file"),
     ("cache-info-not-a-cache", "cache-info {root}/mine", r"no teacher cache here"),
-    ("unknown-option", "distill {base} --out {new} --epoch 3", r"No such option: --epoch"),
+    ("unknown-option", "distill {base} --out {new} --epocs 3", r"No such option: --epocs"),
 ]
 
 

@@ -80,8 +80,19 @@ def test_a_fresh_seed_lands_inside_the_recorded_spread(fresh):
         assert abs(top1[key] - mean) <= max(3 * std, 4.0), (key, top1[key], recorded)
     # what every recorded seed showed by ten points or more: the teacher's knowledge helps the student
     assert top1["sho"] > top1["ce"] + 10 and top1["dho_combined"] > top1["ce"] + 10
-    for png in ("runs/dho/alpha_beta_heatmap.png", "runs/dho/grad_cosine.png", "runs/ce+kd/grad_cosine.png"):
+    for png in ("runs/dho/alpha_beta_heatmap.png", "runs/dho/grad_cosine.png", "runs/ce+kd/grad_cosine.png",
+                "runs/dho-f/alpha_beta_heatmap.png"):
         assert (out / "seed-0" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # DHO-F: Tip-Adapter-F fitted on the labeled part beats the zero-shot teacher where it was tuned (val), its
+    # caches name it as their teacher, and DHO distilled from them learns from it (far above CE only)
+    tip = result["per_seed"][0]["tip_adapter_f"]
+    assert tip["val_top1"]["tip_adapter_f"] > tip["val_top1"]["zero_shot"]
+    from dho.cache import summarize
+
+    teacher = summarize(out / "seed-0" / "train-tipf.zarr")["teacher"]
+    labeled = result["per_seed"][0]["counts"]["labeled"]
+    assert teacher["model"] == "tip-adapter-f(demo-clip)" and f"{labeled} labeled images of labeled" in teacher["pretrained"]
+    assert top1["dho_f_combined"] > top1["ce"] + 10
 
 
 @pytest.mark.slow

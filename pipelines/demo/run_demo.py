@@ -14,7 +14,9 @@
    part; the rest is the unlabeled pool) -> dho precompute-teacher (4 views of every image; the
    labeled cache gets enough views that no labeled crop is reused more than MAX_LABELED_REUSE
    times) -> dho distill --method ce | ce+kd | dho --seed S -> dho evaluate (alpha/beta of DHO
-   searched on val) on test.
+   searched on val) on test. DHO-F: the caches keep the teacher's image embeddings, `dho tip-adapter`
+   fits Tip-Adapter-F (the paper's few-shot teacher) on the labeled part (its alpha/beta on val),
+   `dho tip-adapter-cache` relabels the caches with it, and DHO is distilled from those.
 3. A table of test top-1 over the seeds, mean ± std (population std over seeds) with every seed's
    value, and the paired differences the demo's story rests on.
 
@@ -56,9 +58,12 @@ ROWS = (  # (key in a seed's results, table label)
     ("dho_ce_head", "DHO ce_head  (alpha = 1)"),
     ("dho_kd_head", "DHO kd_head  (alpha = 0)"),
     ("dho_combined", "DHO combined (alpha, beta on val)"),
+    ("tip_adapter_f", "Tip-Adapter-F teacher (few-shot)"),
+    ("dho_f_combined", "DHO-F combined (Tip-Adapter-F)"),
 )
 PAIRED = (("dho_combined", "sho"), ("dho_combined", "teacher"), ("sho", "teacher"), ("dho_ce_head", "sho"),
-          ("dho_combined", "dho_ce_head"))
+          ("dho_combined", "dho_ce_head"), ("tip_adapter_f", "teacher"), ("dho_f_combined", "tip_adapter_f"),
+          ("dho_f_combined", "dho_combined"))
 README_MARKER = "<!-- demo table: made by `make demo-record` from pipelines/demo/results.json -->"
 
 
@@ -124,13 +129,15 @@ def run_seed(out: Path, seed: int, teacher: Path, epochs: int, labeled_views: in
         labeled_views = max(VIEWS, math.ceil(draws / MAX_LABELED_REUSE - 1e-9))
 
     teacher_args = ["--model", HERE / "demo-clip.json", "--pretrained", teacher, "--templates", HERE / "digits-templates.txt",
-                    "--device", "cpu", "--workers", 1, "--seed", seed]
+                    "--device", "cpu", "--workers", 1, "--seed", seed, "--store-embeddings"]  # embeddings: Tip-Adapter-F
     for name, views in (("train", VIEWS), ("labeled", labeled_views)):
         run([DHO, "precompute-teacher", ds / name, "--out", out / f"{name}.zarr", "--views", views, *teacher_args],
             logs / f"precompute_{name}.log")
-    # the teacher's own zero-shot accuracy on test (its evaluation view), for the table only
-    run([DHO, "precompute-teacher", ds / "test", "--out", out / "test-teacher.zarr", "--views", 1, "--center-view",
-         *teacher_args], logs / "precompute_test.log")
+    # the teacher's own zero-shot accuracy on test (its evaluation view), for the table only; val's evaluation
+    # view for Tip-Adapter-F's alpha/beta search
+    for name in ("test", "val"):
+        run([DHO, "precompute-teacher", ds / name, "--out", out / f"{name}-teacher.zarr", "--views", 1, "--center-view",
+             *teacher_args], logs / f"precompute_{name}.log")
 
     common = ["--labeled", ds / "labeled", "--labeled-cache", out / "labeled.zarr", "--unlabeled", ds / "train",
               "--unlabeled-cache", out / "train.zarr", "--student", STUDENT, "--epochs", epochs, "--batch-size", BATCH,
@@ -143,6 +150,19 @@ def run_seed(out: Path, seed: int, teacher: Path, epochs: int, labeled_views: in
         search = ["--search-on", ds / "val"] if method == "dho" else []
         evals[method] = json.loads(run([DHO, "evaluate", runs / method, "--data", ds / "test", *search, "--json",
                                         "--device", "cpu"], logs / f"evaluate_{tag}.log"))
+    # DHO-F: Tip-Adapter-F fitted on the labeled part from the cached embeddings, the caches relabelled with it
+    tip = out / "tip-adapter-f.pt"
+    fitted = json.loads(run([DHO, "tip-adapter", "--labeled", ds / "labeled", "--labeled-cache", out / "labeled.zarr",
+                             "--val", ds / "val", "--val-cache", out / "val-teacher.zarr", "--seed", seed, "--device", "cpu",
+                             "--out", tip], logs / "tip_adapter.log"))
+    for name, cache in (("train", "train.zarr"), ("labeled", "labeled.zarr"), ("test", "test-teacher.zarr")):
+        run([DHO, "tip-adapter-cache", tip, "--dataset", ds / name, "--cache", out / cache, "--out", out / f"{name}-tipf.zarr",
+             "--device", "cpu"], logs / f"tip_adapter_cache_{name}.log")
+    tipf_common = [out / "labeled-tipf.zarr" if c == out / "labeled.zarr" else out / "train-tipf.zarr" if c == out / "train.zarr"
+                   else c for c in common]
+    run([DHO, "distill", *tipf_common, "--method", "dho", "--out", runs / "dho-f"], logs / "distill_dho_f.log")
+    evals["dho-f"] = json.loads(run([DHO, "evaluate", runs / "dho-f", "--data", ds / "test", "--search-on", ds / "val",
+                                     "--json", "--device", "cpu"], logs / "evaluate_dho_f.log"))
     d = evals["dho"]
     top1 = {
         "teacher": 100 * _cache_agreement(out / "test-teacher.zarr"),
@@ -151,10 +171,15 @@ def run_seed(out: Path, seed: int, teacher: Path, epochs: int, labeled_views: in
         "dho_ce_head": d["ce_head"]["top1"],
         "dho_kd_head": d["kd_head"]["top1"],
         "dho_combined": d["combined"]["top1"],
+        "tip_adapter_f": 100 * _cache_agreement(out / "test-tipf.zarr"),
+        "dho_f_combined": evals["dho-f"]["combined"]["top1"],
     }
     top5 = {"ce": evals["ce"]["ce_head"]["top5"], "sho": evals["ce+kd"]["ce_head"]["top5"],
-            "dho_ce_head": d["ce_head"]["top5"], "dho_kd_head": d["kd_head"]["top5"], "dho_combined": d["combined"]["top5"]}
+            "dho_ce_head": d["ce_head"]["top5"], "dho_kd_head": d["kd_head"]["top5"], "dho_combined": d["combined"]["top5"],
+            "dho_f_combined": evals["dho-f"]["combined"]["top5"]}
     return {"seed": seed, "top1": top1, "top5": top5, "alpha": d["alpha"], "beta": d["beta"], "counts": counts,
+            "dho_f_alpha_beta": [evals["dho-f"]["alpha"], evals["dho-f"]["beta"]],
+            "tip_adapter_f": {"alpha": fitted["alpha"], "beta": fitted["beta"], "val_top1": fitted["val_top1"]},
             "labeled_views": int(labeled_views), "labeled_draws_per_image": round(draws, 2)}
 
 
@@ -171,7 +196,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 SHORT = {"teacher": "teacher", "ce": "CE only", "sho": "SHO", "dho_ce_head": "DHO ce_head", "dho_kd_head": "DHO kd_head",
-         "dho_combined": "DHO combined"}
+         "dho_combined": "DHO combined", "tip_adapter_f": "Tip-Adapter-F", "dho_f_combined": "DHO-F combined"}
 
 
 def format_table(record: dict) -> str:
@@ -204,6 +229,8 @@ def format_table(record: dict) -> str:
         wins, ties = sum(d > 1e-9 for d in diffs), sum(abs(d) <= 1e-9 for d in diffs)
         lines.append(f"  {SHORT[a] + ' - ' + SHORT[b]:<36} {m:>+13.1f} ± {s:>4.1f} pt   {wins}/{ties}/{len(diffs) - wins - ties}")
     lines.append("  alpha, beta chosen on val per seed: " + ", ".join(f"({r['alpha']:g}, {r['beta']:g})" for r in per_seed))
+    lines.append("  DHO-F: the same student distilled from Tip-Adapter-F (fitted on the labeled images, its alpha/beta")
+    lines.append("  on val); its alpha, beta: " + ", ".join("({:g}, {:g})".format(*r["dho_f_alpha_beta"]) for r in per_seed))
     return "\n".join(lines)
 
 
@@ -265,7 +292,8 @@ def main() -> None:
         print(f"[teacher] the shipped stand-in VLM ({TEACHER_DIR.relative_to(HERE.parent.parent)}, sha256 {record['sha256'][:12]})")
     per_seed = []
     for i, seed in enumerate(seeds):
-        print(f"[seed {seed}] ({i + 1}/{len(seeds)}) data, teacher caches, students ce / ce+kd / dho, evaluation", flush=True)
+        print(f"[seed {seed}] ({i + 1}/{len(seeds)}) data, teacher caches, students ce / ce+kd / dho, Tip-Adapter-F and "
+              "DHO-F, evaluation", flush=True)
         t_seed = time.time()
         result = run_seed(out / f"seed-{seed}", seed, teacher, args.epochs, labeled_views)
         result["wall_s"] = round(time.time() - t_seed, 1)
