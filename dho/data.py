@@ -181,10 +181,11 @@ def _fingerprint(classnames: list, shards: list) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: str | Path, block: int = 1 << 24) -> str:
+    """sha256 of a file, streamed in 16 MiB blocks (shards and checkpoints can be several GB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+        while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
 
@@ -194,7 +195,7 @@ def verify_shard(ds: Dataset, shard_index: int) -> None:
     shard = ds.shards[shard_index]
     if not shard.path.is_file():
         raise DatasetError(f"shard {shard_index} ({shard.path}) of dataset {ds.root} is missing; restore it or re-run `dho prepare`/`dho index`")
-    digest = _sha256_file(shard.path)
+    digest = file_sha256(shard.path)
     if digest != shard.sha256:
         raise DatasetError(
             f"shard {shard_index} ({shard.path}) of dataset {ds.root} changed since its manifest was written "
@@ -368,7 +369,7 @@ class _ShardWriter:
         if self.tar is not None:
             self.tar.close()
             self.file.close()
-            self.entries[-1]["sha256"] = _sha256_file(self.folder / self.entries[-1]["path"])
+            self.entries[-1]["sha256"] = file_sha256(self.folder / self.entries[-1]["path"])
             self.tar = self.file = None
 
     def close(self) -> list[dict]:
@@ -691,7 +692,7 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
             path = p.relative_to(out_abs).as_posix()
         except ValueError:
             path = str(p)
-        entries.append({"path": path, "count": len(keys), "sha256": _sha256_file(p), "keys": keys, "labels": labels})
+        entries.append({"path": path, "count": len(keys), "sha256": file_sha256(p), "keys": keys, "labels": labels})
     provenance = {"command": "index", "label_key": label_key, "classnames_file": Path(classnames_file).name, "dho_version": dho.__version__}
     _dump_manifest(_manifest(classnames, entries, [], provenance, label_key=label_key), out / MANIFEST)
     return Dataset.open(out)
@@ -817,7 +818,7 @@ def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int]
         taken = set(labeled)
         perms = [np.array([r for r in p if r not in taken], dtype=np.int64) for p in perms]
         want = [0] * ds.num_classes
-        provenance.update(method="keys", keys_file=keys_file.name, keys_sha256=_sha256_file(keys_file))
+        provenance.update(method="keys", keys_file=keys_file.name, keys_sha256=file_sha256(keys_file))
     elif shots is not None:
         want = [shots] * ds.num_classes
         provenance.update(method="shots", shots=shots)

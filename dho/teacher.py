@@ -42,6 +42,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from dho.data import file_sha256  # noqa: F401 (also this module's API)
 from dho.devices import resolve_device
 from dho.errors import ConfigError
 
@@ -105,15 +106,6 @@ def resolve_templates(spec: str | list[str]) -> list[str]:
         if "{}" not in t:
             raise ConfigError(f"template {t!r} in {source} has no '{{}}' where the class name goes")
     return templates
-
-
-def file_sha256(path: str | Path, block: int = 1 << 24) -> str:
-    """sha256 of a file, streamed in 16 MiB blocks (checkpoints can be several GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:

@@ -29,7 +29,6 @@ training-free keys is what the first step measures and prints), other adapters.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -187,14 +186,6 @@ def load(path) -> dict:
     return adapter
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def apply(adapter_path, dataset, cache, out, *, device: str = "auto", log=print) -> TeacherCache:
     """A teacher cache of Tip-Adapter-F for `dataset`, from its base cache's embeddings (resumable)."""
     adapter = load(adapter_path)
@@ -212,7 +203,7 @@ def apply(adapter_path, dataset, cache, out, *, device: str = "auto", log=print)
         "model": f"tip-adapter-f({base_t['model']})",
         "pretrained": f"{base_t['pretrained']}; {adapter['shots']} labeled images of {Path(adapter['labeled']).name} "
                       f"(fingerprint {adapter['labeled_fingerprint'][:12]}), alpha {adapter['alpha']:.4g}, beta {adapter['beta']:.4g}",
-        "weights_sha256": _file_sha256(Path(adapter_path)),
+        "weights_sha256": data.file_sha256(adapter_path),
         "model_config_sha256": base_t["model_config_sha256"],
     }
     attrs = {k: base.attrs[k] for k in ("dataset_fingerprint", "num_samples", "classnames", "num_views", "center_view",
