@@ -166,9 +166,11 @@ def collect_logits(
     batch_size: int = 256,
     device: Union[str, torch.device] = "cpu",
     workers: int = 2,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    features: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Run the student over the dataset's evaluation views -> (ce_logits (N, C), kd_logits (N, C),
-    labels (N,)) as float32 / int64 CPU tensors in dataset order. Restores the model's train mode."""
+    labels (N,)) as float32 / int64 CPU tensors in dataset order, plus z = g(x) (N, D) float32 last
+    with `features`. Restores the model's train mode."""
     device = resolve_device(device)
     reader = data_lib.OrderedReader(dataset, transform=_EvalView(model.preprocess), rank=0, world_size=1)
     loader = torch.utils.data.DataLoader(reader, batch_size=batch_size, num_workers=workers)
@@ -176,6 +178,7 @@ def collect_logits(
     ce = torch.empty(n, model.num_classes)  # (N, C)
     kd = torch.empty(n, model.num_classes)  # (N, C)
     labels = torch.full((n,), -2, dtype=torch.int64)  # (N,), -2 = not seen yet
+    z = torch.empty(n, model.feature_dim) if features else None  # (N, D)
     was_training = model.training
     model.eval()
     start = last = time.monotonic()
@@ -186,6 +189,8 @@ def collect_logits(
             ce[index] = out["ce_logits"].float().cpu()
             kd[index] = out["kd_logits"].float().cpu()
             labels[index] = y
+            if z is not None:
+                z[index] = out["z"].float().cpu()
             seen += len(index)
             now = time.monotonic()
             if now - last >= 10.0:
@@ -196,7 +201,7 @@ def collect_logits(
         model.train(was_training)
     if seen != n or bool((labels == -2).any()):
         raise DatasetError(f"{dataset.root}: read {seen} of the {n} samples of the manifest; check the shards with `dho index`")
-    return ce, kd, labels
+    return (ce, kd, labels, z) if features else (ce, kd, labels)
 
 
 # --------------------------------------------------------------------------------------------
