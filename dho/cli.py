@@ -49,26 +49,32 @@ def prepare(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty OUT (the new dataset is built beside it, then swapped in). [default: off]")] = False,
     shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle", help="Write samples in a seeded random order so every shard mixes classes (training reads whole shards); --no-shuffle keeps folder order.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the shuffled sample order.")] = 0,
+    classes_of: Annotated[Optional[Path], typer.Option("--classes-of", help="The class folders name classes of this list (a dho dataset, or a class names file: NAME or ID<TAB>NAME per line): the dataset takes its names and order, and records which of its classes it holds (ImageNet-V2/-Sketch/-R/-A against ImageNet's list). [default: none, the folder names]")] = None,
+    class_folders: Annotated[str, typer.Option(help="With --classes-of, a class folder is: name (a class id such as a WordNet id, or a class name) | index (the class index, as ImageNet-V2's 0 ... 999).")] = "name",
 ) -> None:
     """Convert an ImageFolder tree into webdataset shards plus manifest.json (deterministic)."""
     from dho import data
 
-    ds = data.prepare(src, out, shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite, shuffle=shuffle, seed=seed)
-    typer.echo(f"wrote {ds.num_samples} samples in {len(ds.shards)} shards, {len(ds.classnames)} classes -> {out}")
+    ds = data.prepare(src, out, shard_size=shard_size, skip_bad=skip_bad, overwrite=overwrite, shuffle=shuffle, seed=seed,
+                      classes_of=classes_of, class_folders=class_folders)
+    subset = ds.manifest.get("class_subset_of")
+    of = f" of the {subset['num_classes']} of {classes_of}" if subset else ""
+    typer.echo(f"wrote {ds.num_samples} samples in {len(ds.shards)} shards, {len(ds.classnames)} classes{of} -> {out}")
 
 
 @app.command()
 def index(
     shards: Annotated[list[Path], typer.Argument(help="Existing webdataset .tar shards, in the order that defines the global sample order.")],
-    classnames: Annotated[Path, typer.Option("--classnames", help="Text file with one class name per line (line i = class index i).")],
+    classnames: Annotated[Path, typer.Option("--classnames", help="Text file with one class per line (line i = class index i): NAME, or ID<TAB>NAME (ID: the class's folder name, e.g. its WordNet id).")],
     out: Annotated[Path, typer.Option("--out", help="Folder to write manifest.json into (shards are referenced, not copied).")],
     label_key: Annotated[str, typer.Option(help="Sample field holding the integer label; samples without it are unlabeled (-1).")] = "cls",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT/manifest.json. [default: off]")] = False,
+    classes_of: Annotated[Optional[Path], typer.Option("--classes-of", help="The class names are a subset of this list (a dho dataset or class names file); recorded in the manifest, every name checked. [default: none]")] = None,
 ) -> None:
     """Write a manifest for webdataset shards you already have (no image decoding)."""
     from dho import data
 
-    ds = data.index(shards, classnames, out, label_key=label_key, overwrite=overwrite)
+    ds = data.index(shards, classnames, out, label_key=label_key, overwrite=overwrite, classes_of=classes_of)
     typer.echo(f"indexed {ds.num_samples} samples in {len(ds.shards)} shards -> {out}")
 
 
@@ -267,7 +273,8 @@ def evaluate(
     if json_out:
         typer.echo(json.dumps(result))
         return
-    typer.echo(f"run {run_dir}  data {result['data']} ({result['num_samples']} samples, {result['num_classes']} classes)")
+    of = f" of the model's {result['model_classes']}, scored on these only" if result["class_subset"] else ""
+    typer.echo(f"run {run_dir}  data {result['data']} ({result['num_samples']} samples, {result['num_classes']} classes{of})")
     if result["num_unlabeled_ignored"]:
         typer.echo(f"left out {result['num_unlabeled_ignored']} unlabeled samples")
     typer.echo(f"alpha = {result['alpha']:g}, beta = {result['beta']:g}  ({result['alpha_beta_source']})")
@@ -282,14 +289,26 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files (jpg, png, webp, ...) or folders of them.")],
     topk: Annotated[int, typer.Option(help="Classes to print per image, most probable first.")] = 5,
     device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cuda:N or cpu.")] = "cpu",
+    heads: Annotated[bool, typer.Option("--heads", help="Show the top-k of ce_head, kd_head (at temperature beta) and their combination side by side. [default: off]")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per image (one line each) instead of text. [default: off]")] = False,
 ) -> None:
     """Print the top-k classes and probabilities of each image (Eq. 11 with the run's alpha, beta)."""
     from dho import evaluate as evaluation
 
-    for path, top in evaluation.predict(run_dir, images, topk=topk, device=device):
+    for path, top in evaluation.predict(run_dir, images, topk=topk, device=device, heads=heads):
+        if json_out:
+            as_list = lambda t: [{"class": c, "prob": p} for c, p in t]
+            typer.echo(json.dumps({"image": str(path), **({h: as_list(t) for h, t in top.items()} if heads else {"combined": as_list(top)})}))
+            continue
         typer.echo(str(path))
-        for classname, prob in top:
-            typer.echo(f"  {prob:.4f}  {classname}")
+        if not heads:
+            for classname, prob in top:
+                typer.echo(f"  {prob:.4f}  {classname}")
+            continue
+        width = max(12, *(len(c) for t in top.values() for c, _ in t))
+        typer.echo("  " + "   ".join(f"{h:<{width + 8}}" for h in top).rstrip())
+        for row in zip(*top.values()):
+            typer.echo("  " + "   ".join(f"{p:.4f}  {c:<{width}}" for c, p in row).rstrip())
 
 
 @app.command()

@@ -377,10 +377,13 @@ class _ShardWriter:
         return self.entries
 
 
-def _manifest(classnames: list, shards: list, skipped: list, provenance: dict, label_key: str = "cls") -> dict:
+def _manifest(classnames: list, shards: list, skipped: list, provenance: dict, label_key: str = "cls",
+              classes: Optional[dict] = None) -> dict:
+    """`classes`: optional class fields (CLASS_FIELDS) written after the class names."""
     return {
         "format": FORMAT, "version": VERSION,
         "classnames": list(classnames),
+        **{k: v for k, v in (classes or {}).items() if v is not None},
         "label_key": label_key,
         "num_samples": sum(s["count"] for s in shards),
         "shards": shards,
@@ -490,7 +493,7 @@ def _read_and_check(path: Path) -> tuple[Optional[bytes], Optional[str]]:
 
 
 def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool = False, overwrite: bool = False,
-            shuffle: bool = True, seed: int = 0) -> Dataset:
+            shuffle: bool = True, seed: int = 0, classes_of: Optional[PathLike] = None, class_folders: str = "name") -> Dataset:
     """ImageFolder tree -> deterministic webdataset shards + manifest.json (original bytes, no re-encode).
 
     Class index = position in the sorted class folder names (as torchvision's ImageFolder); files are
@@ -500,6 +503,12 @@ def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool
     With `shuffle` (the default) the samples are written in a seeded random order, so every shard
     holds a mix of classes: training streams read whole shards, and class-sorted shards would give
     batches of a handful of classes. The order is still deterministic (same input + seed -> same bytes).
+
+    With `classes_of` (a dho dataset or a class names file, see `read_class_list`) the class folders
+    name classes of that list (`map_class_folders`): the dataset's classes are the named ones in the
+    reference's order, under the reference's names, and the manifest records `class_subset_of` (the
+    reference's size and each class's index in it) and `class_ids` (the folder names). Evaluation
+    sets distributed as subsets (ImageNet-R/-A: 200 of the 1000) are then scored on their classes.
     """
     src, out = Path(src), Path(out)
     check_number("--shard-size", shard_size, low=1, integer=True)
@@ -507,14 +516,25 @@ def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool
     if not src.is_dir():
         raise DatasetError(f"{src} is not a folder; give an ImageFolder tree (one sub-folder per class)")
     _check_out(out, overwrite, "prepare", sources=[src])
-    classnames = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classnames:
+    folders = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not folders:
         raise DatasetError(f"{src} has no class sub-folders; an ImageFolder tree has one folder per class")
+    classnames, classes = folders, None
+    if classes_of is not None:
+        ref_names, ref_ids = read_class_list(classes_of)
+        indices = map_class_folders(folders, classes_of, class_folders)
+        order = sorted(range(len(folders)), key=lambda j: indices[j])  # the reference's class order
+        folders = [folders[j] for j in order]
+        indices = [indices[j] for j in order]
+        classnames = [ref_names[i] for i in indices]
+        classes = {"class_ids": [ref_ids[i] for i in indices],
+                   "class_subset_of": {"reference": str(Path(classes_of).resolve()), "num_classes": len(ref_names),
+                                       "indices": indices}}
 
     files: list[tuple[str, str, int, str]] = []  # (relative file, key, label, ext)
     ignored: list[dict] = []  # files of other types, listed in the manifest and the output
     seen: dict[str, str] = {}
-    for label, classname in enumerate(classnames):
+    for label, classname in enumerate(folders):
         cdir = src / classname
         rels = []
         for p in sorted(cdir.rglob("*")):
@@ -545,12 +565,15 @@ def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool
         files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
     provenance = {"command": "prepare", "source": str(src.resolve()), "shard_size": shard_size,
                   "shuffle": shuffle, "seed": seed, "skip_bad": skip_bad, "dho_version": dho.__version__}
+    if classes_of is not None:
+        provenance.update(classes_of=str(classes_of), class_folders=class_folders)
     return write_files(src, files, classnames, out, shard_size=shard_size, skip_bad=skip_bad, provenance=provenance,
-                       ignored=ignored, what=f"prepare {src}")
+                       ignored=ignored, what=f"prepare {src}", classes=classes)
 
 
 def write_files(src: Path, files: list[tuple[str, str, int, str]], classnames: list[str], out: Path, *, shard_size: int,
-                skip_bad: bool, provenance: dict, ignored: Sequence[dict] = (), what: str = "prepare") -> Dataset:
+                skip_bad: bool, provenance: dict, ignored: Sequence[dict] = (), what: str = "prepare",
+                classes: Optional[dict] = None) -> Dataset:
     """Write image files (relative file under `src`, key, label, ext), in this order, as a dataset at `out`:
     original bytes, every image decoded once to check it, built beside `out` and renamed into place."""
     tmp = _temp_dir(out)
@@ -575,7 +598,7 @@ def write_files(src: Path, files: list[tuple[str, str, int, str]], classnames: l
             raise DatasetError(f"{listed}{more}; fix or remove them, or pass --skip-bad to leave them out")
         if not shards:
             raise DatasetError(f"{src}: no readable images at all; nothing to write")
-        manifest = _manifest(classnames, shards, skipped, provenance)
+        manifest = _manifest(classnames, shards, skipped, provenance, classes=classes)
         manifest["ignored"] = list(ignored)
         _dump_manifest(manifest, tmp / MANIFEST)
         _publish(tmp, out)
@@ -599,20 +622,92 @@ def write_files(src: Path, files: list[tuple[str, str, int, str]], classnames: l
 
 
 def _read_classnames(path: Path) -> list[str]:
+    return read_class_file(path)[0]
+
+
+def read_class_file(path: Path) -> tuple[list[str], Optional[list[str]]]:
+    """A class names file -> (names, ids or None). Line i is class i: `NAME`, or `ID<TAB>NAME` where ID is
+    the class's folder name in the distributed data (ImageNet: its WordNet id, e.g. `n01440764\ttench`)."""
     if not path.is_file():
         raise DatasetError(f"class names file {path} not found; give a text file with one class name per line")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     while lines and not lines[-1]:
         lines.pop()
-    for i, name in enumerate(lines):
-        if not name:
+    for i, line in enumerate(lines):
+        if not line:
             raise DatasetError(f"{path}: line {i + 1} is empty; every line up to the last is a class name (line i = class i)")
-    dup = sorted({n for n in lines if lines.count(n) > 1})
-    if dup:
-        raise DatasetError(f"{path}: class names repeat: {dup[:10]}; class names must be unique")
     if not lines:
         raise DatasetError(f"{path}: no class names; write one class name per line")
-    return lines
+    tabbed = ["\t" in line for line in lines]
+    if any(tabbed) and not all(tabbed):
+        i = tabbed.index(not tabbed[0])
+        raise DatasetError(f"{path}: line {i + 1} {'has' if tabbed[i] else 'lacks'} a tab unlike line 1; write every line "
+                           "as NAME, or every line as ID<TAB>NAME")
+    parts = [[x.strip() for x in line.split("\t")] for line in lines] if tabbed[0] else None
+    if parts is not None:
+        bad = next((i for i, p in enumerate(parts) if len(p) != 2 or not all(p)), None)
+        if bad is not None:
+            raise DatasetError(f"{path}: line {bad + 1} is not ID<TAB>NAME; write one class per line as ID<TAB>NAME")
+    names = [p[1] for p in parts] if parts is not None else lines
+    ids = [p[0] for p in parts] if parts is not None else None
+    for what, values in (("class names", names), ("class ids", ids or [])):
+        dup = sorted({n for n in values if values.count(n) > 1})
+        if dup:
+            raise DatasetError(f"{path}: {what} repeat: {dup[:10]}; {what} must be unique")
+    return names, ids
+
+
+def read_class_list(ref: PathLike) -> tuple[list[str], list[str]]:
+    """The classes of a reference: a dho dataset folder or a class names file -> (names, ids); ids are the
+    classes' folder names where known (a file's ID column, a dataset's `class_ids`), else the names."""
+    ref = Path(ref)
+    if ref.is_dir():
+        ds = Dataset.open(ref)
+        ids = ds.manifest.get("class_ids")
+        return list(ds.classnames), list(ids) if ids else list(ds.classnames)
+    names, ids = read_class_file(ref)
+    return names, ids if ids is not None else list(names)
+
+
+CLASS_FOLDERS = ("name", "index")
+CLASS_FIELDS = ("class_ids", "class_subset_of")  # optional manifest fields a derived dataset keeps
+
+
+def class_fields(ds: Dataset) -> dict:
+    """The optional class fields of `ds`'s manifest, for datasets derived from it (splits, imports)."""
+    return {k: ds.manifest[k] for k in CLASS_FIELDS if ds.manifest.get(k) is not None}
+
+
+def map_class_folders(folders: Sequence[str], ref: PathLike, class_folders: str = "name") -> list[int]:
+    """Index in the reference class list of each class folder of a distributed evaluation set.
+
+    `name`: the folder is a class id of the reference (ImageNet-Sketch/-R/-A: WordNet ids) or its name
+    ('_' read as a space); `index`: the folder is the class index itself (ImageNet-V2's `0` ... `999`,
+    read as numbers, never sorted as strings).
+    """
+    if class_folders not in CLASS_FOLDERS:
+        raise ConfigError(f"--class-folders {class_folders!r}: choose one of {', '.join(CLASS_FOLDERS)}")
+    names, ids = read_class_list(ref)
+    by_id = {c: i for i, c in enumerate(ids)}
+    by_name = {c: i for i, c in enumerate(names)}
+    out, taken = [], {}
+    for f in folders:
+        if class_folders == "index":
+            if not f.isdigit() or int(f) >= len(names):
+                raise DatasetError(f"class folder {f!r} is not a class index 0..{len(names) - 1} of {ref}; "
+                                   "use --class-folders name for folders named by class")
+            i = int(f)
+        else:
+            i = by_id.get(f, by_name.get(f, by_name.get(f.replace("_", " "))))
+            if i is None:
+                hint = " (numeric folders: --class-folders index)" if f.isdigit() else ""
+                raise DatasetError(f"class folder {f!r} is neither a class id nor a class name of {ref}{hint}; "
+                                   "give the class list the data was labeled with")
+        if i in taken:
+            raise DatasetError(f"class folders {taken[i]!r} and {f!r} both name class {i} ({names[i]!r}) of {ref}")
+        taken[i] = f
+        out.append(i)
+    return out
 
 
 def _scan_shard(path: Path, label_key: str) -> tuple[list[str], list[int]]:
@@ -657,11 +752,27 @@ def _scan_shard(path: Path, label_key: str) -> tuple[list[str], list[int]]:
     return keys, labels
 
 
-def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, label_key: str = "cls", overwrite: bool = False) -> Dataset:
-    """Write OUT/manifest.json for existing webdataset shards (given order = global order)."""
+def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, label_key: str = "cls", overwrite: bool = False,
+          classes_of: Optional[PathLike] = None) -> Dataset:
+    """Write OUT/manifest.json for existing webdataset shards (given order = global order).
+
+    The class names file has one class per line, `NAME` or `ID<TAB>NAME` (ids recorded as `class_ids`).
+    With `classes_of` (a dho dataset or class names file) every class must be one of that list (by
+    name): the manifest records `class_subset_of`, as `prepare --classes-of` does.
+    """
     out = Path(out)
     label_key = label_key.lower()  # webdataset lowercases member extensions
-    classnames = _read_classnames(Path(classnames_file))
+    classnames, class_ids = read_class_file(Path(classnames_file))
+    classes = {"class_ids": class_ids}
+    if classes_of is not None:
+        ref_names, _ = read_class_list(classes_of)
+        where = {n: i for i, n in enumerate(ref_names)}
+        missing = [n for n in classnames if n not in where]
+        if missing:
+            raise DatasetError(f"{classnames_file}: {len(missing)} class name(s) are not classes of {classes_of} "
+                               f"(first: {missing[0]!r}); a subset must use the reference's names")
+        classes["class_subset_of"] = {"reference": str(Path(classes_of).resolve()), "num_classes": len(ref_names),
+                                      "indices": [where[n] for n in classnames]}
     if not shards:
         raise DatasetError("no shards given; pass the .tar shards in their global order")
     if out.exists() and not out.is_dir():
@@ -694,7 +805,7 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
             path = str(p)
         entries.append({"path": path, "count": len(keys), "sha256": file_sha256(p), "keys": keys, "labels": labels})
     provenance = {"command": "index", "label_key": label_key, "classnames_file": Path(classnames_file).name, "dho_version": dho.__version__}
-    _dump_manifest(_manifest(classnames, entries, [], provenance, label_key=label_key), out / MANIFEST)
+    _dump_manifest(_manifest(classnames, entries, [], provenance, label_key=label_key, classes=classes), out / MANIFEST)
     return Dataset.open(out)
 
 
@@ -852,7 +963,7 @@ def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int]
                     writers[r].write(sample.key, sample.ext, sample.data, sample.label, file)
         for r, (t, w) in enumerate(zip(tmps, writers)):
             prov = dict(provenance, role="labeled" if r == 0 else "validation")
-            _dump_manifest(_manifest(ds.classnames, w.close(), [], prov), t / MANIFEST)
+            _dump_manifest(_manifest(ds.classnames, w.close(), [], prov, classes=class_fields(ds)), t / MANIFEST)
         for t, o in zip(tmps, outs):
             _publish(t, o)
     finally:

@@ -248,16 +248,39 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _open_for(data: Union[str, Path, data_lib.Dataset], classnames: list[str], what: str) -> data_lib.Dataset:
-    ds = data if isinstance(data, data_lib.Dataset) else data_lib.Dataset.open(data)
-    if ds.classnames != list(classnames):
+def class_columns(ds: data_lib.Dataset, classnames: Sequence[str], what: str = "evaluation") -> Optional[torch.Tensor]:
+    """The model's class index of each class of `ds` -> (C_ds,) int64, or None when `ds` has the model's
+    very class list. A dataset whose classes are a subset of the model's (by name, e.g. ImageNet-R's 200
+    of ImageNet's 1000) is scored on its classes only: each head's logits restricted to these columns,
+    as the benchmarks' reference evaluation restricts a 1000-way classifier."""
+    classnames = list(classnames)
+    if ds.classnames == classnames:
+        return None
+    where = {n: i for i, n in enumerate(classnames)}
+    missing = [n for n in ds.classnames if n not in where]
+    if missing:
         raise ConfigError(
-            f"{what} dataset {ds.root} has other class names than the model ({ds.num_classes} vs "
-            f"{len(classnames)} classes, or another order); evaluate on data with the training class list"
+            f"{what} dataset {ds.root} has {len(missing)} class name(s) the model does not know (first: {missing[0]!r}; "
+            f"{ds.num_classes} vs {len(classnames)} classes); evaluate on data with the training class list or a "
+            "subset of it (`dho prepare --classes-of`)"
         )
+    return torch.tensor([where[n] for n in ds.classnames], dtype=torch.int64)
+
+
+def _open_for(data: Union[str, Path, data_lib.Dataset], classnames: list[str], what: str) -> tuple[data_lib.Dataset, Optional[torch.Tensor]]:
+    """The dataset and its class columns in the model's output (`class_columns`)."""
+    ds = data if isinstance(data, data_lib.Dataset) else data_lib.Dataset.open(data)
+    columns = class_columns(ds, classnames, what)
     if ds.num_samples == 0 or bool((ds.labels < 0).all()):
         raise DatasetError(f"{what} dataset {ds.root} has no labeled samples (all labels are -1); it cannot be evaluated")
-    return ds
+    return ds, columns
+
+
+def restrict(ce: torch.Tensor, kd: torch.Tensor, columns: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both heads' logits (N, C) restricted to the dataset's classes (N, C_ds); unchanged without columns."""
+    if columns is None:
+        return ce, kd
+    return ce[:, columns], kd[:, columns]
 
 
 def _labeled(ce: torch.Tensor, kd: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -266,9 +289,10 @@ def _labeled(ce: torch.Tensor, kd: torch.Tensor, labels: torch.Tensor) -> tuple[
 
 
 def search_and_store(run_dir: Path, student: DualHeadStudent, val: data_lib.Dataset, batch_size: int, device, workers: int,
-                     extra: Optional[dict] = None) -> tuple[float, float, float]:
+                     extra: Optional[dict] = None, columns: Optional[torch.Tensor] = None) -> tuple[float, float, float]:
     """Grid-search Eq. 11's alpha, beta on `val`, write RUN_DIR/alpha_beta.json (+ heatmap) -> (alpha, beta, top-1 %)."""
     v_ce, v_kd, v_labels = _labeled(*collect_logits(student, val, batch_size, device, workers))
+    v_ce, v_kd = restrict(v_ce, v_kd, columns)
     alpha, beta, grid = search_alpha_beta(v_ce, v_kd, v_labels)
     best = float(grid[ALPHA_GRID.index(alpha), BETA_GRID.index(beta)])
     _write_json(Path(run_dir) / ALPHA_BETA_FILE, {
@@ -296,7 +320,9 @@ def evaluate(
 
     Returns {ce_head: {top1, top5}, kd_head: {...}, combined: {...}, alpha, beta,
     alpha_beta_source, num_samples, num_unlabeled_ignored, num_classes, data, data_fingerprint}.
-    Samples of `data` labeled -1 are left out (counted in num_unlabeled_ignored).
+    Samples of `data` labeled -1 are left out (counted in num_unlabeled_ignored). A dataset whose
+    classes are a subset of the model's is scored on its classes only (`class_columns`; class_subset
+    true, num_classes its classes, model_classes the model's).
     With `search_on`, (alpha, beta) are grid-searched on that validation dataset first and
     stored in RUN_DIR/alpha_beta.json (+ alpha_beta_heatmap.png).
     """
@@ -311,16 +337,16 @@ def evaluate(
     check_number("--workers", workers, low=0, integer=True)
     student, meta = load_run(run_dir, device)
     device = resolve_device(device)
-    ds = _open_for(data, meta["classnames"], "evaluation")
+    ds, columns = _open_for(data, meta["classnames"], "evaluation")
 
     if search_on is not None:
-        val = _open_for(search_on, meta["classnames"], "validation")
+        val, val_columns = _open_for(search_on, meta["classnames"], "validation")
         if val.fingerprint == ds.fingerprint:
             raise ConfigError(
                 f"--search-on {val.root} is the same data as --data {ds.root} (fingerprint {ds.fingerprint[:12]}); "
                 "never tune alpha/beta on the test data: search on a validation split (`dho split --val-out`)"
             )
-        alpha, beta, _ = search_and_store(run_dir, student, val, batch_size, device, workers)
+        alpha, beta, _ = search_and_store(run_dir, student, val, batch_size, device, workers, columns=val_columns)
         source = f"search on {val.root}"
     else:
         stored = read_alpha_beta(run_dir)
@@ -338,7 +364,8 @@ def evaluate(
     ce, kd, labels = collect_logits(student, ds, batch_size, device, workers)
     num_unlabeled = int((labels < 0).sum())
     ce, kd, labels = _labeled(ce, kd, labels)
-    combined = combine_heads(ce, kd, alpha, beta)  # (N, C)
+    ce, kd = restrict(ce, kd, columns)  # (N, C_ds): a subset dataset is scored on its classes only
+    combined = combine_heads(ce, kd, alpha, beta)  # (N, C_ds)
 
     def pct(scores: torch.Tensor) -> dict:
         acc = topk_accuracy(scores, labels, ks=(1, 5))
@@ -353,7 +380,9 @@ def evaluate(
         "alpha_beta_source": source,
         "num_samples": int(len(labels)),
         "num_unlabeled_ignored": num_unlabeled,
-        "num_classes": len(meta["classnames"]),
+        "num_classes": ds.num_classes,
+        "model_classes": len(meta["classnames"]),
+        "class_subset": columns is not None,
         "data": str(ds.root),
         "data_fingerprint": ds.fingerprint,
     }
@@ -374,8 +403,11 @@ def predict(
     topk: int = 5,
     device: Union[str, torch.device] = "cpu",
     batch_size: int = 64,
-) -> list[tuple[Path, list[tuple[str, float]]]]:
+    heads: bool = False,
+) -> list[tuple[Path, Union[list[tuple[str, float]], dict[str, list[tuple[str, float]]]]]]:
     """Top-k (class name, probability) per image from the combined heads (Eq. 11) with the run's alpha, beta.
+    With `heads`, a dict per image: the top-k of ce_head (softmax), kd_head (softmax at temperature beta)
+    and the combination, as the paper's qualitative figures (Figs. 9, 16-19) show them side by side.
     A folder among `images` stands for the image files in it (sorted, not recursive)."""
     check_number("--topk", topk, low=1, integer=True)
     paths = []
@@ -401,8 +433,13 @@ def predict(
         chunk = paths[start:start + batch_size]
         x = torch.stack([view.image(load_image(p)) for p in chunk])  # (B, 3, S, S)
         out = student(x.to(resolve_device(device)))
-        probs = combine_heads(out["ce_logits"], out["kd_logits"], alpha, beta).cpu()  # (B, C)
-        top = probs.topk(k, dim=-1)
-        for p, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
-            results.append((p, [(classnames[c], v) for c, v in zip(indices, values)]))
+        scores = {"combined": combine_heads(out["ce_logits"], out["kd_logits"], alpha, beta).cpu()}  # (B, C)
+        if heads:
+            scores["ce_head"] = torch.softmax(out["ce_logits"].float(), dim=-1).cpu()  # (B, C)
+            scores["kd_head"] = torch.softmax(out["kd_logits"].float() / beta, dim=-1).cpu()  # (B, C)
+        tops = {name: probs.topk(k, dim=-1) for name, probs in scores.items()}
+        for i, p in enumerate(chunk):
+            per = {name: [(classnames[c], v) for c, v in zip(t.indices[i].tolist(), t.values[i].tolist())]
+                   for name, t in tops.items()}
+            results.append((p, {h: per[h] for h in ("ce_head", "kd_head", "combined")} if heads else per["combined"]))
     return results

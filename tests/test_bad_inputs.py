@@ -38,6 +38,7 @@ def w(tmp_path_factory, tiny_teacher_ckpt) -> dict:
     precompute(ds.root, root / "ds.zarr", **teacher)
     precompute(lab.root, root / "lab.zarr", **teacher)
     other_src = make_image_folder(root / "other_src", num_classes=2, per_class=3, seed=1)
+    (other_src / "class_1").rename(other_src / "zebra")  # class_0 alone would be a subset, which evaluate scores
     other = data.prepare(other_src, root / "other", shard_size=6)
     shards = sorted(str(p) for p in ds.root.glob("*.tar"))
     unl = root / "unl"
@@ -164,7 +165,7 @@ CASES = [
     ("eval-batch-0", "evaluate {run} --data {val} --batch-size 0", r"--batch-size must be an integer >= 1"),
     ("eval-workers-neg", "evaluate {run} --data {val} --workers -1", r"--workers must be an integer >= 0"),
     ("eval-device-tpu", "evaluate {run} --data {val} --device tpu", r"--device must be auto"),
-    ("eval-other-classes", "evaluate {run} --data {other}", r"class"),
+    ("eval-other-classes", "evaluate {run} --data {other}", r"1 class name\(s\) the model does not know \(first: 'zebra'"),
     ("predict-topk-0", "predict {run} {src}/class_0 --topk 0", r"--topk must be an integer >= 1"),
     ("predict-missing", "predict {run} {root}/nothing.jpg", r"image .*nothing.jpg not found"),
     ("predict-empty-folder", "predict {run} {root}/empty", r"folder without image files"),

@@ -177,7 +177,7 @@ def test_evaluate_refuses_bad_inputs(trained_run, tiny_dataset, tmp_path):
         ev.evaluate(trained_run, unlabeled, workers=0)
 
     other = data.prepare(make_image_folder(tmp_path / "img4", num_classes=4, per_class=2), tmp_path / "four")
-    with pytest.raises(ConfigError, match="other class names"):
+    with pytest.raises(ConfigError, match=r"class name\(s\) the model does not know \(first: 'class_3'"):
         ev.evaluate(trained_run, other.root, workers=0)
 
     unfinished = tmp_path / "unfinished"
@@ -231,3 +231,33 @@ def test_cli_evaluate_json_table_and_predict(trained_run, tiny_dataset):
     assert lines[0] == str(image) and len(lines) == 3
     expected = ev.predict(trained_run, [image], topk=2)[0][1]
     assert lines[1].split() == [f"{expected[0][1]:.4f}", expected[0][0]]
+
+
+def test_predict_heads_side_by_side(trained_run, tiny_dataset):
+    """--heads: the top-k of softmax(ce), softmax(kd / beta) and Eq. 11, each against the logits."""
+    image = tiny_dataset.root.parent / "images" / "class_0" / "img_001.jpg"
+    (path, tops), = ev.predict(trained_run, [image], topk=3, heads=True)
+    student, meta = load_student(trained_run / "model.pt")
+    with torch.no_grad():
+        out = student(reference_view(image, meta["preprocess"])[None])
+    expected = {"ce_head": torch.softmax(out["ce_logits"][0], -1), "kd_head": torch.softmax(out["kd_logits"][0] / 0.5, -1),
+                "combined": ev.combine_heads(out["ce_logits"], out["kd_logits"], 0.5, 0.5)[0]}
+    assert list(tops) == ["ce_head", "kd_head", "combined"]
+    for head, p in expected.items():
+        order = torch.argsort(p, descending=True).tolist()
+        assert [c for c, _ in tops[head]] == [meta["classnames"][c] for c in order]
+        assert [v for _, v in tops[head]] == pytest.approx(p[order].tolist(), abs=1e-5)
+    # the wrong teacher made kd_head say class y+1: the heads disagree, as the qualitative figures show
+    assert tops["ce_head"][0][0] == "class_0" and tops["kd_head"][0][0] == "class_1"
+
+    runner = CliRunner()
+    text = runner.invoke(app, ["predict", str(trained_run), str(image), "--topk", "2", "--heads"])
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.splitlines()
+    assert lines[0] == str(image) and lines[1].split() == ["ce_head", "kd_head", "combined"] and len(lines) == 4
+    first = lines[2].split()
+    assert first == [f"{tops['ce_head'][0][1]:.4f}", "class_0", f"{tops['kd_head'][0][1]:.4f}", "class_1",
+                     f"{tops['combined'][0][1]:.4f}", tops["combined"][0][0]]
+    js = runner.invoke(app, ["predict", str(trained_run), str(image), "--topk", "1", "--heads", "--json"])
+    obj = json.loads(js.stdout)
+    assert obj["image"] == str(image) and obj["kd_head"] == [{"class": "class_1", "prob": pytest.approx(tops["kd_head"][0][1])}]

@@ -4,7 +4,10 @@
 
 `dho prepare` names classes after their folders, and ImageNet's folders are WordNet ids
 (`n01440764`): prompts like "itap of a n01440764." would make the zero-shot teacher useless.
-Line i of the output names the i-th folder in sorted order (the class index `dho prepare` uses):
+Line i of the output is `FOLDER<TAB>NAME` for the i-th folder in sorted order (the class index
+`dho prepare` uses); `dho index` keeps the folder names as the dataset's class ids, so ImageNet-Sketch,
+-R and -A (WordNet-id folders) can later be matched to these classes (`dho prepare --classes-of`).
+The names are:
 
 - 1000 WordNet-id folders (ImageNet-1k): CLIP's curated ImageNet class names (as shipped by
   open_clip, the list Tip-Adapter and the DHO reference code use; its index order is the sorted
@@ -30,13 +33,19 @@ WNID = re.compile(r"^n\d{8}$")
 DISAMBIGUATE = {744: "projectile", 836: "sunglass"}
 
 
-def class_names(folder: Path) -> list[str]:
-    """One readable name per class folder of `folder`, in sorted folder order."""
+def class_folders(folder: Path) -> list[str]:
+    """The class folders of `folder`, sorted (the class index order of `dho prepare`)."""
     if not folder.is_dir():
         sys.exit(f"error: {folder} is not a folder; give the ImageFolder tree's train/ (one sub-folder per class)")
     folders = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not folders:
         sys.exit(f"error: {folder} has no class sub-folders")
+    return folders
+
+
+def class_names(folder: Path) -> list[str]:
+    """One readable name per class folder of `folder`, in sorted folder order."""
+    folders = class_folders(folder)
     wnids = [f for f in folders if WNID.match(f)]
     if not wnids:
         return [f.replace("_", " ") for f in folders]
@@ -59,11 +68,11 @@ def main() -> None:
     parser.add_argument("folder", type=Path, help="ImageFolder tree (one sub-folder per class).")
     parser.add_argument("--out", type=Path, required=True, help="Text file to write, one class name per line.")
     args = parser.parse_args()
-    names = class_names(args.folder)
+    folders, names = class_folders(args.folder), class_names(args.folder)
     if len(set(names)) != len(names):
         sys.exit(f"error: {args.folder}: class names repeat after replacing '_' by spaces; rename the folders")
     tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text("".join(n + "\n" for n in names), encoding="utf-8")
+    tmp.write_text("".join(f"{f}\t{n}\n" for f, n in zip(folders, names)), encoding="utf-8")
     os.replace(tmp, args.out)
     print(f"wrote {len(names)} class names -> {args.out}")
 
