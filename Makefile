@@ -9,7 +9,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo demo-record demo-teacher reproduce-lowshot reproduce-fewshot clean
+.PHONY: setup test demo demo-record demo-teacher reproduce-lowshot reproduce-fewshot eval-ood clean
 
 setup: $(VENV)/.installed
 
@@ -180,6 +180,89 @@ $(WORK)/table.md: $(foreach s,$(STUDENTS),$(foreach p,$(SPLITS),$(EVAL)/$(s)-$(p
 	@echo "== report -> $@"
 	$(PY) $(LOWSHOT)/report.py --eval $(EVAL) --runs $(RUNS) --students "$(STUDENTS)" --splits "$(SPLITS)" \
 	  --out $@ $(if $(SMOKE),--smoke)
+
+# =============================================================================================
+# eval-ood: a run on ImageNet val and its distribution shifts (the paper's Tables 11-12), beside the teacher.
+#   make eval-ood RUN=runs/lowshot/runs/vit-b16-1pct IMAGENET_V2=/data/imagenetv2-matched-frequency-format-val \
+#       SKETCH=/data/imagenet-sketch/sketch R=/data/imagenet-r A=/data/imagenet-a [VAL=DATASET] [CLASSES=FILE]
+#   make eval-ood SMOKE=1   # after `make reproduce-lowshot SMOKE=1`: generated V2/Sketch/R/A-shaped folders
+# Each set as distributed: V2's folders 0..999 are class indices, Sketch/R/A's are WordNet ids matched through
+# CLASSES (WordNet id<TAB>name per class, as classnames.py writes it); R and A hold 200 of the classes and are
+# scored on those. Teacher caches (center view) use the lowshot teacher recipe (TEACHER_RECIPE, TEACHER_WEIGHTS).
+# Writes OOD_WORK/<run name>.md; resumable like reproduce-lowshot.
+# =============================================================================================
+OOD_WORK ?= $(WORK)/ood
+OOD_SETS := v2 sketch r a
+CLASSES ?= $(CLASSNAMES)
+VAL ?= $(DATA)/val
+ifdef SMOKE
+RUN ?= $(RUNS)/vit-b16-1pct
+OOD_SRC = $(OOD_WORK)/src
+SRC_v2 = $(OOD_SRC)/v2
+SRC_sketch = $(OOD_SRC)/sketch
+SRC_r = $(OOD_SRC)/r
+SRC_a = $(OOD_SRC)/a
+OOD_SOURCE_DEPS := $(OOD_WORK)/src.done
+else
+SRC_v2 = $(IMAGENET_V2)
+SRC_sketch = $(SKETCH)
+SRC_r = $(R)
+SRC_a = $(A)
+OOD_SOURCE_DEPS :=
+endif
+FOLDERS_v2 := index
+FOLDERS_sketch := name
+FOLDERS_r := name
+FOLDERS_a := name
+OOD_RUN = $(patsubst %/,%,$(RUN))
+OOD_EVAL = $(OOD_WORK)/eval
+OOD_DATA_val = $(VAL)
+$(foreach s,$(OOD_SETS),$(eval OOD_DATA_$(s) = $(OOD_WORK)/data/$(s)))
+OOD_NAME = $(notdir $(OOD_RUN))
+ifneq ($(filter eval-ood,$(MAKECMDGOALS)),)
+ifeq ($(SMOKE)$(wildcard $(OOD_RUN)/model.pt),)
+$(error RUN='$(RUN)' must be a finished run folder (with model.pt): make eval-ood RUN=runs/lowshot/runs/vit-b16-1pct IMAGENET_V2=... SKETCH=... R=... A=...)
+endif
+endif
+
+eval-ood: setup $(OOD_WORK)/$(OOD_NAME).md
+	@echo "== table: $(OOD_WORK)/$(OOD_NAME).md"
+
+$(OOD_WORK)/src.done: $(WORK)/smoke-inputs.done
+	$(PY) pipelines/ood/make_smoke_ood.py --imagenet $(IMAGENET) --out $(OOD_SRC)
+	touch $@
+
+$(OOD_SETS:%=$(OOD_WORK)/data/%/manifest.json): $(OOD_WORK)/data/%/manifest.json: $(OOD_SOURCE_DEPS) $(CLASSES)
+	@echo "== prepare $* ($(SRC_$*)) with the classes of $(CLASSES) -> $(@D)"
+	@test -d "$(SRC_$*)" || { echo "error: the $* set '$(SRC_$*)' is not a folder; pass it as \
+	$(if $(filter v2,$*),IMAGENET_V2,$(if $(filter sketch,$*),SKETCH,$(if $(filter r,$*),R,A)))=/path (the class folders as distributed)"; exit 2; }
+	$(DHO) prepare $(SRC_$*) --out $(@D) --classes-of $(CLASSES) --class-folders $(FOLDERS_$*) --shard-size $(SHARD_SIZE) --overwrite
+
+# teacher caches (center view) and evaluations: val from VAL, the shifted sets from their prepared datasets
+$(OOD_WORK)/cache/val.done $(OOD_EVAL)/$(OOD_NAME)/val.json: $(VAL)/manifest.json
+$(OOD_SETS:%=$(OOD_WORK)/cache/%.done): $(OOD_WORK)/cache/%.done: $(OOD_WORK)/data/%/manifest.json
+$(OOD_SETS:%=$(OOD_EVAL)/$(OOD_NAME)/%.json): $(OOD_EVAL)/$(OOD_NAME)/%.json: $(OOD_WORK)/data/%/manifest.json
+$(OOD_WORK)/cache/%.done:
+	@echo "== precompute-teacher $(OOD_DATA_$*) (center view) -> $(OOD_WORK)/cache/$*.zarr"
+	mkdir -p $(@D)
+	$(RECIPE) run $(TEACHER_RECIPE) precompute $(TEACHER_SET) views=1 center_view=true -- \
+	  $(LAUNCH) precompute-teacher $(OOD_DATA_$*) --out $(OOD_WORK)/cache/$*.zarr
+	touch $@
+
+$(OOD_EVAL)/teacher/%.json: $(OOD_WORK)/cache/%.done
+	mkdir -p $(@D)
+	$(DHO) cache-info $(OOD_WORK)/cache/$*.zarr --json > $@.tmp
+	mv $@.tmp $@
+
+$(OOD_EVAL)/$(OOD_NAME)/%.json: $(OOD_RUN)/model.pt
+	@echo "== evaluate $(OOD_RUN) on $(OOD_DATA_$*)"
+	mkdir -p $(@D)
+	$(DHO) evaluate $(OOD_RUN) --data $(OOD_DATA_$*) --json > $@.tmp
+	mv $@.tmp $@
+
+$(OOD_WORK)/$(OOD_NAME).md: $(foreach s,val $(OOD_SETS),$(OOD_EVAL)/$(OOD_NAME)/$(s).json $(OOD_EVAL)/teacher/$(s).json)
+	@echo "== report -> $@"
+	$(PY) pipelines/ood/report.py --run $(OOD_RUN) --eval $(OOD_EVAL) --sets "val $(OOD_SETS)" --out $@ $(if $(SMOKE),--smoke)
 
 # =============================================================================================
 # reproduce-fewshot: the few-shot experiments (Table 1, Figs. 5/6) on one dataset of the CoOp benchmark.

@@ -323,6 +323,71 @@ def export(
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+def analyze(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
+    data: Annotated[Path, typer.Option("--data", help="Labeled dataset to analyse (the test split), with the run's class list.")],
+    probe_train: Annotated[Optional[Path], typer.Option("--probe-train", help="Labeled training dataset (not --data): freeze g, train a new linear head on its features, test it on --data (Table 3) -> probe.json. Default: none.")] = None,
+    tsne: Annotated[bool, typer.Option("--tsne", help="Also draw a t-SNE map of the features of --data (at most 2000 samples; needs scikit-learn) -> tsne.png. Default: off.")] = False,
+    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for heads.json/.png, spectrum.json/.png, probe.json, tsne.png. Default: RUN_DIR/analysis/<name of the --data folder>.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (the summary: top-1s, head outcomes in %, error reduction, effective rank, dominant eigenvalues, probe) instead of text. Default: off.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cuda:N or cpu.")] = "auto",
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images.")] = 2,
+) -> None:
+    """How ce_head, kd_head and Eq. 11 agree and fail (Fig. 15), the feature spectrum and the heads' dominant eigenvalues (Fig. 13), optionally a linear probe (Table 3) and a t-SNE map (Fig. 7)."""
+    from dho import analyze as analysis
+
+    result = analysis.analyze(run_dir, data, probe_train=probe_train, tsne=tsne, batch_size=batch_size,
+                              device=device, workers=workers, out_dir=out_dir)
+    typer.echo(json.dumps(result) if json_out else analysis.format_summary(result))
+
+
+@app.command()
+def features(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset to run the student over: every sample, labeled or not, any class list.")],
+    out: Annotated[Path, typer.Option("--out", help="Features file to write, ending in .npy: float32 (N, D); OUT.labels.npy (int64, -1 = unlabeled) and OUT.json (keys, class names, fingerprint) are written beside it.")],
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cuda:N or cpu.")] = "auto",
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images.")] = 2,
+) -> None:
+    """Write the features z = g(x) of every sample (evaluation view, dataset order) for linear probes and plots."""
+    from dho.analyze import export_features
+
+    info = export_features(run_dir, data, out, batch_size=batch_size, device=device, workers=workers)
+    typer.echo(f"wrote {info['shape'][0]} x {info['shape'][1]} features -> {out}")
+
+
+@app.command("bench-inference")
+def bench_inference(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt, and the teacher cache named in RUN_DIR/config.json).")],
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes to time, comma-separated: 1 is latency, a large batch throughput.")] = "1,256",
+    device: Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (autocast; fp16 on CUDA only), the same for every model.")] = "fp32",
+    teacher: Annotated[bool, typer.Option("--teacher/--no-teacher", help="Also measure the teacher named in the run's labeled cache (its architecture, random weights).")] = True,
+    teacher_model: Annotated[Optional[str], typer.Option("--teacher-model", help="open_clip model name or model-config JSON of the teacher, for caches whose teacher cannot be rebuilt from its name (local-dir:, a moved config file). Default: the cache's.")] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed forwards per model and batch size.")] = 5,
+    iters: Annotated[int, typer.Option(help="Timed forwards per model and batch size, at least.")] = 20,
+    min_seconds: Annotated[float, typer.Option("--min-seconds", help="Time each model and batch size at least this long.")] = 2.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (per model params, gflops, gmacs, images_per_s; ratios) instead of a table. Default: off.")] = False,
+) -> None:
+    """Parameters, FLOPs and images/s of the student, its single-head (SHO) variant and the teacher (Tables 2, 7); writes RUN_DIR/inference_cost.json."""
+    from dho.inference_bench import bench_inference as bench, format_table, write_inference_cost
+
+    try:
+        sizes = [int(b) for b in batch_sizes.replace(",", " ").split()]
+    except ValueError:
+        sizes = []
+    if not sizes:
+        _fail(f"--batch-sizes takes positive integers separated by commas, e.g. --batch-sizes 1,256; got {batch_sizes!r}")
+    result = bench(run_dir, batch_sizes=sizes, device=device, precision=precision, teacher=teacher,
+                   teacher_model=teacher_model, warmup=warmup, iters=iters, min_seconds=min_seconds)
+    path = write_inference_cost(run_dir, result)
+    typer.echo(json.dumps(result) if json_out else format_table(result))
+    typer.echo(f"wrote {path}", err=True)
+
+
 # --------------------------------------------------------------------------------------------
 # stage 1: teacher cache
 # --------------------------------------------------------------------------------------------

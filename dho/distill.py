@@ -107,7 +107,7 @@ class DistillConfig:
     max_steps: Optional[int] = None  # stop early after this many steps (smoke runs); the schedule keeps its length
     val: Optional[str] = None  # validation dataset evaluated at the end (and per epoch with eval_every_epoch)
     eval_every_epoch: bool = False
-    log_grad_cosine: int = 0  # every N steps: cos(grad L_CE, grad L_KD) over g's parameters (Fig. 4); 0 = off
+    log_grad_cosine: int = 0  # every N steps: the gradient-conflict diagnostics of Figs. 4 and 13; 0 = off
     init_heads_from_text: bool = True  # language-aware init of both heads (VLM students)
     align_kd_head: bool = True  # kd_head aligned with the teacher's rule, Eq. 10 (VLM students)
     vlm_heads: str = "reference"  # form of the aligned head and text init: "reference" (authors' code) | "eq10"
@@ -341,22 +341,45 @@ def _compute_loss(method: str, out_l: Optional[dict], out_u: Optional[dict], bat
     raise ConfigError(f"--method must be one of {METHODS}, got {method!r}")
 
 
-def _grad_cosine(model: Trainee, batch: dict, cfg: DistillConfig, autocast) -> float:
-    """cos(∇θ L_CE, ∇θ L_KD) over the feature extractor g's parameters (paper Fig. 4)."""
+def _grad_diagnostics(model: Trainee, batch: dict, cfg: DistillConfig, autocast) -> dict:
+    """The gradient-conflict quantities of Figs. 4 and 13 on one batch (dho: the two heads; ce+kd: one head
+    for both losses, p_hat_CE = p_hat_KD):
+
+    grad_cosine    cos(∇θ L_CE, ∇θ L_KD) over the feature extractor g's parameters (Fig. 4);
+    grad_cosine_z  cos(∇z L_CE, ∇z L_KD) per labeled sample, averaged (Eq. 5, Fig. 13 right);
+    pred_inner     (p_hat_CE - y)^T (p_hat_KD - p) per labeled sample, averaged (Eqs. 4-5 / 8-9, Fig. 4's x);
+    pred_inner_negative  the share of labeled samples where it is < 0;
+    eig_ce, eig_kd, eig_ce_kd  dominant eigenvalues of W_CE W_CE^T, W_KD W_KD^T, W_CE W_KD^T (Fig. 13 left;
+                   single head: eig_ce only).
+    L_KD is the training loss's: eta^2 KL on the labeled and on the unlabeled half."""
+    from dho.students import dominant_eigenvalue, head_weight
+
     student = model.student
     params = [p for p in student.backbone.parameters() if p.requires_grad]
+    kd_head = student.kd_head if cfg.method == "dho" else student.ce_head  # SHO: one head for both
     with autocast():
-        out_l = student(batch["l_image"])
-        out_u = student(batch["u_image"])
-        kd_head_logits = "kd_logits" if cfg.method == "dho" else "ce_logits"  # SHO: one head for both
-        ce = losses.ce_loss(out_l["ce_logits"], batch["l_label"])
-        kd = losses.kd_loss(out_l[kd_head_logits], batch["l_probs"], eta=cfg.eta) + losses.kd_loss(
-            out_u[kd_head_logits], batch["u_probs"], eta=cfg.eta
-        )
-    g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
-    g_kd = torch.autograd.grad(kd, params, allow_unused=True)
+        z_l = student.features(batch["l_image"])  # (B_l, D)
+        z_u = student.features(batch["u_image"])  # (B_u, D)
+        ce_logits = student.ce_head(z_l)  # (B_l, C)
+        kd_logits = kd_head(z_l)  # (B_l, C)
+        ce = losses.ce_loss(ce_logits, batch["l_label"])
+        kd = losses.kd_loss(kd_logits, batch["l_probs"], eta=cfg.eta) + losses.kd_loss(kd_head(z_u), batch["u_probs"], eta=cfg.eta)
+    *g_ce, gz_ce = torch.autograd.grad(ce, params + [z_l], retain_graph=True, allow_unused=True)
+    *g_kd, gz_kd = torch.autograd.grad(kd, params + [z_l], allow_unused=True)
     flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float() for g, p in zip(gs, params)])
-    return float(F.cosine_similarity(flat(g_ce), flat(g_kd), dim=0))
+    inner = losses.prediction_conflict(ce_logits.detach(), kd_logits.detach(), batch["l_label"], batch["l_probs"], cfg.eta)  # (B_l,)
+    w_ce = head_weight(student.ce_head)
+    out = {
+        "grad_cosine": float(F.cosine_similarity(flat(g_ce), flat(g_kd), dim=0)),
+        "grad_cosine_z": float(F.cosine_similarity(gz_ce.float(), gz_kd.float(), dim=-1).mean()),
+        "pred_inner": float(inner.mean()),
+        "pred_inner_negative": float((inner < 0).float().mean()),
+        "eig_ce": dominant_eigenvalue(w_ce),
+    }
+    if cfg.method == "dho":
+        w_kd = head_weight(student.kd_head)
+        out.update(eig_kd=dominant_eigenvalue(w_kd), eig_ce_kd=dominant_eigenvalue(w_ce, w_kd))
+    return out
 
 
 def _rng_state() -> dict:
@@ -607,7 +630,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     warmup = warmup if cfg.lr_schedule == "linear" else int(round(warmup))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s, warmup, total_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
-    start_step, grad_cos = 0, []
+    start_step, grad_diag = 0, []
     best = {"top1": -1.0, "epoch": None, "step": None}  # --select-best-on-val: the best epoch so far
     if resume:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -621,7 +644,8 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
-        start_step, grad_cos = ckpt["step"], ckpt.get("grad_cosine", [])
+        start_step = ckpt["step"]
+        grad_diag = ckpt.get("grad_diagnostics") or [{"step": st, "grad_cosine": c} for st, c in ckpt.get("grad_cosine", [])]
         best.update(ckpt.get("best") or {})
     ddp = model
     if world > 1:
@@ -700,7 +724,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
         _atomic_save(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "rng": _rng_state(), "step": step, "epoch": step // steps_per_epoch,
-             "consumers": consumers, "grad_cosine": grad_cos, "config": dataclasses.asdict(cfg), "best": best},
+             "consumers": consumers, "grad_diagnostics": grad_diag, "config": dataclasses.asdict(cfg), "best": best},
             ckpt_path,
         )
 
@@ -744,7 +768,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
             os.replace(tmp, out / name)
 
     def _loop(stop: StopSignal) -> tuple[int, list]:
-        """Steps until the end of the schedule or --max-steps -> (last step, grad cosines). SIGTERM/SIGINT
+        """Steps until the end of the schedule or --max-steps -> (last step, gradient diagnostics). SIGTERM/SIGINT
         end it early: a checkpoint at the current step, then Interrupted (the CLI exits with status 3)."""
         nonlocal t_last, seen_since
         step = start_step
@@ -798,9 +822,9 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
                 terms_sum = _mean_over_ranks(terms_sum, device, world)
 
             if cfg.log_grad_cosine and cfg.method in ("dho", "ce+kd") and step % cfg.log_grad_cosine == 0 and is_main:
-                cos = _grad_cosine(model, batch, cfg, autocast)
-                grad_cos.append((step, cos))
-                log.write({"step": step, "grad_cosine": cos})
+                record = {"step": step, **_grad_diagnostics(model, batch, cfg, autocast)}
+                grad_diag.append(record)
+                log.write(record)
             if logging:
                 now = time.time()
                 rate = seen_since / max(now - t_last, 1e-9)
@@ -835,10 +859,10 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
                 if world > 1:
                     torch.distributed.barrier()
 
-        return step, grad_cos
+        return step, grad_diag
 
     with StopSignal() as stop:
-        step, grad_cos = _loop(stop)
+        step, grad_diag = _loop(stop)
 
     # ---- the end: the model, validation, plots ---------------------------------------------------
     if is_main:
@@ -854,8 +878,8 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
             result = _validate(student, cfg, device)
             log.write({"step": step, "final": True, **result})
             log.say("validation: " + json.dumps(result))
-        if grad_cos:
-            _plot_grad_cosine(grad_cos, out / "grad_cosine.png", cfg.method)
+        if grad_diag:
+            plot_grad_diagnostics({cfg.method: grad_diag}, out / "grad_cosine.png")
         log.say(f"done: {out / 'model.pt'}")
     log.close()
     if world > 1:
@@ -897,22 +921,47 @@ def _validate(student: nn.Module, cfg: DistillConfig, device: torch.device) -> d
     }
 
 
-def _plot_grad_cosine(points: list[tuple[int, float]], path: Path, method: str) -> None:
+GRAD_PANELS = (  # (key, y label, title): the panels of grad_cosine.png
+    ("grad_cosine", "cos(∇θ L_CE, ∇θ L_KD)", "parameters of g (Fig. 4)"),
+    ("pred_inner", "(p̂_CE − y)ᵀ(p̂_KD − p)", "prediction level (Eqs. 4–5, 8–9)"),
+    ("grad_cosine_z", "cos(∇z L_CE, ∇z L_KD)", "features z (Eq. 5, Fig. 13 right)"),
+    ("eig", "dominant eigenvalue", "W Wᵀ (Fig. 13 left)"),
+)
+
+
+def plot_grad_diagnostics(series: dict[str, list[dict]], path: Path) -> Path:
+    """The gradient-conflict diagnostics over training, one line per run (e.g. {"dho": ..., "ce+kd": ...}):
+    θ-cosine, prediction-level inner product, z-cosine and the dominant eigenvalues of W Wᵀ."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, cos = zip(*points)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, cos, marker=".", label=method)
-    ax.axhline(0.0, color="gray", lw=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cos(∇θ L_CE, ∇θ L_KD)")
-    ax.set_title("Gradient alignment over the feature extractor (paper Fig. 4)")
-    ax.set_ylim(-1, 1)
-    ax.legend()
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    for ax, (key, ylabel, title) in zip(axes, GRAD_PANELS):
+        for name, records in series.items():
+            if key == "eig":
+                for k, style, label in (("eig_ce", "-", "W_CE W_CEᵀ"), ("eig_kd", "--", "W_KD W_KDᵀ"), ("eig_ce_kd", ":", "W_CE W_KDᵀ")):
+                    pts = [(r["step"], r[k]) for r in records if k in r]
+                    if pts:
+                        ax.plot(*zip(*pts), style, marker=".", label=f"{name}: {label if name == 'dho' else 'W Wᵀ'}")
+                ax.set_yscale("log")
+                continue
+            pts = [(r["step"], r[key]) for r in records if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=name)
+        if key != "eig":
+            ax.axhline(0.0, color="gray", lw=0.8)
+        if key.startswith("grad_cosine"):
+            ax.set_ylim(-1, 1)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle("Gradient conflict between L_CE and L_KD during training", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
 

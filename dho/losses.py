@@ -125,6 +125,17 @@ def ce_feature_kd_loss(
     return {"loss": loss, "ce": ce, "feature_kd": feature_kd}
 
 
+def prediction_conflict(ce_logits: Tensor, kd_logits: Tensor, labels: Tensor, teacher_probs: Tensor, eta: float) -> Tensor:
+    """(p_hat_CE - y)^T (p_hat_KD - p) per labeled sample (B,): the prediction-level conflict of Eqs. 4-5
+    (single head: ce_logits is kd_logits) and Eqs. 8-9 (dual head); negative = the two losses pull the
+    logits apart. p_hat_CE = softmax(ce_logits), p_hat_KD = softmax(kd_logits / eta) against the teacher
+    at temperature eta, so these are the logit gradients of L_CE and of L_KD / eta (Eqs. 2-3)."""
+    y = F.one_hot(labels, ce_logits.shape[-1]).float()  # (B, C)
+    g_ce = torch.softmax(ce_logits.float(), dim=-1) - y  # (B, C) = dL_CE/dz_logits per sample
+    g_kd = torch.softmax(kd_logits.float() / eta, dim=-1) - teacher_probs.float()  # (B, C)
+    return (g_ce * g_kd).sum(dim=-1)
+
+
 def retemper(probs: Tensor, eta_from: float, eta_to: float) -> Tensor:
     """Exact re-tempering of a softmax: softmax(l / t) -> softmax(l / t') is p^(t / t') renormalised.
 

@@ -105,6 +105,31 @@ class NormalizedLinearHead(nn.Linear):
         return super().extra_repr() + f", zeta={self.zeta}"
 
 
+def head_weight(head: nn.Module) -> torch.Tensor:
+    """The (C, D) matrix W a head applies to its input (float32, detached): a linear head's weight, and
+    for the aligned heads the matrix acting on the normalised feature, scale 1/zeta included (Eq. 10:
+    unit rows / zeta; the reference's head: W / zeta). The W of the paper's W W^T analysis (Fig. 13)."""
+    w = head.weight.detach().float()  # (C, D)
+    if isinstance(head, CosineHead):
+        return F.normalize(w, dim=-1) / head.zeta
+    if isinstance(head, NormalizedLinearHead):
+        return w / head.zeta
+    return w
+
+
+def dominant_eigenvalue(a: torch.Tensor, b: Optional[torch.Tensor] = None) -> float:
+    """Dominant eigenvalue of A B^T (C x C) for A, B (C, D), B = A by default (A A^T, symmetric PSD):
+    computed on the D x D product B^T A, whose nonzero eigenvalues are the same; for A != B the
+    eigenvalue of largest magnitude, real part."""
+    a = a.detach().double()
+    b = a if b is None else b.detach().double()
+    m = b.t() @ a  # (D, D)
+    if b is a:
+        return float(torch.linalg.eigvalsh(m).max())
+    ev = torch.linalg.eigvals(m)  # (D,) complex
+    return float(ev[ev.abs().argmax()].real)
+
+
 def _kaiming_init(weight: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # fan_in; PyTorch's nn.Linear default
 

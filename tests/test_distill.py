@@ -115,10 +115,61 @@ def test_short_run_lowers_loss_and_writes_run_dir(world, tmp_path):
     assert (meta["alpha"], meta["beta"]) == (0.5, 0.5) and meta["classnames"] == data.Dataset.open(world / "full").classnames
     final = [m for m in _metrics(run) if m.get("final")]
     assert final and 0.0 <= final[0]["val_combined_top1"] <= 100.0
-    cos = [m["grad_cosine"] for m in _metrics(run) if "grad_cosine" in m]
-    assert len(cos) == 5 and all(-1.0 <= c <= 1.0 for c in cos)
+    diag = [m for m in _metrics(run) if "grad_cosine" in m]
+    assert len(diag) == 5 and all(-1.0 <= m["grad_cosine"] <= 1.0 and -1.0 <= m["grad_cosine_z"] <= 1.0 for m in diag)
+    assert all({"pred_inner", "pred_inner_negative", "eig_ce", "eig_kd", "eig_ce_kd"} <= set(m) for m in diag)
+    assert all(m["eig_ce"] > 0 and m["eig_kd"] > 0 and 0 <= m["pred_inner_negative"] <= 1 for m in diag)
+    assert ckpt["grad_diagnostics"] == diag  # kept across a resume
     png = (run / "grad_cosine.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+@pytest.mark.parametrize("method", ["dho", "ce+kd"])
+def test_grad_diagnostics_against_direct_computation(method):
+    """Each logged quantity of Figs. 4/13 against a computation that does not share its code: per-sample
+    feature gradients one sample at a time, eigenvalues of the C x C products."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    from dho import losses
+    from dho.distill import Trainee, _grad_diagnostics
+    from dho.students import build_student, head_weight
+
+    torch.manual_seed(0)
+    student = build_student("resnet-tiny", 5)
+    b, c, eta = 4, 5, 2.0
+    batch = {"l_image": torch.randn(b, 3, 32, 32), "u_image": torch.randn(b, 3, 32, 32), "l_label": torch.tensor([0, 1, 2, 3]),
+             "l_probs": torch.softmax(torch.randn(b, c), -1), "u_probs": torch.softmax(torch.randn(b, c), -1)}
+    cfg = DistillConfig(labeled="x", labeled_cache="x", student="resnet-tiny", out="x", method=method, eta=eta)
+    student.eval()  # BatchNorm with running statistics: z does not depend on the rest of the batch
+    got = _grad_diagnostics(Trainee(student, None), batch, cfg, contextlib.nullcontext)
+
+    kd_head = student.kd_head if method == "dho" else student.ce_head
+    z = student.features(batch["l_image"]).detach()  # (B, D)
+    cos, inner = [], []
+    for n in range(b):
+        zn = z[n:n + 1].clone().requires_grad_()
+        ce_logits, kd_logits = student.ce_head(zn), kd_head(zn)
+        g_ce, = torch.autograd.grad(F.cross_entropy(ce_logits, batch["l_label"][n:n + 1]), zn)
+        g_kd, = torch.autograd.grad(losses.kd_loss(kd_logits, batch["l_probs"][n:n + 1], eta), zn)
+        cos.append(float(F.cosine_similarity(g_ce, g_kd)))
+        p_ce = torch.softmax(ce_logits.detach(), -1)[0]
+        p_kd = torch.softmax(kd_logits.detach() / eta, -1)[0]
+        inner.append(float((p_ce - F.one_hot(batch["l_label"][n], c)) @ (p_kd - batch["l_probs"][n])))
+    assert got["grad_cosine_z"] == pytest.approx(np.mean(cos), abs=1e-5)
+    assert got["pred_inner"] == pytest.approx(np.mean(inner), abs=1e-6)
+    assert got["pred_inner_negative"] == pytest.approx(np.mean(np.array(inner) < 0))
+    w_ce = head_weight(student.ce_head).double()
+    assert got["eig_ce"] == pytest.approx(float(torch.linalg.eigvalsh(w_ce @ w_ce.T).max()), rel=1e-6)
+    if method == "dho":
+        w_kd = head_weight(student.kd_head).double()
+        ev = torch.linalg.eigvals(w_ce @ w_kd.T)
+        assert got["eig_ce_kd"] == pytest.approx(float(ev[ev.abs().argmax()].real), rel=1e-6)
+        assert got["eig_kd"] == pytest.approx(float(torch.linalg.eigvalsh(w_kd @ w_kd.T).max()), rel=1e-6)
+    else:
+        assert "eig_kd" not in got
+    assert -1.0 <= got["grad_cosine"] <= 1.0
 
 
 def _fresh_student(name: str, run: Path):

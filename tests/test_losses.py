@@ -134,3 +134,23 @@ def test_theorem_a1_single_head_optimum():
         opt.step(closure)
     target = lam * torch.nn.functional.one_hot(y, 4).float() + (1 - lam) * p
     torch.testing.assert_close(torch.softmax(logits.detach(), -1), target, atol=1e-5, rtol=0)
+
+
+def test_prediction_conflict_is_the_logit_gradient_inner_product():
+    """(p_hat_CE - y)^T (p_hat_KD - p) equals the inner product of autograd's logit gradients of L_CE and
+    L_KD / eta per sample (Eqs. 4-5 single head, 8-9 dual head)."""
+    torch.manual_seed(0)
+    b, c, eta = 6, 5, 2.0
+    ce_logits = torch.randn(b, c, requires_grad=True)
+    kd_logits = torch.randn(b, c, requires_grad=True)
+    labels = torch.randint(0, c, (b,))
+    p = torch.softmax(torch.randn(b, c), -1)
+    inner = losses.prediction_conflict(ce_logits.detach(), kd_logits.detach(), labels, p, eta)
+    # per-sample losses summed: row n of each gradient is sample n's own gradient
+    g_ce, = torch.autograd.grad(losses.ce_loss(ce_logits, labels) * b, ce_logits)
+    g_kd, = torch.autograd.grad(losses.kd_loss(kd_logits, p, eta) * b / eta, kd_logits)
+    torch.testing.assert_close(inner, (g_ce * g_kd).sum(-1), atol=1e-6, rtol=1e-5)
+    # single head: the same logits for both terms (SHO), a hand value for one sample
+    one = losses.prediction_conflict(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([0]),
+                                     torch.tensor([[0.0, 1.0]]), 1.0)
+    assert float(one) == pytest.approx((0.5 - 1) * 0.5 + 0.5 * (0.5 - 1))  # -0.5: the label and teacher disagree

@@ -98,8 +98,9 @@ def test_reproduce_lowshot_smoke_then_nothing_then_resume(tmp_path):
         assert json.loads((work / "cache" / f"train-{split}.zarr" / "zarr.json").read_text())["attributes"]["num_views"] == 3
     config = json.loads((work / "runs" / "vit-b16-1pct" / "config.json").read_text())
     assert (config["lr_schedule"], config["unlabeled_pool"], config["vlm_heads"]) == ("reference", "exclude-labeled", "reference")
-    names = (work / "classnames.txt").read_text().split()
-    assert names == ["blue", "green", "red", "yellow"]
+    ids, names = zip(*(line.split("\t") for line in (work / "classnames.txt").read_text().splitlines()))
+    assert list(names) == list(ids) == ["blue", "green", "red", "yellow"]  # folder<TAB>name; plain folders name themselves
+    names = list(names)
     assert json.loads((work / "data" / "train" / "manifest.json").read_text())["classnames"] == names
 
     # ---- rerun: nothing to do
@@ -128,3 +129,28 @@ def test_reproduce_lowshot_smoke_then_nothing_then_resume(tmp_path):
     after = _artefacts(work)
     changed = sorted(k for k in after if after[k] != before.get(k))
     assert all(k.startswith(("runs/vit-l14-10pct", "eval/vit-l14-10pct.json", "table.md")) for k in changed), changed
+
+
+    # ---- eval-ood on the finished run: V2/Sketch/R/A-shaped sets as distributed, the Tables 11-12 row
+    ood = _make(work, "eval-ood")
+    assert ood.returncode == 0, ood.stdout[-4000:] + ood.stderr[-4000:]
+    table = (work / "ood" / "vit-b16-1pct.md").read_text()
+    header, _, student_row, teacher_row = [line for line in table.splitlines() if line.startswith("|")][:4]
+    assert header.split("|")[2:-1] == [" Val ", " V2 ", " Sketch ", " R ", " A ", " mean (V2, Sketch, R, A) "]
+    cells = [float(c) for c in student_row.strip("|").split("|")[1:]]
+    res = {s: json.loads((work / "ood" / "eval" / "vit-b16-1pct" / f"{s}.json").read_text()) for s in ("val", "v2", "sketch", "r", "a")}
+    assert cells[:5] == pytest.approx([res[s]["combined"]["top1"] for s in res], abs=0.051)
+    assert cells[5] == pytest.approx(sum(cells[1:5]) / 4, abs=0.051)
+    lowshot = json.loads((work / "eval" / "vit-b16-1pct.json").read_text())  # the recipe's alpha/beta = the run's here
+    assert all(res["val"][k] == lowshot[k] for k in ("ce_head", "kd_head", "combined", "alpha", "beta", "num_samples"))
+    # V2's folders 0..3 are class indices; R and A keep 3 of the 4 classes and are scored on those
+    v2 = json.loads((work / "ood" / "data" / "v2" / "manifest.json").read_text())
+    assert v2["classnames"] == names
+    assert all(names[lab] == names[int(key.split("/")[0])] for s in v2["shards"] for key, lab in zip(s["keys"], s["labels"]))
+    for subset, kept in (("r", [0, 1, 3]), ("a", [0, 2, 3])):
+        manifest = json.loads((work / "ood" / "data" / subset / "manifest.json").read_text())
+        assert manifest["classnames"] == [names[i] for i in kept] and manifest["class_subset_of"]["indices"] == kept
+        assert (res[subset]["num_classes"], res[subset]["model_classes"], res[subset]["class_subset"]) == (3, 4, True)
+        cache = json.loads((work / "ood" / "eval" / "teacher" / f"{subset}.json").read_text())
+        assert cache["num_classes"] == 3  # the teacher is prompted with the subset's classes only
+    assert "zero-shot teacher tiny-clip (ours)" in teacher_row
