@@ -49,6 +49,25 @@ def test_readme_shows_the_recorded_multi_seed_table():
     assert RECORDED["teacher_sha256"] == teacher["sha256"]
 
 
+def _readme_block(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    begin = text.index("```text\n", text.index(marker)) + len("```text\n")
+    return text[begin:text.index("```", begin)].rstrip("\n")
+
+
+def test_readme_shows_the_recorded_analyses_and_their_figures():
+    assert _readme_block(run_demo.ANALYSIS_MARKER) == run_demo.format_analysis(RECORDED), \
+        "README out of date: run `make demo` then `make demo-record`"
+    readme = (ROOT / "README.md").read_text()
+    for name in run_demo.FIGURES:
+        png = run_demo.FIGURES_DIR / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"docs/figures/{name}" in readme
+    # the analyses are of the recorded first seed: analyze's head top-1 are evaluate's
+    a, first = RECORDED["analysis"], RECORDED["per_seed"][0]["top1"]
+    assert a["heads"]["top1"] == {"ce_head": first["dho_ce_head"], "kd_head": first["dho_kd_head"], "combined": first["dho_combined"]}
+
+
 def test_the_shipped_teacher_matches_its_checksum(tmp_path):
     path, record = run_demo.unpack_teacher(tmp_path)
     assert path.stat().st_size > 1_000_000 and record["num_images"] == 629
@@ -93,12 +112,24 @@ def test_a_fresh_seed_lands_inside_the_recorded_spread(fresh):
     labeled = result["per_seed"][0]["counts"]["labeled"]
     assert teacher["model"] == "tip-adapter-f(demo-clip)" and f"{labeled} labeled images of labeled" in teacher["pretrained"]
     assert top1["dho_f_combined"] > top1["ce"] + 10
+    # the first seed's analyses: every figure, the heads as evaluate saw them, the four outcomes, the costs
+    for rel in run_demo.FIGURES.values():
+        assert (out / "seed-0" / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", rel
+    a = result["analysis"]
+    assert a["heads"]["top1"] == {"ce_head": top1["dho_ce_head"], "kd_head": top1["dho_kd_head"], "combined": top1["dho_combined"]}
+    assert sum(a["heads"][k] for k in ("both_correct", "ce_only", "kd_only", "both_wrong")) == pytest.approx(100.0)
+    assert a["probe_top1"]["dho"] > top1["ce"] and a["probe_top1"]["ce+kd"] > top1["ce"]  # g learned from the teacher
+    cost = a["cost"]
+    assert cost["student"]["params"] - cost["single_head"]["params"] == 128 * 10 + 10  # kd_head: D x C + bias
+    assert cost["teacher"]["gmacs"] > cost["student"]["gmacs"]
+    assert a["grad_last"]["dho"]["step"] == a["grad_last"]["ce+kd"]["step"] == 12 * (result["per_seed"][0]["counts"]["train"] // 32)  # logged to the last step
+    assert {"grad_cosine", "grad_cosine_z", "pred_inner"} <= set(a["grad_mean"]["dho"])
 
 
 @pytest.mark.slow
 def test_two_runs_on_one_machine_agree_bit_for_bit(fresh, tmp_path):
     _, first = fresh
-    second = _demo(tmp_path / "again", "--seeds", "0")
+    second = _demo(tmp_path / "again", "--seeds", "0", "--no-analyses")  # training and evaluation only
     strip = lambda r: [{k: v for k, v in s.items() if k != "wall_s"} for s in r["per_seed"]]  # noqa: E731
     assert strip(second) == strip(first)
 

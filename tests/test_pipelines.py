@@ -377,3 +377,43 @@ def test_labeled_views_follow_the_distill_schedule(tmp_path, recipe, labeled, po
     missing = subprocess.run([sys.executable, str(PIPELINES / "lowshot" / "recipe.py"), "labeled-views", str(PIPELINES / recipe),
                               "--labeled", str(tmp_path / "nothing"), "--pool", str(full)], capture_output=True, text=True)
     assert missing.returncode != 0 and "make the labeled dataset first" in missing.stderr
+
+
+def _ood_report():
+    spec = importlib.util.spec_from_file_location("ood_report", PIPELINES / "ood" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ood_report_rows_mean_paper_and_teacher_check(tmp_path):
+    """The Tables 11-12 row: the combined top-1 per set, the mean over the four shifted sets, the paper's row for a
+    recipe run; OOD caches of another teacher than the run's are refused in one line."""
+    report = _ood_report()
+    teacher = {"model": "ViT-H-14-378-quickgelu", "pretrained": "dfn5b", "weights_sha256": "aa"}
+    cache = tmp_path / "lab.zarr"
+    cache.mkdir()
+    (cache / "zarr.json").write_text(json.dumps({"attributes": {"teacher": teacher}}))
+    run = tmp_path / "runs" / "vit-b16-1pct"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"labeled_cache": str(cache)}))
+    sets, ours, zs = ["val", "v2", "sketch", "r", "a"], [80.0, 70.0, 50.0, 60.0, 40.0], [83.0, 77.0, 71.0, 92.0, 77.0]
+    for s, o, z in zip(sets, ours, zs):
+        (tmp_path / "eval" / run.name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "eval" / "teacher").mkdir(exist_ok=True)
+        sub = s in ("r", "a")
+        (tmp_path / "eval" / run.name / f"{s}.json").write_text(json.dumps(
+            {"combined": {"top1": o}, "num_samples": 10, "num_classes": 200 if sub else 1000, "model_classes": 1000,
+             "class_subset": sub, "data": f"data/{s}", "alpha": 0.5, "beta": 1.0}))
+        (tmp_path / "eval" / "teacher" / f"{s}.json").write_text(json.dumps({"teacher": teacher, "agreement": z / 100}))
+    table = report.build_table(run, tmp_path / "eval", sets, smoke=False)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| model")}
+    assert rows["DHO vit-b16-1pct (ours)"] == ["80.0", "70.0", "50.0", "60.0", "40.0", "55.0"]
+    assert rows["zero-shot teacher ViT-H-14-378-quickgelu (ours)"] == ["83.0", "77.0", "71.0", "92.0", "77.0", "79.2"]
+    assert rows["DHO vit-b16-1pct (paper, Table 12)"] == ["81.6", "72.6", "50.6", "65.5", "35.6", "56.1"]
+    assert "R: 10 images, 200 classes of the model's 1000" in table
+    other = dict(teacher, weights_sha256="bb")
+    (tmp_path / "eval" / "teacher" / "r.json").write_text(json.dumps({"teacher": other, "agreement": 0.9}))
+    with pytest.raises(SystemExit, match="was distilled from ViT-H-14-378-quickgelu / dfn5b; make the OOD caches"):
+        report.build_table(run, tmp_path / "eval", sets, smoke=False)

@@ -65,6 +65,16 @@ PAIRED = (("dho_combined", "sho"), ("dho_combined", "teacher"), ("sho", "teacher
           ("dho_combined", "dho_ce_head"), ("tip_adapter_f", "teacher"), ("dho_f_combined", "tip_adapter_f"),
           ("dho_f_combined", "dho_combined"))
 README_MARKER = "<!-- demo table: made by `make demo-record` from pipelines/demo/results.json -->"
+ANALYSIS_MARKER = "<!-- demo analyses: made by `make demo-record` from pipelines/demo/results.json -->"
+FIGURES_DIR = HERE.parent.parent / "docs" / "figures"
+FIGURES = {  # docs/figures/<name> (copied by --record) <- file of the first seed's folder
+    "demo-grad-diagnostics.png": "analysis/grad_diagnostics.png",  # Figs. 4 and 13 over training, DHO vs SHO
+    "demo-heads.png": "analysis/dho/heads.png",  # Fig. 15
+    "demo-spectrum.png": "analysis/dho/spectrum.png",  # feature spectrum, heads' W W^T (Fig. 13)
+    "demo-tsne-dho.png": "analysis/dho/tsne.png",  # Fig. 7, DHO
+    "demo-tsne-sho.png": "analysis/ce+kd/tsne.png",  # Fig. 7, SHO
+    "demo-alpha-beta.png": "runs/dho/alpha_beta_heatmap.png",  # Fig. 10
+}
 
 
 def run(cmd: list, log: Path, quiet: bool = False) -> str:
@@ -183,6 +193,65 @@ def run_seed(out: Path, seed: int, teacher: Path, epochs: int, labeled_views: in
             "labeled_views": int(labeled_views), "labeled_draws_per_image": round(draws, 2)}
 
 
+def run_analyses(out: Path) -> dict:
+    """The paper's analyses of one seed's runs (the demo's figures): the gradient-conflict diagnostics of
+    DHO and SHO over training in one plot, `dho analyze` of both (head agreement, feature spectrum, a
+    linear probe on the task's fully labeled train part, t-SNE) and `dho bench-inference` of DHO."""
+    from dho.distill import plot_grad_diagnostics
+
+    logs, ds, runs, analysis = out / "logs", out / "datasets", out / "runs", out / "analysis"
+    analysis.mkdir(exist_ok=True)
+    series = {}
+    for method in ("dho", "ce+kd"):
+        lines = (runs / method / "metrics.jsonl").read_text().splitlines()
+        series[method] = [r for r in map(json.loads, lines) if "grad_cosine" in r]
+    plot_grad_diagnostics(series, analysis / "grad_diagnostics.png")
+    summary = {}
+    for method in ("dho", "ce+kd"):
+        summary[method] = json.loads(run([DHO, "analyze", runs / method, "--data", ds / "test", "--probe-train", ds / "train",
+                                          "--tsne", "--out-dir", analysis / method, "--json", "--device", "cpu"],
+                                         logs / f"analyze_{method.replace('+', '_')}.log"))
+    # the cache names its teacher by the config file's stem: the file itself is passed (random weights: cost only)
+    cost = json.loads(run([DHO, "bench-inference", runs / "dho", "--teacher-model", HERE / "demo-clip.json", "--device", "cpu",
+                           "--batch-sizes", "1,64", "--warmup", 2,
+                           "--iters", 5, "--min-seconds", 0.2, "--json"], logs / "bench_inference.log"))
+    last = {m: series[m][-1] for m in series}
+    return {
+        "heads": {k: summary["dho"][k] for k in ("top1", "both_correct", "ce_only", "kd_only", "both_wrong", "agreement",
+                                                 "error_reduction")},
+        "probe_top1": {m: summary[m]["probe"]["top1"] for m in summary},
+        "effective_rank": {m: summary[m]["effective_rank"] for m in summary},
+        "grad_last": last,
+        "grad_mean": {m: {k: statistics.fmean(r[k] for r in series[m]) for k in ("grad_cosine", "grad_cosine_z", "pred_inner")}
+                      for m in series},
+        "cost": {name: {k: cost["models"][name][k] for k in ("params", "gmacs")} for name in ("student", "single_head", "teacher")},
+    }
+
+
+def format_analysis(record: dict) -> str:
+    """The README's lines on the first seed's analyses (from results.json)."""
+    a = record["analysis"]
+    h, g, c = a["heads"], a["grad_mean"], a["cost"]
+    er = h["error_reduction"]
+    pct = lambda x, y: 100.0 * (x / y - 1)  # noqa: E731
+    return "\n".join([
+        f"seed {record['per_seed'][0]['seed']}, test set; gradient diagnostics averaged over training (every 10 steps)",
+        f"  cos(∇θ L_CE, ∇θ L_KD):   DHO {g['dho']['grad_cosine']:+.3f}   SHO {g['ce+kd']['grad_cosine']:+.3f}",
+        f"  cos(∇z L_CE, ∇z L_KD):   DHO {g['dho']['grad_cosine_z']:+.3f}   SHO {g['ce+kd']['grad_cosine_z']:+.3f}",
+        f"  (p̂_CE − y)ᵀ(p̂_KD − p):   DHO {g['dho']['pred_inner']:+.3f}   SHO {g['ce+kd']['pred_inner']:+.3f}",
+        f"  heads (DHO): both correct {h['both_correct']:.1f}%, only ce_head {h['ce_only']:.1f}%, only kd_head "
+        f"{h['kd_only']:.1f}%, both wrong {h['both_wrong']:.1f}%; argmax agreement {h['agreement']:.1f}%",
+        f"  error reduction: kd_head fails {er['kd_head']['failed']:.1f}% -> combined still fails {er['kd_head']['still_failed']:.1f}%; "
+        f"ce_head {er['ce_head']['failed']:.1f}% -> {er['ce_head']['still_failed']:.1f}%",
+        f"  linear probe on frozen g (train part, all labels): DHO {a['probe_top1']['dho']:.1f}%, SHO {a['probe_top1']['ce+kd']:.1f}%; "
+        f"feature effective rank DHO {a['effective_rank']['dho']:.1f}, SHO {a['effective_rank']['ce+kd']:.1f}",
+        f"  inference: student {c['student']['params'] / 1e6:.3f} M params, {c['student']['gmacs'] * 1e3:.1f} M MACs/image "
+        f"(+{pct(c['student']['params'], c['single_head']['params']):.1f}% params, "
+        f"+{pct(c['student']['gmacs'], c['single_head']['gmacs']):.2f}% MACs over one head); "
+        f"teacher {c['teacher']['params'] / 1e6:.2f} M params, {c['teacher']['gmacs'] * 1e3:.1f} M MACs/image",
+    ])
+
+
 def _cache_agreement(path: Path) -> float:
     """Top-1 agreement of the teacher's evaluation view with the labels (what `dho cache-info` prints)."""
     from dho.cache import summarize
@@ -246,9 +315,19 @@ def record_results(out: Path) -> None:
     start = text.index(README_MARKER)
     begin = text.index("```text\n", start) + len("```text\n")
     end = text.index("```", begin)
-    readme.write_text(text[:begin] + format_table(record) + "\n" + text[end:])
+    text = text[:begin] + format_table(record) + "\n" + text[end:]
+    if "analysis" in record:
+        start = text.index(ANALYSIS_MARKER)
+        begin = text.index("```text\n", start) + len("```text\n")
+        end = text.index("```", begin)
+        text = text[:begin] + format_analysis(record) + "\n" + text[end:]
+        FIGURES_DIR.mkdir(parents=True, exist_ok=True)
+        first = out / f"seed-{record['per_seed'][0]['seed']}"
+        for name, rel in FIGURES.items():
+            shutil.copyfile(first / rel, FIGURES_DIR / name)
+    readme.write_text(text)
     (HERE / "results.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"recorded {results} -> {HERE / 'results.json'} and the table in {readme}")
+    print(f"recorded {results} -> {HERE / 'results.json'}, the tables in {readme} and the figures in {FIGURES_DIR}")
 
 
 def main() -> None:
@@ -261,6 +340,8 @@ def main() -> None:
                     help=f"teacher views per labeled image; auto = enough that none is drawn more than {MAX_LABELED_REUSE} times")
     ap.add_argument("--train-teacher", action="store_true",
                     help="retrain the stand-in teacher (~40 s, CPU-dependent) instead of using the shipped one")
+    ap.add_argument("--no-analyses", action="store_true",
+                    help="skip the first seed's analyses (dho analyze, gradient diagnostics, bench-inference) and figures")
     ap.add_argument("--record", action="store_true",
                     help="do not run: make OUT's finished run the recorded one (pipelines/demo/results.json, README table)")
     args = ap.parse_args()
@@ -296,6 +377,11 @@ def main() -> None:
               "DHO-F, evaluation", flush=True)
         t_seed = time.time()
         result = run_seed(out / f"seed-{seed}", seed, teacher, args.epochs, labeled_views)
+        if i == 0 and not args.no_analyses:
+            t_an = time.time()
+            print(f"[seed {seed}] analyses: gradient diagnostics, dho analyze, dho bench-inference", flush=True)
+            analysis = run_analyses(out / f"seed-{seed}")
+            analysis["wall_s"] = round(time.time() - t_an, 1)
         result["wall_s"] = round(time.time() - t_seed, 1)
         per_seed.append(result)
         print("  test top-1: " + ", ".join(f"{k} {v:.1f}" for k, v in result["top1"].items()) + f"  [{result['wall_s']:.0f} s]")
@@ -305,12 +391,16 @@ def main() -> None:
     results = {"seeds": seeds, "epochs": args.epochs, "teacher_sha256": record["sha256"],
                "teacher_pretrain_images": record.get("num_images"), "summary": summary, "per_seed": per_seed,
                "wall_s": round(wall, 1)}
+    if not args.no_analyses:
+        results["analysis"] = analysis
     table = format_table(results)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "demo.json").write_text(json.dumps({"seeds": seeds, "epochs": args.epochs, "complete": True}) + "\n")
     print("\n" + table)
-    print(f"  everything (datasets, caches, runs, alpha/beta heatmaps, Fig. 4 gradient cosines, logs): {out}/seed-*"
+    if not args.no_analyses:
+        print(format_analysis(results) + "\n")
+    print(f"  everything (datasets, caches, runs, alpha/beta heatmaps, gradient diagnostics, analyses, logs): {out}/seed-*"
           f"   [{wall:.0f} s]\n")
 
 
