@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-# torch/torchvision are pinned to the build this project is tested with (a newer torch is never required).
-TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# The tested versions (torch 2.14.1 ...) are pinned in constraints.txt, not in the package metadata.
+CONSTRAINTS ?= constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
@@ -13,11 +13,11 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -c $(CONSTRAINTS) torch torchvision
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[test]'
 	touch $@
 
 test: setup

@@ -30,6 +30,21 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        import dho
+
+        typer.echo(f"dho {dho.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Distill a large vision-language model into a small classifier with Dual-Head Optimization (DHO)."""
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -40,7 +55,7 @@ def _fail(message: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(epilog="Example: dho prepare /data/imagenet/train --out data/train --shard-size 1000")
 def prepare(
     src: Annotated[Path, typer.Argument(help="ImageFolder tree: one sub-folder per class (class index = position in sorted folder names).")],
     out: Annotated[Path, typer.Option("--out", help="Output dataset folder (webdataset shards + manifest.json).")],
@@ -62,7 +77,7 @@ def prepare(
     typer.echo(f"wrote {ds.num_samples} samples in {len(ds.shards)} shards, {len(ds.classnames)} classes{of} -> {out}")
 
 
-@app.command()
+@app.command(epilog="Example: dho index shards/train-{000000..000127}.tar --classnames classnames.txt --out data/train")
 def index(
     shards: Annotated[list[Path], typer.Argument(help="Existing webdataset .tar shards, in the order that defines the global sample order.")],
     classnames: Annotated[Path, typer.Option("--classnames", help="Text file with one class per line (line i = class index i): NAME, or ID<TAB>NAME (ID: the class's folder name, e.g. its WordNet id).")],
@@ -78,7 +93,7 @@ def index(
     typer.echo(f"indexed {ds.num_samples} samples in {len(ds.shards)} shards -> {out}")
 
 
-@app.command()
+@app.command(epilog="Example: dho split data/train --out data/train-1pct --percent 1 --seed 0")
 def split(
     dataset: Annotated[Path, typer.Argument(help="Source dataset folder (with manifest.json).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for the labeled subset (shards + manifest).")],
@@ -102,7 +117,7 @@ def split(
     if val is not None:
         typer.echo(f"validation split: {val.num_samples} samples -> {val_out}")
 
-@app.command("import-coop")
+@app.command("import-coop", epilog="Example: dho import-coop oxford_pets /data/coop --out fs/data")
 def import_coop(
     name: Annotated[str, typer.Argument(help="CoOp benchmark dataset: caltech101, oxford_pets, stanford_cars, oxford_flowers, food101, fgvc_aircraft, sun397, dtd, eurosat, ucf101 or imagenet (CoOp's spellings, e.g. OxfordPets, work too).")],
     root: Annotated[Path, typer.Argument(help="Folder holding the benchmark's dataset folders as CoOp's DATASETS.md lays them out (e.g. ROOT/oxford_pets/images + split_zhou_OxfordPets.json).")],
@@ -125,7 +140,7 @@ def import_coop(
 # --------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(epilog="Example: dho distill --labeled data/train-1pct --labeled-cache cache/train-1pct.zarr --unlabeled data/train --unlabeled-cache cache/train.zarr --student resnet18 --out runs/r18")
 def distill(
     labeled: Annotated[Optional[Path], typer.Option("--labeled", help="Labeled dataset (made by `dho split`). [required unless in --config]")] = None,
     labeled_cache: Annotated[Optional[Path], typer.Option("--labeled-cache", help="Teacher cache of the labeled dataset. [required unless in --config]")] = None,
@@ -171,6 +186,8 @@ def distill(
     interpolation: Annotated[Optional[str], typer.Option(help="Resampling of the student's training views and evaluation images: bilinear | bicubic; none keeps the student's own (bilinear for torchvision CNNs, the open_clip config's for VLM students). [default: none]")] = None,
     window: Annotated[Optional[int], typer.Option(help="Shards per shuffle window of each data consumer. [default: 2]")] = None,
     sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn", help="Under torchrun on GPUs, BatchNorm statistics over the global batch (SyncBatchNorm) instead of each rank's share. [default: off]")] = None,
+    report_to: Annotated[Optional[str], typer.Option("--report-to", help="Metric sinks, comma-separated: jsonl (RUN/metrics.jsonl, always), tensorboard (RUN/tensorboard), wandb (project $WANDB_PROJECT or dho; WANDB_MODE=offline works); names grouped as train/..., val/..., grad/.... [default: jsonl]")] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", help="Checkpoints to keep: last.pt, plus checkpoints/step-S.pt of the newest N when N > 1 (the best epoch on --val is kept in checkpoints/best/ with --eval-every-epoch). [default: 1]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run exactly where its last checkpoint stopped: `dho distill --resume RUN_DIR` alone takes every option from RUN_DIR/config.json; options given as well must equal the run's. [default: off]")] = False,
     run_dir: Annotated[Optional[Path], typer.Argument(help="With --resume: the run folder to continue (instead of --out). [default: none]", show_default=False)] = None,
 ) -> None:
@@ -204,7 +221,7 @@ def distill(
         "checkpoint_every": checkpoint_every, "log_every": log_every, "max_steps": max_steps, "val": val,
         "eval_every_epoch": eval_every_epoch, "log_grad_cosine": log_grad_cosine, "init_heads_from_text": text_init,
         "align_kd_head": align_kd_head, "vlm_heads": vlm_heads, "interpolation": interpolation, "window": window,
-        "sync_bn": sync_bn,
+        "sync_bn": sync_bn, "report_to": report_to, "keep_checkpoints": keep_checkpoints,
     }
     values.update({k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None})
     if values.get("student_pretrained") in ("none", ""):
@@ -249,7 +266,7 @@ def _load_options_file(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(epilog="Example: dho evaluate runs/r18 --data data/test --search-on data/val")
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
     data: Annotated[Path, typer.Option("--data", help="Labeled dataset to evaluate on (the test split).")],
@@ -283,12 +300,12 @@ def evaluate(
         typer.echo(f"{head:<10} {result[head]['top1']:>7.2f} {result[head]['top5']:>7.2f}")
 
 
-@app.command()
+@app.command(epilog="Example: dho predict runs/r18 cat.jpg 'photos/*.png' --heads")
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
-    images: Annotated[list[Path], typer.Argument(help="Image files (jpg, png, webp, ...) or folders of them.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (jpg, png, webp, ...), folders of them, or glob patterns ('photos/*.jpg', quoted so dho expands them; ** recurses).")],
     topk: Annotated[int, typer.Option(help="Classes to print per image, most probable first.")] = 5,
-    device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cuda:N or cpu.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cuda:N or cpu.")] = "auto",
     heads: Annotated[bool, typer.Option("--heads", help="Show the top-k of ce_head, kd_head (at temperature beta) and their combination side by side. [default: off]")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per image (one line each) instead of text. [default: off]")] = False,
 ) -> None:
@@ -311,7 +328,7 @@ def predict(
             typer.echo("  " + "   ".join(f"{p:.4f}  {c:<{width}}" for c, p in row).rstrip())
 
 
-@app.command()
+@app.command(epilog="Example: dho export runs/r18 --out r18.pt2")
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
     out: Annotated[Path, typer.Option("--out", help="TorchScript file to write (load with torch.jit.load; metadata in the extra file dho.json).")],
@@ -323,7 +340,7 @@ def export(
     typer.echo(f"wrote {path}")
 
 
-@app.command()
+@app.command(epilog="Example: dho analyze runs/r18 --data data/test --probe-train data/train --tsne")
 def analyze(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
     data: Annotated[Path, typer.Option("--data", help="Labeled dataset to analyse (the test split), with the run's class list.")],
@@ -343,7 +360,7 @@ def analyze(
     typer.echo(json.dumps(result) if json_out else analysis.format_summary(result))
 
 
-@app.command()
+@app.command(epilog="Example: dho features runs/r18 --data data/test --out z.npy")
 def features(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
     data: Annotated[Path, typer.Option("--data", help="Dataset to run the student over: every sample, labeled or not, any class list.")],
@@ -359,7 +376,7 @@ def features(
     typer.echo(f"wrote {info['shape'][0]} x {info['shape'][1]} features -> {out}")
 
 
-@app.command("bench-inference")
+@app.command("bench-inference", epilog="Example: dho bench-inference runs/r18 --batch-sizes 1,256 --device cuda --precision bf16")
 def bench_inference(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt, and the teacher cache named in RUN_DIR/config.json).")],
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes to time, comma-separated: 1 is latency, a large batch throughput.")] = "1,256",
@@ -407,7 +424,7 @@ def _floats3(text: Optional[str], option: str) -> Optional[tuple[float, float, f
     return values
 
 
-@app.command("precompute-teacher")
+@app.command("precompute-teacher", epilog="Example: dho precompute-teacher data/train --out cache/train.zarr --views 10")
 def precompute_teacher(
     dataset: Annotated[Path, typer.Argument(help="Dataset folder (manifest.json + shards).")],
     out: Annotated[Path, typer.Option("--out", help="Teacher cache to create or resume (a Zarr v3 folder, e.g. CACHE.zarr).")],
@@ -452,7 +469,7 @@ def precompute_teacher(
     )
 
 
-@app.command("tip-adapter")
+@app.command("tip-adapter", epilog="Example: dho tip-adapter --labeled fs/lab --labeled-cache fs/lab.zarr --val fs/val --val-cache fs/val.zarr --out tip.pt")
 def tip_adapter(
     labeled: Annotated[Path, typer.Option("--labeled", help="The K-shot labeled dataset (dho split --shots K).")],
     labeled_cache: Annotated[Path, typer.Option("--labeled-cache", help="Its teacher cache, made with --store-embeddings (its augmented views are Tip-Adapter's training views).")],
@@ -474,7 +491,7 @@ def tip_adapter(
     typer.echo(json.dumps({"out": str(path), "alpha": adapter["alpha"], "beta": adapter["beta"], "val_top1": adapter["val_top1"]}))
 
 
-@app.command("tip-adapter-cache")
+@app.command("tip-adapter-cache", epilog="Example: dho tip-adapter-cache tip.pt --dataset fs/train --cache fs/train.zarr --out fs/train-tipf.zarr")
 def tip_adapter_cache(
     adapter: Annotated[Path, typer.Argument(help="A Tip-Adapter-F file written by `dho tip-adapter`.")],
     dataset: Annotated[Path, typer.Option("--dataset", help="The dataset of --cache.")],
@@ -489,7 +506,7 @@ def tip_adapter_cache(
     typer.echo(f"wrote {result.path} ({int(result.done.sum())} units)")
 
 
-@app.command("cache-info")
+@app.command("cache-info", epilog="Example: dho cache-info cache/train.zarr --verify")
 def cache_info(
     cache: Annotated[Path, typer.Argument(help="Teacher cache folder (CACHE.zarr).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text. Default: off.")] = False,

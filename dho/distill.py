@@ -39,9 +39,10 @@ import os
 import random
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -114,6 +115,8 @@ class DistillConfig:
     interpolation: Optional[str] = None  # student resampling (bilinear | bicubic); None = the student's own
     window: int = 2  # shards per shuffle window of each consumer
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all ranks (SyncBatchNorm)
+    report_to: str = "jsonl"  # metrics sinks, comma-separated: jsonl (always) | tensorboard | wandb
+    keep_checkpoints: int = 1  # checkpoints kept: last.pt, plus step-S.pt of the newest N when N > 1
 
     def __post_init__(self) -> None:
         """Type and range of every option, wherever the config came from (command line, --config YAML,
@@ -134,11 +137,12 @@ class DistillConfig:
         check_choice("--precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         check_choice("--view-sampling", self.view_sampling, ("cycle", "random"))
         check_choice("--vlm-heads", self.vlm_heads, ("reference", "eq10"))
+        report_sinks(self.report_to)  # names and installed packages, before anything runs
         if self.interpolation is not None:
             check_choice("--interpolation", self.interpolation, ("bilinear", "bicubic"))
         for option, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--accum-steps", self.accum_steps),
                               ("--checkpoint-every", self.checkpoint_every), ("--log-every", self.log_every),
-                              ("--window", self.window)):
+                              ("--window", self.window), ("--keep-checkpoints", self.keep_checkpoints)):
             check_number(option, value, low=1, integer=True)
         for option, value in (("--warmup-steps", self.warmup_steps), ("--workers", self.workers),
                               ("--log-grad-cosine", self.log_grad_cosine)):
@@ -197,7 +201,7 @@ def _coerce(name: str, value, annotation: str):
 # Options that may change on --resume without changing the result.
 # Anything that changes the data order or the numerics (workers set the thread count and the consumers,
 # the device the kernels) is refused on resume.
-RESUME_FREE = {"log_every", "checkpoint_every", "max_steps", "val", "eval_every_epoch"}
+RESUME_FREE = {"log_every", "checkpoint_every", "max_steps", "val", "eval_every_epoch", "report_to", "keep_checkpoints"}
 
 
 def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
@@ -383,7 +387,14 @@ def _grad_diagnostics(model: Trainee, batch: dict, cfg: DistillConfig, autocast)
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain Python values, so a checkpoint loads with plain
+    `torch.load(path)` (weights_only: no numpy objects, no pickled classes)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, mt, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -391,8 +402,13 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n, py = state["numpy"], state["python"]
+    if isinstance(n, dict):
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+        random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    else:  # checkpoints of dho <= 0.1 (numpy's own tuple; they need torch.load(weights_only=False))
+        np.random.set_state(n)
+        random.setstate(py)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -460,10 +476,48 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class _Log:
-    """Metrics to RUN_DIR/metrics.jsonl (+ TensorBoard when installed) and progress lines to stdout."""
+REPORT_TO = ("jsonl", "tensorboard", "wandb")
+TRAIN_METRICS = {"loss", "ce", "kd", "kd_labeled", "kd_unlabeled", "feature_kd", "lr", "samples_per_s", "epoch"}
 
-    def __init__(self, out: Path, enabled: bool, resume_step: int | None = None):
+
+def metric_name(key: str) -> Optional[str]:
+    """The grouped name of a metrics.jsonl key in TensorBoard / W&B: train/loss, val/combined_top1,
+    grad/cosine_z, ...; None for bookkeeping keys (step, final, best_epoch)."""
+    if key in TRAIN_METRICS:
+        return f"train/{key}"
+    if key.startswith("val_"):
+        return f"val/{key[4:]}"
+    if key == "best_val_top1":
+        return "val/best_top1"
+    if key.startswith(("grad_", "pred_inner", "eig_")):
+        return "grad/" + key.removeprefix("grad_")
+    return None
+
+
+def report_sinks(report_to: str) -> list[str]:
+    """--report-to 'tensorboard,wandb' -> ['jsonl', 'tensorboard', 'wandb'] (jsonl always), checked:
+    an unknown name or a sink whose package is missing is a one-line error before training starts."""
+    names = [n.strip() for n in str(report_to).split(",") if n.strip()]
+    unknown = [n for n in names if n not in REPORT_TO]
+    if unknown:
+        raise ConfigError(f"--report-to {report_to!r}: unknown {unknown}; choose from {', '.join(REPORT_TO)} (comma-separated)")
+    sinks = ["jsonl"] + [n for n in REPORT_TO[1:] if n in names]
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    for sink in sinks[1:]:
+        try:
+            __import__(module[sink])
+        except ImportError:
+            raise ConfigError(f"--report-to {sink} needs the {sink} package, which is not installed: "
+                              f"pip install 'dho[{sink}]' (or drop {sink} from --report-to)") from None
+    return sinks
+
+
+class _Log:
+    """Metrics to RUN_DIR/metrics.jsonl (flat keys, always) and to TensorBoard / W&B with grouped names
+    (`metric_name`) as --report-to asks; progress lines to stdout and RUN_DIR/log.txt."""
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int | None = None, sinks: Sequence[str] = ("jsonl",),
+                 config: Optional[dict] = None):
         self.enabled = enabled
         path = out / "metrics.jsonl"
         if enabled and resume_step is not None and path.exists():
@@ -473,34 +527,49 @@ class _Log:
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, path)
         self.file = open(path, "a") if enabled else None
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self.text = open(out / "log.txt", "a") if enabled else None  # the console output, appended on resume
+        self.tb = self.wandb = None
+        if enabled and "tensorboard" in sinks:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                self.tb = None
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        if enabled and "wandb" in sinks:
+            import wandb
+
+            id_file = out / "wandb_id.txt"  # one W&B run per dho run, continued on --resume
+            if not id_file.is_file():
+                id_file.write_text(uuid.uuid4().hex[:12] + "\n")
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "dho"), name=out.name, dir=str(out),
+                                    id=id_file.read_text().strip(), resume="allow", config=config or {})
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        scalars = {metric_name(k): v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and metric_name(k)}
+        step = int(record.get("step", 0))
         if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record.get("step", 0))
+            for name, v in scalars.items():
+                self.tb.add_scalar(name, v, step)
+        if self.wandb is not None and scalars:
+            self.wandb.log(scalars, step=step)
 
     def say(self, text: str) -> None:
         if self.enabled:
             print(text, flush=True)
+            self.text.write(text + "\n")
+            self.text.flush()
 
     def close(self) -> None:
-        if self.file:
-            self.file.close()
+        for f in (self.file, self.text):
+            if f:
+                f.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def distill(cfg: DistillConfig, resume: bool = False) -> Path:
@@ -681,7 +750,8 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     def autocast():
         return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
-    log = _Log(out, enabled=is_main, resume_step=start_step if resume else None)
+    log = _Log(out, enabled=is_main, resume_step=start_step if resume else None, sinks=report_sinks(cfg.report_to),
+               config=dataclasses.asdict(cfg))
     if run_note:
         log.say(run_note)
     log.say(
@@ -721,12 +791,35 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     model.train()
     t0, seen_since, t_last = time.time(), 0, time.time()
     def save_checkpoint(step: int) -> None:
+        """checkpoints/last.pt (plain tensors and Python values: loads with torch.load(path)); with
+        --keep-checkpoints N > 1 also step-S.pt (a hard link where the filesystem allows) of the newest N."""
         _atomic_save(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "scaler": scaler.state_dict(), "rng": _rng_state(), "step": step, "epoch": step // steps_per_epoch,
              "consumers": consumers, "grad_diagnostics": grad_diag, "config": dataclasses.asdict(cfg), "best": best},
             ckpt_path,
         )
+        if cfg.keep_checkpoints > 1:
+            kept = ckpt_path.with_name(f"step-{step:09d}.pt")
+            kept.unlink(missing_ok=True)
+            try:
+                os.link(ckpt_path, kept)
+            except OSError:
+                shutil.copyfile(ckpt_path, kept)
+            for old in sorted(ckpt_path.parent.glob("step-*.pt"))[:-cfg.keep_checkpoints]:
+                old.unlink()
+
+    def keep_best_val(step: int, top1: float) -> None:
+        """--eval-every-epoch: the epoch best on --val so far (the run's alpha/beta) is kept as
+        checkpoints/best/model.pt with best.json; RUN/model.pt stays the last epoch's."""
+        if top1 <= best["top1"]:
+            return
+        best.update(top1=top1, epoch=step // steps_per_epoch, step=step)
+        best_dir.mkdir(parents=True, exist_ok=True)
+        alpha, beta = METHOD_ALPHA_BETA[cfg.method] or (cfg.alpha, cfg.beta)
+        save_student(best_dir / "model.pt", student, classnames, alpha=alpha, beta=beta,
+                     extra={"method": cfg.method, "steps": step, "total_steps": total_steps})
+        (best_dir / "best.json").write_text(json.dumps({**best, "val": cfg.val, "metric": "val_combined_top1"}) + "\n")
 
     best_dir = out / "checkpoints" / "best"  # the best epoch so far; RUN/model.pt only once the schedule ends
 
@@ -742,7 +835,8 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
             tmp = out / ".select"
             tmp.mkdir(exist_ok=True)
             alpha, beta, score = evaluate.search_and_store(tmp, student, val_ds, 256, device, cfg.workers,
-                                                           extra={"epoch": step // steps_per_epoch, "step": step})
+                                                           extra={"epoch": step // steps_per_epoch, "step": step},
+                                                           announce=False)
         else:
             ce, kd, labels = evaluate.collect_logits(student, val_ds, batch_size=256, device=device, workers=cfg.workers)
             alpha, beta = METHOD_ALPHA_BETA[cfg.method]
@@ -848,7 +942,11 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
                 raise Interrupted(f"stopped by {name} at step {step}/{stop_step} with a checkpoint; continue with "
                                   f"`dho distill --resume {out}`")
             if end_of_epoch and cfg.eval_every_epoch and cfg.val and is_main:
-                log.write({"step": step, "epoch": step // steps_per_epoch, **_validate(student, cfg, device)})
+                result = _validate(student, cfg, device)
+                log.write({"step": step, "epoch": step // steps_per_epoch, **result})
+                log.say(f"epoch {step // steps_per_epoch} validation: " + _format_val(result))
+                if not cfg.select_best_on_val:
+                    keep_best_val(step, result["val_combined_top1"])
                 model.train()
             if end_of_epoch and cfg.select_best_on_val:
                 if is_main:
@@ -877,7 +975,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
         if cfg.val:
             result = _validate(student, cfg, device)
             log.write({"step": step, "final": True, **result})
-            log.say("validation: " + json.dumps(result))
+            log.say("validation: " + _format_val(result))
         if grad_diag:
             plot_grad_diagnostics({cfg.method: grad_diag}, out / "grad_cosine.png")
         log.say(f"done: {out / 'model.pt'}")
@@ -919,6 +1017,12 @@ def _validate(student: nn.Module, cfg: DistillConfig, device: torch.device) -> d
         "val_kd_head_top1": evaluate.topk_accuracy(kd, labels)[1],
         "val_combined_top1": evaluate.topk_accuracy(evaluate.combine_heads(ce, kd, alpha, beta), labels)[1],
     }
+
+
+def _format_val(result: dict) -> str:
+    """One line of a validation result: top-1 of each head and of Eq. 11."""
+    return (f"top-1 ce_head {result['val_ce_head_top1']:.2f}, kd_head {result['val_kd_head_top1']:.2f}, "
+            f"combined {result['val_combined_top1']:.2f}")
 
 
 GRAD_PANELS = (  # (key, y label, title): the panels of grad_cosine.png

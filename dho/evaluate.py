@@ -20,9 +20,11 @@ Out of scope: multi-crop / TTA evaluation, per-class metrics, distributed evalua
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,6 +42,7 @@ ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1 (pa
 BETA_GRID = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)  # kd_head temperatures, 0.1 ... 4
 DEFAULT_ALPHA, DEFAULT_BETA = 0.5, 0.5  # low-shot defaults (Table 6); also the search's tie-break centre
 ALPHA_BETA_FILE = "alpha_beta.json"
+PREVIOUS_FILE = "alpha_beta.previous.json"  # the choice a new --search-on replaced
 HEATMAP_FILE = "alpha_beta_heatmap.png"
 MODEL_FILE = "model.pt"
 
@@ -289,12 +292,20 @@ def _labeled(ce: torch.Tensor, kd: torch.Tensor, labels: torch.Tensor) -> tuple[
 
 
 def search_and_store(run_dir: Path, student: DualHeadStudent, val: data_lib.Dataset, batch_size: int, device, workers: int,
-                     extra: Optional[dict] = None, columns: Optional[torch.Tensor] = None) -> tuple[float, float, float]:
+                     extra: Optional[dict] = None, columns: Optional[torch.Tensor] = None,
+                     announce: bool = True) -> tuple[float, float, float]:
     """Grid-search Eq. 11's alpha, beta on `val`, write RUN_DIR/alpha_beta.json (+ heatmap) -> (alpha, beta, top-1 %)."""
     v_ce, v_kd, v_labels = _labeled(*collect_logits(student, val, batch_size, device, workers))
     v_ce, v_kd = restrict(v_ce, v_kd, columns)
     alpha, beta, grid = search_alpha_beta(v_ce, v_kd, v_labels)
     best = float(grid[ALPHA_GRID.index(alpha), BETA_GRID.index(beta)])
+    previous = read_alpha_beta(run_dir) if announce and (Path(run_dir) / ALPHA_BETA_FILE).is_file() else None
+    if previous is not None:  # never replaced silently: the earlier choice is kept beside it and named
+        shutil.copyfile(Path(run_dir) / ALPHA_BETA_FILE, Path(run_dir) / PREVIOUS_FILE)
+        same = (previous["alpha"], previous["beta"]) == (alpha, beta)
+        print(f"{Path(run_dir) / ALPHA_BETA_FILE}: replacing the earlier choice alpha={previous['alpha']:g}, "
+              f"beta={previous['beta']:g} (searched on {previous.get('search_on', '?')}) with alpha={alpha:g}, beta={beta:g}"
+              f"{' (the same)' if same else ''}; the earlier one is kept as {PREVIOUS_FILE}", file=sys.stderr, flush=True)
     _write_json(Path(run_dir) / ALPHA_BETA_FILE, {
         "alpha": alpha, "beta": beta,
         "search_on": str(val.root), "search_on_fingerprint": val.fingerprint, "num_samples": int(len(v_labels)),
@@ -302,7 +313,10 @@ def search_and_store(run_dir: Path, student: DualHeadStudent, val: data_lib.Data
         "top1_grid": [[round(float(v), 4) for v in row] for row in grid],  # rows: alpha, columns: beta
         "best_top1": best, **(extra or {}),
     })
-    plot_alpha_beta(grid, Path(run_dir) / HEATMAP_FILE, best=(alpha, beta), title=f"top-1 (%) on {val.root.name}, Eq. 11")
+    heatmap = plot_alpha_beta(grid, Path(run_dir) / HEATMAP_FILE, best=(alpha, beta), title=f"top-1 (%) on {val.root.name}, Eq. 11")
+    if announce:
+        print(f"alpha={alpha:g}, beta={beta:g} (top-1 {best:.2f} on {val.root}) -> {Path(run_dir) / ALPHA_BETA_FILE}; "
+              f"heatmap {heatmap}", file=sys.stderr, flush=True)
     return alpha, beta, best
 
 
@@ -401,7 +415,7 @@ def predict(
     run_dir: Union[str, Path],
     images: Sequence[Union[str, Path]],
     topk: int = 5,
-    device: Union[str, torch.device] = "cpu",
+    device: Union[str, torch.device] = "auto",
     batch_size: int = 64,
     heads: bool = False,
 ) -> list[tuple[Path, Union[list[tuple[str, float]], dict[str, list[tuple[str, float]]]]]]:
@@ -412,6 +426,12 @@ def predict(
     check_number("--topk", topk, low=1, integer=True)
     paths = []
     for p in map(Path, images):
+        if not p.exists() and any(c in str(p) for c in "*?["):  # a quoted glob: expanded here, sorted
+            matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
+            if not matches:
+                raise DatasetError(f"the pattern {p} matches no image file; check it (quote it so the shell leaves it to dho)")
+            paths += matches
+            continue
         if p.is_dir():
             inside = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
                             and f.suffix[1:].lower() in data_lib.IMAGE_EXTS)

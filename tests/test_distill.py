@@ -560,3 +560,45 @@ def test_an_unfinished_select_best_run_has_no_model(world, tmp_path, monkeypatch
     distill(_cfg(world, run, **cfg), resume=True)
     _, meta = load_student(run / "model.pt")
     assert meta["extra"]["selected_on_val"]["epoch"] in (1, 2, 3) and (run / "alpha_beta.json").is_file()
+
+
+def test_report_to_sinks_log_txt_checkpoints_and_best(world, tmp_path, monkeypatch):
+    """--report-to tensorboard,wandb: grouped names in both; the console in RUN/log.txt with per-epoch validation;
+    --keep-checkpoints 3 keeps the newest three; last.pt loads with plain torch.load; the best epoch on val is kept."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    distill(_cfg(world, run, epochs=3, val=str(world / "val"), eval_every_epoch=True, report_to="tensorboard,wandb",
+                 keep_checkpoints=3, checkpoint_every=2, log_every=5))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/ce", "train/kd", "train/lr", "val/combined_top1", "val/ce_head_top1"} <= tags
+    losses = [m["loss"] for m in _metrics(run) if "loss" in m]
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
+    wandb_runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1 and (run / "wandb_id.txt").read_text().strip() in wandb_runs[0].name
+
+    log = (run / "log.txt").read_text()
+    assert log.startswith("dho distill: dho | student resnet-tiny") and "done: " in log
+    assert [line.split(":")[0] for line in log.splitlines() if "validation:" in line] == [
+        "epoch 1 validation", "epoch 2 validation", "epoch 3 validation", "validation"]
+    steps = sorted(int(p.stem.split("-")[1]) for p in (run / "checkpoints").glob("step-*.pt"))
+    assert steps == [12, 14, 15]  # 5 steps per epoch; every 2 steps and at each epoch end; the newest three
+    ckpt = torch.load(run / "checkpoints" / "last.pt")  # weights_only: no numpy objects, no pickled classes
+    assert ckpt["step"] == 15 and torch.equal(ckpt["model"]["student.ce_head.weight"],
+                                              torch.load(run / "checkpoints" / "step-000000015.pt")["model"]["student.ce_head.weight"])
+    best = json.loads((run / "checkpoints" / "best" / "best.json").read_text())
+    vals = [m["val_combined_top1"] for m in _metrics(run) if "val_combined_top1" in m and not m.get("final")]
+    assert best["top1"] == max(vals) and best["epoch"] == 1 + vals.index(max(vals))
+    load_student(run / "checkpoints" / "best" / "model.pt")
+
+
+def test_report_to_refuses_unknown_and_missing_sinks(world, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"--report-to 'jsonl,mlflow': unknown \['mlflow'\]"):
+        _cfg(world, tmp_path / "a", report_to="jsonl,mlflow")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+    with pytest.raises(ConfigError, match=r"--report-to wandb needs the wandb package.*pip install 'dho\[wandb\]'"):
+        _cfg(world, tmp_path / "b", report_to="wandb")

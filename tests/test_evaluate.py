@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,3 +262,42 @@ def test_predict_heads_side_by_side(trained_run, tiny_dataset):
     js = runner.invoke(app, ["predict", str(trained_run), str(image), "--topk", "1", "--heads", "--json"])
     obj = json.loads(js.stdout)
     assert obj["image"] == str(image) and obj["kd_head"] == [{"class": "class_1", "prob": pytest.approx(tops["kd_head"][0][1])}]
+
+
+def test_search_on_never_replaces_an_earlier_choice_silently(run_copy, tiny_dataset, val_dataset, capfd):
+    ev.evaluate(run_copy, tiny_dataset, search_on=val_dataset.root, workers=0, device="cpu")
+    first = json.loads((run_copy / "alpha_beta.json").read_text())
+    err = capfd.readouterr().err
+    assert f"heatmap {run_copy / 'alpha_beta_heatmap.png'}" in err and not (run_copy / "alpha_beta.previous.json").exists()
+    other_val = shutil.copytree(val_dataset.root, run_copy.parent / "val2")
+    ev.evaluate(run_copy, tiny_dataset, search_on=other_val, workers=0, device="cpu")
+    err = capfd.readouterr().err
+    assert "replacing the earlier choice" in err and f"searched on {val_dataset.root}" in err
+    assert json.loads((run_copy / "alpha_beta.previous.json").read_text()) == first
+
+
+def test_predict_expands_quoted_globs_and_defaults_to_auto_device(trained_run, tiny_dataset):
+    src = tiny_dataset.root.parent / "images"
+    out = ev.predict(trained_run, [src / "class_1" / "img_00[0-2].jpg", src / "**" / "img_007.jpg"], topk=1)
+    assert [p.relative_to(src).as_posix() for p, _ in out] == [
+        "class_1/img_000.jpg", "class_1/img_001.jpg", "class_1/img_002.jpg",
+        "class_0/img_007.jpg", "class_1/img_007.jpg", "class_2/img_007.jpg"]
+    with pytest.raises(DatasetError, match=r"matches no image file"):
+        ev.predict(trained_run, [src / "*.png"])
+    import inspect
+
+    assert inspect.signature(ev.predict).parameters["device"].default == "auto"
+
+
+def test_cli_version_and_python_dash_m():
+    import subprocess
+    import sys
+
+    import dho
+
+    for cmd in (["dho", "--version"], [sys.executable, "-m", "dho", "--version"]):
+        exe = cmd if cmd[0] != "dho" else [str(Path(sys.executable).parent / "dho"), "--version"]
+        out = subprocess.run(exe, capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == f"dho {dho.__version__}"
+    helped = subprocess.run([sys.executable, "-m", "dho", "prepare", "--help"], capture_output=True, text=True)
+    assert "Example: dho prepare " in helped.stdout
