@@ -6,7 +6,11 @@ Each sample is `__key__`, the original encoded image bytes under their own lower
 of a sample is the offset of its shard (sum of the earlier counts) plus its position in the shard.
 The manifest lists every shard's count, sha256, keys and labels, so readers check what they read.
 
-This is the only module that imports webdataset. Out of scope here: the training streams of
+Shards are written and read with the standard library's tarfile, byte for byte as webdataset's
+TarWriter writes them and grouped into samples as webdataset groups them (`tar_samples`; tests
+check both against webdataset), and torch is imported only by what needs it (view replay, the
+`OrderedReader` made on first use): the data commands (prepare, index, split) start without torch.
+Out of scope here: the training streams of
 `dho distill` (see distill) and image augmentation beyond the RandomResizedCrop + flip of the
 paper, which is reduced to replayable parameters (`view_params` / `replay_view`).
 
@@ -22,6 +26,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -32,10 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
-import torch
-import webdataset as wds
 from PIL import Image
-from webdataset.tariterators import base_plus_ext
 
 import dho
 from dho.atomic import guard_out, remove_stale, temp_sibling
@@ -257,6 +259,41 @@ def _image_ext(sample: dict) -> Optional[str]:
     return None
 
 
+def member_key(name: str) -> tuple[Optional[str], Optional[str]]:
+    """A tar member name -> (sample key, extension): webdataset's rule, split at the first '.' of the
+    basename (`n01/img_1.cls` -> (`n01/img_1`, `cls`)); (None, None) for names without one."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    return (match.group(1), match.group(2)) if match else (None, None)
+
+
+def tar_samples(path: PathLike) -> Iterator[dict]:
+    """The samples of a webdataset tar as webdataset groups them: consecutive regular members with one
+    key form a sample {"__key__": key, ext (lower case): bytes}; `__...__` members are skipped; a key's
+    extension appearing twice in a row is an error. Streams the file (one sample in memory).
+    The data commands read shards with this (plain tarfile: no torch import); webdataset reads the
+    same shards the same way."""
+    current: Optional[dict] = None
+    with tarfile.open(path, mode="r|*") as stream:
+        for info in stream:
+            if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
+                continue
+            key, ext = member_key(info.name)
+            if key is None:
+                continue
+            ext = ext.lower()
+            data = stream.extractfile(info).read()
+            stream.members = []  # streaming: keep no member list
+            if current is None or key != current["__key__"]:
+                if current is not None:
+                    yield current
+                current = {"__key__": key}
+            if ext in current:
+                raise DatasetError(f"shard {path}: sample {key!r} has two {ext!r} members; fix the shard")
+            current[ext] = data
+    if current is not None:
+        yield current
+
+
 def iter_shard(ds: Dataset, shard_index: int, decode: bool = True) -> Iterator[Sample]:
     """Samples of one shard in order; each key is checked against the manifest while reading."""
     shard = ds.shards[shard_index]
@@ -265,7 +302,7 @@ def iter_shard(ds: Dataset, shard_index: int, decode: bool = True) -> Iterator[S
         raise DatasetError(f"{name} of dataset {ds.root} is missing; restore it or re-run `dho prepare`/`dho index`")
     changed = "the shard changed since the manifest was written; run `dho index` again or restore the shard"
     j = -1
-    for j, raw in enumerate(wds.tarfile_samples([{"url": str(shard.path)}])):
+    for j, raw in enumerate(tar_samples(shard.path)):
         key = raw["__key__"]
         if j >= shard.count:
             raise DatasetError(f"{name}: holds more than the {shard.count} samples of the manifest (extra key {key!r}); {changed}")
@@ -292,43 +329,61 @@ def assign_shards(num_shards: int, consumer: int, num_consumers: int) -> list[in
 
 
 def _dist_rank_world() -> tuple[int, int]:
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
-class OrderedReader(torch.utils.data.IterableDataset):
-    """Every sample of this (rank, DataLoader worker)'s whole shards, in shard order.
+def _ordered_reader_class():
+    """OrderedReader is a torch IterableDataset; it is made on first use (`data.OrderedReader`), so the
+    data commands (prepare, index, split) never import torch."""
+    import torch
 
-    Consumers are rank x worker (consumer = rank * num_workers + worker). The union over all
-    ranks and workers is every sample of `shards` (default: all) exactly once; each yielded
-    item carries its global row (`Sample.index`) when `transform` keeps it.
-    """
+    class OrderedReader(torch.utils.data.IterableDataset):
+        """Every sample of this (rank, DataLoader worker)'s whole shards, in shard order.
 
-    def __init__(self, ds: Dataset, transform: Optional[Callable] = None, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, shards: Optional[Sequence[int]] = None, decode: bool = True):
-        super().__init__()
-        dist_rank, dist_world = _dist_rank_world()
-        self.ds = ds
-        self.transform = transform
-        self.rank = dist_rank if rank is None else rank
-        self.world_size = dist_world if world_size is None else world_size
-        self.shards = list(range(len(ds.shards))) if shards is None else list(shards)
-        self.decode = decode
-        if not 0 <= self.rank < self.world_size:
-            raise ConfigError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        Consumers are rank x worker (consumer = rank * num_workers + worker). The union over all
+        ranks and workers is every sample of `shards` (default: all) exactly once; each yielded
+        item carries its global row (`Sample.index`) when `transform` keeps it.
+        """
 
-    def my_shards(self) -> list[int]:
-        info = torch.utils.data.get_worker_info()
-        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        consumer = self.rank * num_workers + worker
-        picked = assign_shards(len(self.shards), consumer, self.world_size * num_workers)
-        return [self.shards[i] for i in picked]
+        def __init__(self, ds: Dataset, transform: Optional[Callable] = None, rank: Optional[int] = None,
+                     world_size: Optional[int] = None, shards: Optional[Sequence[int]] = None, decode: bool = True):
+            super().__init__()
+            dist_rank, dist_world = _dist_rank_world()
+            self.ds = ds
+            self.transform = transform
+            self.rank = dist_rank if rank is None else rank
+            self.world_size = dist_world if world_size is None else world_size
+            self.shards = list(range(len(ds.shards))) if shards is None else list(shards)
+            self.decode = decode
+            if not 0 <= self.rank < self.world_size:
+                raise ConfigError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
 
-    def __iter__(self):
-        for s in self.my_shards():
-            for sample in iter_shard(self.ds, s, decode=self.decode):
-                yield sample if self.transform is None else self.transform(sample)
+        def my_shards(self) -> list[int]:
+            info = torch.utils.data.get_worker_info()
+            worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+            consumer = self.rank * num_workers + worker
+            picked = assign_shards(len(self.shards), consumer, self.world_size * num_workers)
+            return [self.shards[i] for i in picked]
+
+        def __iter__(self):
+            for s in self.my_shards():
+                for sample in iter_shard(self.ds, s, decode=self.decode):
+                    yield sample if self.transform is None else self.transform(sample)
+
+    OrderedReader.__qualname__ = "OrderedReader"  # pickled by reference (spawned workers): dho.data.OrderedReader
+    return OrderedReader
+
+
+def __getattr__(name: str):  # PEP 562: module attributes made on first access
+    if name == "OrderedReader":
+        cls = _ordered_reader_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,10 +402,13 @@ class _ShardWriter:
     def write(self, key: str, ext: str, data: bytes, label: int, file: Optional[str] = None) -> None:
         if self.tar is None or self.entries[-1]["count"] == self.shard_size:
             self._roll()
-        sample = {"__key__": key, ext: data}
+        members = {ext: data}
         if label >= 0:
-            sample["cls"] = str(label).encode("ascii")
-        self.tar.write(sample)
+            members["cls"] = str(label).encode("ascii")
+        for member_ext in sorted(members):  # as webdataset's TarWriter: members in sorted order, fixed metadata
+            info = tarfile.TarInfo(f"{key}.{member_ext}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(members[member_ext]), 0, 0o644, "", ""
+            self.tar.addfile(info, io.BytesIO(members[member_ext]))
         e = self.entries[-1]
         e["count"] += 1
         e["keys"].append(key)
@@ -362,7 +420,7 @@ class _ShardWriter:
         self._close_current()
         name = f"shard-{len(self.entries):06d}.tar"
         self.file = open(self.folder / name, "wb")
-        self.tar = wds.TarWriter(self.file, user="", group="", mode=0o644, encoder=False, mtime=0)
+        self.tar = tarfile.open(fileobj=self.file, mode="w|")  # PAX (the default): non-ASCII names
         self.entries.append({"path": name, "count": 0, "sha256": "", "keys": [], "labels": []})
 
     def _close_current(self) -> None:
@@ -720,7 +778,7 @@ def _scan_shard(path: Path, label_key: str) -> tuple[list[str], list[int]]:
             for ti in tf:
                 if not ti.isreg():
                     continue
-                key, ext = base_plus_ext(ti.name)
+                key, ext = member_key(ti.name)
                 if key is None:
                     continue
                 ext = ext.lower()
@@ -987,6 +1045,8 @@ def view_seed(seed: int, key: str, view: int) -> int:
 def view_params(key: str, view: int, seed: int, width: int, height: int) -> tuple[int, int, int, int, bool]:
     """(top, left, height, width, flip): torchvision RandomResizedCrop.get_params(scale=(0.5, 1),
     ratio=(3/4, 4/3)) + a p=0.5 flip, drawn from a generator seeded by (seed, key, view) only."""
+    import torch
+
     g = torch.Generator().manual_seed(view_seed(seed, key, view))
     area = height * width
     log_ratio = torch.log(torch.tensor(CROP_RATIO))
@@ -1035,6 +1095,8 @@ def eval_view_uint8(image: Image.Image, size: int, interpolation: str, resize_mo
     center-crop-or-pad with black to S x S. (Cropping first and resizing after, as training views
     do, resamples on another grid: up to 27 dB PSNR apart at some sizes.)
     """
+    import torch
+
     from torchvision.transforms import functional as TF
     from torchvision.transforms import InterpolationMode
 
@@ -1066,6 +1128,8 @@ def replay_view_uint8(image: Image.Image, params: Sequence, size: int, interpola
     Integer boxes are cropped then resized (as torchvision's resized_crop, bit for bit); a box with
     fractional coordinates (`decode_view` on a downscaled JPEG) is resampled at sub-pixel precision.
     """
+    import torch
+
     top, left, h, w = (float(p) for p in params[:4])
     flip = bool(params[4])
     if interpolation not in _INTERPOLATION:
@@ -1085,6 +1149,8 @@ def replay_view_uint8(image: Image.Image, params: Sequence, size: int, interpola
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 images (..., 3, S, S) -> float32 in [0, 1], then (x - mean) / std per channel, on x's device."""
+    import torch
+
     mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
     return (x.float().div_(255.0) - mean_t) / std_t

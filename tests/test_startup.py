@@ -1,0 +1,83 @@
+"""Start-up: `dho --help` and the data commands (prepare, index, split) never import torch, open_clip or
+matplotlib; their shards stay byte-identical to webdataset's writer and read like webdataset reads them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dho import data
+from helpers_data import make_image_folder
+
+HEAVY = ("torch", "open_clip", "matplotlib", "webdataset", "zarr")
+
+
+def _run_in_fresh_process(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_help_and_data_commands_import_no_heavy_module(tmp_path):
+    src = make_image_folder(tmp_path / "images", num_classes=3, per_class=4)
+    (tmp_path / "classes.txt").write_text("class_0\nclass_1\nclass_2\n")
+    code = f"""
+import json, sys, glob, contextlib, io
+from dho.cli import app
+heavy = {HEAVY!r}
+seen = {{}}
+def run(name, args):
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            app(args, standalone_mode=False)
+        except SystemExit:
+            pass
+    seen[name] = [m for m in heavy if m in sys.modules]
+run("help", ["--help"])
+run("prepare", ["prepare", "{src}", "--out", "{tmp_path / 'ds'}", "--shard-size", "5"])
+run("index", ["index", *sorted(glob.glob("{tmp_path / 'ds'}/*.tar")), "--classnames", "{tmp_path / 'classes.txt'}", "--out", "{tmp_path / 'idx'}"])
+run("split", ["split", "{tmp_path / 'ds'}", "--out", "{tmp_path / 'lab'}", "--shots", "2", "--val-per-class", "1", "--val-out", "{tmp_path / 'val'}"])
+print(json.dumps(seen))
+"""
+    seen = _run_in_fresh_process(code)
+    assert seen == {"help": [], "prepare": [], "index": [], "split": []}
+    assert data.Dataset.open(tmp_path / "lab").num_samples == 6 and data.Dataset.open(tmp_path / "idx").num_samples == 12
+
+
+def test_shards_are_byte_identical_to_webdatasets_writer_and_read_alike(tmp_path):
+    import webdataset as wds
+
+    src = make_image_folder(tmp_path / "images", num_classes=3, per_class=4, odd=False)
+    (src / "class_1" / "čaj ünï.v2.jpg").write_bytes((src / "class_1" / "img_000.jpg").read_bytes())  # PAX name, dots
+    ds = data.prepare(src, tmp_path / "ds", shard_size=5)
+    for shard in ds.shards:
+        with open(tmp_path / "wds.tar", "wb") as f:
+            writer = wds.TarWriter(f, user="", group="", mode=0o644, encoder=False, mtime=0)
+            for key, label, file in zip(shard.keys, shard.labels, shard.files):
+                ext = file.rsplit(".", 1)[1].lower()
+                writer.write({"__key__": key, ext: (src / file).read_bytes(), "cls": str(label).encode()})
+            writer.close()
+        ours, theirs = shard.path.read_bytes(), (tmp_path / "wds.tar").read_bytes()
+        assert hashlib.sha256(ours).hexdigest() == hashlib.sha256(theirs).hexdigest()
+        mine = list(data.tar_samples(shard.path))
+        reference = [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"}
+                     for s in wds.tarfile_samples([{"url": str(shard.path)}])]
+        assert mine == reference
+
+
+def test_ordered_reader_is_made_on_first_use_and_pickles_by_reference(tiny_dataset):
+    import pickle
+
+    import torch
+
+    reader = data.OrderedReader(tiny_dataset, rank=0, world_size=1)
+    assert isinstance(reader, torch.utils.data.IterableDataset)
+    again = pickle.loads(pickle.dumps(reader))  # spawned DataLoader workers pickle the dataset
+    assert type(again) is data.OrderedReader and [s.key for s in again] == [s.key for s in reader]
+    with pytest.raises(AttributeError):
+        data.NoSuchThing  # noqa: B018
