@@ -709,7 +709,8 @@ def read_class_file(path: Path) -> tuple[list[str], Optional[list[str]]]:
     names = [p[1] for p in parts] if parts is not None else lines
     ids = [p[0] for p in parts] if parts is not None else None
     for what, values in (("class names", names), ("class ids", ids or [])):
-        dup = sorted({n for n in values if values.count(n) > 1})
+        seen: set = set()
+        dup = sorted({n for n in values if n in seen or seen.add(n)})
         if dup:
             raise DatasetError(f"{path}: {what} repeat: {dup[:10]}; {what} must be unique")
     return names, ids
@@ -898,11 +899,12 @@ def percent_allocation(class_sizes: Sequence[int], percent: float) -> list[int]:
 def _read_keys_file(path: Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"keys file {path} not found; give a text file with one key or file name per line")
-    entries = []
+    entries = {}  # insertion-ordered set: linear in the file, whatever its length
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()
-        if line and not line.startswith("#") and line not in entries:
-            entries.append(line)
+        if line and not line.startswith("#"):
+            entries.setdefault(line, None)
+    entries = list(entries)
     if not entries:
         raise DatasetError(f"{path}: lists no keys; write one key or file name per line")
     return entries
