@@ -1,9 +1,14 @@
 """The teacher cache: a Zarr v3 group of per-view teacher probabilities (stage 1 -> stage 2).
 
-This is the only module that imports zarr. The layout is defined by `cache_schemas/v1.json`
+This is the only module that imports zarr. The layout is defined by `cache_schemas/v<N>.json`
 (JSON Schema of the group attributes + the `x-dho-arrays` table) and documented in
 `cache_schemas/README.md`; every open validates both, so a cache of another schema version,
 another dataset or another class list fails with a message saying what differs.
+
+Other readers (schema v3): every array is a core Zarr v3 data type with named dimensions, so
+`xarray.open_zarr(path, consolidated=False)` and tensorstore's `zarr3` driver open the whole
+store; `keys` is a (N, W) uint8 matrix of zero-padded UTF-8 (`decode_keys`), because the
+variable-length `string` data type of v1/v2 is a zarr-python extension that tensorstore rejects.
 
 Writing rules (a Zarr chunk file is the unit of writing; two writers in one chunk lose data):
 - the store is created complete (attributes, keys, labels, text_classifier, empty arrays) in a
@@ -77,6 +82,7 @@ def _symbols(attrs: dict) -> dict:
     return {
         "V": attrs["num_views"], "N": attrs["num_samples"], "C": len(attrs["classnames"]), "K": attrs["topk"],
         "D": attrs["embed_dim"], "S": len(attrs["shard_counts"]), "L": attrs["chunk_len"],
+        "W": attrs.get("key_bytes"),  # v3 and later
     }
 
 
@@ -94,8 +100,27 @@ def _expected_arrays(attrs: dict) -> dict[str, dict]:
         shape = tuple(sym[d] if isinstance(d, str) else d for d in spec["shape"])
         chunks = tuple(min(sym[d] if isinstance(d, str) else d, n) for d, n in zip(spec["chunks"], shape))
         fill = float("nan") if spec["fill_value"] == "NaN" else spec["fill_value"]
-        out[name] = {"dtype": spec["dtype"], "shape": shape, "chunks": chunks, "fill_value": fill, "symbols": spec["shape"]}
+        out[name] = {"dtype": spec["dtype"], "shape": shape, "chunks": chunks, "fill_value": fill, "symbols": spec["shape"],
+                     "dims": tuple(spec["dims"]) if "dims" in spec else None}  # dimension_names from v3 on
     return out
+
+
+def encode_keys(keys: list[str]) -> np.ndarray:
+    """Sample keys -> (N, W) uint8: UTF-8, zero-padded to W = the longest key's bytes (at least 1).
+
+    Exact for any key without a NUL character: UTF-8 never puts a zero byte inside another character."""
+    encoded = [str(k).encode("utf-8") for k in keys]
+    bad = next((k for k, e in zip(keys, encoded) if b"\0" in e), None)
+    if bad is not None:
+        raise CacheError(f"sample key {bad!r} contains a NUL character, which the cache's zero-padded keys cannot hold")
+    width = max([1, *map(len, encoded)])
+    return np.array(encoded, dtype=f"S{width}").view(np.uint8).reshape(len(encoded), width)  # (N, W)
+
+
+def decode_keys(raw: np.ndarray) -> list[str]:
+    """(N, W) uint8 zero-padded UTF-8 (schema v3 `keys`) -> N strings."""
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)  # (N, W)
+    return [b.decode("utf-8") for b in raw.view(f"S{raw.shape[1]}")[:, 0]]  # numpy's S strips the trailing zeros
 
 
 def _fsync_path(path: Path) -> None:
@@ -158,9 +183,10 @@ class TeacherCache:
 
     @classmethod
     def _create(cls, path: Path, attrs: dict, keys: list[str], labels: np.ndarray, text_classifier: np.ndarray) -> None:
+        key_matrix = encode_keys(keys)  # (N, W) uint8
         attrs = {
             "schema": SCHEMA_NAME, "schema_version": CURRENT_VERSION, "dho_version": dho.__version__,
-            **attrs, "created_at": _now(),
+            **attrs, "key_bytes": key_matrix.shape[1], "created_at": _now(),
         }
         attrs.pop("complete", None)
         try:
@@ -173,10 +199,9 @@ class TeacherCache:
         try:
             group = zarr.open_group(str(tmp), mode="w-", attributes=attrs)
             for name, spec in _expected_arrays(attrs).items():
-                dtype = str if spec["dtype"] == "string" else spec["dtype"]
-                group.create_array(name, shape=spec["shape"], dtype=dtype, chunks=spec["chunks"], fill_value=spec["fill_value"],
-                                   compressors=[ZstdCodec(), Crc32cCodec()])  # every chunk checksummed
-            group["keys"][:] = np.asarray(keys, dtype=object)
+                group.create_array(name, shape=spec["shape"], dtype=spec["dtype"], chunks=spec["chunks"], fill_value=spec["fill_value"],
+                                   dimension_names=spec["dims"], compressors=[ZstdCodec(), Crc32cCodec()])  # every chunk checksummed
+            group["keys"][:] = key_matrix
             group["labels"][:] = np.asarray(labels, dtype=np.int64)
             group["text_classifier"][:] = np.asarray(text_classifier, dtype=np.float32)
             for f in sorted(tmp.rglob("*")):
@@ -276,8 +301,10 @@ class TeacherCache:
 
     @property
     def keys(self) -> list[str]:
+        """N sample keys in global row order (v3 stores them as (N, W) uint8 UTF-8, v1/v2 as strings)."""
         if self._keys is None:
-            self._keys = [str(k) for k in self.array("keys")[:]]
+            raw = self.array("keys")[:]
+            self._keys = decode_keys(raw) if self.attrs["schema_version"] >= 3 else [str(k) for k in raw]
         return self._keys
 
     @property
@@ -550,7 +577,7 @@ def _short(v) -> str:
 
 
 def _check_layout(path: Path, group, attrs: dict) -> None:
-    """Every array of the schema's table exists with its dtype, shape and chunks."""
+    """Every array of the schema's table exists with its dtype, shape, chunks and (v3) dimension names."""
     expected = _expected_arrays(attrs)
     present = set(group.array_keys())
     for name, spec in expected.items():
@@ -558,17 +585,22 @@ def _check_layout(path: Path, group, attrs: dict) -> None:
             raise CacheError(f"{path}: array {name!r} required by cache schema v{attrs['schema_version']} is missing; rebuild the cache")
         arr = group[name]
         dtype = arr.metadata.data_type.to_json(zarr_format=3)
-        dims = "(" + ", ".join(map(str, spec["symbols"])) + ")"
+        symbolic = "(" + ", ".join(map(str, spec["symbols"])) + ")"
         if dtype != spec["dtype"] or tuple(arr.shape) != spec["shape"] or tuple(arr.chunks) != spec["chunks"]:
             raise CacheError(
                 f"{path}: array {name!r} is {dtype} {tuple(arr.shape)} in chunks {tuple(arr.chunks)}, but schema "
-                f"v{attrs['schema_version']} requires {spec['dtype']} {dims} = {spec['shape']} in chunks {spec['chunks']}; rebuild the cache"
+                f"v{attrs['schema_version']} requires {spec['dtype']} {symbolic} = {spec['shape']} in chunks {spec['chunks']}; rebuild the cache"
+            )
+        if spec["dims"] is not None and tuple(arr.metadata.dimension_names or ()) != spec["dims"]:
+            raise CacheError(
+                f"{path}: array {name!r} has dimension names {arr.metadata.dimension_names}, but schema "
+                f"v{attrs['schema_version']} requires {spec['dims']}; rebuild the cache with `dho precompute-teacher`"
             )
     if attrs["schema_version"] >= 2:  # v2 checksums every chunk; a store without them was not written by dho
         for name in expected:
             if not any(isinstance(c, Crc32cCodec) for c in group[name].metadata.codecs):
-                raise CacheError(f"{path}: array {name!r} has no crc32c checksum codec, which cache schema v2 requires; "
-                                 "rebuild the cache with `dho precompute-teacher`")
+                raise CacheError(f"{path}: array {name!r} has no crc32c checksum codec, which cache schema "
+                                 f"v{attrs['schema_version']} requires; rebuild the cache with `dho precompute-teacher`")
     extra = present - set(expected)
     if extra:
         raise CacheError(f"{path}: unexpected arrays {sorted(extra)} for these attributes (topk / store_embeddings); rebuild the cache")

@@ -84,7 +84,8 @@ def test_units_roundtrip_with_plain_zarr_and_done_guard(tmp_path, tiny_dataset):
     # the store is plain Zarr v3: one chunk per (view, shard) unit, done flags in their own chunks
     g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
     assert g["probs"].chunks == (1, 5, 3) and g["done"].chunks == (1, 1)
-    assert list(g["keys"][:]) == ds.keys and g["labels"][:].tolist() == ds.labels.tolist()
+    keys = g["keys"][:]  # (N, W) uint8: UTF-8, zero-padded (schema v3)
+    assert [bytes(k).rstrip(b"\0").decode() for k in keys] == ds.keys and g["labels"][:].tolist() == ds.labels.tolist()
     assert (tmp_path / "c.zarr" / "probs" / "c" / "0" / "1" / "0").is_file()
     assert sorted(p.name for p in (tmp_path / "c.zarr" / "done" / "c" / "0").iterdir()) == ["1"]
     assert not cache.finalize() and "complete" not in g.attrs
@@ -147,19 +148,19 @@ def test_schema_checked_on_every_open(tmp_path, tiny_dataset):
     _create(path, tiny_dataset)
     g = zarr.open_group(str(path), mode="r+")
     g.attrs.update({"schema_version": 9})
-    with pytest.raises(CacheError, match="cache schema version 9, but dho .* reads version\\(s\\) 1, 2"):
+    with pytest.raises(CacheError, match="cache schema version 9, but dho .* reads version\\(s\\) 1, 2, 3"):
         TeacherCache.open(path)
     g.attrs.update({"schema_version": 1})  # v1 has no text_classifier_norm
     with pytest.raises(CacheError, match="do not match cache schema v1 at \\(top level\\): Additional properties"):
         TeacherCache.open(path)
-    g.attrs.update({"schema_version": 2, "eta": -1})
-    with pytest.raises(CacheError, match="do not match cache schema v2 at eta"):
+    g.attrs.update({"schema_version": 3, "eta": -1})
+    with pytest.raises(CacheError, match="do not match cache schema v3 at eta"):
         TeacherCache.open(path)
     g.attrs.update({"eta": 2.0, "text_classifier_norm": "other"})
-    with pytest.raises(CacheError, match="do not match cache schema v2 at text_classifier_norm"):
+    with pytest.raises(CacheError, match="do not match cache schema v3 at text_classifier_norm"):
         TeacherCache.open(path)
     g.attrs.update({"text_classifier_norm": "mean", "chunk_len": 3})
-    with pytest.raises(CacheError, match="array 'probs' .* chunks \\(1, 5, 3\\), but schema v2 requires .* chunks \\(1, 3, 3\\)"):
+    with pytest.raises(CacheError, match="array 'probs' .* chunks \\(1, 5, 3\\), but schema v3 requires .* chunks \\(1, 3, 3\\)"):
         TeacherCache.open(path)
     g.attrs.update({"chunk_len": 5, "schema": "something-else"})
     with pytest.raises(CacheError, match="not a dho teacher cache"):

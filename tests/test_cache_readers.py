@@ -1,0 +1,177 @@
+"""The teacher cache in other readers: xarray, tensorstore (zarr3 driver) and plain zarr-python open a
+cache written by `dho.precompute.precompute` and read the same values as `TeacherCache`; the
+schema-v2 fixture stays readable by dho.
+
+Schema v3 exists for these readers: every array names its dimensions (xarray needs them) and `keys`
+is a (N, W) uint8 matrix of zero-padded UTF-8, because v2's variable-length `string` data type is a
+zarr-python extension that tensorstore refuses to open. xarray and tensorstore are test extras:
+without them their tests are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from fixtures_models import tiny_clip_config, tiny_teacher_ckpt  # noqa: F401
+from helpers_data import make_image_folder
+
+import cache_schemas
+from dho import data
+from dho.cache import TeacherCache, decode_keys, encode_keys, summarize
+from dho.errors import CacheError
+from dho.precompute import precompute
+
+V1_ASSET = Path(__file__).parent / "assets" / "v1-cache"
+V2_ASSET = Path(__file__).parent / "assets" / "v2-cache"
+# file renames that give keys of several UTF-8 widths (2-byte characters included)
+RENAMES = {"class_0/img_000.jpg": "class_0/čaj_ünï.jpg", "class_1/img_002.jpg": "class_1/a_much_longer_file_name.jpg"}
+DIMS = {name: tuple(spec["dims"]) for name, spec in cache_schemas.load_schema(3)["x-dho-arrays"].items()}
+
+
+@pytest.fixture(scope="module")
+def odd_keys_ds(tmp_path_factory):
+    """8 samples of 2 classes in shards of 3, 3, 2, whose keys are 15 to 31 UTF-8 bytes long."""
+    root = tmp_path_factory.mktemp("readers")
+    src = make_image_folder(root / "images", num_classes=2, per_class=4)
+    for old, new in RENAMES.items():
+        (src / old).rename(src / new)
+    return data.prepare(src, root / "dataset", shard_size=3)
+
+
+@pytest.fixture(scope="module")
+def caches(odd_keys_ds, tiny_clip_config, tiny_teacher_ckpt):  # noqa: F811
+    """{"dense": path, "topk": path}: complete caches of the tiny teacher (2 views + center, embeddings stored)."""
+    kw = dict(model=str(tiny_clip_config), pretrained=str(tiny_teacher_ckpt), views=2, center_view=True, seed=1,
+              workers=0, device="cpu", store_embeddings=True, progress_every_s=1e9)
+    root = odd_keys_ds.root.parent
+    precompute(odd_keys_ds.root, root / "dense.zarr", **kw)
+    precompute(odd_keys_ds.root, root / "topk.zarr", topk=1, **kw)
+    return {"dense": root / "dense.zarr", "topk": root / "topk.zarr"}
+
+
+def _tensorstore_read(path: Path):
+    ts = pytest.importorskip("tensorstore")
+    store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, read=True).result()
+    return store, np.asarray(store.read().result())
+
+
+def test_keys_are_zero_padded_utf8_and_round_trip():
+    keys = ["a", "čaj_ünï", "", "x/y z"]
+    raw = encode_keys(keys)  # (4, 10): "čaj_ünï" is 10 UTF-8 bytes
+    assert raw.dtype == np.uint8 and raw.shape == (4, 10)
+    assert raw[0].tolist() == [97] + [0] * 9 and raw[2].tolist() == [0] * 10
+    assert decode_keys(raw) == keys
+    assert encode_keys([""]).shape == (1, 1)  # W is at least 1
+    with pytest.raises(CacheError, match="contains a NUL character"):
+        encode_keys(["ok", "bad\0key"])
+
+
+def test_plain_zarr_reads_a_new_cache_with_named_core_typed_arrays(caches, odd_keys_ds):
+    ds = odd_keys_ds
+    assert any(not k.isascii() for k in ds.keys)
+    for kind, path in caches.items():
+        g = zarr.open_group(str(path), mode="r")
+        assert g.attrs["schema_version"] == 3 and g.attrs["key_bytes"] == max(len(k.encode()) for k in ds.keys) == 31
+        for name in g.array_keys():
+            meta = g[name].metadata
+            assert meta.dimension_names == DIMS[name], name
+            assert isinstance(meta.data_type.to_json(zarr_format=3), str), name  # a core type, no configured extension
+            assert [c.to_dict()["name"] for c in meta.codecs] == ["bytes", "zstd", "crc32c"], name
+        keys = g["keys"][:]  # (N, W) uint8
+        assert keys.shape == (8, 31) and [bytes(k).rstrip(b"\0").decode() for k in keys] == ds.keys
+        cache = TeacherCache.open(path, dataset=ds)
+        assert cache.keys == ds.keys and cache.is_complete() and cache.verify() == []
+        assert summarize(path)["schema_version"] == 3
+
+
+def test_xarray_opens_a_new_cache_with_named_dimensions(caches, odd_keys_ds):
+    xr = pytest.importorskip("xarray")
+    ds = odd_keys_ds
+    cache = TeacherCache.open(caches["dense"], dataset=ds)
+    x = xr.open_zarr(caches["dense"], consolidated=False)
+    assert dict(x.sizes) == {"view": 3, "sample": 8, "class": 2, "param": 5, "embed": 32, "key_byte": 31, "shard": 3}
+    assert {name: x[name].dims for name in x.data_vars} == {n: d for n, d in DIMS.items() if not n.startswith("topk")}
+    # values as stored, nothing masked: float16 probs equal what dho reads, -1/0/False fills stay numbers
+    for v in range(cache.num_views):
+        np.testing.assert_array_equal(x["probs"].isel(view=v).values.astype(np.float32), cache.probs(v, 0, cache.num_samples))
+        np.testing.assert_array_equal(x["view_params"].isel(view=v).values, cache.view_params(v, 0, cache.num_samples))
+    assert x["probs"].dtype == np.float16 and x["labels"].dtype == np.int64 and x["valid"].dtype == bool
+    assert x["labels"].values.tolist() == cache.labels.tolist() and x["valid"].values.all()
+    assert x["done"].values.tolist() == [[1] * 3] * 3
+    assert [bytes(k).rstrip(b"\0").decode() for k in x["keys"].values] == cache.keys == ds.keys
+    np.testing.assert_array_equal(x["text_classifier"].values, cache.text_classifier)
+    # the group attributes are plain JSON: nested objects and null come through
+    assert x.attrs == json.loads((caches["dense"] / "zarr.json").read_text())["attributes"]
+    assert x.attrs["topk"] is None and x.attrs["teacher"]["model"] == "tiny-clip"
+
+    # the top-k cache through open_dataset: its own "topk" dimension
+    k = xr.open_dataset(caches["topk"], engine="zarr", consolidated=False)
+    assert k["topk_indices"].dims == k["topk_probs"].dims == ("view", "sample", "topk") and k.sizes["topk"] == 1
+    top = cache.probs(2, 0, 8).argmax(axis=1)  # the dense cache's top class of the center view
+    assert k["topk_indices"].isel(view=2, topk=0).values.tolist() == top.tolist()
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk"])
+def test_tensorstore_reads_every_array_as_zarr_python_does(caches, kind):
+    g = zarr.open_group(str(caches[kind]), mode="r")
+    names = sorted(g.array_keys())
+    dropped = {"topk_indices", "topk_probs"} if kind == "dense" else {"probs"}
+    assert names == sorted(set(DIMS) - dropped)  # every array of the schema, keys included
+    for name in names:
+        store, values = _tensorstore_read(caches[kind] / name)
+        expected = g[name][:]
+        assert store.domain.labels == DIMS[name], name
+        assert values.dtype == expected.dtype and values.shape == expected.shape, name
+        np.testing.assert_array_equal(values, expected, err_msg=name)  # NaN == NaN here
+    _, keys = _tensorstore_read(caches[kind] / "keys")
+    assert decode_keys(keys) == TeacherCache.open(caches[kind]).keys
+
+
+def test_v3_dimension_names_are_checked_on_open(caches, tmp_path):
+    copy = tmp_path / "c.zarr"
+    shutil.copytree(caches["dense"], copy)
+    meta_file = copy / "probs" / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["dimension_names"] = ["view", "sample", "klass"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match=r"array 'probs' has dimension names .*'klass'.*, but schema v3 requires "
+                                         r"\('view', 'sample', 'class'\); rebuild"):
+        TeacherCache.open(copy)
+    del meta["dimension_names"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match=r"array 'probs' has dimension names None"):
+        TeacherCache.open(copy)
+
+
+@pytest.mark.parametrize("asset", [V1_ASSET, V2_ASSET], ids=["v1", "v2"])
+def test_older_caches_keep_their_string_keys_and_stay_readable_and_resumable(asset, tmp_path):
+    """tests/assets/v{1,2}-cache: vlen-string keys, no dimension names; dho reads, verifies and resumes them unchanged."""
+    shutil.copytree(asset, tmp_path / "old")
+    ds = data.Dataset.open(tmp_path / "old" / "dataset")
+    path = tmp_path / "old" / "cache.zarr"
+    version = int(asset.name[1])
+    g = zarr.open_group(str(path), mode="r")
+    assert g["keys"].metadata.data_type.to_json(zarr_format=3) == "string" and g["probs"].metadata.dimension_names is None
+    cache = TeacherCache.open(path, dataset=ds)
+    assert cache.attrs["schema_version"] == version and cache.is_complete() and "key_bytes" not in cache.attrs
+    assert cache.keys == ds.keys == [str(k) for k in g["keys"][:]]
+    for view in range(cache.num_views):
+        np.testing.assert_allclose(cache.probs(view, 0, cache.num_samples).sum(axis=1), 1.0, atol=2e-3)
+    assert cache.verify() == [] and summarize(path)["schema_version"] == version
+    # resuming with the fixture's command finds it complete, writes nothing and keeps its version
+    before = {f: f.read_bytes() for f in path.rglob("*") if f.is_file()}
+    precompute(ds.root, path, model=str(Path(__file__).parent / "assets" / "tiny-clip.json"), pretrained="none",
+               templates="simple", views=2, center_view=True, device="cpu", workers=0, progress_every_s=1e9)
+    assert {f: f.read_bytes() for f in path.rglob("*") if f.is_file()} == before
+
+
+def test_readme_documents_the_dimension_names():
+    readme = (Path(cache_schemas.__file__).parent / "README.md").read_text()
+    table = readme.split("## Arrays", 1)[1].split("## Attributes", 1)[0]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| `")]
+    assert {r[0].strip("| `"): r[3] for r in rows} == {n: "(" + ", ".join(d) + ")" for n, d in DIMS.items()}
