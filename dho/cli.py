@@ -328,16 +328,18 @@ def predict(
             typer.echo("  " + "   ".join(f"{p:.4f}  {c:<{width}}" for c, p in row).rstrip())
 
 
-@app.command(epilog="Example: dho export runs/r18 --out r18.pt2")
+@app.command(epilog="Example: dho export runs/r18 --out r18.onnx --format onnx")
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
-    out: Annotated[Path, typer.Option("--out", help="TorchScript file to write (load with torch.jit.load; metadata in the extra file dho.json).")],
+    out: Annotated[Path, typer.Option("--out", help="Model file to write, named for its format (model.pt2, model.onnx, model.ts); beside it OUT with suffix .safetensors (the student's weights) and OUT.json (class names, preprocessing, alpha, beta).")],
+    fmt: Annotated[str, typer.Option("--format", help="pt2 (torch.export: torch.export.load(OUT).module()) | onnx (onnxruntime; needs pip install 'dho[onnx]') | torchscript (torch.jit.load).")] = "pt2",
 ) -> None:
-    """Write a TorchScript model: normalised images (B, 3, S, S) -> probabilities (B, C), alpha/beta baked in."""
+    """Write a deployable model: uint8 RGB images (B, 3, H, W) of any size -> probabilities (B, C); preprocessing, student and Eq. 11 with the run's alpha/beta baked in."""
     from dho.export import export as export_run
+    from dho.export import metadata_path, weights_path
 
-    path = export_run(run_dir, out)
-    typer.echo(f"wrote {path}")
+    path = export_run(run_dir, out, format=fmt)
+    typer.echo(f"wrote {path} ({fmt}), {weights_path(path)}, {metadata_path(path)}")
 
 
 @app.command(epilog="Example: dho analyze runs/r18 --data data/test --probe-train data/train --tsne")
