@@ -50,3 +50,12 @@ def test_command_help_mentions_every_option_with_its_default(name):
             shown = str(param.default).lower() if not isinstance(param.default, bool) else ("" if not param.secondary_opts else param.opts[0].lstrip("-"))
             assert f"[default: {shown}" in text.lower(), f"{name}: {param.opts[0]} default {param.default!r} not shown"
     assert not missing, f"{name}: {missing} show no default; add '[default: ...]' (or '[required ...]') to their help"
+
+
+@pytest.mark.parametrize("name", COMMAND_NAMES)
+def test_every_command_shows_an_example_and_defaults_device_to_auto(name):
+    text = _help([name, "--help"])
+    assert f"Example: dho {name} " in text
+    for param in COMMAND.commands[name].params:
+        if "--device" in getattr(param, "opts", []):
+            assert param.default in ("auto", None), f"{name}: --device defaults to {param.default!r}, not auto"
