@@ -331,7 +331,7 @@ def predict(
 @app.command(epilog="Example: dho export runs/r18 --out r18.onnx --format onnx")
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
-    out: Annotated[Path, typer.Option("--out", help="Model file to write, named for its format (model.pt2, model.onnx, model.ts); beside it OUT with suffix .safetensors (the student's weights) and OUT.json (class names, preprocessing, alpha, beta).")],
+    out: Annotated[Path, typer.Option("--out", help="Model file to write, named for its format (model.pt2, model.onnx, model.ts); beside it OUT.safetensors (the student's weights) and OUT.json (class names, preprocessing, alpha, beta).")],
     fmt: Annotated[str, typer.Option("--format", help="pt2 (torch.export: torch.export.load(OUT).module()) | onnx (onnxruntime; needs pip install 'dho[onnx]') | torchscript (torch.jit.load).")] = "pt2",
 ) -> None:
     """Write a deployable model: uint8 RGB images (B, 3, H, W) of any size -> probabilities (B, C); preprocessing, student and Eq. 11 with the run's alpha/beta baked in."""

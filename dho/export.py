@@ -234,8 +234,10 @@ class DeployableDHO(nn.Module):
 
 
 def weights_path(out: Union[str, Path]) -> Path:
-    """The safetensors file written beside the model OUT: OUT with suffix .safetensors."""
-    return Path(out).with_suffix(".safetensors")
+    """The safetensors file written beside the model OUT: OUT + .safetensors (model.pt2.safetensors), so
+    exports of one name in two formats never overwrite each other's files."""
+    out = Path(out)
+    return out.with_name(out.name + ".safetensors")
 
 
 def metadata_path(out: Union[str, Path]) -> Path:
@@ -253,7 +255,7 @@ def export(run_dir: Union[str, Path], out: Union[str, Path], format: str = "pt2"
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give the file to write, e.g. {out / ('model.' + SUFFIXES[format])}")
     if out.suffix == ".safetensors":
-        raise ConfigError(f"--out {out}: the weights go to OUT with suffix .safetensors; give the model file, e.g. "
+        raise ConfigError(f"--out {out}: the weights go to OUT.safetensors beside the model; give the model file, e.g. "
                           f"{out.with_suffix('.' + SUFFIXES[format])}")
     named = {"." + suffix: fmt for fmt, suffix in SUFFIXES.items()}.get(out.suffix)
     if named is not None and named != format:

@@ -276,7 +276,7 @@ def test_export_errors_are_one_line_and_leave_nothing(trained_run, tmp_path, mon
     refused(r"cannot export .*run as 'tflite': unknown format; use one of pt2, onnx, torchscript", format="tflite")
     (tmp_path / "folder").mkdir()
     refused(r"--out .*folder is a folder; give the file to write, e\.g\. .*model\.pt2", out=tmp_path / "folder")
-    refused(r"the weights go to OUT with suffix \.safetensors; give the model file, e\.g\. .*m\.onnx",
+    refused(r"the weights go to OUT\.safetensors beside the model; give the model file, e\.g\. .*m\.onnx",
             out=tmp_path / "m.safetensors", format="onnx")
     refused(r"--out .*m\.ts names a torchscript file but the format is pt2; pass --format torchscript or --out .*m\.pt2",
             out=tmp_path / "m.ts")
@@ -309,3 +309,14 @@ def test_export_errors_are_one_line_and_leave_nothing(trained_run, tmp_path, mon
     monkeypatch.setattr(export_lib, "load_run", load_run)
     refused(r"student 'resnet-tiny' of .*run does not export as pt2 \(.*\); try --format torchscript")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "lanczos"]  # nothing written, no temporary files
+
+
+def test_two_formats_of_one_name_keep_their_own_files(tmp_path, trained_run):
+    """model.pt2 and model.onnx side by side: each has its own weights and JSON; neither overwrites the other's."""
+    pytest.importorskip("onnxruntime")
+    a = export(trained_run, tmp_path / "m.pt2")
+    b = export(trained_run, tmp_path / "m.onnx", format="onnx")
+    assert weights_path(a).name == "m.pt2.safetensors" and weights_path(b).name == "m.onnx.safetensors"
+    assert json.loads(metadata_path(a).read_text())["files"]["weights"] == "m.pt2.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.onnx", "m.onnx.json", "m.onnx.safetensors", "m.pt2", "m.pt2.json", "m.pt2.safetensors"]
