@@ -70,8 +70,9 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def step_rate(student, device, precision, batch: int, num_classes: int, steps: int, teacher=None) -> float:
-    """Samples/s of the dho training step on synthetic device tensors (optionally with an online teacher)."""
+def step_rate(student, device, precision, batch: int, num_classes: int, steps: int, teacher=None, compile: bool = False) -> float:
+    """Samples/s of the dho training step on synthetic device tensors (optionally with an online teacher;
+    `compile`: the student's forward through torch.compile, as `dho distill --compile`)."""
     size = student.preprocess["image_size"]
     x = torch.randn(2 * batch, 3, size, size, device=device)  # (2B, 3, S, S) labeled ; unlabeled
     y = torch.randint(0, num_classes, (batch,), device=device)
@@ -79,8 +80,9 @@ def step_rate(student, device, precision, batch: int, num_classes: int, steps: i
     if teacher is not None:
         t_size = teacher.preprocess["image_size"]
         x_t = torch.randn(2 * batch, 3, t_size, t_size, device=device)  # the teacher's own resolution
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")  # as distill
     student.train()
+    forward = torch.compile(student) if compile else student
 
     def one_step():
         nonlocal p
@@ -89,7 +91,7 @@ def step_rate(student, device, precision, batch: int, num_classes: int, steps: i
                 z_t = teacher.encode_images(x_t)  # (2B, D) normalised
                 p = torch.softmax(z_t.float() @ teacher.text_classifier.T.float() / (0.01 * 2.0), dim=-1)
         with _autocast(device, precision):
-            out = student(x)
+            out = forward(x)
             terms = losses.dho_loss(out["ce_logits"][:batch], out["kd_logits"][:batch], y, p[:batch],
                                     out["kd_logits"][batch:], p[batch:], lambda_=0.5, eta=2.0)
         terms["loss"].backward()
@@ -124,6 +126,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--views", type=int, default=2, help="teacher views per image in the caches")
     ap.add_argument("--teacher-batch-size", type=int, default=64)
+    ap.add_argument("--compile", action="store_true", help="distill --compile, and the student-only step compiled too")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense peak at this precision, for MFU")
     ap.add_argument("--results", type=Path, default=None, help="append a JSON line with the numbers here")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -143,7 +147,7 @@ def main() -> None:
             labeled=str(labeled.root), labeled_cache=str(root / "labeled.zarr"), unlabeled=str(full.root),
             unlabeled_cache=str(root / "full.zarr"), student=args.student, out=str(root / "run"), method="dho",
             epochs=10_000, max_steps=args.steps, batch_size=args.batch_size, workers=args.workers, device=args.device,
-            precision=args.precision, log_every=5, checkpoint_every=10**9,
+            precision=args.precision, log_every=5, checkpoint_every=10**9, compile=args.compile,
         )
         steps_per_epoch = args.images // args.batch_size
         if steps_per_epoch <= args.steps:
@@ -156,7 +160,12 @@ def main() -> None:
         r_distill = float(np.mean(rates))
 
     student = build_student(args.student, args.classes, classnames=[f"class {i}" for i in range(args.classes)]).to(device)
-    r_student = step_rate(student, device, args.precision, args.batch_size, args.classes, args.steps)
+    r_student = step_rate(student, device, args.precision, args.batch_size, args.classes, args.steps, compile=args.compile)
+    from dho.inference_bench import count_flops
+
+    size = student.preprocess["image_size"]
+    student.eval()  # one image: BatchNorm in eval mode (the FLOPs are the same)
+    step_flops = 3 * count_flops(student, torch.randn(1, 3, size, size, device=device))  # forward + backward ~ 3x forward
     teacher = load_teacher(args.teacher, "none", device=args.device, precision=args.precision,
                            classnames=[f"class {i}" for i in range(args.classes)], templates="simple")
     r_online = step_rate(student, device, args.precision, args.batch_size, args.classes, max(args.steps // 4, 3), teacher=teacher)
@@ -169,8 +178,11 @@ def main() -> None:
         "online_teacher_samples_per_s": round(r_online, 1),
         "data_path_efficiency": round(r_distill / r_student, 3), "cache_speedup": round(r_distill / r_online, 2),
         "distill_interval_rates": [round(r) for r in rates],
-        "images": args.images, "views": args.views, "precompute_seconds": round(t_pre, 1),
+        "images": args.images, "views": args.views, "precompute_seconds": round(t_pre, 1), "compile": args.compile,
+        "student_step_tflops": round(step_flops * r_student / 1e12, 3),
     }
+    if args.peak_tflops:
+        result["student_step_mfu"] = round(result["student_step_tflops"] / args.peak_tflops, 3)
     print(json.dumps(result, indent=2))
     if args.results:
         with open(args.results, "a") as f:

@@ -20,6 +20,14 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
   timeout ${DISTILL_TIMEOUT:-300} python3 bench/bench_distill.py --student ViT-B-16-quickgelu --teacher ViT-H-14-378-quickgelu \
       --device cuda --precision bf16 --batch-size 128 --steps 60 --workers ${WORKERS:-8} --images 8192 --views 1 --classes 1000 \
       --teacher-batch-size 256 --results "$OUT/distill.jsonl" 2>&1 | grep -v "^step \|^precompute-teacher\|^prepare\|^split"
+  echo "== teacher forward: eager vs torch.compile, fp16, MFU against the dense peak (PEAK_TFLOPS, default 989: H100/H200)"
+  timeout ${TEACHER_TIMEOUT:-240} python3 bench/bench_teacher.py --model ViT-H-14-378-quickgelu --device cuda --precision fp16 \
+      --batch-size 128 --warmup 3 --iters 10 --peak-tflops ${PEAK_TFLOPS:-989} --results "$OUT/teacher.jsonl"
+  echo "== student step and distill with --compile (ViT-B-16 student, bf16), MFU of the student-only step"
+  timeout ${COMPILE_TIMEOUT:-300} python3 bench/bench_distill.py --student ViT-B-16-quickgelu --teacher ViT-H-14-378-quickgelu \
+      --device cuda --precision bf16 --batch-size 128 --steps 60 --workers ${WORKERS:-8} --images 8192 --views 1 --classes 1000 \
+      --teacher-batch-size 256 --compile --peak-tflops ${PEAK_TFLOPS:-989} --results "$OUT/distill.jsonl" 2>&1 \
+      | grep -v "^step \|^precompute-teacher\|^prepare\|^split"
   echo "== teacher precision: fp16 and bf16 probabilities against fp32 (ViT-H-14-378-quickgelu, random init)"
   timeout 120 python3 bench/teacher_precision.py --model ViT-H-14-378-quickgelu --pretrained none --device cuda \
       --images 256 --classes 1000 --batch-size 64 --results "$OUT/precision.jsonl"

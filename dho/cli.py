@@ -186,6 +186,7 @@ def distill(
     interpolation: Annotated[Optional[str], typer.Option(help="Resampling of the student's training views and evaluation images: bilinear | bicubic; none keeps the student's own (bilinear for torchvision CNNs, the open_clip config's for VLM students). [default: none]")] = None,
     window: Annotated[Optional[int], typer.Option(help="Shards per shuffle window of each data consumer. [default: 2]")] = None,
     sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn", help="Under torchrun on GPUs, BatchNorm statistics over the global batch (SyncBatchNorm) instead of each rank's share. [default: off]")] = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the student's forward and loss (the first steps compile, then faster steps; same math, other kernels, so not bit-identical to eager). [default: off]")] = None,
     report_to: Annotated[Optional[str], typer.Option("--report-to", help="Metric sinks, comma-separated: jsonl (RUN/metrics.jsonl, always), tensorboard (RUN/tensorboard), wandb (project $WANDB_PROJECT or dho; WANDB_MODE=offline works); names grouped as train/..., val/..., grad/.... [default: jsonl]")] = None,
     keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", help="Checkpoints to keep: last.pt, plus checkpoints/step-S.pt of the newest N when N > 1 (the best epoch on --val is kept in checkpoints/best/ with --eval-every-epoch). [default: 1]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run exactly where its last checkpoint stopped: `dho distill --resume RUN_DIR` alone takes every option from RUN_DIR/config.json; options given as well must equal the run's. [default: off]")] = False,
@@ -221,7 +222,7 @@ def distill(
         "checkpoint_every": checkpoint_every, "log_every": log_every, "max_steps": max_steps, "val": val,
         "eval_every_epoch": eval_every_epoch, "log_grad_cosine": log_grad_cosine, "init_heads_from_text": text_init,
         "align_kd_head": align_kd_head, "vlm_heads": vlm_heads, "interpolation": interpolation, "window": window,
-        "sync_bn": sync_bn, "report_to": report_to, "keep_checkpoints": keep_checkpoints,
+        "sync_bn": sync_bn, "report_to": report_to, "keep_checkpoints": keep_checkpoints, "compile": compile_,
     }
     values.update({k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None})
     if values.get("student_pretrained") in ("none", ""):
@@ -448,6 +449,7 @@ def precompute_teacher(
     rank: Annotated[Optional[int], typer.Option(help="This job's index for job arrays (no torchrun); with --world-size. Default: none = single process or torchrun.")] = None,
     world_size: Annotated[Optional[int], typer.Option(help="Number of jobs of a job array; shards are split round-robin. Default: none.")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images as invalid (valid=False, NaN rows) instead of stopping with an error. Default: off.")] = False,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the teacher's image tower (the first batches compile, then faster forwards; same math, other kernels). Default: off.")] = False,
     image_size: Annotated[Optional[int], typer.Option(help="Override the teacher's input size (pixels). Default: from the pretrained config.")] = None,
     mean: Annotated[Optional[str], typer.Option(help="Override the normalisation mean, R,G,B. Default: from the pretrained config.")] = None,
     std: Annotated[Optional[str], typer.Option(help="Override the normalisation std, R,G,B. Default: from the pretrained config.")] = None,
@@ -467,7 +469,7 @@ def precompute_teacher(
     kwargs = {k: v for k, v in given.items() if v is not None}
     precompute(
         dataset, out, center_view=center_view, store_embeddings=store_embeddings, topk=topk,
-        rank=rank, world_size=world_size, skip_bad=skip_bad, **kwargs,
+        rank=rank, world_size=world_size, skip_bad=skip_bad, compile=compile_, **kwargs,
     )
 
 

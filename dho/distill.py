@@ -115,6 +115,7 @@ class DistillConfig:
     interpolation: Optional[str] = None  # student resampling (bilinear | bicubic); None = the student's own
     window: int = 2  # shards per shuffle window of each consumer
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all ranks (SyncBatchNorm)
+    compile: bool = False  # torch.compile the student's forward + loss (execution only: same math, fused kernels)
     report_to: str = "jsonl"  # metrics sinks, comma-separated: jsonl (always) | tensorboard | wandb
     keep_checkpoints: int = 1  # checkpoints kept: last.pt, plus step-S.pt of the newest N when N > 1
 
@@ -201,7 +202,8 @@ def _coerce(name: str, value, annotation: str):
 # Options that may change on --resume without changing the result.
 # Anything that changes the data order or the numerics (workers set the thread count and the consumers,
 # the device the kernels) is refused on resume.
-RESUME_FREE = {"log_every", "checkpoint_every", "max_steps", "val", "eval_every_epoch", "report_to", "keep_checkpoints"}
+RESUME_FREE = {"log_every", "checkpoint_every", "max_steps", "val", "eval_every_epoch", "report_to", "keep_checkpoints",
+               "compile"}
 
 
 def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
@@ -299,6 +301,12 @@ def _open_part(dataset: str, cache: str, role: str):
             "re-run the same `dho precompute-teacher` command to finish it"
         )
     return ds, tc
+
+
+def _memory_format(student: nn.Module, device: torch.device) -> Optional[torch.memory_format]:
+    """channels_last for convolutional students (torchvision, timm) on CUDA; None (as built) otherwise."""
+    kind = getattr(student, "build_args", {}).get("kind")
+    return torch.channels_last if device.type == "cuda" and kind in ("torchvision", "timm") else None
 
 
 class Trainee(nn.Module):
@@ -692,8 +700,13 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     if cfg.method == "kd":
         student.ce_head.requires_grad_(False)
     model = Trainee(student, projection).to(device)
+    memory_format = _memory_format(student, device)
+    if memory_format is not None:  # CNN students on CUDA: NHWC convolutions (tensor cores without transposes)
+        model = model.to(memory_format=memory_format)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    # fused AdamW on CUDA (one kernel for all parameters); CPU keeps the default implementation
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                                  fused=device.type == "cuda")
     schedule = {"reference": reference_lr_lambda, "linear": linear_lr_lambda, "warmup-cosine": lr_lambda}[cfg.lr_schedule]
     warmup = cfg.warmup_steps if cfg.warmup_fraction is None else cfg.warmup_fraction * total_steps
     warmup = warmup if cfg.lr_schedule == "linear" else int(round(warmup))
@@ -722,6 +735,13 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the BatchNorm children in place
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    def forward_loss(batch: dict) -> dict:
+        """The hot path: both halves through the student, the method's loss terms."""
+        out_l, out_u = ddp(batch.get("l_image"), batch.get("u_image"), cfg.forward == "separate")
+        return _compute_loss(cfg.method, out_l, out_u, batch, model, cfg)
+
+    step_fn = torch.compile(forward_loss) if cfg.compile else forward_loss
+
     stream = PairedStream(
         [Part(Path(cfg.labeled), Path(cfg.labeled_cache))] if uses_labeled else [],
         parts_u if uses_unlabeled else [],
@@ -745,6 +765,8 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
         for k in ("l_image", "u_image"):
             if k in batch:  # uint8 from the workers -> the student's normalisation, on the device
                 batch[k] = data.normalize(batch[k], student.preprocess["mean"], student.preprocess["std"])
+                if memory_format is not None:
+                    batch[k] = batch[k].contiguous(memory_format=memory_format)
         return batch
 
     def autocast():
@@ -885,8 +907,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
                 ctx = ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
                 with ctx:
                     with autocast():
-                        out_l, out_u = ddp(batch.get("l_image"), batch.get("u_image"), cfg.forward == "separate")
-                        terms = _compute_loss(cfg.method, out_l, out_u, batch, model, cfg)
+                        terms = step_fn(batch)
                     scaler.scale(terms["loss"] / cfg.accum_steps).backward()
                 for k, v in terms.items():  # device tensors: no host sync inside the step
                     terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float() / cfg.accum_steps

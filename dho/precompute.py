@@ -210,6 +210,7 @@ def precompute(
     rank: int | None = None,
     world_size: int | None = None,
     skip_bad: bool = False,
+    compile: bool = False,
     image_size: int | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
@@ -256,7 +257,7 @@ def precompute(
     teacher = load_teacher(
         model, pretrained, dev, precision, classnames=ds.classnames, templates=templates,
         text_classifier_norm=text_classifier_norm, image_size=image_size,
-        mean=mean, std=std, interpolation=interpolation, resize_mode=resize_mode, verbose=rank == 0,
+        mean=mean, std=std, interpolation=interpolation, resize_mode=resize_mode, verbose=rank == 0, compile=compile,
     )
     pp = teacher.preprocess
 

@@ -178,6 +178,7 @@ class Teacher:
     text_classifier: torch.Tensor | None = None  # (C, D) float32: unit rows (renormalize) or template means (mean)
     templates: list[str] = field(default_factory=list)
     text_classifier_norm: str = "renormalize"
+    image_encoder: object = None  # model.encode_image, or its torch.compile'd version (`compile=True`)
 
     def autocast(self):
         if self.precision == "fp32":
@@ -190,7 +191,7 @@ class Teacher:
         """L2-normalised image embeddings f_X(x), float32 (B, D), from preprocessed images (B, 3, S, S)."""
         x = x.to(self.device, non_blocking=True)
         with self.autocast():
-            z = self.model.encode_image(x)  # (B, D)
+            z = (self.image_encoder or self.model.encode_image)(x)  # (B, D)
         return F.normalize(z.float(), dim=-1)
 
     @torch.inference_mode()
@@ -249,11 +250,13 @@ def load_teacher(
     interpolation: str | None = None,
     resize_mode: str | None = None,
     verbose: bool = True,
+    compile: bool = False,
 ) -> Teacher:
     """Build the teacher through open_clip.create_model_and_transforms and describe it.
 
     With `classnames`, also builds the zero-shot text classifier from `templates`. The weights stay
     float32; `precision` is applied by autocast in `encode_*`. Random init (`none`) is seeded.
+    `compile`: torch.compile the image tower (the first batches compile; same math, fused kernels).
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     precision = resolve_precision(precision, device)
@@ -394,4 +397,6 @@ def load_teacher(
     )
     if classnames is not None:
         teacher.build_text_classifier(list(classnames), resolve_templates(templates), text_classifier_norm)
+    if compile:  # the image tower only: it runs over every view; the text tower ran once above
+        teacher.image_encoder = torch.compile(net.encode_image)
     return teacher
