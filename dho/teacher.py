@@ -18,8 +18,10 @@ three questions for stage 1 (`dho.precompute`):
   scale with the norm of the mean, 100 ||m_c|| cos); logits `f_X(x) . w_c / zeta` for a
   normalised image embedding (Alg. 1 line 13 without the KD temperature).
 
-Precision: the teacher runs once, so `auto` is fp16 autocast on CUDA (the reference code's
-`precision='fp16'`; bf16 moves a probability by up to ~2e-2) and fp32 on CPU.
+Precision: the teacher runs once, so `auto` is fp16 on CUDA (the reference code's `precision='fp16'`;
+bf16 moves a probability by up to ~2e-2) and fp32 on CPU. In bf16/fp16 the image tower's weights are
+cast to that dtype (as open_clip's own precision="fp16"), not fp32 weights under autocast; the text
+classifier is built once under autocast with fp32 weights.
 
 Weights fingerprint (`Teacher.identity['weights_sha256']`): the sha256 of the checkpoint file when
 `pretrained` is a file (streamed); otherwise (tag, local-dir, none) the sha256 of the string
@@ -179,6 +181,7 @@ class Teacher:
     templates: list[str] = field(default_factory=list)
     text_classifier_norm: str = "renormalize"
     image_encoder: object = None  # model.encode_image, or its torch.compile'd version (`compile=True`)
+    image_dtype: torch.dtype | None = None  # the image tower's weights cast to this dtype (bf16/fp16): no autocast
 
     def autocast(self):
         if self.precision == "fp32":
@@ -190,8 +193,12 @@ class Teacher:
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings f_X(x), float32 (B, D), from preprocessed images (B, 3, S, S)."""
         x = x.to(self.device, non_blocking=True)
-        with self.autocast():
-            z = (self.image_encoder or self.model.encode_image)(x)  # (B, D)
+        encode = self.image_encoder or self.model.encode_image
+        if self.image_dtype is not None:  # weights and activations in the compute dtype, as open_clip's precision="fp16"
+            z = encode(x.to(self.image_dtype))  # (B, D)
+        else:
+            with self.autocast():
+                z = encode(x)  # (B, D)
         return F.normalize(z.float(), dim=-1)
 
     @torch.inference_mode()
@@ -251,12 +258,15 @@ def load_teacher(
     resize_mode: str | None = None,
     verbose: bool = True,
     compile: bool = False,
+    cast_weights: bool = True,
 ) -> Teacher:
     """Build the teacher through open_clip.create_model_and_transforms and describe it.
 
     With `classnames`, also builds the zero-shot text classifier from `templates`. The weights stay
     float32; `precision` is applied by autocast in `encode_*`. Random init (`none`) is seeded.
     `compile`: torch.compile the image tower (the first batches compile; same math, fused kernels).
+    `cast_weights` (default): with precision bf16/fp16 the image tower's weights are cast to that dtype and it
+    runs without autocast (half the weight traffic, no per-op casts); False keeps fp32 weights under autocast.
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     precision = resolve_precision(precision, device)
@@ -397,6 +407,11 @@ def load_teacher(
     )
     if classnames is not None:
         teacher.build_text_classifier(list(classnames), resolve_templates(templates), text_classifier_norm)
+    if cast_weights and precision in ("bf16", "fp16"):
+        # the image tower in the compute dtype (the reference code loads DFN with precision="fp16": half weights),
+        # after the text classifier was built under autocast; open_clip's LayerNorm keeps the input dtype
+        teacher.image_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        net.visual.to(teacher.image_dtype)
     if compile:  # the image tower only: it runs over every view; the text tower ran once above
         teacher.image_encoder = torch.compile(net.encode_image)
     return teacher
