@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=2, help="teacher views per image in the caches")
     ap.add_argument("--teacher-batch-size", type=int, default=64)
     ap.add_argument("--compile", action="store_true", help="distill --compile, and the student-only step compiled too")
+    ap.add_argument("--decode", default="cpu", choices=["cpu", "gpu"], help="distill --decode: JPEGs decoded by the workers or on the GPU")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense peak at this precision, for MFU")
     ap.add_argument("--results", type=Path, default=None, help="append a JSON line with the numbers here")
     args = ap.parse_args()
@@ -147,7 +148,7 @@ def main() -> None:
             labeled=str(labeled.root), labeled_cache=str(root / "labeled.zarr"), unlabeled=str(full.root),
             unlabeled_cache=str(root / "full.zarr"), student=args.student, out=str(root / "run"), method="dho",
             epochs=10_000, max_steps=args.steps, batch_size=args.batch_size, workers=args.workers, device=args.device,
-            precision=args.precision, log_every=5, checkpoint_every=10**9, compile=args.compile,
+            precision=args.precision, log_every=5, checkpoint_every=10**9, compile=args.compile, decode=args.decode,
         )
         steps_per_epoch = args.images // args.batch_size
         if steps_per_epoch <= args.steps:
@@ -178,7 +179,7 @@ def main() -> None:
         "online_teacher_samples_per_s": round(r_online, 1),
         "data_path_efficiency": round(r_distill / r_student, 3), "cache_speedup": round(r_distill / r_online, 2),
         "distill_interval_rates": [round(r) for r in rates],
-        "images": args.images, "views": args.views, "precompute_seconds": round(t_pre, 1), "compile": args.compile,
+        "images": args.images, "views": args.views, "precompute_seconds": round(t_pre, 1), "compile": args.compile, "decode": args.decode,
         "student_step_tflops": round(step_flops * r_student / 1e12, 3),
     }
     if args.peak_tflops:

@@ -28,6 +28,11 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
       --device cuda --precision bf16 --batch-size 128 --steps 60 --workers ${WORKERS:-8} --images 8192 --views 1 --classes 1000 \
       --teacher-batch-size 256 --compile --peak-tflops ${PEAK_TFLOPS:-989} --results "$OUT/distill.jsonl" 2>&1 \
       | grep -v "^step \|^precompute-teacher\|^prepare\|^split"
+  echo "== the same with --decode gpu (nvJPEG in batches; workers only read bytes and cache rows)"
+  timeout ${COMPILE_TIMEOUT:-300} python3 bench/bench_distill.py --student ViT-B-16-quickgelu --teacher ViT-H-14-378-quickgelu \
+      --device cuda --precision bf16 --batch-size 128 --steps 60 --workers ${WORKERS:-8} --images 8192 --views 1 --classes 1000 \
+      --teacher-batch-size 256 --compile --decode gpu --peak-tflops ${PEAK_TFLOPS:-989} --results "$OUT/distill.jsonl" 2>&1 \
+      | grep -v "^step \|^precompute-teacher\|^prepare\|^split"
   echo "== teacher precision: fp16 and bf16 probabilities against fp32 (ViT-H-14-378-quickgelu, random init)"
   timeout 120 python3 bench/teacher_precision.py --model ViT-H-14-378-quickgelu --pretrained none --device cuda \
       --images 256 --classes 1000 --batch-size 64 --results "$OUT/precision.jsonl"

@@ -53,6 +53,7 @@ from dho import data, losses
 from dho.devices import resolve_device
 from dho.interrupt import StopSignal, ignore_interrupt, workers_gone
 from dho.errors import CacheError, ConfigError, DhoError, Interrupted, check_choice, check_number
+from dho.gpu_views import decode_views
 from dho.stream import Part, PairedStream
 
 # Test-only: seconds to sleep after each step, so a test can SIGKILL a run mid-way.
@@ -65,6 +66,7 @@ LR_SCHEDULES = ("warmup-cosine", "reference", "linear")
 UNLABELED_POOLS = ("union", "exclude-labeled")
 EPOCHS = ("unlabeled", "shorter")  # an epoch: one pass over the unlabeled stream, or over the shorter of the two
 FORWARDS = ("joint", "separate")
+DECODES = ("cpu", "gpu")  # where the training views are decoded and resampled (see dho/gpu_views.py)
 REUSE_WARN = 10  # warn when a cached (sample, view) is drawn more often than this over the run
 
 
@@ -118,6 +120,7 @@ class DistillConfig:
     compile: bool = False  # torch.compile the student's forward + loss (execution only: same math, fused kernels)
     report_to: str = "jsonl"  # metrics sinks, comma-separated: jsonl (always) | tensorboard | wandb
     keep_checkpoints: int = 1  # checkpoints kept: last.pt, plus step-S.pt of the newest N when N > 1
+    decode: str = "cpu"  # cpu: workers decode + replay the views (PIL); gpu: JPEG batches decoded on the CUDA device
 
     def __post_init__(self) -> None:
         """Type and range of every option, wherever the config came from (command line, --config YAML,
@@ -138,6 +141,7 @@ class DistillConfig:
         check_choice("--precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         check_choice("--view-sampling", self.view_sampling, ("cycle", "random"))
         check_choice("--vlm-heads", self.vlm_heads, ("reference", "eq10"))
+        check_choice("--decode", self.decode, DECODES)
         report_sinks(self.report_to)  # names and installed packages, before anything runs
         if self.interpolation is not None:
             check_choice("--interpolation", self.interpolation, ("bilinear", "bicubic"))
@@ -202,8 +206,8 @@ def _coerce(name: str, value, annotation: str):
 # Options that may change on --resume without changing the result.
 # Anything that changes the data order or the numerics (workers set the thread count and the consumers,
 # the device the kernels) is refused on resume.
-RESUME_FREE = {"log_every", "checkpoint_every", "max_steps", "val", "eval_every_epoch", "report_to", "keep_checkpoints",
-               "compile"}
+RESUME_FREE = {"log_every", "checkpoint_every", "max_steps", "val", "eval_every_epoch", "report_to", "keep_checkpoints"}
+# compile and decode change the kernels / pixels (slightly): a run keeps its own, so a resume stays bit-identical
 
 
 def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
@@ -216,6 +220,12 @@ def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return rank, world, dev
+
+
+def _check_decode(decode: str, device: torch.device) -> None:
+    """--decode gpu decodes with nvJPEG on the training device, so it needs a CUDA one."""
+    if decode == "gpu" and device.type != "cuda":
+        raise ConfigError(f"--decode gpu needs a CUDA device (this run trains on {device}); use --decode cpu")
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -591,6 +601,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     is_main = rank == 0
     num_workers = max(cfg.workers, 1)
     autocast_dtype = _autocast_dtype(cfg.precision, device)
+    _check_decode(cfg.decode, device)
     if device.type == "cpu" and cfg.workers > 0:
         # The workers decode on the same cores: an OpenMP pool as wide as the machine spins while they
         # wait and starves them (measured 60x slower on 2 cores). Leave one core per worker.
@@ -748,7 +759,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
         micro_l=micro, micro_u=micro, seed=cfg.seed, rank=rank, world_size=world, num_workers=num_workers,
         start_item=start_step * cfg.accum_steps, view_sampling=cfg.view_sampling,
         image_size=student.preprocess["image_size"], interpolation=student.preprocess["interpolation"], eta=cfg.eta,
-        need_embeddings=cfg.method == "ce+kd-feature", window=cfg.window,
+        need_embeddings=cfg.method == "ce+kd-feature", window=cfg.window, raw=cfg.decode == "gpu",
     )
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
@@ -760,8 +771,16 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     def next_forward_batch() -> dict:
         """Concatenate one micro-batch from each of this rank's W consumers (round-robin order)."""
         items = [next(batches) for _ in range(num_workers)]
+        raw = [k for k in items[0] if k.endswith(("_data", "_ext", "_params"))]  # --decode gpu: encoded images + boxes
         # copy each pinned micro-batch (asynchronous), then concatenate on the device
-        batch = {k: torch.cat([it[k].to(device, non_blocking=True) for it in items]) for k in items[0]}
+        batch = {k: torch.cat([it[k].to(device, non_blocking=True) for it in items]) for k in items[0] if k not in raw}
+        for side in ("l", "u"):
+            if f"{side}_data" in raw:  # the W micro-batches' JPEGs decoded in one batch on the device
+                batch[f"{side}_image"] = decode_views(
+                    [b for it in items for b in it[f"{side}_data"]], [e for it in items for e in it[f"{side}_ext"]],
+                    torch.cat([it[f"{side}_params"] for it in items]),  # (b, 5) on the host
+                    student.preprocess["image_size"], student.preprocess["interpolation"], device,
+                )  # (b, 3, S, S) uint8
         for k in ("l_image", "u_image"):
             if k in batch:  # uint8 from the workers -> the student's normalisation, on the device
                 batch[k] = data.normalize(batch[k], student.preprocess["mean"], student.preprocess["std"])

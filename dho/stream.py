@@ -25,7 +25,10 @@ sample is seen under all V teacher views in turn; `random` draws a view per (see
 The student's crop is replayed from the cached `view_params` at the student's resolution
 (`data.decode_view` + `data.replay_view_uint8`), i.e. the student sees the view the teacher saw.
 Workers yield uint8 images (a quarter of the bytes through shared and pinned memory); the loop
-normalises them on the device with the student's mean/std (`data.normalize`).
+normalises them on the device with the student's mean/std (`data.normalize`). With `raw=True`
+(`dho distill --decode gpu`) workers decode nothing: they yield each sample's encoded bytes, its
+extension and the cached view params, and the loop decodes the batch on the device
+(`gpu_views.decode_views`).
 
 Out of scope: images are read per shard into memory (a window of `window` shards per consumer);
 very large shards need a smaller window.
@@ -177,7 +180,8 @@ class PairedStream(IterableDataset):
 
     Keys (present when the half is used): `l_image` (b_l, 3, S, S) uint8, `l_label` (b_l,),
     `l_probs` (b_l, C), `l_emb` (b_l, D); `u_image`, `u_probs`, `u_emb` likewise; `u_index`/`l_index`
-    (global rows, for debugging and tests).
+    (global rows, for debugging and tests). With `raw=True`, `l_data` (list of b_l encoded images),
+    `l_ext` (list of b_l extensions) and `l_params` (b_l, 5) int32 view params replace `l_image`.
     """
 
     def __init__(
@@ -198,6 +202,7 @@ class PairedStream(IterableDataset):
         eta: float,
         need_embeddings: bool = False,
         window: int = 2,
+        raw: bool = False,
     ):
         if view_sampling not in ("cycle", "random"):
             raise ConfigError(f"--view-sampling must be 'cycle' or 'random', got {view_sampling!r}")
@@ -210,6 +215,7 @@ class PairedStream(IterableDataset):
         self.eta = eta
         self.need_embeddings = need_embeddings
         self.window = window
+        self.raw = raw
 
     def _half(self, name: str, consumer: int, num_consumers: int) -> Iterator[dict] | None:
         parts, micro = self.halves[name]
@@ -228,6 +234,7 @@ class PairedStream(IterableDataset):
     def _batches(self, name: str, readers: list[_PartReader], records: Iterator[Record], micro: int) -> Iterator[dict]:
         while True:
             images, labels, probs, embs, index = [], [], [], [], []
+            datas, exts, params = [], [], []  # raw mode
             for _ in range(micro):
                 r = next(records)
                 reader = readers[r.part]
@@ -239,20 +246,28 @@ class PairedStream(IterableDataset):
                 else:
                     view = _seed_of(self.seed, sample.key, r.pass_, "view") % num_views
                 block = reader.block(view, r.shard)
-                where = f"{info.path.name} key {sample.key!r}"
-                image, box = data.decode_view(sample.data, sample.ext, where, block["params"][r.pos], self.size)
-                images.append(data.replay_view_uint8(image, box, self.size, self.interpolation))  # (3, S, S) uint8
+                if self.raw:  # decoded on the device by the loop
+                    datas.append(sample.data)
+                    exts.append(sample.ext)
+                    params.append(torch.as_tensor(np.asarray(block["params"][r.pos], dtype=np.int32)))  # (5,)
+                else:
+                    where = f"{info.path.name} key {sample.key!r}"
+                    image, box = data.decode_view(sample.data, sample.ext, where, block["params"][r.pos], self.size)
+                    images.append(data.replay_view_uint8(image, box, self.size, self.interpolation))  # (3, S, S) uint8
                 labels.append(int(reader.ds.labels[info.offset + r.pos]))
                 probs.append(torch.from_numpy(np.asarray(block["probs"][r.pos], dtype=np.float32)))
                 if self.need_embeddings:
                     embs.append(torch.from_numpy(np.asarray(block["emb"][r.pos], dtype=np.float32)))
                 index.append(info.offset + r.pos)
-            batch = {
-                f"{name}_image": torch.stack(images),  # (b, 3, S, S) uint8, normalised on the device
+            if self.raw:
+                batch = {f"{name}_data": datas, f"{name}_ext": exts, f"{name}_params": torch.stack(params)}  # params (b, 5)
+            else:
+                batch = {f"{name}_image": torch.stack(images)}  # (b, 3, S, S) uint8, normalised on the device
+            batch.update({
                 f"{name}_label": torch.tensor(labels, dtype=torch.long),  # (b,)
                 f"{name}_probs": torch.stack(probs),  # (b, C)
                 f"{name}_index": torch.tensor(index, dtype=torch.long),  # (b,)
-            }
+            })
             if self.need_embeddings:
                 batch[f"{name}_emb"] = torch.stack(embs)  # (b, D)
             yield batch
