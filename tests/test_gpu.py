@@ -62,3 +62,36 @@ def test_distill_on_cuda_with_bf16(gpu_world, tiny_teacher_ckpt, tmp_path):
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     student, meta = load_student(tmp_path / "run" / "model.pt")  # loads on CPU
     assert next(student.parameters()).device.type == "cpu" and meta["alpha"] == 0.5
+
+
+def test_fp16_teacher_with_cast_weights_and_compile_on_cuda(tiny_teacher_ckpt):
+    """The fp16 image tower (cast weights, no autocast) and its compiled version agree with fp32 on CUDA."""
+    from dho.teacher import load_teacher
+
+    names = ["red", "green", "blue"]
+    fp32 = load_teacher(str(TINY_CLIP_CONFIG), str(tiny_teacher_ckpt), "cuda", "fp32", classnames=names, verbose=False)
+    fp16 = load_teacher(str(TINY_CLIP_CONFIG), str(tiny_teacher_ckpt), "cuda", "fp16", classnames=names, verbose=False,
+                        compile=True)
+    assert next(fp16.model.visual.parameters()).dtype == torch.float16
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    p32 = torch.softmax(fp32.logits(fp32.encode_images(x)) / 2.0, -1)
+    p16 = torch.softmax(fp16.logits(fp16.encode_images(x)) / 2.0, -1)
+    assert float((p16 - p32).abs().max()) < 0.02  # fp16 moved the demo teacher's probabilities by 4e-3 on CPU
+
+
+def test_distill_on_cuda_compiled_channels_last_matches_eager(gpu_world, tiny_teacher_ckpt, tmp_path):
+    """--compile with fused AdamW and channels_last (a CNN student) trains like eager on CUDA (fp32)."""
+    root, full, labeled = gpu_world
+    teacher = dict(model=str(TINY_CLIP_CONFIG), pretrained=str(tiny_teacher_ckpt), views=2, device="cuda", workers=0)
+    precompute(full.root, tmp_path / "full.zarr", **teacher)
+    precompute(labeled.root, tmp_path / "labeled.zarr", **teacher)
+    runs = {}
+    for mode in ("eager", "compiled"):
+        cfg = DistillConfig(labeled=str(labeled.root), labeled_cache=str(tmp_path / "labeled.zarr"), unlabeled=str(full.root),
+                            unlabeled_cache=str(tmp_path / "full.zarr"), student="resnet-tiny", out=str(tmp_path / mode),
+                            epochs=1, max_steps=4, batch_size=8, lr=3e-3, device="cuda", precision="fp32", workers=0,
+                            log_every=1, compile=mode == "compiled")
+        distill(cfg)
+        runs[mode] = [json.loads(line)["loss"] for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()
+                      if '"loss"' in line]
+    np.testing.assert_allclose(runs["compiled"], runs["eager"], rtol=1e-3, atol=1e-4)
