@@ -6,7 +6,8 @@
 
 The teacher is built by `dho.teacher.load_teacher` (random weights: speed does not depend on them) and run
 through `Teacher.encode_images`, what `dho precompute-teacher` runs per batch, eager and with `compile=True`
-(`--compile` of precompute-teacher). FLOPs per image come from torch's flop counter
+(`--compile` of precompute-teacher); in bf16/fp16 also with fp32 weights under autocast (`cast_weights=False`,
+the path before the weights were cast). FLOPs per image come from torch's flop counter
 (`dho.inference_bench.count_flops`, multiply-add = 2); TFLOP/s = FLOPs x images/s; MFU = TFLOP/s / --peak-tflops.
 Prints one JSON object (and appends it to --results).
 """
@@ -54,15 +55,17 @@ def main() -> None:
     device = torch.device(args.device)
     names = [f"class {i}" for i in range(10)]
     out = {}
-    for mode in ("eager", "compiled"):
+    modes = ("autocast", "eager", "compiled") if args.precision != "fp32" else ("eager", "compiled")
+    for mode in modes:  # autocast: fp32 weights under autocast (dho <= 0.1); eager: weights cast (the default); compiled
         t0 = time.perf_counter()
         teacher = load_teacher(args.model, "none", device=device, precision=args.precision, classnames=names,
-                               templates="simple", verbose=False, compile=mode == "compiled")
+                               templates="simple", verbose=False, compile=mode == "compiled",
+                               cast_weights=mode != "autocast")
         size = teacher.preprocess["image_size"]
         x = torch.randn(args.batch_size, 3, size, size, device=device)
         out[mode] = {"images_per_s": round(rate(teacher, x, args.warmup, args.iters), 2),
                      "build_and_warmup_s": round(time.perf_counter() - t0, 1)}
-        if mode == "eager":
+        if mode == modes[0]:  # fp32 weights in this first mode; FLOPs do not depend on the dtype
             flops = count_flops(teacher.model.visual, x[:1])
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
@@ -70,6 +73,7 @@ def main() -> None:
         **{f"{m}_images_per_s": v["images_per_s"] for m, v in out.items()},
         **{f"{m}_tflops": round(flops * v["images_per_s"] / 1e12, 3) for m, v in out.items()},
         "compiled_over_eager": round(out["compiled"]["images_per_s"] / out["eager"]["images_per_s"], 3),
+        **({"cast_over_autocast": round(out["eager"]["images_per_s"] / out["autocast"]["images_per_s"], 3)} if "autocast" in out else {}),
         "compile_and_warmup_s": out["compiled"]["build_and_warmup_s"],
     }
     if args.peak_tflops:
