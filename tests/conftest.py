@@ -6,10 +6,15 @@ Session-scoped fixtures are shared by many tests: treat them as read-only (copy 
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# torch.compile's kernel cache, one per CPU instruction set: kernels cached under the native ISA crashed when the
+# suite ran again with ATEN_CPU_CAPABILITY=avx2 (imitating another CPU) on the same machine
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor_dho_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}_{os.getuid()}"))
 
 from helpers_data import ODD_BAD_FILES, ODD_EXTRA_FILES, make_image_folder  # noqa: E402,F401
 
