@@ -31,7 +31,7 @@ import shutil
 import sys
 import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -811,6 +811,25 @@ def _scan_shard(path: Path, label_key: str) -> tuple[list[str], list[int]]:
     return keys, labels
 
 
+def _scan_and_hash(path: Path, label_key: str) -> tuple[list[str], list[int], str]:
+    keys, labels = _scan_shard(path, label_key)
+    return keys, labels, file_sha256(path)
+
+
+def _scan_shards(paths: Sequence[Path], label_key: str) -> Iterator[tuple[list[str], list[int], str]]:
+    """(keys, labels, sha256) of every shard, in order; shards are scanned in a process pool (one per core)
+    when there are several, as tar parsing and hashing are CPU-bound."""
+    workers = min(len(paths), os.cpu_count() or 1)
+    if workers <= 1:
+        yield from (_scan_and_hash(p, label_key) for p in paths)
+        return
+    import multiprocessing
+
+    # fork is cheap here and the pool only runs this module's pure functions (no torch, no threads of ours)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield from pool.map(_scan_and_hash, paths, [label_key] * len(paths), chunksize=max(1, len(paths) // (4 * workers)))
+
+
 def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, label_key: str = "cls", overwrite: bool = False,
           classes_of: Optional[PathLike] = None) -> Dataset:
     """Write OUT/manifest.json for existing webdataset shards (given order = global order).
@@ -843,6 +862,7 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
     out.mkdir(parents=True, exist_ok=True)
     out_abs = out.resolve()
     entries, owner, given = [], {}, set()
+    paths = []
     for p in map(Path, shards):
         if not p.is_file():
             raise DatasetError(f"shard {p} not found; check the path")
@@ -850,7 +870,8 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
         if p in given:
             raise DatasetError(f"shard {p} is given twice; list each shard once")
         given.add(p)
-        keys, labels = _scan_shard(p, label_key)
+        paths.append(p)
+    for p, (keys, labels, sha256) in zip(paths, _scan_shards(paths, label_key)):
         for key in keys:
             if key in owner:
                 raise DatasetError(f"sample key {key!r} appears in shard {owner[key]} and again in shard {p}; keys must be unique across all shards")
@@ -862,7 +883,7 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
             path = p.relative_to(out_abs).as_posix()
         except ValueError:
             path = str(p)
-        entries.append({"path": path, "count": len(keys), "sha256": file_sha256(p), "keys": keys, "labels": labels})
+        entries.append({"path": path, "count": len(keys), "sha256": sha256, "keys": keys, "labels": labels})
     provenance = {"command": "index", "label_key": label_key, "classnames_file": Path(classnames_file).name, "dho_version": dho.__version__}
     _dump_manifest(_manifest(classnames, entries, [], provenance, label_key=label_key, classes=classes), out / MANIFEST)
     return Dataset.open(out)

@@ -81,3 +81,17 @@ def test_ordered_reader_is_made_on_first_use_and_pickles_by_reference(tiny_datas
     assert type(again) is data.OrderedReader and [s.key for s in again] == [s.key for s in reader]
     with pytest.raises(AttributeError):
         data.NoSuchThing  # noqa: B018
+
+
+def test_index_scans_shards_in_a_process_pool_like_one_by_one(tmp_path, tiny_dataset):
+    """The pooled scan (several shards, several cores) gives what scanning each shard in turn gives, in order;
+    an error in a worker (a truncated tar) reaches the caller as the same one-line DatasetError."""
+    paths = [s.path for s in tiny_dataset.shards]
+    pooled = list(data._scan_shards(paths, "cls"))
+    assert pooled == [data._scan_and_hash(p, "cls") for p in paths]
+    assert [k for k, _, _ in pooled] == [s.keys for s in tiny_dataset.shards]
+    assert [h for _, _, h in pooled] == [s.sha256 for s in tiny_dataset.shards]
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(paths[1].read_bytes()[: paths[1].stat().st_size // 2])  # cut inside a member
+    with pytest.raises(data.DatasetError, match=r"cut\.tar: truncated"):
+        list(data._scan_shards([paths[0], cut, paths[2]], "cls"))
