@@ -253,6 +253,15 @@ class TeacherCache:
             cache.check_dataset(dataset)
         return cache
 
+    @classmethod
+    def reopen(cls, path, done: np.ndarray, valid: np.ndarray) -> "TeacherCache":
+        """A read-only handle on a cache another process already opened and checked (a DataLoader
+        worker's): reads the group attributes, then chunks only; `done` and `valid` are that process's
+        arrays (no per-unit or per-sample read here)."""
+        cache = cls(Path(path), zarr.open_group(str(path), mode="r"), "r")
+        cache._done, cache._valid = done, valid
+        return cache
+
     def check_dataset(self, dataset) -> None:
         """Raise CacheError saying what differs when this cache was not built for `dataset`."""
         a, fix = self.attrs, "use the cache built for this dataset, or build one with `dho precompute-teacher`"
@@ -266,6 +275,8 @@ class TeacherCache:
             raise CacheError(f"{where}: {self.num_samples} samples in the cache, {dataset.num_samples} in the dataset; {fix}")
         if [s.count for s in dataset.shards] != self.shard_counts:
             raise CacheError(f"{where}: shard sizes differ ({self.shard_counts[:5]}... vs {[s.count for s in dataset.shards][:5]}...); {fix}")
+        if dataset.fingerprint == a["dataset_fingerprint"]:
+            return  # same content (the fingerprint covers keys, labels and shard checksums): no key is read
         keys = self.keys
         if list(dataset.keys) != keys:
             i = next(i for i, (x, y) in enumerate(zip(keys, dataset.keys)) if x != y)
@@ -306,6 +317,13 @@ class TeacherCache:
             raw = self.array("keys")[:]
             self._keys = decode_keys(raw) if self.attrs["schema_version"] >= 3 else [str(k) for k in raw]
         return self._keys
+
+    def key(self, row: int) -> str:
+        """The key of global row `row` (reads one chunk of `keys`, not all of them)."""
+        if self._keys is not None:
+            return self._keys[row]
+        raw = self.array("keys")[row]
+        return decode_keys(np.asarray(raw).reshape(1, -1))[0] if self.attrs["schema_version"] >= 3 else str(raw)
 
     @property
     def labels(self) -> np.ndarray:
@@ -389,7 +407,7 @@ class TeacherCache:
                              "not match the data); rebuild the cache with `dho precompute-teacher` into a new --out") from None
 
     def _damaged(self, name: str, view: int, start: int, stop: int, row: int, what: str) -> CacheError:
-        key = self.keys[start + row]
+        key = self.key(start + row)
         return CacheError(f"{self.path}: array {name!r}, {self._where(view, start, stop)}: sample {key!r} {what}; the chunk "
                           "is damaged or missing: rebuild the cache with `dho precompute-teacher` into a new --out")
 
@@ -408,16 +426,26 @@ class TeacherCache:
             p = np.asarray(self._read("probs", view, start, stop), dtype=np.float32)  # (n, C)
             self._check_distribution("probs", view, start, stop, p, valid, exact_sum=True)
         else:
-            idx = np.asarray(self._read("topk_indices", view, start, stop), dtype=np.int64)  # (n, K)
-            val = np.asarray(self._read("topk_probs", view, start, stop), dtype=np.float32)  # (n, K)
-            self._check_distribution("topk_probs", view, start, stop, val, valid, exact_sum=False)
-            bad = np.flatnonzero(valid & ((idx < 0) | (idx >= self.num_classes)).any(axis=1))
-            if len(bad):
-                raise self._damaged("topk_indices", view, start, stop, int(bad[0]), f"has class indices outside [0, {self.num_classes})")
-            p = densify_topk(idx, val, self.num_classes)
+            p = densify_topk(*self.topk_rows(view, start, stop), self.num_classes)
         if eta is not None and float(eta) != self.eta:
             p = retemper(p, self.eta / float(eta))
         return p
+
+    def topk_rows(self, view: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """A top-k cache's rows [start, stop) as stored, checked: indices (n, K) int64, probabilities (n, K)
+        float32 (at the cache's eta; NaN / -1 rows for invalid samples). Readers that keep them sparse
+        densify later (`densify_topk`, or `stream.dense_targets` on the device)."""
+        if self.topk is None:
+            raise CacheError(f"{self.path} stores dense probabilities, not top-k rows")
+        self._check_read(view, start, stop)
+        valid = self.valid[start:stop]  # (n,)
+        idx = np.asarray(self._read("topk_indices", view, start, stop), dtype=np.int64)  # (n, K)
+        val = np.asarray(self._read("topk_probs", view, start, stop), dtype=np.float32)  # (n, K)
+        self._check_distribution("topk_probs", view, start, stop, val, valid, exact_sum=False)
+        bad = np.flatnonzero(valid & ((idx < 0) | (idx >= self.num_classes)).any(axis=1))
+        if len(bad):
+            raise self._damaged("topk_indices", view, start, stop, int(bad[0]), f"has class indices outside [0, {self.num_classes})")
+        return idx, val
 
     def _check_distribution(self, name: str, view: int, start: int, stop: int, p: np.ndarray, valid: np.ndarray,
                             exact_sum: bool) -> None:

@@ -32,7 +32,7 @@ import sys
 import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -44,7 +44,7 @@ from dho.atomic import guard_out, remove_stale, temp_sibling
 from dho.errors import ConfigError, DatasetError, check_number
 
 MANIFEST = "manifest.json"
-FORMAT, VERSION = "dho-dataset", 1
+FORMAT, VERSION = "dho-dataset", 2  # version 1 (keys and labels in the JSON) still opens
 # extensions torchvision's ImageFolder accepts; stored lowercased, bytes never re-encoded
 IMAGE_EXTS = ("jpg", "jpeg", "jfif", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
 # what `prepare` says about files it does not read (all are listed in the manifest's `ignored`)
@@ -79,74 +79,152 @@ class Sample:
     ext: Optional[str] = None  # their extension, e.g. "jpg"
 
 
+class Columns:
+    """Per-sample columns of a dataset in global row order, as numpy arrays (memory-mapped for v2).
+
+    `keys` (N,) fixed-width bytes (UTF-8, zero-padded), `labels` (N,) int64 (-1 = unlabeled),
+    `files` (N,) fixed-width bytes or None (original relative file names, `prepare` only). Arrays
+    only, no Python object per sample: forked DataLoader workers share them with the main process
+    (reading a memory map or an inherited array copies no page)."""
+
+    def __init__(self, keys: np.ndarray, labels: np.ndarray, files: Optional[np.ndarray]):
+        self.keys, self.labels, self.files = keys, labels, files
+
+    @classmethod
+    def from_lists(cls, keys: list, labels: list, files: Optional[list]) -> "Columns":
+        return cls(encode_strings(keys), np.asarray(labels, dtype=np.int64).reshape(-1),
+                   None if files is None else encode_strings(files))
+
+
+def encode_strings(items: Sequence[str]) -> np.ndarray:
+    """Strings -> (N,) numpy fixed-width bytes `S{W}` of their UTF-8, W = the longest (at least 1)."""
+    encoded = [str(x).encode("utf-8") for x in items]
+    return np.array(encoded, dtype=f"S{max([1, *map(len, encoded)])}")
+
+
+def decode_strings(raw: np.ndarray) -> list[str]:
+    """(n,) fixed-width bytes -> n strings (numpy strips the zero padding)."""
+    return [b.decode("utf-8") for b in np.asarray(raw).tolist()]
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     path: Path  # absolute
     count: int
     offset: int  # global row of the shard's first sample
     sha256: str
-    keys: list
-    labels: list
-    files: Optional[list] = None  # original relative file names (prepare only)
+    columns: Columns = field(repr=False)
+
+    @property
+    def keys(self) -> list[str]:
+        return decode_strings(self.columns.keys[self.offset:self.offset + self.count])
+
+    @property
+    def labels(self) -> list[int]:
+        return self.columns.labels[self.offset:self.offset + self.count].tolist()
+
+    @property
+    def files(self) -> Optional[list[str]]:
+        """Original relative file names (prepare only), else None."""
+        files = self.columns.files
+        return None if files is None else decode_strings(files[self.offset:self.offset + self.count])
 
 
 class Dataset:
-    """A dataset folder opened from its manifest.json. Cheap: reads no shard."""
+    """A dataset folder opened from its manifest.json. Cheap: reads no shard.
+
+    Version 2 manifests (written since dho 0.?) are columnar: manifest.json holds the class names,
+    the shards (path, count, sha256) and the content fingerprint computed when it was written;
+    keys, labels and file names are numpy arrays beside it (`manifest.keys.npy`, ...), opened as
+    memory maps, so opening costs O(shards), not O(samples). Version 1 manifests (keys and labels
+    in the JSON) still open; their columns are built in memory and the JSON lists are dropped."""
 
     def __init__(self, root: Path, manifest: dict):
         where = root / MANIFEST
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        if manifest.get("format") != FORMAT or manifest.get("version") not in (1, VERSION):
             raise DatasetError(
-                f"{where}: not a {FORMAT} version {VERSION} manifest "
+                f"{where}: not a {FORMAT} manifest of version 1 or {VERSION} "
                 f"(format={manifest.get('format')!r}, version={manifest.get('version')!r}); "
-                "re-create it with `dho prepare` or `dho index`"
+                "re-create it with `dho prepare` or `dho index`, or use the dho version that wrote it"
             )
-        for field in ("classnames", "shards", "num_samples"):
-            if field not in manifest:
-                raise DatasetError(f"{where}: field {field!r} is missing; re-create it with `dho prepare` or `dho index`")
+        self.version = manifest["version"]
+        for field_ in ("classnames", "shards", "num_samples") + (("fingerprint", "columns") if self.version >= 2 else ()):
+            if field_ not in manifest:
+                raise DatasetError(f"{where}: field {field_!r} is missing; re-create it with `dho prepare` or `dho index`")
         self.root = root
-        self.manifest = manifest
         self.classnames = list(manifest["classnames"])
         self.num_classes = len(self.classnames)
         self.label_key = manifest.get("label_key", "cls").lower()
-        self.shards: list[ShardInfo] = []
-        offset = 0
+        per_shard = ("path", "count", "sha256") + (("keys", "labels") if self.version == 1 else ())
         for i, s in enumerate(manifest["shards"]):
-            missing = [f for f in ("path", "count", "sha256", "keys", "labels") if f not in s]
+            missing = [f for f in per_shard if f not in s]
             if missing:
                 raise DatasetError(f"{where}: shard {i} lacks {missing}; the manifest is corrupt, re-create it with `dho index`")
-            count, keys, labels = s["count"], s["keys"], s["labels"]
-            files = s.get("files")
-            if len(keys) != count or len(labels) != count or (files is not None and len(files) != count):
-                raise DatasetError(
-                    f"{where}: shard {i} ({s['path']}) says count={count} but lists {len(keys)} keys, "
-                    f"{len(labels)} labels; the manifest is corrupt, re-create it with `dho index`"
-                )
-            path = Path(s["path"])
-            path = path if path.is_absolute() else root / path
-            self.shards.append(ShardInfo(path, count, offset, s["sha256"], keys, labels, files))
-            offset += count
-        self.num_samples = offset
-        if manifest["num_samples"] != offset:
+        counts = [s["count"] for s in manifest["shards"]]
+        num = sum(counts)
+        if manifest["num_samples"] != num:
             raise DatasetError(
-                f"{where}: num_samples={manifest['num_samples']} but the shard counts add up to {offset}; "
+                f"{where}: num_samples={manifest['num_samples']} but the shard counts add up to {num}; "
                 "the manifest is corrupt, re-create it with `dho index`"
             )
-        self.keys: list[str] = [k for s in self.shards for k in s.keys]
-        self.labels = np.array([lab for s in self.shards for lab in s.labels], dtype=np.int64)  # (N,)
-        if len(set(self.keys)) != len(self.keys):
-            raise DatasetError(f"{where}: sample keys are not unique; re-create it with `dho index`")
+        if self.version == 1:
+            self.columns = self._v1_columns(where, manifest["shards"])
+            self.fingerprint = _fingerprint(self.classnames, manifest["shards"])
+            # the per-sample lists now live in the columns: drop them (a dataset stays O(shards) in Python objects)
+            manifest = {**manifest, "shards": [{k: v for k, v in s.items() if k not in SHARD_COLUMNS} for s in manifest["shards"]]}
+        else:
+            self.columns = _open_columns(root, manifest["columns"], num, where)
+            self.fingerprint = manifest["fingerprint"]
+        self.manifest = manifest
+        self.shards: list[ShardInfo] = []
+        offset = 0
+        for s in manifest["shards"]:
+            path = Path(s["path"])
+            path = path if path.is_absolute() else root / path
+            self.shards.append(ShardInfo(path, s["count"], offset, s["sha256"], self.columns))
+            offset += s["count"]
+        self.num_samples = offset
+        self.key_bytes: np.ndarray = self.columns.keys  # (N,) S{W}
+        self.labels: np.ndarray = self.columns.labels  # (N,) int64
+        self._keys: Optional[list[str]] = None
         bad = np.flatnonzero((self.labels < -1) | (self.labels >= self.num_classes))
         if len(bad):
             raise DatasetError(
-                f"{where}: sample {self.keys[bad[0]]!r} has label {self.labels[bad[0]]} outside "
+                f"{where}: sample {self.key(int(bad[0]))!r} has label {self.labels[bad[0]]} outside "
                 f"[-1, {self.num_classes}); check the class names"
             )
-        self.fingerprint = _fingerprint(self.classnames, manifest["shards"])
+
+    @staticmethod
+    def _v1_columns(where: Path, shards: list) -> Columns:
+        for i, s in enumerate(shards):
+            count, files = s["count"], s.get("files")
+            if len(s["keys"]) != count or len(s["labels"]) != count or (files is not None and len(files) != count):
+                raise DatasetError(
+                    f"{where}: shard {i} ({s['path']}) says count={count} but lists {len(s['keys'])} keys, "
+                    f"{len(s['labels'])} labels; the manifest is corrupt, re-create it with `dho index`"
+                )
+        keys = [k for s in shards for k in s["keys"]]
+        if len(set(keys)) != len(keys):
+            raise DatasetError(f"{where}: sample keys are not unique; re-create it with `dho index`")
+        with_files = bool(shards) and all(s.get("files") is not None for s in shards)
+        return Columns.from_lists(keys, [lab for s in shards for lab in s["labels"]],
+                                  [f for s in shards for f in s["files"]] if with_files else None)
+
+    @property
+    def keys(self) -> list[str]:
+        """The N sample keys as strings (decoded on first use: O(N) Python objects; hot paths use `key_bytes`)."""
+        if self._keys is None:
+            self._keys = decode_strings(self.key_bytes)
+        return self._keys
+
+    def key(self, row: int) -> str:
+        """The key of global row `row` (decodes one key)."""
+        return self.key_bytes[row].decode("utf-8")
 
     @classmethod
     def open(cls, path: PathLike, verify: bool = False) -> "Dataset":
-        """Open the dataset folder `path` (or its manifest.json); `verify` rechecks every shard's sha256."""
+        """Open the dataset folder `path` (or its manifest.json); `verify` rechecks every shard's sha256,
+        and for a columnar manifest the fingerprint and the uniqueness of the keys."""
         path = Path(path)
         root = path.parent if path.name == MANIFEST and path.is_file() else path
         where = root / MANIFEST
@@ -162,7 +240,15 @@ class Dataset:
         return ds
 
     def verify(self) -> None:
-        """Recheck every shard's sha256 against the manifest (reads all shards)."""
+        """Recheck every shard's sha256 against the manifest (reads all shards) and the content fingerprint."""
+        if self.version >= 2:
+            if len(np.unique(self.key_bytes)) != self.num_samples:
+                raise DatasetError(f"{self.root / MANIFEST}: sample keys are not unique; re-create it with `dho index`")
+            computed = _fingerprint_columns(self.classnames, [
+                {"path": str(s.path), "count": s.count, "sha256": s.sha256} for s in self.shards], self.columns)
+            if computed != self.fingerprint:
+                raise DatasetError(f"{self.root / MANIFEST}: the key/label columns do not match the manifest's fingerprint "
+                                   "(a column file was changed or replaced); re-create it with `dho index`")
         for i in range(len(self.shards)):
             verify_shard(self, i)
 
@@ -170,17 +256,63 @@ class Dataset:
         return f"Dataset({str(self.root)!r}, samples={self.num_samples}, shards={len(self.shards)}, classes={self.num_classes})"
 
 
+SHARD_COLUMNS = ("keys", "labels", "files")  # per-sample lists of a v1 shard entry, columns in v2
+
+
+def _open_columns(root: Path, spec: dict, num: int, where: Path) -> Columns:
+    arrays = {}
+    for name in ("keys", "labels", "files"):
+        if name not in spec:
+            if name == "files":
+                arrays[name] = None
+                continue
+            raise DatasetError(f"{where}: lists no {name!r} column; re-create it with `dho prepare` or `dho index`")
+        path = root / spec[name]
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise DatasetError(f"{where}: its {name} column {path.name} is missing; restore it or re-create the manifest with `dho index`") from None
+        except (ValueError, OSError) as e:
+            raise DatasetError(f"{where}: its {name} column {path.name} is not a readable .npy file ({e}); re-create the manifest with `dho index`") from None
+        kind_ok = arr.dtype.kind == "S" if name != "labels" else arr.dtype == np.int64
+        if arr.shape != (num,) or not kind_ok:
+            raise DatasetError(f"{where}: its {name} column {path.name} is {arr.dtype} {arr.shape}, expected ({num},) "
+                               f"{'int64' if name == 'labels' else 'bytes'}; re-create the manifest with `dho index`")
+        arrays[name] = arr
+    return Columns(arrays["keys"], arrays["labels"], arrays["files"])
+
+
+def _fingerprint_chunks(classnames: list, shard_dicts: Iterator[dict]) -> str:
+    """sha256 of json.dumps({"classnames", "shards": [...]}, sort_keys, compact), fed shard by shard."""
+    dump = lambda v: json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # noqa: E731
+    h = hashlib.sha256()
+    h.update(('{"classnames":' + dump(list(classnames)) + ',"shards":[').encode("utf-8"))
+    for i, d in enumerate(shard_dicts):
+        h.update(((',' if i else '') + dump(d)).encode("utf-8"))
+    h.update(b"]}")
+    return h.hexdigest()
+
+
 def _fingerprint(classnames: list, shards: list) -> str:
-    """sha256 of the content (class names, shard basenames, counts, sha256s, keys, labels)."""
-    content = {
-        "classnames": list(classnames),
-        "shards": [
-            {"name": Path(s["path"]).name, "count": s["count"], "sha256": s["sha256"], "keys": s["keys"], "labels": s["labels"]}
-            for s in shards
-        ],
-    }
-    blob = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()
+    """sha256 of the content (class names, shard basenames, counts, sha256s, keys, labels).
+
+    The same number for a v1 manifest and the columnar v2 manifest of the same content, so caches
+    keep matching a dataset whose manifest was rewritten."""
+    return _fingerprint_chunks(classnames, (
+        {"name": Path(s["path"]).name, "count": s["count"], "sha256": s["sha256"], "keys": s["keys"], "labels": s["labels"]}
+        for s in shards))
+
+
+def _fingerprint_columns(classnames: list, shards: list, columns: Columns) -> str:
+    """`_fingerprint` of shards (path, count, sha256) whose keys and labels are in `columns`."""
+    def dicts():
+        offset = 0
+        for s in shards:
+            rows = slice(offset, offset + s["count"])
+            yield {"name": Path(s["path"]).name, "count": s["count"], "sha256": s["sha256"],
+                   "keys": decode_strings(columns.keys[rows]), "labels": columns.labels[rows].tolist()}
+            offset += s["count"]
+    return _fingerprint_chunks(classnames, dicts())
 
 
 def file_sha256(path: str | Path, block: int = 1 << 24) -> str:
@@ -301,17 +433,18 @@ def iter_shard(ds: Dataset, shard_index: int, decode: bool = True) -> Iterator[S
     if not shard.path.is_file():
         raise DatasetError(f"{name} of dataset {ds.root} is missing; restore it or re-run `dho prepare`/`dho index`")
     changed = "the shard changed since the manifest was written; run `dho index` again or restore the shard"
+    keys, labels = shard.keys, shard.labels  # this shard's slice of the columns, decoded once
     j = -1
     for j, raw in enumerate(tar_samples(shard.path)):
         key = raw["__key__"]
         if j >= shard.count:
             raise DatasetError(f"{name}: holds more than the {shard.count} samples of the manifest (extra key {key!r}); {changed}")
-        if key != shard.keys[j]:
-            raise DatasetError(f"{name}: sample {j} has key {key!r} but the manifest expects {shard.keys[j]!r}; {changed}")
+        if key != keys[j]:
+            raise DatasetError(f"{name}: sample {j} has key {key!r} but the manifest expects {keys[j]!r}; {changed}")
         ext = _image_ext(raw)
         if ext is None:
             raise DatasetError(f"{name}: sample {key!r} has no image member (one of {', '.join(IMAGE_EXTS)}); {changed}")
-        label = shard.labels[j]
+        label = labels[j]
         if ds.label_key in raw and raw[ds.label_key].strip() != str(label).encode("ascii"):
             raise DatasetError(f"{name}: sample {key!r} has label {raw[ds.label_key][:20]!r} but the manifest says {label}; {changed}")
         data = raw[ext]
@@ -451,7 +584,34 @@ def _manifest(classnames: list, shards: list, skipped: list, provenance: dict, l
 
 
 def _dump_manifest(manifest: dict, path: Path) -> None:
-    """Readable and compact: one line per top-level field and per shard; no timestamps."""
+    """Write a columnar (v2) manifest: the per-sample lists of `manifest["shards"]` (keys, labels, files)
+    go to .npy columns beside `path`, named after the content fingerprint, which is computed here
+    (once, at write time); manifest.json (readable: one line per field and per shard, no timestamps)
+    is replaced last and atomically, then the columns of the manifest it replaced are removed. A
+    crash at any point leaves the old manifest with its own columns, or the new one with its own."""
+    shards = manifest["shards"]
+    fingerprint = _fingerprint(manifest["classnames"], shards)
+    with_files = bool(shards) and all(s.get("files") is not None for s in shards)
+    columns = Columns.from_lists([k for s in shards for k in s["keys"]], [lab for s in shards for lab in s["labels"]],
+                                 [f for s in shards for f in s["files"]] if with_files else None)
+    folder = path.parent
+    names = {}
+    for name in SHARD_COLUMNS:
+        arr = getattr(columns, name)
+        if arr is None:
+            continue
+        names[name] = f"manifest.{fingerprint[:16]}.{name}.npy"
+        tmp = folder / (names[name] + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+        os.replace(tmp, folder / names[name])
+    manifest = dict(manifest)
+    manifest.update(version=VERSION, fingerprint=fingerprint, columns=names,
+                    shards=[{k: v for k, v in s.items() if k not in SHARD_COLUMNS} for s in shards])
+    order = ["format", "version", "fingerprint", "columns"]
+    manifest = {**{k: manifest[k] for k in order}, **{k: v for k, v in manifest.items() if k not in order}}
+    old = _column_files(folder)
+
     def dump(v):
         return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
 
@@ -465,6 +625,17 @@ def _dump_manifest(manifest: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
     os.replace(tmp, path)
+    for name in old - set(names.values()):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _column_files(folder: Path) -> set:
+    """The column files named by the dho manifest in `folder` (empty if none or not a v2 manifest)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        return {Path(str(n)).name for n in manifest.get("columns", {}).values()}
+    except (OSError, ValueError, AttributeError):
+        return set()
 
 
 def _dataset_entries(folder: Path) -> Optional[set]:
@@ -476,7 +647,7 @@ def _dataset_entries(folder: Path) -> Optional[set]:
         return None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         return None
-    names = {MANIFEST}
+    names = {MANIFEST} | _column_files(folder)
     for s in manifest.get("shards", []):
         path = Path(str(s.get("path", "")))
         if not path.is_absolute() and len(path.parts) == 1:
@@ -931,22 +1102,33 @@ def _read_keys_file(path: Path) -> list[str]:
     return entries
 
 
+def _basenames(names: np.ndarray) -> np.ndarray:
+    """(n,) bytes paths -> (n,) bytes after the last '/' (vectorised)."""
+    return np.char.rpartition(names, b"/")[:, 2] if len(names) else names
+
+
 def _match_keys(ds: Dataset, entries: list[str], where: Path) -> list[int]:
-    """Global rows named by key, key basename, original file name or file basename (+ stem without image ext)."""
+    """Global rows named by key, key basename, original file name or file basename (+ stem without image ext).
+
+    Linear in the dataset and the list, vectorised: the dataset's name columns are matched against
+    the set of candidate names with numpy, and only matching rows become Python objects."""
+    candidates = set(entries)
+    for entry in entries:
+        stem, _, ext = entry.rpartition(".")
+        if stem and ext.lower() in IMAGE_EXTS:
+            candidates.add(stem)
+    wanted = encode_strings(sorted(candidates))  # (m,) bytes
+    columns = [ds.key_bytes, _basenames(ds.key_bytes)]
+    if ds.columns.files is not None:
+        columns += [ds.columns.files, _basenames(ds.columns.files)]
     names: dict[str, int] = {}
     ambiguous: set[str] = set()
-    for row, key in enumerate(ds.keys):
-        for name in {key, key.rsplit("/", 1)[-1]}:
+    for col in columns:
+        for row in np.flatnonzero(np.isin(col, wanted)).tolist():
+            name = col[row].decode("utf-8")
             if name in names and names[name] != row:
                 ambiguous.add(name)
-            names[name] = row
-    for s in ds.shards:
-        for j, file in enumerate(s.files or []):
-            row = s.offset + j
-            for name in (file, file.rsplit("/", 1)[-1]):
-                if name in names and names[name] != row:
-                    ambiguous.add(name)
-                names[name] = row
+            names.setdefault(name, row)
     rows, unmatched = [], []
     for entry in entries:
         stem, _, ext = entry.rpartition(".")
@@ -963,10 +1145,18 @@ def _match_keys(ds: Dataset, entries: list[str], where: Path) -> list[int]:
             f"(first {min(10, len(unmatched))}: {unmatched[:10]}); entries are keys, file names or file basenames"
         )
     rows = sorted(set(rows))
-    unlabeled = [ds.keys[r] for r in rows if ds.labels[r] < 0]
+    unlabeled = [ds.key(r) for r in rows if ds.labels[r] < 0]
     if unlabeled:
         raise DatasetError(f"{where}: names unlabeled samples of {ds.root} (first: {unlabeled[:10]}); a labeled split needs labels")
     return rows
+
+
+def rows_by_class(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """Per class c, the rows with label c in increasing order: one stable sort, O(N log N), not O(N C)."""
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")  # (N,) rows grouped by label, increasing inside a group
+    bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))  # (C + 1,)
+    return [order[bounds[c]:bounds[c + 1]] for c in range(num_classes)]
 
 
 def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int] = None, percent: Optional[float] = None,
@@ -1000,15 +1190,16 @@ def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int]
         raise ConfigError("--out and --val-out must be different folders")
 
     rng = np.random.default_rng(seed)
-    by_class = [np.flatnonzero(ds.labels == c) for c in range(ds.num_classes)]  # rows per class, global order
+    by_class = rows_by_class(ds.labels, ds.num_classes)  # rows per class, global order
     perms = [rng.permutation(rows) for rows in by_class]
     provenance = {"command": "split", "source_fingerprint": ds.fingerprint, "source": str(ds.root), "seed": seed,
                   "val_per_class": val_per_class, "dho_version": dho.__version__}
     if keys_file is not None:
         keys_file = Path(keys_file)
         labeled = _match_keys(ds, _read_keys_file(keys_file), keys_file)
-        taken = set(labeled)
-        perms = [np.array([r for r in p if r not in taken], dtype=np.int64) for p in perms]
+        taken = np.zeros(ds.num_samples, dtype=bool)
+        taken[labeled] = True
+        perms = [p[~taken[p]] for p in perms]
         want = [0] * ds.num_classes
         provenance.update(method="keys", keys_file=keys_file.name, keys_sha256=file_sha256(keys_file))
     elif shots is not None:
@@ -1037,10 +1228,11 @@ def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int]
         for s, shard in enumerate(ds.shards):
             if not (role[shard.offset:shard.offset + shard.count] >= 0).any():
                 continue
+            files = shard.files
             for sample in iter_shard(ds, s, decode=False):
                 r = role[sample.index]
                 if r >= 0:
-                    file = None if shard.files is None else shard.files[sample.index - shard.offset]
+                    file = None if files is None else files[sample.index - shard.offset]
                     writers[r].write(sample.key, sample.ext, sample.data, sample.label, file)
         for r, (t, w) in enumerate(zip(tmps, writers)):
             prov = dict(provenance, role="labeled" if r == 0 else "validation")

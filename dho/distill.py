@@ -612,7 +612,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     uses_unlabeled = cfg.method != "ce"
     l_ds, l_cache = _open_part(cfg.labeled, cfg.labeled_cache, "labeled")
     if (l_ds.labels < 0).any():
-        bad = l_ds.keys[int(np.flatnonzero(l_ds.labels < 0)[0])]
+        bad = l_ds.key(int(np.flatnonzero(l_ds.labels < 0)[0]))
         raise ConfigError(f"{cfg.labeled}: the labeled set has unlabeled samples (e.g. key {bad!r}); make it with `dho split`")
     parts_u: list[Part] = []
     sizes_u = 0
@@ -625,19 +625,18 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
         for name in ("eta", "zeta"):
             if u_cache.attrs[name] != l_cache.attrs[name]:
                 raise CacheError(f"the labeled and unlabeled caches were made with different {name} ({l_cache.attrs[name]} vs {u_cache.attrs[name]})")
-        labeled_keys = set(l_ds.keys)
         if cfg.unlabeled_pool == "exclude-labeled":
             # the reference code's unlabeled loader: the pool without the labeled samples
-            part = Part(Path(cfg.unlabeled), Path(cfg.unlabeled_cache), exclude=tuple(k for k in u_ds.keys if k in labeled_keys))
+            part = Part(Path(cfg.unlabeled), Path(cfg.unlabeled_cache), exclude=l_ds.key_bytes)
             parts_u.append(part)
-            sizes_u += int(part.usable(u_ds.keys, u_cache.valid).sum())
+            sizes_u += int(part.usable(u_ds.key_bytes, u_cache.valid).sum())
         else:
             parts_u.append(Part(Path(cfg.unlabeled), Path(cfg.unlabeled_cache)))
             sizes_u += int(np.asarray(u_cache.valid).sum())
         views_u = [_train_views(u_cache)]
         # Alg. 1 line 7: unlabeled batches come from labeled ∪ unlabeled. If the unlabeled pool
         # already holds every labeled key (e.g. the full train set), it *is* that union.
-        if cfg.unlabeled_pool == "union" and not labeled_keys <= set(u_ds.keys):
+        if cfg.unlabeled_pool == "union" and not np.isin(l_ds.key_bytes, u_ds.key_bytes).all():
             parts_u.append(Part(Path(cfg.labeled), Path(cfg.labeled_cache)))
             sizes_u += int(np.asarray(l_cache.valid).sum())
             views_u.append(_train_views(l_cache))
@@ -753,7 +752,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
 
     step_fn = torch.compile(forward_loss) if cfg.compile else forward_loss
 
-    stream = PairedStream(
+    paired = PairedStream(
         [Part(Path(cfg.labeled), Path(cfg.labeled_cache))] if uses_labeled else [],
         parts_u if uses_unlabeled else [],
         micro_l=micro, micro_u=micro, seed=cfg.seed, rank=rank, world_size=world, num_workers=num_workers,
@@ -762,7 +761,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
         need_embeddings=cfg.method == "ce+kd-feature", window=cfg.window, raw=cfg.decode == "gpu",
     )
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        paired, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None,
         worker_init_fn=ignore_interrupt if cfg.workers > 0 else None,
     )
@@ -774,6 +773,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
         raw = [k for k in items[0] if k.endswith(("_data", "_ext", "_params"))]  # --decode gpu: encoded images + boxes
         # copy each pinned micro-batch (asynchronous), then concatenate on the device
         batch = {k: torch.cat([it[k].to(device, non_blocking=True) for it in items]) for k in items[0] if k not in raw}
+        paired.densify(batch, num_classes)  # top-k caches: (b, K) rows -> (b, C) targets on the device
         for side in ("l", "u"):
             if f"{side}_data" in raw:  # the W micro-batches' JPEGs decoded in one batch on the device
                 batch[f"{side}_image"] = decode_views(

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -52,18 +52,48 @@ from dho.errors import ConfigError
 
 @dataclass(frozen=True)
 class Part:
-    """One dataset with its teacher cache, as a member of a stream; `exclude` keys are never drawn."""
+    """One dataset with its teacher cache, as a member of a stream; `exclude` keys are never drawn
+    (strings, or a numpy bytes array such as another dataset's `key_bytes`)."""
 
     dataset_path: Path
     cache_path: Path
-    exclude: tuple[str, ...] = ()
+    exclude: tuple | np.ndarray = field(default=(), compare=False)
 
-    def usable(self, keys: list[str], valid: np.ndarray) -> np.ndarray:
-        """(N,) bool: valid in the cache and not excluded."""
-        if not self.exclude:
-            return np.asarray(valid, dtype=bool)
-        excluded = set(self.exclude)
-        return np.asarray(valid, dtype=bool) & ~np.fromiter((k in excluded for k in keys), dtype=bool, count=len(keys))
+    def usable(self, key_bytes: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """(N,) bool: valid in the cache and not excluded (`key_bytes`: the dataset's (N,) keys as bytes)."""
+        valid = np.asarray(valid, dtype=bool)
+        if len(self.exclude) == 0:
+            return valid
+        exclude = self.exclude if isinstance(self.exclude, np.ndarray) else data.encode_strings(self.exclude)
+        return valid & ~np.isin(key_bytes, exclude)
+
+
+@dataclass
+class PartData:
+    """What a consumer needs of one part, opened and checked once in the main process and inherited by
+    the DataLoader workers: the dataset (shards + columns as numpy arrays, memory-mapped for columnar
+    manifests), the cache's attributes and its (V, S) done / (N,) valid arrays, and the usable rows.
+    No per-sample Python object: forked workers share these pages instead of re-reading the manifest."""
+
+    dataset: "data.Dataset"
+    cache_path: Path
+    done: np.ndarray  # (V, S) bool
+    valid: np.ndarray  # (N,) bool
+    usable: np.ndarray  # (N,) bool
+    train_views: int
+    topk: int | None
+    cache_eta: float
+
+    @classmethod
+    def open(cls, part: Part) -> "PartData":
+        from dho.cache import TeacherCache
+
+        ds = data.Dataset.open(part.dataset_path)
+        cache = TeacherCache.open(part.cache_path, dataset=ds)
+        # the augmented views; an optional center (evaluation) view is stored last and not trained on
+        train_views = cache.num_views - int(bool(cache.attrs.get("center_view", False)))
+        return cls(ds, part.cache_path, cache.done, cache.valid, part.usable(ds.key_bytes, cache.valid), train_views,
+                   cache.topk, cache.eta)
 
 
 @dataclass(frozen=True)
@@ -95,19 +125,16 @@ def consumer_records(
     """The infinite, deterministic order of records for one consumer (no I/O).
 
     shard_counts[part][shard] = samples in that shard; valid[part] = (N_part,) bool, False for
-    samples the teacher cache marked unreadable (they are never yielded).
+    samples the teacher cache marked unreadable (they are never yielded). Works on arrays: per pass
+    a permutation of the S shards and, per window, the (part, shard, position) arrays of its records.
     """
-    shards = [(p, s) for p, counts in enumerate(shard_counts) for s in range(len(counts))]
-    offsets = [np.concatenate([[0], np.cumsum(c)[:-1]]).astype(int) if c else np.zeros(0, int) for c in shard_counts]
-    if sum(int(v.sum()) for v in valid) == 0:
+    shards_part = np.concatenate([np.full(len(c), p, dtype=np.int64) for p, c in enumerate(shard_counts)] or [np.zeros(0, np.int64)])
+    shards_index = np.concatenate([np.arange(len(c), dtype=np.int64) for c in shard_counts] or [np.zeros(0, np.int64)])
+    offsets = [np.concatenate([[0], np.cumsum(c, dtype=np.int64)[:-1]]) if len(c) else np.zeros(0, np.int64) for c in shard_counts]
+    valid_per_shard = np.concatenate([_count_per_shard(v, c) for v, c in zip(valid, shard_counts)] or [np.zeros(0, np.int64)])
+    total = int(valid_per_shard.sum())
+    if total == 0:
         raise ConfigError(f"the {stream} stream has no usable samples (empty datasets or every sample invalid in the cache)")
-
-    def shard_records(p: int, s: int, pass_: int) -> list[Record]:
-        off = offsets[p][s]
-        return [Record(p, s, i, pass_) for i in range(shard_counts[p][s]) if valid[p][off + i]]
-
-    valid_per_shard = [int(valid[p][offsets[p][s] : offsets[p][s] + shard_counts[p][s]].sum()) for p, s in shards]
-    total = sum(valid_per_shard)
     if total < num_consumers:
         raise ConfigError(
             f"the {stream} stream has {total} usable samples for {num_consumers} data consumers (ranks x workers); "
@@ -115,39 +142,62 @@ def consumer_records(
         )
     lo, hi = consumer * total // num_consumers, (consumer + 1) * total // num_consumers  # my chunk of the pass
 
+    def positions(i: int) -> np.ndarray:
+        p, s = int(shards_part[i]), int(shards_index[i])
+        off, n = int(offsets[p][s]), int(shard_counts[p][s])
+        return np.flatnonzero(valid[p][off:off + n])  # valid positions inside the shard
+
     pass_ = 0
     while True:
         rng = np.random.default_rng(_seed_of(seed, stream, "pass", pass_))
-        order = rng.permutation(len(shards))
+        order = rng.permutation(len(shards_part))
         local = np.random.default_rng(_seed_of(seed, stream, "pass", pass_, "consumer", consumer))
-        mine, start = [], 0  # my chunk, grouped by shard
-        for i in order:
-            n = valid_per_shard[i]
-            if n and start < hi and start + n > lo:
-                mine.append(shard_records(*shards[i], pass_)[max(lo - start, 0) : min(hi - start, n)])
-            start += n
+        ends = np.cumsum(valid_per_shard[order])  # line position after each shard, in pass order
+        starts = ends - valid_per_shard[order]
+        mine = np.flatnonzero((valid_per_shard[order] > 0) & (starts < hi) & (ends > lo))  # my shards, in pass order
         for w in range(0, len(mine), window):
-            records = [r for group in mine[w : w + window] for r in group]
-            for i in local.permutation(len(records)):
-                yield records[i]
+            parts, shards, pos = [], [], []
+            for j in mine[w:w + window]:
+                i = order[j]
+                at = positions(i)[max(lo - int(starts[j]), 0):min(hi - int(starts[j]), int(valid_per_shard[i]))]
+                parts.append(np.full(len(at), shards_part[i]))
+                shards.append(np.full(len(at), shards_index[i]))
+                pos.append(at)
+            parts_a, shards_a, pos_a = np.concatenate(parts), np.concatenate(shards), np.concatenate(pos)
+            for k in local.permutation(len(pos_a)).tolist():
+                yield Record(int(parts_a[k]), int(shards_a[k]), int(pos_a[k]), pass_)
         pass_ += 1
 
 
-class _PartReader:
-    """Reads shards and (view, shard) cache blocks of one part, keeping a few in memory."""
+def _count_per_shard(valid: np.ndarray, counts) -> np.ndarray:
+    """(S,) number of True entries of `valid` per shard."""
+    cum = np.concatenate([[0], np.cumsum(np.asarray(valid, dtype=np.int64))])  # (N + 1,)
+    ends = np.cumsum(np.asarray(counts, dtype=np.int64))
+    return cum[ends] - cum[ends - np.asarray(counts, dtype=np.int64)]
 
-    def __init__(self, part: Part, keep: int, eta: float, need_embeddings: bool):
+
+class _PartReader:
+    """Reads shards and (view, shard) cache blocks of one part in a consumer, keeping a few in memory.
+
+    Built from a `PartData` (nothing is re-opened or re-checked per worker; the cache handle reads
+    chunks only). The block cache holds (window + 1) shards' blocks of every view that can be drawn
+    (one per pass with `cycle`, all training views with `random`), so a window never re-reads a block.
+    Top-k caches stay sparse: a block is the (n, K) indices and probabilities as stored."""
+
+    def __init__(self, part: PartData, window: int, view_sampling: str, eta: float, need_embeddings: bool, sparse: bool):
         from dho.cache import TeacherCache
 
-        self.ds = data.Dataset.open(part.dataset_path)
-        self.cache = TeacherCache.open(part.cache_path, dataset=self.ds)
+        self.part = part
+        self.ds = part.dataset
+        self.cache = TeacherCache.reopen(part.cache_path, done=part.done, valid=part.valid)
         self.eta = eta
         self.need_embeddings = need_embeddings
-        self.keep = keep
+        self.sparse = sparse
+        self.keep = window + 1
+        self.keep_blocks = self.keep * (part.train_views if view_sampling == "random" else 1)
         self._shards: OrderedDict[int, list] = OrderedDict()
         self._blocks: OrderedDict[tuple[int, int], dict] = OrderedDict()
-        # the augmented views; an optional center (evaluation) view is stored last and not trained on
-        self.train_views = self.cache.num_views - int(bool(self.cache.attrs.get("center_view", False)))
+        self.train_views = part.train_views
 
     def sample(self, shard: int, pos: int):
         if shard not in self._shards:
@@ -162,17 +212,37 @@ class _PartReader:
         if key not in self._blocks:
             info = self.ds.shards[shard]
             start, stop = info.offset, info.offset + info.count
-            block = {
-                "probs": self.cache.probs(view, start, stop, eta=self.eta),  # (n, C) float32
-                "params": self.cache.view_params(view, start, stop),  # (n, 5) int32
-            }
+            block = {"params": self.cache.view_params(view, start, stop)}  # (n, 5) int32
+            if self.sparse:
+                block["topk_idx"], block["topk_val"] = self.cache.topk_rows(view, start, stop)  # (n, K) int64, float32 (invalid rows are never drawn)
+            else:
+                block["probs"] = self.cache.probs(view, start, stop, eta=self.eta)  # (n, C) float32
             if self.need_embeddings:
                 block["emb"] = self.cache.embeddings(view, start, stop)  # (n, D)
             self._blocks[key] = block
-            while len(self._blocks) > self.keep * 2:
+            while len(self._blocks) > self.keep_blocks:
                 self._blocks.popitem(last=False)
         self._blocks.move_to_end(key)
         return self._blocks[key]
+
+
+def dense_targets(idx: torch.Tensor, val: torch.Tensor, num_classes: int, power: float) -> torch.Tensor:
+    """Top-k rows -> (b, C) float32 teacher distributions, on whatever device the rows are.
+
+    As `cache.densify_topk` then `cache.retemper`: the K stored probabilities at their classes, the
+    remainder max(0, 1 - sum) spread uniformly over the other C - K classes, then p^power / sum
+    (power = eta_cache / eta; 1 = no re-tempering). idx (b, K) int64, val (b, K) float32."""
+    rest = num_classes - val.shape[1]
+    remainder = (1.0 - val.sum(dim=1, keepdim=True)).clamp_min(0.0)  # (b, 1)
+    fill = remainder / rest if rest > 0 else torch.zeros_like(remainder)
+    dense = fill.expand(-1, num_classes).clone()  # (b, C)
+    dense.scatter_(1, idx, val)
+    if power != 1.0:
+        logp = torch.log(dense.double()) * power  # (b, C), -inf where 0
+        logp = logp - logp.masked_fill(~torch.isfinite(logp), -torch.inf).amax(dim=1, keepdim=True)
+        q = torch.exp(logp)
+        dense = (q / q.sum(dim=1, keepdim=True)).float()
+    return dense
 
 
 class PairedStream(IterableDataset):
@@ -206,7 +276,12 @@ class PairedStream(IterableDataset):
     ):
         if view_sampling not in ("cycle", "random"):
             raise ConfigError(f"--view-sampling must be 'cycle' or 'random', got {view_sampling!r}")
-        self.halves = {"l": (labeled, micro_l), "u": (unlabeled, micro_u)}
+        # opened and checked once, here (the main process); workers inherit the arrays
+        self.halves = {"l": ([PartData.open(p) for p in labeled] if micro_l else [], micro_l),
+                       "u": ([PartData.open(p) for p in unlabeled] if micro_u else [], micro_u)}
+        # a half stays top-k (sparse) up to the loop when all its parts are top-k caches with one K
+        self.sparse = {name: bool(parts) and len({p.topk for p in parts}) == 1 and parts[0].topk is not None
+                       and len({p.cache_eta for p in parts}) == 1 for name, (parts, _) in self.halves.items()}
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers = max(num_workers, 1)
         self.start_item = start_item
@@ -221,17 +296,21 @@ class PairedStream(IterableDataset):
         parts, micro = self.halves[name]
         if not parts or micro == 0:
             return None
-        readers = [_PartReader(p, keep=self.window + 1, eta=self.eta, need_embeddings=self.need_embeddings) for p in parts]
+        readers = [_PartReader(p, self.window, self.view_sampling, self.eta, self.need_embeddings, self.sparse[name]) for p in parts]
         records = consumer_records(
-            [[s.count for s in r.ds.shards] for r in readers],
-            [p.usable(r.ds.keys, r.cache.valid) for p, r in zip(parts, readers)],
+            [[s.count for s in p.dataset.shards] for p in parts], [p.usable for p in parts],
             stream=name, seed=self.seed, consumer=consumer, num_consumers=num_consumers, window=self.window,
         )
         for _ in range(self.start_item * micro):  # resume: skip already-consumed records, no decoding
             next(records)
         return self._batches(name, readers, records, micro)
 
+    def targets_power(self, name: str) -> float:
+        """eta_cache / eta of a sparse half (see `dense_targets`)."""
+        return self.halves[name][0][0].cache_eta / self.eta
+
     def _batches(self, name: str, readers: list[_PartReader], records: Iterator[Record], micro: int) -> Iterator[dict]:
+        sparse = self.sparse[name]
         while True:
             images, labels, probs, embs, index = [], [], [], [], []
             datas, exts, params = [], [], []  # raw mode
@@ -249,28 +328,40 @@ class PairedStream(IterableDataset):
                 if self.raw:  # decoded on the device by the loop
                     datas.append(sample.data)
                     exts.append(sample.ext)
-                    params.append(torch.as_tensor(np.asarray(block["params"][r.pos], dtype=np.int32)))  # (5,)
+                    params.append(np.asarray(block["params"][r.pos], dtype=np.int32))  # (5,)
                 else:
                     where = f"{info.path.name} key {sample.key!r}"
                     image, box = data.decode_view(sample.data, sample.ext, where, block["params"][r.pos], self.size)
                     images.append(data.replay_view_uint8(image, box, self.size, self.interpolation))  # (3, S, S) uint8
                 labels.append(int(reader.ds.labels[info.offset + r.pos]))
-                probs.append(torch.from_numpy(np.asarray(block["probs"][r.pos], dtype=np.float32)))
+                probs.append((block["topk_idx"][r.pos], block["topk_val"][r.pos]) if sparse else block["probs"][r.pos])
                 if self.need_embeddings:
-                    embs.append(torch.from_numpy(np.asarray(block["emb"][r.pos], dtype=np.float32)))
+                    embs.append(block["emb"][r.pos])
                 index.append(info.offset + r.pos)
             if self.raw:
-                batch = {f"{name}_data": datas, f"{name}_ext": exts, f"{name}_params": torch.stack(params)}  # params (b, 5)
+                batch = {f"{name}_data": datas, f"{name}_ext": exts, f"{name}_params": torch.from_numpy(np.stack(params))}  # (b, 5)
             else:
                 batch = {f"{name}_image": torch.stack(images)}  # (b, 3, S, S) uint8, normalised on the device
             batch.update({
                 f"{name}_label": torch.tensor(labels, dtype=torch.long),  # (b,)
-                f"{name}_probs": torch.stack(probs),  # (b, C)
                 f"{name}_index": torch.tensor(index, dtype=torch.long),  # (b,)
             })
+            if sparse:  # densified on the device by the loop (`dense_targets`)
+                batch[f"{name}_topk_idx"] = torch.from_numpy(np.stack([i for i, _ in probs]))  # (b, K) int64
+                batch[f"{name}_topk_val"] = torch.from_numpy(np.stack([v for _, v in probs]))  # (b, K) float32
+            else:
+                batch[f"{name}_probs"] = torch.from_numpy(np.stack(probs).astype(np.float32, copy=False))  # (b, C)
             if self.need_embeddings:
-                batch[f"{name}_emb"] = torch.stack(embs)  # (b, D)
+                batch[f"{name}_emb"] = torch.from_numpy(np.stack(embs).astype(np.float32, copy=False))  # (b, D)
             yield batch
+
+    def densify(self, batch: dict, num_classes: int) -> dict:
+        """Replace the top-k rows of sparse halves by dense `{side}_probs` (b, C) on their device (in place)."""
+        for name in ("l", "u"):
+            if f"{name}_topk_idx" in batch:
+                batch[f"{name}_probs"] = dense_targets(batch.pop(f"{name}_topk_idx"), batch.pop(f"{name}_topk_val"),
+                                                       num_classes, self.targets_power(name))
+        return batch
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

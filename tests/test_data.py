@@ -58,7 +58,12 @@ def test_prepare_keeps_keys_labels_and_original_bytes(image_folder, tmp_path):
     assert decoded.image.mode == "RGB" and decoded.image.size == original.size
     assert np.array_equal(np.asarray(decoded.image), np.asarray(original.convert("RGB")))
     m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
-    assert m["format"] == "dho-dataset" and m["version"] == 1 and m["num_samples"] == 24 and m["skipped"] == []
+    assert m["format"] == "dho-dataset" and m["version"] == 2 and m["num_samples"] == 24 and m["skipped"] == []
+    assert set(m["shards"][0]) == {"path", "count", "sha256"} and m["fingerprint"] == ds.fingerprint
+    # the columns are plain .npy files beside the manifest, read without dho
+    cols = {name: np.load(tmp_path / "ds" / file) for name, file in m["columns"].items()}
+    assert [k.decode() for k in cols["keys"]] == ds.keys and cols["labels"].tolist() == ds.labels.tolist()
+    assert cols["files"][0].decode() == "class_0/img_000.jpg"
     assert m["provenance"]["command"] == "prepare" and m["provenance"]["shard_size"] == 5
     with tarfile.open(ds.shards[0].path) as tf:
         members = tf.getmembers()
@@ -79,8 +84,41 @@ def test_prepare_is_byte_identical_on_rerun(image_folder, tmp_path):
     data.prepare(image_folder, tmp_path / "a", shard_size=7)
     data.prepare(image_folder, tmp_path / "b", shard_size=7)
     a, b = _sha_tree(tmp_path / "a"), _sha_tree(tmp_path / "b")
-    assert list(a) == ["manifest.json"] + [f"shard-{i:06d}.tar" for i in range(4)]
+    fp = data.Dataset.open(tmp_path / "a").fingerprint[:16]
+    columns = [f"manifest.{fp}.{c}.npy" for c in ("files", "keys", "labels")]
+    assert list(a) == columns + ["manifest.json"] + [f"shard-{i:06d}.tar" for i in range(4)]
     assert a == b
+
+
+def test_v1_manifest_opens_with_the_same_fingerprint_and_columns(tiny_dataset, tmp_path):
+    """A v1 manifest (keys and labels in the JSON) opens like its v2 rewrite; index --overwrite of a
+    v2 manifest replaces its column files and removes the old ones (no litter, nothing else touched)."""
+    root = shutil.copytree(tiny_dataset.root, tmp_path / "v1")
+    m = json.loads((root / "manifest.json").read_text())
+    for name in m.pop("columns").values():
+        (root / name).unlink()
+    m.pop("fingerprint")
+    m["version"] = 1
+    for entry, s in zip(m["shards"], tiny_dataset.shards):
+        entry.update(keys=s.keys, labels=s.labels)
+    (root / "manifest.json").write_text(json.dumps(m))
+    old = data.Dataset.open(root)
+    assert old.version == 1 and old.fingerprint == tiny_dataset.fingerprint
+    assert old.keys == tiny_dataset.keys and old.labels.tolist() == tiny_dataset.labels.tolist()
+    assert "keys" not in old.manifest["shards"][0]  # the per-sample lists live in the columns only
+    assert [s.keys for s in old.shards] == [s.keys for s in tiny_dataset.shards]
+    # damaged columns are one-line errors, found where they are read
+    v2 = shutil.copytree(tiny_dataset.root, tmp_path / "v2")
+    cols = json.loads((v2 / "manifest.json").read_text())["columns"]
+    np.save(v2 / cols["labels"], np.zeros(3, dtype=np.int64))
+    with pytest.raises(DatasetError, match=r"labels column .* is int64 \(3,\), expected \(24,\) int64"):
+        data.Dataset.open(v2)
+    np.save(v2 / cols["labels"], np.roll(tiny_dataset.labels, 1))
+    with pytest.raises(DatasetError, match="do not match the manifest's fingerprint"):
+        data.Dataset.open(v2, verify=True)
+    (v2 / cols["keys"]).unlink()
+    with pytest.raises(DatasetError, match="keys column .* is missing"):
+        data.Dataset.open(v2)
 
 
 def test_index_of_prepared_shards_matches_prepare(tiny_dataset, tmp_path):

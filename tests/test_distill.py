@@ -641,3 +641,56 @@ def test_compiled_training_matches_eager(world, tmp_path):
     for k in wa:
         torch.testing.assert_close(wb[k].float(), wa[k].float(), rtol=1e-3, atol=1e-4)
     assert json.loads((compiled / "config.json").read_text())["compile"] is True
+
+
+def test_workers_receive_arrays_not_the_manifest(world, tmp_path, monkeypatch):
+    """The stream opens datasets and caches once, in the main process; DataLoader workers read shards and
+    chunks only (opening a manifest or a cache there fails this test) and hold no per-sample Python object."""
+    import pickle
+
+    from dho.cache import TeacherCache
+    from dho.stream import PairedStream, Part
+
+    kw = dict(micro_l=2, micro_u=4, seed=0, rank=0, world_size=1, num_workers=2, start_item=0, view_sampling="random",
+              image_size=16, interpolation="bilinear", eta=2.0)
+    stream = PairedStream([Part(world / "labeled", world / "labeled.zarr")], [Part(world / "full", world / "full.zarr")], **kw)
+    for name in ("l", "u"):
+        for part in stream.halves[name][0]:
+            assert part.dataset._keys is None and "keys" not in part.dataset.manifest["shards"][0]
+            assert isinstance(part.dataset.key_bytes, np.ndarray) and part.usable.dtype == bool
+    # the per-worker state is O(shards): its pickle is a few kB beside the datasets' columns
+    state = pickle.dumps(stream)
+    assert len(state) < 40_000, len(state)
+
+    def refuse(*a, **k):
+        raise AssertionError("a worker re-opened a manifest or a cache")
+
+    monkeypatch.setattr(data.Dataset, "open", refuse)
+    monkeypatch.setattr(TeacherCache, "open", refuse)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+    got = [b for _, b in zip(range(4), loader)]
+    # worker w is consumer w of 2: the batches equal what those consumers yield in this process
+    consumers = [(stream._half("l", c, 2), stream._half("u", c, 2)) for c in (0, 1)]
+    for i, b in enumerate(got):
+        want_l, want_u = (next(h) for h in consumers[i % 2])
+        assert torch.equal(b["u_index"], want_u["u_index"]) and torch.equal(b["u_image"], want_u["u_image"])
+        assert torch.equal(b["l_index"], want_l["l_index"]) and torch.equal(b["u_probs"], want_u["u_probs"])
+
+
+def test_topk_caches_stay_sparse_until_the_loop(world, tmp_path, tiny_teacher_ckpt):
+    """A top-k cache is streamed as (b, K) rows and densified by the loop (`densify`): equal to the
+    cache's dense reading at the distillation eta (numpy densify + exact re-tempering)."""
+    from dho.cache import TeacherCache
+    from dho.stream import PairedStream, Part
+
+    precompute(world / "full", tmp_path / "top.zarr", model=str(TINY_CLIP_CONFIG), views=2, device="cpu", workers=0,
+               batch_size=16, topk=2, pretrained=str(tiny_teacher_ckpt))
+    cache = TeacherCache.open(tmp_path / "top.zarr")
+    stream = PairedStream([], [Part(world / "full", tmp_path / "top.zarr")], micro_l=0, micro_u=6, seed=0, rank=0,
+                          world_size=1, num_workers=0, start_item=0, view_sampling="cycle", image_size=16,
+                          interpolation="bilinear", eta=1.5)
+    batch = next(iter(stream))
+    assert "u_probs" not in batch and batch["u_topk_idx"].shape == (6, 2) and batch["u_topk_val"].dtype == torch.float32
+    dense = stream.densify(dict(batch), num_classes=4)["u_probs"]  # (6, 4)
+    expected = np.stack([cache.probs(0, i, i + 1, eta=1.5)[0] for i in batch["u_index"].tolist()])
+    assert np.allclose(dense.numpy(), expected, atol=1e-6) and np.allclose(dense.sum(1).numpy(), 1, atol=1e-5)

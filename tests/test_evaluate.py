@@ -170,10 +170,8 @@ def test_search_never_runs_on_test_data(run_copy, tiny_dataset, tmp_path):
 
 def test_evaluate_refuses_bad_inputs(trained_run, tiny_dataset, tmp_path):
     unlabeled = shutil.copytree(tiny_dataset.root, tmp_path / "unlabeled")
-    manifest = json.loads((unlabeled / "manifest.json").read_text())
-    for shard in manifest["shards"]:
-        shard["labels"] = [-1] * shard["count"]
-    (unlabeled / "manifest.json").write_text(json.dumps(manifest))
+    labels = unlabeled / json.loads((unlabeled / "manifest.json").read_text())["columns"]["labels"]
+    np.save(labels, np.full(tiny_dataset.num_samples, -1, dtype=np.int64))  # every sample unlabeled
     with pytest.raises(DatasetError, match="no labeled samples"):
         ev.evaluate(trained_run, unlabeled, workers=0)
 
