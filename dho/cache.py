@@ -46,7 +46,7 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs import Crc32cCodec, ShardingCodec, ZstdCodec
 
 import dho
 from cache_schemas import CURRENT_VERSION, KNOWN_VERSIONS, SCHEMA_NAME, load_schema
@@ -74,6 +74,28 @@ def chunk_length(shard_counts: list[int]) -> int:
     return int(reduce(math.gcd, shard_counts[:-1]))
 
 
+SHARD_BYTES = 8 << 20  # target uncompressed bytes of one Zarr shard (one view, G dataset shards) of the widest array
+
+
+def shard_group(shard_counts: list[int], chunk_len: int, row_bytes: int) -> int:
+    """G = dataset shards per Zarr shard (schema v4): as many as fit SHARD_BYTES of the widest per-view
+    array (`row_bytes` per sample), when every shard but the last holds exactly L samples (what
+    `dho prepare` writes), so a Zarr shard is G whole dataset shards; else 1 (a Zarr shard is then one
+    chunk of L rows, inside one dataset shard). Writers own groups of G dataset shards (`shard_owner`)."""
+    if len(shard_counts) == 1 or any(c != chunk_len for c in shard_counts[:-1]):
+        return 1
+    return int(max(1, min(SHARD_BYTES // max(1, chunk_len * row_bytes), len(shard_counts))))
+
+
+def row_bytes(attrs: dict) -> int:
+    """Bytes per (view, sample) of the widest per-view array of a cache with these attributes."""
+    widths = [5 * 4]  # view_params
+    widths.append(len(attrs["classnames"]) * 2 if attrs["topk"] is None else attrs["topk"] * 4)
+    if attrs["store_embeddings"]:
+        widths.append(attrs["embed_dim"] * 2)
+    return max(widths)
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -83,6 +105,7 @@ def _symbols(attrs: dict) -> dict:
         "V": attrs["num_views"], "N": attrs["num_samples"], "C": len(attrs["classnames"]), "K": attrs["topk"],
         "D": attrs["embed_dim"], "S": len(attrs["shard_counts"]), "L": attrs["chunk_len"],
         "W": attrs.get("key_bytes"),  # v3 and later
+        "G": attrs.get("shard_group", 1), "GL": attrs.get("shard_group", 1) * attrs["chunk_len"],  # v4
     }
 
 
@@ -99,9 +122,13 @@ def _expected_arrays(attrs: dict) -> dict[str, dict]:
             continue
         shape = tuple(sym[d] if isinstance(d, str) else d for d in spec["shape"])
         chunks = tuple(min(sym[d] if isinstance(d, str) else d, n) for d, n in zip(spec["chunks"], shape))
+        shards = None
+        if "shards" in spec:  # v4: Zarr shards of GL rows holding inner chunks of L rows
+            shards = tuple(max(min(sym[d] if isinstance(d, str) else d, n), c) for d, n, c in zip(spec["shards"], shape, chunks))
+            shards = tuple(-(-s // c) * c for s, c in zip(shards, chunks))  # a whole number of inner chunks
         fill = float("nan") if spec["fill_value"] == "NaN" else spec["fill_value"]
-        out[name] = {"dtype": spec["dtype"], "shape": shape, "chunks": chunks, "fill_value": fill, "symbols": spec["shape"],
-                     "dims": tuple(spec["dims"]) if "dims" in spec else None}  # dimension_names from v3 on
+        out[name] = {"dtype": spec["dtype"], "shape": shape, "chunks": chunks, "shards": shards, "fill_value": fill,
+                     "symbols": spec["shape"], "dims": tuple(spec["dims"]) if "dims" in spec else None}  # dimension_names from v3 on
     return out
 
 
@@ -150,6 +177,7 @@ class TeacherCache:
         self.chunk_len: int = self.attrs["chunk_len"]
         self.topk: int | None = self.attrs["topk"]
         self.eta: float = float(self.attrs["eta"])
+        self.shard_group: int = int(self.attrs.get("shard_group", 1))  # dataset shards per Zarr shard (v4; 1 before)
         self._keys: list[str] | None = None
         self._labels: np.ndarray | None = None
         self._valid: np.ndarray | None = None
@@ -188,6 +216,7 @@ class TeacherCache:
             "schema": SCHEMA_NAME, "schema_version": CURRENT_VERSION, "dho_version": dho.__version__,
             **attrs, "key_bytes": key_matrix.shape[1], "created_at": _now(),
         }
+        attrs.setdefault("shard_group", shard_group(attrs["shard_counts"], attrs["chunk_len"], row_bytes(attrs)))
         attrs.pop("complete", None)
         try:
             jsonschema.validate(attrs, load_schema(CURRENT_VERSION))
@@ -199,8 +228,9 @@ class TeacherCache:
         try:
             group = zarr.open_group(str(tmp), mode="w-", attributes=attrs)
             for name, spec in _expected_arrays(attrs).items():
-                group.create_array(name, shape=spec["shape"], dtype=spec["dtype"], chunks=spec["chunks"], fill_value=spec["fill_value"],
-                                   dimension_names=spec["dims"], compressors=[ZstdCodec(), Crc32cCodec()])  # every chunk checksummed
+                group.create_array(name, shape=spec["shape"], dtype=spec["dtype"], chunks=spec["chunks"], shards=spec["shards"],
+                                   fill_value=spec["fill_value"], dimension_names=spec["dims"],
+                                   compressors=[ZstdCodec(), Crc32cCodec()])  # every (inner) chunk checksummed
             group["keys"][:] = key_matrix
             group["labels"][:] = np.asarray(labels, dtype=np.int64)
             group["text_classifier"][:] = np.asarray(text_classifier, dtype=np.float32)
@@ -288,8 +318,11 @@ class TeacherCache:
             )
 
     def check_params(self, attrs: dict) -> None:
-        """Raise CacheError listing every parameter in which `attrs` differs from this store."""
+        """Raise CacheError listing every parameter in which `attrs` differs from this store (`shard_group`:
+        only when `attrs` sets one; it fixes the file layout, not the numbers)."""
         diffs = []
+        if attrs.get("shard_group") is not None and attrs["shard_group"] != self.shard_group:
+            diffs.append(f"shard_group: {self.shard_group} in the cache vs {attrs['shard_group']} now (leave --shard-group out to resume)")
         for k in PARAM_KEYS:
             mine, theirs = self.attrs.get(k), attrs.get(k)
             if k == "preprocess":
@@ -340,8 +373,11 @@ class TeacherCache:
         missing one would read as "all unreadable" and silently drop the shard from training."""
         if self._valid is None:
             if self.attrs["schema_version"] >= 2:
+                seen: set = set()  # in v4 a chunk of `valid` spans a group of shards: stat each file once
                 for shard in np.flatnonzero(self.done.any(axis=0)):
-                    missing = [f for f in self._unit_chunk_files("valid", 0, int(shard)) if not f.is_file()]
+                    files = [f for f in self._unit_chunk_files("valid", 0, int(shard)) if f not in seen]
+                    seen.update(files)
+                    missing = [f for f in files if not f.is_file()]
                     if missing:
                         start, stop = self.shard_range(int(shard))
                         raise CacheError(f"{self.path}: array 'valid', {self._where(None, start, stop)}: the chunk file "
@@ -354,12 +390,17 @@ class TeacherCache:
     def done(self) -> np.ndarray:
         """(V, S) bool: which (view, shard) units are complete (as of opening or the last `refresh()`)."""
         if self._done is None:
-            self._done = np.asarray(self.array("done")[:], dtype=bool)
+            if self.attrs["schema_version"] >= 4 and self.attrs.get("complete", False):
+                # finalised: every unit is done (set only after all of them were), no flag is read
+                self._done = np.ones((self.num_views, len(self.shard_counts)), dtype=bool)
+            else:
+                self._done = np.asarray(self.array("done")[:], dtype=bool)
         return self._done
 
     def refresh(self) -> None:
-        """Forget what was read of `done` and `valid` (other processes may have written units since)."""
+        """Forget what was read of `done`, `valid` and `complete` (other processes may have written units since)."""
         self._done, self._valid = None, None
+        self.attrs["complete"] = bool(zarr.open_group(str(self.path), mode="r").attrs.get("complete", False))
 
     @property
     def text_classifier(self) -> np.ndarray:
@@ -368,7 +409,12 @@ class TeacherCache:
 
     def is_complete(self) -> bool:
         """True when every unit is done and the store was finalised (attribute complete=True)."""
-        return bool(self.group.attrs.get("complete", False)) and bool(self.done.all())
+        return bool(self.attrs.get("complete", False)) and bool(self.done.all())
+
+    def shard_owner(self, shard: int) -> int:
+        """The writing group of dataset shard `shard`: shards of one group share Zarr shards (and chunks of
+        `valid` and `done`), so one process must write all of them (`precompute` gives ranks whole groups)."""
+        return shard // self.shard_group
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         """Global rows [start, stop) of dataset shard `shard`."""
@@ -500,10 +546,12 @@ class TeacherCache:
     # ------------------------------------------------------------------ writing (one process per unit)
 
     def _unit_chunk_files(self, name: str, view: int, shard: int) -> list[Path]:
-        """Chunk files of array `name` covered by unit (view, shard); `valid` is per shard (view ignored)."""
+        """Files (chunks, or Zarr shards in v4) of array `name` covered by unit (view, shard); `valid` is per
+        shard (view ignored)."""
         arr = self.array(name)
         start, stop = self.shard_range(shard)
-        rows = range(start // self.chunk_len, (stop - 1) // self.chunk_len + 1)
+        rows_per_file = arr.metadata.chunk_grid.chunk_shape[1 if arr.ndim == 3 else 0]  # the shard shape when sharded
+        rows = range(start // rows_per_file, (stop - 1) // rows_per_file + 1)
         coords = [(j,) if arr.ndim == 1 else (view, j, 0) for j in rows]
         return [self.path / name / arr.metadata.encode_chunk_key(c) for c in coords]
 
@@ -558,7 +606,8 @@ class TeacherCache:
             self._done[view, shard] = True
 
     def _fsync_done(self, view: int, shard: int) -> None:
-        f = self.path / "done" / self.array("done").metadata.encode_chunk_key((view, shard))
+        rows, cols = self.array("done").metadata.chunk_grid.chunk_shape
+        f = self.path / "done" / self.array("done").metadata.encode_chunk_key((view // rows, shard // cols))
         _fsync_path(f)
         _fsync_path(f.parent)
 
@@ -614,10 +663,12 @@ def _check_layout(path: Path, group, attrs: dict) -> None:
         arr = group[name]
         dtype = arr.metadata.data_type.to_json(zarr_format=3)
         symbolic = "(" + ", ".join(map(str, spec["symbols"])) + ")"
-        if dtype != spec["dtype"] or tuple(arr.shape) != spec["shape"] or tuple(arr.chunks) != spec["chunks"]:
+        shards = None if arr.shards is None else tuple(arr.shards)
+        if dtype != spec["dtype"] or tuple(arr.shape) != spec["shape"] or tuple(arr.chunks) != spec["chunks"] or shards != spec["shards"]:
             raise CacheError(
-                f"{path}: array {name!r} is {dtype} {tuple(arr.shape)} in chunks {tuple(arr.chunks)}, but schema "
-                f"v{attrs['schema_version']} requires {spec['dtype']} {symbolic} = {spec['shape']} in chunks {spec['chunks']}; rebuild the cache"
+                f"{path}: array {name!r} is {dtype} {tuple(arr.shape)} in chunks {tuple(arr.chunks)} (shards {shards}), but schema "
+                f"v{attrs['schema_version']} requires {spec['dtype']} {symbolic} = {spec['shape']} in chunks {spec['chunks']} "
+                f"(shards {spec['shards']}); rebuild the cache"
             )
         if spec["dims"] is not None and tuple(arr.metadata.dimension_names or ()) != spec["dims"]:
             raise CacheError(
@@ -626,7 +677,10 @@ def _check_layout(path: Path, group, attrs: dict) -> None:
             )
     if attrs["schema_version"] >= 2:  # v2 checksums every chunk; a store without them was not written by dho
         for name in expected:
-            if not any(isinstance(c, Crc32cCodec) for c in group[name].metadata.codecs):
+            codecs = group[name].metadata.codecs
+            if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):  # v4: the inner chunks' codecs
+                codecs = codecs[0].codecs
+            if not any(isinstance(c, Crc32cCodec) for c in codecs):
                 raise CacheError(f"{path}: array {name!r} has no crc32c checksum codec, which cache schema "
                                  f"v{attrs['schema_version']} requires; rebuild the cache with `dho precompute-teacher`")
     extra = present - set(expected)
@@ -640,6 +694,11 @@ def _check_layout(path: Path, group, attrs: dict) -> None:
 def disk_size(path: Path) -> int:
     """Bytes of all files under `path`."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def file_count(path: Path) -> int:
+    """Files under `path` (what a file system's inode quota counts)."""
+    return sum(len(files) for _, _, files in os.walk(path))
 
 
 def summarize(path) -> dict:
@@ -681,6 +740,7 @@ def summarize(path) -> dict:
         "num_classes": cache.num_classes,
         "num_shards": len(cache.shard_counts),
         "chunk_len": cache.chunk_len,
+        "shard_group": cache.shard_group,
         "units_done": int(done.sum()),
         "units_total": int(done.size),
         "samples_all_views_done": samples_done,
@@ -688,6 +748,7 @@ def summarize(path) -> dict:
         "invalid_samples": int((~valid & started).sum()),
         "complete": cache.is_complete(),
         "size_bytes": disk_size(cache.path),
+        "num_files": file_count(cache.path),
         "agreement_view": view,
         "agreement": agree / counted if counted else None,
         "agreement_count": counted,
@@ -722,12 +783,13 @@ def format_summary(info: dict) -> str:
         f"(logit scale {1.0 / info['zeta']:g}), eta={info['eta']}",
         f"preprocess: {pp['image_size']}px {pp['interpolation']} resize_mode={pp['resize_mode']} mean={pp['mean']} std={pp['std']} ({pp['source']})",
         f"views:      {views}, seed {info['seed']}; storage: {storage}",
-        f"data:       {info['num_samples']} samples, {info['num_classes']} classes, {info['num_shards']} shards, chunk length {info['chunk_len']}",
+        f"data:       {info['num_samples']} samples, {info['num_classes']} classes, {info['num_shards']} shards, chunk length {info['chunk_len']}, "
+        f"{info['shard_group']} shard(s) per Zarr shard",
         f"coverage:   {info['units_done']}/{info['units_total']} units done ({pct:.1f}%), complete: {'yes' if info['complete'] else 'no'}"
         + ("" if "verified" in info else " (chunks not read; --verify reads and checks every one)"),
         f"samples:    {info['samples_all_views_done']}/{info['num_samples']} with all views done, "
         f"{info['valid_samples']} valid, {info['invalid_samples']} invalid (unreadable, NaN rows)",
-        f"size:       {info['size_bytes'] / 2**20:.2f} MiB on disk",
+        f"size:       {info['size_bytes'] / 2**20:.2f} MiB on disk in {info['num_files']} files",
         f"agreement:  teacher top-1 vs labels {agree}",
     ]
     if "verified" in info:

@@ -449,7 +449,8 @@ def precompute_teacher(
     eta: Annotated[Optional[float], typer.Option(help="KD temperature eta of the stored softmax(cos / (zeta * eta)); distill re-tempers exactly if it uses another. Default: 2.0.")] = None,
     zeta: Annotated[Optional[float], typer.Option(help="Teacher logit scale 1/zeta: logits = cos / zeta. Default: 0.01.")] = None,
     rank: Annotated[Optional[int], typer.Option(help="This job's index for job arrays (no torchrun); with --world-size. Default: none = single process or torchrun.")] = None,
-    world_size: Annotated[Optional[int], typer.Option(help="Number of jobs of a job array; shards are split round-robin. Default: none.")] = None,
+    world_size: Annotated[Optional[int], typer.Option(help="Number of jobs of a job array; groups of --shard-group shards are split round-robin. Default: none.")] = None,
+    shard_group: Annotated[Optional[int], typer.Option(help="Dataset shards per Zarr shard of a new cache (cache files ~ views x shards / G; one process writes a group, so a job array needs at least as many groups as jobs). Fixed when the cache is created. Default: auto, about 8 MiB per Zarr shard.")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images as invalid (valid=False, NaN rows) instead of stopping with an error. Default: off.")] = False,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the teacher's image tower (the first batches compile, then faster forwards; same math, other kernels). Default: off.")] = False,
     image_size: Annotated[Optional[int], typer.Option(help="Override the teacher's input size (pixels). Default: from the pretrained config.")] = None,
@@ -471,7 +472,7 @@ def precompute_teacher(
     kwargs = {k: v for k, v in given.items() if v is not None}
     precompute(
         dataset, out, center_view=center_view, store_embeddings=store_embeddings, topk=topk,
-        rank=rank, world_size=world_size, skip_bad=skip_bad, compile=compile_, **kwargs,
+        rank=rank, world_size=world_size, shard_group=shard_group, skip_bad=skip_bad, compile=compile_, **kwargs,
     )
 
 

@@ -8,7 +8,8 @@
      classifier before any unit is written (torchrun: rank 0 creates, barrier, others open; job
      arrays: every rank tries an atomic create and the losers open the winner's store). An existing
      store built with other parameters is an error, never a mix;
-  4. work: units are (view, dataset shard); ranks own whole shards (`data.assign_shards`) and skip
+  4. work: units are (view, dataset shard); ranks own whole groups of `shard_group` shards (the
+     shards of one Zarr shard, cache schema v4; `data.assign_shards` over groups) and skip
      shards whose units are all done. DataLoader workers decode each image once and replay all its
      views (`data.view_params` boxes replayed with `data.replay_view`; the optional last center view
      is open_clip's eval transform, `data.eval_view_uint8`, its region stored as a box) at the
@@ -209,6 +210,7 @@ def precompute(
     zeta: float = DEFAULT_ZETA,
     rank: int | None = None,
     world_size: int | None = None,
+    shard_group: int | None = None,
     skip_bad: bool = False,
     compile: bool = False,
     image_size: int | None = None,
@@ -241,6 +243,8 @@ def precompute(
                          "empty one or a cache to resume")
     if topk is not None:
         check_number("--topk", topk, low=1, integer=True)
+    if shard_group is not None:
+        check_number("--shard-group", shard_group, low=1, integer=True)
     if image_size is not None:
         check_number("--image-size", image_size, low=1, integer=True)
     for option, values in (("--mean", mean), ("--std", std)):
@@ -283,6 +287,8 @@ def precompute(
         "shard_counts": [s.count for s in ds.shards],
         "chunk_len": chunk_length([s.count for s in ds.shards]),
     }
+    if shard_group is not None:  # else chosen at creation (`cache.shard_group`); not a parameter of the numbers
+        attrs["shard_group"] = shard_group
     create = dict(attrs=attrs, keys=ds.keys, labels=ds.labels, text_classifier=teacher.text_classifier.cpu().numpy(), dataset=ds)
     if distributed:
         if rank == 0:
@@ -295,7 +301,9 @@ def precompute(
         cache = TeacherCache.create_or_open(out, **create)
 
     # ---- this rank's work: whole shards with any unit not done
-    mine = data.assign_shards(len(ds.shards), rank, world_size)
+    # (schema v4: groups of `shard_group` consecutive shards share Zarr shards, so ranks own whole groups)
+    groups = data.assign_shards(-(-len(ds.shards) // cache.shard_group), rank, world_size)
+    mine = [s for g in groups for s in range(g * cache.shard_group, min((g + 1) * cache.shard_group, len(ds.shards)))]
     todo = [s for s in mine if not cache.done[:, s].all()]
     total_images = sum(ds.shards[s].count for s in todo) * total_views
     log(

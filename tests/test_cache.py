@@ -81,20 +81,23 @@ def test_units_roundtrip_with_plain_zarr_and_done_guard(tmp_path, tiny_dataset):
         cache.probs(1, 5, 10)
     with pytest.raises(CacheError, match="view 0 of shard 2"):
         cache.probs(0, 8, 12)
-    # the store is plain Zarr v3: one chunk per (view, shard) unit, done flags in their own chunks
+    # the store is plain Zarr v3 (v4: one inner chunk per (view, shard) unit, in one Zarr shard per view and
+    # group of G = 5 dataset shards here; the done flags of a group in one chunk)
     g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
-    assert g["probs"].chunks == (1, 5, 3) and g["done"].chunks == (1, 1)
+    assert cache.shard_group == 5 and g.attrs["shard_group"] == 5
+    assert g["probs"].chunks == (1, 5, 3) and g["probs"].shards == (1, 25, 3) and g["done"].chunks == (2, 5)
     keys = g["keys"][:]  # (N, W) uint8: UTF-8, zero-padded (schema v3)
     assert [bytes(k).rstrip(b"\0").decode() for k in keys] == ds.keys and g["labels"][:].tolist() == ds.labels.tolist()
-    assert (tmp_path / "c.zarr" / "probs" / "c" / "0" / "1" / "0").is_file()
-    assert sorted(p.name for p in (tmp_path / "c.zarr" / "done" / "c" / "0").iterdir()) == ["1"]
+    assert sorted(str(p.relative_to(tmp_path / "c.zarr" / "probs")) for p in (tmp_path / "c.zarr" / "probs").rglob("*")
+                  if p.is_file()) == ["c/0/0/0", "zarr.json"]
+    assert sorted(p.name for p in (tmp_path / "c.zarr" / "done" / "c").rglob("*") if p.is_file()) == ["0"]
     assert not cache.finalize() and "complete" not in g.attrs
 
 
 def test_finalize_and_stray_partial_files(tmp_path, tiny_dataset):
     ds = tiny_dataset
     cache = _create(tmp_path / "c.zarr", ds, views=1)
-    chunk = tmp_path / "c.zarr" / "probs" / "c" / "0" / "4" / "0"
+    chunk = tmp_path / "c.zarr" / "probs" / "c" / "0" / "0" / "0"  # the Zarr shard of view 0, shards 0-4 (G = 5)
     chunk.parent.mkdir(parents=True)
     stray = chunk.parent / "0.deadbeef.partial"  # what a writer killed mid-write leaves behind
     stray.write_bytes(b"junk")
@@ -148,20 +151,28 @@ def test_schema_checked_on_every_open(tmp_path, tiny_dataset):
     _create(path, tiny_dataset)
     g = zarr.open_group(str(path), mode="r+")
     g.attrs.update({"schema_version": 9})
-    with pytest.raises(CacheError, match="cache schema version 9, but dho .* reads version\\(s\\) 1, 2, 3"):
+    with pytest.raises(CacheError, match="cache schema version 9, but dho .* reads version\\(s\\) 1, 2, 3, 4"):
         TeacherCache.open(path)
     g.attrs.update({"schema_version": 1})  # v1 has no text_classifier_norm
     with pytest.raises(CacheError, match="do not match cache schema v1 at \\(top level\\): Additional properties"):
         TeacherCache.open(path)
-    g.attrs.update({"schema_version": 3, "eta": -1})
-    with pytest.raises(CacheError, match="do not match cache schema v3 at eta"):
+    g.attrs.update({"schema_version": 3})  # v3 has no shard_group
+    with pytest.raises(CacheError, match="schema v3 at \\(top level\\): Additional properties .*'shard_group' was unexpected"):
+        TeacherCache.open(path)
+    g.attrs.update({"schema_version": 4, "eta": -1})
+    with pytest.raises(CacheError, match="do not match cache schema v4 at eta"):
         TeacherCache.open(path)
     g.attrs.update({"eta": 2.0, "text_classifier_norm": "other"})
-    with pytest.raises(CacheError, match="do not match cache schema v3 at text_classifier_norm"):
+    with pytest.raises(CacheError, match="do not match cache schema v4 at text_classifier_norm"):
         TeacherCache.open(path)
     g.attrs.update({"text_classifier_norm": "mean", "chunk_len": 3})
-    with pytest.raises(CacheError, match="array 'probs' .* chunks \\(1, 5, 3\\), but schema v3 requires .* chunks \\(1, 3, 3\\)"):
+    with pytest.raises(CacheError, match="array 'probs' .* chunks \\(1, 5, 3\\) .*, but schema v4 requires .* chunks \\(1, 3, 3\\)"):
         TeacherCache.open(path)
+    g.attrs.update({"chunk_len": 5, "shard_group": 1})
+    with pytest.raises(CacheError, match="array 'probs' .* \\(shards \\(1, 25, 3\\)\\), but schema v4 requires .* \\(shards \\(1, 5, 3\\)\\)"):
+        TeacherCache.open(path)
+    g.attrs.update({"shard_group": 5})
+    TeacherCache.open(path)
     g.attrs.update({"chunk_len": 5, "schema": "something-else"})
     with pytest.raises(CacheError, match="not a dho teacher cache"):
         TeacherCache.open(path)
@@ -262,3 +273,22 @@ def test_a_schema_v1_cache_stays_readable_and_resumable(tmp_path):
     assert proc.returncode == 0, proc.stderr
     after = {f: f.read_bytes() for f in (tmp_path / "v1" / "cache.zarr").rglob("*") if f.is_file()}
     assert after == before
+
+
+def test_a_finished_v4_cache_opens_without_reading_a_done_flag(tmp_path, tiny_dataset):
+    """Completeness is one attribute: a complete store's done flags are not read (O(1) in N), and readers
+    of an unfinished one see the flags; refresh() sees another process's finalisation."""
+    ds = tiny_dataset
+    cache = _create(tmp_path / "c.zarr", ds, views=1)
+    for s in range(5):
+        n = ds.shards[s].count
+        cache.write_valid(s, np.ones(n, bool))
+        cache.write_unit(0, s, view_params=BOXES(n), probs=np.full((n, 3), 1 / 3, np.float16))
+    reader = TeacherCache.open(tmp_path / "c.zarr")
+    assert reader.done.all() and "done" in reader._arrays and not reader.is_complete()  # unfinished: the flags are read
+    assert cache.finalize()
+    reader.refresh()
+    assert reader.is_complete()
+    fresh = TeacherCache.open(tmp_path / "c.zarr", dataset=ds)
+    assert fresh.is_complete() and fresh.done.all() and fresh.valid.all() and "done" not in fresh._arrays
+    assert "keys" not in fresh._arrays  # the dataset check matched fingerprints: no key was read

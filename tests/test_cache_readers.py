@@ -28,9 +28,10 @@ from dho.precompute import precompute
 
 V1_ASSET = Path(__file__).parent / "assets" / "v1-cache"
 V2_ASSET = Path(__file__).parent / "assets" / "v2-cache"
+V3_ASSET = Path(__file__).parent / "assets" / "v3-cache"
 # file renames that give keys of several UTF-8 widths (2-byte characters included)
 RENAMES = {"class_0/img_000.jpg": "class_0/čaj_ünï.jpg", "class_1/img_002.jpg": "class_1/a_much_longer_file_name.jpg"}
-DIMS = {name: tuple(spec["dims"]) for name, spec in cache_schemas.load_schema(3)["x-dho-arrays"].items()}
+DIMS = {name: tuple(spec["dims"]) for name, spec in cache_schemas.load_schema(4)["x-dho-arrays"].items()}
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +77,23 @@ def test_plain_zarr_reads_a_new_cache_with_named_core_typed_arrays(caches, odd_k
     assert any(not k.isascii() for k in ds.keys)
     for kind, path in caches.items():
         g = zarr.open_group(str(path), mode="r")
-        assert g.attrs["schema_version"] == 3 and g.attrs["key_bytes"] == max(len(k.encode()) for k in ds.keys) == 31
+        assert g.attrs["schema_version"] == 4 and g.attrs["key_bytes"] == max(len(k.encode()) for k in ds.keys) == 31
         for name in g.array_keys():
             meta = g[name].metadata
             assert meta.dimension_names == DIMS[name], name
             assert isinstance(meta.data_type.to_json(zarr_format=3), str), name  # a core type, no configured extension
-            assert [c.to_dict()["name"] for c in meta.codecs] == ["bytes", "zstd", "crc32c"], name
+            codecs = [c.to_dict() for c in meta.codecs]
+            if g[name].ndim == 3:  # v4: the per-view arrays in Zarr shards, inner chunks and index checksummed
+                assert [c["name"] for c in codecs] == ["sharding_indexed"], name
+                inner = codecs[0]["configuration"]
+                codecs, index = inner["codecs"], [c["name"] for c in inner["index_codecs"]]
+                assert index == ["bytes", "crc32c"] and g[name].shards[1] == 9 and g[name].chunks[1] == 3, name
+            assert [c["name"] for c in codecs] == ["bytes", "zstd", "crc32c"], name
         keys = g["keys"][:]  # (N, W) uint8
         assert keys.shape == (8, 31) and [bytes(k).rstrip(b"\0").decode() for k in keys] == ds.keys
         cache = TeacherCache.open(path, dataset=ds)
         assert cache.keys == ds.keys and cache.is_complete() and cache.verify() == []
-        assert summarize(path)["schema_version"] == 3
+        assert summarize(path)["schema_version"] == 4
 
 
 def test_xarray_opens_a_new_cache_with_named_dimensions(caches, odd_keys_ds):
@@ -139,7 +146,7 @@ def test_v3_dimension_names_are_checked_on_open(caches, tmp_path):
     meta = json.loads(meta_file.read_text())
     meta["dimension_names"] = ["view", "sample", "klass"]
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(CacheError, match=r"array 'probs' has dimension names .*'klass'.*, but schema v3 requires "
+    with pytest.raises(CacheError, match=r"array 'probs' has dimension names .*'klass'.*, but schema v4 requires "
                                          r"\('view', 'sample', 'class'\); rebuild"):
         TeacherCache.open(copy)
     del meta["dimension_names"]
@@ -168,6 +175,34 @@ def test_older_caches_keep_their_string_keys_and_stay_readable_and_resumable(ass
     precompute(ds.root, path, model=str(Path(__file__).parent / "assets" / "tiny-clip.json"), pretrained="none",
                templates="simple", views=2, center_view=True, device="cpu", workers=0, progress_every_s=1e9)
     assert {f: f.read_bytes() for f in path.rglob("*") if f.is_file()} == before
+
+
+def test_a_schema_v3_cache_and_v1_manifest_stay_readable_and_resumable(tmp_path):
+    """tests/assets/v3-cache (unsharded chunks, a v1 dataset manifest): read, verified, streamed and resumed
+    unchanged by the current dho; a new cache of that dataset is v4 with the same dataset fingerprint."""
+    from dho.stream import PairedStream, Part
+
+    shutil.copytree(V3_ASSET, tmp_path / "old")
+    ds = data.Dataset.open(tmp_path / "old" / "dataset")
+    path = tmp_path / "old" / "cache.zarr"
+    assert ds.version == 1
+    cache = TeacherCache.open(path, dataset=ds)
+    assert cache.attrs["schema_version"] == 3 and cache.shard_group == 1 and cache.is_complete()
+    assert cache.keys == ds.keys and cache.verify() == [] and summarize(path)["schema_version"] == 3
+    stream = PairedStream([], [Part(ds.root, path)], micro_l=0, micro_u=3, seed=0, rank=0, world_size=1, num_workers=0,
+                          start_item=0, view_sampling="random", image_size=8, interpolation="bilinear", eta=2.0)
+    batch = next(iter(stream))
+    assert batch["u_probs"].shape == (3, 2) and np.allclose(batch["u_probs"].sum(1).numpy(), 1, atol=2e-3)
+    kw = dict(model=str(Path(__file__).parent / "assets" / "tiny-clip.json"), pretrained="none", templates="simple",
+              views=2, center_view=True, device="cpu", workers=0, progress_every_s=1e9)
+    before = {f: f.read_bytes() for f in path.rglob("*") if f.is_file()}
+    precompute(ds.root, path, **kw)
+    assert {f: f.read_bytes() for f in path.rglob("*") if f.is_file()} == before
+    precompute(ds.root, tmp_path / "new.zarr", **kw)
+    new = TeacherCache.open(tmp_path / "new.zarr", dataset=ds)
+    assert new.attrs["schema_version"] == 4 and new.attrs["dataset_fingerprint"] == cache.attrs["dataset_fingerprint"]
+    for view in range(cache.num_views):  # same teacher, same views: the same numbers in the new layout
+        np.testing.assert_array_equal(new.probs(view, 0, 6), cache.probs(view, 0, 6))
 
 
 def test_readme_documents_the_dimension_names():

@@ -60,7 +60,8 @@ def _env(**extra) -> dict:
 
 
 def _assert_same_store(a: Path, b: Path) -> None:
-    """Every array equal bit for bit (NaN == NaN), every attribute equal except created_at."""
+    """Every array equal bit for bit (NaN == NaN), every attribute equal except created_at and shard_group
+    (the file layout, not the numbers)."""
     ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
     assert sorted(ga.array_keys()) == sorted(gb.array_keys())
     for name in ga.array_keys():
@@ -69,7 +70,7 @@ def _assert_same_store(a: Path, b: Path) -> None:
         if x.dtype.kind == "f":  # compare the bits: NaN rows included
             x, y = x.view(f"u{x.itemsize}"), y.view(f"u{y.itemsize}")
         assert np.array_equal(x, y), name
-    drop = lambda d: {k: v for k, v in d.items() if k != "created_at"}  # noqa: E731
+    drop = lambda d: {k: v for k, v in d.items() if k not in ("created_at", "shard_group")}  # noqa: E731
     assert drop(dict(ga.attrs)) == drop(dict(gb.attrs))
 
 
@@ -212,13 +213,19 @@ def test_torchrun_two_ranks_equals_one_process(ref_cache, tiny_dataset, tiny_cli
 
 def test_job_array_ranks_and_finalisation(ref_cache, tiny_dataset, tiny_clip_config, tiny_teacher_ckpt, tmp_path):
     """Two jobs of an array give the reference store bit for bit. Same command, same settings: the
-    worker count sets the teacher's thread count, which may change float rounding."""
+    worker count sets the teacher's thread count, which may change float rounding. Jobs own whole groups
+    of --shard-group shards (they share Zarr shards): groups {0, 1}, {2, 3}, {4} -> job 0 writes 0, 1, 4."""
     out = tmp_path / "array.zarr"
     cmd = [str(VENV_BIN / "dho"), "precompute-teacher", *_args(tiny_dataset, out, tiny_clip_config, tiny_teacher_ckpt)]
-    r = subprocess.run(cmd + ["--rank", "0", "--world-size", "2"], env=_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd + ["--rank", "0", "--world-size", "2", "--shard-group", "2"], env=_env(), capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     half = TeacherCache.open(out)
-    assert half.done.all(axis=0).tolist() == [True, False, True, False, True] and not half.is_complete()
+    assert half.shard_group == 2 and zarr.open_group(str(out), mode="r")["probs"].shards == (1, 10, 3)
+    assert half.done.all(axis=0).tolist() == [True, True, False, False, True] and not half.is_complete()
+    r = subprocess.run(cmd + ["--rank", "1", "--world-size", "2", "--shard-group", "3"], env=_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "shard_group: 2 in the cache vs 3 now" in r.stderr
     r = subprocess.run(cmd + ["--rank", "1", "--world-size", "2"], env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert TeacherCache.open(out).is_complete()  # the last job to finish finalises
@@ -308,14 +315,14 @@ def test_cache_info_output(ref_cache, tiny_dataset):
     center = zarr.open_group(str(ref_cache), mode="r")["probs"][VIEWS].astype(np.float32)  # (N, C)
     agree = 100.0 * (center.argmax(axis=1) == tiny_dataset.labels).mean()
     lines = r.stdout.splitlines()
-    assert lines[0].startswith(f"cache:      {ref_cache} (schema v3, dho ")
+    assert lines[0].startswith(f"cache:      {ref_cache} (schema v4, dho ")
     assert re.match(r"teacher: +tiny-clip / tiny-teacher.pt \(weights sha256 [0-9a-f]{16}\.\.\.\), precision fp32", lines[1])
     assert "classifier: 7 templates (renormalize), zeta=0.01 (logit scale 100), eta=2.0" in lines
     assert "views:      3 (last = center view), seed 3; storage: dense probs (float16) + embeddings" in lines
-    assert "data:       24 samples, 3 classes, 5 shards, chunk length 5" in lines
+    assert "data:       24 samples, 3 classes, 5 shards, chunk length 5, 5 shard(s) per Zarr shard" in lines
     assert "coverage:   15/15 units done (100.0%), complete: yes (chunks not read; --verify reads and checks every one)" in lines
     assert "samples:    24/24 with all views done, 24 valid, 0 invalid (unreadable, NaN rows)" in lines
-    assert re.search(r"^size: +\d+\.\d\d MiB on disk$", r.stdout, re.M)
+    assert re.search(r"^size: +\d+\.\d\d MiB on disk in \d+ files$", r.stdout, re.M)
     assert f"agreement:  teacher top-1 vs labels {agree:.2f}% on 24 labeled valid samples (center view)" in lines
 
 
