@@ -18,15 +18,19 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 
-def test_power_law_fit_recovers_the_exponent_and_projects():
+def test_fits_recover_their_parameters_and_project():
     ns = [1e3, 1e4, 1e5]
     a, b = bench.fit_power_law(ns, [3.0 * n**0.5 for n in ns])
     assert (a, b) == (pytest.approx(3.0), pytest.approx(0.5))
-    rows = [{"n": n, **{k: 2.0 * n for k, _ in bench.COLUMNS[2:]}} for n in (1000, 4000)]  # every metric linear in N
-    fits = bench.project(rows)
-    assert fits["open_s"]["exponent"] == pytest.approx(1.0)
-    assert fits["open_s"]["14M (ImageNet-21k)"] == pytest.approx(2.0 * 14_197_122)
-    assert bench.fit_power_law([1e3], [1.0]) is None  # one size: nothing to fit
+    a, c = bench.fit_affine(ns, [40.0 + 1e-3 * n for n in ns])
+    assert (a, c) == (pytest.approx(40.0), pytest.approx(1e-3))
+    n14 = bench.PROJECT_TO["14M (ImageNet-21k)"]
+    rows = [{"n": n, **{k: 40.0 + 1e-3 * n for k, _ in bench.COLUMNS[2:]}} for n in (10_000, 100_000)]  # fixed + per sample
+    fits = bench.project(rows)["worker_uss_mb"]
+    assert fits["affine"]["14M (ImageNet-21k)"] == pytest.approx(40.0 + 1e-3 * n14)
+    assert fits["power"]["exponent"] < 0.5  # the fixed cost hides the per-sample cost from the power law ...
+    assert fits["power"]["14M (ImageNet-21k)"] < 0.2 * (40.0 + 1e-3 * n14)  # ... which projects far too little
+    assert bench.fit_power_law([1e3], [1.0]) is None and bench.fit_affine([1e3], [1.0]) is None  # one size: nothing to fit
     assert bench.fit_power_law([1e3, 1e4], [0.0, 1.0]) is None  # log of 0
 
 
@@ -51,15 +55,17 @@ def test_quick_run_reports_every_column_with_sane_values(tmp_path):
         assert 0 < r["worker_uss_mb"] <= r["worker_pss_mb"] <= r["worker_rss_mb"]
     assert rows[1]["cache_files"] > rows[0]["cache_files"]
     for k, _ in bench.COLUMNS[2:]:
-        fit = result["fits"][k]
-        assert math.isfinite(fit["exponent"]) and all(fit[label] > 0 for label in bench.PROJECT_TO), k
+        power, affine = result["fits"][k]["power"], result["fits"][k]["affine"]
+        assert math.isfinite(power["exponent"]) and all(power[label] > 0 for label in bench.PROJECT_TO), k
+        assert all(math.isfinite(affine[label]) for label in bench.PROJECT_TO), k
     assert set(result["targets"]) <= {k for k, _ in bench.COLUMNS}
 
     text = md.read_text()
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert table[0] == "| " + " | ".join(h for _, h in bench.COLUMNS) + " |"
     assert [line.split(" | ")[0] for line in table[2:]] == [
-        "| 600", "| 1,200", "| exponent b", "| **14M (ImageNet-21k)**", "| **100M**", "| target (at most)"]
+        "| 600", "| 1,200", "| exponent b of a N^b", "| **14M (ImageNet-21k)**, a N^b", "| **100M**, a N^b",
+        "| **14M (ImageNet-21k)**, a + c N", "| **100M**, a + c N", "| target (at most)"]
     assert all(line.count("|") == len(bench.COLUMNS) + 1 for line in table)
     assert all(f"({k})" in text for k in bench.TARGETS)
     assert list(work.iterdir()) == []  # generated data removed (no --keep)
