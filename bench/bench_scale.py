@@ -69,9 +69,8 @@ COLUMNS = [
     ("n", "N"), ("shards", "shards"), ("write_s", "write shards s"), ("index_s", "index s"), ("split_s", "split s"),
     ("cache_write_s", "cache write s"), ("cache_files", "cache files"), ("cache_mb", "cache MB"), ("open_s", "open s"),
     ("setup_s", "launch to set-up s"), ("first_step_s", "launch to step 1 s"), ("main_rss_mb", "main RSS MB"),
-    ("main_pss_mb", "main PSS MB"), ("main_uss_mb", "main USS MB"), ("worker_pss_mb", "worker PSS MB"),
-    ("worker_uss_mb", "worker USS MB"),
-]
+    ("main_pss_mb", "main PSS MB"), ("worker_pss_mb", "worker PSS MB"), ("worker_uss_mb", "worker USS MB"),
+]  # the JSON also has main_uss_mb: not in the table, as it swings with the pages the workers share while they live
 
 
 # ---------------------------------------------------------------------------------- generation
@@ -303,11 +302,12 @@ def fit_power_law(ns, values) -> tuple[float, float] | None:
 
 
 def fit_affine(ns, values) -> tuple[float, float] | None:
-    """(a, c) of values = a + c * N (a fixed cost plus a cost per sample), least squares; None with fewer than 2 sizes."""
+    """(a, c) of values = a + c * N (a fixed cost plus a cost per sample), least squares with c >= 0 (a metric
+    that does not grow, up to noise, is its mean); None with fewer than 2 sizes."""
     if len(ns) < 2:
         return None
     c, a = np.polyfit(np.asarray(ns, dtype=float), np.asarray(values, dtype=float), 1)
-    return float(a), float(c)
+    return (float(a), float(c)) if c >= 0 else (float(np.mean(values)), 0.0)
 
 
 def project(rows: list[dict]) -> dict:
@@ -317,7 +317,7 @@ def project(rows: list[dict]) -> dict:
     Both fits, because they part ways when a metric is a large fixed cost plus a per-sample cost (library
     pages in memory, process start in times): between small N the power law sees a small exponent and
     projects far too little, while a + c N extrapolates the per-sample cost; the largest N measured tells
-    which one holds."""
+    which one holds. Timings of a few seconds on a shared machine carry noise that both extrapolate too."""
     ns = [r["n"] for r in rows]
     out = {}
     for key, _ in COLUMNS[2:]:

@@ -30,6 +30,7 @@ def test_fits_recover_their_parameters_and_project():
     assert fits["affine"]["14M (ImageNet-21k)"] == pytest.approx(40.0 + 1e-3 * n14)
     assert fits["power"]["exponent"] < 0.5  # the fixed cost hides the per-sample cost from the power law ...
     assert fits["power"]["14M (ImageNet-21k)"] < 0.2 * (40.0 + 1e-3 * n14)  # ... which projects far too little
+    assert bench.fit_affine([1e4, 1e5], [3.0, 2.0]) == (2.5, 0.0)  # shrinking (noise) is no negative cost per sample
     assert bench.fit_power_law([1e3], [1.0]) is None and bench.fit_affine([1e3], [1.0]) is None  # one size: nothing to fit
     assert bench.fit_power_law([1e3, 1e4], [0.0, 1.0]) is None  # log of 0
 
