@@ -1,0 +1,437 @@
+"""Scale of the data path against the number of samples N, projected to ImageNet-21k (issue 13).
+
+    python bench/bench_scale.py [--sizes 10000 100000 1000000 --classes 1000 --workers 2 --out scale.md --json scale.json]
+    python bench/bench_scale.py --quick        # two tiny N in seconds: what tests/test_bench_scale.py runs
+
+For each N the bench builds a dataset and its teacher caches with dho's own entry points, then measures:
+- dataset: webdataset tar shards of `--shard-size` samples (one 8x8 JPEG reused, a random label of C
+  classes, ImageNet-like keys), `manifest.json` by `data.index` (index s) and a labeled split by
+  `data.split --keys` with a keys file of 10% of the keys (split s);
+- cache: a top-k teacher cache for the whole set and one for the split, created with
+  `TeacherCache.create_or_open` and filled unit by unit through the real writer (`write_valid`,
+  `write_unit`, `finalize`) with synthetic teacher outputs; files in the store and its size;
+- open: `Dataset.open` + `TeacherCache.open(dataset=...)` + completeness (`is_complete`, `valid`) in a
+  fresh process, imports not counted;
+- launch: the real `dho distill` CLI (resnet-tiny, split = labeled, whole set = unlabeled, 1 step,
+  `--workers W`) in a subprocess: seconds from process start to its first line of output after set-up
+  (imports, datasets and caches opened, student built) and to its first metrics line (the first step);
+- memory: peak RSS / PSS / USS (from /proc/PID/smaps_rollup, polled) of that run's main process and of
+  each DataLoader worker. USS = Private_Clean + Private_Dirty: under fork, a worker's USS is what it
+  really adds; its PSS also counts a share of the pages it still shares with the main process.
+Every metric is then fitted over the sizes measured with a power law m = a * N^b (least squares on
+log m vs log N) and with a fixed plus per-sample cost m = a + c * N, and both are projected to N = 14M
+(ImageNet-21k: 14.2M images, 21,841 classes) and 100M, beside the issue's targets. The two part ways
+for metrics with a large fixed cost (see `project`); measure up to 1M before trusting either.
+Timings are of this machine.
+
+Out of scope: real image bytes (times that grow with bytes read, index's hashing and split's copy of
+the labeled images, are for tiny images here), a cold page cache (dropping it needs root), the teacher
+(the cache holds random top-k outputs) and training speed (see bench_distill.py). The dataset and
+cache formats are known only by `write_shards` and `write_cache`: adapt those two for a new format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dho import data  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_TO = {"14M (ImageNet-21k)": 14_197_122, "100M": 100_000_000}
+LABELED_FRACTION = 0.1  # the split's keys file: 10% of the keys (1.4M lines at ImageNet-21k)
+# the issue's targets: (metric, at most, what it stands for)
+TARGETS = {
+    "worker_uss_mb": (50, "extra memory per DataLoader worker, independent of N"),
+    "open_s": (2, "cache open + completeness check"),
+    "first_step_s": (60, "distill launch to first step"),
+    "cache_files": (50_000, "files in the cache store"),
+    "split_s": (30, "split --keys with the 10% keys file (1.4M lines at 14M)"),
+}
+# (key, column header) of the report, in order; every column but the first two is fitted and projected
+COLUMNS = [
+    ("n", "N"), ("shards", "shards"), ("write_s", "write shards s"), ("index_s", "index s"), ("split_s", "split s"),
+    ("cache_write_s", "cache write s"), ("cache_files", "cache files"), ("cache_mb", "cache MB"), ("open_s", "open s"),
+    ("setup_s", "launch to set-up s"), ("first_step_s", "launch to step 1 s"), ("main_rss_mb", "main RSS MB"),
+    ("main_pss_mb", "main PSS MB"), ("worker_pss_mb", "worker PSS MB"), ("worker_uss_mb", "worker USS MB"),
+]  # the JSON also has main_uss_mb: not in the table, as it swings with the pages the workers share while they live
+
+
+# ---------------------------------------------------------------------------------- generation
+
+
+def tiny_jpeg() -> bytes:
+    """One 8x8 JPEG, reused for every sample: the bench measures per-sample overheads, not image bytes."""
+    pixels = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_shards(folder: Path, num_samples: int, shard_size: int, num_classes: int, seed: int) -> list[Path]:
+    """Webdataset tar shards: per sample `KEY.cls` (ASCII label) then `KEY.jpg`, in sorted order as webdataset's
+    TarWriter writes them; keys look like ImageNet's (`n00000042/n00000042_1234567`), since their length is memory."""
+    image = tiny_jpeg()
+    labels = np.random.default_rng(seed).integers(0, num_classes, num_samples)  # (N,)
+    folder.mkdir(parents=True)
+    paths = []
+    for first in range(0, num_samples, shard_size):
+        path = folder / f"shard-{first // shard_size:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(first, min(first + shard_size, num_samples)):
+                key = f"n{labels[i]:08d}/n{labels[i]:08d}_{i}"
+                for ext, payload in (("cls", str(labels[i]).encode("ascii")), ("jpg", image)):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mode = len(payload), 0o644
+                    tar.addfile(info, io.BytesIO(payload))
+        paths.append(path)
+    return paths
+
+
+def write_cache(ds: data.Dataset, path: Path, views: int, topk: int, embed_dim: int, seed: int) -> None:
+    """A complete top-k teacher cache of `ds` written through the real writer, one (view, shard) unit at a time,
+    with synthetic teacher outputs: K distinct classes per row, probabilities descending and summing to < 1,
+    crop boxes inside the 8x8 image. The attributes are those of schema v3 (cache_schemas/v3.json)."""
+    from dho.cache import TeacherCache, chunk_length
+
+    counts = [s.count for s in ds.shards]
+    attrs = {
+        "dataset_fingerprint": ds.fingerprint, "num_samples": ds.num_samples, "classnames": list(ds.classnames),
+        "num_views": views, "center_view": False, "seed": seed, "zeta": 0.01, "eta": 2.0,
+        "teacher": {"model": "synthetic", "pretrained": "none", "weights_sha256": "0" * 64, "model_config_sha256": "0" * 64},
+        "templates": ["a photo of a {}."], "text_classifier_norm": "renormalize",
+        "preprocess": {"image_size": 224, "interpolation": "bicubic", "mean": [0.48145466, 0.4578275, 0.40821073],
+                       "std": [0.26862954, 0.26130258, 0.27577711], "resize_mode": "shortest", "source": "bench_scale"},
+        "precision": "fp32", "topk": topk, "store_embeddings": False, "embed_dim": embed_dim,
+        "shard_counts": counts, "chunk_len": chunk_length(counts),
+    }
+    rng = np.random.default_rng(seed)
+    c = ds.num_classes
+    classifier = rng.standard_normal((c, embed_dim)).astype(np.float32)  # (C, D)
+    classifier /= np.linalg.norm(classifier, axis=1, keepdims=True)
+    cache = TeacherCache.create_or_open(path, attrs, ds.keys, ds.labels, classifier, dataset=ds)
+    for s, n in enumerate(counts):
+        cache.write_valid(s, np.ones(n, dtype=bool))
+        for v in range(views):
+            indices = (rng.integers(0, c, n)[:, None] + np.arange(topk)) % c  # (n, K) K distinct classes
+            mass = rng.random((n, topk + 1))
+            probs = -np.sort(-(mass / mass.sum(axis=1, keepdims=True))[:, :topk], axis=1)  # (n, K), sum < 1
+            corner = rng.integers(0, 3, (n, 2))
+            params = np.concatenate([corner, np.full((n, 2), 6), rng.integers(0, 2, (n, 1))], axis=1)  # (n, 5) 6x6 box
+            cache.write_unit(v, s, view_params=params, topk_indices=indices, topk_probs=probs)
+    if not cache.finalize():
+        raise RuntimeError(f"{path}: not complete after writing every unit")
+
+
+def store_stats(path: Path) -> tuple[int, int]:
+    """(files, bytes) under `path`."""
+    files = size = 0
+    for folder, _, names in os.walk(path):
+        files += len(names)
+        size += sum(os.stat(os.path.join(folder, f)).st_size for f in names)
+    return files, size
+
+
+# ---------------------------------------------------------------------------------- measurements
+
+
+def child_env() -> dict:
+    """Subprocesses run this checkout's dho, whatever is installed."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+
+
+OPEN_SCRIPT = """
+import json, sys, time
+from dho.data import Dataset
+from dho.cache import TeacherCache
+t0 = time.perf_counter()
+ds = Dataset.open(sys.argv[1])
+t1 = time.perf_counter()
+cache = TeacherCache.open(sys.argv[2], dataset=ds)
+t2 = time.perf_counter()
+complete, valid = cache.is_complete(), int(cache.valid.sum())
+t3 = time.perf_counter()
+print(json.dumps({"dataset_s": t1 - t0, "cache_s": t2 - t1, "check_s": t3 - t2, "complete": complete, "valid": valid}))
+"""
+
+
+def open_time(ds_path: Path, cache_path: Path) -> dict:
+    """Seconds of Dataset.open, TeacherCache.open(dataset=...) and the completeness check in a fresh process."""
+    proc = subprocess.run([sys.executable, "-c", OPEN_SCRIPT, str(ds_path), str(cache_path)], env=child_env(),
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"opening {cache_path} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def memory(pid: int) -> dict | None:
+    """RSS, PSS and USS (Private_Clean + Private_Dirty) of a process in MB, or None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    kb = {}
+    for line in text.splitlines()[1:]:
+        name, value = line.split(":", 1)
+        kb[name] = int(value.split()[0])
+    return {"rss": kb["Rss"] / 1024, "pss": kb["Pss"] / 1024, "uss": (kb["Private_Clean"] + kb["Private_Dirty"]) / 1024}
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid` (the DataLoader workers of a distill run), from /proc/*/stat."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after the parenthesised command name
+            out.append(int(entry.name))
+    return out
+
+
+def launch(run: Path, labeled: Path, labeled_cache: Path, unlabeled: Path, unlabeled_cache: Path, *, workers: int,
+           batch_size: int, device: str, steps: int, poll_s: float = 0.05) -> dict:
+    """`dho distill` in a subprocess: seconds from start to set-up done (its `dho distill: ...` line, printed once
+    the data are open and the student is built) and to its first metrics line (step 1); peak memory of the main
+    process and of each DataLoader worker, polled every `poll_s` until it exits."""
+    cmd = [sys.executable, "-m", "dho", "distill", "--labeled", str(labeled), "--labeled-cache", str(labeled_cache),
+           "--unlabeled", str(unlabeled), "--unlabeled-cache", str(unlabeled_cache), "--student", "resnet-tiny",
+           "--out", str(run), "--epochs", "1", "--max-steps", str(steps), "--batch-size", str(batch_size),
+           "--workers", str(workers), "--device", device, "--log-every", "1", "--checkpoint-every", "1000000"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend((time.perf_counter() - t0, ln) for ln in proc.stdout), daemon=True)
+    reader.start()
+    metrics = run / "metrics.jsonl"
+    first_step = None
+    peaks: dict[int, dict] = {}  # pid -> peak rss/pss/uss
+    while proc.poll() is None:
+        for pid in [proc.pid, *children(proc.pid)]:
+            m = memory(pid)
+            if m is not None:
+                peak = peaks.setdefault(pid, m)
+                peaks[pid] = {k: max(peak[k], m[k]) for k in m}
+        if first_step is None and metrics.is_file() and metrics.stat().st_size > 0:
+            first_step = time.perf_counter() - t0
+        time.sleep(poll_s)
+    reader.join()
+    if proc.returncode:
+        raise RuntimeError(f"dho distill exited with {proc.returncode}:\n" + "".join(ln for _, ln in lines[-40:]))
+    if first_step is None:  # the whole run fell between two polls
+        first_step = time.perf_counter() - t0
+    workers_seen = [peaks[p] for p in peaks if p != proc.pid]
+    if len(workers_seen) < workers:
+        raise RuntimeError(f"saw {len(workers_seen)} of {workers} DataLoader workers; poll more often (--poll-s)")
+    main = peaks[proc.pid]
+    return {
+        "setup_s": next(t for t, ln in lines if ln.startswith("dho distill:")), "first_step_s": first_step,
+        "main_rss_mb": main["rss"], "main_pss_mb": main["pss"], "main_uss_mb": main["uss"],
+        "worker_pss_mb": max(w["pss"] for w in workers_seen), "worker_uss_mb": max(w["uss"] for w in workers_seen),
+        "worker_rss_mb": max(w["rss"] for w in workers_seen), "workers_seen": len(workers_seen),
+    }
+
+
+def measure(root: Path, n: int, args) -> dict:
+    """Every metric for one N (data written under `root`)."""
+    row: dict = {"n": n, "shards": math.ceil(n / args.shard_size)}
+    t0 = time.perf_counter()
+    shards = write_shards(root / "full", n, args.shard_size, args.classes, args.seed)
+    row["write_s"] = time.perf_counter() - t0
+    names = root / "classnames.txt"
+    names.write_text("".join(f"class {c}\n" for c in range(args.classes)))
+    t0 = time.perf_counter()
+    full = data.index(shards, names, root / "full")
+    row["index_s"] = time.perf_counter() - t0
+
+    rng = np.random.default_rng(args.seed)
+    keys_file = root / "labeled-keys.txt"
+    picked = rng.choice(full.num_samples, size=max(1, round(LABELED_FRACTION * full.num_samples)), replace=False)
+    keys_file.write_text("".join(full.keys[i] + "\n" for i in np.sort(picked)))
+    t0 = time.perf_counter()
+    labeled, _ = data.split(full, root / "labeled", keys_file=keys_file, shard_size=args.shard_size)
+    row["split_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    write_cache(full, root / "full.zarr", args.views, args.topk, args.embed_dim, args.seed)
+    row["cache_write_s"] = time.perf_counter() - t0
+    files, size = store_stats(root / "full.zarr")
+    row["cache_files"], row["cache_mb"] = files, size / 2**20
+    write_cache(labeled, root / "labeled.zarr", args.views, args.topk, args.embed_dim, args.seed)
+
+    opened = open_time(root / "full", root / "full.zarr")
+    if not opened["complete"] or opened["valid"] != n:
+        raise RuntimeError(f"{root / 'full.zarr'}: complete={opened['complete']}, {opened['valid']} valid of {n}")
+    row["open_s"] = opened["dataset_s"] + opened["cache_s"] + opened["check_s"]
+    row["open_parts_s"] = {k: opened[k] for k in ("dataset_s", "cache_s", "check_s")}
+    row.update(launch(root / "run", root / "labeled", root / "labeled.zarr", root / "full", root / "full.zarr",
+                      workers=args.workers, batch_size=args.batch_size, device=args.device, steps=args.steps,
+                      poll_s=args.poll_s))
+    return row
+
+
+# ---------------------------------------------------------------------------------- projection and report
+
+
+def fit_power_law(ns, values) -> tuple[float, float] | None:
+    """(a, b) of values = a * N^b, least squares on log-log; None with fewer than 2 sizes or a value <= 0."""
+    if len(ns) < 2 or min(values) <= 0:
+        return None
+    b, log_a = np.polyfit(np.log(ns), np.log(values), 1)
+    return float(math.exp(log_a)), float(b)
+
+
+def fit_affine(ns, values) -> tuple[float, float] | None:
+    """(a, c) of values = a + c * N (a fixed cost plus a cost per sample), least squares with c >= 0 (a metric
+    that does not grow, up to noise, is its mean); None with fewer than 2 sizes."""
+    if len(ns) < 2:
+        return None
+    c, a = np.polyfit(np.asarray(ns, dtype=float), np.asarray(values, dtype=float), 1)
+    return (float(a), float(c)) if c >= 0 else (float(np.mean(values)), 0.0)
+
+
+def project(rows: list[dict]) -> dict:
+    """metric -> {"power": {"exponent": b, label: value}, "affine": {"fixed": a, "per_sample": c, label: value}}
+    for every fitted column; a fit is None where it cannot be made.
+
+    Both fits, because they part ways when a metric is a large fixed cost plus a per-sample cost (library
+    pages in memory, process start in times): between small N the power law sees a small exponent and
+    projects far too little, while a + c N extrapolates the per-sample cost; the largest N measured tells
+    which one holds. Timings of a few seconds on a shared machine carry noise that both extrapolate too."""
+    ns = [r["n"] for r in rows]
+    out = {}
+    for key, _ in COLUMNS[2:]:
+        values = [r[key] for r in rows]
+        power, affine = fit_power_law(ns, values), fit_affine(ns, values)
+        out[key] = {
+            "power": None if power is None else {"exponent": power[1], **{label: power[0] * n ** power[1] for label, n in PROJECT_TO.items()}},
+            "affine": None if affine is None else {"fixed": affine[0], "per_sample": affine[1],
+                                                    **{label: affine[0] + affine[1] * n for label, n in PROJECT_TO.items()}},
+        }
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, (int, np.integer)):
+        return f"{v:,}"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+
+def report(rows: list[dict], fits: dict, header: str, shard_size: int) -> str:
+    """The markdown table (one row per N, the exponent, the projections of both fits, the targets) and the
+    verdicts at 14M."""
+    keys = [k for k, _ in COLUMNS]
+    fitted = keys[2:]
+
+    def cell(key: str, fit: str, field: str) -> str:
+        return _fmt(None if fits[key][fit] is None else fits[key][fit][field])
+
+    lines = [header, "", "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r[k]) for k in keys) + " |")
+    lines.append("| exponent b of a N^b | | " + " | ".join(cell(k, "power", "exponent") for k in fitted) + " |")
+    for fit, name in (("power", "a N^b"), ("affine", "a + c N")):
+        for label, n in PROJECT_TO.items():
+            lines.append(f"| **{label}**, {name} | {_fmt(-(-n // shard_size))} | " + " | ".join(cell(k, fit, label) for k in fitted) + " |")
+    lines.append("| target (at most) | | " + " | ".join(_fmt(TARGETS[k][0]) if k in TARGETS else "" for k in fitted) + " |")
+    label = next(iter(PROJECT_TO))
+    lines += ["", f"Targets at {label}, fitted over the sizes measured (power law a N^b; affine a + c N):"]
+    for key, (limit, what) in TARGETS.items():
+        power, affine = fits[key]["power"], fits[key]["affine"]
+        if power is None and affine is None:
+            lines.append(f"- {what} ({key}): no fit (needs two or more sizes); target <= {_fmt(limit)}")
+            continue
+        said = [f"{name} {_fmt(f[label])}" + (f" (b = {f['exponent']:.2f})" if "exponent" in f else "")
+                for name, f in (("power law", power), ("affine", affine)) if f is not None]
+        over = [f[label] > limit for f in (power, affine) if f is not None]
+        verdict = "MISSES" if all(over) else "meets" if not any(over) else "MISSES by one fit"
+        lines.append(f"- {what} ({key}): {', '.join(said)}; target <= {_fmt(limit)}: {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="the N to measure")
+    ap.add_argument("--quick", action="store_true", help="N = 600 and 1200, 100-sample shards, 20 classes, 1 worker (seconds)")
+    ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--classes", type=int, default=1000, help="C (ImageNet-21k: 21841)")
+    ap.add_argument("--views", type=int, default=2, help="teacher views per sample in the caches")
+    ap.add_argument("--topk", type=int, default=10)
+    ap.add_argument("--embed-dim", type=int, default=1024, help="D of the cache's text classifier (C x D float32); ViT-H-14: 1024")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the distill run")
+    ap.add_argument("--batch-size", type=int, default=32, help="distill --batch-size (a multiple of --workers)")
+    ap.add_argument("--steps", type=int, default=1, help="distill --max-steps")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--poll-s", type=float, default=0.05, help="memory sampling period of the distill run")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the data are generated (default: a temporary folder)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated data")
+    ap.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
+    ap.add_argument("--json", type=Path, default=None, help="also write every number as JSON here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.sizes, args.shard_size, args.classes, args.workers, args.batch_size, args.embed_dim = [600, 1200], 100, 20, 1, 8, 16
+    if args.workers and args.batch_size % args.workers:
+        ap.error(f"--batch-size {args.batch_size} must be a multiple of --workers {args.workers}")
+    if not 1 <= args.topk < args.classes:
+        ap.error(f"--topk must be in [1, {args.classes - 1}]")
+
+    workdir = Path(tempfile.mkdtemp(prefix="dho-scale-")) if args.workdir is None else args.workdir
+    rows = []
+    try:
+        for n in sorted(args.sizes):
+            root = workdir / f"n{n}"
+            if root.exists():
+                raise SystemExit(f"{root} exists; remove it or choose another --workdir")
+            t0 = time.perf_counter()
+            row = measure(root, n, args)
+            row["total_s"] = time.perf_counter() - t0
+            rows.append(row)
+            print(f"N={n:,}: " + ", ".join(f"{k} {_fmt(row[k])}" for k, _ in COLUMNS[1:]) + f" ({row['total_s']:.0f} s)",
+                  file=sys.stderr, flush=True)
+            if not args.keep:
+                shutil.rmtree(root)
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    fits = project(rows)
+    machine = f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, device {args.device}"
+    header = (f"bench_scale: {args.classes} classes, {args.shard_size}-sample shards, top-{args.topk} x {args.views} views, "
+              f"distill resnet-tiny with {args.workers} worker(s), batch {args.batch_size}+{args.batch_size}; {machine}")
+    text = report(rows, fits, header, args.shard_size)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                                         "machine": machine, "rows": rows, "fits": fits, "targets": TARGETS}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
