@@ -74,7 +74,7 @@ def chunk_length(shard_counts: list[int]) -> int:
     return int(reduce(math.gcd, shard_counts[:-1]))
 
 
-SHARD_BYTES = 8 << 20  # target uncompressed bytes of one Zarr shard (one view, G dataset shards) of the widest array
+SHARD_BYTES = 1 << 20  # target uncompressed bytes of one Zarr shard (one view, G dataset shards) of the widest array
 
 
 def shard_group(shard_counts: list[int], chunk_len: int, row_bytes: int) -> int:

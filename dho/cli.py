@@ -450,7 +450,7 @@ def precompute_teacher(
     zeta: Annotated[Optional[float], typer.Option(help="Teacher logit scale 1/zeta: logits = cos / zeta. Default: 0.01.")] = None,
     rank: Annotated[Optional[int], typer.Option(help="This job's index for job arrays (no torchrun); with --world-size. Default: none = single process or torchrun.")] = None,
     world_size: Annotated[Optional[int], typer.Option(help="Number of jobs of a job array; groups of --shard-group shards are split round-robin. Default: none.")] = None,
-    shard_group: Annotated[Optional[int], typer.Option(help="Dataset shards per Zarr shard of a new cache (cache files ~ views x shards / G; one process writes a group, so a job array needs at least as many groups as jobs). Fixed when the cache is created. Default: auto, about 8 MiB per Zarr shard.")] = None,
+    shard_group: Annotated[Optional[int], typer.Option(help="Dataset shards per Zarr shard of a new cache (cache files ~ views x shards / G; one process writes a group, so a job array needs at least as many groups as jobs). Fixed when the cache is created. Default: auto, about 1 MiB per Zarr shard (each unit written rewrites its Zarr shard).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images as invalid (valid=False, NaN rows) instead of stopping with an error. Default: off.")] = False,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the teacher's image tower (the first batches compile, then faster forwards; same math, other kernels). Default: off.")] = False,
     image_size: Annotated[Optional[int], typer.Option(help="Override the teacher's input size (pixels). Default: from the pretrained config.")] = None,

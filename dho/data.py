@@ -87,13 +87,15 @@ class Columns:
     only, no Python object per sample: forked DataLoader workers share them with the main process
     (reading a memory map or an inherited array copies no page)."""
 
-    def __init__(self, keys: np.ndarray, labels: np.ndarray, files: Optional[np.ndarray]):
+    def __init__(self, keys: np.ndarray, labels: np.ndarray, files: Optional[np.ndarray], spans: Optional[np.ndarray] = None):
         self.keys, self.labels, self.files = keys, labels, files
+        self.spans = spans  # (N, 2) int64 [start, end) bytes of each sample's members in its tar, or None
 
     @classmethod
-    def from_lists(cls, keys: list, labels: list, files: Optional[list]) -> "Columns":
+    def from_lists(cls, keys: list, labels: list, files: Optional[list], spans: Optional[list] = None) -> "Columns":
         return cls(encode_strings(keys), np.asarray(labels, dtype=np.int64).reshape(-1),
-                   None if files is None else encode_strings(files))
+                   None if files is None else encode_strings(files),
+                   None if spans is None else np.asarray(spans, dtype=np.int64).reshape(-1, 2))
 
 
 def encode_strings(items: Sequence[str]) -> np.ndarray:
@@ -256,14 +258,14 @@ class Dataset:
         return f"Dataset({str(self.root)!r}, samples={self.num_samples}, shards={len(self.shards)}, classes={self.num_classes})"
 
 
-SHARD_COLUMNS = ("keys", "labels", "files")  # per-sample lists of a v1 shard entry, columns in v2
+SHARD_COLUMNS = ("keys", "labels", "files", "spans")  # per-sample lists of a v1 shard entry, columns in v2
 
 
 def _open_columns(root: Path, spec: dict, num: int, where: Path) -> Columns:
     arrays = {}
-    for name in ("keys", "labels", "files"):
+    for name in SHARD_COLUMNS:
         if name not in spec:
-            if name == "files":
+            if name in ("files", "spans"):  # optional: prepare's file names; byte spans (local tars only)
                 arrays[name] = None
                 continue
             raise DatasetError(f"{where}: lists no {name!r} column; re-create it with `dho prepare` or `dho index`")
@@ -274,12 +276,13 @@ def _open_columns(root: Path, spec: dict, num: int, where: Path) -> Columns:
             raise DatasetError(f"{where}: its {name} column {path.name} is missing; restore it or re-create the manifest with `dho index`") from None
         except (ValueError, OSError) as e:
             raise DatasetError(f"{where}: its {name} column {path.name} is not a readable .npy file ({e}); re-create the manifest with `dho index`") from None
-        kind_ok = arr.dtype.kind == "S" if name != "labels" else arr.dtype == np.int64
-        if arr.shape != (num,) or not kind_ok:
-            raise DatasetError(f"{where}: its {name} column {path.name} is {arr.dtype} {arr.shape}, expected ({num},) "
-                               f"{'int64' if name == 'labels' else 'bytes'}; re-create the manifest with `dho index`")
+        want = {"labels": ("int64", (num,)), "spans": ("int64", (num, 2))}.get(name, ("bytes", (num,)))
+        kind_ok = arr.dtype.kind == "S" if want[0] == "bytes" else arr.dtype == np.int64
+        if arr.shape != want[1] or not kind_ok:
+            raise DatasetError(f"{where}: its {name} column {path.name} is {arr.dtype} {arr.shape}, expected {want[1]} "
+                               f"{want[0]}; re-create the manifest with `dho index`")
         arrays[name] = arr
-    return Columns(arrays["keys"], arrays["labels"], arrays["files"])
+    return Columns(arrays["keys"], arrays["labels"], arrays["files"], arrays["spans"])
 
 
 def _fingerprint_chunks(classnames: list, shard_dicts: Iterator[dict]) -> str:
@@ -535,6 +538,7 @@ class _ShardWriter:
     def write(self, key: str, ext: str, data: bytes, label: int, file: Optional[str] = None) -> None:
         if self.tar is None or self.entries[-1]["count"] == self.shard_size:
             self._roll()
+        start = self.tar.offset
         members = {ext: data}
         if label >= 0:
             members["cls"] = str(label).encode("ascii")
@@ -546,6 +550,7 @@ class _ShardWriter:
         e["count"] += 1
         e["keys"].append(key)
         e["labels"].append(int(label))
+        e["spans"].append((start, self.tar.offset))  # the sample's bytes in the tar: header(s) + padded data
         if file is not None:
             e.setdefault("files", []).append(file)
 
@@ -554,7 +559,7 @@ class _ShardWriter:
         name = f"shard-{len(self.entries):06d}.tar"
         self.file = open(self.folder / name, "wb")
         self.tar = tarfile.open(fileobj=self.file, mode="w|")  # PAX (the default): non-ASCII names
-        self.entries.append({"path": name, "count": 0, "sha256": "", "keys": [], "labels": []})
+        self.entries.append({"path": name, "count": 0, "sha256": "", "keys": [], "labels": [], "spans": []})
 
     def _close_current(self) -> None:
         if self.tar is not None:
@@ -592,8 +597,10 @@ def _dump_manifest(manifest: dict, path: Path) -> None:
     shards = manifest["shards"]
     fingerprint = _fingerprint(manifest["classnames"], shards)
     with_files = bool(shards) and all(s.get("files") is not None for s in shards)
+    with_spans = bool(shards) and all(s.get("spans") is not None for s in shards)
     columns = Columns.from_lists([k for s in shards for k in s["keys"]], [lab for s in shards for lab in s["labels"]],
-                                 [f for s in shards for f in s["files"]] if with_files else None)
+                                 [f for s in shards for f in s["files"]] if with_files else None,
+                                 [sp for s in shards for sp in s["spans"]] if with_spans else None)
     folder = path.parent
     names = {}
     for name in SHARD_COLUMNS:
@@ -1151,6 +1158,88 @@ def _match_keys(ds: Dataset, entries: list[str], where: Path) -> list[int]:
     return rows
 
 
+class _CopyWriter:
+    """Shards made of samples copied byte for byte from other tars (their header and data blocks), closed
+    as tarfile closes a stream: two zero blocks, then zeros up to a whole record. A copy of samples that
+    `_ShardWriter` wrote is the file `_ShardWriter` would write; the same entries (count, keys, labels,
+    files, spans, sha256 computed while writing)."""
+
+    def __init__(self, folder: Path, shard_size: int):
+        self.folder, self.shard_size = folder, shard_size
+        self.entries: list[dict] = []
+        self.file = None
+
+    def copy(self, key: str, label: int, raw: bytes, file: Optional[str] = None) -> None:
+        if self.file is None or self.entries[-1]["count"] == self.shard_size:
+            self._roll()
+        e = self.entries[-1]
+        e["spans"].append((self.offset, self.offset + len(raw)))
+        self._write(raw)
+        e["count"] += 1
+        e["keys"].append(key)
+        e["labels"].append(int(label))
+        if file is not None:
+            e.setdefault("files", []).append(file)
+
+    def _write(self, raw: bytes) -> None:
+        self.file.write(raw)
+        self.hash.update(raw)
+        self.offset += len(raw)
+
+    def _roll(self) -> None:
+        self._close_current()
+        name = f"shard-{len(self.entries):06d}.tar"
+        self.file, self.hash, self.offset = open(self.folder / name, "wb"), hashlib.sha256(), 0
+        self.entries.append({"path": name, "count": 0, "sha256": "", "keys": [], "labels": [], "spans": []})
+
+    def _close_current(self) -> None:
+        if self.file is not None:
+            self._write(b"\0" * (2 * tarfile.BLOCKSIZE))
+            self._write(b"\0" * (-self.offset % tarfile.RECORDSIZE))
+            self.file.close()
+            self.entries[-1]["sha256"] = self.hash.hexdigest()
+            self.file = None
+
+    def close(self) -> list[dict]:
+        self._close_current()
+        return self.entries
+
+
+def _copy_samples(ds: Dataset, shard_index: int, role: np.ndarray, writers: list) -> None:
+    """Copy the samples of one shard with role r >= 0 to writers[r], reading only their byte spans. Each
+    copy must start with its key's member header, else the shard changed since the manifest was written."""
+    shard = ds.shards[shard_index]
+    rows = shard.offset + np.flatnonzero(role[shard.offset:shard.offset + shard.count] >= 0)
+    name = f"shard {shard_index} ({shard.path})"
+    if not shard.path.is_file():
+        raise DatasetError(f"{name} of dataset {ds.root} is missing; restore it or re-run `dho prepare`/`dho index`")
+    spans, files = ds.columns.spans, ds.columns.files
+    with open(shard.path, "rb") as f:
+        for row in rows.tolist():
+            start, end = (int(x) for x in spans[row])
+            f.seek(start)
+            raw = f.read(end - start)
+            key = ds.key(row)
+            if len(raw) != end - start or not _names_sample(raw, key):
+                raise DatasetError(f"{name}: sample {key!r} is not at bytes {start}-{end} where the manifest puts it; the shard "
+                                   "changed since the manifest was written: run `dho index` again or restore the shard")
+            writers[role[row]].copy(key, int(ds.labels[row]), raw, None if files is None else files[row].decode("utf-8"))
+
+
+def _names_sample(raw: bytes, key: str) -> bool:
+    """Whether `raw` starts with a tar header of a member of sample `key`: its ustar name (with the ustar
+    prefix field), or, behind a PAX / GNU long-name header, the long name that follows."""
+    head = raw[:tarfile.BLOCKSIZE]
+    if len(head) < tarfile.BLOCKSIZE:
+        return False
+    want = key.encode("utf-8") + b"."
+    if head[156:157] in (b"x", b"L"):  # PAX extended header or GNU long name: the name is in the next block(s)
+        return (b"path=" + want) in raw[:4 * tarfile.BLOCKSIZE] or (head[156:157] == b"L" and raw[512:].startswith(want))
+    name = head[:100].split(b"\0", 1)[0]
+    prefix = head[345:500].split(b"\0", 1)[0] if head[257:262] == b"ustar" else b""
+    return (prefix + b"/" + name if prefix else name).startswith(want)
+
+
 def rows_by_class(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
     """Per class c, the rows with label c in increasing order: one stable sort, O(N log N), not O(N C)."""
     labels = np.asarray(labels)
@@ -1221,12 +1310,18 @@ def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int]
 
     tmps = [_temp_dir(o) for o in outs]
     try:
-        writers = [_ShardWriter(t, shard_size) for t in tmps]
         role = np.full(ds.num_samples, -1, dtype=np.int64)  # (N,) 0 = labeled, 1 = validation
         role[labeled] = 0
         role[val] = 1
+        # with the samples' byte spans (a local columnar manifest) their tar members are copied as they are,
+        # reading only the chosen samples; else every touched shard is read and its samples re-written
+        copy = ds.columns.spans is not None and all(isinstance(sh.path, Path) for sh in ds.shards)
+        writers = [(_CopyWriter if copy else _ShardWriter)(t, shard_size) for t in tmps]
         for s, shard in enumerate(ds.shards):
             if not (role[shard.offset:shard.offset + shard.count] >= 0).any():
+                continue
+            if copy:
+                _copy_samples(ds, s, role, writers)
                 continue
             files = shard.files
             for sample in iter_shard(ds, s, decode=False):
@@ -1236,7 +1331,9 @@ def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int]
                     writers[r].write(sample.key, sample.ext, sample.data, sample.label, file)
         for r, (t, w) in enumerate(zip(tmps, writers)):
             prov = dict(provenance, role="labeled" if r == 0 else "validation")
-            _dump_manifest(_manifest(ds.classnames, w.close(), [], prov, classes=class_fields(ds)), t / MANIFEST)
+            manifest = _manifest(ds.classnames, w.close(), [], prov, label_key=ds.label_key if copy else "cls",
+                                 classes=class_fields(ds))
+            _dump_manifest(manifest, t / MANIFEST)
         for t, o in zip(tmps, outs):
             _publish(t, o)
     finally:

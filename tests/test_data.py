@@ -85,7 +85,7 @@ def test_prepare_is_byte_identical_on_rerun(image_folder, tmp_path):
     data.prepare(image_folder, tmp_path / "b", shard_size=7)
     a, b = _sha_tree(tmp_path / "a"), _sha_tree(tmp_path / "b")
     fp = data.Dataset.open(tmp_path / "a").fingerprint[:16]
-    columns = [f"manifest.{fp}.{c}.npy" for c in ("files", "keys", "labels")]
+    columns = [f"manifest.{fp}.{c}.npy" for c in ("files", "keys", "labels", "spans")]
     assert list(a) == columns + ["manifest.json"] + [f"shard-{i:06d}.tar" for i in range(4)]
     assert a == b
 
@@ -537,3 +537,31 @@ def test_cli_prepare_index_split(odd_image_folder, tmp_path):
     assert "labeled split: 3 samples" in sp.stdout and "validation split: 3 samples" in sp.stdout
     lab = data.Dataset.open(tmp_path / "lab", verify=True)
     assert sorted(lab.labels.tolist()) == [0, 1, 2] and lab.manifest["provenance"]["seed"] == 5
+
+
+def test_split_copies_the_chosen_samples_bytes_and_matches_the_rewriting_path(tiny_dataset, tmp_path):
+    """With byte spans in the manifest, split reads only the chosen samples and copies their tar members:
+    the same shards, byte for byte, as decoding every shard and re-writing the samples; a shard that
+    changed under the manifest is a one-line error."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text("\n".join(tiny_dataset.keys[::3]) + "\n")
+    copied, _ = data.split(tiny_dataset, tmp_path / "copied", keys_file=keys, shard_size=3)
+    assert tiny_dataset.columns.spans is not None and copied.columns.spans is not None
+    plain = shutil.copytree(tiny_dataset.root, tmp_path / "nospans")
+    m = json.loads((plain / "manifest.json").read_text())
+    (plain / m["columns"].pop("spans")).unlink()
+    (plain / "manifest.json").write_text(json.dumps(m))
+    assert data.Dataset.open(plain).columns.spans is None
+    rewritten, _ = data.split(plain, tmp_path / "rewritten", keys_file=keys, shard_size=3)
+    assert [s.sha256 for s in copied.shards] == [s.sha256 for s in rewritten.shards]
+    assert copied.keys == rewritten.keys == tiny_dataset.keys[::3] and copied.fingerprint == rewritten.fingerprint
+    assert np.array_equal(copied.columns.spans, rewritten.columns.spans)
+    for s in copied.shards:  # plain tarfile and the spans agree on where each sample starts
+        with tarfile.open(s.path) as tf:
+            starts = [t.offset for t in tf.getmembers() if t.name.endswith(".cls")]
+        assert starts == copied.columns.spans[s.offset:s.offset + s.count, 0].tolist()
+    moved = shutil.copytree(tiny_dataset.root, tmp_path / "moved")
+    first = data.Dataset.open(moved).shards[0].path
+    first.write_bytes(b"\0" * 512 + first.read_bytes())  # every sample shifted by one block
+    with pytest.raises(DatasetError, match=r"shard 0 .*: sample '[^']+' is not at bytes 0-\d+ where the manifest puts it"):
+        data.split(moved, tmp_path / "bad", keys_file=keys)

@@ -44,7 +44,7 @@ def test_overwrite_replaces_a_dho_dataset_and_nothing_else(tmp_path):
     data.prepare(src, out, shard_size=2)
     first = {p.name for p in out.iterdir()}
     data.prepare(src, out, shard_size=4, overwrite=True)  # a dho dataset: replaced
-    columns = {f"manifest.{data.Dataset.open(out).fingerprint[:16]}.{c}.npy" for c in ("keys", "labels", "files")}
+    columns = {f"manifest.{data.Dataset.open(out).fingerprint[:16]}.{c}.npy" for c in ("keys", "labels", "files", "spans")}
     assert {p.name for p in out.iterdir()} == {"manifest.json", "shard-000000.tar", "shard-000001.tar"} | columns != first
     (out / "my-notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match=r"holds files that are not part of its dataset .*my-notes.txt"):
@@ -171,8 +171,9 @@ def cache_world(tmp_path_factory, tiny_teacher_ckpt) -> Path:
     root = tmp_path_factory.mktemp("cache")
     src = make_image_folder(root / "src", num_classes=3, per_class=4)
     data.prepare(src, root / "ds", shard_size=4)
-    precompute(root / "ds", root / "c.zarr", model=str(TINY_CLIP_CONFIG), pretrained=str(tiny_teacher_ckpt), views=2,
-               device="cpu", workers=0, store_embeddings=True)
+    kw = dict(model=str(TINY_CLIP_CONFIG), pretrained=str(tiny_teacher_ckpt), views=2, device="cpu", workers=0, store_embeddings=True)
+    precompute(root / "ds", root / "c.zarr", shard_group=1, **kw)  # a file per unit (what v3 always wrote)
+    precompute(root / "ds", root / "sharded.zarr", **kw)  # the default: the 3 shards in one Zarr shard per view
     return root
 
 
@@ -184,11 +185,15 @@ def _damaged_copy(cache_world: Path, tmp_path: Path) -> Path:
 
 def test_every_chunk_has_a_checksum_and_every_chunk_is_stored(cache_world):
     import zarr
-    from zarr.codecs import Crc32cCodec
+    from zarr.codecs import Crc32cCodec, ShardingCodec
 
     g = zarr.open_group(str(cache_world / "c.zarr"), mode="r")
     for name in g.array_keys():
-        assert any(isinstance(c, Crc32cCodec) for c in g[name].metadata.codecs), name
+        codecs = g[name].metadata.codecs
+        if isinstance(codecs[0], ShardingCodec):  # v4's per-view arrays: the inner chunks and the index
+            assert any(isinstance(c, Crc32cCodec) for c in codecs[0].index_codecs), name
+            codecs = codecs[0].codecs
+        assert any(isinstance(c, Crc32cCodec) for c in codecs), name
     # 3 shards x 2 views: every chunk of probs, view_params and embeddings exists, and one valid chunk per shard
     for name in ("probs", "view_params", "embeddings"):
         assert len([f for f in (cache_world / "c.zarr" / name / "c").rglob("*") if f.is_file()]) == 6, name
@@ -226,6 +231,31 @@ def test_missing_chunks_are_errors_not_fill_values(cache_world, tmp_path):
     (cache / "valid" / "c" / "2").unlink()  # would read as "all unreadable" and drop the shard from training
     with pytest.raises(CacheError, match=r"array 'valid', shard 2 .* the chunk file valid/c/2 is missing"):
         TeacherCache.open(cache).valid
+
+
+def test_damage_inside_a_zarr_shard_is_reported_per_unit(cache_world, tmp_path):
+    """v4's Zarr shards: a flipped byte fails the checksum of the one inner chunk (unit) it lands in, or the
+    shard's index (then every unit of that file); a missing shard file reads as NaN rows, an error."""
+    cache = tmp_path / "s.zarr"
+    shutil.copytree(cache_world / "sharded.zarr", cache)
+    tc = TeacherCache.open(cache)
+    assert tc.shard_group == 3 and sorted(p.name for p in (cache / "probs" / "c").rglob("*") if p.is_file()) == ["0", "0"]
+    first = cache / "probs" / "c" / "1" / "0" / "0"  # view 1, shards 0-2
+    raw = bytearray(first.read_bytes())
+    raw[10] ^= 0x40  # inside the first inner chunk: view 1, shard 0
+    first.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match=r"array 'probs', view 1, shard 0 \(rows 0-3, chunk 0\) is damaged \(its checksum"):
+        TeacherCache.open(cache).probs(1, 0, 4)
+    problems = TeacherCache.open(cache).verify()
+    assert len(problems) == 1 and "view 1, shard 0" in problems[0]
+    raw[10] ^= 0x40
+    raw[-6] ^= 0x01  # the shard index (at the end, crc32c-checked)
+    first.write_bytes(bytes(raw))
+    problems = TeacherCache.open(cache).verify()
+    assert len(problems) == 3 and all("view 1" in p for p in problems)
+    (cache / "probs" / "c" / "0" / "0" / "0").unlink()
+    with pytest.raises(CacheError, match=r"array 'probs', view 0, shard 2 .* not a distribution \(sum nan"):
+        TeacherCache.open(cache).probs(0, 8, 12)
 
 
 def test_a_v1_cache_without_checksums_still_gets_the_row_checks(tmp_path):

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dho import data
+
 ROOT = Path(__file__).resolve().parents[1]
 LOWSHOT = ROOT / "pipelines" / "lowshot"
 STUDENTS = ("vit-b16", "vit-l14")
@@ -146,7 +148,8 @@ def test_reproduce_lowshot_smoke_then_nothing_then_resume(tmp_path):
     # V2's folders 0..3 are class indices; R and A keep 3 of the 4 classes and are scored on those
     v2 = json.loads((work / "ood" / "data" / "v2" / "manifest.json").read_text())
     assert v2["classnames"] == names
-    assert all(names[lab] == names[int(key.split("/")[0])] for s in v2["shards"] for key, lab in zip(s["keys"], s["labels"]))
+    v2_ds = data.Dataset.open(work / "ood" / "data" / "v2")
+    assert all(names[lab] == names[int(key.split("/")[0])] for key, lab in zip(v2_ds.keys, v2_ds.labels.tolist()))
     for subset, kept in (("r", [0, 1, 3]), ("a", [0, 2, 3])):
         manifest = json.loads((work / "ood" / "data" / subset / "manifest.json").read_text())
         assert manifest["classnames"] == [names[i] for i in kept] and manifest["class_subset_of"]["indices"] == kept
