@@ -21,6 +21,7 @@ as an unreadable file.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -28,16 +29,17 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tarfile
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 import dho
 from dho.atomic import guard_out, remove_stale, temp_sibling
@@ -296,10 +298,14 @@ def tar_samples(path: PathLike) -> Iterator[dict]:
 
 def iter_shard(ds: Dataset, shard_index: int, decode: bool = True) -> Iterator[Sample]:
     """Samples of one shard in order; each key is checked against the manifest while reading."""
-    shard = ds.shards[shard_index]
+    yield from _shard_samples(ds.shards[shard_index], shard_index, ds.label_key, ds.root, decode)
+
+
+def _shard_samples(shard: ShardInfo, shard_index: int, label_key: str, root: Path, decode: bool) -> Iterator[Sample]:
+    """`iter_shard` of one ShardInfo (what a pool worker is sent instead of the whole dataset)."""
     name = f"shard {shard_index} ({shard.path})"
     if not shard.path.is_file():
-        raise DatasetError(f"{name} of dataset {ds.root} is missing; restore it or re-run `dho prepare`/`dho index`")
+        raise DatasetError(f"{name} of dataset {root} is missing; restore it or re-run `dho prepare`/`dho index`")
     changed = "the shard changed since the manifest was written; run `dho index` again or restore the shard"
     j = -1
     for j, raw in enumerate(tar_samples(shard.path)):
@@ -312,8 +318,8 @@ def iter_shard(ds: Dataset, shard_index: int, decode: bool = True) -> Iterator[S
         if ext is None:
             raise DatasetError(f"{name}: sample {key!r} has no image member (one of {', '.join(IMAGE_EXTS)}); {changed}")
         label = shard.labels[j]
-        if ds.label_key in raw and raw[ds.label_key].strip() != str(label).encode("ascii"):
-            raise DatasetError(f"{name}: sample {key!r} has label {raw[ds.label_key][:20]!r} but the manifest says {label}; {changed}")
+        if label_key in raw and raw[label_key].strip() != str(label).encode("ascii"):
+            raise DatasetError(f"{name}: sample {key!r} has label {raw[label_key][:20]!r} but the manifest says {label}; {changed}")
         data = raw[ext]
         image = decode_image(data, ext, f"{name} key {key!r}") if decode else None
         yield Sample(key=key, image=image, label=label, index=shard.offset + j, shard=shard_index, data=data, ext=ext)
@@ -387,8 +393,63 @@ def __getattr__(name: str):  # PEP 562: module attributes made on first access
 
 
 # --------------------------------------------------------------------------------------------
+# process pools: the per-file and per-shard work of prepare, index and split
+# --------------------------------------------------------------------------------------------
+
+
+def _pool_size(tasks: int, processes: Optional[int]) -> int:
+    """One process per core this process may use (`processes` overrides), never more than there are tasks."""
+    if processes is None:
+        processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(tasks, processes))
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the main process decides
+
+
+def _pool_map(fn: Callable, tasks: Sequence[tuple], processes: Optional[int] = None) -> Iterator:
+    """fn(*task) for every task, results in task order. Several tasks run in a process pool (tar parsing,
+    hashing and image decoding are CPU-bound); at most two tasks per process are in flight, so finished
+    results wait in memory only that long. processes=1 runs every task here, one by one. An error raised
+    by a task (a one-line DatasetError) reaches the caller as it is."""
+    workers = _pool_size(len(tasks), processes)
+    if workers == 1:
+        yield from (fn(*task) for task in tasks)
+        return
+    import multiprocessing
+
+    # fork is cheap and the pool only runs this module's functions (no torch, no threads of ours)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_ignore_sigint)
+    try:
+        pending: collections.deque = collections.deque()
+        for task in tasks:
+            pending.append(pool.submit(fn, *task))
+            if len(pending) == 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------------------------
 # writing: shards + manifest, atomically
 # --------------------------------------------------------------------------------------------
+
+
+class _HashedFile:
+    """A file opened for writing that hashes (sha256) what is written to it: a shard is never read back."""
+
+    def __init__(self, path: Path):
+        self.file, self.sha256 = open(path, "wb"), hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.file.write(data)
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class _ShardWriter:
@@ -419,7 +480,7 @@ class _ShardWriter:
     def _roll(self) -> None:
         self._close_current()
         name = f"shard-{len(self.entries):06d}.tar"
-        self.file = open(self.folder / name, "wb")
+        self.file = _HashedFile(self.folder / name)
         self.tar = tarfile.open(fileobj=self.file, mode="w|")  # PAX (the default): non-ASCII names
         self.entries.append({"path": name, "count": 0, "sha256": "", "keys": [], "labels": []})
 
@@ -427,7 +488,7 @@ class _ShardWriter:
         if self.tar is not None:
             self.tar.close()
             self.file.close()
-            self.entries[-1]["sha256"] = file_sha256(self.folder / self.entries[-1]["path"])
+            self.entries[-1]["sha256"] = self.file.sha256.hexdigest()
             self.tar = self.file = None
 
     def close(self) -> list[dict]:
@@ -546,12 +607,22 @@ def _read_and_check(path: Path) -> tuple[Optional[bytes], Optional[str]]:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
         return data, None
+    except UnidentifiedImageError:  # its message holds the BytesIO's address: the manifest would differ run to run
+        return None, "UnidentifiedImageError: cannot identify the image format"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return None, f"{type(e).__name__}: {e}"
 
 
+def _read_and_check_files(src: Path, files: Sequence[str]) -> list[tuple[Optional[bytes], Optional[str]]]:
+    return [_read_and_check(src / file) for file in files]
+
+
+FILES_PER_TASK = 16  # images a pool worker reads and decodes per task: ~2 MB of ImageNet JPEGs, a few ms
+
+
 def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool = False, overwrite: bool = False,
-            shuffle: bool = True, seed: int = 0, classes_of: Optional[PathLike] = None, class_folders: str = "name") -> Dataset:
+            shuffle: bool = True, seed: int = 0, classes_of: Optional[PathLike] = None, class_folders: str = "name",
+            processes: Optional[int] = None) -> Dataset:
     """ImageFolder tree -> deterministic webdataset shards + manifest.json (original bytes, no re-encode).
 
     Class index = position in the sorted class folder names (as torchvision's ImageFolder); files are
@@ -567,6 +638,9 @@ def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool
     reference's order, under the reference's names, and the manifest records `class_subset_of` (the
     reference's size and each class's index in it) and `class_ids` (the folder names). Evaluation
     sets distributed as subsets (ImageNet-R/-A: 200 of the 1000) are then scored on their classes.
+
+    Files are read and decoded in a process pool, one process per core (`processes` sets the number;
+    1 = in this process); the output does not depend on it.
     """
     src, out = Path(src), Path(out)
     check_number("--shard-size", shard_size, low=1, integer=True)
@@ -626,28 +700,29 @@ def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool
     if classes_of is not None:
         provenance.update(classes_of=str(classes_of), class_folders=class_folders)
     return write_files(src, files, classnames, out, shard_size=shard_size, skip_bad=skip_bad, provenance=provenance,
-                       ignored=ignored, what=f"prepare {src}", classes=classes)
+                       ignored=ignored, what=f"prepare {src}", classes=classes, processes=processes)
 
 
 def write_files(src: Path, files: list[tuple[str, str, int, str]], classnames: list[str], out: Path, *, shard_size: int,
                 skip_bad: bool, provenance: dict, ignored: Sequence[dict] = (), what: str = "prepare",
-                classes: Optional[dict] = None) -> Dataset:
+                classes: Optional[dict] = None, processes: Optional[int] = None) -> Dataset:
     """Write image files (relative file under `src`, key, label, ext), in this order, as a dataset at `out`:
-    original bytes, every image decoded once to check it, built beside `out` and renamed into place."""
+    original bytes, every image decoded once to check it (in a pool of `processes`, default one per core,
+    FILES_PER_TASK at a time), built beside `out` and renamed into place."""
     tmp = _temp_dir(out)
     try:
         writer = _ShardWriter(tmp, shard_size)
         skipped = []
         progress = _Progress(what, len(files))
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            for start in range(0, len(files), 256):
-                batch = files[start:start + 256]
-                for (file, key, label, ext), (data, reason) in zip(batch, pool.map(lambda f: _read_and_check(src / f[0]), batch)):
-                    if data is None:
-                        skipped.append({"file": file, "reason": reason})
-                        continue
-                    writer.write(key, ext, data, label, file)
-                progress.update(len(batch))
+        batches = [files[start:start + FILES_PER_TASK] for start in range(0, len(files), FILES_PER_TASK)]
+        tasks = [(src, [file for file, _, _, _ in batch]) for batch in batches]
+        for batch, checked in zip(batches, _pool_map(_read_and_check_files, tasks, processes)):
+            for (file, key, label, ext), (data, reason) in zip(batch, checked):
+                if data is None:
+                    skipped.append({"file": file, "reason": reason})
+                    continue
+                writer.write(key, ext, data, label, file)
+            progress.update(len(batch))
         shards = writer.close()
         skipped.sort(key=lambda s: s["file"])
         if skipped and not skip_bad:
@@ -816,27 +891,20 @@ def _scan_and_hash(path: Path, label_key: str) -> tuple[list[str], list[int], st
     return keys, labels, file_sha256(path)
 
 
-def _scan_shards(paths: Sequence[Path], label_key: str) -> Iterator[tuple[list[str], list[int], str]]:
+def _scan_shards(paths: Sequence[Path], label_key: str, processes: Optional[int] = None) -> Iterator[tuple[list[str], list[int], str]]:
     """(keys, labels, sha256) of every shard, in order; shards are scanned in a process pool (one per core)
     when there are several, as tar parsing and hashing are CPU-bound."""
-    workers = min(len(paths), os.cpu_count() or 1)
-    if workers <= 1:
-        yield from (_scan_and_hash(p, label_key) for p in paths)
-        return
-    import multiprocessing
-
-    # fork is cheap here and the pool only runs this module's pure functions (no torch, no threads of ours)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        yield from pool.map(_scan_and_hash, paths, [label_key] * len(paths), chunksize=max(1, len(paths) // (4 * workers)))
+    yield from _pool_map(_scan_and_hash, [(p, label_key) for p in paths], processes)
 
 
 def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, label_key: str = "cls", overwrite: bool = False,
-          classes_of: Optional[PathLike] = None) -> Dataset:
+          classes_of: Optional[PathLike] = None, processes: Optional[int] = None) -> Dataset:
     """Write OUT/manifest.json for existing webdataset shards (given order = global order).
 
     The class names file has one class per line, `NAME` or `ID<TAB>NAME` (ids recorded as `class_ids`).
     With `classes_of` (a dho dataset or class names file) every class must be one of that list (by
-    name): the manifest records `class_subset_of`, as `prepare --classes-of` does.
+    name): the manifest records `class_subset_of`, as `prepare --classes-of` does. Shards are scanned and
+    hashed in a pool of `processes` (default one per core; 1 = in this process).
     """
     out = Path(out)
     label_key = label_key.lower()  # webdataset lowercases member extensions
@@ -871,7 +939,7 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
             raise DatasetError(f"shard {p} is given twice; list each shard once")
         given.add(p)
         paths.append(p)
-    for p, (keys, labels, sha256) in zip(paths, _scan_shards(paths, label_key)):
+    for p, (keys, labels, sha256) in zip(paths, _scan_shards(paths, label_key, processes)):
         for key in keys:
             if key in owner:
                 raise DatasetError(f"sample key {key!r} appears in shard {owner[key]} and again in shard {p}; keys must be unique across all shards")
@@ -969,15 +1037,27 @@ def _match_keys(ds: Dataset, entries: list[str], where: Path) -> list[int]:
     return rows
 
 
+def _pick_samples(shard: ShardInfo, shard_index: int, label_key: str, root: Path, roles: np.ndarray) -> list[tuple]:
+    """(role, key, ext, data, label, file) of the samples of one shard whose role (0 labeled, 1 validation,
+    -1 neither; (count,)) is set, in shard order."""
+    picked = []
+    for j, sample in enumerate(_shard_samples(shard, shard_index, label_key, root, decode=False)):
+        if roles[j] >= 0:
+            file = None if shard.files is None else shard.files[j]
+            picked.append((int(roles[j]), sample.key, sample.ext, sample.data, sample.label, file))
+    return picked
+
+
 def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int] = None, percent: Optional[float] = None,
           keys_file: Optional[PathLike] = None, seed: int = 0, val_per_class: int = 0, val_out: Optional[PathLike] = None,
-          shard_size: int = 1000, overwrite: bool = False) -> tuple[Dataset, Optional[Dataset]]:
+          shard_size: int = 1000, overwrite: bool = False, processes: Optional[int] = None) -> tuple[Dataset, Optional[Dataset]]:
     """Labeled subset (K shots per class, P% class-balanced, or a key list) + optional validation split.
 
     Per class, the labeled samples are permuted once with numpy Generator(seed) (classes in index
     order); the labeled split takes the first K (or the P% allocation) and the validation split the
     next M, so the labeled split does not depend on M. With a key list, validation samples are drawn
     from the rest the same way. Outputs keep the source's global order, keys and original bytes.
+    Source shards are read in a pool of `processes` (default one per core; 1 = in this process).
     """
     ds = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset)
     out = Path(out)
@@ -1034,14 +1114,11 @@ def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int]
         role = np.full(ds.num_samples, -1, dtype=np.int64)  # (N,) 0 = labeled, 1 = validation
         role[labeled] = 0
         role[val] = 1
-        for s, shard in enumerate(ds.shards):
-            if not (role[shard.offset:shard.offset + shard.count] >= 0).any():
-                continue
-            for sample in iter_shard(ds, s, decode=False):
-                r = role[sample.index]
-                if r >= 0:
-                    file = None if shard.files is None else shard.files[sample.index - shard.offset]
-                    writers[r].write(sample.key, sample.ext, sample.data, sample.label, file)
+        tasks = [(shard, s, ds.label_key, ds.root, role[shard.offset:shard.offset + shard.count])
+                 for s, shard in enumerate(ds.shards) if (role[shard.offset:shard.offset + shard.count] >= 0).any()]
+        for picked in _pool_map(_pick_samples, tasks, processes):
+            for r, key, ext, data, label, file in picked:
+                writers[r].write(key, ext, data, label, file)
         for r, (t, w) in enumerate(zip(tmps, writers)):
             prov = dict(provenance, role="labeled" if r == 0 else "validation")
             _dump_manifest(_manifest(ds.classnames, w.close(), [], prov, classes=class_fields(ds)), t / MANIFEST)

@@ -105,6 +105,28 @@ def test_index_of_prepared_shards_matches_prepare(tiny_dataset, tmp_path):
         data.index(sorted(moved.glob("shard-*.tar")), names, moved)
 
 
+def test_process_pools_write_what_one_process_writes(tmp_path):
+    """prepare, split and index in a pool of 3 processes (whatever the machine's cores) give byte for byte
+    what one process gives, skipped files included (they move the later shard boundaries); an error in a
+    worker keeps its one line."""
+    src = make_image_folder(tmp_path / "images", num_classes=3, per_class=12)  # 36 files: 3 tasks of FILES_PER_TASK
+    (src / "class_1" / "img_000.jpg").write_bytes(b"not a JPEG")
+    (tmp_path / "classes.txt").write_text("class_0\nclass_1\nclass_2\n")
+    for processes in (1, 3):
+        ds = data.prepare(src, tmp_path / f"prepared{processes}", shard_size=5, skip_bad=True, processes=processes)
+        data.split(tmp_path / "prepared1", tmp_path / f"split{processes}" / "lab", shots=3, val_per_class=2,
+                   val_out=tmp_path / f"split{processes}" / "val", shard_size=4, processes=processes)
+        data.index(sorted((tmp_path / "prepared1").glob("*.tar")), tmp_path / "classes.txt", tmp_path / f"index{processes}",
+                   processes=processes)
+    assert ds.num_samples == 35 and ds.manifest["skipped"][0]["file"] == "class_1/img_000.jpg"
+    for name in ("prepared", "split", "index"):
+        assert _sha_tree(tmp_path / f"{name}3") == _sha_tree(tmp_path / f"{name}1"), name
+    with tarfile.open(tmp_path / "prepared1" / "shard-000004.tar", "w") as tf:  # another shard's bytes under its name
+        tf.add(tmp_path / "prepared1" / "shard-000000.tar", arcname="x.jpg")
+    with pytest.raises(DatasetError, match=r"^shard 4 \(.*shard-000004\.tar\): sample 0 has key 'x' but the manifest expects .*; the shard changed[^\n]*$"):
+        data.split(tmp_path / "prepared1", tmp_path / "bad", percent=100, processes=3)
+
+
 def test_index_reads_labels_from_label_key_and_checks_them(tmp_path):
     def shard(path, samples):
         with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
