@@ -5,6 +5,10 @@ Each sample is `__key__`, the original encoded image bytes under their own lower
 (`jpg`, `png`, `webp`, ...), and `cls` (ASCII int label; absent or -1 = unlabeled). The global row
 of a sample is the offset of its shard (sum of the earlier counts) plus its position in the shard.
 The manifest lists every shard's count, sha256, keys and labels, so readers check what they read.
+A shard's path is a local file (relative to the manifest when it lies below it) or, as webdataset
+spells it, a `pipe:COMMAND` URL whose command prints the tar to stdout (object storage:
+`pipe:aws s3 cp s3://bucket/shard-000000.tar -`); `dho index` expands brace ranges
+(`shard-{000000..000099}.tar`) as webdataset does.
 
 Shards are written and read with the standard library's tarfile, byte for byte as webdataset's
 TarWriter writes them and grouped into samples as webdataset groups them (`tar_samples`; tests
@@ -22,21 +26,25 @@ as an unreadable file.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -83,13 +91,18 @@ class Sample:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    path: Path  # absolute
+    path: Union[Path, str]  # absolute Path of a local shard; a `pipe:` URL as a str
     count: int
     offset: int  # global row of the shard's first sample
     sha256: str
     keys: list
     labels: list
     files: Optional[list] = None  # original relative file names (prepare only)
+
+    @property
+    def name(self) -> str:
+        """For messages: a local shard's file name, a URL whole."""
+        return self.path if is_url(self.path) else self.path.name
 
 
 class Dataset:
@@ -124,8 +137,7 @@ class Dataset:
                     f"{where}: shard {i} ({s['path']}) says count={count} but lists {len(keys)} keys, "
                     f"{len(labels)} labels; the manifest is corrupt, re-create it with `dho index`"
                 )
-            path = Path(s["path"])
-            path = path if path.is_absolute() else root / path
+            path = _shard_path(s["path"], root)
             self.shards.append(ShardInfo(path, count, offset, s["sha256"], keys, labels, files))
             offset += count
         self.num_samples = offset
@@ -195,16 +207,163 @@ def file_sha256(path: str | Path, block: int = 1 << 24) -> str:
 
 
 def verify_shard(ds: Dataset, shard_index: int) -> None:
-    """Raise DatasetError if shard `shard_index` is missing or its sha256 differs from the manifest."""
+    """Raise DatasetError if shard `shard_index` is missing or its sha256 differs from the manifest (a `pipe:`
+    shard is streamed and hashed)."""
     shard = ds.shards[shard_index]
-    if not shard.path.is_file():
+    if not is_url(shard.path) and not shard.path.is_file():
         raise DatasetError(f"shard {shard_index} ({shard.path}) of dataset {ds.root} is missing; restore it or re-run `dho prepare`/`dho index`")
-    digest = file_sha256(shard.path)
+    digest = shard_sha256(shard.path)
     if digest != shard.sha256:
         raise DatasetError(
             f"shard {shard_index} ({shard.path}) of dataset {ds.root} changed since its manifest was written "
             f"(sha256 {digest[:12]}... != {shard.sha256[:12]}...); restore the shard or re-run `dho prepare`/`dho index`"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# shards at URLs: pipe: commands, file: paths, brace ranges (as webdataset spells them)
+# --------------------------------------------------------------------------------------------
+
+PIPE, FILE = "pipe:", "file:"
+MAX_EXPANSION = 1_000_000  # names one brace pattern may expand to
+# what `index` suggests for a URL given without pipe: (webdataset itself runs curl for http and https)
+URL_COMMANDS = {"http": "curl -sfL {}", "https": "curl -sfL {}", "s3": "aws s3 cp {} -", "gs": "gcloud storage cat {}"}
+_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")  # {first..last} or {first..last..step}
+
+
+def is_url(path) -> bool:
+    """Whether a shard path is a `pipe:` URL (read through its command), not a local file."""
+    return isinstance(path, str) and path.startswith(PIPE)
+
+
+def _shard_path(path: str, root: Path) -> Union[Path, str]:
+    """A manifest's shard path: a `pipe:` URL as it is; a local path (`file:` dropped) made absolute, a
+    relative one against the manifest's folder."""
+    if is_url(path):
+        return path
+    local = Path(path[len(FILE):] if path.startswith(FILE) else path)
+    return local if local.is_absolute() else root / local
+
+
+@contextlib.contextmanager
+def open_shard(path: Union[PathLike, str]) -> Iterator[BinaryIO]:
+    """A shard's bytes as a stream: a local file (`file:PATH` too), or what the command of a `pipe:` URL
+    prints, run by the shell as webdataset runs it. The command's exit status is checked once the stream
+    is read to its end; a failing command (or a missing file) is a one-line DatasetError naming the URL.
+    A reader that stops early ends the command."""
+    if not is_url(path):
+        local = path[len(FILE):] if isinstance(path, str) and path.startswith(FILE) else path
+        try:
+            f = open(local, "rb")
+        except FileNotFoundError:
+            raise DatasetError(f"shard {path} not found; check the path, or restore the shard") from None
+        with f:
+            yield f
+        return
+    with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty command cannot block on it
+        proc = subprocess.Popen(path[len(PIPE):], shell=True, stdout=subprocess.PIPE, stderr=stderr)
+        try:
+            yield proc.stdout
+            while proc.stdout.read(1 << 20):  # the rest (a tar's zero padding), so the command ends by itself
+                pass
+        except Exception:
+            # an empty or cut stream is most often a command that failed: then that is the error to report
+            try:
+                status = proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:  # still printing: the stream itself was bad
+                status = 0
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+            _check_command(path, status, stderr)
+            raise
+        except BaseException:  # the reader stopped early (GeneratorExit) or Ctrl-C
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            raise
+        proc.stdout.close()
+        _check_command(path, proc.wait(), stderr)
+
+
+def _check_command(url: str, status: int, stderr) -> None:
+    if status == 0:
+        return
+    stderr.seek(0)
+    said = [line.strip() for line in stderr.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+    raise DatasetError(f"shard {url}: the command {how}" + (f" ({said[-1][:200]})" if said else "")
+                       + "; run it in a shell to check that it prints the tar to stdout")
+
+
+def shard_sha256(path: Union[PathLike, str]) -> str:
+    """sha256 of a shard's bytes: a local file hashed in place, a `pipe:` URL streamed."""
+    if not is_url(path):
+        return file_sha256(path)
+    h = hashlib.sha256()
+    with open_shard(path) as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """The names a shard pattern stands for, by the `braceexpand` package's rules (which webdataset uses):
+    `{000..099}` is a range of integers, both ends included, zero-padded to the wider end when either end
+    starts with 0, counting down when the first is larger, `{0..100..10}` with a step; `{a,b}` is a list
+    whose items may hold groups; several groups combine left to right, the first varying slowest. A group
+    that is neither (`{}`, awk's `'{print $1}'`) stays as it is. Backslashes are not escapes. A range
+    that is not of integers, or a brace without its partner, is a DatasetError."""
+    return _expand(pattern, pattern)
+
+
+def _expand(text: str, pattern: str) -> list[str]:
+    parts, start, depth = [], 0, 0  # parts: the alternatives of each literal and top-level group, in order
+    for pos, ch in enumerate(text):
+        if ch == "{":
+            if depth == 0:
+                parts.append([text[start:pos]])
+                start = pos
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth < 0:
+                break
+            if depth == 0:
+                parts.append(_expand_group(text[start + 1:pos], pattern))
+                start = pos + 1
+    if depth != 0:
+        raise DatasetError(f"shard pattern {pattern!r} has unbalanced braces; close every {{ with a }}")
+    parts.append([text[start:]])
+    if (count := math.prod(len(p) for p in parts)) > MAX_EXPANSION:
+        raise DatasetError(f"shard pattern {pattern!r} expands to {count} names (at most {MAX_EXPANSION}); check its ranges")
+    return ["".join(choice) for choice in itertools.product(*parts)]
+
+
+def _expand_group(body: str, pattern: str) -> list[str]:
+    """The names of one `{...}` group (without its braces): a list, a range, or the group kept as it is."""
+    items, start, depth = [], 0, 0
+    for pos, ch in enumerate(body):
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            items.append(body[start:pos])
+            start = pos + 1
+    if items:
+        items.append(body[start:])
+        return [name for item in items for name in _expand(item, pattern)]
+    if ".." in body and "{" not in body:
+        match = _INT_RANGE.match(body)
+        if match is None:
+            raise DatasetError(f"shard pattern {pattern!r}: {{{body}}} is not a range of integers; write it as "
+                               "{FIRST..LAST} (e.g. {000000..000099}) or list the names as {a,b,c}")
+        first, last, step = match.groups()
+        a, b, k = int(first), int(last), int(step or 1) or 1
+        if abs(b - a) // k + 1 > MAX_EXPANSION:
+            raise DatasetError(f"shard pattern {pattern!r}: {{{body}}} expands to more than {MAX_EXPANSION} names; check the range")
+        pad = max(len(first), len(last)) if any(e.startswith(("0", "-0")) and e not in ("0", "-0") for e in (first, last)) else 0
+        values = range(a, b + 1, k) if a < b else range(a, b - 1, -k)
+        return [f"{v:0{pad}d}" for v in values]
+    return ["{" + name + "}" for name in _expand(body, pattern)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,27 +430,30 @@ def member_key(name: str) -> tuple[Optional[str], Optional[str]]:
 def tar_samples(path: PathLike) -> Iterator[dict]:
     """The samples of a webdataset tar as webdataset groups them: consecutive regular members with one
     key form a sample {"__key__": key, ext (lower case): bytes}; `__...__` members are skipped; a key's
-    extension appearing twice in a row is an error. Streams the file (one sample in memory).
-    The data commands read shards with this (plain tarfile: no torch import); webdataset reads the
-    same shards the same way."""
+    extension appearing twice in a row is an error. Streams the file or `pipe:` URL (`open_shard`; one
+    sample in memory). The data commands read shards with this (plain tarfile: no torch import);
+    webdataset reads the same shards the same way."""
     current: Optional[dict] = None
-    with tarfile.open(path, mode="r|*") as stream:
-        for info in stream:
-            if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
-                continue
-            key, ext = member_key(info.name)
-            if key is None:
-                continue
-            ext = ext.lower()
-            data = stream.extractfile(info).read()
-            stream.members = []  # streaming: keep no member list
-            if current is None or key != current["__key__"]:
-                if current is not None:
-                    yield current
-                current = {"__key__": key}
-            if ext in current:
-                raise DatasetError(f"shard {path}: sample {key!r} has two {ext!r} members; fix the shard")
-            current[ext] = data
+    try:
+        with open_shard(path) as f, tarfile.open(fileobj=f, mode="r|*") as stream:
+            for info in stream:
+                if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
+                    continue
+                key, ext = member_key(info.name)
+                if key is None:
+                    continue
+                ext = ext.lower()
+                data = stream.extractfile(info).read()
+                stream.members = []  # streaming: keep no member list
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key}
+                if ext in current:
+                    raise DatasetError(f"shard {path}: sample {key!r} has two {ext!r} members; fix the shard")
+                current[ext] = data
+    except (tarfile.TarError, EOFError) as e:
+        raise DatasetError(f"shard {path}: not a readable tar file ({e}); check or re-create it") from e
     if current is not None:
         yield current
 
@@ -304,7 +466,7 @@ def iter_shard(ds: Dataset, shard_index: int, decode: bool = True) -> Iterator[S
 def _shard_samples(shard: ShardInfo, shard_index: int, label_key: str, root: Path, decode: bool) -> Iterator[Sample]:
     """`iter_shard` of one ShardInfo (what a pool worker is sent instead of the whole dataset)."""
     name = f"shard {shard_index} ({shard.path})"
-    if not shard.path.is_file():
+    if not is_url(shard.path) and not shard.path.is_file():
         raise DatasetError(f"{name} of dataset {root} is missing; restore it or re-run `dho prepare`/`dho index`")
     changed = "the shard changed since the manifest was written; run `dho index` again or restore the shard"
     j = -1
@@ -844,14 +1006,43 @@ def map_class_folders(folders: Sequence[str], ref: PathLike, class_folders: str 
     return out
 
 
-def _scan_shard(path: Path, label_key: str) -> tuple[list[str], list[int]]:
-    """Keys and labels of a tar shard from member names (+ the small label members); no image decode."""
+class _HashedReads:
+    """A binary stream that hashes (sha256) what is read from it: a shard is scanned and hashed in one read."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream, self.sha256 = stream, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.sha256.update(data)
+        return data
+
+
+class _LastRead:
+    """tarfile's stream, keeping the bytes of its last read: when iteration stops, the block that ended it."""
+
+    def __init__(self, stream):
+        self.stream, self.last = stream, b""
+
+    def read(self, size=None) -> bytes:
+        self.last = self.stream.read(size)
+        return self.last
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _scan_and_hash(path: Union[Path, str], label_key: str) -> tuple[list[str], list[int], str]:
+    """Keys and labels of a tar shard (file or `pipe:` URL) from member names (+ the small label members; no
+    image decode) and the sha256 of its bytes, in one streamed read."""
     keys: list[str] = []
     labels: list[int] = []
     has_image: list[bool] = []
     try:
-        with tarfile.open(path, "r:*") as tf:
+        with open_shard(path) as stream, tarfile.open(fileobj=(f := _HashedReads(stream)), mode="r|*") as tf:
+            tf.fileobj = _LastRead(tf.fileobj)
             for ti in tf:
+                tf.members = []  # streaming: keep no member list
                 if not ti.isreg():
                     continue
                 key, ext = member_key(ti.name)
@@ -870,38 +1061,57 @@ def _scan_shard(path: Path, label_key: str) -> tuple[list[str], list[int]]:
                         raise DatasetError(f"shard {path}: sample {key!r} has label member {ti.name!r} = {raw[:20]!r}, not an integer; fix the shard or pass another --label-key") from None
                 elif ext in IMAGE_EXTS:
                     has_image[-1] = True
-            # tarfile reads a tar cut inside a header or a member as a shorter, valid one; a complete
-            # tar ends with two zero blocks after its last member
-            tf.fileobj.seek(tf.offset)
-            tail = tf.fileobj.read(2 * tarfile.BLOCKSIZE)
+            # tarfile reads a tar cut inside a header or a member as a shorter, valid one; a complete tar ends
+            # with two zero blocks after its last member: the block that ended the iteration and the next one
+            # (an empty archive: its first block, read when it was opened, ended it)
+            ended = tf.fileobj.last if tf.offset > 0 else b"\0" * tarfile.BLOCKSIZE
+            tail = ended + tf.fileobj.read(tarfile.BLOCKSIZE)
             if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
                 last = f" after sample {keys[-1]!r}" if keys else ""
                 raise DatasetError(f"shard {path}: truncated{last} (no end-of-archive marker where the tar should end); "
                                    "copy it again or re-create it")
+            while f.read(1 << 20):  # the rest of the bytes (padding), for the hash
+                pass
     except (tarfile.TarError, EOFError) as e:
         raise DatasetError(f"shard {path}: not a readable tar file ({e}); check or re-create it") from e
     for key, ok in zip(keys, has_image):
         if not ok:
             raise DatasetError(f"shard {path}: sample {key!r} has no image member ({', '.join(IMAGE_EXTS)}); fix the shard")
-    return keys, labels
+    return keys, labels, f.sha256.hexdigest()
 
 
-def _scan_and_hash(path: Path, label_key: str) -> tuple[list[str], list[int], str]:
-    keys, labels = _scan_shard(path, label_key)
-    return keys, labels, file_sha256(path)
-
-
-def _scan_shards(paths: Sequence[Path], label_key: str, processes: Optional[int] = None) -> Iterator[tuple[list[str], list[int], str]]:
+def _scan_shards(paths: Sequence[Union[Path, str]], label_key: str, processes: Optional[int] = None) -> Iterator[tuple[list[str], list[int], str]]:
     """(keys, labels, sha256) of every shard, in order; shards are scanned in a process pool (one per core)
     when there are several, as tar parsing and hashing are CPU-bound."""
     yield from _pool_map(_scan_and_hash, [(p, label_key) for p in paths], processes)
+
+
+def _shard_source(shard: PathLike) -> Union[Path, str]:
+    """A shard argument of `index`: a `pipe:` URL as it is, else the resolved path of an existing local file."""
+    if is_url(shard):
+        if not shard[len(PIPE):].strip():
+            raise DatasetError(f"shard {shard!r}: no command after pipe:; write pipe:COMMAND, a command that prints the tar")
+        return shard
+    if isinstance(shard, str) and shard.startswith(FILE):
+        shard = shard[len(FILE):]
+    elif isinstance(shard, str) and (scheme := re.match(r"^([A-Za-z][A-Za-z0-9+.-]+)://", shard)):
+        command = URL_COMMANDS.get(scheme.group(1).lower(), "COMMAND {}").format(shard)
+        raise DatasetError(f"shard {shard}: {scheme.group(1)}:// URLs are read through a command that prints the shard, "
+                           f"as webdataset reads them: give 'pipe:{command}'")
+    if not Path(shard).is_file():
+        raise DatasetError(f"shard {shard} not found; check the path")
+    return Path(shard).resolve()
 
 
 def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, label_key: str = "cls", overwrite: bool = False,
           classes_of: Optional[PathLike] = None, processes: Optional[int] = None) -> Dataset:
     """Write OUT/manifest.json for existing webdataset shards (given order = global order).
 
-    The class names file has one class per line, `NAME` or `ID<TAB>NAME` (ids recorded as `class_ids`).
+    A shard given as a str is spelled as webdataset spells it: brace ranges and lists are expanded
+    (`expand_braces`), `pipe:COMMAND` is read from the command's stdout (recorded as the URL itself;
+    a relative path in the command is relative to the working directory of whoever reads the dataset),
+    `file:PATH` is a local file; a Path is a local file as it is. Local shards are recorded relative to
+    OUT when they lie below it, else absolute. The class names file has one class per line, `NAME` or `ID<TAB>NAME` (ids recorded as `class_ids`).
     With `classes_of` (a dho dataset or class names file) every class must be one of that list (by
     name): the manifest records `class_subset_of`, as `prepare --classes-of` does. Shards are scanned and
     hashed in a pool of `processes` (default one per core; 1 = in this process).
@@ -927,18 +1137,15 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
         raise DatasetError(f"{out / MANIFEST} already exists; pass --overwrite to replace it")
     if (out / MANIFEST).exists() and _dataset_entries(out) is None:
         raise DatasetError(f"--overwrite: {out / MANIFEST} is not a dho manifest; it is left alone, choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    out_abs = out.resolve()
     entries, owner, given = [], {}, set()
     paths = []
-    for p in map(Path, shards):
-        if not p.is_file():
-            raise DatasetError(f"shard {p} not found; check the path")
-        p = p.resolve()
+    for p in (p for arg in shards for p in (expand_braces(arg) if isinstance(arg, str) else [arg])):
+        p = _shard_source(p)
         if p in given:
             raise DatasetError(f"shard {p} is given twice; list each shard once")
         given.add(p)
         paths.append(p)
+    out_abs = out.resolve()
     for p, (keys, labels, sha256) in zip(paths, _scan_shards(paths, label_key, processes)):
         for key in keys:
             if key in owner:
@@ -948,11 +1155,12 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
             if not -1 <= lab < len(classnames):
                 raise DatasetError(f"shard {p}: sample {key!r} has label {lab} but {classnames_file} lists {len(classnames)} classes; fix the labels or the class names file")
         try:
-            path = p.relative_to(out_abs).as_posix()
+            path = p if is_url(p) else p.relative_to(out_abs).as_posix()
         except ValueError:
             path = str(p)
         entries.append({"path": path, "count": len(keys), "sha256": sha256, "keys": keys, "labels": labels})
     provenance = {"command": "index", "label_key": label_key, "classnames_file": Path(classnames_file).name, "dho_version": dho.__version__}
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed index leaves no folder behind
     _dump_manifest(_manifest(classnames, entries, [], provenance, label_key=label_key, classes=classes), out / MANIFEST)
     return Dataset.open(out)
 
