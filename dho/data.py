@@ -566,8 +566,19 @@ def _pool_size(tasks: int, processes: Optional[int]) -> int:
     return max(1, min(tasks, processes))
 
 
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the main process decides
+_stopping = None  # in a pool worker: the caller's Event, set when it stops early; queued tasks then do nothing
+
+
+def _pool_worker_init(stopping) -> None:
+    global _stopping
+    _stopping = stopping
+    # Ctrl-C reaches the whole process group and the main process decides. A handler that does nothing, not
+    # SIG_IGN: the commands of pipe: shards a worker starts get the default back (exec resets handlers) and stop
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+
+
+def _pool_task(fn: Callable, task: tuple):
+    return None if _stopping.is_set() else fn(*task)
 
 
 def _pool_map(fn: Callable, tasks: Sequence[tuple], processes: Optional[int] = None) -> Iterator:
@@ -582,16 +593,22 @@ def _pool_map(fn: Callable, tasks: Sequence[tuple], processes: Optional[int] = N
     import multiprocessing
 
     # fork is cheap and the pool only runs this module's functions (no torch, no threads of ours)
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_ignore_sigint)
+    context = multiprocessing.get_context("fork")
+    stopping = context.Event()
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_pool_worker_init, initargs=(stopping,))
+    finished = False
     try:
         pending: collections.deque = collections.deque()
         for task in tasks:
-            pending.append(pool.submit(fn, *task))
+            pending.append(pool.submit(_pool_task, fn, task))
             if len(pending) == 2 * workers:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+        finished = True
     finally:
+        if not finished:  # an error, Ctrl-C or a caller that stopped reading: end without the queued tasks
+            stopping.set()
         pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -8,9 +8,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +191,26 @@ def test_a_failing_pipe_command_is_one_line(tiny_dataset, tmp_path):
     samples = data.iter_shard(broken, 0, decode=False)  # a reader that stops early ends the command quietly
     assert next(samples).key == local.keys[0]
     samples.close()
+
+
+def test_ctrl_c_stops_index_at_once_with_its_commands(tmp_path):
+    """Ctrl-C (SIGINT to the process group) ends `dho index` and the pipe: commands its pool runs, and the
+    tasks already queued to a worker do not start their commands."""
+    (tmp_path / "classes.txt").write_text("a\n")
+    shards = f"pipe:touch {tmp_path}/started-{{1,2,3,4,5,6}}; sleep 30"
+    proc = subprocess.Popen([sys.executable, "-m", "dho", "index", shards, "--classnames", str(tmp_path / "classes.txt"),
+                             "--out", str(tmp_path / "out")], start_new_session=True, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not list(tmp_path.glob("started-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    start = time.monotonic()
+    err = proc.communicate(timeout=20)[1]
+    assert time.monotonic() - start < 5 and proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert len(list(tmp_path.glob("started-*"))) <= min(os.cpu_count() or 1, 6)  # one command per worker at most
+    assert not (tmp_path / "out").exists()
 
 
 def test_expand_braces_as_braceexpand_does():
