@@ -77,9 +77,9 @@ def prepare(
     typer.echo(f"wrote {ds.num_samples} samples in {len(ds.shards)} shards, {len(ds.classnames)} classes{of} -> {out}")
 
 
-@app.command(epilog="Example: dho index shards/train-{000000..000127}.tar --classnames classnames.txt --out data/train")
+@app.command(epilog="Example: dho index 'shards/train-{000000..000127}.tar' --classnames classnames.txt --out data/train")
 def index(
-    shards: Annotated[list[Path], typer.Argument(help="Existing webdataset .tar shards, in the order that defines the global sample order.")],
+    shards: Annotated[list[str], typer.Argument(help="Existing webdataset .tar shards, in the order that defines the global sample order, as webdataset spells them: paths, brace ranges and lists ('train-{000000..000127}.tar', expanded by dho when quoted), file:PATH, or pipe:COMMAND for a command that prints the tar ('pipe:aws s3 cp s3://bucket/train-{000000..000127}.tar -'; recorded as given, run again whenever the dataset is read).")],
     classnames: Annotated[Path, typer.Option("--classnames", help="Text file with one class per line (line i = class index i): NAME, or ID<TAB>NAME (ID: the class's folder name, e.g. its WordNet id).")],
     out: Annotated[Path, typer.Option("--out", help="Folder to write manifest.json into (shards are referenced, not copied).")],
     label_key: Annotated[str, typer.Option(help="Sample field holding the integer label; samples without it are unlabeled (-1).")] = "cls",

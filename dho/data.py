@@ -5,6 +5,10 @@ Each sample is `__key__`, the original encoded image bytes under their own lower
 (`jpg`, `png`, `webp`, ...), and `cls` (ASCII int label; absent or -1 = unlabeled). The global row
 of a sample is the offset of its shard (sum of the earlier counts) plus its position in the shard.
 The manifest lists every shard's count, sha256, keys and labels, so readers check what they read.
+A shard's path is a local file (relative to the manifest when it lies below it) or, as webdataset
+spells it, a `pipe:COMMAND` URL whose command prints the tar to stdout (object storage:
+`pipe:aws s3 cp s3://bucket/shard-000000.tar -`); `dho index` expands brace ranges
+(`shard-{000000..000099}.tar`) as webdataset does.
 
 Shards are written and read with the standard library's tarfile, byte for byte as webdataset's
 TarWriter writes them and grouped into samples as webdataset groups them (`tar_samples`; tests
@@ -21,23 +25,29 @@ as an unreadable file.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import tarfile
+import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 import dho
 from dho.atomic import guard_out, remove_stale, temp_sibling
@@ -87,9 +97,11 @@ class Columns:
     only, no Python object per sample: forked DataLoader workers share them with the main process
     (reading a memory map or an inherited array copies no page)."""
 
-    def __init__(self, keys: np.ndarray, labels: np.ndarray, files: Optional[np.ndarray], spans: Optional[np.ndarray] = None):
+    def __init__(self, keys: np.ndarray, labels: np.ndarray, files: Optional[np.ndarray], spans: Optional[np.ndarray] = None,
+                 base: int = 0):
         self.keys, self.labels, self.files = keys, labels, files
         self.spans = spans  # (N, 2) int64 [start, end) bytes of each sample's members in its tar, or None
+        self.base = base  # global row of row 0 (a shard's own slice, `ShardInfo.standalone`)
 
     @classmethod
     def from_lists(cls, keys: list, labels: list, files: Optional[list], spans: Optional[list] = None) -> "Columns":
@@ -111,25 +123,42 @@ def decode_strings(raw: np.ndarray) -> list[str]:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    path: Path  # absolute
+    path: Union[Path, str]  # absolute Path of a local shard; a `pipe:` URL as a str
     count: int
     offset: int  # global row of the shard's first sample
     sha256: str
     columns: Columns = field(repr=False)
 
     @property
+    def _rows(self) -> slice:
+        start = self.offset - self.columns.base
+        return slice(start, start + self.count)
+
+    @property
     def keys(self) -> list[str]:
-        return decode_strings(self.columns.keys[self.offset:self.offset + self.count])
+        return decode_strings(self.columns.keys[self._rows])
 
     @property
     def labels(self) -> list[int]:
-        return self.columns.labels[self.offset:self.offset + self.count].tolist()
+        return self.columns.labels[self._rows].tolist()
 
     @property
     def files(self) -> Optional[list[str]]:
         """Original relative file names (prepare only), else None."""
         files = self.columns.files
-        return None if files is None else decode_strings(files[self.offset:self.offset + self.count])
+        return None if files is None else decode_strings(files[self._rows])
+
+    def standalone(self) -> "ShardInfo":
+        """This shard with copies of only its own rows of the columns: what a pool task is sent (O(count), not O(N))."""
+        c, rows = self.columns, self._rows
+        part = lambda a: None if a is None else np.array(a[rows])  # noqa: E731
+        return ShardInfo(self.path, self.count, self.offset, self.sha256,
+                         Columns(part(c.keys), part(c.labels), part(c.files), part(c.spans), base=self.offset))
+
+    @property
+    def name(self) -> str:
+        """For messages: a local shard's file name, a URL whole."""
+        return self.path if is_url(self.path) else self.path.name
 
 
 class Dataset:
@@ -181,9 +210,7 @@ class Dataset:
         self.shards: list[ShardInfo] = []
         offset = 0
         for s in manifest["shards"]:
-            path = Path(s["path"])
-            path = path if path.is_absolute() else root / path
-            self.shards.append(ShardInfo(path, s["count"], offset, s["sha256"], self.columns))
+            self.shards.append(ShardInfo(_shard_path(s["path"], root), s["count"], offset, s["sha256"], self.columns))
             offset += s["count"]
         self.num_samples = offset
         self.key_bytes: np.ndarray = self.columns.keys  # (N,) S{W}
@@ -328,16 +355,163 @@ def file_sha256(path: str | Path, block: int = 1 << 24) -> str:
 
 
 def verify_shard(ds: Dataset, shard_index: int) -> None:
-    """Raise DatasetError if shard `shard_index` is missing or its sha256 differs from the manifest."""
+    """Raise DatasetError if shard `shard_index` is missing or its sha256 differs from the manifest (a `pipe:`
+    shard is streamed and hashed)."""
     shard = ds.shards[shard_index]
-    if not shard.path.is_file():
+    if not is_url(shard.path) and not shard.path.is_file():
         raise DatasetError(f"shard {shard_index} ({shard.path}) of dataset {ds.root} is missing; restore it or re-run `dho prepare`/`dho index`")
-    digest = file_sha256(shard.path)
+    digest = shard_sha256(shard.path)
     if digest != shard.sha256:
         raise DatasetError(
             f"shard {shard_index} ({shard.path}) of dataset {ds.root} changed since its manifest was written "
             f"(sha256 {digest[:12]}... != {shard.sha256[:12]}...); restore the shard or re-run `dho prepare`/`dho index`"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# shards at URLs: pipe: commands, file: paths, brace ranges (as webdataset spells them)
+# --------------------------------------------------------------------------------------------
+
+PIPE, FILE = "pipe:", "file:"
+MAX_EXPANSION = 1_000_000  # names one brace pattern may expand to
+# what `index` suggests for a URL given without pipe: (webdataset itself runs curl for http and https)
+URL_COMMANDS = {"http": "curl -sfL {}", "https": "curl -sfL {}", "s3": "aws s3 cp {} -", "gs": "gcloud storage cat {}"}
+_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")  # {first..last} or {first..last..step}
+
+
+def is_url(path) -> bool:
+    """Whether a shard path is a `pipe:` URL (read through its command), not a local file."""
+    return isinstance(path, str) and path.startswith(PIPE)
+
+
+def _shard_path(path: str, root: Path) -> Union[Path, str]:
+    """A manifest's shard path: a `pipe:` URL as it is; a local path (`file:` dropped) made absolute, a
+    relative one against the manifest's folder."""
+    if is_url(path):
+        return path
+    local = Path(path[len(FILE):] if path.startswith(FILE) else path)
+    return local if local.is_absolute() else root / local
+
+
+@contextlib.contextmanager
+def open_shard(path: Union[PathLike, str]) -> Iterator[BinaryIO]:
+    """A shard's bytes as a stream: a local file (`file:PATH` too), or what the command of a `pipe:` URL
+    prints, run by the shell as webdataset runs it. The command's exit status is checked once the stream
+    is read to its end; a failing command (or a missing file) is a one-line DatasetError naming the URL.
+    A reader that stops early ends the command."""
+    if not is_url(path):
+        local = path[len(FILE):] if isinstance(path, str) and path.startswith(FILE) else path
+        try:
+            f = open(local, "rb")
+        except FileNotFoundError:
+            raise DatasetError(f"shard {path} not found; check the path, or restore the shard") from None
+        with f:
+            yield f
+        return
+    with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty command cannot block on it
+        proc = subprocess.Popen(path[len(PIPE):], shell=True, stdout=subprocess.PIPE, stderr=stderr)
+        try:
+            yield proc.stdout
+            while proc.stdout.read(1 << 20):  # the rest (a tar's zero padding), so the command ends by itself
+                pass
+        except Exception:
+            # an empty or cut stream is most often a command that failed: then that is the error to report
+            try:
+                status = proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:  # still printing: the stream itself was bad
+                status = 0
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+            _check_command(path, status, stderr)
+            raise
+        except BaseException:  # the reader stopped early (GeneratorExit) or Ctrl-C
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            raise
+        proc.stdout.close()
+        _check_command(path, proc.wait(), stderr)
+
+
+def _check_command(url: str, status: int, stderr) -> None:
+    if status == 0:
+        return
+    stderr.seek(0)
+    said = [line.strip() for line in stderr.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+    raise DatasetError(f"shard {url}: the command {how}" + (f" ({said[-1][:200]})" if said else "")
+                       + "; run it in a shell to check that it prints the tar to stdout")
+
+
+def shard_sha256(path: Union[PathLike, str]) -> str:
+    """sha256 of a shard's bytes: a local file hashed in place, a `pipe:` URL streamed."""
+    if not is_url(path):
+        return file_sha256(path)
+    h = hashlib.sha256()
+    with open_shard(path) as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """The names a shard pattern stands for, by the `braceexpand` package's rules (which webdataset uses):
+    `{000..099}` is a range of integers, both ends included, zero-padded to the wider end when either end
+    starts with 0, counting down when the first is larger, `{0..100..10}` with a step; `{a,b}` is a list
+    whose items may hold groups; several groups combine left to right, the first varying slowest. A group
+    that is neither (`{}`, awk's `'{print $1}'`) stays as it is. Backslashes are not escapes. A range
+    that is not of integers, or a brace without its partner, is a DatasetError."""
+    return _expand(pattern, pattern)
+
+
+def _expand(text: str, pattern: str) -> list[str]:
+    parts, start, depth = [], 0, 0  # parts: the alternatives of each literal and top-level group, in order
+    for pos, ch in enumerate(text):
+        if ch == "{":
+            if depth == 0:
+                parts.append([text[start:pos]])
+                start = pos
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth < 0:
+                break
+            if depth == 0:
+                parts.append(_expand_group(text[start + 1:pos], pattern))
+                start = pos + 1
+    if depth != 0:
+        raise DatasetError(f"shard pattern {pattern!r} has unbalanced braces; close every {{ with a }}")
+    parts.append([text[start:]])
+    if (count := math.prod(len(p) for p in parts)) > MAX_EXPANSION:
+        raise DatasetError(f"shard pattern {pattern!r} expands to {count} names (at most {MAX_EXPANSION}); check its ranges")
+    return ["".join(choice) for choice in itertools.product(*parts)]
+
+
+def _expand_group(body: str, pattern: str) -> list[str]:
+    """The names of one `{...}` group (without its braces): a list, a range, or the group kept as it is."""
+    items, start, depth = [], 0, 0
+    for pos, ch in enumerate(body):
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            items.append(body[start:pos])
+            start = pos + 1
+    if items:
+        items.append(body[start:])
+        return [name for item in items for name in _expand(item, pattern)]
+    if ".." in body and "{" not in body:
+        match = _INT_RANGE.match(body)
+        if match is None:
+            raise DatasetError(f"shard pattern {pattern!r}: {{{body}}} is not a range of integers; write it as "
+                               "{FIRST..LAST} (e.g. {000000..000099}) or list the names as {a,b,c}")
+        first, last, step = match.groups()
+        a, b, k = int(first), int(last), int(step or 1) or 1
+        if abs(b - a) // k + 1 > MAX_EXPANSION:
+            raise DatasetError(f"shard pattern {pattern!r}: {{{body}}} expands to more than {MAX_EXPANSION} names; check the range")
+        pad = max(len(first), len(last)) if any(e.startswith(("0", "-0")) and e not in ("0", "-0") for e in (first, last)) else 0
+        values = range(a, b + 1, k) if a < b else range(a, b - 1, -k)
+        return [f"{v:0{pad}d}" for v in values]
+    return ["{" + name + "}" for name in _expand(body, pattern)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,37 +578,44 @@ def member_key(name: str) -> tuple[Optional[str], Optional[str]]:
 def tar_samples(path: PathLike) -> Iterator[dict]:
     """The samples of a webdataset tar as webdataset groups them: consecutive regular members with one
     key form a sample {"__key__": key, ext (lower case): bytes}; `__...__` members are skipped; a key's
-    extension appearing twice in a row is an error. Streams the file (one sample in memory).
-    The data commands read shards with this (plain tarfile: no torch import); webdataset reads the
-    same shards the same way."""
+    extension appearing twice in a row is an error. Streams the file or `pipe:` URL (`open_shard`; one
+    sample in memory). The data commands read shards with this (plain tarfile: no torch import);
+    webdataset reads the same shards the same way."""
     current: Optional[dict] = None
-    with tarfile.open(path, mode="r|*") as stream:
-        for info in stream:
-            if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
-                continue
-            key, ext = member_key(info.name)
-            if key is None:
-                continue
-            ext = ext.lower()
-            data = stream.extractfile(info).read()
-            stream.members = []  # streaming: keep no member list
-            if current is None or key != current["__key__"]:
-                if current is not None:
-                    yield current
-                current = {"__key__": key}
-            if ext in current:
-                raise DatasetError(f"shard {path}: sample {key!r} has two {ext!r} members; fix the shard")
-            current[ext] = data
+    try:
+        with open_shard(path) as f, tarfile.open(fileobj=f, mode="r|*") as stream:
+            for info in stream:
+                if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
+                    continue
+                key, ext = member_key(info.name)
+                if key is None:
+                    continue
+                ext = ext.lower()
+                data = stream.extractfile(info).read()
+                stream.members = []  # streaming: keep no member list
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key}
+                if ext in current:
+                    raise DatasetError(f"shard {path}: sample {key!r} has two {ext!r} members; fix the shard")
+                current[ext] = data
+    except (tarfile.TarError, EOFError) as e:
+        raise DatasetError(f"shard {path}: not a readable tar file ({e}); check or re-create it") from e
     if current is not None:
         yield current
 
 
 def iter_shard(ds: Dataset, shard_index: int, decode: bool = True) -> Iterator[Sample]:
     """Samples of one shard in order; each key is checked against the manifest while reading."""
-    shard = ds.shards[shard_index]
+    yield from _shard_samples(ds.shards[shard_index], shard_index, ds.label_key, ds.root, decode)
+
+
+def _shard_samples(shard: ShardInfo, shard_index: int, label_key: str, root: Path, decode: bool) -> Iterator[Sample]:
+    """`iter_shard` of one ShardInfo (what a pool worker is sent instead of the whole dataset)."""
     name = f"shard {shard_index} ({shard.path})"
-    if not shard.path.is_file():
-        raise DatasetError(f"{name} of dataset {ds.root} is missing; restore it or re-run `dho prepare`/`dho index`")
+    if not is_url(shard.path) and not shard.path.is_file():
+        raise DatasetError(f"{name} of dataset {root} is missing; restore it or re-run `dho prepare`/`dho index`")
     changed = "the shard changed since the manifest was written; run `dho index` again or restore the shard"
     keys, labels = shard.keys, shard.labels  # this shard's slice of the columns, decoded once
     j = -1
@@ -448,8 +629,8 @@ def iter_shard(ds: Dataset, shard_index: int, decode: bool = True) -> Iterator[S
         if ext is None:
             raise DatasetError(f"{name}: sample {key!r} has no image member (one of {', '.join(IMAGE_EXTS)}); {changed}")
         label = labels[j]
-        if ds.label_key in raw and raw[ds.label_key].strip() != str(label).encode("ascii"):
-            raise DatasetError(f"{name}: sample {key!r} has label {raw[ds.label_key][:20]!r} but the manifest says {label}; {changed}")
+        if label_key in raw and raw[label_key].strip() != str(label).encode("ascii"):
+            raise DatasetError(f"{name}: sample {key!r} has label {raw[label_key][:20]!r} but the manifest says {label}; {changed}")
         data = raw[ext]
         image = decode_image(data, ext, f"{name} key {key!r}") if decode else None
         yield Sample(key=key, image=image, label=label, index=shard.offset + j, shard=shard_index, data=data, ext=ext)
@@ -523,8 +704,80 @@ def __getattr__(name: str):  # PEP 562: module attributes made on first access
 
 
 # --------------------------------------------------------------------------------------------
+# process pools: the per-file and per-shard work of prepare, index and split
+# --------------------------------------------------------------------------------------------
+
+
+def _pool_size(tasks: int, processes: Optional[int]) -> int:
+    """One process per core this process may use (`processes` overrides), never more than there are tasks."""
+    if processes is None:
+        processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(tasks, processes))
+
+
+_stopping = None  # in a pool worker: the caller's Event, set when it stops early; queued tasks then do nothing
+
+
+def _pool_worker_init(stopping) -> None:
+    global _stopping
+    _stopping = stopping
+    # Ctrl-C reaches the whole process group and the main process decides. A handler that does nothing, not
+    # SIG_IGN: the commands of pipe: shards a worker starts get the default back (exec resets handlers) and stop
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+
+
+def _pool_task(fn: Callable, task: tuple):
+    return None if _stopping.is_set() else fn(*task)
+
+
+def _pool_map(fn: Callable, tasks: Sequence[tuple], processes: Optional[int] = None) -> Iterator:
+    """fn(*task) for every task, results in task order. Several tasks run in a process pool (tar parsing,
+    hashing and image decoding are CPU-bound); at most two tasks per process are in flight, so finished
+    results wait in memory only that long. processes=1 runs every task here, one by one. An error raised
+    by a task (a one-line DatasetError) reaches the caller as it is."""
+    workers = _pool_size(len(tasks), processes)
+    if workers == 1:
+        yield from (fn(*task) for task in tasks)
+        return
+    import multiprocessing
+
+    # fork is cheap and the pool only runs this module's functions (no torch, no threads of ours)
+    context = multiprocessing.get_context("fork")
+    stopping = context.Event()
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_pool_worker_init, initargs=(stopping,))
+    finished = False
+    try:
+        pending: collections.deque = collections.deque()
+        for task in tasks:
+            pending.append(pool.submit(_pool_task, fn, task))
+            if len(pending) == 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+        finished = True
+    finally:
+        if not finished:  # an error, Ctrl-C or a caller that stopped reading: end without the queued tasks
+            stopping.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------------------------
 # writing: shards + manifest, atomically
 # --------------------------------------------------------------------------------------------
+
+
+class _HashedFile:
+    """A file opened for writing that hashes (sha256) what is written to it: a shard is never read back."""
+
+    def __init__(self, path: Path):
+        self.file, self.sha256 = open(path, "wb"), hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.file.write(data)
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class _ShardWriter:
@@ -557,7 +810,7 @@ class _ShardWriter:
     def _roll(self) -> None:
         self._close_current()
         name = f"shard-{len(self.entries):06d}.tar"
-        self.file = open(self.folder / name, "wb")
+        self.file = _HashedFile(self.folder / name)
         self.tar = tarfile.open(fileobj=self.file, mode="w|")  # PAX (the default): non-ASCII names
         self.entries.append({"path": name, "count": 0, "sha256": "", "keys": [], "labels": [], "spans": []})
 
@@ -565,7 +818,7 @@ class _ShardWriter:
         if self.tar is not None:
             self.tar.close()
             self.file.close()
-            self.entries[-1]["sha256"] = file_sha256(self.folder / self.entries[-1]["path"])
+            self.entries[-1]["sha256"] = self.file.sha256.hexdigest()
             self.tar = self.file = None
 
     def close(self) -> list[dict]:
@@ -724,12 +977,22 @@ def _read_and_check(path: Path) -> tuple[Optional[bytes], Optional[str]]:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
         return data, None
+    except UnidentifiedImageError:  # its message holds the BytesIO's address: the manifest would differ run to run
+        return None, "UnidentifiedImageError: cannot identify the image format"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return None, f"{type(e).__name__}: {e}"
 
 
+def _read_and_check_files(src: Path, files: Sequence[str]) -> list[tuple[Optional[bytes], Optional[str]]]:
+    return [_read_and_check(src / file) for file in files]
+
+
+FILES_PER_TASK = 16  # images a pool worker reads and decodes per task: ~2 MB of ImageNet JPEGs, a few ms
+
+
 def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool = False, overwrite: bool = False,
-            shuffle: bool = True, seed: int = 0, classes_of: Optional[PathLike] = None, class_folders: str = "name") -> Dataset:
+            shuffle: bool = True, seed: int = 0, classes_of: Optional[PathLike] = None, class_folders: str = "name",
+            processes: Optional[int] = None) -> Dataset:
     """ImageFolder tree -> deterministic webdataset shards + manifest.json (original bytes, no re-encode).
 
     Class index = position in the sorted class folder names (as torchvision's ImageFolder); files are
@@ -745,6 +1008,9 @@ def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool
     reference's order, under the reference's names, and the manifest records `class_subset_of` (the
     reference's size and each class's index in it) and `class_ids` (the folder names). Evaluation
     sets distributed as subsets (ImageNet-R/-A: 200 of the 1000) are then scored on their classes.
+
+    Files are read and decoded in a process pool, one process per core (`processes` sets the number;
+    1 = in this process); the output does not depend on it.
     """
     src, out = Path(src), Path(out)
     check_number("--shard-size", shard_size, low=1, integer=True)
@@ -804,28 +1070,29 @@ def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool
     if classes_of is not None:
         provenance.update(classes_of=str(classes_of), class_folders=class_folders)
     return write_files(src, files, classnames, out, shard_size=shard_size, skip_bad=skip_bad, provenance=provenance,
-                       ignored=ignored, what=f"prepare {src}", classes=classes)
+                       ignored=ignored, what=f"prepare {src}", classes=classes, processes=processes)
 
 
 def write_files(src: Path, files: list[tuple[str, str, int, str]], classnames: list[str], out: Path, *, shard_size: int,
                 skip_bad: bool, provenance: dict, ignored: Sequence[dict] = (), what: str = "prepare",
-                classes: Optional[dict] = None) -> Dataset:
+                classes: Optional[dict] = None, processes: Optional[int] = None) -> Dataset:
     """Write image files (relative file under `src`, key, label, ext), in this order, as a dataset at `out`:
-    original bytes, every image decoded once to check it, built beside `out` and renamed into place."""
+    original bytes, every image decoded once to check it (in a pool of `processes`, default one per core,
+    FILES_PER_TASK at a time), built beside `out` and renamed into place."""
     tmp = _temp_dir(out)
     try:
         writer = _ShardWriter(tmp, shard_size)
         skipped = []
         progress = _Progress(what, len(files))
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            for start in range(0, len(files), 256):
-                batch = files[start:start + 256]
-                for (file, key, label, ext), (data, reason) in zip(batch, pool.map(lambda f: _read_and_check(src / f[0]), batch)):
-                    if data is None:
-                        skipped.append({"file": file, "reason": reason})
-                        continue
-                    writer.write(key, ext, data, label, file)
-                progress.update(len(batch))
+        batches = [files[start:start + FILES_PER_TASK] for start in range(0, len(files), FILES_PER_TASK)]
+        tasks = [(src, [file for file, _, _, _ in batch]) for batch in batches]
+        for batch, checked in zip(batches, _pool_map(_read_and_check_files, tasks, processes)):
+            for (file, key, label, ext), (data, reason) in zip(batch, checked):
+                if data is None:
+                    skipped.append({"file": file, "reason": reason})
+                    continue
+                writer.write(key, ext, data, label, file)
+            progress.update(len(batch))
         shards = writer.close()
         skipped.sort(key=lambda s: s["file"])
         if skipped and not skip_bad:
@@ -947,24 +1214,59 @@ def map_class_folders(folders: Sequence[str], ref: PathLike, class_folders: str 
     return out
 
 
-def _scan_shard(path: Path, label_key: str) -> tuple[list[str], list[int]]:
-    """Keys and labels of a tar shard from member names (+ the small label members); no image decode."""
+class _HashedReads:
+    """A binary stream that hashes (sha256) what is read from it: a shard is scanned and hashed in one read."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream, self.sha256 = stream, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.sha256.update(data)
+        return data
+
+
+class _LastRead:
+    """tarfile's stream, keeping the bytes of its last read: when iteration stops, the block that ended it."""
+
+    def __init__(self, stream):
+        self.stream, self.last = stream, b""
+
+    def read(self, size=None) -> bytes:
+        self.last = self.stream.read(size)
+        return self.last
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _scan_and_hash(path: Union[Path, str], label_key: str) -> tuple[list[str], list[int], str, Optional[list]]:
+    """Keys and labels of a tar shard (file or `pipe:` URL) from member names (+ the small label members; no
+    image decode), the sha256 of its bytes, in one streamed read, and each sample's byte span [start, end)
+    (its members' headers and padded data) when the shard is an uncompressed local file, else None."""
     keys: list[str] = []
     labels: list[int] = []
     has_image: list[bool] = []
+    spans: list[list[int]] = []
     try:
-        with tarfile.open(path, "r:*") as tf:
+        with open_shard(path) as stream, tarfile.open(fileobj=(f := _HashedReads(stream)), mode="r|*") as tf:
+            seekable = not is_url(path) and getattr(tf.fileobj, "comptype", None) == "tar"  # offsets are file offsets
+            tf.fileobj = _LastRead(tf.fileobj)
             for ti in tf:
+                tf.members = []  # streaming: keep no member list
                 if not ti.isreg():
                     continue
                 key, ext = member_key(ti.name)
                 if key is None:
                     continue
                 ext = ext.lower()
+                end = ti.offset_data + -(-ti.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 if not keys or keys[-1] != key:
                     keys.append(key)
                     labels.append(-1)
                     has_image.append(False)
+                    spans.append([ti.offset, end])
+                spans[-1][1] = end
                 if ext == label_key:
                     raw = tf.extractfile(ti).read()
                     try:
@@ -973,48 +1275,60 @@ def _scan_shard(path: Path, label_key: str) -> tuple[list[str], list[int]]:
                         raise DatasetError(f"shard {path}: sample {key!r} has label member {ti.name!r} = {raw[:20]!r}, not an integer; fix the shard or pass another --label-key") from None
                 elif ext in IMAGE_EXTS:
                     has_image[-1] = True
-            # tarfile reads a tar cut inside a header or a member as a shorter, valid one; a complete
-            # tar ends with two zero blocks after its last member
-            tf.fileobj.seek(tf.offset)
-            tail = tf.fileobj.read(2 * tarfile.BLOCKSIZE)
+            # tarfile reads a tar cut inside a header or a member as a shorter, valid one; a complete tar ends
+            # with two zero blocks after its last member: the block that ended the iteration and the next one
+            # (an empty archive: its first block, read when it was opened, ended it)
+            ended = tf.fileobj.last if tf.offset > 0 else b"\0" * tarfile.BLOCKSIZE
+            tail = ended + tf.fileobj.read(tarfile.BLOCKSIZE)
             if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
                 last = f" after sample {keys[-1]!r}" if keys else ""
                 raise DatasetError(f"shard {path}: truncated{last} (no end-of-archive marker where the tar should end); "
                                    "copy it again or re-create it")
+            while f.read(1 << 20):  # the rest of the bytes (padding), for the hash
+                pass
     except (tarfile.TarError, EOFError) as e:
         raise DatasetError(f"shard {path}: not a readable tar file ({e}); check or re-create it") from e
     for key, ok in zip(keys, has_image):
         if not ok:
             raise DatasetError(f"shard {path}: sample {key!r} has no image member ({', '.join(IMAGE_EXTS)}); fix the shard")
-    return keys, labels
+    return keys, labels, f.sha256.hexdigest(), (spans if seekable else None)
 
 
-def _scan_and_hash(path: Path, label_key: str) -> tuple[list[str], list[int], str]:
-    keys, labels = _scan_shard(path, label_key)
-    return keys, labels, file_sha256(path)
-
-
-def _scan_shards(paths: Sequence[Path], label_key: str) -> Iterator[tuple[list[str], list[int], str]]:
-    """(keys, labels, sha256) of every shard, in order; shards are scanned in a process pool (one per core)
+def _scan_shards(paths: Sequence[Union[Path, str]], label_key: str, processes: Optional[int] = None) -> Iterator[tuple]:
+    """(keys, labels, sha256, spans or None) of every shard, in order; shards are scanned in a process pool (one per core)
     when there are several, as tar parsing and hashing are CPU-bound."""
-    workers = min(len(paths), os.cpu_count() or 1)
-    if workers <= 1:
-        yield from (_scan_and_hash(p, label_key) for p in paths)
-        return
-    import multiprocessing
+    yield from _pool_map(_scan_and_hash, [(p, label_key) for p in paths], processes)
 
-    # fork is cheap here and the pool only runs this module's pure functions (no torch, no threads of ours)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        yield from pool.map(_scan_and_hash, paths, [label_key] * len(paths), chunksize=max(1, len(paths) // (4 * workers)))
+
+def _shard_source(shard: PathLike) -> Union[Path, str]:
+    """A shard argument of `index`: a `pipe:` URL as it is, else the resolved path of an existing local file."""
+    if is_url(shard):
+        if not shard[len(PIPE):].strip():
+            raise DatasetError(f"shard {shard!r}: no command after pipe:; write pipe:COMMAND, a command that prints the tar")
+        return shard
+    if isinstance(shard, str) and shard.startswith(FILE):
+        shard = shard[len(FILE):]
+    elif isinstance(shard, str) and (scheme := re.match(r"^([A-Za-z][A-Za-z0-9+.-]+)://", shard)):
+        command = URL_COMMANDS.get(scheme.group(1).lower(), "COMMAND {}").format(shard)
+        raise DatasetError(f"shard {shard}: {scheme.group(1)}:// URLs are read through a command that prints the shard, "
+                           f"as webdataset reads them: give 'pipe:{command}'")
+    if not Path(shard).is_file():
+        raise DatasetError(f"shard {shard} not found; check the path")
+    return Path(shard).resolve()
 
 
 def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, label_key: str = "cls", overwrite: bool = False,
-          classes_of: Optional[PathLike] = None) -> Dataset:
+          classes_of: Optional[PathLike] = None, processes: Optional[int] = None) -> Dataset:
     """Write OUT/manifest.json for existing webdataset shards (given order = global order).
 
-    The class names file has one class per line, `NAME` or `ID<TAB>NAME` (ids recorded as `class_ids`).
+    A shard given as a str is spelled as webdataset spells it: brace ranges and lists are expanded
+    (`expand_braces`), `pipe:COMMAND` is read from the command's stdout (recorded as the URL itself;
+    a relative path in the command is relative to the working directory of whoever reads the dataset),
+    `file:PATH` is a local file; a Path is a local file as it is. Local shards are recorded relative to
+    OUT when they lie below it, else absolute. The class names file has one class per line, `NAME` or `ID<TAB>NAME` (ids recorded as `class_ids`).
     With `classes_of` (a dho dataset or class names file) every class must be one of that list (by
-    name): the manifest records `class_subset_of`, as `prepare --classes-of` does.
+    name): the manifest records `class_subset_of`, as `prepare --classes-of` does. Shards are scanned and
+    hashed in a pool of `processes` (default one per core; 1 = in this process).
     """
     out = Path(out)
     label_key = label_key.lower()  # webdataset lowercases member extensions
@@ -1037,19 +1351,16 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
         raise DatasetError(f"{out / MANIFEST} already exists; pass --overwrite to replace it")
     if (out / MANIFEST).exists() and _dataset_entries(out) is None:
         raise DatasetError(f"--overwrite: {out / MANIFEST} is not a dho manifest; it is left alone, choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    out_abs = out.resolve()
     entries, owner, given = [], {}, set()
     paths = []
-    for p in map(Path, shards):
-        if not p.is_file():
-            raise DatasetError(f"shard {p} not found; check the path")
-        p = p.resolve()
+    for p in (p for arg in shards for p in (expand_braces(arg) if isinstance(arg, str) else [arg])):
+        p = _shard_source(p)
         if p in given:
             raise DatasetError(f"shard {p} is given twice; list each shard once")
         given.add(p)
         paths.append(p)
-    for p, (keys, labels, sha256) in zip(paths, _scan_shards(paths, label_key)):
+    out_abs = out.resolve()
+    for p, (keys, labels, sha256, spans) in zip(paths, _scan_shards(paths, label_key, processes)):
         for key in keys:
             if key in owner:
                 raise DatasetError(f"sample key {key!r} appears in shard {owner[key]} and again in shard {p}; keys must be unique across all shards")
@@ -1058,11 +1369,12 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
             if not -1 <= lab < len(classnames):
                 raise DatasetError(f"shard {p}: sample {key!r} has label {lab} but {classnames_file} lists {len(classnames)} classes; fix the labels or the class names file")
         try:
-            path = p.relative_to(out_abs).as_posix()
+            path = p if is_url(p) else p.relative_to(out_abs).as_posix()
         except ValueError:
             path = str(p)
-        entries.append({"path": path, "count": len(keys), "sha256": sha256, "keys": keys, "labels": labels})
+        entries.append({"path": path, "count": len(keys), "sha256": sha256, "keys": keys, "labels": labels, "spans": spans})
     provenance = {"command": "index", "label_key": label_key, "classnames_file": Path(classnames_file).name, "dho_version": dho.__version__}
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed index leaves no folder behind
     _dump_manifest(_manifest(classnames, entries, [], provenance, label_key=label_key, classes=classes), out / MANIFEST)
     return Dataset.open(out)
 
@@ -1248,15 +1560,27 @@ def rows_by_class(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
     return [order[bounds[c]:bounds[c + 1]] for c in range(num_classes)]
 
 
+def _pick_samples(shard: ShardInfo, shard_index: int, label_key: str, root: Path, roles: np.ndarray) -> list[tuple]:
+    """(role, key, ext, data, label, file) of the samples of one shard whose role (0 labeled, 1 validation,
+    -1 neither; (count,)) is set, in shard order."""
+    picked = []
+    for j, sample in enumerate(_shard_samples(shard, shard_index, label_key, root, decode=False)):
+        if roles[j] >= 0:
+            file = None if shard.files is None else shard.files[j]
+            picked.append((int(roles[j]), sample.key, sample.ext, sample.data, sample.label, file))
+    return picked
+
+
 def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int] = None, percent: Optional[float] = None,
           keys_file: Optional[PathLike] = None, seed: int = 0, val_per_class: int = 0, val_out: Optional[PathLike] = None,
-          shard_size: int = 1000, overwrite: bool = False) -> tuple[Dataset, Optional[Dataset]]:
+          shard_size: int = 1000, overwrite: bool = False, processes: Optional[int] = None) -> tuple[Dataset, Optional[Dataset]]:
     """Labeled subset (K shots per class, P% class-balanced, or a key list) + optional validation split.
 
     Per class, the labeled samples are permuted once with numpy Generator(seed) (classes in index
     order); the labeled split takes the first K (or the P% allocation) and the validation split the
     next M, so the labeled split does not depend on M. With a key list, validation samples are drawn
     from the rest the same way. Outputs keep the source's global order, keys and original bytes.
+    Source shards are read in a pool of `processes` (default one per core; 1 = in this process).
     """
     ds = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset)
     out = Path(out)
@@ -1314,21 +1638,20 @@ def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int]
         role[labeled] = 0
         role[val] = 1
         # with the samples' byte spans (a local columnar manifest) their tar members are copied as they are,
-        # reading only the chosen samples; else every touched shard is read and its samples re-written
+        # reading only the chosen samples; else every touched shard is read (in a process pool) and its
+        # chosen samples are re-written
         copy = ds.columns.spans is not None and all(isinstance(sh.path, Path) for sh in ds.shards)
         writers = [(_CopyWriter if copy else _ShardWriter)(t, shard_size) for t in tmps]
-        for s, shard in enumerate(ds.shards):
-            if not (role[shard.offset:shard.offset + shard.count] >= 0).any():
-                continue
-            if copy:
+        touched = [s for s, shard in enumerate(ds.shards) if (role[shard.offset:shard.offset + shard.count] >= 0).any()]
+        if copy:
+            for s in touched:
                 _copy_samples(ds, s, role, writers)
-                continue
-            files = shard.files
-            for sample in iter_shard(ds, s, decode=False):
-                r = role[sample.index]
-                if r >= 0:
-                    file = None if files is None else files[sample.index - shard.offset]
-                    writers[r].write(sample.key, sample.ext, sample.data, sample.label, file)
+        else:
+            tasks = [(ds.shards[s].standalone(), s, ds.label_key, ds.root, role[ds.shards[s].offset:ds.shards[s].offset + ds.shards[s].count])
+                     for s in touched]
+            for picked in _pool_map(_pick_samples, tasks, processes):
+                for r, key, ext, data, label, file in picked:
+                    writers[r].write(key, ext, data, label, file)
         for r, (t, w) in enumerate(zip(tmps, writers)):
             prov = dict(provenance, role="labeled" if r == 0 else "validation")
             manifest = _manifest(ds.classnames, w.close(), [], prov, label_key=ds.label_key if copy else "cls",

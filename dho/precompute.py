@@ -113,7 +113,7 @@ class _ShardBatches(torch.utils.data.IterableDataset):
         valid = torch.ones(n, dtype=torch.bool)
         errors = []
         for i, s in enumerate(samples):
-            where = f"shard {s.shard} ({self.ds.shards[s.shard].path.name}) key {s.key!r}"
+            where = f"shard {s.shard} ({self.ds.shards[s.shard].name}) key {s.key!r}"
             try:
                 image = data.decode_image(s.data, s.ext, where)
             except DatasetError as e:

@@ -330,7 +330,7 @@ class PairedStream(IterableDataset):
                     exts.append(sample.ext)
                     params.append(np.asarray(block["params"][r.pos], dtype=np.int32))  # (5,)
                 else:
-                    where = f"{info.path.name} key {sample.key!r}"
+                    where = f"{info.name} key {sample.key!r}"
                     image, box = data.decode_view(sample.data, sample.ext, where, block["params"][r.pos], self.size)
                     images.append(data.replay_view_uint8(image, box, self.size, self.interpolation))  # (3, S, S) uint8
                 labels.append(int(reader.ds.labels[info.offset + r.pos]))

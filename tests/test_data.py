@@ -6,10 +6,13 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +144,152 @@ def test_index_of_prepared_shards_matches_prepare(tiny_dataset, tmp_path):
     assert data.Dataset.open(moved, verify=True).fingerprint == tiny_dataset.fingerprint
     with pytest.raises(DatasetError, match="already exists.*--overwrite"):
         data.index(sorted(moved.glob("shard-*.tar")), names, moved)
+
+
+def test_process_pools_write_what_one_process_writes(tmp_path):
+    """prepare, split and index in a pool of 3 processes (whatever the machine's cores) give byte for byte
+    what one process gives, skipped files included (they move the later shard boundaries); an error in a
+    worker keeps its one line."""
+    src = make_image_folder(tmp_path / "images", num_classes=3, per_class=12)  # 36 files: 3 tasks of FILES_PER_TASK
+    (src / "class_1" / "img_000.jpg").write_bytes(b"not a JPEG")
+    (tmp_path / "classes.txt").write_text("class_0\nclass_1\nclass_2\n")
+    for processes in (1, 3):
+        ds = data.prepare(src, tmp_path / f"prepared{processes}", shard_size=5, skip_bad=True, processes=processes)
+        data.index(sorted((tmp_path / "prepared1").glob("*.tar")), tmp_path / "classes.txt", tmp_path / f"index{processes}",
+                   processes=processes)
+        # split reads shards in the pool when it cannot copy byte spans: a manifest without them
+        if processes == 1:
+            _without_spans(tmp_path / "index1", tmp_path / "nospans1")
+        data.split(tmp_path / "nospans1", tmp_path / f"split{processes}" / "lab", shots=3, val_per_class=2,
+                   val_out=tmp_path / f"split{processes}" / "val", shard_size=4, processes=processes)
+    assert np.array_equal(data.Dataset.open(tmp_path / "index1").columns.spans, data.Dataset.open(tmp_path / "prepared1").columns.spans)
+    assert ds.num_samples == 35 and ds.manifest["skipped"][0]["file"] == "class_1/img_000.jpg"
+    for name in ("prepared", "split", "index"):
+        assert _sha_tree(tmp_path / f"{name}3") == _sha_tree(tmp_path / f"{name}1"), name
+    with tarfile.open(tmp_path / "prepared1" / "shard-000004.tar", "w") as tf:  # another shard's bytes under its name
+        tf.add(tmp_path / "prepared1" / "shard-000000.tar", arcname="x.jpg")
+    with pytest.raises(DatasetError, match=r"^shard 4 \(.*shard-000004\.tar\): sample 0 has key 'x' but the manifest expects .*; the shard changed[^\n]*$"):
+        data.split(tmp_path / "nospans1", tmp_path / "bad", percent=100, processes=3)
+
+
+def _without_spans(root: Path, out: Path) -> Path:
+    """A copy of the manifest in `root` (pointing at the same shards) without its byte-spans column."""
+    out.mkdir()
+    m = json.loads((root / "manifest.json").read_text())
+    for name, file in m["columns"].items():
+        if name != "spans":
+            shutil.copy(root / file, out / file)
+    m["columns"].pop("spans")
+    m["shards"] = [dict(s, path=str((root / s["path"]).resolve())) for s in m["shards"]]
+    (out / "manifest.json").write_text(json.dumps(m))
+    return out
+
+
+def _local_and_piped(tiny_dataset, tmp_path):
+    names = tmp_path / "classes.txt"
+    names.write_text("class_0\nclass_1\nclass_2\n")
+    local = data.index([s.path for s in tiny_dataset.shards], names, tmp_path / "local")
+    piped = data.index([f"pipe:cat {tiny_dataset.root}/shard-{{000000..000004}}.tar"], names, tmp_path / "piped")
+    return names, local, piped
+
+
+def test_index_reads_pipe_urls_and_brace_ranges_as_the_local_files(tiny_dataset, tmp_path):
+    names, local, piped = _local_and_piped(tiny_dataset, tmp_path)
+    urls = [f"pipe:cat {tiny_dataset.root}/shard-{i:06d}.tar" for i in range(5)]
+    assert [s["path"] for s in piped.manifest["shards"]] == urls  # the URL as given, expanded
+    assert [s.path for s in piped.shards] == urls and piped.shards[0].name == urls[0]
+    for field in ("count", "sha256"):
+        assert [s[field] for s in piped.manifest["shards"]] == [s[field] for s in local.manifest["shards"]], field
+    assert piped.keys == local.keys and piped.labels.tolist() == local.labels.tolist()
+    assert piped.columns.spans is None and local.columns.spans is not None  # no byte offsets into a stream
+    read = [(s.key, s.label, s.index, s.data) for s in _all_samples(piped)]
+    assert read == [(s.key, s.label, s.index, s.data) for s in _all_samples(local)]
+    assert [s.key for s in data.OrderedReader(piped, decode=False, rank=1, world_size=2)] == \
+        [s.key for s in data.OrderedReader(local, decode=False, rank=1, world_size=2)]
+    assert list(data.tar_samples(urls[2])) == list(data.tar_samples(local.shards[2].path))
+    data.Dataset.open(tmp_path / "piped", verify=True)  # streamed and hashed
+    # file: URLs and comma lists are local files; a Path is taken as it is (no brace expansion)
+    mixed = data.index([f"file:{tiny_dataset.root}/shard-{{000000,000001}}.tar", tiny_dataset.shards[2].path], names,
+                       tmp_path / "mixed", processes=1)
+    assert [s.path for s in mixed.shards] == [s.path for s in local.shards[:3]]
+    assert [s["sha256"] for s in mixed.manifest["shards"]] == [s.sha256 for s in local.shards[:3]]
+    # a compressed stream reads as the tar inside it; an empty tar is a shard of no samples
+    gz = f"pipe:gzip -c {local.shards[0].path}"
+    assert data._scan_and_hash(gz, "cls")[:2] == (local.shards[0].keys, local.shards[0].labels)
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    assert data._scan_and_hash(tmp_path / "empty.tar", "cls") == ([], [], data.file_sha256(tmp_path / "empty.tar"), [])
+    assert data._scan_and_hash(gz, "cls")[3] is None  # a compressed stream: no byte spans into the file
+
+
+def test_a_failing_pipe_command_is_one_line(tiny_dataset, tmp_path):
+    names, local, piped = _local_and_piped(tiny_dataset, tmp_path)
+    one_line = r"[^\n]*$"
+    with pytest.raises(DatasetError, match=r"^shard pipe:cat /no/such\.tar: the command exited with status 1 \(cat: /no/such\.tar: "
+                                           r"No such file or directory\); run it in a shell to check that it prints the tar" + one_line):
+        data.index(["pipe:cat /no/such.tar"], names, tmp_path / "bad")
+    with pytest.raises(DatasetError, match=r"^shard pipe:exit 3: the command exited with status 3;" + one_line):
+        data.index([local.shards[0].path, "pipe:exit 3"], names, tmp_path / "bad")
+    with pytest.raises(DatasetError, match=r"^shard pipe:head -c 3000 .*shard-000000\.tar: not a readable tar file" + one_line):
+        data.index([f"pipe:head -c 3000 {local.shards[0].path}"], names, tmp_path / "bad")
+    with pytest.raises(DatasetError, match=r"^shard s3://b/s-0\.tar: s3:// URLs are read through a command .*'pipe:aws s3 cp s3://b/s-0\.tar -'"):
+        data.index(["s3://b/s-0.tar"], names, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # OUT is made once every shard was read
+    # a shard whose command fails, or prints another shard, once the dataset is read
+    manifest = json.loads((tmp_path / "piped" / "manifest.json").read_text())
+    manifest["shards"][1]["path"] = "pipe:cat /no/such.tar"
+    manifest["shards"][2]["path"] = manifest["shards"][3]["path"]
+    (tmp_path / "piped" / "manifest.json").write_text(json.dumps(manifest))
+    broken = data.Dataset.open(tmp_path / "piped")
+    for read in (lambda: list(data.iter_shard(broken, 1)), lambda: data.verify_shard(broken, 1)):
+        with pytest.raises(DatasetError, match=r"^shard pipe:cat /no/such\.tar: the command exited with status 1" + one_line):
+            read()
+    with pytest.raises(DatasetError, match=r"^shard 2 \(pipe:cat .*shard-000003\.tar\) of dataset .* changed since its manifest"):
+        data.verify_shard(broken, 2)
+    samples = data.iter_shard(broken, 0, decode=False)  # a reader that stops early ends the command quietly
+    assert next(samples).key == local.keys[0]
+    samples.close()
+
+
+def test_ctrl_c_stops_index_at_once_with_its_commands(tmp_path):
+    """Ctrl-C (SIGINT to the process group) ends `dho index` and the pipe: commands its pool runs, and the
+    tasks already queued to a worker do not start their commands."""
+    (tmp_path / "classes.txt").write_text("a\n")
+    shards = f"pipe:touch {tmp_path}/started-{{1,2,3,4,5,6}}; sleep 30"
+    proc = subprocess.Popen([sys.executable, "-m", "dho", "index", shards, "--classnames", str(tmp_path / "classes.txt"),
+                             "--out", str(tmp_path / "out")], start_new_session=True, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not list(tmp_path.glob("started-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    start = time.monotonic()
+    err = proc.communicate(timeout=20)[1]
+    assert time.monotonic() - start < 5 and proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert len(list(tmp_path.glob("started-*"))) <= min(os.cpu_count() or 1, 6)  # one command per worker at most
+    assert not (tmp_path / "out").exists()
+
+
+def test_expand_braces_as_braceexpand_does():
+    import braceexpand  # webdataset's
+
+    expand = data.expand_braces
+    assert expand("data/shard-{000000..000003}.tar") == [f"data/shard-{i:06d}.tar" for i in range(4)]
+    assert expand("pipe:aws s3 cp s3://b/s-{0098..0101}.tar -") == [f"pipe:aws s3 cp s3://b/s-{i:04d}.tar -" for i in range(98, 102)]
+    assert expand("s-{8..10}.tar") == ["s-8.tar", "s-9.tar", "s-10.tar"]  # no leading zero: no padding
+    assert expand("{train,val}-{0..1}.tar") == ["train-0.tar", "train-1.tar", "val-0.tar", "val-1.tar"]  # first group slowest
+    assert expand("plain.tar") == ["plain.tar"]
+    patterns = ["{07..10}", "{4..1}", "{2..-1}", "{-01..1}", "{0..10..5}", "py{2.{5..7},3.{2,3}}", "{,x}y", "{a}", "{}",
+                "pipe:awk '{print $1}' f", "a{b,c{d,e}}f{1..2}"]
+    for pattern in patterns:
+        assert expand(pattern) == list(braceexpand.braceexpand(pattern, escape=False)), pattern
+    for pattern, error in [("s-{1..x}.tar", r"\{1\.\.x\} is not a range of integers"), ("s-{000..}.tar", "not a range of integers"),
+                           ("s-{a..c}.tar", "not a range of integers"), ("s-{1{2,3}.tar", "unbalanced braces"),
+                           ("s-1}.tar", "unbalanced braces"), ("s-{0..99999999}.tar", "more than 1000000 names"),
+                           ("{0..999}{0..9999}", "expands to 10000000 names")]:
+        with pytest.raises(DatasetError, match=rf"^shard pattern '{re.escape(pattern)}'.*{error}[^\n]*$"):
+            expand(pattern)
 
 
 def test_index_reads_labels_from_label_key_and_checks_them(tmp_path):
@@ -547,10 +696,7 @@ def test_split_copies_the_chosen_samples_bytes_and_matches_the_rewriting_path(ti
     keys.write_text("\n".join(tiny_dataset.keys[::3]) + "\n")
     copied, _ = data.split(tiny_dataset, tmp_path / "copied", keys_file=keys, shard_size=3)
     assert tiny_dataset.columns.spans is not None and copied.columns.spans is not None
-    plain = shutil.copytree(tiny_dataset.root, tmp_path / "nospans")
-    m = json.loads((plain / "manifest.json").read_text())
-    (plain / m["columns"].pop("spans")).unlink()
-    (plain / "manifest.json").write_text(json.dumps(m))
+    plain = _without_spans(tiny_dataset.root, tmp_path / "nospans")
     assert data.Dataset.open(plain).columns.spans is None
     rewritten, _ = data.split(plain, tmp_path / "rewritten", keys_file=keys, shard_size=3)
     assert [s.sha256 for s in copied.shards] == [s.sha256 for s in rewritten.shards]

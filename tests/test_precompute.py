@@ -232,6 +232,18 @@ def test_job_array_ranks_and_finalisation(ref_cache, tiny_dataset, tiny_clip_con
     _assert_same_store(ref_cache, out)
 
 
+def test_a_dataset_of_pipe_urls_gives_the_cache_of_its_local_files(tiny_dataset, tiny_clip_config, tiny_teacher_ckpt, tmp_path):
+    """DataLoader workers read `pipe:` shards through their commands; the numbers are those of the local files."""
+    names = tmp_path / "classes.txt"
+    names.write_text("".join(f"{c}\n" for c in tiny_dataset.classnames))
+    piped = data.index([f"pipe:cat {tiny_dataset.root}/shard-{{000000..000004}}.tar"], names, tmp_path / "piped")
+    kw = _kwargs(tiny_clip_config, tiny_teacher_ckpt, views=1, center_view=False, store_embeddings=False, workers=2)
+    caches = [precompute(ds, tmp_path / f"{i}.zarr", **kw) for i, ds in enumerate((tiny_dataset.root, piped.root))]
+    assert caches[1].is_complete()
+    assert np.array_equal(caches[0].probs(0, 0, 24), caches[1].probs(0, 0, 24))
+    assert np.array_equal(caches[0].view_params(0, 0, 24), caches[1].view_params(0, 0, 24))
+
+
 def test_topk_variant_keeps_the_largest_dense_values(ref_cache, tiny_dataset, tiny_clip_config, tiny_teacher_ckpt, tmp_path):
     out = tmp_path / "top2.zarr"
     cache = precompute(tiny_dataset.root, out, **_kwargs(tiny_clip_config, tiny_teacher_ckpt, topk=2, store_embeddings=False))

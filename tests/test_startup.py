@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dho import data
@@ -89,8 +90,10 @@ def test_index_scans_shards_in_a_process_pool_like_one_by_one(tmp_path, tiny_dat
     paths = [s.path for s in tiny_dataset.shards]
     pooled = list(data._scan_shards(paths, "cls"))
     assert pooled == [data._scan_and_hash(p, "cls") for p in paths]
-    assert [k for k, _, _ in pooled] == [s.keys for s in tiny_dataset.shards]
-    assert [h for _, _, h in pooled] == [s.sha256 for s in tiny_dataset.shards]
+    assert [k for k, _, _, _ in pooled] == [s.keys for s in tiny_dataset.shards]
+    assert [h for _, _, h, _ in pooled] == [s.sha256 for s in tiny_dataset.shards]
+    spans = np.concatenate([sp for _, _, _, sp in pooled])  # byte spans: what prepare's writer recorded
+    assert np.array_equal(spans, tiny_dataset.columns.spans)
     cut = tmp_path / "cut.tar"
     cut.write_bytes(paths[1].read_bytes()[: paths[1].stat().st_size // 2])  # cut inside a member
     with pytest.raises(data.DatasetError, match=r"cut\.tar: truncated"):
