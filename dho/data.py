@@ -4,7 +4,8 @@ A dataset is a folder holding `manifest.json` and webdataset tar shards (`shard-
 Each sample is `__key__`, the original encoded image bytes under their own lowercased extension
 (`jpg`, `png`, `webp`, ...), and `cls` (ASCII int label; absent or -1 = unlabeled). The global row
 of a sample is the offset of its shard (sum of the earlier counts) plus its position in the shard.
-The manifest lists every shard's count, sha256, keys and labels, so readers check what they read.
+The manifest lists every shard's count and sha256, and beside it, as .npy columns, every sample's key,
+label and byte span (`Columns`), so readers check what they read.
 A shard's path is a local file (relative to the manifest when it lies below it) or, as webdataset
 spells it, a `pipe:COMMAND` URL whose command prints the tar to stdout (object storage:
 `pipe:aws s3 cp s3://bucket/shard-000000.tar -`); `dho index` expands brace ranges

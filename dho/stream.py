@@ -30,6 +30,11 @@ normalises them on the device with the student's mean/std (`data.normalize`). Wi
 extension and the cached view params, and the loop decodes the batch on the device
 (`gpu_views.decode_views`).
 
+Memory. The datasets and caches are opened once, where the stream is built (`PartData`); workers
+inherit numpy arrays (shard counts, labels, the usable-sample bitmap, the cache's done/valid) and read
+only shards and cache chunks, so a worker's own memory does not grow with the number of samples.
+Top-k caches stay sparse (b, K) up to the loop, which densifies them on the device (`densify`).
+
 Out of scope: images are read per shard into memory (a window of `window` shards per consumer);
 very large shards need a smaller window.
 """

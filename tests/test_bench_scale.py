@@ -45,7 +45,7 @@ def test_quick_run_reports_every_column_with_sane_values(tmp_path):
     for r in rows:
         assert all(k in r for k, _ in bench.COLUMNS)
         assert r["shards"] == r["n"] // 100
-        assert r["cache_files"] >= r["shards"] * 2  # at least one file per (view, shard) unit
+        assert r["cache_files"] == r["cache_files_layout"]  # the layout rule that projects the file count is exact
         assert 0 < r["cache_mb"] < 1
         for k in ("write_s", "index_s", "split_s", "cache_write_s", "open_s", "setup_s", "first_step_s"):
             assert 0 < r[k] < 300 and math.isfinite(r[k]), k
@@ -54,7 +54,8 @@ def test_quick_run_reports_every_column_with_sane_values(tmp_path):
         assert r["workers_seen"] == 1
         assert 0 < r["main_uss_mb"] <= r["main_pss_mb"] <= r["main_rss_mb"]
         assert 0 < r["worker_uss_mb"] <= r["worker_pss_mb"] <= r["worker_rss_mb"]
-    assert rows[1]["cache_files"] > rows[0]["cache_files"]
+    assert bench.layout_files(14_197_122, 1000, 16, 10) < 50_000  # the README's 16-view top-10 ImageNet-21k cache
+    assert result["fits"]["cache_files"]["layout"]["100M"] == bench.layout_files(100_000_000, 100, 2, 10)
     for k, _ in bench.COLUMNS[2:]:
         power, affine = result["fits"][k]["power"], result["fits"][k]["affine"]
         assert math.isfinite(power["exponent"]) and all(power[label] > 0 for label in bench.PROJECT_TO), k
@@ -66,7 +67,8 @@ def test_quick_run_reports_every_column_with_sane_values(tmp_path):
     assert table[0] == "| " + " | ".join(h for _, h in bench.COLUMNS) + " |"
     assert [line.split(" | ")[0] for line in table[2:]] == [
         "| 600", "| 1,200", "| exponent b of a N^b", "| **14M (ImageNet-21k)**, a N^b", "| **100M**, a N^b",
-        "| **14M (ImageNet-21k)**, a + c N", "| **100M**, a + c N", "| target (at most)"]
+        "| **14M (ImageNet-21k)**, a + c N", "| **100M**, a + c N", "| **14M (ImageNet-21k)**, cache layout",
+        "| **100M**, cache layout", "| target (at most)"]
     assert all(line.count("|") == len(bench.COLUMNS) + 1 for line in table)
     assert all(f"({k})" in text for k in bench.TARGETS)
     assert list(work.iterdir()) == []  # generated data removed (no --keep)
