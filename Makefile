@@ -20,8 +20,9 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e '.[test]'
 	touch $@
 
+# test files run in parallel, a file per process (module fixtures are built once), one process per core up to 4
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 # The whole method on embedded real data (scikit-learn digits), offline, CPU, over 5 seeds (~5 min).
 DEMO_OUT ?= demo_out
