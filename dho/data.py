@@ -1422,6 +1422,15 @@ def _read_keys_file(path: Path) -> list[str]:
     return entries
 
 
+def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """(n,) bool: values[i] in sorted_set (sorted, unique): a binary search per value, O(n log m), without
+    sorting `values` as np.isin does."""
+    if len(sorted_set) == 0:
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[at] == values
+
+
 def _basenames(names: np.ndarray) -> np.ndarray:
     """(n,) bytes paths -> (n,) bytes after the last '/' (vectorised)."""
     return np.char.rpartition(names, b"/")[:, 2] if len(names) else names
@@ -1444,7 +1453,7 @@ def _match_keys(ds: Dataset, entries: list[str], where: Path) -> list[int]:
     names: dict[str, int] = {}
     ambiguous: set[str] = set()
     for col in columns:
-        for row in np.flatnonzero(np.isin(col, wanted)).tolist():
+        for row in np.flatnonzero(_in_sorted(col, wanted)).tolist():
             name = col[row].decode("utf-8")
             if name in names and names[name] != row:
                 ambiguous.add(name)
@@ -1526,17 +1535,20 @@ def _copy_samples(ds: Dataset, shard_index: int, role: np.ndarray, writers: list
     name = f"shard {shard_index} ({shard.path})"
     if not shard.path.is_file():
         raise DatasetError(f"{name} of dataset {ds.root} is missing; restore it or re-run `dho prepare`/`dho index`")
-    spans, files = ds.columns.spans, ds.columns.files
-    with open(shard.path, "rb") as f:
-        for row in rows.tolist():
-            start, end = (int(x) for x in spans[row])
-            f.seek(start)
-            raw = f.read(end - start)
-            key = ds.key(row)
+    # this shard's chosen rows of the columns, read once (not element by element from the memory maps)
+    spans = np.asarray(ds.columns.spans[rows]).tolist()
+    labels, roles, keys = ds.labels[rows].tolist(), role[rows].tolist(), decode_strings(ds.key_bytes[rows])
+    files = [None] * len(keys) if ds.columns.files is None else decode_strings(ds.columns.files[rows])
+    fd = os.open(shard.path, os.O_RDONLY)
+    try:
+        for (start, end), key, label, r, file in zip(spans, keys, labels, roles, files):
+            raw = os.pread(fd, end - start, start)
             if len(raw) != end - start or not _names_sample(raw, key):
                 raise DatasetError(f"{name}: sample {key!r} is not at bytes {start}-{end} where the manifest puts it; the shard "
                                    "changed since the manifest was written: run `dho index` again or restore the shard")
-            writers[role[row]].copy(key, int(ds.labels[row]), raw, None if files is None else files[row].decode("utf-8"))
+            writers[r].copy(key, label, raw, file)
+    finally:
+        os.close(fd)
 
 
 def _names_sample(raw: bytes, key: str) -> bool:

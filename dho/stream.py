@@ -85,6 +85,7 @@ class PartData:
     done: np.ndarray  # (V, S) bool
     valid: np.ndarray  # (N,) bool
     usable: np.ndarray  # (N,) bool
+    usable_per_shard: np.ndarray  # (S,) int64: usable samples of each shard
     train_views: int
     topk: int | None
     cache_eta: float
@@ -97,8 +98,9 @@ class PartData:
         cache = TeacherCache.open(part.cache_path, dataset=ds)
         # the augmented views; an optional center (evaluation) view is stored last and not trained on
         train_views = cache.num_views - int(bool(cache.attrs.get("center_view", False)))
-        return cls(ds, part.cache_path, cache.done, cache.valid, part.usable(ds.key_bytes, cache.valid), train_views,
-                   cache.topk, cache.eta)
+        usable = part.usable(ds.key_bytes, cache.valid)
+        return cls(ds, part.cache_path, cache.done, cache.valid, usable, _count_per_shard(usable, [s.count for s in ds.shards]),
+                   train_views, cache.topk, cache.eta)
 
 
 @dataclass(frozen=True)
@@ -126,17 +128,22 @@ def consumer_records(
     consumer: int,
     num_consumers: int,
     window: int,
+    valid_per_shard: list[np.ndarray] | None = None,
 ) -> Iterator[Record]:
     """The infinite, deterministic order of records for one consumer (no I/O).
 
     shard_counts[part][shard] = samples in that shard; valid[part] = (N_part,) bool, False for
-    samples the teacher cache marked unreadable (they are never yielded). Works on arrays: per pass
-    a permutation of the S shards and, per window, the (part, shard, position) arrays of its records.
+    samples the teacher cache marked unreadable (they are never yielded); `valid_per_shard[part]`
+    = (S_part,) their counts per shard when the caller has them (else counted here, O(N) memory).
+    Works on arrays: per pass a permutation of the S shards and, per window, the (part, shard,
+    position) arrays of its records.
     """
     shards_part = np.concatenate([np.full(len(c), p, dtype=np.int64) for p, c in enumerate(shard_counts)] or [np.zeros(0, np.int64)])
     shards_index = np.concatenate([np.arange(len(c), dtype=np.int64) for c in shard_counts] or [np.zeros(0, np.int64)])
     offsets = [np.concatenate([[0], np.cumsum(c, dtype=np.int64)[:-1]]) if len(c) else np.zeros(0, np.int64) for c in shard_counts]
-    valid_per_shard = np.concatenate([_count_per_shard(v, c) for v, c in zip(valid, shard_counts)] or [np.zeros(0, np.int64)])
+    if valid_per_shard is None:
+        valid_per_shard = [_count_per_shard(v, c) for v, c in zip(valid, shard_counts)]
+    valid_per_shard = np.concatenate([np.asarray(v, dtype=np.int64) for v in valid_per_shard] or [np.zeros(0, np.int64)])
     total = int(valid_per_shard.sum())
     if total == 0:
         raise ConfigError(f"the {stream} stream has no usable samples (empty datasets or every sample invalid in the cache)")
@@ -175,10 +182,14 @@ def consumer_records(
 
 
 def _count_per_shard(valid: np.ndarray, counts) -> np.ndarray:
-    """(S,) number of True entries of `valid` per shard."""
-    cum = np.concatenate([[0], np.cumsum(np.asarray(valid, dtype=np.int64))])  # (N + 1,)
-    ends = np.cumsum(np.asarray(counts, dtype=np.int64))
-    return cum[ends] - cum[ends - np.asarray(counts, dtype=np.int64)]
+    """(S,) number of True entries of `valid` per shard (np.add.reduceat over the shard starts; empty shards 0)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    out = np.zeros(len(counts), dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else counts
+    nonempty = counts > 0
+    if nonempty.any():
+        out[nonempty] = np.add.reduceat(np.asarray(valid, dtype=bool), starts[nonempty], dtype=np.int64)
+    return out
 
 
 class _PartReader:
@@ -305,6 +316,7 @@ class PairedStream(IterableDataset):
         records = consumer_records(
             [[s.count for s in p.dataset.shards] for p in parts], [p.usable for p in parts],
             stream=name, seed=self.seed, consumer=consumer, num_consumers=num_consumers, window=self.window,
+            valid_per_shard=[p.usable_per_shard for p in parts],
         )
         for _ in range(self.start_item * micro):  # resume: skip already-consumed records, no decoding
             next(records)

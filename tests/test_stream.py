@@ -97,3 +97,12 @@ def test_every_consumer_needs_a_sample():
 def test_no_usable_samples_is_an_error():
     with pytest.raises(ConfigError, match="no usable samples"):
         next(consumer_records([[3]], [np.zeros(3, bool)], stream="u", seed=0, consumer=0, num_consumers=1, window=2))
+
+
+def test_usable_counts_per_shard_handle_empty_shards():
+    from dho.stream import _count_per_shard
+
+    valid = np.array([1, 0, 1, 1, 1, 0, 1], dtype=bool)
+    counts = [2, 0, 3, 0, 2]
+    assert _count_per_shard(valid, counts).tolist() == [1, 0, 3, 0, 1]
+    assert _count_per_shard(np.zeros(0, bool), [0, 0]).tolist() == [0, 0]
