@@ -93,6 +93,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="torch.compile the teacher in both the bare forward and the pipeline (precompute-teacher's "
+                         "default on CUDA); default off, so the ratio compares like with like on any device")
     ap.add_argument("--images", type=int, default=256, help="samples in the generated dataset")
     ap.add_argument("--views", type=int, default=2, help="views per sample (each image is decoded once)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the precompute run")
@@ -110,11 +113,11 @@ def main() -> None:
         n_images = args.images * args.views
         common = dict(model=args.model, pretrained="none", templates="simple", views=args.views,
                       batch_size=args.batch_size, precision=args.precision, device=args.device, workers=args.workers,
-                      progress_every_s=1e9)
+                      progress_every_s=1e9, compile=args.compile)
 
         # bare forward before and after the pipeline run: the mean cancels slow drifts of a shared machine
         teacher = load_teacher(args.model, "none", args.device, args.precision, classnames=ds.classnames,
-                               templates="simple", verbose=False)
+                               templates="simple", verbose=False, compile=args.compile)
         flops = flops_per_image(teacher, args.batch_size)
         bare_before = bare_forward(teacher, args.batch_size, n_images, 0.01, 2.0)
         stats: dict = {}

@@ -4,14 +4,14 @@
 # Needs the wheels of open_clip_torch, webdataset, zarr (+ deps) in .whl/ (see bench/RESULTS.md).
 # NO_TESTS=1 skips the CUDA tests; PRECOMPUTE=1 adds the precompute bench (measured 2026-11-26 on an H200); WORKERS sets distill's workers.
 # Writes OUT_DIR/gpu.log and OUT_DIR/*.jsonl; results go into bench/RESULTS.md by hand, with the card's name.
-# SECTIONS="tests distill teacher compile decode precision" (default: all) picks sections, so a 10-minute call can
+# SECTIONS="tests distill teacher precompute compile decode precision" (default: all) picks sections, so a 10-minute call can
 # run part of it; each section has its own timeout.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_checks.sh OUT_DIR}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-SECTIONS=${SECTIONS:-tests distill teacher compile decode precision}
+SECTIONS=${SECTIONS:-tests distill teacher precompute compile decode precision}
 on() { [[ " $SECTIONS " == *" $1 "* ]]; }
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -30,6 +30,11 @@ on() { [[ " $SECTIONS " == *" $1 "* ]]; }
   echo "== teacher forward: eager vs torch.compile, fp16, MFU against the dense peak (PEAK_TFLOPS, default 989: H100/H200)"
   timeout ${TEACHER_TIMEOUT:-240} python3 bench/bench_teacher.py --model ViT-H-14-378-quickgelu --device cuda --precision fp16 \
       --batch-size 128 --warmup 3 --iters 10 --peak-tflops ${PEAK_TFLOPS:-989} --results "$OUT/teacher.jsonl"
+  }
+  on precompute && {
+  echo "== precompute-teacher / bare teacher, ViT-H-14-378, fp16, compiled (the CUDA default) in both"
+  timeout ${PRECOMPUTE_TIMEOUT:-420} python3 bench/bench_precompute.py --model ViT-H-14-378-quickgelu --device cuda --precision fp16 \
+      --compile --batch-size 256 --images ${PRECOMPUTE_IMAGES:-8192} --views 2 --workers ${WORKERS:-8} --classes 1000 --shard-size 512
   }
   on compile && {
   echo "== student step and distill with --compile (ViT-B-16 student, bf16), MFU of the student-only step"

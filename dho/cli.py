@@ -452,7 +452,7 @@ def precompute_teacher(
     world_size: Annotated[Optional[int], typer.Option(help="Number of jobs of a job array; groups of --shard-group shards are split round-robin. Default: none.")] = None,
     shard_group: Annotated[Optional[int], typer.Option(help="Dataset shards per Zarr shard of a new cache (cache files ~ views x shards / G; one process writes a group, so a job array needs at least as many groups as jobs). Fixed when the cache is created. Default: auto, about 1 MiB per Zarr shard (each unit written rewrites its Zarr shard).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images as invalid (valid=False, NaN rows) instead of stopping with an error. Default: off.")] = False,
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the teacher's image tower (the first batches compile, then faster forwards; same math, other kernels). Default: off.")] = False,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the teacher's image tower (the first batches compile, then faster forwards; same math, other kernels); if compiling fails, says so in one line and runs eagerly. Default: on for CUDA, off on CPU.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Override the teacher's input size (pixels). Default: from the pretrained config.")] = None,
     mean: Annotated[Optional[str], typer.Option(help="Override the normalisation mean, R,G,B. Default: from the pretrained config.")] = None,
     std: Annotated[Optional[str], typer.Option(help="Override the normalisation std, R,G,B. Default: from the pretrained config.")] = None,

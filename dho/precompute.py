@@ -212,7 +212,7 @@ def precompute(
     world_size: int | None = None,
     shard_group: int | None = None,
     skip_bad: bool = False,
-    compile: bool = False,
+    compile: bool | None = None,
     image_size: int | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,

@@ -257,14 +257,15 @@ def load_teacher(
     interpolation: str | None = None,
     resize_mode: str | None = None,
     verbose: bool = True,
-    compile: bool = False,
+    compile: bool | None = False,
     cast_weights: bool = True,
 ) -> Teacher:
     """Build the teacher through open_clip.create_model_and_transforms and describe it.
 
     With `classnames`, also builds the zero-shot text classifier from `templates`. The weights stay
     float32; `precision` is applied by autocast in `encode_*`. Random init (`none`) is seeded.
-    `compile`: torch.compile the image tower (the first batches compile; same math, fused kernels).
+    `compile`: torch.compile the image tower (the first batches compile; same math, fused kernels); None =
+    on for CUDA, off on CPU. A compilation that fails falls back to the eager tower with one message.
     `cast_weights` (default): with precision bf16/fp16 the image tower's weights are cast to that dtype and it
     runs without autocast (half the weight traffic, no per-op casts); False keeps fp32 weights under autocast.
     """
@@ -412,6 +413,30 @@ def load_teacher(
         # after the text classifier was built under autocast; open_clip's LayerNorm keeps the input dtype
         teacher.image_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         net.visual.to(teacher.image_dtype)
+    if compile is None:
+        compile = device.type == "cuda"
     if compile:  # the image tower only: it runs over every view; the text tower ran once above
-        teacher.image_encoder = torch.compile(net.encode_image)
+        teacher.image_encoder = EagerFallback(torch.compile(net.encode_image), net.encode_image,
+                                              print if verbose else (lambda msg, **kw: None))
     return teacher
+
+
+class EagerFallback:
+    """A compiled function that falls back to its eager original, for good, the first time compiling or
+    running the compiled version raises (an unsupported op, a missing compiler toolchain, ...), saying so
+    in one line. Exceptions of the eager original propagate as they are."""
+
+    def __init__(self, compiled, eager, log):
+        self.compiled, self.eager, self.log = compiled, eager, log
+        self.failed: str | None = None
+
+    def __call__(self, *args, **kwargs):
+        if self.failed is None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - any failure of the compiler means: run eagerly
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                self.failed = f"{type(e).__name__}: {first}"
+                self.log(f"teacher: torch.compile failed ({self.failed}); running the image tower eagerly "
+                         "(same numbers up to float rounding; --no-compile skips compiling)", file=sys.stderr, flush=True)
+        return self.eager(*args, **kwargs)

@@ -169,6 +169,30 @@ def test_compiled_image_tower_matches_eager(tiny_clip_config, tiny_teacher_ckpt)
         x = torch.randn(n, 3, 32, 32, generator=gen)
         torch.testing.assert_close(compiled.encode_images(x), eager.encode_images(x), rtol=1e-4, atol=1e-5)
     assert compiled.identity == eager.identity  # an execution detail: the cache's teacher identity is unchanged
+    assert compiled.image_encoder.failed is None  # it compiled: no fallback
+
+
+def test_a_failing_compile_falls_back_to_eager_with_one_line(tiny_clip_config, tiny_teacher_ckpt, monkeypatch, capsys):
+    """The default compiles on CUDA only; a compiler that fails (here: every compiled call raises) is said
+    in one line, once, and the teacher runs eagerly with the eager numbers."""
+    auto = load_teacher(str(tiny_clip_config), str(tiny_teacher_ckpt), "cpu", "fp32", verbose=False, compile=None)
+    assert auto.image_encoder is None  # auto: off on CPU
+
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("inductor: no C++ compiler found\nmore details")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    eager = load_teacher(str(tiny_clip_config), str(tiny_teacher_ckpt), "cpu", "fp32", verbose=False)
+    fallback = load_teacher(str(tiny_clip_config), str(tiny_teacher_ckpt), "cpu", "fp32", verbose=True, compile=True)
+    capsys.readouterr()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        assert torch.equal(fallback.encode_images(x), eager.encode_images(x))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["teacher: torch.compile failed (RuntimeError: inductor: no C++ compiler found); running the image "
+                   "tower eagerly (same numbers up to float rounding; --no-compile skips compiling)"]
 
 
 def test_low_precision_casts_the_image_tower_and_stays_close_to_fp32(tiny_clip_config, tiny_teacher_ckpt):
