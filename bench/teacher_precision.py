@@ -22,7 +22,6 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dho import data  # noqa: E402

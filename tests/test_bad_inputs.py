@@ -8,16 +8,13 @@ itself (worker errors, the exit status).
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import zarr
 from fixtures_models import TINY_CLIP_CONFIG, tiny_teacher_ckpt  # noqa: F401
 from helpers_data import make_image_folder
 

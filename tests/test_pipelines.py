@@ -9,7 +9,6 @@ what, for how long, and what comes out. Also the small scripts the Makefile uses
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import importlib.util
 import re

@@ -124,7 +124,7 @@ def test_reproduce_lowshot_smoke_then_nothing_then_resume(tmp_path):
     stages = [line.split(" -> ")[0] for line in third.stdout.splitlines() if line.startswith("== ")]
     assert stages == [
         "== distill vit-l14 on the 10pct labels", f"== evaluate {work}/runs/vit-l14-10pct on {work}/data/val",
-        f"== report", f"== table: {work}/table.md",
+        "== report", f"== table: {work}/table.md",
     ], third.stdout
     assert "--resume" in third.stdout
     assert json.loads((work / "eval" / "vit-l14-10pct.json").read_text()) == old_eval
