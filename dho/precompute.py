@@ -9,7 +9,7 @@
      arrays: every rank tries an atomic create and the losers open the winner's store). An existing
      store built with other parameters is an error, never a mix;
   4. work: units are (view, dataset shard); ranks own whole groups of `shard_group` shards (the
-     shards of one Zarr shard, cache schema v4; `data.assign_shards` over groups) and skip
+     shards of one Zarr shard, cache schema v4; groups round-robin, `TeacherCache.shard_owner`) and skip
      shards whose units are all done. DataLoader workers decode each image once and replay all its
      views (`data.view_params` boxes replayed with `data.replay_view`; the optional last center view
      is open_clip's eval transform, `data.eval_view_uint8`, its region stored as a box) at the
@@ -301,9 +301,8 @@ def precompute(
         cache = TeacherCache.create_or_open(out, **create)
 
     # ---- this rank's work: whole shards with any unit not done
-    # (schema v4: groups of `shard_group` consecutive shards share Zarr shards, so ranks own whole groups)
-    groups = data.assign_shards(-(-len(ds.shards) // cache.shard_group), rank, world_size)
-    mine = [s for g in groups for s in range(g * cache.shard_group, min((g + 1) * cache.shard_group, len(ds.shards)))]
+    # (schema v4: groups of `shard_group` consecutive shards share Zarr shards, so ranks own whole groups, round-robin)
+    mine = [s for s in range(len(ds.shards)) if cache.shard_owner(s) % world_size == rank]
     todo = [s for s in mine if not cache.done[:, s].all()]
     total_images = sum(ds.shards[s].count for s in todo) * total_views
     log(

@@ -77,7 +77,7 @@ class Part:
 class PartData:
     """What a consumer needs of one part, opened and checked once in the main process and inherited by
     the DataLoader workers: the dataset (shards + columns as numpy arrays, memory-mapped for columnar
-    manifests), the cache's attributes and its (V, S) done / (N,) valid arrays, and the usable rows.
+    manifests), the cache's (V, S) done / (N,) valid arrays, the usable rows and their count per shard.
     No per-sample Python object: forked workers share these pages instead of re-reading the manifest."""
 
     dataset: "data.Dataset"
