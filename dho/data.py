@@ -1125,10 +1125,6 @@ def write_files(src: Path, files: list[tuple[str, str, int, str]], classnames: l
 # --------------------------------------------------------------------------------------------
 
 
-def _read_classnames(path: Path) -> list[str]:
-    return read_class_file(path)[0]
-
-
 def read_class_file(path: Path) -> tuple[list[str], Optional[list[str]]]:
     """A class names file -> (names, ids or None). Line i is class i: `NAME`, or `ID<TAB>NAME` where ID is
     the class's folder name in the distributed data (ImageNet: its WordNet id, e.g. `n01440764\ttench`)."""
