@@ -1,4 +1,6 @@
-"""The one place that turns `--device` into a torch.device, for every command.
+"""Devices and ranks, for every command: `--device`, the process group, the CPU threads beside workers.
+
+`resolve_device(spec)` is the one reading of `--device`:
 
     auto     cuda if a GPU is visible, else cpu
     cpu      the CPU
@@ -6,23 +8,34 @@
     cuda:N   GPU N (one process only: under torchrun every rank takes its own LOCAL_RANK)
 
 Anything else, a GPU that is not visible, or an index past the visible GPUs is a ConfigError with
-the allowed values. Out of scope: MPS, XLA and other accelerators.
+the allowed values. `setup_ranks` is the one rank set-up of `precompute-teacher` and `distill`:
+torchrun's environment (RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, nccl on CUDA), an explicit
+rank of a job array (no process group), or one process. `cpu_threads_beside_workers` is the one
+thread rule for DataLoader workers that decode on the same cores.
+
+torch is imported where it is used, so the command line can show DEVICE_HELP without loading it.
+Out of scope: MPS, XLA and other accelerators.
 """
 
 from __future__ import annotations
 
 import os
 import re
-
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 from dho.errors import ConfigError
 
-DEVICE_HELP = "auto (cuda if available), cpu, cuda or cuda:N"
+if TYPE_CHECKING:
+    import torch
+
+DEVICE_HELP = "auto (cuda if available), cpu, cuda or cuda:N"  # the --device help of every command
 
 
-def resolve_device(spec: str | torch.device) -> torch.device:
+def resolve_device(spec: "str | torch.device") -> "torch.device":
     """`--device` -> torch.device of this process (see the module docstring)."""
+    import torch
+
     if isinstance(spec, torch.device):
         spec = str(spec)
     spec = str(spec).strip().lower()
@@ -45,3 +58,73 @@ def resolve_device(spec: str | torch.device) -> torch.device:
         raise ConfigError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0 .. "
                           f"cuda:{torch.cuda.device_count() - 1})")
     return torch.device("cuda", index)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process among the ranks: `group` is "" (no process group), "joined" (one that existed) or
+    "own" (created by `setup_ranks`; its caller may destroy it at the end)."""
+
+    rank: int
+    world_size: int
+    group: str
+    device: "torch.device"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_ranks(device: "torch.device", rank: Optional[int] = None, world_size: Optional[int] = None) -> Ranks:
+    """The ranks of this run. Explicit `rank`/`world_size` (a job array; both or neither, never under
+    torchrun) need no process group; under torchrun (WORLD_SIZE > 1) or inside a process group someone
+    initialised, this rank's GPU is made current and the group is joined or created."""
+    import torch
+
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise ConfigError("give both --rank and --world-size (job arrays), or neither")
+        if env_world > 1:
+            raise ConfigError("--rank/--world-size are for job arrays; under torchrun the ranks come from the environment")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"--rank {rank} is not in [0, --world-size {world_size})")
+        return Ranks(rank, world_size, "", device)
+    dist = torch.distributed
+    if env_world > 1 or (dist.is_available() and dist.is_initialized()):
+        if device.type == "cuda":  # resolve_device gave this rank cuda:LOCAL_RANK
+            torch.cuda.set_device(device)
+        group = "joined"
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            group = "own"
+        return Ranks(dist.get_rank(), dist.get_world_size(), group, device)
+    return Ranks(0, 1, "", device)
+
+
+def cpu_threads_beside_workers(device: "torch.device", workers: int, world_size: int) -> None:
+    """On the CPU, leave one core per DataLoader worker: they decode on the same cores, and an OpenMP pool
+    as wide as the machine spins while they wait and starves them (measured 60x slower on 2 cores)."""
+    import torch
+
+    if device.type == "cpu" and workers > 0:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size - workers))
+
+
+def any_rank(flag: bool, device: "torch.device") -> bool:
+    """True on every rank if `flag` is True on any rank (one all-reduce)."""
+    import torch
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean_over_ranks(values: dict[str, float], device: "torch.device", world_size: int) -> dict[str, float]:
+    """Each key's value averaged over the ranks (each rank computed it on its share of the batch)."""
+    import torch
+
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], device=device, dtype=torch.float32)
+    torch.distributed.all_reduce(t)
+    return dict(zip(keys, (t / world_size).tolist()))

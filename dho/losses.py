@@ -11,9 +11,11 @@ Conventions (paper §3, Alg. 1):
   ``eta**2`` (Hinton et al., 2015, and the reference code): the gradient of the KL w.r.t.
   the logits scales as 1/eta, so without the factor the KD term would be eta times
   weaker than the CE term it is balanced against with ``lambda_``.
+- ``ZETA`` and ``ETA`` below are the paper's two temperatures, the defaults of every
+  command and builder that takes them.
 
-Out of scope: SSKD / DHKD objectives, sparse (top-k) teacher targets (the cache reader
-densifies them before they reach these functions).
+Out of scope: SSKD / DHKD objectives, sparse (top-k) teacher targets (the training loop
+densifies them on the device, ``cache.densify_topk``, before they reach these functions).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+ZETA = 0.01  # ζ: logit scale 1/ζ = 100 of the teacher (Eq. 1, as CLIP and the reference code) and of the aligned kd_head (Eq. 10)
+ETA = 2.0  # η: the KD temperature (Alg. 1 lines 13, 19)
 
 
 def ce_loss(ce_logits: Tensor, labels: Tensor) -> Tensor:

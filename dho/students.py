@@ -176,6 +176,8 @@ class DualHeadStudent(nn.Module):
                 nn.init.zeros_(head.bias)
         self.preprocess = dict(preprocess)  # {image_size, interpolation, mean, std, resize_mode}
         self.build_args = dict(build_args)
+        # convolutional backbones (torchvision, timm) run NHWC (channels_last) on CUDA: tensor cores without transposes
+        self.channels_last = build_args.get("kind") in ("torchvision", "timm")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """z = g(x): (B, 3, S, S) normalised images -> (B, D)."""
