@@ -23,11 +23,7 @@ distributed or multi-crop analysis.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -38,10 +34,13 @@ import torch.nn.functional as F
 
 import dho
 from dho import data as data_lib
-from dho.atomic import remove_stale, temp_sibling
+from dho.atomic import write_atomic
 from dho.devices import resolve_device
-from dho.errors import ConfigError, DatasetError, check_number
-from dho.evaluate import collect_logits, combine_heads, load_run, read_alpha_beta, run_alpha_beta, topk_accuracy
+from dho.errors import ConfigError, check_number
+from dho.evaluate import (collect_logits, combine_heads, load_run, open_labeled, read_alpha_beta, restrict, run_alpha_beta,
+                          topk_accuracy)
+from dho.progress import Progress
+from dho.run_dir import ALPHA_BETA, RunDir, write_json
 from dho.students import CosineHead, DualHeadStudent, NormalizedLinearHead, dominant_eigenvalue, head_weight
 
 CATEGORIES = ("both_correct", "ce_only", "kd_only", "both_wrong")  # Fig. 15 (middle)
@@ -53,7 +52,6 @@ PROBE_LR = 1e-2  # AdamW on standardised features, cosine to 0; 1e-3 underfits w
 PROBE_WEIGHT_DECAY = 1e-4  # decoupled (AdamW); a light regulariser on the probe's weights
 PROBE_BATCH_SIZE = 256
 TSNE_MAX_POINTS = 2000  # a readable map; t-SNE's time grows with N
-ANALYSIS_DIR = "analysis"
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,7 +282,7 @@ def linear_probe(
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total)))
     gen = torch.Generator().manual_seed(seed)
-    start = last = time.monotonic()
+    progress = Progress("linear probe", epochs, unit="epochs", final=False)
     for epoch in range(epochs):
         order = torch.randperm(n, generator=gen)  # (N,)
         loss_sum = 0.0
@@ -297,11 +295,7 @@ def linear_probe(
             opt.step()
             sched.step()
             loss_sum += loss.item() * len(idx)
-        now = time.monotonic()
-        if now - last >= 10.0:
-            last = now
-            print(f"linear probe: epoch {epoch + 1}/{epochs}, loss {loss_sum / n:.4f}, {now - start:.0f}s",
-                  file=sys.stderr, flush=True)
+        progress.update(1)
 
     @torch.no_grad()
     def scores(x: torch.Tensor) -> torch.Tensor:
@@ -342,12 +336,8 @@ def _pyplot():
 
 def _save_figure(fig, path: Path) -> Path:
     """Write a figure as PNG whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path)
-    tmp = temp_sibling(path, "tmp")
-    fig.savefig(tmp, dpi=120, format="png")
+    write_atomic(path, lambda part: fig.savefig(part, dpi=120, format="png"))
     _pyplot().close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -504,22 +494,12 @@ def plot_tsne(
 # --------------------------------------------------------------------------------------------
 
 
-def _write_json(path: Path, obj: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path)
-    tmp = temp_sibling(path, "tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def _write_npy(path: Path, array: np.ndarray) -> Path:
-    remove_stale(path)
-    tmp = temp_sibling(path, "tmp")
-    with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
-        np.save(f, array)
-    os.replace(tmp, path)
-    return path
+    def write(part: Path) -> None:
+        with open(part, "wb") as f:  # a file object: np.save would append .npy to a name
+            np.save(f, array)
+
+    return write_atomic(path, write)
 
 
 def feature_files(out: Union[str, Path]) -> tuple[Path, Path, Path]:
@@ -562,18 +542,8 @@ def export_features(
         "z": "g(x) of the evaluation view: the input of both heads, before any normalisation",
         "num_unlabeled": int((labels < 0).sum()), "classnames": ds.classnames, "keys": ds.keys,
     }
-    _write_json(info_file, info)
+    write_json(info_file, info)
     return info
-
-
-def _open_labeled(data: Union[str, Path, data_lib.Dataset], classnames: list[str], option: str, run_dir: Path) -> data_lib.Dataset:
-    ds = data if isinstance(data, data_lib.Dataset) else data_lib.Dataset.open(data)
-    if ds.classnames != list(classnames):
-        raise ConfigError(f"{option} {ds.root} has other class names than {run_dir / 'model.pt'} ({ds.num_classes} vs "
-                          f"{len(classnames)} classes, or another order); analyze data with the run's class list")
-    if ds.num_samples == 0 or bool((ds.labels < 0).all()):
-        raise DatasetError(f"{option} {ds.root} has no labeled samples (all labels are -1); give a labeled dataset")
-    return ds
 
 
 def analyze(
@@ -607,32 +577,36 @@ def analyze(
         _require_sklearn()  # before minutes of inference, not after
     student, meta = load_run(run_dir, device)
     device = resolve_device(device)
-    classnames = meta["classnames"]
-    ds = _open_labeled(data, classnames, "--data", run_dir)
+    ds, columns = open_labeled(data, meta["classnames"], "--data")
+    classnames = ds.classnames  # the run's, or the subset of them that `data` holds (its logits restricted to them)
     train = None
     if probe_train is not None:
-        train = _open_labeled(probe_train, classnames, "--probe-train", run_dir)
+        train, _ = open_labeled(probe_train, meta["classnames"], "--probe-train")
+        if train.classnames != classnames:
+            raise ConfigError(f"--probe-train {train.root} has other classes than --data {ds.root} ({train.num_classes} vs "
+                              f"{ds.num_classes}); the probe is trained on one label set and tested on the same")
         if train.fingerprint == ds.fingerprint:
             raise ConfigError(f"--probe-train {train.root} is the same data as --data {ds.root} (fingerprint "
                               f"{ds.fingerprint[:12]}); train the probe on the labeled training split, test on --data")
     stored = read_alpha_beta(run_dir)
     if stored is not None and stored.get("search_on_fingerprint") == ds.fingerprint:
-        raise ConfigError(f"{run_dir / 'alpha_beta.json'} was searched on {ds.root} itself; never tune on the analysed "
+        raise ConfigError(f"{run_dir / ALPHA_BETA} was searched on {ds.root} itself; never tune on the analysed "
                           "data: re-run `dho evaluate --search-on` a validation split first")
     alpha, beta, source = run_alpha_beta(run_dir, meta)
-    out_dir = run_dir / ANALYSIS_DIR / ds.root.name if out_dir is None else Path(out_dir)
+    out_dir = RunDir(run_dir).analysis(ds.root.name) if out_dir is None else Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out-dir {out_dir} is a file; give a folder for the analysis")
     where = {"run": str(run_dir), "data": str(ds.root), "data_fingerprint": ds.fingerprint}
 
     ce, kd, labels, z = collect_logits(student, ds, batch_size, device, workers, features=True)
+    ce, kd = restrict(ce, kd, columns)  # (N, C_data): a subset of the run's classes is analysed on its classes
     keep = labels >= 0  # (N,)
     heads = {**where, "alpha_beta_source": source, "num_unlabeled_ignored": int((~keep).sum()),
              **head_agreement(ce[keep], kd[keep], labels[keep], alpha, beta, classnames=classnames)}
     spectrum = {**where, **feature_spectrum(z), "head_spectra": head_spectra(student)}
-    files = [_write_json(out_dir / "heads.json", heads),
+    files = [write_json(out_dir / "heads.json", heads),
              plot_heads(heads, out_dir / "heads.png", title=f"{run_dir.name} on {ds.root.name}"),
-             _write_json(out_dir / "spectrum.json", spectrum),
+             write_json(out_dir / "spectrum.json", spectrum),
              plot_spectrum(spectrum, out_dir / "spectrum.png", heads=spectrum["head_spectra"],
                            title=f"{run_dir.name} on {ds.root.name}")]
     probe = None
@@ -642,7 +616,7 @@ def analyze(
         probe = {**where, "probe_train": str(train.root), "probe_train_fingerprint": train.fingerprint,
                  **linear_probe(train_z[labeled], train_labels[labeled], z[keep], labels[keep], device=device,
                                 num_classes=len(classnames))}
-        files.append(_write_json(out_dir / "probe.json", probe))
+        files.append(write_json(out_dir / "probe.json", probe))
     if tsne:
         files.append(plot_tsne(z[keep], labels[keep], out_dir / "tsne.png", classnames=classnames,
                                title=f"t-SNE of z: {run_dir.name} on {ds.root.name}"))

@@ -1,8 +1,10 @@
 """The `dho` command line: parses options and dispatches to the Python API.
 
 Every command is a thin wrapper over one function (`dho.data.prepare`, `dho.precompute.precompute`,
-`dho.distill.distill`, ...). Heavy modules are imported inside each command so `dho --help`
-stays fast and `dho distill` never imports the teacher code.
+`dho.distill.distill` with the config `dho.distill.config.merge` builds, ...): options are checked
+where they enter that function, not here. Heavy modules are imported inside each command so `dho --help`
+stays fast and `dho distill` never imports the teacher code. `main()` is the one place that turns an
+error a user can fix into one line (`fail`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from dho.devices import DEVICE_HELP  # torch-free
+from dho.errors import ConfigError
+
+DEVICE = f"{DEVICE_HELP}."  # the --device help of every command
+DEVICE_RANKS = f"{DEVICE_HELP}; under torchrun each rank uses cuda:LOCAL_RANK."
 
 app = typer.Typer(
     name="dho",
@@ -45,9 +53,10 @@ def _main(
     """Distill a large vision-language model into a small classifier with Dual-Head Optimization (DHO)."""
 
 
-def _fail(message: str) -> None:
+def fail(message: str, code: int = 2) -> None:
+    """Print `error: MESSAGE` (one line, stderr) and exit with `code`."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+    sys.exit(code)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,7 +174,7 @@ def distill(
     alpha: Annotated[Optional[float], typer.Option(help="Inference mix stored with a dho model (Eq. 11); tune later with `dho evaluate --search-on`. [default: 0.5]")] = None,
     beta: Annotated[Optional[float], typer.Option(help="Inference temperature of kd_head stored with a dho model (Eq. 11). [default: 0.5]")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16. [default: auto]")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cuda | cpu. [default: auto]")] = None,
+    device: Annotated[Optional[str], typer.Option(help=f"{DEVICE_RANKS} [default: auto]")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader workers per rank; the data order depends on ranks x workers. [default: 2]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for initialisation and the data order. [default: 0]")] = None,
     view_sampling: Annotated[Optional[str], typer.Option(help="Which cached teacher view a sample gets: cycle (pass mod V) | random. [default: cycle]")] = None,
@@ -194,24 +203,9 @@ def distill(
     run_dir: Annotated[Optional[Path], typer.Argument(help="With --resume: the run folder to continue (instead of --out). [default: none]", show_default=False)] = None,
 ) -> None:
     """Train a student from datasets + teacher caches (the teacher is never loaded)."""
-    import dataclasses
+    from dho.distill import distill as run_distill
+    from dho.distill.config import merge
 
-    from dho.distill import DistillConfig, distill as run_distill
-    from dho.errors import ConfigError
-
-    values: dict = {}
-    if run_dir is not None:  # `--resume RUN_DIR`: the run's own resolved options are the base
-        run_config = run_dir / "config.json"
-        if not resume:
-            raise ConfigError(f"a run folder ({run_dir}) is given without --resume; to start a run use --out")
-        if not run_config.is_file():
-            raise ConfigError(f"--resume {run_dir}: no run there (no config.json); give the folder that `dho distill --out` wrote")
-        if out is not None and out.resolve() != run_dir.resolve():
-            raise ConfigError(f"--resume {run_dir} and --out {out} name two runs; give one")
-        values.update(json.loads(run_config.read_text()))
-        out = run_dir
-    if config is not None:
-        values.update(_load_options_file(config))
     given = {
         "labeled": labeled, "labeled_cache": labeled_cache, "unlabeled": unlabeled, "unlabeled_cache": unlabeled_cache,
         "student": student, "student_pretrained": student_pretrained, "method": method, "out": out, "epochs": epochs,
@@ -226,42 +220,7 @@ def distill(
         "sync_bn": sync_bn, "report_to": report_to, "keep_checkpoints": keep_checkpoints, "compile": compile_,
         "decode": decode,
     }
-    values.update({k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None})
-    if values.get("student_pretrained") in ("none", ""):
-        values["student_pretrained"] = None
-    required = [f.name for f in dataclasses.fields(DistillConfig) if f.default is dataclasses.MISSING]
-    missing = [k for k in required if k not in values]
-    if missing:
-        _fail("missing " + ", ".join("--" + k.replace("_", "-") for k in missing) + " (on the command line or in --config)")
-    known = {f.name for f in dataclasses.fields(DistillConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        _fail(f"{config}: unknown option keys {unknown}; known: {sorted(known)}")
-    run_distill(DistillConfig(**values), resume=resume)
-
-
-def _load_options_file(path: Path) -> dict:
-    """A YAML or JSON mapping of option names (underscores or dashes) to values."""
-    import yaml
-
-    from dho.errors import ConfigError
-
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        raise ConfigError(f"--config {path}: not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__}); "
-                          "write one `option: value` per line") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
-    out = {}
-    for k, v in raw.items():
-        key = str(k).replace("-", "_")
-        out["lambda_" if key == "lambda" else key] = v
-    return out
+    run_distill(merge(given, options_file=config, resume_dir=run_dir, resume=resume), resume=resume)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,16 +237,12 @@ def evaluate(
     search_on: Annotated[Optional[Path], typer.Option("--search-on", help="Labeled validation dataset: grid-search alpha in {0, 0.05, ..., 1} x beta in {0.1 ... 4} on it, store the best in RUN_DIR/alpha_beta.json (+ alpha_beta_heatmap.png), then evaluate --data with it. Must not be --data itself. Default: none.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (ce_head, kd_head, combined: top1/top5 in %; alpha; beta; counts) instead of a table. Default: off.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
-    device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cuda:N or cpu.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
     workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images.")] = 2,
 ) -> None:
     """Top-1/top-5 of ce_head, kd_head and their combination (Eq. 11) on a labeled dataset."""
-    import json
-
     from dho import evaluate as evaluation
 
-    if search_on is not None and (alpha is not None or beta is not None):
-        _fail("give either --alpha/--beta or --search-on VAL_DATASET, not both")
     result = evaluation.evaluate(run_dir, data, alpha=alpha, beta=beta, search_on=search_on,
                                  batch_size=batch_size, device=device, workers=workers)
     if json_out:
@@ -308,7 +263,7 @@ def predict(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
     images: Annotated[list[Path], typer.Argument(help="Image files (jpg, png, webp, ...), folders of them, or glob patterns ('photos/*.jpg', quoted so dho expands them; ** recurses).")],
     topk: Annotated[int, typer.Option(help="Classes to print per image, most probable first.")] = 5,
-    device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cuda:N or cpu.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
     heads: Annotated[bool, typer.Option("--heads", help="Show the top-k of ce_head, kd_head (at temperature beta) and their combination side by side. [default: off]")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per image (one line each) instead of text. [default: off]")] = False,
 ) -> None:
@@ -354,7 +309,7 @@ def analyze(
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for heads.json/.png, spectrum.json/.png, probe.json, tsne.png. Default: RUN_DIR/analysis/<name of the --data folder>.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (the summary: top-1s, head outcomes in %, error reduction, effective rank, dominant eigenvalues, probe) instead of text. Default: off.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
-    device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cuda:N or cpu.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
     workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images.")] = 2,
 ) -> None:
     """How ce_head, kd_head and Eq. 11 agree and fail (Fig. 15), the feature spectrum and the heads' dominant eigenvalues (Fig. 13), optionally a linear probe (Table 3) and a t-SNE map (Fig. 7)."""
@@ -371,7 +326,7 @@ def features(
     data: Annotated[Path, typer.Option("--data", help="Dataset to run the student over: every sample, labeled or not, any class list.")],
     out: Annotated[Path, typer.Option("--out", help="Features file to write, ending in .npy: float32 (N, D); OUT.labels.npy (int64, -1 = unlabeled) and OUT.json (keys, class names, fingerprint) are written beside it.")],
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
-    device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cuda:N or cpu.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
     workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images.")] = 2,
 ) -> None:
     """Write the features z = g(x) of every sample (evaluation view, dataset order) for linear probes and plots."""
@@ -385,7 +340,7 @@ def features(
 def bench_inference(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt, and the teacher cache named in RUN_DIR/config.json).")],
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes to time, comma-separated: 1 is latency, a large batch throughput.")] = "1,256",
-    device: Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
     precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (autocast; fp16 on CUDA only), the same for every model.")] = "fp32",
     teacher: Annotated[bool, typer.Option("--teacher/--no-teacher", help="Also measure the teacher named in the run's labeled cache (its architecture, random weights).")] = True,
     teacher_model: Annotated[Optional[str], typer.Option("--teacher-model", help="open_clip model name or model-config JSON of the teacher, for caches whose teacher cannot be rebuilt from its name (local-dir:, a moved config file). Default: the cache's.")] = None,
@@ -402,7 +357,7 @@ def bench_inference(
     except ValueError:
         sizes = []
     if not sizes:
-        _fail(f"--batch-sizes takes positive integers separated by commas, e.g. --batch-sizes 1,256; got {batch_sizes!r}")
+        raise ConfigError(f"--batch-sizes takes positive integers separated by commas, e.g. --batch-sizes 1,256; got {batch_sizes!r}")
     result = bench(run_dir, batch_sizes=sizes, device=device, precision=precision, teacher=teacher,
                    teacher_model=teacher_model, warmup=warmup, iters=iters, min_seconds=min_seconds)
     path = write_inference_cost(run_dir, result)
@@ -425,7 +380,7 @@ def _floats3(text: Optional[str], option: str) -> Optional[tuple[float, float, f
     except ValueError:
         values = ()
     if len(values) != 3:
-        _fail(f"{option} takes three numbers (R,G,B), e.g. {option} 0.485,0.456,0.406; got {text!r}")
+        raise ConfigError(f"{option} takes three numbers (R,G,B), e.g. {option} 0.485,0.456,0.406; got {text!r}")
     return values
 
 
@@ -442,7 +397,7 @@ def precompute_teacher(
     batch_size: Annotated[Optional[int], typer.Option(help="Images (sample-views) per teacher forward, rounded down to whole samples. Default: 64.")] = None,
     text_classifier_norm: Annotated[Optional[str], typer.Option(help="Zero-shot classifier w_c: renormalize (mean of the normalised template embeddings, re-normalised: Eq. 1) | mean (not re-normalised, as the reference code's DFN teacher: logits scale with the mean's norm). Stored in the cache. Default: renormalize.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (fp16 on CUDA, as the reference code; fp32 on CPU), bf16, fp16 or fp32 (autocast; weights stay fp32). Default: auto.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto (cuda if available), cuda, cuda:N or cpu; under torchrun each rank uses cuda:LOCAL_RANK. Default: auto.")] = None,
+    device: Annotated[Optional[str], typer.Option(help=f"{DEVICE_RANKS} Default: auto.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes decoding and cropping images (0 = in the main process). Default: 4.")] = None,
     store_embeddings: Annotated[bool, typer.Option("--store-embeddings", help="Also store the teacher's normalised image embeddings (V, N, D) float16, for feature KD. Default: off.")] = False,
     topk: Annotated[Optional[int], typer.Option(help="Store only the K largest probabilities per row (indices + values) instead of dense probs; readers spread the remaining mass uniformly over the other classes. Default: none = dense.")] = None,
@@ -487,7 +442,7 @@ def tip_adapter(
     lr: Annotated[float, typer.Option(help="AdamW learning rate of the keys (cosine schedule).")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Embeddings per fine-tuning step.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the fine-tuning order.")] = 0,
-    device: Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
 ) -> None:
     """Fit Tip-Adapter-F (the few-shot teacher of DHO-F) from teacher caches; the image tower does not run."""
     from dho import tip_adapter as tip
@@ -504,7 +459,7 @@ def tip_adapter_cache(
     dataset: Annotated[Path, typer.Option("--dataset", help="The dataset of --cache.")],
     cache: Annotated[Path, typer.Option("--cache", help="Its base teacher cache, with --store-embeddings.")],
     out: Annotated[Path, typer.Option("--out", help="The Tip-Adapter-F teacher cache to create or resume (same views as --cache).")],
-    device: Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
 ) -> None:
     """Write a teacher cache of Tip-Adapter-F for a dataset from its base cache's embeddings (for `dho distill`)."""
     from dho import tip_adapter as tip
@@ -564,10 +519,6 @@ def main() -> None:
         usage_errors += (VendoredClickException,)
     except ImportError:
         pass
-
-    def fail(message: str, code: int = 2) -> None:
-        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-        sys.exit(code)
 
     try:
         code = app(standalone_mode=False, prog_name="dho")

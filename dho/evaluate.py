@@ -10,6 +10,11 @@ The search (``search_on``) runs on a labeled validation dataset and refuses to r
 data being evaluated (same manifest fingerprint): never tune on the test split. Likewise a
 stored ``alpha_beta.json`` searched on the very dataset being evaluated is refused.
 
+Which data a run can be scored on (``open_labeled``, the one rule for evaluate, analyze and
+``distill --val``): the run's class list, or a subset of it by name (ImageNet-R's 200 of 1000:
+each head's logits are restricted to those classes, ``restrict``), with at least one labeled
+sample (samples labeled -1 are left out, ``labeled_only``).
+
 Evaluation view: open_clip's eval transform for the student's preprocessing, pixel for pixel
 (``data.eval_view_uint8``): resize the short side to the student's size, then center-crop
 (``resize_mode`` "shortest"); "squash" and "longest" for students whose preprocessing says so,
@@ -21,12 +26,9 @@ Out of scope: multi-crop / TTA evaluation, per-class metrics, distributed evalua
 from __future__ import annotations
 
 import glob
-import json
 import math
-import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -34,17 +36,18 @@ import numpy as np
 import torch
 
 from dho import data as data_lib
+from dho.atomic import write_atomic
 from dho.devices import resolve_device
 from dho.errors import ConfigError, DatasetError, check_number
-from dho.students import DualHeadStudent, load_student
+from dho.progress import Progress
+from dho.run_dir import ALPHA_BETA, ALPHA_BETA_PREVIOUS, HEATMAP, MODEL, RunDir, write_json
+from dho.students import DualHeadStudent
 
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1 (paper §4.1)
 BETA_GRID = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)  # kd_head temperatures, 0.1 ... 4
 DEFAULT_ALPHA, DEFAULT_BETA = 0.5, 0.5  # low-shot defaults (Table 6); also the search's tie-break centre
-ALPHA_BETA_FILE = "alpha_beta.json"
-PREVIOUS_FILE = "alpha_beta.previous.json"  # the choice a new --search-on replaced
-HEATMAP_FILE = "alpha_beta_heatmap.png"
-MODEL_FILE = "model.pt"
+# the run-folder names (dho/run_dir.py), under the names this module has always exported
+ALPHA_BETA_FILE, PREVIOUS_FILE, HEATMAP_FILE, MODEL_FILE = ALPHA_BETA, ALPHA_BETA_PREVIOUS, HEATMAP, MODEL
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,9 +136,7 @@ def plot_alpha_beta(
     ax.set_title(f"{title}\nbest alpha={alpha_grid[i]:g}, beta={beta_grid[j]:g}: {grid[i, j]:.2f}%", fontsize=9)
     fig.colorbar(im, ax=ax, label="top-1 (%)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    path = write_atomic(Path(path), lambda part: fig.savefig(part, dpi=120, format="png"))
     plt.close(fig)
     return path
 
@@ -184,8 +185,7 @@ def collect_logits(
     z = torch.empty(n, model.feature_dim) if features else None  # (N, D)
     was_training = model.training
     model.eval()
-    start = last = time.monotonic()
-    seen = 0
+    progress = Progress(f"evaluate {dataset.root.name}", n, unit="images", final=False)
     try:
         for x, y, index in loader:
             out = model(x.to(device, non_blocking=True))
@@ -194,64 +194,36 @@ def collect_logits(
             labels[index] = y
             if z is not None:
                 z[index] = out["z"].float().cpu()
-            seen += len(index)
-            now = time.monotonic()
-            if now - last >= 10.0:
-                last, rate = now, seen / (now - start)
-                print(f"evaluate {dataset.root.name}: {seen}/{n} images, {rate:.1f}/s, ETA {(n - seen) / rate:.0f}s",
-                      file=sys.stderr, flush=True)
+            progress.update(len(index))
     finally:
         model.train(was_training)
+    seen = progress.done
     if seen != n or bool((labels == -2).any()):
         raise DatasetError(f"{dataset.root}: read {seen} of the {n} samples of the manifest; check the shards with `dho index`")
     return (ce, kd, labels, z) if features else (ce, kd, labels)
 
 
 # --------------------------------------------------------------------------------------------
-# run directories
+# runs and the data they are scored on
 # --------------------------------------------------------------------------------------------
 
 
 def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu") -> tuple[DualHeadStudent, dict]:
     """The finished student of RUN_DIR (RUN_DIR/model.pt) in eval mode on `device`, and its meta."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} not found")
-    model_file = run_dir / MODEL_FILE
-    if not model_file.is_file():
-        hint = (" (only checkpoints/last.pt is there)" if (run_dir / "checkpoints" / "last.pt").is_file() else "")
-        raise ConfigError(f"{model_file} not found: the run is not finished{hint}; run `dho distill ... --out {run_dir} --resume` to finish it")
-    return load_student(model_file, map_location=resolve_device(device))
+    return RunDir(run_dir).load_student(device)
 
 
 def run_alpha_beta(run_dir: Union[str, Path], meta: dict) -> tuple[float, float, str]:
     """The run's (alpha, beta, source): RUN_DIR/alpha_beta.json if a search wrote one, else model.pt's."""
-    stored = read_alpha_beta(run_dir)
-    if stored is not None:
-        return float(stored["alpha"]), float(stored["beta"]), ALPHA_BETA_FILE
-    return float(meta["alpha"]), float(meta["beta"]), MODEL_FILE
+    return RunDir(run_dir).alpha_beta_of(meta)
 
 
 def read_alpha_beta(run_dir: Union[str, Path]) -> Optional[dict]:
-    path = Path(run_dir) / ALPHA_BETA_FILE
-    if not path.is_file():
-        return None
-    try:
-        stored = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); delete it and re-run `dho evaluate --search-on VAL`") from e
-    if not isinstance(stored, dict) or "alpha" not in stored or "beta" not in stored:
-        raise ConfigError(f"{path} lacks alpha/beta; delete it and re-run `dho evaluate --search-on VAL`")
-    return stored
+    """RUN_DIR/alpha_beta.json, or None."""
+    return RunDir(run_dir).read_alpha_beta()
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def class_columns(ds: data_lib.Dataset, classnames: Sequence[str], what: str = "evaluation") -> Optional[torch.Tensor]:
+def class_columns(ds: data_lib.Dataset, classnames: Sequence[str], what: str = "the dataset") -> Optional[torch.Tensor]:
     """The model's class index of each class of `ds` -> (C_ds,) int64, or None when `ds` has the model's
     very class list. A dataset whose classes are a subset of the model's (by name, e.g. ImageNet-R's 200
     of ImageNet's 1000) is scored on its classes only: each head's logits restricted to these columns,
@@ -263,19 +235,22 @@ def class_columns(ds: data_lib.Dataset, classnames: Sequence[str], what: str = "
     missing = [n for n in ds.classnames if n not in where]
     if missing:
         raise ConfigError(
-            f"{what} dataset {ds.root} has {len(missing)} class name(s) the model does not know (first: {missing[0]!r}; "
-            f"{ds.num_classes} vs {len(classnames)} classes); evaluate on data with the training class list or a "
+            f"{what} {ds.root} has {len(missing)} class name(s) the model does not know (first: {missing[0]!r}; "
+            f"{ds.num_classes} vs {len(classnames)} classes); use data with the training class list or a "
             "subset of it (`dho prepare --classes-of`)"
         )
     return torch.tensor([where[n] for n in ds.classnames], dtype=torch.int64)
 
 
-def _open_for(data: Union[str, Path, data_lib.Dataset], classnames: list[str], what: str) -> tuple[data_lib.Dataset, Optional[torch.Tensor]]:
-    """The dataset and its class columns in the model's output (`class_columns`)."""
+def open_labeled(data: Union[str, Path, data_lib.Dataset], classnames: Sequence[str],
+                 what: str) -> tuple[data_lib.Dataset, Optional[torch.Tensor]]:
+    """The one rule for data a run is scored on (evaluate, analyze, `distill --val`): the dataset (opened, or as
+    given) with the run's class list or a subset of it, and some labeled samples -> (dataset, its class columns
+    in the model's output or None, `class_columns`). `what` names the option in errors (--data, --val, ...)."""
     ds = data if isinstance(data, data_lib.Dataset) else data_lib.Dataset.open(data)
     columns = class_columns(ds, classnames, what)
     if ds.num_samples == 0 or bool((ds.labels < 0).all()):
-        raise DatasetError(f"{what} dataset {ds.root} has no labeled samples (all labels are -1); it cannot be evaluated")
+        raise DatasetError(f"{what} {ds.root} has no labeled samples (all labels are -1); give a labeled dataset")
     return ds, columns
 
 
@@ -286,36 +261,39 @@ def restrict(ce: torch.Tensor, kd: torch.Tensor, columns: Optional[torch.Tensor]
     return ce[:, columns], kd[:, columns]
 
 
-def _labeled(ce: torch.Tensor, kd: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def labeled_only(ce: torch.Tensor, kd: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows of labeled samples (label >= 0) of both heads' logits and of the labels."""
     keep = labels >= 0
     return ce[keep], kd[keep], labels[keep]
 
 
-def search_and_store(run_dir: Path, student: DualHeadStudent, val: data_lib.Dataset, batch_size: int, device, workers: int,
+def search_and_store(folder: Path, student: DualHeadStudent, val: data_lib.Dataset, batch_size: int, device, workers: int,
                      extra: Optional[dict] = None, columns: Optional[torch.Tensor] = None,
                      announce: bool = True) -> tuple[float, float, float]:
-    """Grid-search Eq. 11's alpha, beta on `val`, write RUN_DIR/alpha_beta.json (+ heatmap) -> (alpha, beta, top-1 %)."""
-    v_ce, v_kd, v_labels = _labeled(*collect_logits(student, val, batch_size, device, workers))
+    """Grid-search Eq. 11's alpha, beta on `val`, write FOLDER/alpha_beta.json (+ heatmap) -> (alpha, beta, top-1 %).
+    FOLDER is the run folder, or the scratch folder of `distill --select-best-on-val`."""
+    v_ce, v_kd, v_labels = labeled_only(*collect_logits(student, val, batch_size, device, workers))
     v_ce, v_kd = restrict(v_ce, v_kd, columns)
     alpha, beta, grid = search_alpha_beta(v_ce, v_kd, v_labels)
     best = float(grid[ALPHA_GRID.index(alpha), BETA_GRID.index(beta)])
-    previous = read_alpha_beta(run_dir) if announce and (Path(run_dir) / ALPHA_BETA_FILE).is_file() else None
+    run = RunDir(folder)
+    previous = run.read_alpha_beta() if announce else None
     if previous is not None:  # never replaced silently: the earlier choice is kept beside it and named
-        shutil.copyfile(Path(run_dir) / ALPHA_BETA_FILE, Path(run_dir) / PREVIOUS_FILE)
+        write_atomic(run.path / ALPHA_BETA_PREVIOUS, lambda part: shutil.copyfile(run.alpha_beta, part))
         same = (previous["alpha"], previous["beta"]) == (alpha, beta)
-        print(f"{Path(run_dir) / ALPHA_BETA_FILE}: replacing the earlier choice alpha={previous['alpha']:g}, "
+        print(f"{run.alpha_beta}: replacing the earlier choice alpha={previous['alpha']:g}, "
               f"beta={previous['beta']:g} (searched on {previous.get('search_on', '?')}) with alpha={alpha:g}, beta={beta:g}"
-              f"{' (the same)' if same else ''}; the earlier one is kept as {PREVIOUS_FILE}", file=sys.stderr, flush=True)
-    _write_json(Path(run_dir) / ALPHA_BETA_FILE, {
+              f"{' (the same)' if same else ''}; the earlier one is kept as {ALPHA_BETA_PREVIOUS}", file=sys.stderr, flush=True)
+    write_json(run.alpha_beta, {
         "alpha": alpha, "beta": beta,
         "search_on": str(val.root), "search_on_fingerprint": val.fingerprint, "num_samples": int(len(v_labels)),
         "alpha_grid": list(ALPHA_GRID), "beta_grid": list(BETA_GRID),
         "top1_grid": [[round(float(v), 4) for v in row] for row in grid],  # rows: alpha, columns: beta
         "best_top1": best, **(extra or {}),
     })
-    heatmap = plot_alpha_beta(grid, Path(run_dir) / HEATMAP_FILE, best=(alpha, beta), title=f"top-1 (%) on {val.root.name}, Eq. 11")
+    heatmap = plot_alpha_beta(grid, run.heatmap, best=(alpha, beta), title=f"top-1 (%) on {val.root.name}, Eq. 11")
     if announce:
-        print(f"alpha={alpha:g}, beta={beta:g} (top-1 {best:.2f} on {val.root}) -> {Path(run_dir) / ALPHA_BETA_FILE}; "
+        print(f"alpha={alpha:g}, beta={beta:g} (top-1 {best:.2f} on {val.root}) -> {run.alpha_beta}; "
               f"heatmap {heatmap}", file=sys.stderr, flush=True)
     return alpha, beta, best
 
@@ -351,10 +329,10 @@ def evaluate(
     check_number("--workers", workers, low=0, integer=True)
     student, meta = load_run(run_dir, device)
     device = resolve_device(device)
-    ds, columns = _open_for(data, meta["classnames"], "evaluation")
+    ds, columns = open_labeled(data, meta["classnames"], "--data")
 
     if search_on is not None:
-        val, val_columns = _open_for(search_on, meta["classnames"], "validation")
+        val, val_columns = open_labeled(search_on, meta["classnames"], "--search-on")
         if val.fingerprint == ds.fingerprint:
             raise ConfigError(
                 f"--search-on {val.root} is the same data as --data {ds.root} (fingerprint {ds.fingerprint[:12]}); "
@@ -377,7 +355,7 @@ def evaluate(
 
     ce, kd, labels = collect_logits(student, ds, batch_size, device, workers)
     num_unlabeled = int((labels < 0).sum())
-    ce, kd, labels = _labeled(ce, kd, labels)
+    ce, kd, labels = labeled_only(ce, kd, labels)
     ce, kd = restrict(ce, kd, columns)  # (N, C_ds): a subset dataset is scored on its classes only
     combined = combine_heads(ce, kd, alpha, beta)  # (N, C_ds)
 

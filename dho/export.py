@@ -53,7 +53,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Union
@@ -63,9 +62,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dho
-from dho.atomic import remove_stale, temp_sibling
+from dho.atomic import replace_files
 from dho.errors import ConfigError
-from dho.evaluate import MODEL_FILE, load_run, run_alpha_beta
+from dho.evaluate import load_run, run_alpha_beta
+from dho.run_dir import MODEL
 from dho.students import DualHeadStudent
 
 SUFFIXES = {"pt2": "pt2", "onnx": "onnx", "torchscript": "ts"}  # format -> the usual file suffix
@@ -268,7 +268,7 @@ def export(run_dir: Union[str, Path], out: Union[str, Path], format: str = "pt2"
     student, meta = load_run(run_dir, "cpu")
     alpha, beta, source = run_alpha_beta(run_dir, meta)
     pre = {"resize_mode": "shortest", **meta["preprocess"]}
-    where = run_dir / MODEL_FILE
+    where = run_dir / MODEL
     if pre["interpolation"] not in INTERPOLATIONS:
         raise ConfigError(f"{where}: interpolation {pre['interpolation']!r} cannot be exported (torch resizes like PIL only "
                           f"with {' or '.join(INTERPOLATIONS)}); retrain the student with --interpolation bilinear or bicubic")
@@ -290,20 +290,12 @@ def export(run_dir: Union[str, Path], out: Union[str, Path], format: str = "pt2"
     if format == "onnx":
         info["onnx"] = {"opset": ONNX_OPSET, "input": "images", "output": "probs"}
 
-    tmp = {path: temp_sibling(path, "tmp") for path in (out, weights_path(out), metadata_path(out))}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for path in tmp:
-        remove_stale(path)  # files of exports that were killed while writing
-    try:
-        _write_model(wrapper, probs, format, tmp[out], info, run_dir, meta["build_args"]["name"])
-        _write_weights(student, tmp[weights_path(out)], meta, alpha, beta)
-        sidecar = {**info, "sha256": {"model": _sha256(tmp[out]), "weights": _sha256(tmp[weights_path(out)])}}
-        tmp[metadata_path(out)].write_text(json.dumps(sidecar, indent=2) + "\n")
-        for path in (out, weights_path(out), metadata_path(out)):  # the JSON, which hashes the others, last
-            os.replace(tmp[path], path)
-    finally:
-        for t in tmp.values():
-            t.unlink(missing_ok=True)
+    # the three files replace the old ones together, the JSON (which hashes the others) last
+    with replace_files(out, weights_path(out), metadata_path(out)) as (model_part, weights_part, json_part):
+        _write_model(wrapper, probs, format, model_part, info, run_dir, meta["build_args"]["name"])
+        _write_weights(student, weights_part, meta, alpha, beta)
+        sidecar = {**info, "sha256": {"model": _sha256(model_part), "weights": _sha256(weights_part)}}
+        json_part.write_text(json.dumps(sidecar, indent=2) + "\n")
     return out
 
 

@@ -51,17 +51,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from dho.atomic import remove_stale, temp_sibling
 from dho.devices import resolve_device
 from dho.errors import CacheError, ConfigError, check_choice, check_number
 from dho.evaluate import combine_heads, load_run, run_alpha_beta
+from dho.run_dir import RunDir, write_json
 
 DEFAULT_BATCH_SIZES = (1, 256)  # latency (one image) and serving throughput
 DEFAULT_WARMUP = 5  # untimed forwards per network and batch size: cuDNN autotuning, allocator, caches
 DEFAULT_ITERS = 20  # at least this many timed forwards ...
 DEFAULT_MIN_SECONDS = 2.0  # ... and at least this long, so one number is never one noisy forward
 PRECISIONS = ("fp32", "bf16", "fp16")
-RESULT_FILE = "inference_cost.json"
 TEACHER_MODEL_HINT = "pass teacher_model= (CLI: --teacher-model NAME_OR_CONFIG_JSON) or teacher=False (CLI: --no-teacher)"
 _FLOP_BATCH = 1  # FLOPs are counted on one forward of this many images, then divided
 _ROUNDS = 3  # timing rounds per batch size; each network reports its best round
@@ -182,7 +181,7 @@ def _run_teacher(run_dir: Path) -> dict:
     """{model, pretrained, model_config_sha256, image_size, num_classes, cache} from RUN/config.json's labeled cache."""
     from dho.cache import TeacherCache
 
-    config_file = run_dir / "config.json"
+    config_file = RunDir(run_dir).config
     if not config_file.is_file():
         raise ConfigError(f"{config_file} not found, so the run's teacher is unknown; {TEACHER_MODEL_HINT}")
     try:
@@ -344,12 +343,7 @@ def bench_inference(
 
 def write_inference_cost(run_dir: Union[str, Path], result: dict) -> Path:
     """Write `result` to RUN_DIR/inference_cost.json atomically (a crash never leaves half a file)."""
-    path = Path(run_dir) / RESULT_FILE
-    remove_stale(path)  # files of writers that were killed half-way
-    tmp = temp_sibling(path, "tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json(RunDir(run_dir).inference_cost, result)
 
 
 def _signed(p: float) -> str:

@@ -4,8 +4,9 @@
     progress.update(n)      # -> "precompute-teacher [rank 0/1]: 640/1000 images (64.0%), 412.3 images/s, ETA 0:00:01"
 
 Lines go to stderr: on a terminal one live line rewritten in place (at most twice a second), otherwise a
-plain line every `every_s` seconds, and always one when the count reaches the total, so a log file of a
-batch job gets a few lines, not thousands. The clock is `time.monotonic` (a clock change never makes a
+plain line every `every_s` seconds, and (with `final`, the default) one when the count reaches the
+total, so a log file of a batch job gets a few lines, not thousands. Steps inside another command
+(the evaluation that `dho distill --val` runs every epoch) pass final=False: a line only if they are slow. The clock is `time.monotonic` (a clock change never makes a
 negative rate). The rate is that of the last stretch (since the previous line), the ETA comes from the
 mean rate since the start.
 
@@ -31,20 +32,20 @@ def format_time(seconds: float) -> str:
 class Progress:
     """`update(n)` counts n more of `total`; prints `what: status()` when a line is due (see the module docstring)."""
 
-    def __init__(self, what: str, total: int, unit: str = "", every_s: Optional[float] = 10.0):
-        self.what, self.total, self.unit, self.every_s = what, int(total), unit, every_s
+    def __init__(self, what: str, total: int, unit: str = "", every_s: Optional[float] = 10.0, final: bool = True):
+        self.what, self.total, self.unit, self.every_s, self.final = what, int(total), unit, every_s, final
         self.done = 0
         self.start = self._mark = time.monotonic()
         self._mark_done = 0
-        self._printed = 0.0
-        self.tty = sys.stderr.isatty()
+        self._printed = self.start
+        self.tty = sys.stderr.isatty() and final  # a live line needs its final newline
 
     def update(self, n: int = 1) -> None:
         self.done += n
         if self.every_s is None:
             return
         now = time.monotonic()
-        finished = self.done >= self.total
+        finished = self.done >= self.total and self.final
         if not finished and now - self._printed < (0.5 if self.tty else self.every_s):
             return
         self._printed = now

@@ -30,7 +30,12 @@ normalises them on the device with the student's mean/std (`data.normalize`). Wi
 extension and the cached view params, and the loop decodes the batch on the device
 (`gpu_views.decode_views`).
 
-Memory. The datasets and caches are opened once, where the stream is built (`PartData`); workers
+Batches. A consumer yields one `Batch` per step: a `Half` record for the labeled and one for the
+unlabeled micro-batch (None for a half the method does not read), tensors named as the paper names
+them (image, label, probs, emb) with their shapes in the class docstring.
+
+Memory. Each dataset and cache is opened once, by whoever builds the stream (`PartData.open`, or
+`PartData.of` for a dataset and cache already opened and checked, as `dho distill` does); workers
 inherit numpy arrays (shard counts, labels, the usable-sample bitmap, the cache's done/valid) and read
 only shards and cache chunks, so a worker's own memory does not grow with the number of samples.
 Top-k caches stay sparse (b, K) up to the loop, which densifies them on the device (`densify`).
@@ -45,7 +50,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -92,15 +97,18 @@ class PartData:
 
     @classmethod
     def open(cls, part: Part) -> "PartData":
+        """Open the part's dataset and cache (checked against each other)."""
         from dho.cache import TeacherCache
 
         ds = data.Dataset.open(part.dataset_path)
-        cache = TeacherCache.open(part.cache_path, dataset=ds)
-        # the augmented views; an optional center (evaluation) view is stored last and not trained on
-        train_views = cache.num_views - int(bool(cache.attrs.get("center_view", False)))
+        return cls.of(part, ds, TeacherCache.open(part.cache_path, dataset=ds))
+
+    @classmethod
+    def of(cls, part: Part, ds: "data.Dataset", cache) -> "PartData":
+        """The part from its dataset and its cache (a `TeacherCache` checked against `ds`), opened by the caller."""
         usable = part.usable(ds.key_bytes, cache.valid)
         return cls(ds, part.cache_path, cache.done, cache.valid, usable, _count_per_shard(usable, [s.count for s in ds.shards]),
-                   train_views, cache.topk, cache.eta)
+                   cache.num_views - int(bool(cache.attrs.get("center_view", False))), cache.topk, cache.eta)
 
 
 @dataclass(frozen=True)
@@ -261,19 +269,44 @@ def dense_targets(idx: torch.Tensor, val: torch.Tensor, num_classes: int, power:
     return dense
 
 
-class PairedStream(IterableDataset):
-    """Yields one micro-batch dict per step for this consumer: labeled and/or unlabeled halves.
+class Half(NamedTuple):
+    """One side (labeled or unlabeled) of a micro-batch of b samples. From the workers: `image` (b, 3, S, S)
+    uint8 (None with raw=True), `label` (b,) int64 (-1 = unlabeled), `index` (b,) global rows of their
+    datasets (for tests and debugging), the teacher's `probs` (b, C) float32, or for a sparse (top-k) half
+    `topk_idx` (b, K) int64 + `topk_val` (b, K) float32 instead, `emb` (b, D) float32 teacher embeddings
+    (feature KD only), and with raw=True `data` (b encoded images), `ext` (b extensions), `params` (b, 5)
+    int32 cached boxes. The loop turns it into a device half: normalised float `image`, dense `probs`."""
 
-    Keys (present when the half is used): `l_image` (b_l, 3, S, S) uint8, `l_label` (b_l,),
-    `l_probs` (b_l, C), `l_emb` (b_l, D); `u_image`, `u_probs`, `u_emb` likewise; `u_index`/`l_index`
-    (global rows, for debugging and tests). With `raw=True`, `l_data` (list of b_l encoded images),
-    `l_ext` (list of b_l extensions) and `l_params` (b_l, 5) int32 view params replace `l_image`.
-    """
+    label: torch.Tensor
+    index: torch.Tensor
+    image: Optional[torch.Tensor] = None
+    probs: Optional[torch.Tensor] = None
+    topk_idx: Optional[torch.Tensor] = None
+    topk_val: Optional[torch.Tensor] = None
+    emb: Optional[torch.Tensor] = None
+    data: Optional[list] = None
+    ext: Optional[list] = None
+    params: Optional[torch.Tensor] = None
+
+
+class Batch(NamedTuple):
+    """A micro-batch: the labeled half `l` and the unlabeled half `u` (None for a half the method does not read)."""
+
+    l: Optional[Half]
+    u: Optional[Half]
+
+    def images(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(labeled images, unlabeled images), None for an absent half."""
+        return (None if self.l is None else self.l.image), (None if self.u is None else self.u.image)
+
+
+class PairedStream(IterableDataset):
+    """Yields one `Batch` per step for this consumer: its labeled and/or unlabeled halves (`Half`)."""
 
     def __init__(
         self,
-        labeled: list[Part],
-        unlabeled: list[Part],
+        labeled: list[PartData],
+        unlabeled: list[PartData],
         *,
         micro_l: int,
         micro_u: int,
@@ -292,9 +325,8 @@ class PairedStream(IterableDataset):
     ):
         if view_sampling not in ("cycle", "random"):
             raise ConfigError(f"--view-sampling must be 'cycle' or 'random', got {view_sampling!r}")
-        # opened and checked once, here (the main process); workers inherit the arrays
-        self.halves = {"l": ([PartData.open(p) for p in labeled] if micro_l else [], micro_l),
-                       "u": ([PartData.open(p) for p in unlabeled] if micro_u else [], micro_u)}
+        # opened and checked by the caller (the main process); workers inherit the arrays
+        self.halves = {"l": (list(labeled) if micro_l else [], micro_l), "u": (list(unlabeled) if micro_u else [], micro_u)}
         # a half stays top-k (sparse) up to the loop when all its parts are top-k caches with one K
         self.sparse = {name: bool(parts) and len({p.topk for p in parts}) == 1 and parts[0].topk is not None
                        and len({p.cache_eta for p in parts}) == 1 for name, (parts, _) in self.halves.items()}
@@ -308,7 +340,8 @@ class PairedStream(IterableDataset):
         self.window = window
         self.raw = raw
 
-    def _half(self, name: str, consumer: int, num_consumers: int) -> Iterator[dict] | None:
+    def half(self, name: str, consumer: int, num_consumers: int) -> Iterator[Half] | None:
+        """The infinite micro-batches of half `name` ("l" or "u") of one consumer; None if the half is not read."""
         parts, micro = self.halves[name]
         if not parts or micro == 0:
             return None
@@ -326,7 +359,7 @@ class PairedStream(IterableDataset):
         """eta_cache / eta of a sparse half (see `dense_targets`)."""
         return self.halves[name][0][0].cache_eta / self.eta
 
-    def _batches(self, name: str, readers: list[_PartReader], records: Iterator[Record], micro: int) -> Iterator[dict]:
+    def _batches(self, name: str, readers: list[_PartReader], records: Iterator[Record], micro: int) -> Iterator[Half]:
         sparse = self.sparse[name]
         while True:
             images, labels, probs, embs, index = [], [], [], [], []
@@ -355,30 +388,25 @@ class PairedStream(IterableDataset):
                 if self.need_embeddings:
                     embs.append(block["emb"][r.pos])
                 index.append(info.offset + r.pos)
-            if self.raw:
-                batch = {f"{name}_data": datas, f"{name}_ext": exts, f"{name}_params": torch.from_numpy(np.stack(params))}  # (b, 5)
-            else:
-                batch = {f"{name}_image": torch.stack(images)}  # (b, 3, S, S) uint8, normalised on the device
-            batch.update({
-                f"{name}_label": torch.tensor(labels, dtype=torch.long),  # (b,)
-                f"{name}_index": torch.tensor(index, dtype=torch.long),  # (b,)
-            })
-            if sparse:  # densified on the device by the loop (`dense_targets`)
-                batch[f"{name}_topk_idx"] = torch.from_numpy(np.stack([i for i, _ in probs]))  # (b, K) int64
-                batch[f"{name}_topk_val"] = torch.from_numpy(np.stack([v for _, v in probs]))  # (b, K) float32
-            else:
-                batch[f"{name}_probs"] = torch.from_numpy(np.stack(probs).astype(np.float32, copy=False))  # (b, C)
-            if self.need_embeddings:
-                batch[f"{name}_emb"] = torch.from_numpy(np.stack(embs).astype(np.float32, copy=False))  # (b, D)
-            yield batch
+            topk = (torch.from_numpy(np.stack([i for i, _ in probs])),  # (b, K) int64: densified on the device by the loop
+                    torch.from_numpy(np.stack([v for _, v in probs]))) if sparse else (None, None)  # (b, K) float32
+            yield Half(
+                label=torch.tensor(labels, dtype=torch.long),  # (b,)
+                index=torch.tensor(index, dtype=torch.long),  # (b,)
+                image=None if self.raw else torch.stack(images),  # (b, 3, S, S) uint8, normalised on the device
+                probs=None if sparse else torch.from_numpy(np.stack(probs).astype(np.float32, copy=False)),  # (b, C)
+                topk_idx=topk[0], topk_val=topk[1],
+                emb=torch.from_numpy(np.stack(embs).astype(np.float32, copy=False)) if self.need_embeddings else None,  # (b, D)
+                data=datas if self.raw else None, ext=exts if self.raw else None,  # raw: decoded on the device by the loop
+                params=torch.from_numpy(np.stack(params)) if self.raw else None,  # (b, 5) int32
+            )
 
-    def densify(self, batch: dict, num_classes: int) -> dict:
-        """Replace the top-k rows of sparse halves by dense `{side}_probs` (b, C) on their device (in place)."""
-        for name in ("l", "u"):
-            if f"{name}_topk_idx" in batch:
-                batch[f"{name}_probs"] = dense_targets(batch.pop(f"{name}_topk_idx"), batch.pop(f"{name}_topk_val"),
-                                                       num_classes, self.targets_power(name))
-        return batch
+    def densify(self, name: str, half: Half, num_classes: int) -> Half:
+        """A sparse half's top-k rows -> dense `probs` (b, C) on their device; a dense half as it is."""
+        if half.topk_idx is None:
+            return half
+        probs = dense_targets(half.topk_idx, half.topk_val, num_classes, self.targets_power(name))
+        return half._replace(probs=probs, topk_idx=None, topk_val=None)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -389,9 +417,7 @@ class PairedStream(IterableDataset):
         num_consumers = self.world_size * self.num_workers
         if info is not None:
             torch.set_num_threads(1)  # decoding workers: one thread each, the main process keeps the rest
-        halves = [h for h in (self._half("l", consumer, num_consumers), self._half("u", consumer, num_consumers)) if h]
+        labeled, unlabeled = self.half("l", consumer, num_consumers), self.half("u", consumer, num_consumers)
         while True:
-            batch: dict = {}
-            for h in halves:
-                batch.update(next(h))
-            yield batch
+            l = next(labeled) if labeled is not None else None  # noqa: E741 (the paper's l and u)
+            yield Batch(l, next(unlabeled) if unlabeled is not None else None)

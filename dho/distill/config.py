@@ -1,0 +1,265 @@
+"""`DistillConfig`: every option of `dho distill` in one place, checked where it enters, and the one merge.
+
+Options come from, in this order, each overriding the one before: the run's own RUN/config.json (with
+`--resume RUN`), a `--config` YAML/JSON file, the command line. `merge` builds the config from them
+with one strict rule: an unknown key anywhere is an error naming the file, a missing required option
+an error naming the flag. `DistillConfig.__post_init__` then checks the type and range of every value,
+wherever the config came from (command line, file, resumed run, Python). On --resume only the options in
+`RESUME_FREE` may differ from the run's (`check_resume`): the others change the data order or the numbers.
+
+Out of scope: configs of the other commands (they take flat arguments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from dho import losses
+from dho.distill.objective import METHODS
+from dho.errors import ConfigError, check_choice, check_number
+from dho.students import VLM_HEADS
+
+LR_SCHEDULES = ("warmup-cosine", "reference", "linear")
+UNLABELED_POOLS = ("union", "exclude-labeled")
+EPOCHS = ("unlabeled", "shorter")  # an epoch: one pass over the unlabeled stream, or over the shorter of the two
+FORWARDS = ("joint", "separate")
+DECODES = ("cpu", "gpu")  # where the training views are decoded and resampled (see dho/data/gpu_views.py)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+VIEW_SAMPLINGS = ("cycle", "random")
+INTERPOLATIONS = ("bilinear", "bicubic")
+REPORT_TO = ("jsonl", "tensorboard", "wandb")
+# Options that may change on --resume without changing the result. Anything that changes the data order
+# or the numerics (workers set the thread count and the consumers, the device the kernels, compile and
+# decode the kernels and pixels) is refused on resume, so a resumed run stays bit-identical.
+RESUME_FREE = {"log_every", "checkpoint_every", "max_steps", "val", "eval_every_epoch", "report_to", "keep_checkpoints"}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Every training option in one place; the defaults follow the paper (Table 6)."""
+
+    labeled: str
+    labeled_cache: str
+    student: str
+    out: str
+    unlabeled: Optional[str] = None  # the unlabeled pool; samples already in `labeled` are not repeated
+    unlabeled_cache: Optional[str] = None
+    method: str = "dho"
+    student_pretrained: Optional[str] = None  # tag / local checkpoint / none (random init)
+    epochs: int = 20  # few-shot ImageNet: 20; 10 datasets: 200; low-shot: 32
+    batch_size: int = 64  # per side and global over ranks: B labeled + B unlabeled per step (paper: 256+256)
+    lr: float = 1e-3  # low-shot CLIP students: 5e-5
+    weight_decay: float = 1e-2  # low-shot CLIP students: 5e-2
+    warmup_steps: int = 0  # linear warmup, then cosine decay to 0 (low-shot: 5000)
+    warmup_fraction: Optional[float] = None  # warm-up as a fraction of all steps (overrides warmup_steps)
+    lr_schedule: str = "warmup-cosine"  # or "reference" / "linear" (the authors' code; see dho/distill/schedule.py)
+    unlabeled_pool: str = "union"  # unlabeled batches from labeled ∪ unlabeled, or "exclude-labeled" (reference code)
+    epoch: str = "unlabeled"  # one pass over the unlabeled stream, or "shorter" (the reference's zip of two loaders)
+    forward: str = "joint"  # one forward over [labeled; unlabeled], or "separate" (two: BatchNorm statistics apart)
+    select_best_on_val: bool = False  # keep the epoch best on --val (alpha/beta searched there), as the reference
+    lambda_: float = 0.5  # L = lambda * L_CE + (1 - lambda) * L_KD
+    eta: float = losses.ETA  # KD temperature; the cache is re-tempered exactly if it was stored at another eta
+    zeta: float = losses.ZETA  # scale 1/zeta of the aligned cosine kd_head (VLM students)
+    alpha: float = 0.5  # inference mix of the heads (Eq. 11), stored with the model
+    beta: float = 0.5  # inference temperature of kd_head (Eq. 11)
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"
+    workers: int = 2  # DataLoader workers per rank (decode + crop replay)
+    seed: int = 0
+    view_sampling: str = "cycle"  # cycle: view = pass mod V; random: per (seed, key, pass)
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    accum_steps: int = 1  # gradient accumulation: each optimiser step = accum_steps forward passes
+    checkpoint_every: int = 500  # steps between checkpoints (also written at the end of each epoch)
+    log_every: int = 20  # steps between metric lines
+    max_steps: Optional[int] = None  # stop early after this many steps (smoke runs); the schedule keeps its length
+    val: Optional[str] = None  # validation dataset evaluated at the end (and per epoch with eval_every_epoch)
+    eval_every_epoch: bool = False
+    log_grad_cosine: int = 0  # every N steps: the gradient-conflict diagnostics of Figs. 4 and 13; 0 = off
+    init_heads_from_text: bool = True  # language-aware init of both heads (VLM students)
+    align_kd_head: bool = True  # kd_head aligned with the teacher's rule, Eq. 10 (VLM students)
+    vlm_heads: str = "reference"  # form of the aligned head and text init: "reference" (authors' code) | "eq10"
+    interpolation: Optional[str] = None  # student resampling (bilinear | bicubic); None = the student's own
+    window: int = 2  # shards per shuffle window of each consumer
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all ranks (SyncBatchNorm)
+    compile: bool = False  # torch.compile the student's forward + loss (execution only: same math, fused kernels)
+    report_to: str = "jsonl"  # metrics sinks, comma-separated: jsonl (always) | tensorboard | wandb
+    keep_checkpoints: int = 1  # checkpoints kept: last.pt, plus step-S.pt of the newest N when N > 1
+    decode: str = "cpu"  # cpu: workers decode + replay the views (PIL); gpu: JPEG batches decoded on the CUDA device
+
+    def __post_init__(self) -> None:
+        """Type and range of every option, wherever the config came from (command line, --config YAML,
+        config.json on resume, Python): YAML's `5e-5` arrives as a string and becomes a float here."""
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), str(f.type)))
+        if not self.student.strip():
+            raise ConfigError("--student must name a student (see `dho distill --help`)")
+        for option, value, choices in (
+            ("--method", self.method, METHODS), ("--lr-schedule", self.lr_schedule, LR_SCHEDULES),
+            ("--unlabeled-pool", self.unlabeled_pool, UNLABELED_POOLS), ("--epoch", self.epoch, EPOCHS),
+            ("--forward", self.forward, FORWARDS), ("--precision", self.precision, PRECISIONS),
+            ("--view-sampling", self.view_sampling, VIEW_SAMPLINGS), ("--vlm-heads", self.vlm_heads, VLM_HEADS),
+            ("--decode", self.decode, DECODES),
+        ):
+            check_choice(option, value, choices)
+        if self.warmup_fraction is not None:
+            check_number("--warmup-fraction", self.warmup_fraction, low=0, high=1)
+        if self.select_best_on_val and self.val is None:
+            raise ConfigError("--select-best-on-val needs --val DATASET (a validation split)")
+        report_sinks(self.report_to)  # names and installed packages, before anything runs
+        if self.interpolation is not None:
+            check_choice("--interpolation", self.interpolation, INTERPOLATIONS)
+        for option, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--accum-steps", self.accum_steps),
+                              ("--checkpoint-every", self.checkpoint_every), ("--log-every", self.log_every),
+                              ("--window", self.window), ("--keep-checkpoints", self.keep_checkpoints)):
+            check_number(option, value, low=1, integer=True)
+        for option, value in (("--warmup-steps", self.warmup_steps), ("--workers", self.workers),
+                              ("--log-grad-cosine", self.log_grad_cosine)):
+            check_number(option, value, low=0, integer=True)
+        check_number("--seed", self.seed, low=0, high=2**32 - 1, integer=True)
+        if self.max_steps is not None:
+            check_number("--max-steps", self.max_steps, low=1, integer=True)
+        check_number("--lr", self.lr, low=0, low_open=True)
+        check_number("--weight-decay", self.weight_decay, low=0)
+        check_number("--grad-clip", self.grad_clip, low=0)
+        check_number("--lambda", self.lambda_, low=0, high=1)
+        check_number("--alpha", self.alpha, low=0, high=1)
+        for option, value in (("--eta", self.eta), ("--zeta", self.zeta), ("--beta", self.beta)):
+            check_number(option, value, low=0, low_open=True)
+
+    @classmethod
+    def check_keys(cls, values: dict, where: str) -> None:
+        """An option key that is not a field is an error naming `where` (the file it came from)."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"{where}: unknown option keys {unknown}; known: {sorted(known)}")
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str) -> "DistillConfig":
+        """The config of `values`, strictly: an unknown key is an error naming `where`, a missing required
+        one an error naming its flag."""
+        cls.check_keys(values, where)
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in values]
+        if missing:
+            raise ConfigError("missing " + ", ".join("--" + k.replace("_", "-") for k in missing)
+                              + " (on the command line or in --config)")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: Path) -> "DistillConfig":
+        """Strict load of a resolved config.json (a run's)."""
+        return cls.from_dict(json.loads(Path(path).read_text()), str(path))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value, annotation: str):
+    """A config value as its field's type: numbers from strings (YAML reads `5e-5` as a string), ints
+    from integral floats; anything else that does not fit is a ConfigError naming the option."""
+    option = "--" + ("lambda" if name == "lambda_" else name.replace("_", "-"))
+    optional = annotation.startswith("Optional[")
+    kind = annotation[len("Optional["):-1] if optional else annotation
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{option} needs a value")
+    try:
+        if kind == "int" and not isinstance(value, bool):
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, float) and number.is_integer():
+                number = int(number)
+            if isinstance(number, int):
+                return number
+        elif kind == "float" and not isinstance(value, bool):
+            return float(value)
+        elif kind == "bool" and isinstance(value, bool):
+            return value
+        elif kind == "str" and isinstance(value, (str, Path)):
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    wanted = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(kind, kind)
+    raise ConfigError(f"{option} must be {wanted}; got {value!r}")
+
+
+def report_sinks(report_to: str) -> list[str]:
+    """--report-to 'tensorboard,wandb' -> ['jsonl', 'tensorboard', 'wandb'] (jsonl always), checked:
+    an unknown name or a sink whose package is missing is a one-line error before training starts."""
+    names = [n.strip() for n in str(report_to).split(",") if n.strip()]
+    unknown = [n for n in names if n not in REPORT_TO]
+    if unknown:
+        raise ConfigError(f"--report-to {report_to!r}: unknown {unknown}; choose from {', '.join(REPORT_TO)} (comma-separated)")
+    sinks = ["jsonl"] + [n for n in REPORT_TO[1:] if n in names]
+    for sink in sinks[1:]:
+        try:
+            __import__(sink)  # the package is named as the sink
+        except ImportError:
+            raise ConfigError(f"--report-to {sink} needs the {sink} package, which is not installed: "
+                              f"pip install 'dho[{sink}]' (or drop {sink} from --report-to)") from None
+    return sinks
+
+
+def load_options_file(path: Path) -> dict:
+    """A YAML or JSON mapping of option names (underscores or dashes) to values."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ConfigError(f"--config {path}: not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__}); "
+                          "write one `option: value` per line") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
+    out = {}
+    for k, v in raw.items():
+        key = str(k).replace("-", "_")
+        out["lambda_" if key == "lambda" else key] = v
+    return out
+
+
+def merge(given: dict, options_file: Optional[Path] = None, resume_dir: Optional[Path] = None,
+          resume: bool = False) -> DistillConfig:
+    """The config of one `dho distill` command: RUN/config.json of `resume_dir` (`--resume RUN`), then the
+    `--config` file, then the options `given` on the command line (None = not given), each overriding the
+    one before (see the module docstring)."""
+    from dho.run_dir import RunDir
+
+    values: dict = {}
+    if resume_dir is not None:  # `--resume RUN_DIR`: the run's own resolved options are the base
+        run = RunDir(resume_dir)
+        if not resume:
+            raise ConfigError(f"a run folder ({resume_dir}) is given without --resume; to start a run use --out")
+        if not run.config.is_file():
+            raise ConfigError(f"--resume {resume_dir}: no run there (no {run.config.name}); give the folder that "
+                              "`dho distill --out` wrote")
+        if given.get("out") is not None and Path(given["out"]).resolve() != Path(resume_dir).resolve():
+            raise ConfigError(f"--resume {resume_dir} and --out {given['out']} name two runs; give one")
+        stored = run.read_config()
+        DistillConfig.check_keys(stored, str(run.config))
+        values.update(stored, out=str(resume_dir))
+    if options_file is not None:
+        from_file = load_options_file(options_file)
+        DistillConfig.check_keys(from_file, f"--config {options_file}")
+        values.update(from_file)
+    values.update({k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None})
+    if values.get("student_pretrained") in ("none", ""):
+        values["student_pretrained"] = None
+    return DistillConfig.from_dict(values, "the command line")
+
+
+def check_resume(old: DistillConfig, new: DistillConfig, out: Path) -> None:
+    """Refuse a resume whose options differ from the run's in anything but RESUME_FREE."""
+    diffs = [f.name for f in dataclasses.fields(new) if f.name not in RESUME_FREE and getattr(old, f.name) != getattr(new, f.name)]
+    if diffs:
+        changed = ", ".join(f"{d}: {getattr(old, d)!r} -> {getattr(new, d)!r}" for d in diffs)
+        raise ConfigError(f"--resume with changed options ({changed}); they change the data order or the numerics: "
+                          f"resume with the run's options (`dho distill --resume {out}` takes them from its config.json)")

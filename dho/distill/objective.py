@@ -1,0 +1,119 @@
+"""The training methods of `dho distill --method`: one plain record each, the only place that knows a method.
+
+    method         reads                trains     loss (dho.losses)                        predicts with (Eq. 11)
+    dho            labeled + unlabeled  both heads dho_loss: CE on ce_head, KD on kd_head   the run's alpha, beta
+                                                   (Eq. 6-7)
+    ce             labeled              ce_head    ce_only (Eq. 2)                          ce_head (alpha 1)
+    kd             unlabeled            kd_head    kd_only (the unlabeled term of Eq. 3)    kd_head (alpha 0, beta 1)
+    ce+kd          labeled + unlabeled  ce_head    sho_loss: Eq. 2-3 on one head (SHO)      ce_head
+    ce+kd-feature  labeled + unlabeled  ce_head    ce_feature_kd_loss: CE + MSE of the       ce_head
+                                                   projected feature to the teacher's image embedding (CLIP-KD)
+
+The loop asks the record what to read, train, optimise, log and keep; it never branches on a method's
+name. A new method is one record here and one pure function in dho/losses.py (plus its name in the
+`--method` help of dho/cli.py, which a test keeps equal to METHODS).
+
+The backbone g always trains. An epoch is one pass over the unlabeled stream for every method (ce too),
+so baselines take the same number of steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from dho import losses
+
+if TYPE_CHECKING:
+    from dho.stream import Batch
+
+Outputs = Optional[dict]  # the student's forward of one half: ce_logits (b, C), kd_logits (b, C), z (b, D); None if not read
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What one method reads, trains and optimises, and how its model predicts."""
+
+    name: str
+    reads_labeled: bool
+    reads_unlabeled: bool
+    trains: tuple[str, ...]  # the heads that get gradients ("ce_head", "kd_head"); the other one stays as initialised
+    # (out_l, out_u, batch, model, lambda_, eta) -> {"loss": ..., named terms} (dho.losses)
+    loss: Callable[[Outputs, Outputs, "Batch", "Trainee", float, float], dict]
+    alpha_beta: Optional[tuple[float, float]] = None  # its model's fixed Eq. 11 mix; None: the run's --alpha/--beta,
+    #                                                   searched on --val with --select-best-on-val
+    diagnostics_head: Optional[str] = None  # the head whose KD gradient --log-grad-cosine compares with CE's; None: none
+    feature_kd: bool = False  # reads the teacher's image embeddings and trains a projection to them
+
+    def samples_per_step(self, batch_size: int) -> int:
+        """Samples one step reads (B labeled and/or B unlabeled)."""
+        return batch_size * (int(self.reads_labeled) + int(self.reads_unlabeled))
+
+
+def _dho(out_l, out_u, batch, model, lambda_, eta):
+    return losses.dho_loss(out_l["ce_logits"], out_l["kd_logits"], batch.l.label, batch.l.probs,
+                           out_u["kd_logits"], batch.u.probs, lambda_=lambda_, eta=eta)
+
+
+def _ce(out_l, out_u, batch, model, lambda_, eta):
+    return losses.ce_only(out_l["ce_logits"], batch.l.label)
+
+
+def _kd(out_l, out_u, batch, model, lambda_, eta):
+    return losses.kd_only(out_u["kd_logits"], batch.u.probs, eta=eta)
+
+
+def _sho(out_l, out_u, batch, model, lambda_, eta):
+    return losses.sho_loss(out_l["ce_logits"], batch.l.label, batch.l.probs, out_u["ce_logits"], batch.u.probs,
+                           lambda_=lambda_, eta=eta)
+
+
+def _feature(out_l, out_u, batch, model, lambda_, eta):
+    z = torch.cat([out_l["z"], out_u["z"]])  # (B_l + B_u, D)
+    emb = torch.cat([batch.l.emb, batch.u.emb])  # (B_l + B_u, D_teacher)
+    return losses.ce_feature_kd_loss(out_l["ce_logits"], batch.l.label, z, emb, model.projection, lambda_=lambda_)
+
+
+SINGLE_HEAD = (1.0, 1.0)  # single-head methods predict with the head they trained: alpha = 1 -> ce_head
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
+    Objective("dho", True, True, ("ce_head", "kd_head"), _dho, diagnostics_head="kd_head"),
+    Objective("ce", True, False, ("ce_head",), _ce, alpha_beta=SINGLE_HEAD),
+    Objective("kd", False, True, ("kd_head",), _kd, alpha_beta=(0.0, 1.0)),  # alpha = 0, beta = 1 -> kd_head
+    Objective("ce+kd", True, True, ("ce_head",), _sho, alpha_beta=SINGLE_HEAD, diagnostics_head="ce_head"),
+    Objective("ce+kd-feature", True, True, ("ce_head",), _feature, alpha_beta=SINGLE_HEAD, feature_kd=True),
+)}
+METHODS = tuple(OBJECTIVES)
+
+
+class Trainee(nn.Module):
+    """The student plus training-only parts (the feature-KD projection); only `student` is exported."""
+
+    def __init__(self, student: nn.Module, projection: Optional[nn.Module]):
+        super().__init__()
+        self.student = student
+        self.projection = projection
+
+    def forward(self, l_image: Optional[torch.Tensor], u_image: Optional[torch.Tensor], separate: bool = False):
+        """-> (outputs of the labeled half, of the unlabeled half); either may be None. Joint: one forward over
+        [labeled; unlabeled], so both share the BatchNorm statistics; separate: two (the ten-dataset reference)."""
+        if l_image is None or u_image is None:
+            return (self.student(l_image) if l_image is not None else None,
+                    self.student(u_image) if u_image is not None else None)
+        if separate:
+            return self.student(l_image), self.student(u_image)
+        n_l = l_image.shape[0]
+        both = self.student(torch.cat([l_image, u_image]))  # (B_l + B_u, ...)
+        return {k: v[:n_l] for k, v in both.items()}, {k: v[n_l:] for k, v in both.items()}
+
+
+def build_trainee(objective: Objective, student: nn.Module, embed_dim: int) -> Trainee:
+    """The student with the heads the method does not train frozen, and the method's projection (drawn from
+    the global RNG after the student, as the run's seed fixes it)."""
+    projection = nn.Linear(student.feature_dim, embed_dim) if objective.feature_kd else None
+    for head in ("ce_head", "kd_head"):
+        if head not in objective.trains:
+            getattr(student, head).requires_grad_(False)
+    return Trainee(student, projection)
