@@ -278,9 +278,14 @@ def test_analyze_writes_every_file_with_the_functions_numbers(trained_run, tiny_
 
 def test_analyze_refusals_are_one_line(trained_run, tiny_dataset, tmp_path, monkeypatch):
     other = data.prepare(make_image_folder(tmp_path / "img4", num_classes=4, per_class=2), tmp_path / "four")
+    two = make_image_folder(tmp_path / "img2", num_classes=3, per_class=2)
+    shutil.rmtree(two / "class_2")
+    subset = data.prepare(two, tmp_path / "two")  # class_0, class_1 of the run's three: analysed on those
+    unknown = r"1 class name\(s\) the model does not know \(first: 'class_3'"  # the one rule of evaluate.open_labeled
     for kwargs, pattern in (
-        (dict(data=other.root), "other class names"),
-        (dict(data=tiny_dataset.root, probe_train=other.root), "other class names"),
+        (dict(data=other.root), unknown),
+        (dict(data=tiny_dataset.root, probe_train=other.root), unknown),
+        (dict(data=tiny_dataset.root, probe_train=subset.root), "other classes than --data"),
         (dict(data=tiny_dataset.root, probe_train=tiny_dataset.root), "same data"),
     ):
         with pytest.raises(ConfigError, match=pattern) as err:
@@ -297,3 +302,18 @@ def test_analyze_refusals_are_one_line(trained_run, tiny_dataset, tmp_path, monk
     with pytest.raises(ConfigError, match="pip install scikit-learn"):
         an.analyze(trained_run, tiny_dataset.root, tsne=True, device="cpu", workers=0)
     assert not (trained_run / "analysis").exists()
+
+
+def test_a_subset_of_the_run_classes_is_analysed_on_its_classes(trained_run, tmp_path):
+    """The one rule of scored data (evaluate.open_labeled): data holding some of the run's classes is analysed
+    with both heads restricted to those classes, as evaluate scores it."""
+    src = make_image_folder(tmp_path / "img", num_classes=3, per_class=3, seed=2)
+    shutil.rmtree(src / "class_0")
+    subset = data.prepare(src, tmp_path / "two")  # class_1, class_2 of the run's class_0..2
+    res = an.analyze(trained_run, subset.root, out_dir=tmp_path / "out", device="cpu", workers=0)
+    student, meta = load_student(trained_run / "model.pt")
+    ce, kd, labels = ev.collect_logits(student, subset, batch_size=256, device="cpu", workers=0)
+    expected = an.head_agreement(ce[:, 1:], kd[:, 1:], labels, meta["alpha"], meta["beta"], classnames=["class_1", "class_2"])
+    heads = json.loads((tmp_path / "out" / "heads.json").read_text())
+    assert res["top1"] == expected["top1"] == heads["top1"] and heads["num_classes"] == 2
+    assert [r["class"] for r in heads["per_class"]] == ["class_1", "class_2"]

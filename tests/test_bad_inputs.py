@@ -153,7 +153,7 @@ CASES = [
     ("dist-seed-neg", "distill {base} --out {new} --seed -1", r"--seed must be an integer in"),
     ("dist-device-gpu7", "distill {base} --out {new} --device gpu7", r"--device must be auto"),
     ("dist-method", "distill {base} --out {new} --method sho", r"--method must be one of"),
-    ("dist-val-other-classes", "distill {base} --out {new} --val {other}", r"--val .* another class list"),
+    ("dist-val-other-classes", "distill {base} --out {new} --val {other}", r"--val .* 1 class name\(s\) the model does not know \(first: 'zebra'"),
     ("dist-val-no-labels", "distill {base} --out {new} --val {unl}", r"--val .* no labeled samples"),
     ("dist-config-malformed", "distill {base} --out {new} --config {root}/malformed.yaml", r"not valid YAML at line"),
     ("dist-config-ill-typed", "distill {base} --out {new} --config {root}/ill-typed.yaml", r"--lr must be a number; got 'many'"),

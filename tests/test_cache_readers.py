@@ -180,7 +180,7 @@ def test_older_caches_keep_their_string_keys_and_stay_readable_and_resumable(ass
 def test_a_schema_v3_cache_and_v1_manifest_stay_readable_and_resumable(tmp_path):
     """tests/assets/v3-cache (unsharded chunks, a v1 dataset manifest): read, verified, streamed and resumed
     unchanged by the current dho; a new cache of that dataset is v4 with the same dataset fingerprint."""
-    from dho.stream import PairedStream, Part
+    from dho.stream import PairedStream, Part, PartData
 
     shutil.copytree(V3_ASSET, tmp_path / "old")
     ds = data.Dataset.open(tmp_path / "old" / "dataset")
@@ -189,10 +189,10 @@ def test_a_schema_v3_cache_and_v1_manifest_stay_readable_and_resumable(tmp_path)
     cache = TeacherCache.open(path, dataset=ds)
     assert cache.attrs["schema_version"] == 3 and cache.shard_group == 1 and cache.is_complete()
     assert cache.keys == ds.keys and cache.verify() == [] and summarize(path)["schema_version"] == 3
-    stream = PairedStream([], [Part(ds.root, path)], micro_l=0, micro_u=3, seed=0, rank=0, world_size=1, num_workers=0,
+    stream = PairedStream([], [PartData.open(Part(ds.root, path))], micro_l=0, micro_u=3, seed=0, rank=0, world_size=1, num_workers=0,
                           start_item=0, view_sampling="random", image_size=8, interpolation="bilinear", eta=2.0)
-    batch = next(iter(stream))
-    assert batch["u_probs"].shape == (3, 2) and np.allclose(batch["u_probs"].sum(1).numpy(), 1, atol=2e-3)
+    batch = next(iter(stream)).u
+    assert batch.probs.shape == (3, 2) and np.allclose(batch.probs.sum(1).numpy(), 1, atol=2e-3)
     kw = dict(model=str(Path(__file__).parent / "assets" / "tiny-clip.json"), pretrained="none", templates="simple",
               views=2, center_view=True, device="cpu", workers=0, progress_every_s=1e9)
     before = {f: f.read_bytes() for f in path.rglob("*") if f.is_file()}

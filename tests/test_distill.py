@@ -133,30 +133,31 @@ def test_grad_diagnostics_against_direct_computation(method):
     import torch.nn.functional as F
 
     from dho import losses
-    from dho.distill import Trainee, _grad_diagnostics
+    from dho.distill import OBJECTIVES, Trainee, grad_diagnostics
+    from dho.stream import Batch, Half
     from dho.students import build_student, head_weight
 
     torch.manual_seed(0)
     student = build_student("resnet-tiny", 5)
     b, c, eta = 4, 5, 2.0
-    batch = {"l_image": torch.randn(b, 3, 32, 32), "u_image": torch.randn(b, 3, 32, 32), "l_label": torch.tensor([0, 1, 2, 3]),
-             "l_probs": torch.softmax(torch.randn(b, c), -1), "u_probs": torch.softmax(torch.randn(b, c), -1)}
-    cfg = DistillConfig(labeled="x", labeled_cache="x", student="resnet-tiny", out="x", method=method, eta=eta)
+    labels = torch.tensor([0, 1, 2, 3])
+    batch = Batch(Half(labels, labels, image=torch.randn(b, 3, 32, 32), probs=torch.softmax(torch.randn(b, c), -1)),
+                  Half(labels, labels, image=torch.randn(b, 3, 32, 32), probs=torch.softmax(torch.randn(b, c), -1)))
     student.eval()  # BatchNorm with running statistics: z does not depend on the rest of the batch
-    got = _grad_diagnostics(Trainee(student, None), batch, cfg, contextlib.nullcontext)
+    got = grad_diagnostics(Trainee(student, None), batch, OBJECTIVES[method], eta, contextlib.nullcontext)
 
     kd_head = student.kd_head if method == "dho" else student.ce_head
-    z = student.features(batch["l_image"]).detach()  # (B, D)
+    z = student.features(batch.l.image).detach()  # (B, D)
     cos, inner = [], []
     for n in range(b):
         zn = z[n:n + 1].clone().requires_grad_()
         ce_logits, kd_logits = student.ce_head(zn), kd_head(zn)
-        g_ce, = torch.autograd.grad(F.cross_entropy(ce_logits, batch["l_label"][n:n + 1]), zn)
-        g_kd, = torch.autograd.grad(losses.kd_loss(kd_logits, batch["l_probs"][n:n + 1], eta), zn)
+        g_ce, = torch.autograd.grad(F.cross_entropy(ce_logits, batch.l.label[n:n + 1]), zn)
+        g_kd, = torch.autograd.grad(losses.kd_loss(kd_logits, batch.l.probs[n:n + 1], eta), zn)
         cos.append(float(F.cosine_similarity(g_ce, g_kd)))
         p_ce = torch.softmax(ce_logits.detach(), -1)[0]
         p_kd = torch.softmax(kd_logits.detach() / eta, -1)[0]
-        inner.append(float((p_ce - F.one_hot(batch["l_label"][n], c)) @ (p_kd - batch["l_probs"][n])))
+        inner.append(float((p_ce - F.one_hot(batch.l.label[n], c)) @ (p_kd - batch.l.probs[n])))
     assert got["grad_cosine_z"] == pytest.approx(np.mean(cos), abs=1e-5)
     assert got["pred_inner"] == pytest.approx(np.mean(inner), abs=1e-6)
     assert got["pred_inner_negative"] == pytest.approx(np.mean(np.array(inner) < 0))
@@ -407,6 +408,21 @@ def test_distill_help_shows_the_config_defaults():
     assert checked >= 25
 
 
+def test_method_help_lists_exactly_the_objectives():
+    """`--method` choices come from one place, the records of dho/distill/objective.py; the CLI's help (written
+    out so that `dho --help` needs no torch) must list exactly those."""
+    import re
+
+    import typer
+
+    from dho.cli import app
+    from dho.distill import METHODS
+
+    command = typer.main.get_command(app).commands["distill"]
+    help_text = next(p.help for p in command.params if p.name == "method")
+    assert re.match(r"(\S+(?: \| \S+)*)\.", help_text).group(1).split(" | ") == list(METHODS)
+
+
 def test_distill_never_imports_the_teacher(world, tmp_path):
     """Stage 2 trains from the cache alone: neither dho.teacher nor the teacher's weights are loaded."""
     cfg = _cfg(world, tmp_path / "run", epochs=1)
@@ -425,37 +441,37 @@ def test_stream_replays_the_cached_views_as_uint8(world):
     """Each streamed image is the cached view's box replayed at the student's size, as uint8;
     normalised on the device it equals the float `replay_view` the evaluation path uses."""
     from dho.cache import TeacherCache
-    from dho.stream import PairedStream, Part
+    from dho.stream import PairedStream, Part, PartData
 
     full = data.Dataset.open(world / "full")
     cache = TeacherCache.open(world / "full.zarr", dataset=full)
-    stream = PairedStream([], [Part(world / "full", world / "full.zarr")], micro_l=0, micro_u=6, seed=0,
-                          rank=0, world_size=1, num_workers=0, start_item=0, view_sampling="cycle",
+    stream = PairedStream([], [PartData.of(Part(world / "full", world / "full.zarr"), full, cache)], micro_l=0, micro_u=6,
+                          seed=0, rank=0, world_size=1, num_workers=0, start_item=0, view_sampling="cycle",
                           image_size=24, interpolation="bicubic", eta=2.0)
-    batch = next(iter(stream))
-    assert batch["u_image"].dtype == torch.uint8 and batch["u_image"].shape == (6, 3, 24, 24)
+    batch = next(iter(stream)).u
+    assert batch.image.dtype == torch.uint8 and batch.image.shape == (6, 3, 24, 24)
     samples = {s.key: s for i in range(len(full.shards)) for s in data.iter_shard(full, i)}
     keys = [k for i in range(len(full.shards)) for k in full.shards[i].keys]
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    for row, index in enumerate(batch["u_index"].tolist()):
+    for row, index in enumerate(batch.index.tolist()):
         params = cache.view_params(0, index, index + 1)[0]  # pass 0 -> view 0
         expected = data.replay_view(samples[keys[index]].image, params, 24, "bicubic", mean, std)
-        assert torch.equal(data.normalize(batch["u_image"][row], mean, std), expected)
+        assert torch.equal(data.normalize(batch.image[row], mean, std), expected)
         probs = cache.probs(0, index, index + 1, eta=2.0)[0]
-        assert np.allclose(batch["u_probs"][row].numpy(), probs)
+        assert np.allclose(batch.probs[row].numpy(), probs)
 
 
 def test_exclude_labeled_pool_never_draws_a_labeled_sample_and_sets_the_epoch(world):
     """--unlabeled-pool exclude-labeled (the reference's loaders): the unlabeled half skips every labeled key."""
-    from dho.stream import PairedStream, Part
+    from dho.stream import PairedStream, Part, PartData
 
     full, labeled = data.Dataset.open(world / "full"), data.Dataset.open(world / "labeled")
     part = Part(world / "full", world / "full.zarr", exclude=tuple(labeled.keys))
-    stream = PairedStream([], [part], micro_l=0, micro_u=4, seed=0, rank=0, world_size=1, num_workers=0, start_item=0,
+    stream = PairedStream([], [PartData.open(part)], micro_l=0, micro_u=4, seed=0, rank=0, world_size=1, num_workers=0, start_item=0,
                           view_sampling="cycle", image_size=24, interpolation="bilinear", eta=2.0)
     pool = len(full.keys) - len(labeled.keys)  # 40 - 8
     batches = iter(stream)
-    drawn = [full.keys[i] for _ in range(2 * pool // 4) for i in next(batches)["u_index"].tolist()]  # two passes
+    drawn = [full.keys[i] for _ in range(2 * pool // 4) for i in next(batches).u.index.tolist()]  # two passes
     assert not set(drawn) & set(labeled.keys)
     assert sorted(drawn[:pool]) == sorted(set(full.keys) - set(labeled.keys)) == sorted(drawn[pool:])
 
@@ -607,21 +623,21 @@ def test_report_to_refuses_unknown_and_missing_sinks(world, tmp_path, monkeypatc
 @pytest.mark.parametrize("student", ["resnet-tiny", str(TINY_CLIP_CONFIG)])
 def test_hot_path_compiles_without_graph_breaks(student):
     """The student's forward over [labeled; unlabeled] and the DHO loss are one graph for torch.compile."""
-    from dho.distill import Trainee, _compute_loss
+    from dho.distill import OBJECTIVES, Trainee
+    from dho.stream import Batch, Half
     from dho.students import build_student
 
     torch.manual_seed(0)
     s = build_student(student, 5, classnames=[f"c{i}" for i in range(5)])
     size = s.preprocess["image_size"]
     model = Trainee(s, None)
-    cfg = DistillConfig(labeled="x", labeled_cache="x", student=student, out="x", method="dho")
-    batch = {"l_image": torch.randn(4, 3, size, size), "u_image": torch.randn(4, 3, size, size),
-             "l_label": torch.tensor([0, 1, 2, 3]), "l_probs": torch.softmax(torch.randn(4, 5), -1),
-             "u_probs": torch.softmax(torch.randn(4, 5), -1)}
+    labels = torch.tensor([0, 1, 2, 3])
+    batch = Batch(Half(labels, labels, image=torch.randn(4, 3, size, size), probs=torch.softmax(torch.randn(4, 5), -1)),
+                  Half(labels, labels, image=torch.randn(4, 3, size, size), probs=torch.softmax(torch.randn(4, 5), -1)))
 
-    def forward_loss(b):
-        out_l, out_u = model(b["l_image"], b["u_image"], False)
-        return _compute_loss("dho", out_l, out_u, b, model, cfg)
+    def forward_loss(b):  # as dho.distill.loop's step: both halves through the student, the method's loss
+        out_l, out_u = model(*b.images(), False)
+        return OBJECTIVES["dho"].loss(out_l, out_u, b, model, 0.5, 2.0)
 
     explained = torch._dynamo.explain(forward_loss)(batch)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
@@ -649,15 +665,15 @@ def test_workers_receive_arrays_not_the_manifest(world, tmp_path, monkeypatch):
     import pickle
 
     from dho.cache import TeacherCache
-    from dho.stream import PairedStream, Part
+    from dho.stream import PairedStream, Part, PartData
 
     kw = dict(micro_l=2, micro_u=4, seed=0, rank=0, world_size=1, num_workers=2, start_item=0, view_sampling="random",
               image_size=16, interpolation="bilinear", eta=2.0)
-    stream = PairedStream([Part(world / "labeled", world / "labeled.zarr")], [Part(world / "full", world / "full.zarr")], **kw)
-    for name in ("l", "u"):
-        for part in stream.halves[name][0]:
-            assert part.dataset._keys is None and "keys" not in part.dataset.manifest["shards"][0]
-            assert isinstance(part.dataset.key_bytes, np.ndarray) and part.usable.dtype == bool
+    parts = [PartData.open(Part(world / "labeled", world / "labeled.zarr")), PartData.open(Part(world / "full", world / "full.zarr"))]
+    stream = PairedStream(parts[:1], parts[1:], **kw)
+    for part in parts:
+        assert part.dataset._keys is None and "keys" not in part.dataset.manifest["shards"][0]
+        assert isinstance(part.dataset.key_bytes, np.ndarray) and part.usable.dtype == bool
     # the per-worker state is O(shards): its pickle is a few kB beside the datasets' columns
     state = pickle.dumps(stream)
     assert len(state) < 40_000, len(state)
@@ -670,27 +686,52 @@ def test_workers_receive_arrays_not_the_manifest(world, tmp_path, monkeypatch):
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
     got = [b for _, b in zip(range(4), loader)]
     # worker w is consumer w of 2: the batches equal what those consumers yield in this process
-    consumers = [(stream._half("l", c, 2), stream._half("u", c, 2)) for c in (0, 1)]
+    consumers = [(stream.half("l", c, 2), stream.half("u", c, 2)) for c in (0, 1)]
     for i, b in enumerate(got):
         want_l, want_u = (next(h) for h in consumers[i % 2])
-        assert torch.equal(b["u_index"], want_u["u_index"]) and torch.equal(b["u_image"], want_u["u_image"])
-        assert torch.equal(b["l_index"], want_l["l_index"]) and torch.equal(b["u_probs"], want_u["u_probs"])
+        assert torch.equal(b.u.index, want_u.index) and torch.equal(b.u.image, want_u.image)
+        assert torch.equal(b.l.index, want_l.index) and torch.equal(b.u.probs, want_u.probs)
 
 
 def test_topk_caches_stay_sparse_until_the_loop(world, tmp_path, tiny_teacher_ckpt):
     """A top-k cache is streamed as (b, K) rows and densified by the loop (`densify`): equal to the
     cache's dense reading at the distillation eta (numpy densify + exact re-tempering)."""
     from dho.cache import TeacherCache
-    from dho.stream import PairedStream, Part
+    from dho.stream import PairedStream, Part, PartData
 
     precompute(world / "full", tmp_path / "top.zarr", model=str(TINY_CLIP_CONFIG), views=2, device="cpu", workers=0,
                batch_size=16, topk=2, pretrained=str(tiny_teacher_ckpt))
     cache = TeacherCache.open(tmp_path / "top.zarr")
-    stream = PairedStream([], [Part(world / "full", tmp_path / "top.zarr")], micro_l=0, micro_u=6, seed=0, rank=0,
+    stream = PairedStream([], [PartData.open(Part(world / "full", tmp_path / "top.zarr"))], micro_l=0, micro_u=6, seed=0, rank=0,
                           world_size=1, num_workers=0, start_item=0, view_sampling="cycle", image_size=16,
                           interpolation="bilinear", eta=1.5)
-    batch = next(iter(stream))
-    assert "u_probs" not in batch and batch["u_topk_idx"].shape == (6, 2) and batch["u_topk_val"].dtype == torch.float32
-    dense = stream.densify(dict(batch), num_classes=4)["u_probs"]  # (6, 4)
-    expected = np.stack([cache.probs(0, i, i + 1, eta=1.5)[0] for i in batch["u_index"].tolist()])
+    batch = next(iter(stream)).u
+    assert batch.probs is None and batch.topk_idx.shape == (6, 2) and batch.topk_val.dtype == torch.float32
+    dense = stream.densify("u", batch, num_classes=4).probs  # (6, 4)
+    expected = np.stack([cache.probs(0, i, i + 1, eta=1.5)[0] for i in batch.index.tolist()])
     assert np.allclose(dense.numpy(), expected, atol=1e-6) and np.allclose(dense.sum(1).numpy(), 1, atol=1e-5)
+
+
+def test_each_dataset_cache_and_the_validation_set_is_opened_once_per_run(world, tmp_path, monkeypatch):
+    """A run opens (and checks) each training dataset, each cache and --val once: the streams and the workers
+    get the opened parts, every epoch's validation and best-epoch selection reuse the opened --val."""
+    from collections import Counter
+
+    from dho.cache import TeacherCache
+
+    opened: Counter = Counter()
+    open_dataset, open_cache = data.Dataset.open.__func__, TeacherCache.open.__func__
+
+    def counting(kind, real):
+        def open_(cls, path, *args, **kwargs):
+            opened[(kind, Path(path).name)] += 1
+            return real(cls, path, *args, **kwargs)
+        return classmethod(open_)
+
+    monkeypatch.setattr(data.Dataset, "open", counting("dataset", open_dataset))
+    monkeypatch.setattr(TeacherCache, "open", counting("cache", open_cache))
+    run = tmp_path / "run"
+    distill(_cfg(world, run, epochs=3, val=str(world / "val"), eval_every_epoch=True, select_best_on_val=True, workers=2))
+    assert dict(opened) == {("dataset", "labeled"): 1, ("dataset", "full"): 1, ("dataset", "val"): 1,
+                            ("cache", "labeled.zarr"): 1, ("cache", "full.zarr"): 1}
+    assert len([m for m in _metrics(run) if "val_selection_top1" in m]) == 3 and (run / "model.pt").is_file()

@@ -28,7 +28,7 @@ from dho.distill import DistillConfig, distill
 from dho.errors import ConfigError
 from dho.gpu_views import decode_views
 from dho.precompute import precompute
-from dho.stream import PairedStream, Part
+from dho.stream import PairedStream, Part, PartData
 from fixtures_models import TINY_CLIP_CONFIG, tiny_teacher_ckpt  # noqa: F401
 from helpers_data import make_image_folder
 
@@ -107,7 +107,7 @@ def world(tmp_path_factory, tiny_teacher_ckpt):
 
 
 def _stream(world, raw: bool) -> PairedStream:
-    return PairedStream([], [Part(world / "full", world / "full.zarr")], micro_l=0, micro_u=20, seed=0, rank=0,
+    return PairedStream([], [PartData.open(Part(world / "full", world / "full.zarr"))], micro_l=0, micro_u=20, seed=0, rank=0,
                         world_size=1, num_workers=0, start_item=0, view_sampling="cycle", image_size=24,
                         interpolation="bicubic", eta=2.0, raw=raw)
 
@@ -115,18 +115,19 @@ def _stream(world, raw: bool) -> PairedStream:
 def test_raw_stream_yields_the_bytes_and_boxes_of_the_same_views(world):
     full = data.Dataset.open(world / "full")
     cache = TeacherCache.open(world / "full.zarr", dataset=full)
-    decoded, raw = next(iter(_stream(world, raw=False))), next(iter(_stream(world, raw=True)))
-    assert "u_image" not in raw and set(decoded) - {"u_image"} == set(raw) - {"u_data", "u_ext", "u_params"}
-    for k in ("u_label", "u_probs", "u_index"):  # same samples, same order, same targets
-        assert torch.equal(decoded[k], raw[k]), k
+    decoded, raw = next(iter(_stream(world, raw=False))).u, next(iter(_stream(world, raw=True))).u
+    assert raw.image is None and decoded.data is decoded.ext is decoded.params is None
+    assert None not in (raw.data, raw.ext, raw.params)
+    for k in ("label", "probs", "index"):  # same samples, same order, same targets
+        assert torch.equal(getattr(decoded, k), getattr(raw, k)), k
     samples = {s.key: s for i in range(len(full.shards)) for s in data.iter_shard(full, i, decode=False)}
     keys = [k for i in range(len(full.shards)) for k in full.shards[i].keys]
-    for row, index in enumerate(raw["u_index"].tolist()):
-        assert raw["u_data"][row] == samples[keys[index]].data and raw["u_ext"][row] == samples[keys[index]].ext
-        assert raw["u_params"][row].tolist() == [int(x) for x in cache.view_params(0, index, index + 1)[0]]  # pass 0 -> view 0
-    assert {"png", "jpg"} <= set(raw["u_ext"])
-    views = decode_views(raw["u_data"], raw["u_ext"], raw["u_params"], 24, "bicubic", "cpu")  # (20, 3, 24, 24)
-    diff = (views.int() - decoded["u_image"].int()).abs()
+    for row, index in enumerate(raw.index.tolist()):
+        assert raw.data[row] == samples[keys[index]].data and raw.ext[row] == samples[keys[index]].ext
+        assert raw.params[row].tolist() == [int(x) for x in cache.view_params(0, index, index + 1)[0]]  # pass 0 -> view 0
+    assert {"png", "jpg"} <= set(raw.ext)
+    views = decode_views(raw.data, raw.ext, raw.params, 24, "bicubic", "cpu")  # (20, 3, 24, 24)
+    diff = (views.int() - decoded.image.int()).abs()
     report = f"raw stream vs workers: max {diff.max().item()} mean {diff.float().mean().item():.3f} levels"
     print(report)
     assert diff.max().item() <= BOUND_MAX["bicubic"] and diff.float().mean().item() < BOUND_MEAN, report
@@ -165,10 +166,10 @@ def test_decode_gpu_needs_cuda_and_a_known_choice(world, tmp_path):
 def test_distill_through_the_raw_path_on_cpu(world, tmp_path, monkeypatch, workers):
     """The whole --decode gpu path (workers -> bytes -> decode on the training device) with the CPU as
     the device: the CUDA check is lifted for the test only; losses follow the CPU path's closely."""
-    import dho.distill
+    import dho.distill.loop
 
     cpu = distill(_cfg(world, tmp_path / "cpu", workers=workers, max_steps=4))
-    monkeypatch.setattr(dho.distill, "_check_decode", lambda decode, device: None)
+    monkeypatch.setattr(dho.distill.loop, "_check_decode", lambda decode, device: None)
     dev = distill(_cfg(world, tmp_path / "dev", workers=workers, max_steps=4, decode="gpu"))
     a, b = _losses(cpu), _losses(dev)
     assert len(a) == len(b) == 4

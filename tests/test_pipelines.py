@@ -22,7 +22,8 @@ import pytest
 import typer.main
 import yaml
 
-from dho.cli import _load_options_file, app
+from dho.cli import app
+from dho.distill.config import load_options_file
 from dho.distill import METHODS, DistillConfig
 from dho.students import list_students
 
@@ -208,7 +209,7 @@ def test_distill_section_is_a_distill_config(recipe, tmp_path):
     out = tmp_path / "distill.yaml"
     subprocess.run([sys.executable, str(PIPELINES / "lowshot" / "recipe.py"), "config", str(path), "distill", "--out", str(out)],
                    check=True, cwd=ROOT)
-    values = _load_options_file(out)  # exactly what `dho distill --config FILE` reads
+    values = load_options_file(out)  # exactly what `dho distill --config FILE` reads
     assert values == {("lambda_" if k == "lambda" else k): v for k, v in dist.items()}
     hints = typing.get_type_hints(DistillConfig)
     for key, value in values.items():
