@@ -53,7 +53,7 @@ from dho import data, losses
 from dho.devices import resolve_device
 from dho.interrupt import StopSignal, ignore_interrupt, workers_gone
 from dho.errors import CacheError, ConfigError, DhoError, Interrupted, check_choice, check_number
-from dho.gpu_views import decode_views
+from dho.data.gpu_views import decode_views
 from dho.stream import Part, PairedStream
 
 # Test-only: seconds to sleep after each step, so a test can SIGKILL a run mid-way.

@@ -24,6 +24,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from dho import data
+from dho.data.index import scan_and_hash
 from dho.errors import ConfigError, DatasetError
 from helpers_data import ODD_BAD_FILES, ODD_EXTRA_FILES, make_image_folder
 
@@ -215,11 +216,11 @@ def test_index_reads_pipe_urls_and_brace_ranges_as_the_local_files(tiny_dataset,
     assert [s["sha256"] for s in mixed.manifest["shards"]] == [s.sha256 for s in local.shards[:3]]
     # a compressed stream reads as the tar inside it; an empty tar is a shard of no samples
     gz = f"pipe:gzip -c {local.shards[0].path}"
-    assert data._scan_and_hash(gz, "cls")[:2] == (local.shards[0].keys, local.shards[0].labels)
+    assert scan_and_hash(gz, "cls")[:2] == (local.shards[0].keys, local.shards[0].labels)
     with tarfile.open(tmp_path / "empty.tar", "w"):
         pass
-    assert data._scan_and_hash(tmp_path / "empty.tar", "cls") == ([], [], data.file_sha256(tmp_path / "empty.tar"), [])
-    assert data._scan_and_hash(gz, "cls")[3] is None  # a compressed stream: no byte spans into the file
+    assert scan_and_hash(tmp_path / "empty.tar", "cls") == ([], [], data.file_sha256(tmp_path / "empty.tar"), [])
+    assert scan_and_hash(gz, "cls")[3] is None  # a compressed stream: no byte spans into the file
 
 
 def test_a_failing_pipe_command_is_one_line(tiny_dataset, tmp_path):
