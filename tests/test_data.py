@@ -532,6 +532,17 @@ def test_split_refusals(tiny_dataset, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+def test_stable_seed_numbers_stay_those_of_view_seed_and_the_stream_seeds():
+    """One 63-bit seed from sha256 of the "|"-joined items; the numbers are stored (caches hold boxes drawn
+    from view_seed; big-endian as view_seed always was, little-endian as stream._seed_of draws its orders)."""
+    key = "class_1/čaj_ünï"
+    assert data.view_seed(7, key, 2) == data.stable_seed(7, key, 2, byteorder="big") == 4323056653568732928
+    assert data.view_seed(0, "n01440764/x", 0) == 860899572560083462
+    assert data.stable_seed(0, 1, "pass", 3, byteorder="little") == 8748180536400573909
+    assert data.stable_seed(5, key, 2, "view", byteorder="little") == 1826889143102170420
+    assert all(0 <= data.stable_seed(i, byteorder=order) < 2**63 for i in range(100) for order in ("big", "little"))
+
+
 def test_view_params_match_torchvision_with_the_same_generator():
     for i in range(60):
         key, view, (w, h) = f"n01440764/img_{i}", i % 4, [(500, 375), (64, 640), (33, 31), (300, 10)][i % 4]

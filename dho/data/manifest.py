@@ -334,7 +334,7 @@ def write_manifest(manifest: dict, path: Path) -> None:
         if arr is None:
             continue
         names[name] = f"manifest.{fingerprint[:16]}.{name}.npy"
-        write_atomic(folder / names[name], lambda part, arr=arr: _save_npy(part, arr))
+        write_atomic(folder / names[name], lambda part: _save_npy(part, arr))
     manifest = dict(manifest)
     manifest.update(version=VERSION, fingerprint=fingerprint, columns=names,
                     shards=[{k: v for k, v in s.items() if k not in SHARD_COLUMNS} for s in shards])

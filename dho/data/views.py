@@ -1,8 +1,8 @@
 """Views of an image: the replayable RandomResizedCrop + flip of training, and the evaluation view.
 
 A training view is a box (top, left, h, w, flip) drawn from a generator seeded by (seed, key, view)
-alone (`view_params`, seeded by `view_seed`), so it is replayed exactly from the stored box
-(`replay_view`) by the teacher and the student, each at its own size and normalisation.
+alone (`view_params`; `view_seed`, made by `stable_seed`), so it is replayed exactly from the stored
+box (`replay_view`) by the teacher and the student, each at its own size and normalisation.
 `eval_view_uint8` is open_clip's eval transform pixel for pixel and `center_view_params` the box it
 shows; `decode_view` is the student's decode (DCT-downscaled JPEGs). torch and torchvision are
 imported inside the functions that use them.
