@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from dho import data
+from dho.data.pool import pool_size
 
 
 def make_images(src: Path, images: int, classes: int, size: tuple[int, int]) -> int:
@@ -79,7 +80,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=None, help="pool size (default: one per core)")
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
-    cores = data._pool_size(1 << 30, args.processes)
+    cores = pool_size(1 << 30, args.processes)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         total = make_images(tmp / "images", args.images, args.classes, size)

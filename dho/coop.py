@@ -41,6 +41,7 @@ import numpy as np
 import dho
 from dho import data
 from dho.atomic import guard_out
+from dho.data.manifest import dataset_entries
 from dho.errors import ConfigError, DatasetError
 
 
@@ -190,7 +191,7 @@ def import_coop(name: str, root, out, *, shard_size: int = 1000, seed: int = 0, 
     parts = [p for p in ("train", "val", "test") if p in split]
     for part in parts:
         guard_out(out / part, overwrite, what=f"dataset (import-coop {part})", sources=[images],
-                  owned=data._dataset_entries)
+                  owned=dataset_entries)
     missing = [(part, rel) for part in parts for rel, _, _ in split[part] if not (images / rel).is_file()]
     if missing:
         part, rel = missing[0]

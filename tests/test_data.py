@@ -24,6 +24,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from dho import data
+from dho.data.index import scan_and_hash
 from dho.errors import ConfigError, DatasetError
 from helpers_data import ODD_BAD_FILES, ODD_EXTRA_FILES, make_image_folder
 
@@ -215,11 +216,11 @@ def test_index_reads_pipe_urls_and_brace_ranges_as_the_local_files(tiny_dataset,
     assert [s["sha256"] for s in mixed.manifest["shards"]] == [s.sha256 for s in local.shards[:3]]
     # a compressed stream reads as the tar inside it; an empty tar is a shard of no samples
     gz = f"pipe:gzip -c {local.shards[0].path}"
-    assert data._scan_and_hash(gz, "cls")[:2] == (local.shards[0].keys, local.shards[0].labels)
+    assert scan_and_hash(gz, "cls")[:2] == (local.shards[0].keys, local.shards[0].labels)
     with tarfile.open(tmp_path / "empty.tar", "w"):
         pass
-    assert data._scan_and_hash(tmp_path / "empty.tar", "cls") == ([], [], data.file_sha256(tmp_path / "empty.tar"), [])
-    assert data._scan_and_hash(gz, "cls")[3] is None  # a compressed stream: no byte spans into the file
+    assert scan_and_hash(tmp_path / "empty.tar", "cls") == ([], [], data.file_sha256(tmp_path / "empty.tar"), [])
+    assert scan_and_hash(gz, "cls")[3] is None  # a compressed stream: no byte spans into the file
 
 
 def test_a_failing_pipe_command_is_one_line(tiny_dataset, tmp_path):
@@ -529,6 +530,17 @@ def test_split_refusals(tiny_dataset, tmp_path):
 # --------------------------------------------------------------------------------------------
 # augmented views
 # --------------------------------------------------------------------------------------------
+
+
+def test_stable_seed_numbers_stay_those_of_view_seed_and_the_stream_seeds():
+    """One 63-bit seed from sha256 of the "|"-joined items; the numbers are stored (caches hold boxes drawn
+    from view_seed; big-endian as view_seed always was, little-endian as stream._seed_of draws its orders)."""
+    key = "class_1/čaj_ünï"
+    assert data.view_seed(7, key, 2) == data.stable_seed(7, key, 2, byteorder="big") == 4323056653568732928
+    assert data.view_seed(0, "n01440764/x", 0) == 860899572560083462
+    assert data.stable_seed(0, 1, "pass", 3, byteorder="little") == 8748180536400573909
+    assert data.stable_seed(5, key, 2, "view", byteorder="little") == 1826889143102170420
+    assert all(0 <= data.stable_seed(i, byteorder=order) < 2**63 for i in range(100) for order in ("big", "little"))
 
 
 def test_view_params_match_torchvision_with_the_same_generator():

@@ -26,7 +26,7 @@ from dho import data
 from dho.cache import TeacherCache
 from dho.distill import DistillConfig, distill
 from dho.errors import ConfigError
-from dho.gpu_views import decode_views
+from dho.data.gpu_views import decode_views
 from dho.precompute import precompute
 from dho.stream import PairedStream, Part, PartData
 from fixtures_models import TINY_CLIP_CONFIG, tiny_teacher_ckpt  # noqa: F401

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dho import data
+from dho.data.index import scan_and_hash, scan_shards
 from helpers_data import make_image_folder
 
 HEAVY = ("torch", "open_clip", "matplotlib", "webdataset", "zarr")
@@ -87,8 +88,8 @@ def test_index_scans_shards_in_a_process_pool_like_one_by_one(tmp_path, tiny_dat
     """The pooled scan (several shards, several cores) gives what scanning each shard in turn gives, in order;
     an error in a worker (a truncated tar) reaches the caller as the same one-line DatasetError."""
     paths = [s.path for s in tiny_dataset.shards]
-    pooled = list(data._scan_shards(paths, "cls"))
-    assert pooled == [data._scan_and_hash(p, "cls") for p in paths]
+    pooled = list(scan_shards(paths, "cls"))
+    assert pooled == [scan_and_hash(p, "cls") for p in paths]
     assert [k for k, _, _, _ in pooled] == [s.keys for s in tiny_dataset.shards]
     assert [h for _, _, h, _ in pooled] == [s.sha256 for s in tiny_dataset.shards]
     spans = np.concatenate([sp for _, _, _, sp in pooled])  # byte spans: what prepare's writer recorded
@@ -96,4 +97,4 @@ def test_index_scans_shards_in_a_process_pool_like_one_by_one(tmp_path, tiny_dat
     cut = tmp_path / "cut.tar"
     cut.write_bytes(paths[1].read_bytes()[: paths[1].stat().st_size // 2])  # cut inside a member
     with pytest.raises(data.DatasetError, match=r"cut\.tar: truncated"):
-        list(data._scan_shards([paths[0], cut, paths[2]], "cls"))
+        list(scan_shards([paths[0], cut, paths[2]], "cls"))

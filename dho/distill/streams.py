@@ -27,7 +27,7 @@ from dho import data
 from dho.cache import TeacherCache
 from dho.distill.objective import Objective
 from dho.errors import CacheError, ConfigError
-from dho.gpu_views import decode_views
+from dho.data.gpu_views import decode_views
 from dho.interrupt import ignore_interrupt
 from dho.stream import Batch, Half, PairedStream, Part, PartData
 

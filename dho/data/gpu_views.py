@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dho import data
+from dho.data.reader import decode_image
 from dho.errors import ConfigError, DatasetError
 
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -53,7 +53,7 @@ def decode_images(datas: Sequence[bytes], exts: Sequence[str], device) -> list[t
             images[i] = image  # (3, H, W)
     for i, image in enumerate(images):
         if image is None:
-            rgb = data.decode_image(datas[i], exts[i], f"batch image {i}")  # PIL, to_rgb8
+            rgb = decode_image(datas[i], exts[i], f"batch image {i}")  # PIL, to_rgb8
             pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3)
             images[i] = pixels.permute(2, 0, 1).to(device)  # (3, H, W)
     return images

@@ -1,0 +1,393 @@
+"""The manifest of a dataset: manifest.json and its .npy columns, opened (`Dataset`), checked, written.
+
+manifest.json lists the class names and every shard's path, count and sha256; the per-sample keys,
+labels, original file names and byte spans are .npy columns beside it (`Columns`, version 2), or
+lists in the JSON (version 1, still opened). `Dataset` opens and checks a manifest without reading
+a shard; `verify_shard` checks a shard's sha256 against it. The content fingerprint (`_fingerprint`)
+is the same function for both versions. `write_manifest` writes the columns and manifest.json, each
+file atomically (`atomic.write_atomic`), manifest.json last; `dataset_entries` names the files a
+dataset consists of, which `check_out` lets --overwrite replace.
+Out of scope: reading the samples (`reader.py`) and the tar format (`shards.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from dho.atomic import guard_out, write_atomic
+from dho.data.shards import PathLike, is_url, shard_path, shard_sha256
+from dho.errors import DatasetError
+
+MANIFEST = "manifest.json"
+FORMAT, VERSION = "dho-dataset", 2  # version 1 (keys and labels in the JSON) still opens
+
+
+class Columns:
+    """Per-sample columns of a dataset in global row order, as numpy arrays (memory-mapped for v2).
+
+    `keys` (N,) fixed-width bytes (UTF-8, zero-padded), `labels` (N,) int64 (-1 = unlabeled),
+    `files` (N,) fixed-width bytes or None (original relative file names, `prepare` only). Arrays
+    only, no Python object per sample: forked DataLoader workers share them with the main process
+    (reading a memory map or an inherited array copies no page)."""
+
+    def __init__(self, keys: np.ndarray, labels: np.ndarray, files: Optional[np.ndarray], spans: Optional[np.ndarray] = None,
+                 base: int = 0):
+        self.keys, self.labels, self.files = keys, labels, files
+        self.spans = spans  # (N, 2) int64 [start, end) bytes of each sample's members in its tar, or None
+        self.base = base  # global row of row 0 (a shard's own slice, `ShardInfo.standalone`)
+
+    @classmethod
+    def from_lists(cls, keys: list, labels: list, files: Optional[list], spans: Optional[list] = None) -> "Columns":
+        return cls(encode_strings(keys), np.asarray(labels, dtype=np.int64).reshape(-1),
+                   None if files is None else encode_strings(files),
+                   None if spans is None else np.asarray(spans, dtype=np.int64).reshape(-1, 2))
+
+
+def encode_strings(items: Sequence[str]) -> np.ndarray:
+    """Strings -> (N,) numpy fixed-width bytes `S{W}` of their UTF-8, W = the longest (at least 1)."""
+    encoded = [str(x).encode("utf-8") for x in items]
+    return np.array(encoded, dtype=f"S{max([1, *map(len, encoded)])}")
+
+
+def decode_strings(raw: np.ndarray) -> list[str]:
+    """(n,) fixed-width bytes -> n strings (numpy strips the zero padding)."""
+    return [b.decode("utf-8") for b in np.asarray(raw).tolist()]
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Union[Path, str]  # absolute Path of a local shard; a `pipe:` URL as a str
+    count: int
+    offset: int  # global row of the shard's first sample
+    sha256: str
+    columns: Columns = field(repr=False)
+
+    @property
+    def _rows(self) -> slice:
+        start = self.offset - self.columns.base
+        return slice(start, start + self.count)
+
+    @property
+    def keys(self) -> list[str]:
+        return decode_strings(self.columns.keys[self._rows])
+
+    @property
+    def labels(self) -> list[int]:
+        return self.columns.labels[self._rows].tolist()
+
+    @property
+    def files(self) -> Optional[list[str]]:
+        """Original relative file names (prepare only), else None."""
+        files = self.columns.files
+        return None if files is None else decode_strings(files[self._rows])
+
+    def standalone(self) -> "ShardInfo":
+        """This shard with copies of only its own rows of the columns: what a pool task is sent (O(count), not O(N))."""
+        c, rows = self.columns, self._rows
+        part = lambda a: None if a is None else np.array(a[rows])  # noqa: E731
+        return ShardInfo(self.path, self.count, self.offset, self.sha256,
+                         Columns(part(c.keys), part(c.labels), part(c.files), part(c.spans), base=self.offset))
+
+    @property
+    def name(self) -> str:
+        """For messages: a local shard's file name, a URL whole."""
+        return self.path if is_url(self.path) else self.path.name
+
+
+class Dataset:
+    """A dataset folder opened from its manifest.json. Cheap: reads no shard.
+
+    Version 2 manifests (written since dho 0.?) are columnar: manifest.json holds the class names,
+    the shards (path, count, sha256) and the content fingerprint computed when it was written;
+    keys, labels and file names are numpy arrays beside it (`manifest.keys.npy`, ...), opened as
+    memory maps, so opening costs O(shards), not O(samples). Version 1 manifests (keys and labels
+    in the JSON) still open; their columns are built in memory and the JSON lists are dropped."""
+
+    def __init__(self, root: Path, manifest: dict):
+        where = root / MANIFEST
+        if manifest.get("format") != FORMAT or manifest.get("version") not in (1, VERSION):
+            raise DatasetError(
+                f"{where}: not a {FORMAT} manifest of version 1 or {VERSION} "
+                f"(format={manifest.get('format')!r}, version={manifest.get('version')!r}); "
+                "re-create it with `dho prepare` or `dho index`, or use the dho version that wrote it"
+            )
+        self.version = manifest["version"]
+        for field_ in ("classnames", "shards", "num_samples") + (("fingerprint", "columns") if self.version >= 2 else ()):
+            if field_ not in manifest:
+                raise DatasetError(f"{where}: field {field_!r} is missing; re-create it with `dho prepare` or `dho index`")
+        self.root = root
+        self.classnames = list(manifest["classnames"])
+        self.num_classes = len(self.classnames)
+        self.label_key = manifest.get("label_key", "cls").lower()
+        per_shard = ("path", "count", "sha256") + (("keys", "labels") if self.version == 1 else ())
+        for i, s in enumerate(manifest["shards"]):
+            missing = [f for f in per_shard if f not in s]
+            if missing:
+                raise DatasetError(f"{where}: shard {i} lacks {missing}; the manifest is corrupt, re-create it with `dho index`")
+        counts = [s["count"] for s in manifest["shards"]]
+        num = sum(counts)
+        if manifest["num_samples"] != num:
+            raise DatasetError(
+                f"{where}: num_samples={manifest['num_samples']} but the shard counts add up to {num}; "
+                "the manifest is corrupt, re-create it with `dho index`"
+            )
+        if self.version == 1:
+            self.columns = self._v1_columns(where, manifest["shards"])
+            self.fingerprint = _fingerprint(self.classnames, manifest["shards"])
+            # the per-sample lists now live in the columns: drop them (a dataset stays O(shards) in Python objects)
+            manifest = {**manifest, "shards": [{k: v for k, v in s.items() if k not in SHARD_COLUMNS} for s in manifest["shards"]]}
+        else:
+            self.columns = _open_columns(root, manifest["columns"], num, where)
+            self.fingerprint = manifest["fingerprint"]
+        self.manifest = manifest
+        self.shards: list[ShardInfo] = []
+        offset = 0
+        for s in manifest["shards"]:
+            self.shards.append(ShardInfo(shard_path(s["path"], root), s["count"], offset, s["sha256"], self.columns))
+            offset += s["count"]
+        self.num_samples = offset
+        self.key_bytes: np.ndarray = self.columns.keys  # (N,) S{W}
+        self.labels: np.ndarray = self.columns.labels  # (N,) int64
+        self._keys: Optional[list[str]] = None
+        bad = np.flatnonzero((self.labels < -1) | (self.labels >= self.num_classes))
+        if len(bad):
+            raise DatasetError(
+                f"{where}: sample {self.key(int(bad[0]))!r} has label {self.labels[bad[0]]} outside "
+                f"[-1, {self.num_classes}); check the class names"
+            )
+
+    @staticmethod
+    def _v1_columns(where: Path, shards: list) -> Columns:
+        for i, s in enumerate(shards):
+            count, files = s["count"], s.get("files")
+            if len(s["keys"]) != count or len(s["labels"]) != count or (files is not None and len(files) != count):
+                raise DatasetError(
+                    f"{where}: shard {i} ({s['path']}) says count={count} but lists {len(s['keys'])} keys, "
+                    f"{len(s['labels'])} labels; the manifest is corrupt, re-create it with `dho index`"
+                )
+        keys = [k for s in shards for k in s["keys"]]
+        if len(set(keys)) != len(keys):
+            raise DatasetError(f"{where}: sample keys are not unique; re-create it with `dho index`")
+        with_files = bool(shards) and all(s.get("files") is not None for s in shards)
+        return Columns.from_lists(keys, [lab for s in shards for lab in s["labels"]],
+                                  [f for s in shards for f in s["files"]] if with_files else None)
+
+    @property
+    def keys(self) -> list[str]:
+        """The N sample keys as strings (decoded on first use: O(N) Python objects; hot paths use `key_bytes`)."""
+        if self._keys is None:
+            self._keys = decode_strings(self.key_bytes)
+        return self._keys
+
+    def key(self, row: int) -> str:
+        """The key of global row `row` (decodes one key)."""
+        return self.key_bytes[row].decode("utf-8")
+
+    @classmethod
+    def open(cls, path: PathLike, verify: bool = False) -> "Dataset":
+        """Open the dataset folder `path` (or its manifest.json); `verify` rechecks every shard's sha256,
+        and for a columnar manifest the fingerprint and the uniqueness of the keys."""
+        path = Path(path)
+        root = path.parent if path.name == MANIFEST and path.is_file() else path
+        where = root / MANIFEST
+        if not where.is_file():
+            raise DatasetError(f"{root}: no {MANIFEST} found; create one with `dho prepare` (ImageFolder) or `dho index` (shards)")
+        try:
+            manifest = json.loads(where.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{where}: not valid JSON ({e}); re-create it with `dho prepare` or `dho index`") from e
+        ds = cls(root.resolve(), manifest)
+        if verify:
+            ds.verify()
+        return ds
+
+    def verify(self) -> None:
+        """Recheck every shard's sha256 against the manifest (reads all shards) and the content fingerprint."""
+        if self.version >= 2:
+            if len(np.unique(self.key_bytes)) != self.num_samples:
+                raise DatasetError(f"{self.root / MANIFEST}: sample keys are not unique; re-create it with `dho index`")
+            computed = _fingerprint_columns(self.classnames, [
+                {"path": str(s.path), "count": s.count, "sha256": s.sha256} for s in self.shards], self.columns)
+            if computed != self.fingerprint:
+                raise DatasetError(f"{self.root / MANIFEST}: the key/label columns do not match the manifest's fingerprint "
+                                   "(a column file was changed or replaced); re-create it with `dho index`")
+        for i in range(len(self.shards)):
+            verify_shard(self, i)
+
+    def __repr__(self) -> str:
+        return f"Dataset({str(self.root)!r}, samples={self.num_samples}, shards={len(self.shards)}, classes={self.num_classes})"
+
+
+SHARD_COLUMNS = ("keys", "labels", "files", "spans")  # per-sample lists of a v1 shard entry, columns in v2
+
+
+def _open_columns(root: Path, spec: dict, num: int, where: Path) -> Columns:
+    arrays = {}
+    for name in SHARD_COLUMNS:
+        if name not in spec:
+            if name in ("files", "spans"):  # optional: prepare's file names; byte spans (local tars only)
+                arrays[name] = None
+                continue
+            raise DatasetError(f"{where}: lists no {name!r} column; re-create it with `dho prepare` or `dho index`")
+        path = root / spec[name]
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise DatasetError(f"{where}: its {name} column {path.name} is missing; restore it or re-create the manifest with `dho index`") from None
+        except (ValueError, OSError) as e:
+            raise DatasetError(f"{where}: its {name} column {path.name} is not a readable .npy file ({e}); re-create the manifest with `dho index`") from None
+        want = {"labels": ("int64", (num,)), "spans": ("int64", (num, 2))}.get(name, ("bytes", (num,)))
+        kind_ok = arr.dtype.kind == "S" if want[0] == "bytes" else arr.dtype == np.int64
+        if arr.shape != want[1] or not kind_ok:
+            raise DatasetError(f"{where}: its {name} column {path.name} is {arr.dtype} {arr.shape}, expected {want[1]} "
+                               f"{want[0]}; re-create the manifest with `dho index`")
+        arrays[name] = arr
+    return Columns(arrays["keys"], arrays["labels"], arrays["files"], arrays["spans"])
+
+
+def _fingerprint_chunks(classnames: list, shard_dicts: Iterator[dict]) -> str:
+    """sha256 of json.dumps({"classnames", "shards": [...]}, sort_keys, compact), fed shard by shard."""
+    dump = lambda v: json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # noqa: E731
+    h = hashlib.sha256()
+    h.update(('{"classnames":' + dump(list(classnames)) + ',"shards":[').encode("utf-8"))
+    for i, d in enumerate(shard_dicts):
+        h.update(((',' if i else '') + dump(d)).encode("utf-8"))
+    h.update(b"]}")
+    return h.hexdigest()
+
+
+def _fingerprint(classnames: list, shards: list) -> str:
+    """sha256 of the content (class names, shard basenames, counts, sha256s, keys, labels).
+
+    The same number for a v1 manifest and the columnar v2 manifest of the same content, so caches
+    keep matching a dataset whose manifest was rewritten."""
+    return _fingerprint_chunks(classnames, (
+        {"name": Path(s["path"]).name, "count": s["count"], "sha256": s["sha256"], "keys": s["keys"], "labels": s["labels"]}
+        for s in shards))
+
+
+def _fingerprint_columns(classnames: list, shards: list, columns: Columns) -> str:
+    """`_fingerprint` of shards (path, count, sha256) whose keys and labels are in `columns`."""
+    def dicts():
+        offset = 0
+        for s in shards:
+            rows = slice(offset, offset + s["count"])
+            yield {"name": Path(s["path"]).name, "count": s["count"], "sha256": s["sha256"],
+                   "keys": decode_strings(columns.keys[rows]), "labels": columns.labels[rows].tolist()}
+            offset += s["count"]
+    return _fingerprint_chunks(classnames, dicts())
+
+
+def verify_shard(ds: Dataset, shard_index: int) -> None:
+    """Raise DatasetError if shard `shard_index` is missing or its sha256 differs from the manifest (a `pipe:`
+    shard is streamed and hashed)."""
+    shard = ds.shards[shard_index]
+    if not is_url(shard.path) and not shard.path.is_file():
+        raise DatasetError(f"shard {shard_index} ({shard.path}) of dataset {ds.root} is missing; restore it or re-run `dho prepare`/`dho index`")
+    digest = shard_sha256(shard.path)
+    if digest != shard.sha256:
+        raise DatasetError(
+            f"shard {shard_index} ({shard.path}) of dataset {ds.root} changed since its manifest was written "
+            f"(sha256 {digest[:12]}... != {shard.sha256[:12]}...); restore the shard or re-run `dho prepare`/`dho index`"
+        )
+
+
+
+def make_manifest(classnames: list, shards: list, skipped: list, provenance: dict, label_key: str = "cls",
+                  classes: Optional[dict] = None) -> dict:
+    """`classes`: optional class fields (CLASS_FIELDS) written after the class names."""
+    return {
+        "format": FORMAT, "version": VERSION,
+        "classnames": list(classnames),
+        **{k: v for k, v in (classes or {}).items() if v is not None},
+        "label_key": label_key,
+        "num_samples": sum(s["count"] for s in shards),
+        "shards": shards,
+        "skipped": skipped,
+        "provenance": provenance,
+    }
+
+
+def write_manifest(manifest: dict, path: Path) -> None:
+    """Write a columnar (v2) manifest: the per-sample lists of `manifest["shards"]` (keys, labels, files)
+    go to .npy columns beside `path`, named after the content fingerprint, which is computed here
+    (once, at write time); manifest.json (readable: one line per field and per shard, no timestamps)
+    is replaced last and atomically, then the columns of the manifest it replaced are removed. A
+    crash at any point leaves the old manifest with its own columns, or the new one with its own."""
+    shards = manifest["shards"]
+    fingerprint = _fingerprint(manifest["classnames"], shards)
+    with_files = bool(shards) and all(s.get("files") is not None for s in shards)
+    with_spans = bool(shards) and all(s.get("spans") is not None for s in shards)
+    columns = Columns.from_lists([k for s in shards for k in s["keys"]], [lab for s in shards for lab in s["labels"]],
+                                 [f for s in shards for f in s["files"]] if with_files else None,
+                                 [sp for s in shards for sp in s["spans"]] if with_spans else None)
+    folder = path.parent
+    names = {}
+    for name in SHARD_COLUMNS:
+        arr = getattr(columns, name)
+        if arr is None:
+            continue
+        names[name] = f"manifest.{fingerprint[:16]}.{name}.npy"
+        write_atomic(folder / names[name], lambda part: _save_npy(part, arr))
+    manifest = dict(manifest)
+    manifest.update(version=VERSION, fingerprint=fingerprint, columns=names,
+                    shards=[{k: v for k, v in s.items() if k not in SHARD_COLUMNS} for s in shards])
+    order = ["format", "version", "fingerprint", "columns"]
+    manifest = {**{k: manifest[k] for k in order}, **{k: v for k, v in manifest.items() if k not in order}}
+    old = _column_files(folder)
+
+    def dump(v):
+        return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+
+    lines = []
+    for k, v in manifest.items():
+        if k == "shards":
+            body = ",\n".join(f"  {dump(s)}" for s in v)
+            lines.append(f' "shards": [\n{body}\n ]' if v else ' "shards": []')
+        else:
+            lines.append(f" {dump(k)}: {dump(v)}")
+    text = "{\n" + ",\n".join(lines) + "\n}\n"
+    write_atomic(path, lambda part: part.write_text(text, encoding="utf-8"))
+    for name in old - set(names.values()):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save given a name would append .npy to `path`
+        np.save(f, arr, allow_pickle=False)
+
+
+def _column_files(folder: Path) -> set:
+    """The column files named by the dho manifest in `folder` (empty if none or not a v2 manifest)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        return {Path(str(n)).name for n in manifest.get("columns", {}).values()}
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def dataset_entries(folder: Path) -> Optional[set]:
+    """The names a dho dataset written into `folder` consists of (its manifest and the shards inside
+    it), or None when `folder` holds no dho dataset."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None
+    names = {MANIFEST} | _column_files(folder)
+    for s in manifest.get("shards", []):
+        path = Path(str(s.get("path", "")))
+        if not path.is_absolute() and len(path.parts) == 1:
+            names.add(path.name)
+    return names
+
+
+def check_out(out: Path, overwrite: bool, what: str, sources: Sequence[Path] = ()) -> None:
+    guard_out(out, overwrite, what=f"dataset ({what})", sources=sources, owned=dataset_entries)

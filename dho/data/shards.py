@@ -1,0 +1,351 @@
+"""Shards: where a shard's bytes come from, the samples of a tar, and tars written byte for byte.
+
+A shard path is a local file or, as webdataset spells it, a `pipe:COMMAND` URL whose command prints
+the tar to stdout (object storage: `pipe:aws s3 cp s3://bucket/shard-000000.tar -`), read through
+`open_shard`; `file:PATH` is a local file, and `expand_braces` expands brace ranges and lists
+(`shard-{000000..000099}.tar`) as webdataset does. Tars are read with the standard library's tarfile
+and grouped into samples as webdataset groups them (`member_key`, `tar_samples`), and written byte for
+byte as webdataset's TarWriter writes them (`ShardWriter`; `CopyWriter` copies samples' tar members
+from other shards), hashed while written. Tests check both against webdataset.
+Out of scope: what a shard should hold (the manifest, `manifest.py`) and image decoding (`reader.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import itertools
+import math
+import os
+import re
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator, Optional, Union
+
+from dho.errors import DatasetError
+
+PathLike = Union[str, os.PathLike]
+PIPE, FILE = "pipe:", "file:"
+MAX_EXPANSION = 1_000_000  # names one brace pattern may expand to
+_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")  # {first..last} or {first..last..step}
+
+
+# --------------------------------------------------------------------------------------------
+# shard paths and URLs: pipe: commands, file: paths, brace ranges (as webdataset spells them)
+# --------------------------------------------------------------------------------------------
+
+
+def is_url(path) -> bool:
+    """Whether a shard path is a `pipe:` URL (read through its command), not a local file."""
+    return isinstance(path, str) and path.startswith(PIPE)
+
+
+def shard_path(path: str, root: Path) -> Union[Path, str]:
+    """A manifest's shard path: a `pipe:` URL as it is; a local path (`file:` dropped) made absolute, a
+    relative one against the manifest's folder."""
+    if is_url(path):
+        return path
+    local = Path(path[len(FILE):] if path.startswith(FILE) else path)
+    return local if local.is_absolute() else root / local
+
+
+@contextlib.contextmanager
+def open_shard(path: Union[PathLike, str]) -> Iterator[BinaryIO]:
+    """A shard's bytes as a stream: a local file (`file:PATH` too), or what the command of a `pipe:` URL
+    prints, run by the shell as webdataset runs it. The command's exit status is checked once the stream
+    is read to its end; a failing command (or a missing file) is a one-line DatasetError naming the URL.
+    A reader that stops early ends the command."""
+    if not is_url(path):
+        local = path[len(FILE):] if isinstance(path, str) and path.startswith(FILE) else path
+        try:
+            f = open(local, "rb")
+        except FileNotFoundError:
+            raise DatasetError(f"shard {path} not found; check the path, or restore the shard") from None
+        with f:
+            yield f
+        return
+    with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty command cannot block on it
+        proc = subprocess.Popen(path[len(PIPE):], shell=True, stdout=subprocess.PIPE, stderr=stderr)
+        try:
+            yield proc.stdout
+            while proc.stdout.read(1 << 20):  # the rest (a tar's zero padding), so the command ends by itself
+                pass
+        except Exception:
+            # an empty or cut stream is most often a command that failed: then that is the error to report
+            try:
+                status = proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:  # still printing: the stream itself was bad
+                status = 0
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+            _check_command(path, status, stderr)
+            raise
+        except BaseException:  # the reader stopped early (GeneratorExit) or Ctrl-C
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            raise
+        proc.stdout.close()
+        _check_command(path, proc.wait(), stderr)
+
+
+def _check_command(url: str, status: int, stderr) -> None:
+    if status == 0:
+        return
+    stderr.seek(0)
+    said = [line.strip() for line in stderr.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+    raise DatasetError(f"shard {url}: the command {how}" + (f" ({said[-1][:200]})" if said else "")
+                       + "; run it in a shell to check that it prints the tar to stdout")
+
+
+def shard_sha256(path: Union[PathLike, str]) -> str:
+    """sha256 of a shard's bytes: a local file hashed in place, a `pipe:` URL streamed."""
+    if not is_url(path):
+        return file_sha256(path)
+    h = hashlib.sha256()
+    with open_shard(path) as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path, block: int = 1 << 24) -> str:
+    """sha256 of a file, streamed in 16 MiB blocks (shards and checkpoints can be several GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """The names a shard pattern stands for, by the `braceexpand` package's rules (which webdataset uses):
+    `{000..099}` is a range of integers, both ends included, zero-padded to the wider end when either end
+    starts with 0, counting down when the first is larger, `{0..100..10}` with a step; `{a,b}` is a list
+    whose items may hold groups; several groups combine left to right, the first varying slowest. A group
+    that is neither (`{}`, awk's `'{print $1}'`) stays as it is. Backslashes are not escapes. A range
+    that is not of integers, or a brace without its partner, is a DatasetError."""
+    return _expand(pattern, pattern)
+
+
+def _expand(text: str, pattern: str) -> list[str]:
+    parts, start, depth = [], 0, 0  # parts: the alternatives of each literal and top-level group, in order
+    for pos, ch in enumerate(text):
+        if ch == "{":
+            if depth == 0:
+                parts.append([text[start:pos]])
+                start = pos
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth < 0:
+                break
+            if depth == 0:
+                parts.append(_expand_group(text[start + 1:pos], pattern))
+                start = pos + 1
+    if depth != 0:
+        raise DatasetError(f"shard pattern {pattern!r} has unbalanced braces; close every {{ with a }}")
+    parts.append([text[start:]])
+    if (count := math.prod(len(p) for p in parts)) > MAX_EXPANSION:
+        raise DatasetError(f"shard pattern {pattern!r} expands to {count} names (at most {MAX_EXPANSION}); check its ranges")
+    return ["".join(choice) for choice in itertools.product(*parts)]
+
+
+def _expand_group(body: str, pattern: str) -> list[str]:
+    """The names of one `{...}` group (without its braces): a list, a range, or the group kept as it is."""
+    items, start, depth = [], 0, 0
+    for pos, ch in enumerate(body):
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            items.append(body[start:pos])
+            start = pos + 1
+    if items:
+        items.append(body[start:])
+        return [name for item in items for name in _expand(item, pattern)]
+    if ".." in body and "{" not in body:
+        match = _INT_RANGE.match(body)
+        if match is None:
+            raise DatasetError(f"shard pattern {pattern!r}: {{{body}}} is not a range of integers; write it as "
+                               "{FIRST..LAST} (e.g. {000000..000099}) or list the names as {a,b,c}")
+        first, last, step = match.groups()
+        a, b, k = int(first), int(last), int(step or 1) or 1
+        if abs(b - a) // k + 1 > MAX_EXPANSION:
+            raise DatasetError(f"shard pattern {pattern!r}: {{{body}}} expands to more than {MAX_EXPANSION} names; check the range")
+        pad = max(len(first), len(last)) if any(e.startswith(("0", "-0")) and e not in ("0", "-0") for e in (first, last)) else 0
+        values = range(a, b + 1, k) if a < b else range(a, b - 1, -k)
+        return [f"{v:0{pad}d}" for v in values]
+    return ["{" + name + "}" for name in _expand(body, pattern)]
+
+
+# --------------------------------------------------------------------------------------------
+# reading: tar members grouped into samples
+# --------------------------------------------------------------------------------------------
+
+
+def member_key(name: str) -> tuple[Optional[str], Optional[str]]:
+    """A tar member name -> (sample key, extension): webdataset's rule, split at the first '.' of the
+    basename (`n01/img_1.cls` -> (`n01/img_1`, `cls`)); (None, None) for names without one."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    return (match.group(1), match.group(2)) if match else (None, None)
+
+
+def tar_samples(path: PathLike) -> Iterator[dict]:
+    """The samples of a webdataset tar as webdataset groups them: consecutive regular members with one
+    key form a sample {"__key__": key, ext (lower case): bytes}; `__...__` members are skipped; a key's
+    extension appearing twice in a row is an error. Streams the file or `pipe:` URL (`open_shard`; one
+    sample in memory). The data commands read shards with this (plain tarfile: no torch import);
+    webdataset reads the same shards the same way."""
+    current: Optional[dict] = None
+    try:
+        with open_shard(path) as f, tarfile.open(fileobj=f, mode="r|*") as stream:
+            for info in stream:
+                if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
+                    continue
+                key, ext = member_key(info.name)
+                if key is None:
+                    continue
+                ext = ext.lower()
+                data = stream.extractfile(info).read()
+                stream.members = []  # streaming: keep no member list
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key}
+                if ext in current:
+                    raise DatasetError(f"shard {path}: sample {key!r} has two {ext!r} members; fix the shard")
+                current[ext] = data
+    except (tarfile.TarError, EOFError) as e:
+        raise DatasetError(f"shard {path}: not a readable tar file ({e}); check or re-create it") from e
+    if current is not None:
+        yield current
+
+
+# --------------------------------------------------------------------------------------------
+# writing: deterministic tars, hashed while written
+# --------------------------------------------------------------------------------------------
+
+
+class _HashedFile:
+    """A file opened for writing that hashes (sha256) what is written to it: a shard is never read back."""
+
+    def __init__(self, path: Path):
+        self.file, self.sha256 = open(path, "wb"), hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.file.write(data)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ShardWriter:
+    """Deterministic webdataset shards: fixed mtime/owner/mode, PAX headers (non-ASCII names)."""
+
+    def __init__(self, folder: Path, shard_size: int):
+        self.folder, self.shard_size = folder, shard_size
+        self.entries: list[dict] = []
+        self.file = self.tar = None
+
+    def write(self, key: str, ext: str, data: bytes, label: int, file: Optional[str] = None) -> None:
+        if self.tar is None or self.entries[-1]["count"] == self.shard_size:
+            self._roll()
+        start = self.tar.offset
+        members = {ext: data}
+        if label >= 0:
+            members["cls"] = str(label).encode("ascii")
+        for member_ext in sorted(members):  # as webdataset's TarWriter: members in sorted order, fixed metadata
+            info = tarfile.TarInfo(f"{key}.{member_ext}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(members[member_ext]), 0, 0o644, "", ""
+            self.tar.addfile(info, io.BytesIO(members[member_ext]))
+        e = self.entries[-1]
+        e["count"] += 1
+        e["keys"].append(key)
+        e["labels"].append(int(label))
+        e["spans"].append((start, self.tar.offset))  # the sample's bytes in the tar: header(s) + padded data
+        if file is not None:
+            e.setdefault("files", []).append(file)
+
+    def _roll(self) -> None:
+        self._close_current()
+        name = f"shard-{len(self.entries):06d}.tar"
+        self.file = _HashedFile(self.folder / name)
+        self.tar = tarfile.open(fileobj=self.file, mode="w|")  # PAX (the default): non-ASCII names
+        self.entries.append({"path": name, "count": 0, "sha256": "", "keys": [], "labels": [], "spans": []})
+
+    def _close_current(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.file.close()
+            self.entries[-1]["sha256"] = self.file.sha256.hexdigest()
+            self.tar = self.file = None
+
+    def close(self) -> list[dict]:
+        self._close_current()
+        return self.entries
+
+
+class CopyWriter:
+    """Shards made of samples copied byte for byte from other tars (their header and data blocks), closed
+    as tarfile closes a stream: two zero blocks, then zeros up to a whole record. A copy of samples that
+    `ShardWriter` wrote is the file `ShardWriter` would write; the same entries (count, keys, labels,
+    files, spans, sha256 computed while writing)."""
+
+    def __init__(self, folder: Path, shard_size: int):
+        self.folder, self.shard_size = folder, shard_size
+        self.entries: list[dict] = []
+        self.file = None
+
+    def copy(self, key: str, label: int, raw: bytes, file: Optional[str] = None) -> None:
+        if self.file is None or self.entries[-1]["count"] == self.shard_size:
+            self._roll()
+        e = self.entries[-1]
+        e["spans"].append((self.offset, self.offset + len(raw)))
+        self._write(raw)
+        e["count"] += 1
+        e["keys"].append(key)
+        e["labels"].append(int(label))
+        if file is not None:
+            e.setdefault("files", []).append(file)
+
+    def _write(self, raw: bytes) -> None:
+        self.file.write(raw)
+        self.hash.update(raw)
+        self.offset += len(raw)
+
+    def _roll(self) -> None:
+        self._close_current()
+        name = f"shard-{len(self.entries):06d}.tar"
+        self.file, self.hash, self.offset = open(self.folder / name, "wb"), hashlib.sha256(), 0
+        self.entries.append({"path": name, "count": 0, "sha256": "", "keys": [], "labels": [], "spans": []})
+
+    def _close_current(self) -> None:
+        if self.file is not None:
+            self._write(b"\0" * (2 * tarfile.BLOCKSIZE))
+            self._write(b"\0" * (-self.offset % tarfile.RECORDSIZE))
+            self.file.close()
+            self.entries[-1]["sha256"] = self.hash.hexdigest()
+            self.file = None
+
+    def close(self) -> list[dict]:
+        self._close_current()
+        return self.entries
+
+
+def names_sample(raw: bytes, key: str) -> bool:
+    """Whether `raw` starts with a tar header of a member of sample `key`: its ustar name (with the ustar
+    prefix field), or, behind a PAX / GNU long-name header, the long name that follows."""
+    head = raw[:tarfile.BLOCKSIZE]
+    if len(head) < tarfile.BLOCKSIZE:
+        return False
+    want = key.encode("utf-8") + b"."
+    if head[156:157] in (b"x", b"L"):  # PAX extended header or GNU long name: the name is in the next block(s)
+        return (b"path=" + want) in raw[:4 * tarfile.BLOCKSIZE] or (head[156:157] == b"L" and raw[512:].startswith(want))
+    name = head[:100].split(b"\0", 1)[0]
+    prefix = head[345:500].split(b"\0", 1)[0] if head[257:262] == b"ustar" else b""
+    return (prefix + b"/" + name if prefix else name).startswith(want)
