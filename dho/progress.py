@@ -68,7 +68,8 @@ class Progress:
         return (self.total - self.done) * elapsed / max(self.done, 1)
 
     def status(self) -> str:
-        """`done/total unit (pct%), rate unit/s, ETA H:MM:SS`."""
+        """`done/total unit (pct%), rate unit/s, ETA H:MM:SS` (the mean rate since the start)."""
         unit = f" {self.unit}" if self.unit else ""
         pct = 100.0 * self.done / max(self.total, 1)
-        return f"{self.done}/{self.total}{unit} ({pct:.1f}%), {self.rate():.1f}{unit}/s, ETA {format_time(self.eta())}"
+        mean = self.done / max(time.monotonic() - self.start, 1e-9)
+        return f"{self.done}/{self.total}{unit} ({pct:.1f}%), {mean:.1f}{unit}/s, ETA {format_time(self.eta())}"

@@ -46,7 +46,6 @@ very large shards need a smaller window.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,9 +121,8 @@ class Record:
 
 
 def _seed_of(*items) -> int:
-    """A stable 63-bit seed from any printable items (independent of PYTHONHASHSEED)."""
-    digest = hashlib.sha256("|".join(str(x) for x in items).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    """The training order's seeds: `data.stable_seed` read little-endian (fixed: resumable runs depend on it)."""
+    return data.stable_seed(*items, byteorder="little")
 
 
 def consumer_records(
