@@ -47,10 +47,11 @@ from dho.cache import TeacherCache, chunk_length
 from dho.devices import resolve_device
 from dho.errors import CacheError, ConfigError, DatasetError, Interrupted, check_choice, check_number
 from dho.interrupt import StopSignal, ignore_interrupt, workers_gone
-from dho.teacher import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_TEMPLATES, DEFAULT_ZETA, load_teacher
+from dho.losses import ETA, ZETA
+from dho.teacher import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_teacher
+from dho.templates import TEACHER_TEMPLATES
 
 DEFAULT_VIEWS = 10  # augmented views per sample, each replayable by distill from its stored box
-DEFAULT_ETA = 2.0  # KD temperature of the paper (Alg. 1)
 DEFAULT_BATCH_SIZE = 64  # images (sample-views) per teacher forward
 DEFAULT_WORKERS = 4  # DataLoader processes decoding and cropping
 
@@ -195,7 +196,7 @@ def precompute(
     *,
     model: str = DEFAULT_MODEL,
     pretrained: str = DEFAULT_PRETRAINED,
-    templates: str | list[str] = DEFAULT_TEMPLATES,
+    templates: str | list[str] = TEACHER_TEMPLATES,
     text_classifier_norm: str = "renormalize",
     views: int = DEFAULT_VIEWS,
     center_view: bool = False,
@@ -206,8 +207,8 @@ def precompute(
     workers: int = DEFAULT_WORKERS,
     store_embeddings: bool = False,
     topk: int | None = None,
-    eta: float = DEFAULT_ETA,
-    zeta: float = DEFAULT_ZETA,
+    eta: float = ETA,
+    zeta: float = ZETA,
     rank: int | None = None,
     world_size: int | None = None,
     shard_group: int | None = None,

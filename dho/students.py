@@ -66,10 +66,11 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 import dho
 from dho.errors import ConfigError
+from dho.losses import ZETA
+from dho.templates import STUDENT_INIT_TEMPLATES, fill_templates, resolve_templates, template_mean
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_TEMPLATES = ("a photo of a {}.",)  # Alg. 1 input: prompt template "A photo of [CLASS]"
 MODEL_FILE_FORMAT = "dho-student"
 MODEL_FILE_VERSION = 1
 VLM_HEADS = ("reference", "eq10")  # see the module docstring
@@ -83,7 +84,7 @@ VLM_HEADS = ("reference", "eq10")  # see the module docstring
 class CosineHead(nn.Module):
     """Aligned KD head (Eq. 10): logits_c = (1 / zeta) * cos(z, w_c), no bias, fixed scale."""
 
-    def __init__(self, in_features: int, num_classes: int, zeta: float = 0.01):
+    def __init__(self, in_features: int, num_classes: int, zeta: float = ZETA):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))  # (C, D)
         self.zeta = float(zeta)
@@ -103,7 +104,7 @@ class CosineHead(nn.Module):
 class NormalizedLinearHead(nn.Linear):
     """Aligned KD head of the reference code: logits = (W n(z) + b) / zeta, weight norms and bias trainable."""
 
-    def __init__(self, in_features: int, num_classes: int, zeta: float = 0.01):
+    def __init__(self, in_features: int, num_classes: int, zeta: float = ZETA):
         super().__init__(in_features, num_classes)
         self.zeta = float(zeta)
 
@@ -577,9 +578,9 @@ def _text_classifier(model: nn.Module, model_name: str, classnames: list[str], t
     model = model.to(device).eval()
     rows = []
     for classname in classnames:
-        tokens = tokenizer([t.format(classname) for t in templates]).to(device)  # (T, L)
+        tokens = tokenizer(fill_templates(templates, [classname])).to(device)  # (T, L): one class per batch
         emb = model.encode_text(tokens, normalize=normalized).float()  # (T, D)
-        rows.append(F.normalize(emb.mean(dim=0), dim=-1) if normalized else emb.mean(dim=0))  # (D,)
+        rows.append(template_mean(emb, renormalize=normalized))  # (D,)
     return torch.stack(rows).cpu()  # (C, D)
 
 
@@ -638,7 +639,7 @@ def build_student(
     templates: Optional[list[str]] = None,
     init_heads_from_text: bool = True,
     align_kd_head: bool = True,
-    zeta: float = 0.01,
+    zeta: float = ZETA,
     vlm_heads: str = "reference",
     interpolation: Optional[str] = None,
     device: str | torch.device = "cpu",
@@ -699,10 +700,7 @@ def build_student(
                 f"(got {None if classnames is None else len(classnames)}); pass classnames= or "
                 "init_heads_from_text=False"
             )
-        templates = list(templates or DEFAULT_TEMPLATES)
-        bad = [t for t in templates if "{}" not in t]
-        if bad:
-            raise ConfigError(f"prompt templates must contain '{{}}' for the class name: {bad}")
+        templates = resolve_templates(templates or STUDENT_INIT_TEMPLATES)
     model, tower, model_name, cfg = _build_open_clip(source, pretrained)
     dim = int(cfg["embed_dim"])
     preprocess = _clip_preprocess(model)

@@ -12,9 +12,9 @@ import pytest
 
 import cache_schemas
 from dho import data
-from dho.coop import SPECS, coop_templates, import_coop, read_split
+from dho.coop import SPECS, import_coop, read_split
 from dho.errors import ConfigError, DatasetError
-from dho.teacher import resolve_templates
+from dho.templates import COOP_TEMPLATES, coop_templates, resolve_templates
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("make_smoke_coop", ROOT / "pipelines" / "fewshot" / "make_smoke_coop.py")
@@ -62,7 +62,7 @@ def test_coop_templates_and_names():
     assert resolve_templates("coop:EuroSAT") == ["a centered satellite photo of {}."]
     assert resolve_templates("coop:dtd") == ["{} texture."]
     assert len(coop_templates("imagenet")) == 7 and coop_templates("imagenet")[0] == "itap of a {}."
-    assert len(SPECS) == 11
+    assert len(SPECS) == 11 and set(COOP_TEMPLATES) == set(SPECS)
     with pytest.raises(ConfigError, match="unknown CoOp dataset 'mnist'"):
         resolve_templates("coop:mnist")
 
