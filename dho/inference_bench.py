@@ -55,6 +55,7 @@ from dho.atomic import remove_stale, temp_sibling
 from dho.devices import resolve_device
 from dho.errors import CacheError, ConfigError, check_choice, check_number
 from dho.evaluate import combine_heads, load_run, run_alpha_beta
+from dho.losses import ZETA
 
 DEFAULT_BATCH_SIZES = (1, 256)  # latency (one image) and serving throughput
 DEFAULT_WARMUP = 5  # untimed forwards per network and batch size: cuDNN autotuning, allocator, caches
@@ -98,7 +99,7 @@ class SingleHeadStudent(nn.Module):
 class ZeroShotTeacher(nn.Module):
     """Image tower f_X, L2 normalisation and the zero-shot classifier (Eq. 1) -> logits (B, C)."""
 
-    def __init__(self, visual: nn.Module, classifier: torch.Tensor, zeta: float = 0.01):
+    def __init__(self, visual: nn.Module, classifier: torch.Tensor, zeta: float = ZETA):
         super().__init__()
         self.visual, self.zeta = visual, float(zeta)
         self.register_buffer("classifier", classifier)  # (C, D) unit rows, fixed: not a parameter

@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from dho import data
-from dho.cache import TeacherCache, chunk_length
+from dho.cache import TeacherCache
+from dho.cache_layout import chunk_length
 from dho.devices import resolve_device
 from dho.errors import CacheError, ConfigError, DatasetError, Interrupted, check_choice, check_number
 from dho.interrupt import StopSignal, ignore_interrupt, workers_gone
