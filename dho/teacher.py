@@ -1,7 +1,8 @@
 """The zero-shot VLM teacher: any open_clip model, its preprocessing, and its text classifier.
 
-This is the only module that imports open_clip (besides the VLM student builder). It answers
-three questions for stage 1 (`dho.precompute`):
+This is the only module that imports open_clip (besides the VLM student builder, and `dho.templates`,
+which reads open_clip's list of the "openai" templates). It answers three questions for stage 1
+(`dho.precompute`):
 
 - which network, with which weights: `load_teacher(model, pretrained, ...)`. `model` is an
   open_clip model name or a path to an open_clip model-config JSON file (registered with
