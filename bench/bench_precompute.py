@@ -30,7 +30,7 @@ from PIL import Image  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from dho import data  # noqa: E402
-from dho.cache import disk_size  # noqa: E402
+from dho.cache_info import disk_size  # noqa: E402
 from dho.precompute import precompute  # noqa: E402
 from dho.teacher import load_teacher  # noqa: E402
 

@@ -109,7 +109,8 @@ def write_cache(ds: data.Dataset, path: Path, views: int, topk: int, embed_dim: 
     with synthetic teacher outputs: K distinct classes per row, probabilities descending and summing to < 1,
     crop boxes inside the 8x8 image. The attributes are those precompute gives (cache_schemas/v4.json; the
     writer adds shard_group)."""
-    from dho.cache import TeacherCache, chunk_length
+    from dho.cache import TeacherCache
+    from dho.cache_layout import chunk_length
 
     counts = [s.count for s in ds.shards]
     attrs = {
@@ -143,7 +144,7 @@ def write_cache(ds: data.Dataset, path: Path, views: int, topk: int, embed_dim: 
 def layout_files(n: int, shard_size: int, views: int, topk: int) -> int:
     """Files of a complete top-k cache (no embeddings) of N samples in `shard_size`-sample shards under the
     current schema's layout (the writer's own rule for G): no fit needed to project the file count."""
-    from dho.cache import row_bytes, shard_group
+    from dho.cache_layout import row_bytes, shard_group
 
     counts = [shard_size] * (n // shard_size) + ([n % shard_size] if n % shard_size else [])
     chunk_len = shard_size if len(counts) > 1 else counts[0]

@@ -1,9 +1,14 @@
 """The teacher cache: a Zarr v3 group of per-view teacher probabilities (stage 1 -> stage 2).
 
 This is the only module that imports zarr. The layout is defined by `cache_schemas/v<N>.json`
-(JSON Schema of the group attributes + the `x-dho-arrays` table) and documented in
-`cache_schemas/README.md`; every open validates both, so a cache of another schema version,
+(JSON Schema of the group attributes + the `x-dho-arrays` table, resolved by `dho.cache_layout`) and
+documented in `cache_schemas/README.md`; every open validates both, so a cache of another schema version,
 another dataset or another class list fails with a message saying what differs.
+
+It holds `TeacherCache` (create or open, checks against a dataset and parameters, checked readers, unit
+writers), the key codec (`encode_keys` / `decode_keys`) and the one densify / re-temper pair of the
+teacher targets, `densify_topk` and `retemper`: numpy for the readers, torch tensors on any device for
+the training loop (torch is imported only for them). `dho cache-info`'s summary is `dho.cache_info`.
 
 Other readers (schema v3): every array is a core Zarr v3 data type with named dimensions, so
 `xarray.open_zarr(path, consolidated=False)` and tensorstore's `zarr3` driver open the whole
@@ -37,10 +42,8 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import shutil
-from functools import reduce
 from pathlib import Path
 
 import jsonschema
@@ -51,6 +54,7 @@ from zarr.codecs import Crc32cCodec, ShardingCodec, ZstdCodec
 import dho
 from cache_schemas import CURRENT_VERSION, KNOWN_VERSIONS, SCHEMA_NAME, load_schema
 from dho.atomic import remove_stale, temp_sibling
+from dho.cache_layout import expected_arrays, row_bytes, shard_group
 from dho.errors import CacheError
 
 # attributes that must be equal for a rerun to add units to an existing store ("don't mix")
@@ -65,71 +69,8 @@ zarr.config.set({"array.write_empty_chunks": True})
 SUM_TOLERANCE = 1e-2  # |sum(p) - 1| of a stored float16 row (C roundings of at most 2^-11 each, relative)
 
 
-def chunk_length(shard_counts: list[int]) -> int:
-    """L = gcd of all shard counts but the last: every shard offset is a multiple of L, so each
-    (view, shard) unit is whole chunks (the last shard may end in a partial chunk). With equal-sized
-    shards (what `dho prepare` writes) L is the shard size and a unit is exactly one chunk."""
-    if len(shard_counts) == 1:
-        return int(shard_counts[0])
-    return int(reduce(math.gcd, shard_counts[:-1]))
-
-
-SHARD_BYTES = 1 << 20  # target uncompressed bytes of one Zarr shard (one view, G dataset shards) of the widest array
-
-
-def shard_group(shard_counts: list[int], chunk_len: int, row_bytes: int) -> int:
-    """G = dataset shards per Zarr shard (schema v4): as many as fit SHARD_BYTES of the widest per-view
-    array (`row_bytes` per sample), when every shard but the last holds exactly L samples (what
-    `dho prepare` writes), so a Zarr shard is G whole dataset shards; else 1 (a Zarr shard is then one
-    chunk of L rows, inside one dataset shard). Writers own groups of G dataset shards (`shard_owner`)."""
-    if len(shard_counts) == 1 or any(c != chunk_len for c in shard_counts[:-1]):
-        return 1
-    return int(max(1, min(SHARD_BYTES // max(1, chunk_len * row_bytes), len(shard_counts))))
-
-
-def row_bytes(attrs: dict) -> int:
-    """Bytes per (view, sample) of the widest per-view array of a cache with these attributes."""
-    widths = [5 * 4]  # view_params
-    widths.append(len(attrs["classnames"]) * 2 if attrs["topk"] is None else attrs["topk"] * 4)
-    if attrs["store_embeddings"]:
-        widths.append(attrs["embed_dim"] * 2)
-    return max(widths)
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _symbols(attrs: dict) -> dict:
-    return {
-        "V": attrs["num_views"], "N": attrs["num_samples"], "C": len(attrs["classnames"]), "K": attrs["topk"],
-        "D": attrs["embed_dim"], "S": len(attrs["shard_counts"]), "L": attrs["chunk_len"],
-        "W": attrs.get("key_bytes"),  # v3 and later
-        "G": attrs.get("shard_group", 1), "GL": attrs.get("shard_group", 1) * attrs["chunk_len"],  # v4
-    }
-
-
-def _expected_arrays(attrs: dict) -> dict[str, dict]:
-    """The schema's array table for these attributes, with symbols resolved to numbers."""
-    sym = _symbols(attrs)
-    when = {
-        "always": True, "topk is null": attrs["topk"] is None, "topk is not null": attrs["topk"] is not None,
-        "store_embeddings": attrs["store_embeddings"],
-    }
-    out = {}
-    for name, spec in load_schema(attrs["schema_version"])["x-dho-arrays"].items():
-        if not when[spec["when"]]:
-            continue
-        shape = tuple(sym[d] if isinstance(d, str) else d for d in spec["shape"])
-        chunks = tuple(min(sym[d] if isinstance(d, str) else d, n) for d, n in zip(spec["chunks"], shape))
-        shards = None
-        if "shards" in spec:  # v4: Zarr shards of GL rows holding inner chunks of L rows
-            shards = tuple(max(min(sym[d] if isinstance(d, str) else d, n), c) for d, n, c in zip(spec["shards"], shape, chunks))
-            shards = tuple(-(-s // c) * c for s, c in zip(shards, chunks))  # a whole number of inner chunks
-        fill = float("nan") if spec["fill_value"] == "NaN" else spec["fill_value"]
-        out[name] = {"dtype": spec["dtype"], "shape": shape, "chunks": chunks, "shards": shards, "fill_value": fill,
-                     "symbols": spec["shape"], "dims": tuple(spec["dims"]) if "dims" in spec else None}  # dimension_names from v3 on
-    return out
 
 
 def encode_keys(keys: list[str]) -> np.ndarray:
@@ -178,6 +119,8 @@ class TeacherCache:
         self.topk: int | None = self.attrs["topk"]
         self.eta: float = float(self.attrs["eta"])
         self.shard_group: int = int(self.attrs.get("shard_group", 1))  # dataset shards per Zarr shard (v4; 1 before)
+        # the augmented views training draws from, 0 .. train_views - 1: all but the optional center view (stored last)
+        self.train_views: int = self.num_views - int(bool(self.attrs.get("center_view", False)))
         self._keys: list[str] | None = None
         self._labels: np.ndarray | None = None
         self._valid: np.ndarray | None = None
@@ -227,7 +170,7 @@ class TeacherCache:
         tmp = temp_sibling(path, "creating")
         try:
             group = zarr.open_group(str(tmp), mode="w-", attributes=attrs)
-            for name, spec in _expected_arrays(attrs).items():
+            for name, spec in expected_arrays(attrs).items():
                 group.create_array(name, shape=spec["shape"], dtype=spec["dtype"], chunks=spec["chunks"], shards=spec["shards"],
                                    fill_value=spec["fill_value"], dimension_names=spec["dims"],
                                    compressors=[ZstdCodec(), Crc32cCodec()])  # every (inner) chunk checksummed
@@ -403,6 +346,11 @@ class TeacherCache:
         self.attrs["complete"] = bool(zarr.open_group(str(self.path), mode="r").attrs.get("complete", False))
 
     @property
+    def has_embeddings(self) -> bool:
+        """Whether the store holds the teacher's image embeddings (`precompute --store-embeddings`)."""
+        return "embeddings" in self.group
+
+    @property
     def text_classifier(self) -> np.ndarray:
         """(C, D) float32 zero-shot classifier of the teacher (unit rows unless text_classifier_norm is "mean")."""
         return np.asarray(self.array("text_classifier")[:], dtype=np.float32)
@@ -480,7 +428,7 @@ class TeacherCache:
     def topk_rows(self, view: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """A top-k cache's rows [start, stop) as stored, checked: indices (n, K) int64, probabilities (n, K)
         float32 (at the cache's eta; NaN / -1 rows for invalid samples). Readers that keep them sparse
-        densify later (`densify_topk`, or `stream.dense_targets` on the device)."""
+        densify later (`densify_topk`, also on the device as torch tensors)."""
         if self.topk is None:
             raise CacheError(f"{self.path} stores dense probabilities, not top-k rows")
         self._check_read(view, start, stop)
@@ -518,7 +466,7 @@ class TeacherCache:
 
     def embeddings(self, view: int, start: int, stop: int) -> np.ndarray:
         """(n, D) float32 L2-normalised teacher image embeddings (stored as float16; needs --store-embeddings)."""
-        if "embeddings" not in self.group:
+        if not self.has_embeddings:
             raise CacheError(f"{self.path} holds no teacher embeddings; rebuild it with `dho precompute-teacher --store-embeddings`")
         self._check_read(view, start, stop)
         emb = np.asarray(self._read("embeddings", view, start, stop), dtype=np.float32)  # (n, D)
@@ -537,7 +485,7 @@ class TeacherCache:
                 try:
                     self.probs(int(view), start, stop)
                     self.view_params(int(view), start, stop)
-                    if "embeddings" in self.group:
+                    if self.has_embeddings:
                         self.embeddings(int(view), start, stop)
                 except CacheError as e:
                     problems.append(str(e))
@@ -623,9 +571,18 @@ class TeacherCache:
         return True
 
 
-def densify_topk(indices: np.ndarray, values: np.ndarray, num_classes: int) -> np.ndarray:
-    """(n, K) top-k indices/probs -> (n, C): top-k kept, remainder 1 - sum spread uniformly over the rest."""
+def densify_topk(indices, values, num_classes: int):
+    """(n, K) top-k indices / probs -> (n, C) float32: the top-k kept, the remainder max(0, 1 - sum) spread
+    uniformly over the other C - K classes. numpy arrays (the reader; a NaN row of an invalid sample stays
+    NaN) or torch tensors on any device (the training loop's targets: indices int64, values float32)."""
     rest = num_classes - values.shape[1]
+    if not isinstance(values, np.ndarray):  # a torch tensor (torch imported here only: readers need no torch)
+        import torch
+
+        remainder = (1.0 - values.sum(dim=1, keepdim=True)).clamp_min(0.0)  # (n, 1)
+        fill = remainder / rest if rest > 0 else torch.zeros_like(remainder)
+        dense = fill.expand(-1, num_classes).clone()  # (n, C)
+        return dense.scatter_(1, indices, values)
     remainder = np.clip(1.0 - values.sum(axis=1, keepdims=True), 0.0, None)  # (n, 1); NaN rows stay NaN
     fill = remainder / rest if rest > 0 else np.zeros_like(remainder)
     dense = np.repeat(fill, num_classes, axis=1).astype(np.float32)  # (n, C)
@@ -634,8 +591,19 @@ def densify_topk(indices: np.ndarray, values: np.ndarray, num_classes: int) -> n
     return dense
 
 
-def retemper(p: np.ndarray, power: float) -> np.ndarray:
-    """p' = p^power / sum (exact re-tempering of softmax(l / eta) to softmax(l / eta'), power = eta / eta')."""
+def retemper(p, power: float):
+    """p' = p^power / sum, float32: the exact re-tempering of softmax(l / eta) to softmax(l / eta'), power =
+    eta / eta' (power 1: p itself). In float64 log space; zero probabilities stay zero. numpy arrays or torch
+    tensors on any device."""
+    if power == 1.0:
+        return p
+    if not isinstance(p, np.ndarray):  # a torch tensor
+        import torch
+
+        logp = torch.log(p.double()) * power  # (n, C), -inf where p == 0
+        logp = logp - logp.masked_fill(~torch.isfinite(logp), -torch.inf).amax(dim=1, keepdim=True)
+        q = torch.exp(logp)
+        return (q / q.sum(dim=1, keepdim=True)).float()
     with np.errstate(divide="ignore", invalid="ignore"):
         logp = np.log(p.astype(np.float64)) * power  # (n, C), -inf where p == 0
         logp -= np.nanmax(np.where(np.isfinite(logp), logp, -np.inf), axis=1, keepdims=True)
@@ -655,7 +623,7 @@ def _short(v) -> str:
 
 def _check_layout(path: Path, group, attrs: dict) -> None:
     """Every array of the schema's table exists with its dtype, shape, chunks and (v3) dimension names."""
-    expected = _expected_arrays(attrs)
+    expected = expected_arrays(attrs)
     present = set(group.array_keys())
     for name, spec in expected.items():
         if name not in present:
@@ -686,114 +654,3 @@ def _check_layout(path: Path, group, attrs: dict) -> None:
     extra = present - set(expected)
     if extra:
         raise CacheError(f"{path}: unexpected arrays {sorted(extra)} for these attributes (topk / store_embeddings); rebuild the cache")
-
-
-# ---------------------------------------------------------------------------------- cache-info
-
-
-def disk_size(path: Path) -> int:
-    """Bytes of all files under `path`."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-def file_count(path: Path) -> int:
-    """Files under `path` (what a file system's inode quota counts)."""
-    return sum(len(files) for _, _, files in os.walk(path))
-
-
-def summarize(path) -> dict:
-    """What `dho cache-info` prints: teacher, views, coverage, valid samples, size, teacher/label agreement."""
-    cache = TeacherCache.open(path)
-    a = cache.attrs
-    done = cache.done  # (V, S)
-    valid = cache.valid  # (N,)
-    labels = cache.labels  # (N,)
-    view = cache.num_views - 1 if a["center_view"] else 0
-    agree, counted = 0, 0
-    for s in np.flatnonzero(done[view]):
-        start, stop = cache.shard_range(int(s))
-        mask = valid[start:stop] & (labels[start:stop] >= 0)
-        if mask.any():
-            pred = cache.probs(view, start, stop).argmax(axis=1)
-            agree += int((pred[mask] == labels[start:stop][mask]).sum())
-            counted += int(mask.sum())
-    samples_done = int(sum(c for c, d in zip(cache.shard_counts, done.all(axis=0)) if d))
-    started = _shard_rows(cache, done.any(axis=0))  # (N,) rows of shards with any unit done
-    return {
-        "path": str(cache.path),
-        "schema_version": a["schema_version"],
-        "dho_version": a["dho_version"],
-        "created_at": a["created_at"],
-        "teacher": a["teacher"],
-        "precision": a["precision"],
-        "templates": a["templates"],
-        "text_classifier_norm": a["text_classifier_norm"],
-        "preprocess": a["preprocess"],
-        "zeta": a["zeta"],
-        "eta": a["eta"],
-        "num_views": cache.num_views,
-        "center_view": a["center_view"],
-        "seed": a["seed"],
-        "topk": a["topk"],
-        "store_embeddings": a["store_embeddings"],
-        "num_samples": cache.num_samples,
-        "num_classes": cache.num_classes,
-        "num_shards": len(cache.shard_counts),
-        "chunk_len": cache.chunk_len,
-        "shard_group": cache.shard_group,
-        "units_done": int(done.sum()),
-        "units_total": int(done.size),
-        "samples_all_views_done": samples_done,
-        "valid_samples": int((valid & started).sum()),
-        "invalid_samples": int((~valid & started).sum()),
-        "complete": cache.is_complete(),
-        "size_bytes": disk_size(cache.path),
-        "num_files": file_count(cache.path),
-        "agreement_view": view,
-        "agreement": agree / counted if counted else None,
-        "agreement_count": counted,
-    }
-
-
-def _shard_rows(cache: TeacherCache, shard_done: np.ndarray) -> np.ndarray:
-    rows = np.zeros(cache.num_samples, dtype=bool)
-    for s in np.flatnonzero(shard_done):
-        start, stop = cache.shard_range(int(s))
-        rows[start:stop] = True
-    return rows
-
-
-def format_summary(info: dict) -> str:
-    """Human-readable lines of `summarize` (the output of `dho cache-info`)."""
-    t, pp = info["teacher"], info["preprocess"]
-    storage = "dense probs (float16)" if info["topk"] is None else f"top-{info['topk']} (indices int32 + probs float16)"
-    if info["store_embeddings"]:
-        storage += " + embeddings"
-    views = f"{info['num_views']}" + (" (last = center view)" if info["center_view"] else "")
-    pct = 100.0 * info["units_done"] / info["units_total"]
-    if info["agreement"] is None:
-        agree = "n/a (no labeled samples computed)"
-    else:
-        which = "center view" if info["center_view"] else "view 0"
-        agree = f"{100.0 * info['agreement']:.2f}% on {info['agreement_count']} labeled valid samples ({which})"
-    lines = [
-        f"cache:      {info['path']} (schema v{info['schema_version']}, dho {info['dho_version']}, created {info['created_at']})",
-        f"teacher:    {t['model']} / {t['pretrained']} (weights sha256 {t['weights_sha256'][:16]}...), precision {info['precision']}",
-        f"classifier: {len(info['templates'])} templates ({info['text_classifier_norm']}), zeta={info['zeta']} "
-        f"(logit scale {1.0 / info['zeta']:g}), eta={info['eta']}",
-        f"preprocess: {pp['image_size']}px {pp['interpolation']} resize_mode={pp['resize_mode']} mean={pp['mean']} std={pp['std']} ({pp['source']})",
-        f"views:      {views}, seed {info['seed']}; storage: {storage}",
-        f"data:       {info['num_samples']} samples, {info['num_classes']} classes, {info['num_shards']} shards, chunk length {info['chunk_len']}, "
-        f"{info['shard_group']} shard(s) per Zarr shard",
-        f"coverage:   {info['units_done']}/{info['units_total']} units done ({pct:.1f}%), complete: {'yes' if info['complete'] else 'no'}"
-        + ("" if "verified" in info else " (chunks not read; --verify reads and checks every one)"),
-        f"samples:    {info['samples_all_views_done']}/{info['num_samples']} with all views done, "
-        f"{info['valid_samples']} valid, {info['invalid_samples']} invalid (unreadable, NaN rows)",
-        f"size:       {info['size_bytes'] / 2**20:.2f} MiB on disk in {info['num_files']} files",
-        f"agreement:  teacher top-1 vs labels {agree}",
-    ]
-    if "verified" in info:
-        damaged = info["verified"]["damaged_units"]
-        lines.append(f"verified:   {'every chunk of every finished unit read back intact' if not damaged else f'{damaged} damaged unit(s)'}")
-        lines += [f"  damaged: {p}" for p in info["verified"]["problems"][:20]]
-    return "\n".join(lines)

@@ -475,7 +475,8 @@ def cache_info(
     verify: Annotated[bool, typer.Option("--verify", help="Read every chunk of every finished unit: checksums, missing chunks, and that every row is a distribution / a crop box; exit 2 if any is damaged. Default: off.")] = False,
 ) -> None:
     """Teacher, views, coverage (done units, valid samples), size on disk and teacher/label top-1 agreement."""
-    from dho.cache import TeacherCache, format_summary, summarize
+    from dho.cache import TeacherCache
+    from dho.cache_info import format_summary, summarize
     from dho.errors import CacheError
 
     info = summarize(cache)

@@ -1,4 +1,4 @@
-"""The 11 datasets of the CoOp few-shot benchmark, imported from their standard layout, and their prompts.
+"""The 11 datasets of the CoOp few-shot benchmark, imported from their standard layout.
 
     dho import-coop NAME ROOT --out DIR      ->  DIR/train, DIR/val, DIR/test (dho datasets)
 
@@ -25,8 +25,8 @@ test set), so `DIR/val` is not written for it: use fixed alpha/beta (Table 6) or
 train with `dho split --val-per-class`.
 
 Every file the split names must exist; a split whose counts or labels disagree with its class
-list is an error naming the file and the entry. `coop_templates(NAME)` gives the dataset's CoOp
-prompt template (`--templates coop:NAME`); ImageNet keeps the 7 Tip-Adapter templates.
+list is an error naming the file and the entry. The datasets' CoOp prompts (`--templates coop:NAME`)
+live with the other template sources in `dho.templates`, which names the datasets with `coop_name`.
 """
 
 from __future__ import annotations
@@ -50,21 +50,20 @@ class CoopSpec:
     folder: str  # under ROOT
     images: str  # under the folder; split paths are relative to it
     split: Optional[str]  # the split_zhou json, or None (fgvc_aircraft, imagenet)
-    template: str  # CoOp's prompt
 
 
 SPECS: dict[str, CoopSpec] = {
-    "caltech101": CoopSpec("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", "a photo of a {}."),
-    "oxford_pets": CoopSpec("oxford_pets", "images", "split_zhou_OxfordPets.json", "a photo of a {}, a type of pet."),
-    "stanford_cars": CoopSpec("stanford_cars", "", "split_zhou_StanfordCars.json", "a photo of a {}."),
-    "oxford_flowers": CoopSpec("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", "a photo of a {}, a type of flower."),
-    "food101": CoopSpec("food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food."),
-    "fgvc_aircraft": CoopSpec("fgvc_aircraft", "images", None, "a photo of a {}, a type of aircraft."),
-    "sun397": CoopSpec("sun397", "SUN397", "split_zhou_SUN397.json", "a photo of a {}."),
-    "dtd": CoopSpec("dtd", "images", "split_zhou_DescribableTextures.json", "{} texture."),
-    "eurosat": CoopSpec("eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}."),
-    "ucf101": CoopSpec("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}."),
-    "imagenet": CoopSpec("imagenet", "images", None, "a photo of a {}."),
+    "caltech101": CoopSpec("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+    "oxford_pets": CoopSpec("oxford_pets", "images", "split_zhou_OxfordPets.json"),
+    "stanford_cars": CoopSpec("stanford_cars", "", "split_zhou_StanfordCars.json"),
+    "oxford_flowers": CoopSpec("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json"),
+    "food101": CoopSpec("food-101", "images", "split_zhou_Food101.json"),
+    "fgvc_aircraft": CoopSpec("fgvc_aircraft", "images", None),
+    "sun397": CoopSpec("sun397", "SUN397", "split_zhou_SUN397.json"),
+    "dtd": CoopSpec("dtd", "images", "split_zhou_DescribableTextures.json"),
+    "eurosat": CoopSpec("eurosat", "2750", "split_zhou_EuroSAT.json"),
+    "ucf101": CoopSpec("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
+    "imagenet": CoopSpec("imagenet", "images", None),
 }
 # CoOp's own class names for the datasets, accepted too
 ALIASES = {"Caltech101": "caltech101", "OxfordPets": "oxford_pets", "StanfordCars": "stanford_cars",
@@ -79,16 +78,6 @@ def coop_name(name: str) -> str:
     if key not in SPECS:
         raise ConfigError(f"unknown CoOp dataset {name!r}; one of {', '.join(SPECS)}")
     return key
-
-
-def coop_templates(name: str) -> list[str]:
-    """The dataset's CoOp prompt; ImageNet: the 7 Tip-Adapter templates (as the DHO reference)."""
-    key = coop_name(name)
-    if key == "imagenet":
-        from dho.teacher import TIP_ADAPTER_TEMPLATES
-
-        return list(TIP_ADAPTER_TEMPLATES)
-    return [SPECS[key].template]
 
 
 def _read_json_split(path: Path) -> dict[str, list]:

@@ -54,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from dho.devices import resolve_device
 from dho.errors import CacheError, ConfigError, check_choice, check_number
 from dho.evaluate import combine_heads, load_run, run_alpha_beta
+from dho.losses import ZETA
 from dho.run_dir import RunDir, write_json
 
 DEFAULT_BATCH_SIZES = (1, 256)  # latency (one image) and serving throughput
@@ -97,7 +98,7 @@ class SingleHeadStudent(nn.Module):
 class ZeroShotTeacher(nn.Module):
     """Image tower f_X, L2 normalisation and the zero-shot classifier (Eq. 1) -> logits (B, C)."""
 
-    def __init__(self, visual: nn.Module, classifier: torch.Tensor, zeta: float = 0.01):
+    def __init__(self, visual: nn.Module, classifier: torch.Tensor, zeta: float = ZETA):
         super().__init__()
         self.visual, self.zeta = visual, float(zeta)
         self.register_buffer("classifier", classifier)  # (C, D) unit rows, fixed: not a parameter

@@ -139,13 +139,3 @@ def prediction_conflict(ce_logits: Tensor, kd_logits: Tensor, labels: Tensor, te
     g_ce = torch.softmax(ce_logits.float(), dim=-1) - y  # (B, C) = dL_CE/dz_logits per sample
     g_kd = torch.softmax(kd_logits.float() / eta, dim=-1) - teacher_probs.float()  # (B, C)
     return (g_ce * g_kd).sum(dim=-1)
-
-
-def retemper(probs: Tensor, eta_from: float, eta_to: float) -> Tensor:
-    """Exact re-tempering of a softmax: softmax(l / t) -> softmax(l / t') is p^(t / t') renormalised.
-
-    With p = softmax(l / eta_from): p^(eta_from / eta_to) is proportional to exp(l / eta_to).
-    Computed in log space (float32); zero probabilities stay zero.
-    """
-    log_p = torch.log(probs.float())  # (B, C), -inf where p == 0
-    return torch.softmax(log_p * (eta_from / eta_to), dim=-1)

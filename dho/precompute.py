@@ -1,10 +1,10 @@
 """Stage 1: run the teacher once over V augmented views of every sample into a teacher cache.
 
-`precompute(dataset, out, ...)` reads top to bottom:
-  1. ranks: torchrun (RANK / WORLD_SIZE / LOCAL_RANK env; gloo on CPU, nccl on CUDA) or explicit
+`precompute(dataset, out, ...)` reads top to bottom (after the option checks, `_check_options`):
+  1. ranks (`dho.devices.setup_ranks`): torchrun (RANK / WORLD_SIZE / LOCAL_RANK env; gloo on CPU, nccl on CUDA) or explicit
      `rank` / `world_size` (job arrays, no process group); a single process otherwise;
   2. the dataset and the teacher (`dho.teacher.load_teacher`) with its zero-shot text classifier;
-  3. the store (`dho.cache.TeacherCache`): created with every attribute, keys, labels and the text
+  3. the store (`dho.cache.TeacherCache`, `_open_store`): created with every attribute, keys, labels and the text
      classifier before any unit is written (torchrun: rank 0 creates, barrier, others open; job
      arrays: every rank tries an atomic create and the losers open the winner's store). An existing
      store built with other parameters is an error, never a mix;
@@ -19,9 +19,10 @@
      recomputed whole). Each worker takes whole shards: more workers than this rank's shards idle;
   5. the teacher runs batched under torch.inference_mode and autocast (`precision`); per sample and
      view p = softmax(cos(f_X(x), w_c) / (zeta * eta)) (Eq. 1 with the KD temperature). One batch
-     is in flight: while the device runs batch k, the host scatters batch k-1 and writes shards;
-  6. when a shard's rows are all in, each of its pending units is written as whole chunks, fsynced,
-     then marked done; whichever process finds every unit done sets `complete=True`.
+     is in flight: while the device runs batch k, the host scatters batch k-1 and writes shards
+     (`_run_batches`);
+  6. when a shard's rows are all in (`_ShardRows`), each of its pending units is written as whole
+     chunks, fsynced, then marked done; whichever process finds every unit done sets `complete=True`.
 
 Precision: `auto` = fp16 autocast on CUDA (the reference code's choice; bf16 moves a probability
 by up to ~2e-2 and the cache keeps it for every student), fp32 on CPU. Unreadable images raise DatasetError naming shard and key; with
@@ -33,7 +34,6 @@ SIGKILL a run between units. Never set it otherwise.
 
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 import time
@@ -43,39 +43,183 @@ import numpy as np
 import torch
 
 from dho import data
-from dho.cache import TeacherCache, chunk_length
-from dho.devices import resolve_device
+from dho.cache import TeacherCache
+from dho.cache_layout import chunk_length
+from dho.devices import Ranks, cpu_threads_beside_workers, resolve_device, setup_ranks
 from dho.errors import CacheError, ConfigError, DatasetError, Interrupted, check_choice, check_number
 from dho.interrupt import StopSignal, ignore_interrupt, workers_gone
-from dho.teacher import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEFAULT_TEMPLATES, DEFAULT_ZETA, load_teacher
+from dho.losses import ETA, ZETA
+from dho.progress import Progress
+from dho.teacher import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_teacher
+from dho.templates import TEACHER_TEMPLATES
 
 DEFAULT_VIEWS = 10  # augmented views per sample, each replayable by distill from its stored box
-DEFAULT_ETA = 2.0  # KD temperature of the paper (Alg. 1)
 DEFAULT_BATCH_SIZE = 64  # images (sample-views) per teacher forward
 DEFAULT_WORKERS = 4  # DataLoader processes decoding and cropping
 
 
-def _setup_ranks(rank: int | None, world_size: int | None, device: torch.device) -> tuple[int, int, str, torch.device]:
-    """(rank, world_size, process group: "" none / "joined" existing / "own" created here, device of this rank)."""
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    if rank is not None or world_size is not None:
-        if rank is None or world_size is None:
-            raise ConfigError("give both --rank and --world-size (job arrays), or neither")
-        if env_world > 1:
-            raise ConfigError("--rank/--world-size are for job arrays; under torchrun the ranks come from the environment")
-        if not 0 <= rank < world_size:
-            raise ConfigError(f"--rank {rank} is not in [0, --world-size {world_size})")
-        return rank, world_size, "", device
-    dist = torch.distributed
-    if env_world > 1 or (dist.is_available() and dist.is_initialized()):
-        if device.type == "cuda":  # resolve_device gave this rank cuda:LOCAL_RANK
-            torch.cuda.set_device(device)
-        group = "joined"
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-            group = "own"
-        return dist.get_rank(), dist.get_world_size(), group, device
-    return 0, 1, "", device
+def precompute(
+    dataset,
+    out,
+    *,
+    model: str = DEFAULT_MODEL,
+    pretrained: str = DEFAULT_PRETRAINED,
+    templates: str | list[str] = TEACHER_TEMPLATES,
+    text_classifier_norm: str = "renormalize",
+    views: int = DEFAULT_VIEWS,
+    center_view: bool = False,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    precision: str = "auto",
+    device: str = "auto",
+    workers: int = DEFAULT_WORKERS,
+    store_embeddings: bool = False,
+    topk: int | None = None,
+    eta: float = ETA,
+    zeta: float = ZETA,
+    rank: int | None = None,
+    world_size: int | None = None,
+    shard_group: int | None = None,
+    skip_bad: bool = False,
+    compile: bool | None = None,
+    image_size: int | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    interpolation: str | None = None,
+    resize_mode: str | None = None,
+    progress_every_s: float = 30.0,
+    stats: dict | None = None,
+) -> TeacherCache:
+    """Fill (or resume) the teacher cache `out` for `dataset`; returns it opened read-only.
+
+    `stats`, if given, is filled with this rank's timing: images (sample-views) computed,
+    setup_s (teacher + store), loop_s (decode -> teacher -> writes) and first_batch_s (worker
+    start-up until the first batch arrives, part of loop_s), for bench/.
+    """
+    t_start = time.time()
+    # every option is checked here, where it enters (the CLI passes them through unchanged)
+    _check_options(out, views=views, batch_size=batch_size, workers=workers, seed=seed, eta=eta, zeta=zeta,
+                   precision=precision, text_classifier_norm=text_classifier_norm, topk=topk, shard_group=shard_group,
+                   image_size=image_size, mean=mean, std=std)
+    ranks = setup_ranks(resolve_device(device), rank, world_size)
+    rank, world_size, dev = ranks.rank, ranks.world_size, ranks.device
+    log = (lambda msg: print(f"precompute-teacher [rank {rank}/{world_size}]: {msg}", file=sys.stderr, flush=True))
+
+    # ---- data and teacher
+    ds = data.Dataset.open(dataset)
+    if topk is not None and not 1 <= topk < ds.num_classes:
+        raise ConfigError(f"--topk {topk} must be in [1, {ds.num_classes - 1}] for {ds.num_classes} classes (or leave it out: dense)")
+    teacher = load_teacher(
+        model, pretrained, dev, precision, classnames=ds.classnames, templates=templates,
+        text_classifier_norm=text_classifier_norm, image_size=image_size,
+        mean=mean, std=std, interpolation=interpolation, resize_mode=resize_mode, verbose=rank == 0, compile=compile,
+    )
+
+    # ---- the store: fully created before any unit is written
+    total_views = views + int(center_view)
+    attrs = _store_attrs(ds, teacher, num_views=total_views, center_view=center_view, seed=seed, zeta=zeta, eta=eta,
+                         topk=topk, store_embeddings=store_embeddings, shard_group=shard_group)
+    cache = _open_store(out, ds, teacher, attrs, ranks)
+
+    # ---- this rank's work: whole shards with any unit not done
+    # (schema v4: groups of `shard_group` consecutive shards share Zarr shards, so ranks own whole groups, round-robin)
+    mine = [s for s in range(len(ds.shards)) if cache.shard_owner(s) % world_size == rank]
+    todo = [s for s in mine if not cache.done[:, s].all()]
+    total_images = sum(ds.shards[s].count for s in todo) * total_views
+    log(
+        f"teacher {teacher.identity['model']} / {teacher.identity['pretrained']} on {dev} ({teacher.precision}); "
+        f"{total_views} views; {len(todo)} of my {len(mine)} shards to do ({len(ds.shards)} in all)"
+    )
+    cpu_threads_beside_workers(dev, workers, world_size)
+    loader = torch.utils.data.DataLoader(
+        _ShardBatches(ds, todo, views, center_view, seed, teacher.preprocess, max(1, batch_size // total_views)),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=dev.type == "cuda",
+        worker_init_fn=ignore_interrupt if workers > 0 else None,
+    )
+    progress = Progress(f"precompute-teacher [rank {rank}/{world_size}]", total_images, unit="images",
+                        every_s=progress_every_s)
+    rows = _ShardRows(cache, ds, total_views, teacher.embed_dim, topk, store_embeddings, progress)
+    t_loop = time.time()
+    t_first = _run_batches(loader, teacher, rows, zeta=zeta, eta=eta, skip_bad=skip_bad, out=out) or t_loop
+    if total_images == 0:
+        progress.update(0)  # nothing to do: still the one line that says so
+    if stats is not None:
+        stats.update(images=progress.done, setup_s=t_loop - t_start, loop_s=time.time() - t_loop, first_batch_s=t_first - t_loop)
+    rows.check_all_written()
+    _finalize(cache, ranks, log, out)
+    return TeacherCache.open(out, dataset=ds)
+
+
+def _check_options(out, *, views, batch_size, workers, seed, eta, zeta, precision, text_classifier_norm, topk,
+                   shard_group, image_size, mean, std) -> None:
+    """The range and choice checks of every option that needs no dataset or teacher."""
+    check_number("--views", views, low=1, integer=True)
+    check_number("--batch-size", batch_size, low=1, integer=True)
+    check_number("--workers", workers, low=0, integer=True)
+    check_number("--seed", seed, low=0, high=2**32 - 1, integer=True)
+    check_number("--eta", eta, low=0, low_open=True)
+    check_number("--zeta", zeta, low=0, low_open=True)
+    check_choice("--precision", precision, ("auto", "fp32", "bf16", "fp16"))
+    check_choice("--text-classifier-norm", text_classifier_norm, ("renormalize", "mean"))
+    out_path = Path(out)
+    if out_path.exists() and not (out_path / "zarr.json").is_file() and (not out_path.is_dir() or any(out_path.iterdir())):
+        raise CacheError(f"{out_path}: no teacher cache here (no zarr.json) and not empty; --out must be a new folder, an "
+                         "empty one or a cache to resume")
+    if topk is not None:
+        check_number("--topk", topk, low=1, integer=True)
+    if shard_group is not None:
+        check_number("--shard-group", shard_group, low=1, integer=True)
+    if image_size is not None:
+        check_number("--image-size", image_size, low=1, integer=True)
+    for option, values in (("--mean", mean), ("--std", std)):
+        for v in values or ():
+            check_number(option, v, low=0, low_open=option == "--std")
+
+
+def _store_attrs(ds, teacher, *, num_views: int, center_view: bool, seed: int, zeta: float, eta: float,
+                 topk: int | None, store_embeddings: bool, shard_group: int | None) -> dict:
+    """The cache's parameters (`cache.PARAM_KEYS`): a rerun with other values is refused, never mixed in."""
+    attrs = {
+        "dataset_fingerprint": ds.fingerprint,
+        "num_samples": ds.num_samples,
+        "classnames": list(ds.classnames),
+        "num_views": num_views,
+        "center_view": bool(center_view),
+        "seed": int(seed),
+        "zeta": float(zeta),
+        "eta": float(eta),
+        "teacher": dict(teacher.identity),
+        "templates": list(teacher.templates),
+        "text_classifier_norm": teacher.text_classifier_norm,
+        "preprocess": dict(teacher.preprocess),
+        "precision": teacher.precision,
+        "topk": topk,
+        "store_embeddings": bool(store_embeddings),
+        "embed_dim": teacher.embed_dim,
+        "shard_counts": [s.count for s in ds.shards],
+        "chunk_len": chunk_length([s.count for s in ds.shards]),
+    }
+    if shard_group is not None:  # else chosen at creation (`cache.shard_group`); not a parameter of the numbers
+        attrs["shard_group"] = shard_group
+    return attrs
+
+
+def _open_store(out, ds, teacher, attrs: dict, ranks: Ranks) -> TeacherCache:
+    """Create the store with every attribute, keys, labels and the text classifier, or open the one there with
+    the same parameters (torchrun: rank 0 creates, barrier, the others open; job arrays: every rank tries an
+    atomic create and the losers open the winner's store)."""
+    create = dict(attrs=attrs, keys=ds.keys, labels=ds.labels, text_classifier=teacher.text_classifier.cpu().numpy(), dataset=ds)
+    if not ranks.group:
+        return TeacherCache.create_or_open(out, **create)
+    if ranks.rank == 0:
+        cache = TeacherCache.create_or_open(out, **create)
+    torch.distributed.barrier()
+    if ranks.rank != 0:
+        cache = TeacherCache.open(out, dataset=ds, mode="r+")
+        cache.check_params(attrs)
+    return cache
 
 
 class _ShardBatches(torch.utils.data.IterableDataset):
@@ -139,29 +283,48 @@ class _ShardBatches(torch.utils.data.IterableDataset):
             "errors": errors,
         }
 
+def _run_batches(loader, teacher, rows: "_ShardRows", *, zeta: float, eta: float, skip_bad: bool, out) -> float | None:
+    """Run the teacher over every batch, one batch in flight: while the device runs batch k, the host
+    collects batch k-1 into `rows` (and writes the shards it completes). Stops between batches on
+    SIGTERM / SIGINT (Interrupted) and at the first unreadable image unless `skip_bad` (DatasetError),
+    after collecting the batch in flight. -> the time the first batch arrived (None: no batch)."""
+    in_flight, t_first = None, None
 
-class _Progress:
-    """Images done, rate and ETA: a live line on a TTY, plain periodic lines otherwise."""
+    def interrupted(name: str) -> Interrupted:
+        done = int(rows.cache.done.sum())
+        return Interrupted(f"stopped by {name} with {done}/{rows.cache.done.size} units of {out} done; rerun the same "
+                           "command to compute the rest")
 
-    def __init__(self, total: int, prefix: str, every_s: float):
-        self.total, self.prefix, self.every_s = total, prefix, every_s
-        self.done, self.t0, self.last = 0, time.time(), 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, n: int, final: bool = False) -> None:
-        self.done += n
-        now = time.time()
-        if not final and now - self.last < (0.5 if self.tty else self.every_s):
-            return
-        self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        eta = datetime.timedelta(seconds=round((self.total - self.done) / rate)) if rate > 0 else "?"
-        pct = 100.0 * self.done / max(self.total, 1)
-        line = f"{self.prefix}: {self.done}/{self.total} images ({pct:.1f}%), {rate:.1f} images/s, ETA {eta}"
-        if self.tty:
-            print("\r" + line, end="\n" if final else "", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
+    with torch.inference_mode(), StopSignal() as stop:
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except RuntimeError as e:  # SIGTERM took the DataLoader workers too
+                if not workers_gone(e, stop):
+                    raise
+                batch = None
+            if stop.signum is not None:  # stop between batches: the batch in flight may finish a shard's units,
+                if in_flight is not None:  # the rows of shards not yet complete are dropped (recomputed on rerun)
+                    rows.add(*in_flight)
+                raise interrupted(stop.name)
+            if rows.progress.done == 0 and in_flight is None:
+                t_first = time.time()
+            if batch["errors"] and not skip_bad:
+                if in_flight is not None:
+                    rows.add(*in_flight)
+                raise DatasetError(
+                    f"{batch['errors'][0]}; or pass --skip-bad to `dho precompute-teacher` to record it as invalid"
+                )
+            launched = (batch, *_run_teacher(teacher, batch["images"], zeta, eta, rows.topk, rows.store_embeddings))
+            if in_flight is not None:
+                rows.add(*in_flight)
+            in_flight = launched
+        if in_flight is not None:
+            rows.add(*in_flight)
+    return t_first
 
 
 def _run_teacher(teacher, images: torch.Tensor, zeta: float, eta: float, topk: int | None,
@@ -189,174 +352,60 @@ def _run_teacher(teacher, images: torch.Tensor, zeta: float, eta: float, topk: i
     return out, ready
 
 
-def precompute(
-    dataset,
-    out,
-    *,
-    model: str = DEFAULT_MODEL,
-    pretrained: str = DEFAULT_PRETRAINED,
-    templates: str | list[str] = DEFAULT_TEMPLATES,
-    text_classifier_norm: str = "renormalize",
-    views: int = DEFAULT_VIEWS,
-    center_view: bool = False,
-    seed: int = 0,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    precision: str = "auto",
-    device: str = "auto",
-    workers: int = DEFAULT_WORKERS,
-    store_embeddings: bool = False,
-    topk: int | None = None,
-    eta: float = DEFAULT_ETA,
-    zeta: float = DEFAULT_ZETA,
-    rank: int | None = None,
-    world_size: int | None = None,
-    shard_group: int | None = None,
-    skip_bad: bool = False,
-    compile: bool | None = None,
-    image_size: int | None = None,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
-    interpolation: str | None = None,
-    resize_mode: str | None = None,
-    progress_every_s: float = 30.0,
-    stats: dict | None = None,
-) -> TeacherCache:
-    """Fill (or resume) the teacher cache `out` for `dataset`; returns it opened read-only.
+class _ShardRows:
+    """The teacher rows of the shards in progress, for every view; a shard's units are written once all its rows are in.
 
-    `stats`, if given, is filled with this rank's timing: images (sample-views) computed,
-    setup_s (teacher + store), loop_s (decode -> teacher -> writes) and first_batch_s (worker
-    start-up until the first batch arrives, part of loop_s), for bench/.
+    Batches never cross shards, so a shard's buffer fills from its own batches; NaN / -1 rows stay for
+    invalid samples. Writing a shard: `valid`, then each pending unit as whole chunks, fsynced, marked done.
     """
-    t_start = time.time()
-    # every option is checked here, where it enters (the CLI passes them through unchanged)
-    check_number("--views", views, low=1, integer=True)
-    check_number("--batch-size", batch_size, low=1, integer=True)
-    check_number("--workers", workers, low=0, integer=True)
-    check_number("--seed", seed, low=0, high=2**32 - 1, integer=True)
-    check_number("--eta", eta, low=0, low_open=True)
-    check_number("--zeta", zeta, low=0, low_open=True)
-    check_choice("--precision", precision, ("auto", "fp32", "bf16", "fp16"))
-    check_choice("--text-classifier-norm", text_classifier_norm, ("renormalize", "mean"))
-    out_path = Path(out)
-    if out_path.exists() and not (out_path / "zarr.json").is_file() and (not out_path.is_dir() or any(out_path.iterdir())):
-        raise CacheError(f"{out_path}: no teacher cache here (no zarr.json) and not empty; --out must be a new folder, an "
-                         "empty one or a cache to resume")
-    if topk is not None:
-        check_number("--topk", topk, low=1, integer=True)
-    if shard_group is not None:
-        check_number("--shard-group", shard_group, low=1, integer=True)
-    if image_size is not None:
-        check_number("--image-size", image_size, low=1, integer=True)
-    for option, values in (("--mean", mean), ("--std", std)):
-        for v in values or ():
-            check_number(option, v, low=0, low_open=option == "--std")
-    dev = resolve_device(device)
-    rank, world_size, distributed, dev = _setup_ranks(rank, world_size, dev)
-    log = (lambda msg: print(f"precompute-teacher [rank {rank}/{world_size}]: {msg}", file=sys.stderr, flush=True))
 
-    # ---- data and teacher
-    ds = data.Dataset.open(dataset)
-    if topk is not None and not 1 <= topk < ds.num_classes:
-        raise ConfigError(f"--topk {topk} must be in [1, {ds.num_classes - 1}] for {ds.num_classes} classes (or leave it out: dense)")
-    teacher = load_teacher(
-        model, pretrained, dev, precision, classnames=ds.classnames, templates=templates,
-        text_classifier_norm=text_classifier_norm, image_size=image_size,
-        mean=mean, std=std, interpolation=interpolation, resize_mode=resize_mode, verbose=rank == 0, compile=compile,
-    )
-    pp = teacher.preprocess
+    def __init__(self, cache: TeacherCache, ds, num_views: int, embed_dim: int, topk: int | None, store_embeddings: bool,
+                 progress: Progress):
+        self.cache, self.ds, self.num_views, self.embed_dim = cache, ds, num_views, embed_dim
+        self.topk, self.store_embeddings, self.progress = topk, store_embeddings, progress
+        self.buffers: dict[int, dict] = {}
+        self.slow_units = float(os.environ.get("DHO_TEST_SLOW_UNITS", "0"))  # test-only hook, see module docstring
 
-    # ---- the store: fully created before any unit is written
-    total_views = views + int(center_view)
-    attrs = {
-        "dataset_fingerprint": ds.fingerprint,
-        "num_samples": ds.num_samples,
-        "classnames": list(ds.classnames),
-        "num_views": total_views,
-        "center_view": bool(center_view),
-        "seed": int(seed),
-        "zeta": float(zeta),
-        "eta": float(eta),
-        "teacher": dict(teacher.identity),
-        "templates": list(teacher.templates),
-        "text_classifier_norm": teacher.text_classifier_norm,
-        "preprocess": dict(pp),
-        "precision": teacher.precision,
-        "topk": topk,
-        "store_embeddings": bool(store_embeddings),
-        "embed_dim": teacher.embed_dim,
-        "shard_counts": [s.count for s in ds.shards],
-        "chunk_len": chunk_length([s.count for s in ds.shards]),
-    }
-    if shard_group is not None:  # else chosen at creation (`cache.shard_group`); not a parameter of the numbers
-        attrs["shard_group"] = shard_group
-    create = dict(attrs=attrs, keys=ds.keys, labels=ds.labels, text_classifier=teacher.text_classifier.cpu().numpy(), dataset=ds)
-    if distributed:
-        if rank == 0:
-            cache = TeacherCache.create_or_open(out, **create)
-        torch.distributed.barrier()
-        if rank != 0:
-            cache = TeacherCache.open(out, dataset=ds, mode="r+")
-            cache.check_params(attrs)
-    else:
-        cache = TeacherCache.create_or_open(out, **create)
+    def _buffer(self, n: int) -> dict:
+        """Empty rows of one shard of n samples, every view: (V', n, X)."""
+        V, topk = self.num_views, self.topk
+        return {
+            "probs": np.full((V, n, topk or self.ds.num_classes), np.nan, dtype=np.float16),
+            "topk_indices": np.full((V, n, topk), -1, dtype=np.int32) if topk else None,
+            "embeddings": np.full((V, n, self.embed_dim), np.nan, dtype=np.float16) if self.store_embeddings else None,
+            "params": np.full((V, n, 5), -1, dtype=np.int32),
+            "valid": np.zeros(n, dtype=bool),
+            "filled": 0,
+        }
 
-    # ---- this rank's work: whole shards with any unit not done
-    # (schema v4: groups of `shard_group` consecutive shards share Zarr shards, so ranks own whole groups, round-robin)
-    mine = [s for s in range(len(ds.shards)) if cache.shard_owner(s) % world_size == rank]
-    todo = [s for s in mine if not cache.done[:, s].all()]
-    total_images = sum(ds.shards[s].count for s in todo) * total_views
-    log(
-        f"teacher {teacher.identity['model']} / {teacher.identity['pretrained']} on {dev} ({teacher.precision}); "
-        f"{total_views} views; {len(todo)} of my {len(mine)} shards to do ({len(ds.shards)} in all)"
-    )
-    samples_per_batch = max(1, batch_size // total_views)
-    if dev.type == "cpu" and workers > 0:
-        # decoding workers share the cores with the teacher: a machine-wide OpenMP pool would spin and starve them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size - workers))
-    loader = torch.utils.data.DataLoader(
-        _ShardBatches(ds, todo, views, center_view, seed, pp, samples_per_batch),
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=dev.type == "cuda",
-        worker_init_fn=ignore_interrupt if workers > 0 else None,
-    )
-    progress = _Progress(total_images, f"precompute-teacher [rank {rank}/{world_size}]", progress_every_s)
-    slow_units = float(os.environ.get("DHO_TEST_SLOW_UNITS", "0"))  # test-only hook, see module docstring
-    buffers: dict[int, dict] = {}
-    C, D = ds.num_classes, teacher.embed_dim
-    t_loop = t_first = time.time()
-
-    def collect(batch: dict, results: dict, ready) -> None:
-        """Scatter one batch's teacher results into its shard's buffer; write the shard's units once full."""
+    def add(self, batch: dict, results: dict, ready) -> None:
+        """Scatter one batch's teacher results into its shard's buffer; write the shard's units once it is full."""
         if ready is not None:
             ready.synchronize()  # the non-blocking copies to the host have landed
         s = int(batch["shard"])
-        n, start = ds.shards[s].count, ds.shards[s].offset
-        if s not in buffers:  # rows of shard s for every view; NaN / -1 stay for invalid samples
-            buffers[s] = {
-                "probs": np.full((total_views, n, topk or C), np.nan, dtype=np.float16),
-                "topk_indices": np.full((total_views, n, topk), -1, dtype=np.int32) if topk else None,
-                "embeddings": np.full((total_views, n, D), np.nan, dtype=np.float16) if store_embeddings else None,
-                "params": np.full((total_views, n, 5), -1, dtype=np.int32),
-                "valid": np.zeros(n, dtype=bool),
-                "filled": 0,
-            }
-        buf = buffers[s]
+        n, start = self.ds.shards[s].count, self.ds.shards[s].offset
+        if s not in self.buffers:
+            self.buffers[s] = self._buffer(n)
+        buf = self.buffers[s]
         b = len(batch["rows"])
         pos = (batch["rows"] - start).numpy()  # (b,) rows inside the shard
         ok = batch["valid"].numpy()  # (b,)
         for name, values in results.items():  # (b * V', X) sample-major -> (V', b, X)
-            values = values.view(b, total_views, -1).transpose(0, 1).numpy()
+            values = values.view(b, self.num_views, -1).transpose(0, 1).numpy()
             buf[name][:, pos[ok]] = values[:, ok]
         buf["params"][:, pos] = batch["params"].numpy().transpose(1, 0, 2)  # (V', b, 5)
         buf["valid"][pos] = ok
         buf["filled"] += b
-        progress.update(b * total_views)
-        if buf["filled"] < n:
-            return
-        # every row of shard s is in: write its pending units (whole chunks, fsynced, then done)
+        self.progress.update(b * self.num_views)
+        if buf["filled"] >= n:
+            self._write(s, buf)
+            del self.buffers[s]
+
+    def _write(self, s: int, buf: dict) -> None:
+        """Every row of shard s is in: write its pending units (whole chunks, fsynced, then done)."""
+        cache, topk = self.cache, self.topk
         cache.write_valid(s, buf["valid"])
-        for v in range(total_views):
+        for v in range(self.num_views):
             if cache.done[v, s]:
                 continue
             cache.write_unit(
@@ -365,60 +414,24 @@ def precompute(
                 probs=buf["probs"][v] if topk is None else None,
                 topk_indices=buf["topk_indices"][v] if topk is not None else None,
                 topk_probs=buf["probs"][v] if topk is not None else None,
-                embeddings=buf["embeddings"][v] if store_embeddings else None,
+                embeddings=buf["embeddings"][v] if self.store_embeddings else None,
             )
-            if slow_units:
-                time.sleep(slow_units)
-        del buffers[s]
+            if self.slow_units:
+                time.sleep(self.slow_units)
 
-    # One batch in flight: while the device runs batch k, the host collects and writes batch k-1.
-    in_flight = None
+    def check_all_written(self) -> None:
+        """A shard still buffered yielded fewer rows than its manifest count (iter_shard checks this too)."""
+        if self.buffers:
+            s = next(iter(self.buffers))
+            raise DatasetError(f"shard {s} ({self.ds.shards[s].path}) ended after {self.buffers[s]['filled']} of "
+                               f"{self.ds.shards[s].count} samples")
 
-    def interrupted(name: str) -> Interrupted:
-        done = int(cache.done.sum())
-        return Interrupted(f"stopped by {name} with {done}/{cache.done.size} units of {out} done; rerun the same "
-                           "command to compute the rest")
 
-    with torch.inference_mode(), StopSignal() as stop:
-        batches = iter(loader)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            except RuntimeError as e:  # SIGTERM took the DataLoader workers too
-                if not workers_gone(e, stop):
-                    raise
-                batch = None
-            if stop.signum is not None:  # stop between batches: the batch in flight may finish a shard's units,
-                if in_flight is not None:  # the rows of shards not yet complete are dropped (recomputed on rerun)
-                    collect(*in_flight)
-                raise interrupted(stop.name)
-            if progress.done == 0 and in_flight is None:
-                t_first = time.time()
-            if batch["errors"] and not skip_bad:
-                if in_flight is not None:
-                    collect(*in_flight)
-                raise DatasetError(
-                    f"{batch['errors'][0]}; or pass --skip-bad to `dho precompute-teacher` to record it as invalid"
-                )
-            launched = (batch, *_run_teacher(teacher, batch["images"], zeta, eta, topk, store_embeddings))
-            if in_flight is not None:
-                collect(*in_flight)
-            in_flight = launched
-        if in_flight is not None:
-            collect(*in_flight)
-    progress.update(0, final=True)
-    if stats is not None:
-        stats.update(images=progress.done, setup_s=t_loop - t_start, loop_s=time.time() - t_loop, first_batch_s=t_first - t_loop)
-    if buffers:  # a shard that yielded fewer rows than its manifest count (iter_shard checks this too)
-        s = next(iter(buffers))
-        raise DatasetError(f"shard {s} ({ds.shards[s].path}) ended after {buffers[s]['filled']} of {ds.shards[s].count} samples")
-
-    # ---- finalisation: rank 0 after a barrier (torchrun), else whichever process sees every unit done
-    if distributed:
+def _finalize(cache: TeacherCache, ranks: Ranks, log, out) -> None:
+    """Rank 0 after a barrier (torchrun), else whichever process sees every unit done, marks the cache complete."""
+    if ranks.group:
         torch.distributed.barrier()
-    if not distributed or rank == 0:
+    if not ranks.group or ranks.rank == 0:
         if cache.finalize():
             log(f"complete: {int(cache.done.sum())}/{cache.done.size} units -> {out}")
         else:
@@ -426,8 +439,7 @@ def precompute(
                 f"my units are done; {int(cache.done.sum())}/{cache.done.size} units overall. The last process to "
                 "finish (or a rerun of the same command) marks the cache complete"
             )
-    if distributed:
+    if ranks.group:
         torch.distributed.barrier()  # nobody returns before rank 0 has finalised
-    if distributed == "own":
+    if ranks.group == "own":
         torch.distributed.destroy_process_group()
-    return TeacherCache.open(out, dataset=ds)

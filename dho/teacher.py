@@ -1,7 +1,8 @@
 """The zero-shot VLM teacher: any open_clip model, its preprocessing, and its text classifier.
 
-This is the only module that imports open_clip (besides the VLM student builder). It answers
-three questions for stage 1 (`dho.precompute`):
+This is the only module that imports open_clip (besides the VLM student builder, and `dho.templates`,
+which reads open_clip's list of the "openai" templates). It answers three questions for stage 1
+(`dho.precompute`):
 
 - which network, with which weights: `load_teacher(model, pretrained, ...)`. `model` is an
   open_clip model name or a path to an open_clip model-config JSON file (registered with
@@ -13,8 +14,8 @@ three questions for stage 1 (`dho.precompute`):
   the pretrained config (tag or local-dir), else open_clip's defaults, which are then printed;
   every field can be overridden. The result is `Teacher.preprocess` and goes into the cache.
 - how it predicts: the zero-shot classifier `w_c` = per-class mean of the L2-normalised text
-  embeddings of the prompts `template.format(classname)`, re-normalised (`text_classifier_norm`
-  "renormalize", Eq. 1) or not ("mean", what the reference code's DFN branch does: logits then
+  embeddings of the prompts (the templates of `dho.templates` with `{}` replaced by the class
+  name), re-normalised (`text_classifier_norm` "renormalize", Eq. 1) or not ("mean", what the reference code's DFN branch does: logits then
   scale with the norm of the mean, 100 ||m_c|| cos); logits `f_X(x) . w_c / zeta` for a
   normalised image embedding (Alg. 1 line 13 without the KD temperature).
 
@@ -47,67 +48,17 @@ import torch.nn.functional as F
 from dho.data import file_sha256  # noqa: F401 (also this module's API)
 from dho.devices import resolve_device
 from dho.errors import ConfigError
+from dho.losses import ZETA
+from dho.templates import TEACHER_TEMPLATES, fill_templates, resolve_templates, template_mean
 
 # The paper's low-shot teacher (Table 6): DFN ViT-H/14 at 378 px. The name must carry
 # '-quickgelu': DFN was trained with QuickGELU and the plain name silently uses GELU.
 DEFAULT_MODEL = "ViT-H-14-378-quickgelu"
 DEFAULT_PRETRAINED = "dfn5b"
-DEFAULT_TEMPLATES = "tip-adapter"
-DEFAULT_ZETA = 0.01  # logit scale 1/zeta = 100, as CLIP and the reference code
-
-# The 7 ImageNet prompts of Tip-Adapter, used by the DHO reference code.
-TIP_ADAPTER_TEMPLATES = [
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-]
-
 INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("squash", "shortest", "longest")
 PRECISIONS = ("fp32", "bf16", "fp16")
 TEXT_CLASSIFIER_NORMS = ("renormalize", "mean")
-
-
-def builtin_templates() -> dict[str, list[str]]:
-    """Template sets selectable by name: 'tip-adapter' (7), 'openai' (80, open_clip's own list), 'simple'."""
-    return {
-        "tip-adapter": list(TIP_ADAPTER_TEMPLATES),
-        # open_clip stores them as functions of the class name; '{}' turns each back into a template.
-        "openai": [t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES],
-        "simple": ["a photo of a {}."],
-    }
-
-
-def resolve_templates(spec: str | list[str]) -> list[str]:
-    """Templates from a built-in name, a file (one template per line), or a list; each must contain '{}'."""
-    if isinstance(spec, (list, tuple)):
-        templates = [str(t) for t in spec]
-        source = "the given list"
-    elif spec in builtin_templates():
-        return builtin_templates()[spec]
-    elif str(spec).startswith("coop:"):  # the CoOp benchmark's prompt of a dataset
-        from dho.coop import coop_templates
-
-        return coop_templates(str(spec)[len("coop:"):])
-    elif Path(spec).is_file():
-        lines = Path(spec).read_text(encoding="utf-8").splitlines()
-        templates = [line.strip() for line in lines if line.strip()]
-        source = f"template file {spec}"
-    else:
-        raise ConfigError(
-            f"--templates {spec!r} is neither a built-in template set ({', '.join(builtin_templates())}), "
-            "coop:DATASET (the CoOp benchmark's prompt), nor an existing file with one template per line"
-        )
-    if not templates:
-        raise ConfigError(f"{source} holds no templates; write one template per line, e.g. 'a photo of a {{}}.'")
-    for t in templates:
-        if "{}" not in t:
-            raise ConfigError(f"template {t!r} in {source} has no '{{}}' where the class name goes")
-    return templates
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
@@ -217,15 +168,14 @@ class Teacher:
         -> (C, D), also kept on self."""
         if norm not in TEXT_CLASSIFIER_NORMS:
             raise ConfigError(f"--text-classifier-norm must be one of {', '.join(TEXT_CLASSIFIER_NORMS)}, got {norm!r}")
-        prompts = [t.replace("{}", c) for c in classnames for t in templates]
-        emb = self.encode_texts(prompts).view(len(classnames), len(templates), -1)  # (C, T, D)
-        mean = emb.mean(dim=1)  # (C, D)
-        self.text_classifier = F.normalize(mean, dim=-1) if norm == "renormalize" else mean
+        prompts = fill_templates(templates, classnames)  # C * T, class-major
+        emb = self.encode_texts(prompts).view(len(classnames), len(templates), -1)  # (C, T, D), in chunks of 256
+        self.text_classifier = template_mean(emb, renormalize=norm == "renormalize")  # (C, D)
         self.templates = list(templates)
         self.text_classifier_norm = norm
         return self.text_classifier
 
-    def logits(self, image_emb: torch.Tensor, zeta: float = DEFAULT_ZETA) -> torch.Tensor:
+    def logits(self, image_emb: torch.Tensor, zeta: float = ZETA) -> torch.Tensor:
         """Zero-shot logits f_X(x) . w_c / zeta (Eq. 1; = cos / zeta for unit w_c) from normalised embeddings (B, D) -> (B, C)."""
         if self.text_classifier is None:
             raise ConfigError("the teacher has no text classifier yet; call build_text_classifier(classnames, templates)")
@@ -249,7 +199,7 @@ def load_teacher(
     precision: str = "auto",
     *,
     classnames: list[str] | None = None,
-    templates: str | list[str] = DEFAULT_TEMPLATES,
+    templates: str | list[str] = TEACHER_TEMPLATES,
     text_classifier_norm: str = "renormalize",
     image_size: int | None = None,
     mean: tuple[float, float, float] | None = None,
@@ -278,133 +228,24 @@ def load_teacher(
     for name, v in (("--mean", mean), ("--std", std)):
         if v is not None and len(v) != 3:
             raise ConfigError(f"{name} needs 3 values (R G B), got {list(v)}")
-
-    # ---- which architecture and which weights
-    pretrained = str(pretrained)
-    weights_file, is_tag = None, False
-    if pretrained.startswith("local-dir:"):
-        folder = Path(pretrained[len("local-dir:"):])
-        config_file = folder / "open_clip_config.json"
-        if not config_file.is_file():
-            raise ConfigError(f"--pretrained {pretrained}: {config_file} not found (open_clip hf-hub folder layout expected)")
-        folder_cfg = _read_json(config_file)
-        if "model_cfg" not in folder_cfg:
-            raise ConfigError(f"{config_file} has no 'model_cfg' (open_clip hf-hub config format expected)")
-        oc_name, oc_pretrained, model_cfg = f"local-dir:{folder}", None, folder_cfg["model_cfg"]
-        pp_source = f"{config_file.name} in {folder}" if folder_cfg.get("preprocess_cfg") else None
-        identity_model, identity_pretrained = f"local-dir:{folder.name}", f"local-dir:{folder.name}"
-        if verbose and model != DEFAULT_MODEL:
-            print(f"teacher: architecture from {config_file} (--model {model} is ignored)", file=sys.stderr)
-    else:
-        oc_name, model_cfg = _register_model(model)
-        identity_model = oc_name
-        if pretrained.lower() == "none":
-            oc_pretrained, pp_source, identity_pretrained = None, None, "none"
-        elif Path(pretrained).is_file():
-            weights_file = Path(pretrained)
-            oc_pretrained, pp_source, identity_pretrained = str(weights_file), None, weights_file.name
-        elif open_clip.get_pretrained_cfg(oc_name, pretrained):
-            tag_cfg = open_clip.get_pretrained_cfg(oc_name, pretrained)
-            tag_quick = bool(tag_cfg.get("quick_gelu", False))
-            if tag_quick != bool(model_cfg.get("quick_gelu", False)):
-                other = f"{oc_name}-quickgelu" if tag_quick else oc_name.removesuffix("-quickgelu")
-                raise ConfigError(
-                    f"pretrained tag {pretrained!r} was trained with quick_gelu={tag_quick} but model {oc_name} "
-                    f"uses quick_gelu={not tag_quick}; use --model {other}, or the activation is silently wrong"
-                )
-            oc_pretrained, pp_source, identity_pretrained = pretrained, f"pretrained tag {pretrained!r}", pretrained
-            is_tag = True
-        else:
-            if any(s in pretrained for s in ("/", ".pt", ".bin", ".safetensors")):
-                raise ConfigError(f"--pretrained {pretrained}: checkpoint file not found")
-            tags = open_clip.list_pretrained_tags_by_model(oc_name)
-            raise ConfigError(
-                f"--pretrained {pretrained!r} is not a tag of {oc_name} (known tags: {', '.join(tags) or 'none'}), "
-                "an existing checkpoint file, local-dir:FOLDER, or none"
-            )
-
     overrides = {
         k: v
         for k, v in dict(image_size=image_size, mean=mean, std=std, interpolation=interpolation, resize_mode=resize_mode).items()
         if v is not None
     }
-    # Random init (and anything else drawing from the global RNG while building) is seeded so
-    # that every rank and every resumed run builds the very same `none` teacher.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        try:
-            net, _, _ = open_clip.create_model_and_transforms(
-                oc_name,
-                pretrained=oc_pretrained,
-                precision="fp32",
-                device="cpu",
-                force_image_size=image_size,
-                image_mean=tuple(mean) if mean is not None else None,
-                image_std=tuple(std) if std is not None else None,
-                image_interpolation=interpolation,
-                image_resize_mode=resize_mode,
-            )
-        except Exception as e:  # noqa: BLE001 - torch.load and open_clip raise many types for a bad checkpoint
-            if isinstance(e, ConfigError):
-                raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            first = first if len(first) <= 160 else first[:157] + "..."
-            hint = (
-                "with HF_HUB_OFFLINE=1 the weights must already be in the Hugging Face cache; otherwise pass a local "
-                "checkpoint file or local-dir:FOLDER"
-                if is_tag
-                else "check that the checkpoint matches the model architecture"
-            )
-            raise ConfigError(f"could not build teacher {identity_model} with weights {pretrained!r}: {first}; {hint}") from e
-    net.eval()
 
-    # ---- fingerprint of the weights (before moving: fp32 CPU bytes, independent of the device)
-    if weights_file is not None:
-        weights_sha256 = file_sha256(weights_file)
-    else:
-        weights_sha256 = hashlib.sha256(f"{identity_pretrained}\n{state_dict_sha256(net)}".encode()).hexdigest()
-
-    # ---- preprocessing actually used (open_clip merged tag/local-dir config, defaults and overrides)
-    cfg = net.visual.preprocess_cfg
-    preprocess = {
-        "image_size": _square_size(cfg["size"], f"teacher {identity_model}"),
-        "interpolation": str(cfg["interpolation"]),
-        "mean": [float(m) for m in cfg["mean"]],
-        "std": [float(s) for s in cfg["std"]],
-        "resize_mode": str(cfg["resize_mode"]),
-    }
-    if preprocess["interpolation"] not in INTERPOLATIONS:
-        raise ConfigError(
-            f"teacher preprocessing uses interpolation {preprocess['interpolation']!r}; pass --interpolation bicubic or bilinear"
-        )
-    source = pp_source or "open_clip defaults (the weights carry no preprocessing config)"
-    missing = [k for k in ("interpolation", "mean", "std", "resize_mode") if k not in overrides]
-    if pp_source is None and missing and verbose:
-        shown = ", ".join(f"{k}={preprocess[k]}" for k in ["image_size"] + missing)
-        what = "random-init teacher (--pretrained none)" if identity_pretrained == "none" else identity_pretrained
-        print(
-            f"teacher: {what} carries no preprocessing config; using open_clip defaults {shown} "
-            "(override with --image-size/--mean/--std/--interpolation/--resize-mode)",
-            file=sys.stderr,
-        )
-    if overrides:
-        source += "; overridden: " + ", ".join(sorted(overrides))
-    preprocess["source"] = source
-
-    identity = {
-        "model": identity_model,
-        "pretrained": identity_pretrained,
-        "weights_sha256": weights_sha256,
-        "model_config_sha256": _canonical_sha256(model_cfg),
-    }
+    source = _resolve_source(model, str(pretrained), verbose)
+    net = _build_network(source, str(pretrained), overrides)
+    identity = _identity(source, net)  # before moving: fp32 CPU bytes, independent of the device
+    preprocess = _preprocess(net, source, overrides, verbose)
     teacher = Teacher(
         model=net.to(device),
-        tokenizer=open_clip.get_tokenizer(oc_name),
+        tokenizer=open_clip.get_tokenizer(source.oc_name),
         device=device,
         precision=precision,
         preprocess=preprocess,
         identity=identity,
-        embed_dim=int(model_cfg["embed_dim"]),
+        embed_dim=int(source.model_cfg["embed_dim"]),
     )
     if classnames is not None:
         teacher.build_text_classifier(list(classnames), resolve_templates(templates), text_classifier_norm)
@@ -419,6 +260,139 @@ def load_teacher(
         teacher.image_encoder = EagerFallback(torch.compile(net.encode_image), net.encode_image,
                                               print if verbose else (lambda msg, **kw: None))
     return teacher
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Which architecture with which weights: what open_clip builds, and how the cache names it."""
+
+    oc_name: str  # the open_clip model name (`local-dir:FOLDER` for a folder)
+    oc_pretrained: str | None  # open_clip's `pretrained`: a tag, a file, or None (random init; a folder's own weights)
+    model_cfg: dict  # the architecture's open_clip model config
+    pp_source: str | None  # where the preprocessing config comes from; None: open_clip's defaults
+    identity_model: str
+    identity_pretrained: str
+    weights_file: Path | None = None  # a checkpoint file, fingerprinted by its bytes
+    is_tag: bool = False
+
+
+def _resolve_source(model: str, pretrained: str, verbose: bool) -> _Source:
+    """--model and --pretrained -> the architecture and the weights (see the module docstring)."""
+    if pretrained.startswith("local-dir:"):
+        folder = Path(pretrained[len("local-dir:"):])
+        config_file = folder / "open_clip_config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"--pretrained {pretrained}: {config_file} not found (open_clip hf-hub folder layout expected)")
+        folder_cfg = _read_json(config_file)
+        if "model_cfg" not in folder_cfg:
+            raise ConfigError(f"{config_file} has no 'model_cfg' (open_clip hf-hub config format expected)")
+        if verbose and model != DEFAULT_MODEL:
+            print(f"teacher: architecture from {config_file} (--model {model} is ignored)", file=sys.stderr)
+        pp_source = f"{config_file.name} in {folder}" if folder_cfg.get("preprocess_cfg") else None
+        name = f"local-dir:{folder.name}"
+        return _Source(f"local-dir:{folder}", None, folder_cfg["model_cfg"], pp_source, name, name)
+    oc_name, model_cfg = _register_model(model)
+    if pretrained.lower() == "none":
+        return _Source(oc_name, None, model_cfg, None, oc_name, "none")
+    if Path(pretrained).is_file():
+        weights_file = Path(pretrained)
+        return _Source(oc_name, str(weights_file), model_cfg, None, oc_name, weights_file.name, weights_file=weights_file)
+    tag_cfg = open_clip.get_pretrained_cfg(oc_name, pretrained)
+    if tag_cfg:
+        tag_quick = bool(tag_cfg.get("quick_gelu", False))
+        if tag_quick != bool(model_cfg.get("quick_gelu", False)):
+            other = f"{oc_name}-quickgelu" if tag_quick else oc_name.removesuffix("-quickgelu")
+            raise ConfigError(
+                f"pretrained tag {pretrained!r} was trained with quick_gelu={tag_quick} but model {oc_name} "
+                f"uses quick_gelu={not tag_quick}; use --model {other}, or the activation is silently wrong"
+            )
+        return _Source(oc_name, pretrained, model_cfg, f"pretrained tag {pretrained!r}", oc_name, pretrained, is_tag=True)
+    if any(s in pretrained for s in ("/", ".pt", ".bin", ".safetensors")):
+        raise ConfigError(f"--pretrained {pretrained}: checkpoint file not found")
+    tags = open_clip.list_pretrained_tags_by_model(oc_name)
+    raise ConfigError(
+        f"--pretrained {pretrained!r} is not a tag of {oc_name} (known tags: {', '.join(tags) or 'none'}), "
+        "an existing checkpoint file, local-dir:FOLDER, or none"
+    )
+
+
+def _build_network(source: _Source, pretrained: str, overrides: dict) -> torch.nn.Module:
+    """The fp32 CPU network in eval mode, with the preprocessing `overrides`; a failure is one ConfigError."""
+    # Random init (and anything else drawing from the global RNG while building) is seeded so
+    # that every rank and every resumed run builds the very same `none` teacher.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            net, _, _ = open_clip.create_model_and_transforms(
+                source.oc_name,
+                pretrained=source.oc_pretrained,
+                precision="fp32",
+                device="cpu",
+                force_image_size=overrides.get("image_size"),
+                image_mean=tuple(overrides["mean"]) if "mean" in overrides else None,
+                image_std=tuple(overrides["std"]) if "std" in overrides else None,
+                image_interpolation=overrides.get("interpolation"),
+                image_resize_mode=overrides.get("resize_mode"),
+            )
+        except Exception as e:  # noqa: BLE001 - torch.load and open_clip raise many types for a bad checkpoint
+            if isinstance(e, ConfigError):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first if len(first) <= 160 else first[:157] + "..."
+            hint = (
+                "with HF_HUB_OFFLINE=1 the weights must already be in the Hugging Face cache; otherwise pass a local "
+                "checkpoint file or local-dir:FOLDER"
+                if source.is_tag
+                else "check that the checkpoint matches the model architecture"
+            )
+            raise ConfigError(f"could not build teacher {source.identity_model} with weights {pretrained!r}: {first}; {hint}") from e
+    net.eval()
+    return net
+
+
+def _identity(source: _Source, net: torch.nn.Module) -> dict:
+    """`Teacher.identity`: names, the weights fingerprint (see the module docstring) and the config's hash."""
+    if source.weights_file is not None:
+        weights_sha256 = file_sha256(source.weights_file)
+    else:
+        weights_sha256 = hashlib.sha256(f"{source.identity_pretrained}\n{state_dict_sha256(net)}".encode()).hexdigest()
+    return {
+        "model": source.identity_model,
+        "pretrained": source.identity_pretrained,
+        "weights_sha256": weights_sha256,
+        "model_config_sha256": _canonical_sha256(source.model_cfg),
+    }
+
+
+def _preprocess(net: torch.nn.Module, source: _Source, overrides: dict, verbose: bool) -> dict:
+    """The preprocessing actually used (open_clip merged the tag / local-dir config, its defaults and the overrides)."""
+    cfg = net.visual.preprocess_cfg
+    preprocess = {
+        "image_size": _square_size(cfg["size"], f"teacher {source.identity_model}"),
+        "interpolation": str(cfg["interpolation"]),
+        "mean": [float(m) for m in cfg["mean"]],
+        "std": [float(s) for s in cfg["std"]],
+        "resize_mode": str(cfg["resize_mode"]),
+    }
+    if preprocess["interpolation"] not in INTERPOLATIONS:
+        raise ConfigError(
+            f"teacher preprocessing uses interpolation {preprocess['interpolation']!r}; pass --interpolation bicubic or bilinear"
+        )
+    pp_source = source.pp_source
+    missing = [k for k in ("interpolation", "mean", "std", "resize_mode") if k not in overrides]
+    if pp_source is None and missing and verbose:
+        shown = ", ".join(f"{k}={preprocess[k]}" for k in ["image_size"] + missing)
+        pretrained = source.identity_pretrained
+        what = "random-init teacher (--pretrained none)" if pretrained == "none" else pretrained
+        print(
+            f"teacher: {what} carries no preprocessing config; using open_clip defaults {shown} "
+            "(override with --image-size/--mean/--std/--interpolation/--resize-mode)",
+            file=sys.stderr,
+        )
+    preprocess["source"] = pp_source or "open_clip defaults (the weights carry no preprocessing config)"
+    if overrides:
+        preprocess["source"] += "; overridden: " + ", ".join(sorted(overrides))
+    return preprocess
 
 
 class EagerFallback:

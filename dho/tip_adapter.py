@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import dho
 from dho import data
-from dho.atomic import remove_stale, temp_sibling
+from dho.atomic import write_atomic
 from dho.cache import TeacherCache
 from dho.devices import resolve_device
 from dho.errors import CacheError, ConfigError, check_number
@@ -57,13 +57,9 @@ def tip_logits(f: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, classi
     return zero_shot + alpha * torch.exp(-beta * (1.0 - affinity)) @ values  # (B, C)
 
 
-def _train_views(cache: TeacherCache) -> list[int]:
-    return list(range(cache.num_views - int(bool(cache.attrs.get("center_view", False)))))
-
-
 def _embeddings(cache: TeacherCache, views: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """-> (V', N, D) normalised embeddings of the given views, (N,) valid mask."""
-    if "embeddings" not in cache.group:
+    if not cache.has_embeddings:
         raise CacheError(f"{cache.path} holds no teacher embeddings; Tip-Adapter needs them: rebuild it with "
                          "`dho precompute-teacher --store-embeddings`")
     if not cache.is_complete():
@@ -100,7 +96,7 @@ def build(labeled, labeled_cache, val, val_cache, *, epochs: int = 20, lr: float
 
     torch.manual_seed(seed)
     C, zeta = lab_ds.num_classes, float(lab_c.attrs["zeta"])
-    emb, valid = _embeddings(lab_c, _train_views(lab_c))  # (V, N_l, D)
+    emb, valid = _embeddings(lab_c, list(range(lab_c.train_views)))  # (V, N_l, D)
     keep = np.flatnonzero(valid)
     emb, labels = torch.from_numpy(emb[:, keep]).float(), torch.from_numpy(lab_ds.labels[keep])  # (V, N, D), (N,)
     keys = F.normalize(emb.mean(dim=0), dim=-1)  # (N, D)
@@ -165,12 +161,7 @@ def save(adapter: dict, path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"--out {path} is a folder; give the file to write, e.g. {path / 'tip-adapter-f.pt'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path)
-    tmp = temp_sibling(path, "tmp")
-    torch.save(adapter, tmp)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, lambda part: torch.save(adapter, part))
 
 
 def load(path) -> dict:
@@ -194,7 +185,7 @@ def apply(adapter_path, dataset, cache, out, *, device: str = "auto", log=print)
     base = TeacherCache.open(cache, dataset=ds)
     if not base.is_complete():
         raise CacheError(f"{cache} is incomplete; finish it with the same `dho precompute-teacher` command")
-    if "embeddings" not in base.group:
+    if not base.has_embeddings:
         raise CacheError(f"{cache} holds no teacher embeddings; rebuild it with `dho precompute-teacher --store-embeddings`")
     if base.attrs["teacher"] != adapter["base_teacher"] or list(ds.classnames) != adapter["classnames"]:
         raise ConfigError(f"{cache} was made by another teacher or for other classes than {adapter_path} was fitted on")

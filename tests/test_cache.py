@@ -14,7 +14,8 @@ from helpers_data import make_image_folder
 
 import cache_schemas
 from dho import data
-from dho.cache import TeacherCache, chunk_length, densify_topk, retemper
+from dho.cache import TeacherCache, densify_topk, retemper
+from dho.cache_layout import chunk_length
 from dho.errors import CacheError
 
 README = Path(cache_schemas.__file__).parent / "README.md"
@@ -146,6 +147,35 @@ def test_topk_densify_and_exact_retempering(tmp_path, tiny_dataset):
     np.testing.assert_allclose(cache.probs(0, 0, n, eta=1.0), _softmax(lg / 1.0), atol=5e-3)
 
 
+def test_retemper_is_exact():
+    import torch
+
+    logits = torch.tensor([[1.0, 2.0, -3.0, 0.5]])
+    p2 = torch.softmax(logits / 2.0, -1)
+    torch.testing.assert_close(retemper(p2, 2.0 / 1.0), torch.softmax(logits, -1))
+    torch.testing.assert_close(retemper(p2, 2.0 / 4.0), torch.softmax(logits / 4.0, -1))
+    zero = torch.tensor([[0.5, 0.5, 0.0]])
+    assert retemper(zero, 2.0 / 1.0).tolist() == [[0.5, 0.5, 0.0]]
+
+
+@pytest.mark.parametrize("power", [1.0, 0.5])
+def test_torch_densify_and_retemper_equal_stream_dense_targets(power):
+    """The pair on torch tensors is bit for bit what the training loop computes today (`stream.dense_targets`)."""
+    import torch
+
+    from dho.stream import dense_targets
+
+    g = torch.Generator().manual_seed(3)
+    for n, C, K in ((64, 10, 3), (7, 1000, 5), (5, 4, 4)):
+        p = torch.softmax(torch.randn(n, C, generator=g) * 4, dim=-1)  # (n, C)
+        val, idx = torch.topk(p, K, dim=-1)  # (n, K) each
+        val = val.half().float()  # what the cache stores and reads back
+        val[0] = torch.tensor([1.0] + [0.0] * (K - 1))  # a row whose top-k holds all the mass
+        got = retemper(densify_topk(idx, val, C), power)
+        assert got.dtype == torch.float32 and got.shape == (n, C)
+        assert torch.equal(got, dense_targets(idx, val, C, power))
+
+
 def test_schema_checked_on_every_open(tmp_path, tiny_dataset):
     path = tmp_path / "c.zarr"
     _create(path, tiny_dataset)
@@ -259,7 +289,7 @@ def test_a_schema_v1_cache_stays_readable_and_resumable(tmp_path):
         p = cache.probs(view, 0, cache.num_samples)  # (N, C)
         assert np.isfinite(p).all() and (p >= 0).all()
         np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=2e-3)
-    from dho.cache import summarize
+    from dho.cache_info import summarize
 
     info = summarize(tmp_path / "v1" / "cache.zarr")
     assert info["schema_version"] == 1 and info["complete"] and info["text_classifier_norm"] == "renormalize"

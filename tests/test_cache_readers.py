@@ -22,7 +22,8 @@ from helpers_data import make_image_folder
 
 import cache_schemas
 from dho import data
-from dho.cache import TeacherCache, decode_keys, encode_keys, summarize
+from dho.cache import TeacherCache, decode_keys, encode_keys
+from dho.cache_info import summarize
 from dho.errors import CacheError
 from dho.precompute import precompute
 

@@ -12,9 +12,9 @@ import pytest
 
 import cache_schemas
 from dho import data
-from dho.coop import SPECS, coop_templates, import_coop, read_split
+from dho.coop import SPECS, import_coop, read_split
 from dho.errors import ConfigError, DatasetError
-from dho.teacher import resolve_templates
+from dho.templates import COOP_TEMPLATES, coop_templates, resolve_templates
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("make_smoke_coop", ROOT / "pipelines" / "fewshot" / "make_smoke_coop.py")
@@ -62,7 +62,7 @@ def test_coop_templates_and_names():
     assert resolve_templates("coop:EuroSAT") == ["a centered satellite photo of {}."]
     assert resolve_templates("coop:dtd") == ["{} texture."]
     assert len(coop_templates("imagenet")) == 7 and coop_templates("imagenet")[0] == "itap of a {}."
-    assert len(SPECS) == 11
+    assert len(SPECS) == 11 and set(COOP_TEMPLATES) == set(SPECS)
     with pytest.raises(ConfigError, match="unknown CoOp dataset 'mnist'"):
         resolve_templates("coop:mnist")
 
@@ -117,7 +117,8 @@ def fewshot(tmp_path_factory):
 
 def test_tip_adapter_f_beats_the_zero_shot_teacher_and_its_cache_trains_a_student(fewshot):
     from dho import tip_adapter as tip
-    from dho.cache import TeacherCache, summarize
+    from dho.cache import TeacherCache
+    from dho.cache_info import summarize
     from dho.distill import DistillConfig, distill
 
     root = fewshot
@@ -140,7 +141,7 @@ def test_tip_adapter_f_beats_the_zero_shot_teacher_and_its_cache_trains_a_studen
     tip.apply(path, root / "lab", root / "lab.zarr", root / "lab-tipf.zarr", device="cpu", log=lambda m: None)
     pool = TeacherCache.open(root / "pool-tipf.zarr", dataset=data.Dataset.open(root / "ds" / "train"))
     np_probs = pool.probs(0, 0, 6)
-    assert abs(float(np_probs.sum(axis=1).mean()) - 1.0) < 1e-2 and "embeddings" not in pool.group
+    assert abs(float(np_probs.sum(axis=1).mean()) - 1.0) < 1e-2 and not pool.has_embeddings
     run = distill(DistillConfig(labeled=str(root / "lab"), labeled_cache=str(root / "lab-tipf.zarr"),
                                 unlabeled=str(root / "ds" / "train"), unlabeled_cache=str(root / "pool-tipf.zarr"),
                                 student="resnet-tiny", out=str(root / "run"), epochs=1, batch_size=6, workers=0, device="cpu",

@@ -106,7 +106,7 @@ def test_a_fresh_seed_lands_inside_the_recorded_spread(fresh):
     # caches name it as their teacher, and DHO distilled from them learns from it (far above CE only)
     tip = result["per_seed"][0]["tip_adapter_f"]
     assert tip["val_top1"]["tip_adapter_f"] > tip["val_top1"]["zero_shot"]
-    from dho.cache import summarize
+    from dho.cache_info import summarize
 
     teacher = summarize(out / "seed-0" / "train-tipf.zarr")["teacher"]
     labeled = result["per_seed"][0]["counts"]["labeled"]

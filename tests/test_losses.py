@@ -106,15 +106,6 @@ def test_feature_kd_loss_hand_value():
     assert both["loss"].item() == pytest.approx(0.25 * both["ce"].item() + 0.75 * 1.4)
 
 
-def test_retemper_is_exact():
-    logits = torch.tensor([[1.0, 2.0, -3.0, 0.5]])
-    p2 = torch.softmax(logits / 2.0, -1)
-    torch.testing.assert_close(losses.retemper(p2, 2.0, 1.0), torch.softmax(logits, -1))
-    torch.testing.assert_close(losses.retemper(p2, 2.0, 4.0), torch.softmax(logits / 4.0, -1))
-    zero = torch.tensor([[0.5, 0.5, 0.0]])
-    assert losses.retemper(zero, 2.0, 1.0).tolist() == [[0.5, 0.5, 0.0]]
-
-
 def test_theorem_a1_single_head_optimum():
     """Minimising lambda*CE(y) + (1-lambda)*KL(p || softmax(l)) over free logits l gives
     softmax(l) = lambda*y + (1-lambda)*p (Theorem A.1, eta = 1)."""

@@ -20,7 +20,8 @@ from PIL import Image
 
 from dho import data
 from dho.atomic import remove_stale
-from dho.cache import TeacherCache, summarize
+from dho.cache import TeacherCache
+from dho.cache_info import summarize
 from dho.devices import resolve_device
 from dho.errors import CacheError, ConfigError, DatasetError
 from dho.precompute import precompute

@@ -16,7 +16,8 @@ from timm.data import resolve_data_config
 
 from dho import data
 from dho.errors import ConfigError
-from dho.students import _timm_preprocess, build_student, list_students, load_student, save_student
+from dho.students import build_student, list_students, load_student, save_student
+from dho.timm_students import timm_preprocess
 from fixtures_models import TINY_CLIP_CONFIG, tiny_teacher_ckpt  # noqa: F401
 from helpers_data import make_image_folder
 
@@ -65,17 +66,17 @@ def test_interpolation_override_and_timm_interpolations():
     assert build_student("timm/test_resnet", 2, interpolation="bicubic").preprocess["interpolation"] == "bicubic"
     lanczos = _timm_model("test_resnet", 0, num_classes=0, pretrained_cfg_overlay={"interpolation": "lanczos"})
     with pytest.warns(UserWarning, match="'lanczos' -> dho's closest, 'bicubic'"):
-        assert _timm_preprocess(lanczos, "timm/test_resnet")["interpolation"] == "bicubic"
+        assert timm_preprocess(lanczos, "timm/test_resnet")["interpolation"] == "bicubic"
     nearest = _timm_model("test_resnet", 0, num_classes=0, pretrained_cfg_overlay={"interpolation": "nearest"})
     with pytest.raises(ConfigError, match="interpolation 'nearest'.*--interpolation"):
-        _timm_preprocess(nearest, "timm/test_resnet")
-    assert _timm_preprocess(nearest, "timm/test_resnet", "bilinear")["interpolation"] == "bilinear"
+        timm_preprocess(nearest, "timm/test_resnet")
+    assert timm_preprocess(nearest, "timm/test_resnet", "bilinear")["interpolation"] == "bilinear"
     wide = _timm_model("test_resnet", 0, num_classes=0, pretrained_cfg_overlay={"input_size": (3, 160, 192)})
     with pytest.warns(UserWarning, match="non-square input size 160x192"):
-        assert _timm_preprocess(wide, "timm/test_resnet")["image_size"] == 192
+        assert timm_preprocess(wide, "timm/test_resnet")["image_size"] == 192
     fixed = _timm_model("test_vit", 0, num_classes=0, pretrained_cfg_overlay={"input_size": (3, 160, 192)})
     with pytest.raises(ConfigError, match="fixed non-square"):
-        _timm_preprocess(fixed, "timm/test_vit")
+        timm_preprocess(fixed, "timm/test_vit")
 
 
 @pytest.mark.parametrize("name", ["timm/test_resnet", "timm/test_vit.r160_in1k"])

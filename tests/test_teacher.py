@@ -17,7 +17,8 @@ from fixtures_models import (  # noqa: F401
 )
 
 from dho.errors import ConfigError
-from dho.teacher import TIP_ADAPTER_TEMPLATES, load_teacher, resolve_precision, resolve_templates
+from dho.teacher import load_teacher, resolve_precision
+from dho.templates import TIP_ADAPTER_TEMPLATES, resolve_templates
 
 CLASSNAMES = ["red square", "green thing", "blue sky"]
 SPEC_TIP_ADAPTER = [

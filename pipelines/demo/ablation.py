@@ -50,7 +50,7 @@ def labeled_cache(seed_dir: Path, seed: int, teacher: Path, views: int) -> Path:
 
 
 def _complete(path: Path) -> bool:
-    from dho.cache import summarize
+    from dho.cache_info import summarize
 
     try:
         return bool(summarize(path)["complete"])

@@ -254,7 +254,7 @@ def format_analysis(record: dict) -> str:
 
 def _cache_agreement(path: Path) -> float:
     """Top-1 agreement of the teacher's evaluation view with the labels (what `dho cache-info` prints)."""
-    from dho.cache import summarize
+    from dho.cache_info import summarize
 
     return float(summarize(path)["agreement"])
 

@@ -1,0 +1,125 @@
+"""What `dho cache-info` prints about a teacher cache: teacher, views, coverage, valid samples, size on disk
+and the teacher's top-1 agreement with the labels (`summarize`, `format_summary`).
+
+It reads through `dho.cache.TeacherCache` only (no zarr here). `dho cache-info --verify` adds
+`TeacherCache.verify()`'s damaged units to the summary.
+
+Out of scope: comparing two caches, per-class statistics.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dho.cache import TeacherCache
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of all files under `path`."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def file_count(path: Path) -> int:
+    """Files under `path` (what a file system's inode quota counts)."""
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
+def summarize(path) -> dict:
+    """What `dho cache-info` prints: teacher, views, coverage, valid samples, size, teacher/label agreement."""
+    cache = TeacherCache.open(path)
+    a = cache.attrs
+    done = cache.done  # (V, S)
+    valid = cache.valid  # (N,)
+    labels = cache.labels  # (N,)
+    view = cache.num_views - 1 if a["center_view"] else 0
+    agree, counted = 0, 0
+    for s in np.flatnonzero(done[view]):
+        start, stop = cache.shard_range(int(s))
+        mask = valid[start:stop] & (labels[start:stop] >= 0)
+        if mask.any():
+            pred = cache.probs(view, start, stop).argmax(axis=1)
+            agree += int((pred[mask] == labels[start:stop][mask]).sum())
+            counted += int(mask.sum())
+    samples_done = int(sum(c for c, d in zip(cache.shard_counts, done.all(axis=0)) if d))
+    started = _shard_rows(cache, done.any(axis=0))  # (N,) rows of shards with any unit done
+    return {
+        "path": str(cache.path),
+        "schema_version": a["schema_version"],
+        "dho_version": a["dho_version"],
+        "created_at": a["created_at"],
+        "teacher": a["teacher"],
+        "precision": a["precision"],
+        "templates": a["templates"],
+        "text_classifier_norm": a["text_classifier_norm"],
+        "preprocess": a["preprocess"],
+        "zeta": a["zeta"],
+        "eta": a["eta"],
+        "num_views": cache.num_views,
+        "center_view": a["center_view"],
+        "seed": a["seed"],
+        "topk": a["topk"],
+        "store_embeddings": a["store_embeddings"],
+        "num_samples": cache.num_samples,
+        "num_classes": cache.num_classes,
+        "num_shards": len(cache.shard_counts),
+        "chunk_len": cache.chunk_len,
+        "shard_group": cache.shard_group,
+        "units_done": int(done.sum()),
+        "units_total": int(done.size),
+        "samples_all_views_done": samples_done,
+        "valid_samples": int((valid & started).sum()),
+        "invalid_samples": int((~valid & started).sum()),
+        "complete": cache.is_complete(),
+        "size_bytes": disk_size(cache.path),
+        "num_files": file_count(cache.path),
+        "agreement_view": view,
+        "agreement": agree / counted if counted else None,
+        "agreement_count": counted,
+    }
+
+
+def _shard_rows(cache: TeacherCache, shard_done: np.ndarray) -> np.ndarray:
+    rows = np.zeros(cache.num_samples, dtype=bool)
+    for s in np.flatnonzero(shard_done):
+        start, stop = cache.shard_range(int(s))
+        rows[start:stop] = True
+    return rows
+
+
+def format_summary(info: dict) -> str:
+    """Human-readable lines of `summarize` (the output of `dho cache-info`)."""
+    t, pp = info["teacher"], info["preprocess"]
+    storage = "dense probs (float16)" if info["topk"] is None else f"top-{info['topk']} (indices int32 + probs float16)"
+    if info["store_embeddings"]:
+        storage += " + embeddings"
+    views = f"{info['num_views']}" + (" (last = center view)" if info["center_view"] else "")
+    pct = 100.0 * info["units_done"] / info["units_total"]
+    if info["agreement"] is None:
+        agree = "n/a (no labeled samples computed)"
+    else:
+        which = "center view" if info["center_view"] else "view 0"
+        agree = f"{100.0 * info['agreement']:.2f}% on {info['agreement_count']} labeled valid samples ({which})"
+    lines = [
+        f"cache:      {info['path']} (schema v{info['schema_version']}, dho {info['dho_version']}, created {info['created_at']})",
+        f"teacher:    {t['model']} / {t['pretrained']} (weights sha256 {t['weights_sha256'][:16]}...), precision {info['precision']}",
+        f"classifier: {len(info['templates'])} templates ({info['text_classifier_norm']}), zeta={info['zeta']} "
+        f"(logit scale {1.0 / info['zeta']:g}), eta={info['eta']}",
+        f"preprocess: {pp['image_size']}px {pp['interpolation']} resize_mode={pp['resize_mode']} mean={pp['mean']} std={pp['std']} ({pp['source']})",
+        f"views:      {views}, seed {info['seed']}; storage: {storage}",
+        f"data:       {info['num_samples']} samples, {info['num_classes']} classes, {info['num_shards']} shards, chunk length {info['chunk_len']}, "
+        f"{info['shard_group']} shard(s) per Zarr shard",
+        f"coverage:   {info['units_done']}/{info['units_total']} units done ({pct:.1f}%), complete: {'yes' if info['complete'] else 'no'}"
+        + ("" if "verified" in info else " (chunks not read; --verify reads and checks every one)"),
+        f"samples:    {info['samples_all_views_done']}/{info['num_samples']} with all views done, "
+        f"{info['valid_samples']} valid, {info['invalid_samples']} invalid (unreadable, NaN rows)",
+        f"size:       {info['size_bytes'] / 2**20:.2f} MiB on disk in {info['num_files']} files",
+        f"agreement:  teacher top-1 vs labels {agree}",
+    ]
+    if "verified" in info:
+        damaged = info["verified"]["damaged_units"]
+        lines.append(f"verified:   {'every chunk of every finished unit read back intact' if not damaged else f'{damaged} damaged unit(s)'}")
+        lines += [f"  damaged: {p}" for p in info["verified"]["problems"][:20]]
+    return "\n".join(lines)

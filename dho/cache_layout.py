@@ -1,0 +1,80 @@
+"""The layout of a teacher cache, from its attributes alone: the chunk length L along the samples, the
+shard group G (dataset shards per Zarr shard, schema v4) and the schema's array table resolved to numbers
+(`expected_arrays`: dtype, shape, chunks, shards, fill value, dimension names of every array).
+
+`dho.cache` creates stores with this layout and checks every store it opens against it; precompute
+computes L for a new cache from the dataset's shard counts. Pure (no zarr): the schema comes from
+`cache_schemas`.
+
+Out of scope: choosing chunk lengths other than the gcd rule, layouts of other stores.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import reduce
+
+from cache_schemas import load_schema
+
+
+def chunk_length(shard_counts: list[int]) -> int:
+    """L = gcd of all shard counts but the last: every shard offset is a multiple of L, so each
+    (view, shard) unit is whole chunks (the last shard may end in a partial chunk). With equal-sized
+    shards (what `dho prepare` writes) L is the shard size and a unit is exactly one chunk."""
+    if len(shard_counts) == 1:
+        return int(shard_counts[0])
+    return int(reduce(math.gcd, shard_counts[:-1]))
+
+
+SHARD_BYTES = 1 << 20  # target uncompressed bytes of one Zarr shard (one view, G dataset shards) of the widest array
+
+
+def shard_group(shard_counts: list[int], chunk_len: int, row_bytes: int) -> int:
+    """G = dataset shards per Zarr shard (schema v4): as many as fit SHARD_BYTES of the widest per-view
+    array (`row_bytes` per sample), when every shard but the last holds exactly L samples (what
+    `dho prepare` writes), so a Zarr shard is G whole dataset shards; else 1 (a Zarr shard is then one
+    chunk of L rows, inside one dataset shard). Writers own groups of G dataset shards (`shard_owner`)."""
+    if len(shard_counts) == 1 or any(c != chunk_len for c in shard_counts[:-1]):
+        return 1
+    return int(max(1, min(SHARD_BYTES // max(1, chunk_len * row_bytes), len(shard_counts))))
+
+
+def row_bytes(attrs: dict) -> int:
+    """Bytes per (view, sample) of the widest per-view array of a cache with these attributes."""
+    widths = [5 * 4]  # view_params
+    widths.append(len(attrs["classnames"]) * 2 if attrs["topk"] is None else attrs["topk"] * 4)
+    if attrs["store_embeddings"]:
+        widths.append(attrs["embed_dim"] * 2)
+    return max(widths)
+
+
+def _symbols(attrs: dict) -> dict:
+    return {
+        "V": attrs["num_views"], "N": attrs["num_samples"], "C": len(attrs["classnames"]), "K": attrs["topk"],
+        "D": attrs["embed_dim"], "S": len(attrs["shard_counts"]), "L": attrs["chunk_len"],
+        "W": attrs.get("key_bytes"),  # v3 and later
+        "G": attrs.get("shard_group", 1), "GL": attrs.get("shard_group", 1) * attrs["chunk_len"],  # v4
+    }
+
+
+def expected_arrays(attrs: dict) -> dict[str, dict]:
+    """The schema's array table for these attributes, with symbols resolved to numbers."""
+    sym = _symbols(attrs)
+    when = {
+        "always": True, "topk is null": attrs["topk"] is None, "topk is not null": attrs["topk"] is not None,
+        "store_embeddings": attrs["store_embeddings"],
+    }
+    out = {}
+    for name, spec in load_schema(attrs["schema_version"])["x-dho-arrays"].items():
+        if not when[spec["when"]]:
+            continue
+        shape = tuple(sym[d] if isinstance(d, str) else d for d in spec["shape"])
+        chunks = tuple(min(sym[d] if isinstance(d, str) else d, n) for d, n in zip(spec["chunks"], shape))
+        shards = None
+        if "shards" in spec:  # v4: Zarr shards of GL rows holding inner chunks of L rows
+            shards = tuple(max(min(sym[d] if isinstance(d, str) else d, n), c) for d, n, c in zip(spec["shards"], shape, chunks))
+            shards = tuple(-(-s // c) * c for s, c in zip(shards, chunks))  # a whole number of inner chunks
+        fill = float("nan") if spec["fill_value"] == "NaN" else spec["fill_value"]
+        out[name] = {"dtype": spec["dtype"], "shape": shape, "chunks": chunks, "shards": shards, "fill_value": fill,
+                     "symbols": spec["shape"], "dims": tuple(spec["dims"]) if "dims" in spec else None}  # dimension_names from v3 on
+    return out
