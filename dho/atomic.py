@@ -68,7 +68,8 @@ def remove_stale(out: Path) -> list[Path]:
     return removed
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') writes to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -96,10 +97,10 @@ def replace_files(*paths: Path, durable: bool = False) -> Iterator[list[Path]]:
         yield parts
         for part, path in zip(parts, paths):
             if durable:
-                _fsync(part)
+                fsync(part)
             os.replace(part, path)
         if durable:
-            _fsync(folder)
+            fsync(folder)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

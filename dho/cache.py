@@ -53,7 +53,7 @@ from zarr.codecs import Crc32cCodec, ShardingCodec, ZstdCodec
 
 import dho
 from cache_schemas import CURRENT_VERSION, KNOWN_VERSIONS, SCHEMA_NAME, load_schema
-from dho.atomic import remove_stale, temp_sibling
+from dho.atomic import fsync, remove_stale, temp_sibling
 from dho.cache_layout import expected_arrays, row_bytes, shard_group
 from dho.errors import CacheError
 
@@ -89,14 +89,6 @@ def decode_keys(raw: np.ndarray) -> list[str]:
     """(N, W) uint8 zero-padded UTF-8 (schema v3 `keys`) -> N strings."""
     raw = np.ascontiguousarray(raw, dtype=np.uint8)  # (N, W)
     return [b.decode("utf-8") for b in raw.view(f"S{raw.shape[1]}")[:, 0]]  # numpy's S strips the trailing zeros
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class TeacherCache:
@@ -179,14 +171,14 @@ class TeacherCache:
             group["text_classifier"][:] = np.asarray(text_classifier, dtype=np.float32)
             for f in sorted(tmp.rglob("*")):
                 if f.is_file():
-                    _fsync_path(f)
+                    fsync(f)
             try:
                 os.rename(tmp, path)  # atomic; fails if another process created `path` first
             except OSError:
                 if not path.exists():
                     raise
             else:
-                _fsync_path(path.parent)
+                fsync(path.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -512,10 +504,10 @@ class TeacherCache:
                     for stray in f.parent.glob(f"{f.name}.*.partial"):
                         stray.unlink(missing_ok=True)
                 elif f.exists():  # an all-fill-value chunk is not stored
-                    _fsync_path(f)
+                    fsync(f)
                     dirs.add(f.parent)
         for d in dirs:
-            _fsync_path(d)
+            fsync(d)
 
     def write_valid(self, shard: int, valid: np.ndarray) -> None:
         """valid[rows of shard] (whole chunks of this shard only); call before any unit of the shard is marked done."""
@@ -556,8 +548,8 @@ class TeacherCache:
     def _fsync_done(self, view: int, shard: int) -> None:
         rows, cols = self.array("done").metadata.chunk_grid.chunk_shape
         f = self.path / "done" / self.array("done").metadata.encode_chunk_key((view // rows, shard // cols))
-        _fsync_path(f)
-        _fsync_path(f.parent)
+        fsync(f)
+        fsync(f.parent)
 
     def finalize(self) -> bool:
         """Set attribute complete=True if every unit is done; returns whether the cache is complete."""
@@ -566,7 +558,7 @@ class TeacherCache:
             return False
         if not self.group.attrs.get("complete", False):
             self.group.attrs.update({"complete": True})
-            _fsync_path(self.path / "zarr.json")
+            fsync(self.path / "zarr.json")
             self.attrs["complete"] = True
         return True
 

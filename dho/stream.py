@@ -56,6 +56,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dho import data
+from dho.cache import TeacherCache, densify_topk, retemper
 from dho.errors import ConfigError
 
 
@@ -97,8 +98,6 @@ class PartData:
     @classmethod
     def open(cls, part: Part) -> "PartData":
         """Open the part's dataset and cache (checked against each other)."""
-        from dho.cache import TeacherCache
-
         ds = data.Dataset.open(part.dataset_path)
         return cls.of(part, ds, TeacherCache.open(part.cache_path, dataset=ds))
 
@@ -107,7 +106,7 @@ class PartData:
         """The part from its dataset and its cache (a `TeacherCache` checked against `ds`), opened by the caller."""
         usable = part.usable(ds.key_bytes, cache.valid)
         return cls(ds, part.cache_path, cache.done, cache.valid, usable, _count_per_shard(usable, [s.count for s in ds.shards]),
-                   cache.num_views - int(bool(cache.attrs.get("center_view", False))), cache.topk, cache.eta)
+                   cache.train_views, cache.topk, cache.eta)
 
 
 @dataclass(frozen=True)
@@ -207,8 +206,6 @@ class _PartReader:
     Top-k caches stay sparse: a block is the (n, K) indices and probabilities as stored."""
 
     def __init__(self, part: PartData, window: int, view_sampling: str, eta: float, need_embeddings: bool, sparse: bool):
-        from dho.cache import TeacherCache
-
         self.part = part
         self.ds = part.dataset
         self.cache = TeacherCache.reopen(part.cache_path, done=part.done, valid=part.valid)
@@ -246,25 +243,6 @@ class _PartReader:
                 self._blocks.popitem(last=False)
         self._blocks.move_to_end(key)
         return self._blocks[key]
-
-
-def dense_targets(idx: torch.Tensor, val: torch.Tensor, num_classes: int, power: float) -> torch.Tensor:
-    """Top-k rows -> (b, C) float32 teacher distributions, on whatever device the rows are.
-
-    As `cache.densify_topk` then `cache.retemper`: the K stored probabilities at their classes, the
-    remainder max(0, 1 - sum) spread uniformly over the other C - K classes, then p^power / sum
-    (power = eta_cache / eta; 1 = no re-tempering). idx (b, K) int64, val (b, K) float32."""
-    rest = num_classes - val.shape[1]
-    remainder = (1.0 - val.sum(dim=1, keepdim=True)).clamp_min(0.0)  # (b, 1)
-    fill = remainder / rest if rest > 0 else torch.zeros_like(remainder)
-    dense = fill.expand(-1, num_classes).clone()  # (b, C)
-    dense.scatter_(1, idx, val)
-    if power != 1.0:
-        logp = torch.log(dense.double()) * power  # (b, C), -inf where 0
-        logp = logp - logp.masked_fill(~torch.isfinite(logp), -torch.inf).amax(dim=1, keepdim=True)
-        q = torch.exp(logp)
-        dense = (q / q.sum(dim=1, keepdim=True)).float()
-    return dense
 
 
 class Half(NamedTuple):
@@ -354,7 +332,7 @@ class PairedStream(IterableDataset):
         return self._batches(name, readers, records, micro)
 
     def targets_power(self, name: str) -> float:
-        """eta_cache / eta of a sparse half (see `dense_targets`)."""
+        """eta_cache / eta of a sparse half: its targets are re-tempered from the cache's eta to the run's."""
         return self.halves[name][0][0].cache_eta / self.eta
 
     def _batches(self, name: str, readers: list[_PartReader], records: Iterator[Record], micro: int) -> Iterator[Half]:
@@ -403,7 +381,7 @@ class PairedStream(IterableDataset):
         """A sparse half's top-k rows -> dense `probs` (b, C) on their device; a dense half as it is."""
         if half.topk_idx is None:
             return half
-        probs = dense_targets(half.topk_idx, half.topk_val, num_classes, self.targets_power(name))
+        probs = retemper(densify_topk(half.topk_idx, half.topk_val, num_classes), self.targets_power(name))  # (b, C)
         return half._replace(probs=probs, topk_idx=None, topk_val=None)
 
     def __iter__(self) -> Iterator[dict]:

@@ -93,7 +93,7 @@ def open_streams(cfg, objective: Objective) -> Streams:
         raise ConfigError(f"--method {cfg.method} needs --unlabeled DATASET --unlabeled-cache CACHE")
     if objective.feature_kd:
         for path, cache in [(cfg.labeled_cache, l_cache)] + [(p.cache_path, c) for p, c in zip(parts_u, caches)]:
-            if "embeddings" not in cache.group:
+            if not cache.has_embeddings:
                 raise CacheError(f"{path}: --method {cfg.method} needs teacher image embeddings in the caches; "
                                  "re-run `dho precompute-teacher ... --store-embeddings`")
     classnames = list(l_ds.classnames)
