@@ -73,12 +73,12 @@ def _autocast(device: torch.device, precision: str):
 def step_rate(student, device, precision, batch: int, num_classes: int, steps: int, teacher=None, compile: bool = False) -> float:
     """Samples/s of the dho training step on synthetic device tensors (optionally with an online teacher;
     `compile`: the student's forward through torch.compile, as `dho distill --compile`)."""
-    size = student.preprocess["image_size"]
+    size = student.preprocess.image_size
     x = torch.randn(2 * batch, 3, size, size, device=device)  # (2B, 3, S, S) labeled ; unlabeled
     y = torch.randint(0, num_classes, (batch,), device=device)
     p = torch.softmax(torch.randn(2 * batch, num_classes, device=device), dim=-1)  # (2B, C)
     if teacher is not None:
-        t_size = teacher.preprocess["image_size"]
+        t_size = teacher.preprocess.image_size
         x_t = torch.randn(2 * batch, 3, t_size, t_size, device=device)  # the teacher's own resolution
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")  # as distill
     student.train()
@@ -164,7 +164,7 @@ def main() -> None:
     r_student = step_rate(student, device, args.precision, args.batch_size, args.classes, args.steps, compile=args.compile)
     from dho.inference_bench import count_flops
 
-    size = student.preprocess["image_size"]
+    size = student.preprocess.image_size
     student.eval()  # one image: BatchNorm in eval mode (the FLOPs are the same)
     step_flops = 3 * count_flops(student, torch.randn(1, 3, size, size, device=device))  # forward + backward ~ 3x forward
     teacher = load_teacher(args.teacher, "none", device=args.device, precision=args.precision,

@@ -58,7 +58,7 @@ def make_dataset(root: Path, images: int, num_classes: int, shard_size: int, siz
 
 def bare_forward(teacher, batch_size: int, images: int, zeta: float, eta: float) -> float:
     """images/s of encode_images -> logits -> softmax on pre-made device tensors (after one warm-up batch)."""
-    size = teacher.preprocess["image_size"]
+    size = teacher.preprocess.image_size
     x = torch.randn(batch_size, 3, size, size, device=teacher.device)
     steps = max(1, images // batch_size)
 
@@ -79,7 +79,7 @@ def bare_forward(teacher, batch_size: int, images: int, zeta: float, eta: float)
 
 
 def flops_per_image(teacher, batch_size: int) -> float:
-    size = teacher.preprocess["image_size"]
+    size = teacher.preprocess.image_size
     x = torch.randn(batch_size, 3, size, size, device=teacher.device)
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():

@@ -61,7 +61,7 @@ def main() -> None:
         teacher = load_teacher(args.model, "none", device=device, precision=args.precision, classnames=names,
                                templates="simple", verbose=False, compile=mode == "compiled",
                                cast_weights=mode != "autocast")
-        size = teacher.preprocess["image_size"]
+        size = teacher.preprocess.image_size
         x = torch.randn(args.batch_size, 3, size, size, device=device)
         out[mode] = {"images_per_s": round(rate(teacher, x, args.warmup, args.iters), 2),
                      "build_and_warmup_s": round(time.perf_counter() - t0, 1)}

@@ -29,15 +29,15 @@ from dho.devices import resolve_device  # noqa: E402
 from dho.teacher import load_teacher  # noqa: E402
 
 
-def images_of(args, preprocess: dict) -> torch.Tensor:
+def images_of(args, preprocess: data.Preprocessing) -> torch.Tensor:
     """(N, 3, S, S) normalised evaluation views of the dataset, or of generated smooth random images."""
-    size, mean, std = preprocess["image_size"], preprocess["mean"], preprocess["std"]
+    size, mean, std = preprocess.image_size, preprocess.mean, preprocess.std
     views = []
     if args.data:
         ds = data.Dataset.open(args.data)
         for s in range(len(ds.shards)):
             for sample in data.iter_shard(ds, s):
-                view = data.eval_view_uint8(sample.image, size, preprocess["interpolation"], preprocess["resize_mode"])
+                view = data.eval_view_uint8(sample.image, size, preprocess.interpolation, preprocess.resize_mode)
                 views.append(data.normalize(view, mean, std))
                 if len(views) == args.images:
                     return torch.stack(views)

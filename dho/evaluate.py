@@ -149,18 +149,11 @@ def plot_alpha_beta(
 class _EvalView:
     """Sample -> (evaluation view (3, S, S), label, global row). A class so workers can pickle it."""
 
-    def __init__(self, preprocess: dict):
-        self.size = int(preprocess["image_size"])
-        self.interpolation = preprocess["interpolation"]
-        self.mean, self.std = list(preprocess["mean"]), list(preprocess["std"])
-        self.resize_mode = preprocess.get("resize_mode", "shortest")
-
-    def image(self, image) -> torch.Tensor:
-        view = data_lib.eval_view_uint8(image, self.size, self.interpolation, self.resize_mode)  # (3, S, S) uint8
-        return data_lib.normalize(view, self.mean, self.std)
+    def __init__(self, preprocess: data_lib.Preprocessing):
+        self.preprocess = preprocess
 
     def __call__(self, sample) -> tuple[torch.Tensor, int, int]:
-        return self.image(sample.image), sample.label, sample.index
+        return self.preprocess.eval_view(sample.image), sample.label, sample.index
 
 
 @torch.no_grad()
@@ -423,13 +416,13 @@ def predict(
             raise DatasetError(f"image {p} not found")
     student, meta = load_run(run_dir, device)
     alpha, beta, _ = run_alpha_beta(run_dir, meta)
-    view = _EvalView(meta["preprocess"])
+    preprocess: data_lib.Preprocessing = meta["preprocess"]
     classnames = meta["classnames"]
     k = min(topk, len(classnames))
     results = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        x = torch.stack([view.image(load_image(p)) for p in chunk])  # (B, 3, S, S)
+        x = torch.stack([preprocess.eval_view(load_image(p)) for p in chunk])  # (B, 3, S, S)
         out = student(x.to(resolve_device(device)))
         scores = {"combined": combine_heads(out["ce_logits"], out["kd_logits"], alpha, beta).cpu()}  # (B, C)
         if heads:

@@ -267,22 +267,22 @@ def export(run_dir: Union[str, Path], out: Union[str, Path], format: str = "pt2"
             raise ConfigError(f"cannot export {run_dir} as onnx: {', '.join(missing)} not installed; pip install 'dho[onnx]'")
     student, meta = load_run(run_dir, "cpu")
     alpha, beta, source = run_alpha_beta(run_dir, meta)
-    pre = {"resize_mode": "shortest", **meta["preprocess"]}
+    pre = meta["preprocess"]  # dho.data.Preprocessing
     where = run_dir / MODEL
-    if pre["interpolation"] not in INTERPOLATIONS:
-        raise ConfigError(f"{where}: interpolation {pre['interpolation']!r} cannot be exported (torch resizes like PIL only "
+    if pre.interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"{where}: interpolation {pre.interpolation!r} cannot be exported (torch resizes like PIL only "
                           f"with {' or '.join(INTERPOLATIONS)}); retrain the student with --interpolation bilinear or bicubic")
-    if pre["resize_mode"] not in RESIZE_MODES:
-        raise ConfigError(f"{where}: unknown resize_mode {pre['resize_mode']!r}; use one of {', '.join(RESIZE_MODES)}")
+    if pre.resize_mode not in RESIZE_MODES:
+        raise ConfigError(f"{where}: unknown resize_mode {pre.resize_mode!r}; use one of {', '.join(RESIZE_MODES)}")
     probs = StudentProbs(student, alpha, beta).eval()
-    preprocess = Preprocess(pre["image_size"], pre["interpolation"], pre["resize_mode"], pre["mean"], pre["std"]).eval()
+    preprocess = Preprocess(pre.image_size, pre.interpolation, pre.resize_mode, list(pre.mean), list(pre.std)).eval()
     wrapper = DeployableDHO(preprocess, probs).eval()
     info = {
         "format": "dho-export", "version": 2, "dho_version": dho.__version__, "torch_version": torch.__version__,
         "export_format": format, "files": {"model": out.name, "weights": weights_path(out).name},
         "student": meta["build_args"]["name"], "num_classes": len(meta["classnames"]),
         "classnames": meta["classnames"], "alpha": alpha, "beta": beta, "alpha_beta_source": source,
-        "preprocess": pre, "view": VIEW_RECIPE,
+        "preprocess": pre.to_dict(), "view": VIEW_RECIPE,
         "input": "uint8 images (B, 3, H, W), RGB 0-255, any B, H, W" + (
             "; also one image (3, H, W)" if format == "torchscript" else "; one image: images[None]"),
         "output": "float32 probabilities (B, C) = alpha * softmax(ce_head) + (1 - alpha) * softmax(kd_head / beta)",
@@ -381,7 +381,7 @@ def _write_weights(student: DualHeadStudent, path: Path, meta: dict, alpha: floa
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}  # clone: no shared storage
     save_file(tensors, str(path), metadata={
         "format": "dho-student", "dho_version": dho.__version__, "alpha": repr(float(alpha)), "beta": repr(float(beta)),
-        "classnames": json.dumps(meta["classnames"]), "preprocess": json.dumps(meta["preprocess"]),
+        "classnames": json.dumps(meta["classnames"]), "preprocess": json.dumps(meta["preprocess"].to_dict()),
         "build_args": json.dumps(meta["build_args"]),
     })
 

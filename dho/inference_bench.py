@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from dho.data import Preprocessing
 from dho.devices import resolve_device
 from dho.errors import CacheError, ConfigError, check_choice, check_number
 from dho.evaluate import combine_heads, load_run, run_alpha_beta
@@ -197,7 +198,7 @@ def _run_teacher(run_dir: Path) -> dict:
         raise ConfigError(f"{config_file}: its labeled_cache cannot be opened ({e}); {TEACHER_MODEL_HINT}") from e
     t = cache.attrs["teacher"]
     return {"model": str(t["model"]), "pretrained": str(t["pretrained"]), "model_config_sha256": t.get("model_config_sha256"),
-            "image_size": int(cache.attrs["preprocess"]["image_size"]), "num_classes": int(cache.num_classes),
+            "image_size": Preprocessing.from_dict(cache.attrs["preprocess"]).image_size, "num_classes": int(cache.num_classes),
             "cache": str(cache.path)}
 
 
@@ -233,7 +234,7 @@ def build_teacher(run_dir: Path, teacher_model: Optional[str], num_classes: int,
     module = ZeroShotTeacher(teacher.model.visual, classifier.to(device)).eval()
     stored = named["model_config_sha256"]
     info = {"model": model, "cache_teacher": named["model"], "cache_pretrained": named["pretrained"], "cache": named["cache"],
-            "image_size": int(teacher.preprocess["image_size"]), "num_classes": int(named["num_classes"]),
+            "image_size": teacher.preprocess.image_size, "num_classes": int(named["num_classes"]),
             "architecture_matches_cache": None if stored is None else stored == teacher.identity["model_config_sha256"]}
     return module, info
 
@@ -283,7 +284,7 @@ def bench_inference(
     batch_sizes = _check_options(batch_sizes, precision, device, warmup, iters, min_seconds)
     student, meta = load_run(run_dir, device)
     alpha, beta, alpha_beta_source = run_alpha_beta(run_dir, meta)
-    size = int(student.preprocess["image_size"])
+    size = student.preprocess.image_size
     name = meta["build_args"]["name"]
     nets = {  # role -> (name, module, input size)
         "student": (f"DHO student {name} (2 heads + Eq. 11)", ServedStudent(student, alpha, beta).eval(), size),

@@ -193,7 +193,7 @@ def _store_attrs(ds, teacher, *, num_views: int, center_view: bool, seed: int, z
         "teacher": dict(teacher.identity),
         "templates": list(teacher.templates),
         "text_classifier_norm": teacher.text_classifier_norm,
-        "preprocess": dict(teacher.preprocess),
+        "preprocess": teacher.preprocess.to_dict(),
         "precision": teacher.precision,
         "topk": topk,
         "store_embeddings": bool(store_embeddings),
@@ -229,7 +229,7 @@ class _ShardBatches(torch.utils.data.IterableDataset):
     is decoded once; an unreadable one yields zero images, -1 params, valid=False and its error.
     """
 
-    def __init__(self, ds, shards: list[int], num_views: int, center_view: bool, seed: int, preprocess: dict,
+    def __init__(self, ds, shards: list[int], num_views: int, center_view: bool, seed: int, preprocess: data.Preprocessing,
                  samples_per_batch: int):
         super().__init__()
         self.ds, self.shards = ds, shards
@@ -251,7 +251,7 @@ class _ShardBatches(torch.utils.data.IterableDataset):
     def _batch(self, samples: list) -> dict:
         pp, n = self.pp, len(samples)
         total = self.num_views + int(self.center_view)
-        size = pp["image_size"]
+        size = pp.image_size
         images = torch.zeros(n, total, 3, size, size)  # (b, V', 3, S, S)
         params = torch.full((n, total, 5), -1, dtype=torch.int32)  # (b, V', 5)
         valid = torch.ones(n, dtype=torch.bool)
@@ -267,12 +267,11 @@ class _ShardBatches(torch.utils.data.IterableDataset):
             w, h = image.size
             for v in range(total):
                 if v == self.num_views:  # the evaluation view, last: open_clip's eval transform, pixel for pixel
-                    box = data.center_view_params(w, h, pp["resize_mode"])  # the region it shows, for the record
-                    view = data.eval_view_uint8(image, size, pp["interpolation"], pp["resize_mode"])
-                    images[i, v] = data.normalize(view, pp["mean"], pp["std"])
+                    box = data.center_view_params(w, h, pp.resize_mode)  # the region it shows, for the record
+                    images[i, v] = pp.eval_view(image)
                 else:
                     box = data.view_params(s.key, v, self.seed, w, h)
-                    images[i, v] = data.replay_view(image, box, size, pp["interpolation"], pp["mean"], pp["std"])
+                    images[i, v] = data.replay_view(image, box, size, pp.interpolation, pp.mean, pp.std)
                 params[i, v] = torch.tensor([int(b) for b in box], dtype=torch.int32)
         return {
             "images": images.view(n * total, 3, size, size),  # (b * V', 3, S, S), sample-major

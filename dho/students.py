@@ -65,6 +65,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 import dho
 from dho.atomic import write_atomic
+from dho.data.views import Preprocessing
 from dho.errors import ConfigError
 from dho.losses import ZETA
 from dho.templates import STUDENT_INIT_TEMPLATES, fill_templates, resolve_templates, template_mean
@@ -157,7 +158,7 @@ class DualHeadStudent(nn.Module):
         num_classes: int,
         align_kd_head: bool,
         zeta: float,
-        preprocess: dict,
+        preprocess: Preprocessing,
         build_args: dict,
         vlm_heads: str = "eq10",
     ):
@@ -176,7 +177,7 @@ class DualHeadStudent(nn.Module):
             _kaiming_init(head.weight)
             if getattr(head, "bias", None) is not None:
                 nn.init.zeros_(head.bias)
-        self.preprocess = dict(preprocess)  # {image_size, interpolation, mean, std, resize_mode}
+        self.preprocess = preprocess  # how it takes its images (the views, the evaluation view, mean/std)
         self.build_args = dict(build_args)
         # convolutional backbones (torchvision, timm) run NHWC (channels_last) on CUDA: tensor cores without transposes
         self.channels_last = build_args.get("kind") in ("torchvision", "timm")
@@ -263,10 +264,9 @@ def _load_backbone_checkpoint(backbone: nn.Module, path: Path, classifier: str) 
         )
 
 
-def _build_torchvision(name: str, pretrained: Optional[str]) -> tuple[nn.Module, int, dict]:
+def _build_torchvision(name: str, pretrained: Optional[str]) -> tuple[nn.Module, int, Preprocessing]:
     builder, classifier, dim, size = _TORCHVISION_STUDENTS[name]
-    preprocess = {"image_size": size, "interpolation": "bilinear", "mean": list(IMAGENET_MEAN),
-                  "std": list(IMAGENET_STD), "resize_mode": "shortest"}
+    preprocess = Preprocessing(size, "bilinear", IMAGENET_MEAN, IMAGENET_STD, "shortest")
     if pretrained is not None and Path(pretrained).is_file():
         model = builder()
         _load_backbone_checkpoint(model, Path(pretrained), classifier)
@@ -289,7 +289,7 @@ def _build_torchvision(name: str, pretrained: Optional[str]) -> tuple[nn.Module,
                 f"not be downloaded ({type(e).__name__}); offline, download them elsewhere and pass the file with "
                 "--student-pretrained PATH"
             ) from None
-        preprocess["image_size"] = int(weights.transforms().crop_size[0])
+        preprocess = preprocess.replace(image_size=int(weights.transforms().crop_size[0]))
     else:
         model = builder()
     setattr(model, classifier, nn.Identity())  # g(x) = penultimate pooled feature (B, D)
@@ -332,7 +332,7 @@ def _register_clip_config(source: str) -> str:
     return path.stem
 
 
-def _clip_preprocess(model: nn.Module) -> dict:
+def _clip_preprocess(model: nn.Module) -> Preprocessing:
     import open_clip
 
     cfg = open_clip.get_model_preprocess_cfg(model)
@@ -341,9 +341,8 @@ def _clip_preprocess(model: nn.Module) -> dict:
         if size[0] != size[1]:
             raise ConfigError(f"non-square open_clip input size {size} is not supported for students")
         size = size[0]
-    return {"image_size": int(size), "interpolation": cfg.get("interpolation", "bicubic"),
-            "mean": [float(m) for m in cfg["mean"]], "std": [float(s) for s in cfg["std"]],
-            "resize_mode": cfg.get("resize_mode", "shortest")}
+    return Preprocessing(int(size), cfg.get("interpolation", "bicubic"), cfg["mean"], cfg["std"],
+                         cfg.get("resize_mode", "shortest"))
 
 
 @torch.no_grad()
@@ -470,7 +469,7 @@ def build_student(
     if source is None:
         backbone, dim, preprocess = _build_torchvision(name, pretrained)
         if interpolation is not None:
-            preprocess["interpolation"] = interpolation
+            preprocess = preprocess.replace(interpolation=interpolation)
         build_args = {"name": name, "kind": "torchvision", "num_classes": num_classes, "feature_dim": dim,
                       "align_kd_head": False, "zeta": zeta, "pretrained": pretrained, "init_heads_from_text": False}
         return DualHeadStudent(backbone, dim, num_classes, False, zeta, preprocess, build_args)
@@ -487,7 +486,7 @@ def build_student(
     dim = int(cfg["embed_dim"])
     preprocess = _clip_preprocess(model)
     if interpolation is not None:
-        preprocess["interpolation"] = interpolation
+        preprocess = preprocess.replace(interpolation=interpolation)
     text_weights = (_text_classifier(model, model_name, classnames, templates, device, normalized=vlm_heads == "eq10")
                     if init_heads_from_text else None)
     tower = tower.cpu()
@@ -506,7 +505,7 @@ def build_student(
     return student
 
 
-def rebuild_student(build_args: dict, preprocess: dict) -> DualHeadStudent:
+def rebuild_student(build_args: dict, preprocess: Preprocessing) -> DualHeadStudent:
     """Rebuild the architecture described by ``student.build_args`` (random init, offline)."""
     kind = build_args.get("kind")
     if kind == "torchvision":
@@ -544,7 +543,7 @@ def save_student(
         "version": MODEL_FILE_VERSION,
         "dho_version": dho.__version__,
         "build_args": student.build_args,
-        "preprocess": student.preprocess,
+        "preprocess": student.preprocess.to_dict(),
         "classnames": list(classnames),
         "alpha": float(alpha),
         "beta": float(beta),
@@ -570,8 +569,9 @@ def load_student(path: str | Path, map_location: str | torch.device = "cpu") -> 
         raise ConfigError(f"{path} is not a dho student model file (written by dho distill / save_student)")
     if payload.get("version") != MODEL_FILE_VERSION:
         raise ConfigError(f"{path} has model file version {payload.get('version')}; this dho reads version {MODEL_FILE_VERSION}")
-    student = rebuild_student(payload["build_args"], payload["preprocess"])
+    student = rebuild_student(payload["build_args"], Preprocessing.from_dict(payload["preprocess"]))
     student.load_state_dict(payload["state_dict"])
     student.to(map_location).eval()
-    meta = {k: payload[k] for k in ("classnames", "preprocess", "alpha", "beta", "build_args", "extra", "dho_version")}
+    meta = {k: payload[k] for k in ("classnames", "alpha", "beta", "build_args", "extra", "dho_version")}
+    meta["preprocess"] = student.preprocess  # the record (the file holds its dict)
     return student, meta

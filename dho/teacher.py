@@ -45,7 +45,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from dho.data import file_sha256  # noqa: F401 (also this module's API)
+from dho.data import Preprocessing, file_sha256  # file_sha256: also this module's API
 from dho.devices import resolve_device
 from dho.errors import ConfigError
 from dho.losses import ZETA
@@ -125,7 +125,7 @@ class Teacher:
     tokenizer: object
     device: torch.device
     precision: str
-    preprocess: dict  # {image_size, interpolation, mean, std, resize_mode, source}
+    preprocess: Preprocessing  # its views and normalisation (with `source`: where the values came from)
     identity: dict  # {model, pretrained, weights_sha256, model_config_sha256}
     embed_dim: int
     text_classifier: torch.Tensor | None = None  # (C, D) float32: unit rows (renormalize) or template means (mean)
@@ -364,24 +364,22 @@ def _identity(source: _Source, net: torch.nn.Module) -> dict:
     }
 
 
-def _preprocess(net: torch.nn.Module, source: _Source, overrides: dict, verbose: bool) -> dict:
+def _preprocess(net: torch.nn.Module, source: _Source, overrides: dict, verbose: bool) -> Preprocessing:
     """The preprocessing actually used (open_clip merged the tag / local-dir config, its defaults and the overrides)."""
     cfg = net.visual.preprocess_cfg
-    preprocess = {
-        "image_size": _square_size(cfg["size"], f"teacher {source.identity_model}"),
-        "interpolation": str(cfg["interpolation"]),
-        "mean": [float(m) for m in cfg["mean"]],
-        "std": [float(s) for s in cfg["std"]],
-        "resize_mode": str(cfg["resize_mode"]),
-    }
-    if preprocess["interpolation"] not in INTERPOLATIONS:
-        raise ConfigError(
-            f"teacher preprocessing uses interpolation {preprocess['interpolation']!r}; pass --interpolation bicubic or bilinear"
-        )
+    size = _square_size(cfg["size"], f"teacher {source.identity_model}")
+    interpolation = str(cfg["interpolation"])
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"teacher preprocessing uses interpolation {interpolation!r}; pass --interpolation bicubic or bilinear")
     pp_source = source.pp_source
+    described = pp_source or "open_clip defaults (the weights carry no preprocessing config)"
+    if overrides:
+        described += "; overridden: " + ", ".join(sorted(overrides))
+    preprocess = Preprocessing(size, interpolation, cfg["mean"], cfg["std"], str(cfg["resize_mode"]), source=described)
     missing = [k for k in ("interpolation", "mean", "std", "resize_mode") if k not in overrides]
     if pp_source is None and missing and verbose:
-        shown = ", ".join(f"{k}={preprocess[k]}" for k in ["image_size"] + missing)
+        values = preprocess.to_dict()
+        shown = ", ".join(f"{k}={values[k]}" for k in ["image_size"] + missing)
         pretrained = source.identity_pretrained
         what = "random-init teacher (--pretrained none)" if pretrained == "none" else pretrained
         print(
@@ -389,9 +387,6 @@ def _preprocess(net: torch.nn.Module, source: _Source, overrides: dict, verbose:
             "(override with --image-size/--mean/--std/--interpolation/--resize-mode)",
             file=sys.stderr,
         )
-    preprocess["source"] = pp_source or "open_clip defaults (the weights carry no preprocessing config)"
-    if overrides:
-        preprocess["source"] += "; overridden: " + ", ".join(sorted(overrides))
     return preprocess
 
 

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from dho.data.views import Preprocessing
 from dho.errors import ConfigError
 
 TIMM_PREFIX = "timm/"
@@ -171,7 +172,7 @@ def _load_timm_checkpoint(model: nn.Module, path: Path, full_name: str) -> None:
     model.load_state_dict(state)
 
 
-def timm_preprocess(model: nn.Module, name: str, interpolation: Optional[str] = None) -> dict:
+def timm_preprocess(model: nn.Module, name: str, interpolation: Optional[str] = None) -> Preprocessing:
     """Preprocessing from the model's own data config (timm.data.resolve_model_data_config).
 
     dho's views are square: a non-square input_size uses its larger side. timm evaluates by resizing
@@ -199,9 +200,8 @@ def timm_preprocess(model: nn.Module, name: str, interpolation: Optional[str] = 
         if interpolation != timm_interp:
             warnings.warn(f"timm student {name}: interpolation {timm_interp!r} -> dho's closest, {interpolation!r} "
                           "(--interpolation picks another)", stacklevel=4)
-    return {"image_size": max(height, width), "interpolation": interpolation,
-            "mean": [float(m) for m in cfg["mean"]], "std": [float(v) for v in cfg["std"]],
-            "resize_mode": "shortest", "crop_pct": float(cfg.get("crop_pct", 1.0))}
+    return Preprocessing(max(height, width), interpolation, cfg["mean"], cfg["std"], "shortest",
+                         crop_pct=float(cfg.get("crop_pct", 1.0)))
 
 
 def _first_line(e: Exception) -> str:

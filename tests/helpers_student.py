@@ -12,14 +12,14 @@ from dho import data, losses
 from dho.students import build_student, save_student
 
 
-def reference_view(path: Path, preprocess: dict) -> torch.Tensor:
+def reference_view(path: Path, preprocess) -> torch.Tensor:
     """The evaluation view computed straight from an image file by open_clip's own eval transform
     (independent of dho.data) -> (3, S, S) normalised."""
     from open_clip.transform import image_transform
 
-    transform = image_transform(preprocess["image_size"], is_train=False, mean=tuple(preprocess["mean"]),
-                                std=tuple(preprocess["std"]), resize_mode=preprocess.get("resize_mode", "shortest"),
-                                interpolation=preprocess["interpolation"])
+    transform = image_transform(preprocess.image_size, is_train=False, mean=tuple(preprocess.mean),
+                                std=tuple(preprocess.std), resize_mode=preprocess.resize_mode,
+                                interpolation=preprocess.interpolation)
     with Image.open(path) as im:
         return transform(im.convert("RGB"))
 
@@ -33,8 +33,8 @@ def make_trained_run(run_dir: Path, ds: data.Dataset, steps: int = 20, seed: int
     xs, ys = [], []
     for s in range(len(ds.shards)):
         for sample in data.iter_shard(ds, s):
-            view = data.eval_view_uint8(sample.image, pre["image_size"], pre["interpolation"], pre["resize_mode"])
-            xs.append(data.normalize(view, pre["mean"], pre["std"]))
+            view = data.eval_view_uint8(sample.image, pre.image_size, pre.interpolation, pre.resize_mode)
+            xs.append(data.normalize(view, pre.mean, pre.std))
             ys.append(sample.label)
     x, y = torch.stack(xs), torch.tensor(ys)  # (N, 3, S, S), (N,)
     c = ds.num_classes

@@ -85,7 +85,7 @@ def test_student_params_and_the_single_head_difference_is_kd_head(run, result):
     assert sho["params"] == backbone + ce_head
     assert dho["params"] - sho["params"] == sum(p.numel() for p in student.kd_head.parameters())
     assert dho["params_m"] == dho["params"] / 1e6
-    assert dho["input_size"] == sho["input_size"] == student.preprocess["image_size"] == 32
+    assert dho["input_size"] == sho["input_size"] == student.preprocess.image_size == 32
 
 
 def test_flops_match_a_hand_count_and_dho_adds_one_head(run, result):

@@ -488,7 +488,7 @@ def test_reference_options_are_recorded_and_lr_is_the_rate_each_step_used(world,
     assert [m["step"] for m in logged] == list(range(1, 2 * steps_per_epoch + 1))
     for m in logged:  # step s (1-based) ran at the rate of schedule position s - 1
         assert m["lr"] == pytest.approx(3e-3 * reference_lr_lambda(m["step"] - 1, 3, 2 * steps_per_epoch), rel=1e-9)
-    assert load_student(run / "model.pt")[1]["preprocess"]["interpolation"] == "bicubic"
+    assert load_student(run / "model.pt")[1]["preprocess"].interpolation == "bicubic"
     out = capsys.readouterr().out
     # 8 labeled samples x 2 views, drawn 8 x 8 / 8 = 8 times each; the pool's 32 x 2 views, 2 times each
     assert "labeled stream: 8 samples x 2 cached views; each sample is drawn ~8.0 times, each (sample, view) ~4.0 times" in out
@@ -629,7 +629,7 @@ def test_hot_path_compiles_without_graph_breaks(student):
 
     torch.manual_seed(0)
     s = build_student(student, 5, classnames=[f"c{i}" for i in range(5)])
-    size = s.preprocess["image_size"]
+    size = s.preprocess.image_size
     model = Trainee(s, None)
     labels = torch.tensor([0, 1, 2, 3])
     batch = Batch(Half(labels, labels, image=torch.randn(4, 3, size, size), probs=torch.softmax(torch.randn(4, 5), -1)),

@@ -168,13 +168,13 @@ def test_export_writes_safetensors_weights_and_metadata(fmt, exported, searched_
         tags = f.metadata()
     assert json.loads(tags["classnames"]) == meta["classnames"]
     assert (float(tags["alpha"]), float(tags["beta"])) == (0.7, 2.0)
-    assert json.loads(tags["preprocess"]) == meta["preprocess"]
+    assert json.loads(tags["preprocess"]) == meta["preprocess"].to_dict()
 
     info = json.loads(metadata_path(out).read_text())
     assert metadata_path(out).name == out.name + ".json"
     assert info["classnames"] == meta["classnames"] and (info["alpha"], info["beta"]) == (0.7, 2.0)
     assert info["export_format"] == fmt and info["student"] == "resnet-tiny" and info["alpha_beta_source"] == "alpha_beta.json"
-    assert info["preprocess"] == {"resize_mode": "shortest", **meta["preprocess"]}
+    assert info["preprocess"] == meta["preprocess"].to_dict()
     assert set(info["preprocess"]) >= {"image_size", "interpolation", "mean", "std", "resize_mode"}
     assert info["files"] == {"model": out.name, "weights": weights_path(out).name}
     assert info["sha256"] == {"model": export_lib._sha256(out), "weights": export_lib._sha256(weights_path(out))}
@@ -197,7 +197,7 @@ def test_export_without_search_bakes_in_model_pt_alpha_beta(trained_run, searche
 @pytest.mark.parametrize(("interpolation", "resize_mode"), [("bicubic", "squash"), ("bilinear", "longest")])
 def test_export_resize_modes_match_predict(interpolation, resize_mode, trained_run, images, tmp_path):
     student, meta = ev.load_run(trained_run)
-    student.preprocess = {**meta["preprocess"], "interpolation": interpolation, "resize_mode": resize_mode}
+    student.preprocess = meta["preprocess"].replace(interpolation=interpolation, resize_mode=resize_mode)
     save_student(tmp_path / "run" / "model.pt", student, meta["classnames"], alpha=0.7, beta=2.0)
     model = torch.export.load(str(export(tmp_path / "run", tmp_path / "m.pt2"))).module()
     with torch.no_grad():
@@ -248,11 +248,10 @@ def test_export_tiny_clip_student(tmp_path):
     save_student(tmp_path / "run" / "model.pt", student, ["a", "b", "c"], alpha=0.3, beta=1.0)
     result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "clip.pt2")])
     assert result.exit_code == 0, result.output
-    view = ev._EvalView(student.preprocess)
     images = [torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(h), dtype=torch.uint8)
               for h, w in [(45, 61), (90, 33)]]
     with torch.no_grad():
-        logits = [student.eval()(view.image(Image.fromarray(x.permute(1, 2, 0).numpy()))[None]) for x in images]
+        logits = [student.eval()(student.preprocess.eval_view(Image.fromarray(x.permute(1, 2, 0).numpy()))[None]) for x in images]
         expected = torch.cat([ev.combine_heads(o["ce_logits"], o["kd_logits"], 0.3, 1.0) for o in logits])
         models = {"pt2": torch.export.load(str(tmp_path / "clip.pt2")).module(),
                   "torchscript": torch.jit.load(str(export(tmp_path / "run", tmp_path / "clip.ts", format="torchscript")))}
@@ -285,7 +284,7 @@ def test_export_errors_are_one_line_and_leave_nothing(trained_run, tmp_path, mon
             out=tmp_path / "m.onnx", format="onnx")
 
     student, meta = ev.load_run(trained_run)
-    student.preprocess = {**meta["preprocess"], "interpolation": "lanczos"}
+    student.preprocess = meta["preprocess"].replace(interpolation="lanczos")
     save_student(tmp_path / "lanczos" / "model.pt", student, meta["classnames"])
     with pytest.raises(ConfigError, match=r"lanczos.*model\.pt: interpolation 'lanczos' cannot be exported"):
         export(tmp_path / "lanczos", tmp_path / "m.pt2")

@@ -38,7 +38,7 @@ def test_torchvision_students_shapes_and_init(name, dim, size):
     out = s.eval()(torch.randn(2, 3, 64, 64))
     assert out["ce_logits"].shape == (2, 7) and out["kd_logits"].shape == (2, 7) and out["z"].shape == (2, dim)
     torch.testing.assert_close(s.features(torch.ones(1, 3, 64, 64)), s(torch.ones(1, 3, 64, 64))["z"])
-    assert s.preprocess == {"image_size": size, "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
+    assert s.preprocess.to_dict() == {"image_size": size, "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
                             "std": [0.229, 0.224, 0.225], "resize_mode": "shortest"}
     # CNN students: two independent linear heads, Kaiming-uniform weights, zero biases
     assert type(s.kd_head) is torch.nn.Linear
@@ -138,8 +138,8 @@ def test_tiny_clip_language_aware_init_and_aligned_head(tiny_clip_ckpt):
     assert {k.split(".")[0] for k in s.state_dict()} == {"backbone", "ce_head", "kd_head"}
     n_visual = sum(p.numel() for p in reference.visual.parameters())
     assert sum(p.numel() for p in s.parameters()) == n_visual + 2 * 3 * 32 + 3
-    assert s.preprocess["image_size"] == 32 and s.preprocess["interpolation"] == "bicubic"
-    assert s.preprocess["mean"] == pytest.approx(list(open_clip.OPENAI_DATASET_MEAN))
+    assert s.preprocess.image_size == 32 and s.preprocess.interpolation == "bicubic"
+    assert s.preprocess.mean == pytest.approx(list(open_clip.OPENAI_DATASET_MEAN))
 
 
 def test_tiny_clip_ablation_flags(tiny_clip_ckpt):

@@ -54,26 +54,26 @@ def test_timm_student_shapes_heads_and_preprocess(arch, dim, size, interpolation
     assert s.ce_head.bias.abs().sum() == 0 and s.kd_head.bias.abs().sum() == 0
     assert s.kd_head.weight.abs().max() <= 1.0 / dim**0.5
     cfg = resolve_data_config({}, model=reference)
-    assert s.preprocess == {"image_size": cfg["input_size"][-1], "interpolation": cfg["interpolation"],
+    assert s.preprocess.to_dict() == {"image_size": cfg["input_size"][-1], "interpolation": cfg["interpolation"],
                             "mean": list(cfg["mean"]), "std": list(cfg["std"]), "resize_mode": "shortest",
                             "crop_pct": cfg["crop_pct"]}
-    assert (s.preprocess["image_size"], s.preprocess["interpolation"]) == (size, interpolation)
+    assert (s.preprocess.image_size, s.preprocess.interpolation) == (size, interpolation)
     assert s.build_args == {"name": f"timm/{arch}", "kind": "timm", "timm_name": arch, "num_classes": 3, "feature_dim": dim,
                             "align_kd_head": False, "zeta": 0.01, "pretrained": None, "init_heads_from_text": False}
 
 
 def test_interpolation_override_and_timm_interpolations():
-    assert build_student("timm/test_resnet", 2, interpolation="bicubic").preprocess["interpolation"] == "bicubic"
+    assert build_student("timm/test_resnet", 2, interpolation="bicubic").preprocess.interpolation == "bicubic"
     lanczos = _timm_model("test_resnet", 0, num_classes=0, pretrained_cfg_overlay={"interpolation": "lanczos"})
     with pytest.warns(UserWarning, match="'lanczos' -> dho's closest, 'bicubic'"):
-        assert timm_preprocess(lanczos, "timm/test_resnet")["interpolation"] == "bicubic"
+        assert timm_preprocess(lanczos, "timm/test_resnet").interpolation == "bicubic"
     nearest = _timm_model("test_resnet", 0, num_classes=0, pretrained_cfg_overlay={"interpolation": "nearest"})
     with pytest.raises(ConfigError, match="interpolation 'nearest'.*--interpolation"):
         timm_preprocess(nearest, "timm/test_resnet")
-    assert timm_preprocess(nearest, "timm/test_resnet", "bilinear")["interpolation"] == "bilinear"
+    assert timm_preprocess(nearest, "timm/test_resnet", "bilinear").interpolation == "bilinear"
     wide = _timm_model("test_resnet", 0, num_classes=0, pretrained_cfg_overlay={"input_size": (3, 160, 192)})
     with pytest.warns(UserWarning, match="non-square input size 160x192"):
-        assert timm_preprocess(wide, "timm/test_resnet")["image_size"] == 192
+        assert timm_preprocess(wide, "timm/test_resnet").image_size == 192
     fixed = _timm_model("test_vit", 0, num_classes=0, pretrained_cfg_overlay={"input_size": (3, 160, 192)})
     with pytest.raises(ConfigError, match="fixed non-square"):
         timm_preprocess(fixed, "timm/test_vit")
@@ -193,4 +193,4 @@ def test_short_distill_with_timm_student(tmp_path, tiny_teacher_ckpt):  # noqa: 
     assert 0.0 <= [m for m in metrics if m.get("final")][0]["val_combined_top1"] <= 100.0
     student, meta = load_student(run / "model.pt")
     assert meta["build_args"]["kind"] == "timm" and student.feature_dim == 96
-    assert meta["preprocess"]["image_size"] == 160 and meta["preprocess"]["crop_pct"] == 0.95
+    assert meta["preprocess"].image_size == 160 and meta["preprocess"].crop_pct == 0.95

@@ -42,7 +42,7 @@ def _reference_classifier(ckpt, templates):
 def test_checkpoint_file_defaults_identity_and_classifier(tiny_clip_config, tiny_teacher_ckpt, capsys):
     t = load_teacher(str(tiny_clip_config), str(tiny_teacher_ckpt), "cpu", "auto", classnames=CLASSNAMES)
     # a bare checkpoint carries no preprocessing: open_clip's defaults are used, printed and recorded
-    assert t.preprocess == {
+    assert t.preprocess.to_dict() == {
         "image_size": 32, "interpolation": "bicubic", "mean": list(open_clip.OPENAI_DATASET_MEAN),
         "std": list(open_clip.OPENAI_DATASET_STD), "resize_mode": "shortest",
         "source": "open_clip defaults (the weights carry no preprocessing config)",
@@ -72,9 +72,9 @@ def test_checkpoint_file_defaults_identity_and_classifier(tiny_clip_config, tiny
 
 def test_local_dir_preprocessing_and_same_weights(tiny_teacher_local_dir, tiny_teacher_ckpt, tiny_clip_config):
     t = load_teacher("ignored-model-name", f"local-dir:{tiny_teacher_local_dir}", "cpu", "fp32", classnames=CLASSNAMES)
-    assert {k: t.preprocess[k] for k in LOCAL_DIR_PREPROCESS} == LOCAL_DIR_PREPROCESS  # bilinear, squash, 0.5/0.25
-    assert t.preprocess["image_size"] == 32
-    assert "open_clip_config.json" in t.preprocess["source"]
+    assert {k: t.preprocess.to_dict()[k] for k in LOCAL_DIR_PREPROCESS} == LOCAL_DIR_PREPROCESS  # bilinear, squash, 0.5/0.25
+    assert t.preprocess.image_size == 32
+    assert "open_clip_config.json" in t.preprocess.source
     assert t.identity["model"] == t.identity["pretrained"] == f"local-dir:{tiny_teacher_local_dir.name}"
     from_file = load_teacher(str(tiny_clip_config), str(tiny_teacher_ckpt), "cpu", "fp32", classnames=CLASSNAMES)
     torch.testing.assert_close(t.text_classifier, from_file.text_classifier)
@@ -84,10 +84,10 @@ def test_local_dir_preprocessing_and_same_weights(tiny_teacher_local_dir, tiny_t
 def test_overrides_and_seeded_random_init(tiny_clip_config):
     a = load_teacher(str(tiny_clip_config), "none", "cpu", "fp32", image_size=48, mean=(0.1, 0.2, 0.3),
                      interpolation="bilinear", resize_mode="squash", verbose=False)
-    assert a.preprocess["image_size"] == 48 and a.model.visual.image_size == (48, 48)
-    assert a.preprocess["mean"] == pytest.approx([0.1, 0.2, 0.3])
-    assert a.preprocess["std"] == pytest.approx(list(open_clip.OPENAI_DATASET_STD))
-    assert a.preprocess["source"].endswith("overridden: image_size, interpolation, mean, resize_mode")
+    assert a.preprocess.image_size == 48 and a.model.visual.image_size == (48, 48)
+    assert a.preprocess.mean == pytest.approx([0.1, 0.2, 0.3])
+    assert a.preprocess.std == pytest.approx(list(open_clip.OPENAI_DATASET_STD))
+    assert a.preprocess.source.endswith("overridden: image_size, interpolation, mean, resize_mode")
     assert a.encode_images(torch.randn(2, 3, 48, 48)).shape == (2, 32)
     # `none` is a seeded random init: every process builds the same teacher, same fingerprint
     b = load_teacher(str(tiny_clip_config), "none", "cpu", "fp32", verbose=False)

@@ -40,7 +40,7 @@ from dho.data.classes import (CLASS_FIELDS, CLASS_FOLDERS, class_fields, map_cla
 from dho.data.prepare import FILES_PER_TASK, NOT_READ, folder_key, prepare, write_files
 from dho.data.index import URL_COMMANDS, index
 from dho.data.split import percent_allocation, rows_by_class, split
-from dho.data.views import (CROP_RATIO, CROP_SCALE, FLIP_P, RESIZE_MODES, center_view_params, decode_view,
+from dho.data.views import (CROP_RATIO, CROP_SCALE, FLIP_P, RESIZE_MODES, Preprocessing, center_view_params, decode_view,
                             eval_view_uint8, normalize, replay_view, replay_view_uint8, stable_seed, view_params,
                             view_seed)
 from dho.errors import DatasetError
@@ -56,7 +56,7 @@ __all__ = [
     "URL_COMMANDS", "index",
     "percent_allocation", "rows_by_class", "split",
     "CROP_RATIO", "CROP_SCALE", "FLIP_P", "RESIZE_MODES", "center_view_params", "decode_view", "eval_view_uint8",
-    "normalize", "replay_view", "replay_view_uint8", "stable_seed", "view_params", "view_seed",
+    "normalize", "Preprocessing", "replay_view", "replay_view_uint8", "stable_seed", "view_params", "view_seed",
     "DatasetError",
 ]
 

@@ -4,18 +4,21 @@ A training view is a box (top, left, h, w, flip) drawn from a generator seeded b
 alone (`view_params`; `view_seed`, made by `stable_seed`), so it is replayed exactly from the stored
 box (`replay_view`) by the teacher and the student, each at its own size and normalisation.
 `eval_view_uint8` is open_clip's eval transform pixel for pixel and `center_view_params` the box it
-shows; `decode_view` is the student's decode (DCT-downscaled JPEGs). torch and torchvision are
-imported inside the functions that use them.
+shows; `decode_view` is the student's decode (DCT-downscaled JPEGs). `Preprocessing` is the record of
+how a model (student or teacher) takes its images: size, resampling, resize mode, mean/std. torch and
+torchvision are imported inside the functions that use them.
 Out of scope: augmentation beyond the RandomResizedCrop + flip of the paper, and views decoded on the
 device (`gpu_views.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -27,6 +30,48 @@ from dho.errors import ConfigError, DatasetError
 CROP_SCALE = (0.5, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 FLIP_P = 0.5
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model takes its images: views of `image_size` px resampled with `interpolation`, the evaluation view
+    by `resize_mode` (open_clip's shortest / squash / longest), then (x / 255 - mean) / std per channel.
+    `crop_pct` is a timm student's (recorded, not applied: dho's evaluation view is open_clip's), `source` a
+    teacher's (where the values came from). Files hold it as a plain dict (`to_dict`, `from_dict`): model
+    files, cache attributes, export metadata."""
+
+    image_size: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_mode: str = "shortest"
+    crop_pct: Optional[float] = None
+    source: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", int(self.image_size))
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        """From a file's dict; model files written before resize_mode existed are "shortest"."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        """{image_size, interpolation, mean, std, resize_mode[, crop_pct][, source]}: JSON-like, in field order."""
+        d = {"image_size": self.image_size, "interpolation": self.interpolation, "mean": list(self.mean),
+             "std": list(self.std), "resize_mode": self.resize_mode}
+        d.update({k: getattr(self, k) for k in ("crop_pct", "source") if getattr(self, k) is not None})
+        return d
+
+    def replace(self, **changes) -> "Preprocessing":
+        return dataclasses.replace(self, **changes)
+
+    def eval_view(self, image: Image.Image) -> "torch.Tensor":
+        """The evaluation view of an RGB image (`eval_view_uint8`), normalised -> (3, S, S) float32."""
+        return normalize(eval_view_uint8(image, self.image_size, self.interpolation, self.resize_mode), self.mean, self.std)
 
 
 def stable_seed(*items, byteorder: str) -> int:

@@ -110,8 +110,8 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     _setup_parallel(t)
     t.batches = DeviceBatches(
         make_loader(streams, objective, cfg, rank=ranks.rank, world_size=ranks.world_size, micro=plan.micro,
-                    start_step=t.start_step, image_size=t.student.preprocess["image_size"],
-                    interpolation=t.student.preprocess["interpolation"], pin_memory=device.type == "cuda"),
+                    start_step=t.start_step, image_size=t.student.preprocess.image_size,
+                    interpolation=t.student.preprocess.interpolation, pin_memory=device.type == "cuda"),
         max(cfg.workers, 1), device, len(streams.classnames), t.student.preprocess, _memory_format(t.student, device))
     t.log = Metrics(run, enabled=ranks.is_main, resume_step=t.start_step if resume else None,
                     sinks=report_sinks(cfg.report_to), config=cfg.to_dict())

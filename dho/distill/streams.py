@@ -131,7 +131,7 @@ class DeviceBatches:
     uint8 images normalised with the student's mean/std (NHWC for convolutional students on CUDA)."""
 
     def __init__(self, loader: torch.utils.data.DataLoader, num_workers: int, device: torch.device, num_classes: int,
-                 preprocess: dict, memory_format: Optional[torch.memory_format]):
+                 preprocess: data.Preprocessing, memory_format: Optional[torch.memory_format]):
         self.batches = iter(loader)
         self.stream: PairedStream = loader.dataset
         self.num_workers, self.device, self.num_classes = num_workers, device, num_classes
@@ -158,8 +158,8 @@ class DeviceBatches:
         if halves[0].data is not None:  # --decode gpu: the W micro-batches' JPEGs decoded in one batch on the device
             image = decode_views([b for h in halves for b in h.data], [e for h in halves for e in h.ext],
                                  torch.cat([h.params for h in halves]),  # (b, 5) on the host
-                                 pp["image_size"], pp["interpolation"], self.device)  # (b, 3, S, S) uint8
-        image = data.normalize(image, pp["mean"], pp["std"])  # uint8 from the workers -> the student's normalisation
+                                 pp.image_size, pp.interpolation, self.device)  # (b, 3, S, S) uint8
+        image = data.normalize(image, pp.mean, pp.std)  # uint8 from the workers -> the student's normalisation
         if self.memory_format is not None:
             image = image.contiguous(memory_format=self.memory_format)
         return half._replace(image=image)
