@@ -488,7 +488,7 @@ def cache_info(
         raise CacheError(f"{cache}: {info['verified']['damaged_units']} damaged unit(s), the first: {problems[0]}")
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     """The user-facing line of an error; an error raised in a DataLoader worker arrives wrapped in a
     worker traceback, of which only its own last line is the message."""
     text = str(e).strip()
@@ -529,11 +529,11 @@ def main() -> None:
             typer.echo(e.format_message(), err=True)
             sys.exit(2)
         name = e.ctx.command_path if getattr(e, "ctx", None) is not None else "dho"
-        fail(f"{_one_line(Exception(e.format_message()))} (see `{name} --help`)")
+        fail(f"{one_line(Exception(e.format_message()))} (see `{name} --help`)")
     except Interrupted as e:
-        fail(_one_line(e), code=Interrupted.EXIT_CODE)
+        fail(one_line(e), code=Interrupted.EXIT_CODE)
     except DhoError as e:
-        fail(_one_line(e))
+        fail(one_line(e))
     except aborts:
         fail("interrupted", code=130)
     except OSError as e:

@@ -50,7 +50,6 @@ one pixel (aspect ratio over 2S/3 : 1), which the pt2 graph's shape guards refus
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import warnings
@@ -63,6 +62,7 @@ import torch.nn.functional as F
 
 import dho
 from dho.atomic import replace_files
+from dho.data import file_sha256
 from dho.errors import ConfigError
 from dho.evaluate import load_run, run_alpha_beta
 from dho.run_dir import MODEL
@@ -294,7 +294,7 @@ def export(run_dir: Union[str, Path], out: Union[str, Path], format: str = "pt2"
     with replace_files(out, weights_path(out), metadata_path(out)) as (model_part, weights_part, json_part):
         _write_model(wrapper, probs, format, model_part, info, run_dir, meta["build_args"]["name"])
         _write_weights(student, weights_part, meta, alpha, beta)
-        sidecar = {**info, "sha256": {"model": _sha256(model_part), "weights": _sha256(weights_part)}}
+        sidecar = {**info, "sha256": {"model": file_sha256(model_part), "weights": file_sha256(weights_part)}}
         json_part.write_text(json.dumps(sidecar, indent=2) + "\n")
     return out
 
@@ -384,11 +384,3 @@ def _write_weights(student: DualHeadStudent, path: Path, meta: dict, alpha: floa
         "classnames": json.dumps(meta["classnames"]), "preprocess": json.dumps(meta["preprocess"].to_dict()),
         "build_args": json.dumps(meta["build_args"]),
     })
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

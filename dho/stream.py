@@ -105,7 +105,7 @@ class PartData:
     def of(cls, part: Part, ds: "data.Dataset", cache) -> "PartData":
         """The part from its dataset and its cache (a `TeacherCache` checked against `ds`), opened by the caller."""
         usable = part.usable(ds.key_bytes, cache.valid)
-        return cls(ds, part.cache_path, cache.done, cache.valid, usable, _count_per_shard(usable, [s.count for s in ds.shards]),
+        return cls(ds, part.cache_path, cache.done, cache.valid, usable, count_per_shard(usable, [s.count for s in ds.shards]),
                    cache.train_views, cache.topk, cache.eta)
 
 
@@ -147,7 +147,7 @@ def consumer_records(
     shards_index = np.concatenate([np.arange(len(c), dtype=np.int64) for c in shard_counts] or [np.zeros(0, np.int64)])
     offsets = [np.concatenate([[0], np.cumsum(c, dtype=np.int64)[:-1]]) if len(c) else np.zeros(0, np.int64) for c in shard_counts]
     if valid_per_shard is None:
-        valid_per_shard = [_count_per_shard(v, c) for v, c in zip(valid, shard_counts)]
+        valid_per_shard = [count_per_shard(v, c) for v, c in zip(valid, shard_counts)]
     valid_per_shard = np.concatenate([np.asarray(v, dtype=np.int64) for v in valid_per_shard] or [np.zeros(0, np.int64)])
     total = int(valid_per_shard.sum())
     if total == 0:
@@ -186,7 +186,7 @@ def consumer_records(
         pass_ += 1
 
 
-def _count_per_shard(valid: np.ndarray, counts) -> np.ndarray:
+def count_per_shard(valid: np.ndarray, counts) -> np.ndarray:
     """(S,) number of True entries of `valid` per shard (np.add.reduceat over the shard starts; empty shards 0)."""
     counts = np.asarray(counts, dtype=np.int64)
     out = np.zeros(len(counts), dtype=np.int64)

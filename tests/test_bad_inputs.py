@@ -263,8 +263,8 @@ def test_an_error_in_a_dataloader_worker_is_one_line(prepared, tmp_path):
 def test_worker_unwrapping_keeps_the_message():
     e = RuntimeError("Caught CacheError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
                      "  File \"x.py\", line 1\nbuiltins.RuntimeError: the cache is damaged")
-    assert cli._one_line(e) == "the cache is damaged"
-    assert cli._one_line(ValueError("two\nlines")) == "two lines"
+    assert cli.one_line(e) == "the cache is damaged"
+    assert cli.one_line(ValueError("two\nlines")) == "two lines"
 
 
 def test_disk_full_and_read_only_outputs_are_one_line(prepared, tmp_path, monkeypatch):

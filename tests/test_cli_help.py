@@ -59,3 +59,26 @@ def test_every_command_shows_an_example_and_defaults_device_to_auto(name):
     for param in COMMAND.commands[name].params:
         if "--device" in getattr(param, "opts", []):
             assert param.default in ("auto", None), f"{name}: --device defaults to {param.default!r}, not auto"
+
+
+def test_precompute_teacher_help_shows_the_functions_defaults():
+    """`Default: X.` in each `dho precompute-teacher` option's help is `precompute()`'s default (no drift: the
+    CLI passes an option on only when it is given, so the function's default is the one that runs)."""
+    import inspect
+
+    from dho.precompute import precompute
+
+    defaults = {k: p.default for k, p in inspect.signature(precompute).parameters.items()}
+    checked = 0
+    for param in COMMAND.commands["precompute-teacher"].params:
+        m = re.search(r"Default: ([^ ]+?)\.(?:\s|$)", param.help or "")
+        name = param.name.rstrip("_")
+        if m is None or name not in defaults or not isinstance(defaults[name], (int, float, str)):
+            continue
+        shown, default = m.group(1), defaults[name]
+        if isinstance(default, bool):
+            assert shown == ("on" if default else "off"), name
+        else:
+            assert type(default)(shown) == default, (name, shown, default)
+        checked += 1
+    assert checked >= 10, checked

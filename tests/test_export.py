@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from dho import evaluate as ev
 from dho import export as export_lib
+from dho.data import file_sha256
 from dho.cli import app
 from dho.errors import ConfigError
 from dho.export import FORMATS, export, metadata_path, weights_path
@@ -177,7 +178,7 @@ def test_export_writes_safetensors_weights_and_metadata(fmt, exported, searched_
     assert info["preprocess"] == meta["preprocess"].to_dict()
     assert set(info["preprocess"]) >= {"image_size", "interpolation", "mean", "std", "resize_mode"}
     assert info["files"] == {"model": out.name, "weights": weights_path(out).name}
-    assert info["sha256"] == {"model": export_lib._sha256(out), "weights": export_lib._sha256(weights_path(out))}
+    assert info["sha256"] == {"model": file_sha256(out), "weights": file_sha256(weights_path(out))}
 
 
 def test_export_without_search_bakes_in_model_pt_alpha_beta(trained_run, searched_run, images, tmp_path):

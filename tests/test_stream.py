@@ -100,9 +100,9 @@ def test_no_usable_samples_is_an_error():
 
 
 def test_usable_counts_per_shard_handle_empty_shards():
-    from dho.stream import _count_per_shard
+    from dho.stream import count_per_shard
 
     valid = np.array([1, 0, 1, 1, 1, 0, 1], dtype=bool)
     counts = [2, 0, 3, 0, 2]
-    assert _count_per_shard(valid, counts).tolist() == [1, 0, 3, 0, 1]
-    assert _count_per_shard(np.zeros(0, bool), [0, 0]).tolist() == [0, 0]
+    assert count_per_shard(valid, counts).tolist() == [1, 0, 3, 0, 1]
+    assert count_per_shard(np.zeros(0, bool), [0, 0]).tolist() == [0, 0]
