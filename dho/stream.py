@@ -28,7 +28,7 @@ Workers yield uint8 images (a quarter of the bytes through shared and pinned mem
 normalises them on the device with the student's mean/std (`data.normalize`). With `raw=True`
 (`dho distill --decode gpu`) workers decode nothing: they yield each sample's encoded bytes, its
 extension and the cached view params, and the loop decodes the batch on the device
-(`gpu_views.decode_views`).
+(`data.gpu_views.decode_views`).
 
 Batches. A consumer yields one `Batch` per step: a `Half` record for the labeled and one for the
 unlabeled micro-batch (None for a half the method does not read), tensors named as the paper names
@@ -38,7 +38,8 @@ Memory. Each dataset and cache is opened once, by whoever builds the stream (`Pa
 `PartData.of` for a dataset and cache already opened and checked, as `dho distill` does); workers
 inherit numpy arrays (shard counts, labels, the usable-sample bitmap, the cache's done/valid) and read
 only shards and cache chunks, so a worker's own memory does not grow with the number of samples.
-Top-k caches stay sparse (b, K) up to the loop, which densifies them on the device (`densify`).
+Top-k caches stay sparse (b, K) up to the loop, which densifies them on the device (`densify`, with
+`cache.densify_topk` + `cache.retemper`).
 
 Out of scope: images are read per shard into memory (a window of `window` shards per consumer);
 very large shards need a smaller window.

@@ -17,7 +17,8 @@ The modules, each importing only those listed before it:
     classes.py    class names files, class lists of a reference, class folders
     pool.py       the process pools of prepare, index and split
     prepare.py, index.py, split.py   the data commands
-    views.py      replayable training views (RandomResizedCrop + flip) and the evaluation view
+    views.py      replayable training views (RandomResizedCrop + flip), the evaluation view, and
+                  `Preprocessing`, the record of how a model takes its images
     gpu_views.py  training views decoded on the device; imports torch, so it is not imported here
 This file re-exports their public API. torch is imported only by what needs it (view replay, the
 `OrderedReader` made on first use): the data commands (prepare, index, split) start without torch.
