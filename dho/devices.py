@@ -76,11 +76,14 @@ class Ranks:
 
 
 def setup_ranks(device: "torch.device", rank: Optional[int] = None, world_size: Optional[int] = None) -> Ranks:
-    """The ranks of this run. Explicit `rank`/`world_size` (a job array; both or neither, never under
-    torchrun) need no process group; under torchrun (WORLD_SIZE > 1) or inside a process group someone
-    initialised, this rank's GPU is made current and the group is joined or created."""
+    """The ranks of this run, with `device` made the current CUDA device (DataLoader pinning and kernels without
+    an explicit device then stay on it, never on cuda:0 of a shared machine). Explicit `rank`/`world_size` (a job
+    array; both or neither, never under torchrun) need no process group; under torchrun (WORLD_SIZE > 1) or inside
+    a process group someone initialised, the group is joined or created."""
     import torch
 
+    if device.type == "cuda":  # resolve_device gave this rank cuda:LOCAL_RANK under torchrun
+        torch.cuda.set_device(device)
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     if rank is not None or world_size is not None:
         if rank is None or world_size is None:
@@ -92,8 +95,6 @@ def setup_ranks(device: "torch.device", rank: Optional[int] = None, world_size: 
         return Ranks(rank, world_size, "", device)
     dist = torch.distributed
     if env_world > 1 or (dist.is_available() and dist.is_initialized()):
-        if device.type == "cuda":  # resolve_device gave this rank cuda:LOCAL_RANK
-            torch.cuda.set_device(device)
         group = "joined"
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
