@@ -283,7 +283,7 @@ def linear_probe(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total)))
     gen = torch.Generator().manual_seed(seed)
     progress = Progress("linear probe", epochs, unit="epochs", final=False)
-    for epoch in range(epochs):
+    for _ in range(epochs):
         order = torch.randperm(n, generator=gen)  # (N,)
         loss_sum = 0.0
         for s in range(steps_per_epoch):
