@@ -21,6 +21,8 @@ from dho.errors import ConfigError
 
 DEVICE = f"{DEVICE_HELP}."  # the --device help of every command
 DEVICE_RANKS = f"{DEVICE_HELP}; under torchrun each rank uses cuda:LOCAL_RANK."
+BETA_GRID_HELP = ("beta values of an alpha/beta search: wide (0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 4) | reference "
+                  "(0.5, 0.75, 1, 1.25, 1.5, 2, 4: the ten-dataset reference code's).")
 
 app = typer.Typer(
     name="dho",
@@ -191,6 +193,7 @@ def distill(
     epoch: Annotated[Optional[str], typer.Option(help="unlabeled (an epoch is one pass over the unlabeled stream) | shorter (one pass over the shorter of the labeled and unlabeled streams, as the reference's zip of two loaders). [default: unlabeled]")] = None,
     forward: Annotated[Optional[str], typer.Option(help="joint (one forward over [labeled; unlabeled], shared BatchNorm statistics) | separate (two forwards, as the ten-dataset reference). [default: joint]")] = None,
     select_best_on_val: Annotated[Optional[bool], typer.Option("--select-best-on-val", help="Score --val after every epoch (dho: alpha/beta searched on it) and keep the best epoch as RUN/model.pt (+ alpha_beta.json), as the reference. [default: off]")] = None,
+    beta_grid: Annotated[Optional[str], typer.Option("--beta-grid", help=BETA_GRID_HELP + " Used by --select-best-on-val. [default: wide]")] = None,
     vlm_heads: Annotated[Optional[str], typer.Option(help="Aligned kd_head and text init of VLM students: reference (the authors' code: linear with bias on the normalised feature, times 1/zeta; heads start from the raw template-mean text embeddings) | eq10 (1/zeta * cos(z, w_c), unit rows, no bias; normalised text embeddings). [default: reference]")] = None,
     interpolation: Annotated[Optional[str], typer.Option(help="Resampling of the student's training views and evaluation images: bilinear | bicubic; none keeps the student's own (bilinear for torchvision CNNs, the open_clip config's for VLM students). [default: none]")] = None,
     window: Annotated[Optional[int], typer.Option(help="Shards per shuffle window of each data consumer. [default: 2]")] = None,
@@ -211,7 +214,7 @@ def distill(
         "student": student, "student_pretrained": student_pretrained, "method": method, "out": out, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
         "lr_schedule": lr_schedule, "unlabeled_pool": unlabeled_pool, "warmup_fraction": warmup_fraction,
-        "epoch": epoch, "forward": forward, "select_best_on_val": select_best_on_val, "lambda_": lambda_,
+        "epoch": epoch, "forward": forward, "select_best_on_val": select_best_on_val, "beta_grid": beta_grid, "lambda_": lambda_,
         "eta": eta, "zeta": zeta, "alpha": alpha, "beta": beta, "precision": precision, "device": device, "workers": workers,
         "seed": seed, "view_sampling": view_sampling, "grad_clip": grad_clip, "accum_steps": accum_steps,
         "checkpoint_every": checkpoint_every, "log_every": log_every, "max_steps": max_steps, "val": val,
@@ -234,7 +237,8 @@ def evaluate(
     data: Annotated[Path, typer.Option("--data", help="Labeled dataset to evaluate on (the test split).")],
     alpha: Annotated[Optional[float], typer.Option(help="Weight of ce_head in Eq. 11, in [0, 1]. Default: the run's (RUN_DIR/alpha_beta.json from an earlier --search-on, else the value stored in model.pt, 0.5 for dho).")] = None,
     beta: Annotated[Optional[float], typer.Option(help="Temperature of kd_head in Eq. 11, > 0. Default: the run's, as for --alpha.")] = None,
-    search_on: Annotated[Optional[Path], typer.Option("--search-on", help="Labeled validation dataset: grid-search alpha in {0, 0.05, ..., 1} x beta in {0.1 ... 4} on it, store the best in RUN_DIR/alpha_beta.json (+ alpha_beta_heatmap.png), then evaluate --data with it. Must not be --data itself. Default: none.")] = None,
+    search_on: Annotated[Optional[Path], typer.Option("--search-on", help="Labeled validation dataset: grid-search alpha in {0, 0.05, ..., 1} x beta (--beta-grid) on it, store the best in RUN_DIR/alpha_beta.json (+ alpha_beta_heatmap.png), then evaluate --data with it. Must not be --data itself. Default: none.")] = None,
+    beta_grid: Annotated[str, typer.Option("--beta-grid", help=BETA_GRID_HELP)] = "wide",
     json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (ce_head, kd_head, combined: top1/top5 in %; alpha; beta; counts) instead of a table. Default: off.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
     device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
@@ -244,7 +248,7 @@ def evaluate(
     from dho import evaluate as evaluation
 
     result = evaluation.evaluate(run_dir, data, alpha=alpha, beta=beta, search_on=search_on,
-                                 batch_size=batch_size, device=device, workers=workers)
+                                 batch_size=batch_size, device=device, workers=workers, beta_grid=beta_grid)
     if json_out:
         typer.echo(json.dumps(result))
         return

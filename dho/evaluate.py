@@ -38,13 +38,15 @@ import torch
 from dho import data as data_lib
 from dho.atomic import write_atomic
 from dho.devices import resolve_device
-from dho.errors import ConfigError, DatasetError, check_number
+from dho.errors import ConfigError, DatasetError, check_choice, check_number
 from dho.progress import Progress
 from dho.run_dir import ALPHA_BETA, ALPHA_BETA_PREVIOUS, HEATMAP, MODEL, RunDir, write_json
 from dho.students import DualHeadStudent
 
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1 (paper §4.1)
 BETA_GRID = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)  # kd_head temperatures, 0.1 ... 4
+# the beta grids a search can use (`--beta-grid`): dho's wide one, or the ten-dataset reference's (train_others.py)
+BETA_GRIDS = {"wide": BETA_GRID, "reference": (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0)}
 DEFAULT_ALPHA, DEFAULT_BETA = 0.5, 0.5  # low-shot defaults (Table 6); also the search's tie-break centre
 # the run-folder names (dho/run_dir.py), under the names this module has always exported
 ALPHA_BETA_FILE, PREVIOUS_FILE, HEATMAP_FILE, MODEL_FILE = ALPHA_BETA, ALPHA_BETA_PREVIOUS, HEATMAP, MODEL
@@ -260,15 +262,23 @@ def labeled_only(ce: torch.Tensor, kd: torch.Tensor, labels: torch.Tensor) -> tu
     return ce[keep], kd[keep], labels[keep]
 
 
+def beta_grid_of(name: str) -> tuple[float, ...]:
+    """The beta grid called `name` (BETA_GRIDS), or a one-line ConfigError naming the choices."""
+    check_choice("--beta-grid", name, tuple(BETA_GRIDS))
+    return BETA_GRIDS[name]
+
+
 def search_and_store(folder: Path, student: DualHeadStudent, val: data_lib.Dataset, batch_size: int, device, workers: int,
                      extra: Optional[dict] = None, columns: Optional[torch.Tensor] = None,
-                     announce: bool = True) -> tuple[float, float, float]:
-    """Grid-search Eq. 11's alpha, beta on `val`, write FOLDER/alpha_beta.json (+ heatmap) -> (alpha, beta, top-1 %).
-    FOLDER is the run folder, or the scratch folder of `distill --select-best-on-val`."""
+                     announce: bool = True, beta_grid: str = "wide") -> tuple[float, float, float]:
+    """Grid-search Eq. 11's alpha, beta (beta over the grid `beta_grid` of BETA_GRIDS) on `val`, write
+    FOLDER/alpha_beta.json (+ heatmap) -> (alpha, beta, top-1 %). FOLDER is the run folder, or the scratch
+    folder of `distill --select-best-on-val`."""
+    betas = beta_grid_of(beta_grid)
     v_ce, v_kd, v_labels = labeled_only(*collect_logits(student, val, batch_size, device, workers))
     v_ce, v_kd = restrict(v_ce, v_kd, columns)
-    alpha, beta, grid = search_alpha_beta(v_ce, v_kd, v_labels)
-    best = float(grid[ALPHA_GRID.index(alpha), BETA_GRID.index(beta)])
+    alpha, beta, grid = search_alpha_beta(v_ce, v_kd, v_labels, beta_grid=betas)
+    best = float(grid[ALPHA_GRID.index(alpha), betas.index(beta)])
     run = RunDir(folder)
     previous = run.read_alpha_beta() if announce else None
     if previous is not None:  # never replaced silently: the earlier choice is kept beside it and named
@@ -280,11 +290,11 @@ def search_and_store(folder: Path, student: DualHeadStudent, val: data_lib.Datas
     write_json(run.alpha_beta, {
         "alpha": alpha, "beta": beta,
         "search_on": str(val.root), "search_on_fingerprint": val.fingerprint, "num_samples": int(len(v_labels)),
-        "alpha_grid": list(ALPHA_GRID), "beta_grid": list(BETA_GRID),
+        "alpha_grid": list(ALPHA_GRID), "beta_grid": list(betas), "beta_grid_name": beta_grid,
         "top1_grid": [[round(float(v), 4) for v in row] for row in grid],  # rows: alpha, columns: beta
         "best_top1": best, **(extra or {}),
     })
-    heatmap = plot_alpha_beta(grid, run.heatmap, best=(alpha, beta), title=f"top-1 (%) on {val.root.name}, Eq. 11")
+    heatmap = plot_alpha_beta(grid, run.heatmap, beta_grid=betas, best=(alpha, beta), title=f"top-1 (%) on {val.root.name}, Eq. 11")
     if announce:
         print(f"alpha={alpha:g}, beta={beta:g} (top-1 {best:.2f} on {val.root}) -> {run.alpha_beta}; "
               f"heatmap {heatmap}", file=sys.stderr, flush=True)
@@ -300,6 +310,7 @@ def evaluate(
     batch_size: int = 256,
     device: Union[str, torch.device] = "auto",
     workers: int = 2,
+    beta_grid: str = "wide",
 ) -> dict:
     """Top-1/top-5 (%) of ce_head, kd_head and their combination (Eq. 11) on `data`.
 
@@ -308,8 +319,8 @@ def evaluate(
     Samples of `data` labeled -1 are left out (counted in num_unlabeled_ignored). A dataset whose
     classes are a subset of the model's is scored on its classes only (`class_columns`; class_subset
     true, num_classes its classes, model_classes the model's).
-    With `search_on`, (alpha, beta) are grid-searched on that validation dataset first and
-    stored in RUN_DIR/alpha_beta.json (+ alpha_beta_heatmap.png).
+    With `search_on`, (alpha, beta) are grid-searched on that validation dataset first (beta over the grid
+    `beta_grid` of BETA_GRIDS) and stored in RUN_DIR/alpha_beta.json (+ alpha_beta_heatmap.png).
     """
     run_dir = Path(run_dir)
     if search_on is not None and (alpha is not None or beta is not None):
@@ -320,6 +331,7 @@ def evaluate(
         check_number("--beta", beta, low=0, low_open=True)
     check_number("--batch-size", batch_size, low=1, integer=True)
     check_number("--workers", workers, low=0, integer=True)
+    beta_grid_of(beta_grid)
     student, meta = load_run(run_dir, device)
     device = resolve_device(device)
     ds, columns = open_labeled(data, meta["classnames"], "--data")
@@ -331,7 +343,8 @@ def evaluate(
                 f"--search-on {val.root} is the same data as --data {ds.root} (fingerprint {ds.fingerprint[:12]}); "
                 "never tune alpha/beta on the test data: search on a validation split (`dho split --val-out`)"
             )
-        alpha, beta, _ = search_and_store(run_dir, student, val, batch_size, device, workers, columns=val_columns)
+        alpha, beta, _ = search_and_store(run_dir, student, val, batch_size, device, workers, columns=val_columns,
+                                          beta_grid=beta_grid)
         source = f"search on {val.root}"
     else:
         stored = read_alpha_beta(run_dir)

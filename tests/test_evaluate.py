@@ -157,6 +157,25 @@ def test_search_on_validation_writes_choice_and_heatmap(run_copy, tiny_dataset, 
         ev.evaluate(run_copy, val_dataset, workers=0, device="cpu")
 
 
+def test_reference_beta_grid_is_the_ten_dataset_reference_codes(run_copy, tiny_dataset, val_dataset):
+    """train_others.py searches beta in {0.5, 0.75, 1, 1.25, 1.5, 2, 4} (alpha as ours): `--beta-grid reference`."""
+    reference_betas = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0]
+    res = ev.evaluate(run_copy, tiny_dataset, search_on=val_dataset.root, workers=0, device="cpu", beta_grid="reference")
+    stored = json.loads((run_copy / "alpha_beta.json").read_text())
+    assert stored["beta_grid"] == reference_betas and stored["beta_grid_name"] == "reference" and res["beta"] in reference_betas
+    student, _ = load_student(run_copy / "model.pt")
+    v_ce, v_kd, v_labels = ev.collect_logits(student, val_dataset, workers=0)
+    for j, beta in enumerate(reference_betas):  # every cell is Eq. 11's top-1 at that (alpha, beta), restated
+        for i, alpha in enumerate(ev.ALPHA_GRID):
+            mix = alpha * torch.softmax(v_ce, -1) + (1 - alpha) * torch.softmax(v_kd / beta, -1)
+            assert stored["top1_grid"][i][j] == pytest.approx(100.0 * float((mix.argmax(-1) == v_labels).float().mean()), abs=1e-3)
+    with pytest.raises(ConfigError, match="--beta-grid must be one of wide, reference; got 'paper'"):
+        ev.evaluate(run_copy, tiny_dataset, search_on=val_dataset.root, workers=0, device="cpu", beta_grid="paper")
+    from dho.distill.config import BETA_GRIDS
+
+    assert BETA_GRIDS == tuple(ev.BETA_GRIDS)  # the distill option's choices are these grids
+
+
 def test_search_never_runs_on_test_data(run_copy, tiny_dataset, tmp_path):
     with pytest.raises(ConfigError, match="never tune alpha/beta on the test data"):
         ev.evaluate(run_copy, tiny_dataset, search_on=tiny_dataset.root, workers=0, device="cpu")

@@ -32,6 +32,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 VIEW_SAMPLINGS = ("cycle", "random")
 INTERPOLATIONS = ("bilinear", "bicubic")
 REPORT_TO = ("jsonl", "tensorboard", "wandb")
+BETA_GRIDS = ("wide", "reference")  # the names of dho.evaluate.BETA_GRIDS (the grids of an alpha/beta search)
 # Options that may change on --resume without changing the result. Anything that changes the data order
 # or the numerics (workers set the thread count and the consumers, the device the kernels, compile and
 # decode the kernels and pixels) is refused on resume, so a resumed run stays bit-identical.
@@ -61,6 +62,7 @@ class DistillConfig:
     epoch: str = "unlabeled"  # one pass over the unlabeled stream, or "shorter" (the reference's zip of two loaders)
     forward: str = "joint"  # one forward over [labeled; unlabeled], or "separate" (two: BatchNorm statistics apart)
     select_best_on_val: bool = False  # keep the epoch best on --val (alpha/beta searched there), as the reference
+    beta_grid: str = "wide"  # the beta grid of that search (dho.evaluate.BETA_GRIDS); "reference": train_others.py's
     lambda_: float = 0.5  # L = lambda * L_CE + (1 - lambda) * L_KD
     eta: float = losses.ETA  # KD temperature; the cache is re-tempered exactly if it was stored at another eta
     zeta: float = losses.ZETA  # scale 1/zeta of the aligned cosine kd_head (VLM students)
@@ -107,6 +109,7 @@ class DistillConfig:
             check_choice(option, value, choices)
         if self.warmup_fraction is not None:
             check_number("--warmup-fraction", self.warmup_fraction, low=0, high=1)
+        check_choice("--beta-grid", self.beta_grid, BETA_GRIDS)
         if self.select_best_on_val and self.val is None:
             raise ConfigError("--select-best-on-val needs --val DATASET (a validation split)")
         report_sinks(self.report_to)  # names and installed packages, before anything runs

@@ -414,7 +414,7 @@ def _select(t: Training, step: int) -> float:
         ds, columns = t.val
         alpha, beta, score = evaluate.search_and_store(
             t.run.selection, t.student, ds, VAL_BATCH_SIZE, t.ranks.device, t.cfg.workers, columns=columns,
-            extra={"epoch": step // t.plan.steps_per_epoch, "step": step}, announce=False)
+            extra={"epoch": step // t.plan.steps_per_epoch, "step": step}, announce=False, beta_grid=t.cfg.beta_grid)
     else:
         ce, kd, labels = _val_logits(t)
         alpha, beta = t.objective.alpha_beta
