@@ -116,7 +116,8 @@ def write_cache(ds: data.Dataset, path: Path, views: int, topk: int, embed_dim: 
     attrs = {
         "dataset_fingerprint": ds.fingerprint, "num_samples": ds.num_samples, "classnames": list(ds.classnames),
         "num_views": views, "center_view": False, "seed": seed, "zeta": 0.01, "eta": 2.0,
-        "teacher": {"model": "synthetic", "pretrained": "none", "weights_sha256": "0" * 64, "model_config_sha256": "0" * 64},
+        "teacher": {"model": "synthetic", "pretrained": "none", "weights_sha256": "0" * 64, "model_config_sha256": "0" * 64,
+                    "prompt_names": "underscores-to-spaces"},
         "templates": ["a photo of a {}."], "text_classifier_norm": "renormalize",
         "preprocess": {"image_size": 224, "interpolation": "bicubic", "mean": [0.48145466, 0.4578275, 0.40821073],
                        "std": [0.26862954, 0.26130258, 0.27577711], "resize_mode": "shortest", "source": "bench_scale"},

@@ -69,6 +69,17 @@ zarr.config.set({"array.write_empty_chunks": True})
 SUM_TOLERANCE = 1e-2  # |sum(p) - 1| of a stored float16 row (C roundings of at most 2^-11 each, relative)
 
 
+def prompt_names(attrs: dict) -> str:
+    """The rule that put the class names into the prompts of the cache with attributes `attrs`: its
+    `teacher.prompt_names` (schema v5), else "as-given" (v1-v4). Where no class name holds a `_` every rule
+    gives the same prompts, so such a cache reads as the current rule (`dho.templates.PROMPT_NAMES`)."""
+    from dho.templates import PROMPT_NAMES
+
+    if not any("_" in c for c in attrs["classnames"]):
+        return PROMPT_NAMES
+    return attrs["teacher"].get("prompt_names", "as-given")
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -118,6 +129,11 @@ class TeacherCache:
         self._valid: np.ndarray | None = None
         self._done: np.ndarray | None = None
         self._arrays: dict = {}
+
+    @property
+    def prompt_names(self) -> str:
+        """The rule that put the class names into this cache's prompts (`dho.cache.prompt_names`)."""
+        return prompt_names(self.attrs)
 
     def array(self, name: str):
         """The zarr array `name` (opened once: each open reads its metadata file)."""
@@ -254,12 +270,17 @@ class TeacherCache:
 
     def check_params(self, attrs: dict) -> None:
         """Raise CacheError listing every parameter in which `attrs` differs from this store (`shard_group`:
-        only when `attrs` sets one; it fixes the file layout, not the numbers)."""
+        only when `attrs` sets one; it fixes the file layout, not the numbers; `teacher.prompt_names`: only while
+        the store is incomplete, as a complete one gets nothing written that could mix)."""
         diffs = []
+        complete = self.is_complete()
         if attrs.get("shard_group") is not None and attrs["shard_group"] != self.shard_group:
             diffs.append(f"shard_group: {self.shard_group} in the cache vs {attrs['shard_group']} now (leave --shard-group out to resume)")
         for k in PARAM_KEYS:
             mine, theirs = self.attrs.get(k), attrs.get(k)
+            if k == "teacher" and isinstance(mine, dict) and isinstance(theirs, dict):  # compared as rules in effect
+                mine = {**mine, "prompt_names": prompt_names(self.attrs)}
+                theirs = {**theirs, "prompt_names": prompt_names({**self.attrs, **attrs})}
             if k == "preprocess":
                 mine = {x: y for x, y in (mine or {}).items() if x != "source"}
                 theirs = {x: y for x, y in (theirs or {}).items() if x != "source"}
@@ -268,8 +289,12 @@ class TeacherCache:
             else:
                 pairs = [(k, mine, theirs)]
             for name, a, b in pairs:
+                if name == "teacher.prompt_names" and complete:
+                    continue
                 if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
                     diffs.append(f"{name}: {_short(a)} in the cache vs {_short(b)} now")
+                    if name == "teacher.prompt_names":
+                        diffs[-1] += " (an older dho put the class names with '_' into the prompts as given: rebuild it)"
         if diffs:
             raise CacheError(
                 f"{self.path} was built with other parameters ({'; '.join(diffs)}); the cache never mixes "

@@ -54,6 +54,7 @@ def summarize(path) -> dict:
         "precision": a["precision"],
         "templates": a["templates"],
         "text_classifier_norm": a["text_classifier_norm"],
+        "prompt_names": cache.prompt_names,
         "preprocess": a["preprocess"],
         "zeta": a["zeta"],
         "eta": a["eta"],
@@ -105,7 +106,7 @@ def format_summary(info: dict) -> str:
     lines = [
         f"cache:      {info['path']} (schema v{info['schema_version']}, dho {info['dho_version']}, created {info['created_at']})",
         f"teacher:    {t['model']} / {t['pretrained']} (weights sha256 {t['weights_sha256'][:16]}...), precision {info['precision']}",
-        f"classifier: {len(info['templates'])} templates ({info['text_classifier_norm']}), zeta={info['zeta']} "
+        f"classifier: {len(info['templates'])} templates ({info['text_classifier_norm']}, class names {info['prompt_names']}), zeta={info['zeta']} "
         f"(logit scale {1.0 / info['zeta']:g}), eta={info['eta']}",
         f"preprocess: {pp['image_size']}px {pp['interpolation']} resize_mode={pp['resize_mode']} mean={pp['mean']} std={pp['std']} ({pp['source']})",
         f"views:      {views}, seed {info['seed']}; storage: {storage}",

@@ -120,6 +120,9 @@ def precompute(
     attrs = _store_attrs(ds, teacher, num_views=total_views, center_view=center_view, seed=seed, zeta=zeta, eta=eta,
                          topk=topk, store_embeddings=store_embeddings, shard_group=shard_group)
     cache = _open_store(out, ds, teacher, attrs, ranks)
+    if cache.prompt_names != teacher.identity["prompt_names"] and rank == 0:  # complete (check_params refuses otherwise)
+        log(f"note: {out} was made by an older dho that put the class names with '_' into the prompts as given; it is "
+            "complete and stays so: write a new --out for the prompts of the reference code (names with spaces)")
 
     # ---- this rank's work: whole shards with any unit not done
     # (schema v4: groups of `shard_group` consecutive shards share Zarr shards, so ranks own whole groups, round-robin)

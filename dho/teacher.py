@@ -20,8 +20,9 @@ which reads open_clip's list of the "openai" templates). It answers three questi
   normalised image embedding (Alg. 1 line 13 without the KD temperature).
 
 Precision: the teacher runs once, so `auto` is fp16 on CUDA (the reference code's `precision='fp16'`;
-bf16 moves a probability by up to ~2e-2) and fp32 on CPU. In bf16/fp16 the image tower's weights are
-cast to that dtype (as open_clip's own precision="fp16"), not fp32 weights under autocast; the text
+bf16 moves a probability by up to ~2e-2) and fp32 on CPU. In bf16/fp16 the image tower is cast tensor by
+tensor as open_clip's own precision="fp16" casts it (conv, linear and attention weights to that dtype;
+LayerNorms, the class and positional embeddings in fp32), not fp32 weights under autocast; the text
 classifier is built once under autocast with fp32 weights.
 
 Weights fingerprint (`Teacher.identity['weights_sha256']`): the sha256 of the checkpoint file when
@@ -49,7 +50,7 @@ from dho.data import Preprocessing, file_sha256  # file_sha256: also this module
 from dho.devices import resolve_device
 from dho.errors import ConfigError
 from dho.losses import ZETA
-from dho.templates import TEACHER_TEMPLATES, fill_templates, resolve_templates, template_mean
+from dho.templates import PROMPT_NAMES, TEACHER_TEMPLATES, fill_templates, resolve_templates, template_mean
 
 # The paper's low-shot teacher (Table 6): DFN ViT-H/14 at 378 px. The name must carry
 # '-quickgelu': DFN was trained with QuickGELU and the plain name silently uses GELU.
@@ -126,7 +127,7 @@ class Teacher:
     device: torch.device
     precision: str
     preprocess: Preprocessing  # its views and normalisation (with `source`: where the values came from)
-    identity: dict  # {model, pretrained, weights_sha256, model_config_sha256}
+    identity: dict  # {model, pretrained, weights_sha256, model_config_sha256, prompt_names}
     embed_dim: int
     text_classifier: torch.Tensor | None = None  # (C, D) float32: unit rows (renormalize) or template means (mean)
     templates: list[str] = field(default_factory=list)
@@ -250,10 +251,10 @@ def load_teacher(
     if classnames is not None:
         teacher.build_text_classifier(list(classnames), resolve_templates(templates), text_classifier_norm)
     if cast_weights and precision in ("bf16", "fp16"):
-        # the image tower in the compute dtype (the reference code loads DFN with precision="fp16": half weights),
-        # after the text classifier was built under autocast; open_clip's LayerNorm keeps the input dtype
+        # the image tower as open_clip's precision="fp16" (bf16) makes it (the reference code loads DFN so), after the
+        # text classifier was built under autocast
         teacher.image_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        net.visual.to(teacher.image_dtype)
+        _cast_image_tower(net, teacher.image_dtype, timm="timm_model_name" in source.model_cfg.get("vision_cfg", {}))
     if compile is None:
         compile = device.type == "cuda"
     if compile:  # the image tower only: it runs over every view; the text tower ran once above
@@ -274,6 +275,26 @@ class _Source:
     identity_pretrained: str
     weights_file: Path | None = None  # a checkpoint file, fingerprinted by its bytes
     is_tag: bool = False
+
+
+def _cast_image_tower(net: torch.nn.Module, dtype: torch.dtype, timm: bool) -> None:
+    """Cast the image tower as open_clip's `create_model(..., precision="fp16"|"bf16")` does: conv, linear and
+    attention weights and the output projection to `dtype`; LayerNorm parameters, the class and positional
+    embeddings stay float32, and LayerNorms compute in float32 (open_clip builds them as LayerNormFp32 then).
+    A timm tower is cast whole, its LayerNormFp32s back to float32, as open_clip does."""
+    from open_clip.model import convert_weights_to_lp
+    from open_clip.transformer import LayerNorm, LayerNormFp32
+
+    if timm:
+        net.visual.to(dtype)
+        for m in net.visual.modules():
+            if isinstance(m, LayerNormFp32):
+                m.float()
+        return
+    for m in net.visual.modules():
+        if type(m) is LayerNorm:  # open_clip's fp32-built norm computes in the input dtype; its fp16 build's in fp32
+            m.__class__ = LayerNormFp32
+    convert_weights_to_lp(net.visual, dtype=dtype)
 
 
 def _resolve_source(model: str, pretrained: str, verbose: bool) -> _Source:
@@ -351,7 +372,8 @@ def _build_network(source: _Source, pretrained: str, overrides: dict) -> torch.n
 
 
 def _identity(source: _Source, net: torch.nn.Module) -> dict:
-    """`Teacher.identity`: names, the weights fingerprint (see the module docstring) and the config's hash."""
+    """`Teacher.identity`: names, the weights fingerprint (see the module docstring), the config's hash and the
+    rule that puts class names into its prompts (`dho.templates.PROMPT_NAMES`)."""
     if source.weights_file is not None:
         weights_sha256 = file_sha256(source.weights_file)
     else:
@@ -361,6 +383,7 @@ def _identity(source: _Source, net: torch.nn.Module) -> dict:
         "pretrained": source.identity_pretrained,
         "weights_sha256": weights_sha256,
         "model_config_sha256": _canonical_sha256(source.model_cfg),
+        "prompt_names": PROMPT_NAMES,
     }
 
 

@@ -10,7 +10,8 @@ A template is a string with `{}` where the class name goes. `resolve_templates(s
     [list]          the templates themselves
 
 The zero-shot classifier of the teacher (Eq. 1) and the language-aware head init of a VLM student
-are both `template_mean` of the text embeddings of `fill_templates(templates, classnames)`; each
+are both `template_mean` of the text embeddings of `fill_templates(templates, classnames)` (class names
+with `_` read with spaces, `PROMPT_NAMES`); each
 caller keeps its own batching of the text encoder (batch composition changes float results).
 
 torch and open_clip are imported where they are used, so resolving templates loads neither.
@@ -41,6 +42,10 @@ TIP_ADAPTER_TEMPLATES = [
 BUILTIN = ("tip-adapter", "openai", "simple")  # the template sets selectable by name
 TEACHER_TEMPLATES = "tip-adapter"  # the teacher's default (the reference code's)
 STUDENT_INIT_TEMPLATES = ("a photo of a {}.",)  # VLM student head init; Alg. 1 input: "A photo of [CLASS]"
+# How a class name becomes the name in a prompt: every "_" a space ("american_bulldog" -> "american bulldog"),
+# as the DHO reference code, Tip-Adapter and CoOp fill templates (`classname.replace('_', ' ')`). Recorded in
+# a cache's teacher identity (`teacher.prompt_names`, schema v5); caches of v1-v4 put the names in as given.
+PROMPT_NAMES = "underscores-to-spaces"
 
 # The CoOp benchmark's prompt per dataset (canonical `coop.SPECS` names); ImageNet keeps Tip-Adapter's 7,
 # as the DHO reference code does.
@@ -101,9 +106,15 @@ def resolve_templates(spec: str | Sequence[str]) -> list[str]:
     return templates
 
 
+def prompt_name(classname: str) -> str:
+    """The name a prompt shows for `classname` (the PROMPT_NAMES rule): underscores become spaces."""
+    return classname.replace("_", " ")
+
+
 def fill_templates(templates: Sequence[str], classnames: Sequence[str]) -> list[str]:
-    """The prompts, class-major: every template with `{}` replaced by class 0's name, then class 1's, ... (C * T)."""
-    return [t.replace("{}", c) for c in classnames for t in templates]
+    """The prompts, class-major: every template with `{}` replaced by class 0's prompt name, then class 1's, ...
+    (C * T); `prompt_name` turns each class name into the name in the prompt."""
+    return [t.replace("{}", prompt_name(c)) for c in classnames for t in templates]
 
 
 def template_mean(emb: "torch.Tensor", renormalize: bool) -> "torch.Tensor":

@@ -196,6 +196,7 @@ def apply(adapter_path, dataset, cache, out, *, device: str = "auto", log=print)
                       f"(fingerprint {adapter['labeled_fingerprint'][:12]}), alpha {adapter['alpha']:.4g}, beta {adapter['beta']:.4g}",
         "weights_sha256": data.file_sha256(adapter_path),
         "model_config_sha256": base_t["model_config_sha256"],
+        "prompt_names": base.prompt_names,
     }
     attrs = {k: base.attrs[k] for k in ("dataset_fingerprint", "num_samples", "classnames", "num_views", "center_view",
                                         "seed", "zeta", "eta", "templates", "text_classifier_norm", "preprocess",

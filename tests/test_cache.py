@@ -26,7 +26,8 @@ def _attrs(ds, views=2, topk=None, store_embeddings=False, eta=2.0, D=4) -> dict
     return {
         "dataset_fingerprint": ds.fingerprint, "num_samples": ds.num_samples, "classnames": list(ds.classnames),
         "num_views": views, "center_view": False, "seed": 0, "zeta": 0.01, "eta": eta,
-        "teacher": {"model": "m", "pretrained": "none", "weights_sha256": "a" * 64, "model_config_sha256": "b" * 64},
+        "teacher": {"model": "m", "pretrained": "none", "weights_sha256": "a" * 64, "model_config_sha256": "b" * 64,
+                    "prompt_names": "underscores-to-spaces"},
         "templates": ["a photo of a {}."], "text_classifier_norm": "renormalize",
         "preprocess": {"image_size": 32, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
                        "resize_mode": "squash", "source": "test"},
@@ -200,7 +201,7 @@ def test_schema_checked_on_every_open(tmp_path, tiny_dataset):
     _create(path, tiny_dataset)
     g = zarr.open_group(str(path), mode="r+")
     g.attrs.update({"schema_version": 9})
-    with pytest.raises(CacheError, match="cache schema version 9, but dho .* reads version\\(s\\) 1, 2, 3, 4"):
+    with pytest.raises(CacheError, match="cache schema version 9, but dho .* reads version\\(s\\) 1, 2, 3, 4, 5"):
         TeacherCache.open(path)
     g.attrs.update({"schema_version": 1})  # v1 has no text_classifier_norm
     with pytest.raises(CacheError, match="do not match cache schema v1 at \\(top level\\): Additional properties"):
@@ -208,17 +209,23 @@ def test_schema_checked_on_every_open(tmp_path, tiny_dataset):
     g.attrs.update({"schema_version": 3})  # v3 has no shard_group
     with pytest.raises(CacheError, match="schema v3 at \\(top level\\): Additional properties .*'shard_group' was unexpected"):
         TeacherCache.open(path)
-    g.attrs.update({"schema_version": 4, "eta": -1})
-    with pytest.raises(CacheError, match="do not match cache schema v4 at eta"):
+    g.attrs.update({"schema_version": 4})  # v4 has no teacher.prompt_names
+    with pytest.raises(CacheError, match="schema v4 at teacher: Additional properties .*'prompt_names' was unexpected"):
+        TeacherCache.open(path)
+    g.attrs.update({"schema_version": 5, "teacher": {**g.attrs["teacher"], "prompt_names": "other"}})
+    with pytest.raises(CacheError, match="do not match cache schema v5 at teacher.prompt_names"):
+        TeacherCache.open(path)
+    g.attrs.update({"teacher": {**g.attrs["teacher"], "prompt_names": "underscores-to-spaces"}, "eta": -1})
+    with pytest.raises(CacheError, match="do not match cache schema v5 at eta"):
         TeacherCache.open(path)
     g.attrs.update({"eta": 2.0, "text_classifier_norm": "other"})
-    with pytest.raises(CacheError, match="do not match cache schema v4 at text_classifier_norm"):
+    with pytest.raises(CacheError, match="do not match cache schema v5 at text_classifier_norm"):
         TeacherCache.open(path)
     g.attrs.update({"text_classifier_norm": "mean", "chunk_len": 3})
-    with pytest.raises(CacheError, match="array 'probs' .* chunks \\(1, 5, 3\\) .*, but schema v4 requires .* chunks \\(1, 3, 3\\)"):
+    with pytest.raises(CacheError, match="array 'probs' .* chunks \\(1, 5, 3\\) .*, but schema v5 requires .* chunks \\(1, 3, 3\\)"):
         TeacherCache.open(path)
     g.attrs.update({"chunk_len": 5, "shard_group": 1})
-    with pytest.raises(CacheError, match="array 'probs' .* \\(shards \\(1, 25, 3\\)\\), but schema v4 requires .* \\(shards \\(1, 5, 3\\)\\)"):
+    with pytest.raises(CacheError, match="array 'probs' .* \\(shards \\(1, 25, 3\\)\\), but schema v5 requires .* \\(shards \\(1, 5, 3\\)\\)"):
         TeacherCache.open(path)
     g.attrs.update({"shard_group": 5})
     TeacherCache.open(path)

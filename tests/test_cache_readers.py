@@ -78,7 +78,7 @@ def test_plain_zarr_reads_a_new_cache_with_named_core_typed_arrays(caches, odd_k
     assert any(not k.isascii() for k in ds.keys)
     for kind, path in caches.items():
         g = zarr.open_group(str(path), mode="r")
-        assert g.attrs["schema_version"] == 4 and g.attrs["key_bytes"] == max(len(k.encode()) for k in ds.keys) == 31
+        assert g.attrs["schema_version"] == cache_schemas.CURRENT_VERSION and g.attrs["key_bytes"] == max(len(k.encode()) for k in ds.keys) == 31
         for name in g.array_keys():
             meta = g[name].metadata
             assert meta.dimension_names == DIMS[name], name
@@ -94,7 +94,7 @@ def test_plain_zarr_reads_a_new_cache_with_named_core_typed_arrays(caches, odd_k
         assert keys.shape == (8, 31) and [bytes(k).rstrip(b"\0").decode() for k in keys] == ds.keys
         cache = TeacherCache.open(path, dataset=ds)
         assert cache.keys == ds.keys and cache.is_complete() and cache.verify() == []
-        assert summarize(path)["schema_version"] == 4
+        assert summarize(path)["schema_version"] == cache_schemas.CURRENT_VERSION
 
 
 def test_xarray_opens_a_new_cache_with_named_dimensions(caches, odd_keys_ds):
@@ -147,7 +147,7 @@ def test_v3_dimension_names_are_checked_on_open(caches, tmp_path):
     meta = json.loads(meta_file.read_text())
     meta["dimension_names"] = ["view", "sample", "klass"]
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(CacheError, match=r"array 'probs' has dimension names .*'klass'.*, but schema v4 requires "
+    with pytest.raises(CacheError, match=r"array 'probs' has dimension names .*'klass'.*, but schema v5 requires "
                                          r"\('view', 'sample', 'class'\); rebuild"):
         TeacherCache.open(copy)
     del meta["dimension_names"]
@@ -180,7 +180,7 @@ def test_older_caches_keep_their_string_keys_and_stay_readable_and_resumable(ass
 
 def test_a_schema_v3_cache_and_v1_manifest_stay_readable_and_resumable(tmp_path):
     """tests/assets/v3-cache (unsharded chunks, a v1 dataset manifest): read, verified, streamed and resumed
-    unchanged by the current dho; a new cache of that dataset is v4 with the same dataset fingerprint."""
+    unchanged by the current dho; a new cache of that dataset is of the current version with the same dataset fingerprint."""
     from dho.stream import PairedStream, Part, PartData
 
     shutil.copytree(V3_ASSET, tmp_path / "old")
@@ -201,9 +201,43 @@ def test_a_schema_v3_cache_and_v1_manifest_stay_readable_and_resumable(tmp_path)
     assert {f: f.read_bytes() for f in path.rglob("*") if f.is_file()} == before
     precompute(ds.root, tmp_path / "new.zarr", **kw)
     new = TeacherCache.open(tmp_path / "new.zarr", dataset=ds)
-    assert new.attrs["schema_version"] == 4 and new.attrs["dataset_fingerprint"] == cache.attrs["dataset_fingerprint"]
-    for view in range(cache.num_views):  # same teacher, same views: the same numbers in the new layout
-        np.testing.assert_array_equal(new.probs(view, 0, 6), cache.probs(view, 0, 6))
+    assert new.attrs["schema_version"] == cache_schemas.CURRENT_VERSION and new.attrs["dataset_fingerprint"] == cache.attrs["dataset_fingerprint"]
+    # same teacher, same views in the new layout; the prompts of its names class_0, class_1 now read "class 0" (v5)
+    assert cache.prompt_names == "as-given" and new.prompt_names == new.attrs["teacher"]["prompt_names"] == "underscores-to-spaces"
+    for view in range(cache.num_views):
+        np.testing.assert_array_equal(new.view_params(view, 0, 6), cache.view_params(view, 0, 6))
+    old_w, new_w = cache.array("text_classifier")[:], new.array("text_classifier")[:]  # (C, D)
+    assert old_w.shape == new_w.shape and np.abs(old_w - new_w).max() > 1e-3
+
+
+def _as_v4(cache_path: Path) -> None:
+    """Turn a current cache into what dho wrote as schema v4: the same, without teacher.prompt_names."""
+    g = zarr.open_group(str(cache_path), mode="r+")
+    g.attrs.update({"schema_version": 4, "teacher": {k: v for k, v in g.attrs["teacher"].items() if k != "prompt_names"}})
+
+
+def test_a_v4_cache_with_underscored_class_names_is_never_extended_with_v5_prompts(caches, odd_keys_ds, tiny_clip_config,
+                                                                                   tiny_teacher_ckpt, tmp_path, capsys):  # noqa: F811
+    """v1-v4 prompted "class_0" as given, v5 prompts "class 0": a complete old store is left as it is (a note
+    says so), an incomplete one is refused instead of being finished with other prompts."""
+    kw = dict(model=str(tiny_clip_config), pretrained=str(tiny_teacher_ckpt), views=2, center_view=True, seed=1,
+              workers=0, device="cpu", store_embeddings=True, progress_every_s=1e9)
+    assert any("_" in c for c in odd_keys_ds.classnames)
+    old = tmp_path / "old.zarr"
+    shutil.copytree(caches["dense"], old)
+    _as_v4(old)
+    cache = TeacherCache.open(old, dataset=odd_keys_ds)
+    assert cache.attrs["schema_version"] == 4 and cache.prompt_names == "as-given" and summarize(old)["prompt_names"] == "as-given"
+    before = {f: f.read_bytes() for f in old.rglob("*") if f.is_file()}
+    precompute(odd_keys_ds.root, old, **kw)
+    assert {f: f.read_bytes() for f in old.rglob("*") if f.is_file()} == before
+    assert "older dho that put the class names with '_' into the prompts as given" in capsys.readouterr().err
+    g = zarr.open_group(str(old), mode="r+")
+    g.attrs.update({"complete": False})
+    g["done"][0, 0] = 0  # a unit left to compute
+    with pytest.raises(CacheError, match="teacher.prompt_names: \"as-given\" in the cache vs \"underscores-to-spaces\" now"):
+        precompute(odd_keys_ds.root, old, **kw)
+    assert zarr.open_group(str(old), mode="r")["done"][0, 0] == 0  # nothing written
 
 
 def test_readme_documents_the_dimension_names():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,6 +217,19 @@ def test_refusals_name_the_problem(world, tmp_path):
     distill(_cfg(world, tmp_path / "f", epochs=1))
     with pytest.raises(ConfigError, match="--resume"):
         distill(_cfg(world, tmp_path / "f", epochs=1))
+
+
+def test_a_v4_cache_of_class_names_with_underscores_never_mixes_with_a_v5_one(world, tmp_path):
+    """class_0 ... were prompted as given before schema v5 and with spaces since: one run never trains on both."""
+    import zarr
+
+    old = tmp_path / "labeled-v4.zarr"
+    shutil.copytree(world / "labeled.zarr", old)
+    g = zarr.open_group(str(old), mode="r+")
+    g.attrs.update({"schema_version": 4, "teacher": {k: v for k, v in g.attrs["teacher"].items() if k != "prompt_names"}})
+    with pytest.raises(CacheError, match="labeled-v4.zarr was made by an older dho that put the class names with '_' into the prompts"):
+        distill(_cfg(world, tmp_path / "run", labeled_cache=str(old)))
+    assert not (tmp_path / "run").exists()
 
 
 def test_nan_loss_stops_with_the_step(world, tmp_path):

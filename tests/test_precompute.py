@@ -111,7 +111,7 @@ def test_probs_match_an_independent_open_clip_recomputation(ref_cache, tiny_data
     eval_transform = image_transform(32, is_train=False, mean=tuple(pp["mean"]), std=tuple(pp["std"]),
                                      resize_mode="shortest", interpolation="bicubic")
     with torch.no_grad():
-        w = torch.stack([F.normalize(F.normalize(model.encode_text(tok([t.format(c) for t in TIP_ADAPTER])), dim=-1).mean(0), dim=-1)
+        w = torch.stack([F.normalize(F.normalize(model.encode_text(tok([t.format(c.replace("_", " ")) for t in TIP_ADAPTER])), dim=-1).mean(0), dim=-1)
                          for c in ds.classnames])  # (C, D)
         np.testing.assert_allclose(cache.text_classifier, w.numpy(), atol=1e-6)
         flips = set()
@@ -327,9 +327,9 @@ def test_cache_info_output(ref_cache, tiny_dataset):
     center = zarr.open_group(str(ref_cache), mode="r")["probs"][VIEWS].astype(np.float32)  # (N, C)
     agree = 100.0 * (center.argmax(axis=1) == tiny_dataset.labels).mean()
     lines = r.stdout.splitlines()
-    assert lines[0].startswith(f"cache:      {ref_cache} (schema v4, dho ")
+    assert lines[0].startswith(f"cache:      {ref_cache} (schema v5, dho ")
     assert re.match(r"teacher: +tiny-clip / tiny-teacher.pt \(weights sha256 [0-9a-f]{16}\.\.\.\), precision fp32", lines[1])
-    assert "classifier: 7 templates (renormalize), zeta=0.01 (logit scale 100), eta=2.0" in lines
+    assert "classifier: 7 templates (renormalize, class names underscores-to-spaces), zeta=0.01 (logit scale 100), eta=2.0" in lines
     assert "views:      3 (last = center view), seed 3; storage: dense probs (float16) + embeddings" in lines
     assert "data:       24 samples, 3 classes, 5 shards, chunk length 5, 5 shard(s) per Zarr shard" in lines
     assert "coverage:   15/15 units done (100.0%), complete: yes (chunks not read; --verify reads and checks every one)" in lines

@@ -15,7 +15,7 @@ from dho.errors import ConfigError
 from dho.students import CosineHead, DualHeadStudent, NormalizedLinearHead, build_student, load_student, save_student
 
 TINY_CLIP = Path(__file__).parent / "assets" / "tiny-clip.json"
-CLASSNAMES = ["cat", "dog", "tiny red car"]
+CLASSNAMES = ["cat", "american_bulldog", "tiny red car"]  # "_": prompts read it as a space, as the reference
 TEMPLATES = ["a photo of a {}.", "itap of a {}."]
 
 
@@ -87,7 +87,7 @@ def _text_embeddings(ckpt: Path, normalized: bool = True) -> torch.Tensor:
     rows = []
     with torch.no_grad():
         for c in CLASSNAMES:
-            embs = [model.encode_text(tokenizer([t.format(c)]))[0] for t in TEMPLATES]
+            embs = [model.encode_text(tokenizer([t.format(c.replace("_", " "))]))[0] for t in TEMPLATES]  # the reference's fill
             if normalized:
                 rows.append(F.normalize(torch.stack([F.normalize(e, dim=-1) for e in embs]).mean(0), dim=-1))
             else:

@@ -18,7 +18,7 @@ from fixtures_models import (  # noqa: F401
 
 from dho.errors import ConfigError
 from dho.teacher import load_teacher, resolve_precision
-from dho.templates import TIP_ADAPTER_TEMPLATES, resolve_templates
+from dho.templates import TIP_ADAPTER_TEMPLATES, fill_templates, resolve_templates
 
 CLASSNAMES = ["red square", "green thing", "blue sky"]
 SPEC_TIP_ADAPTER = [
@@ -55,6 +55,7 @@ def test_checkpoint_file_defaults_identity_and_classifier(tiny_clip_config, tiny
         "pretrained": tiny_teacher_ckpt.name,
         "weights_sha256": hashlib.sha256(tiny_teacher_ckpt.read_bytes()).hexdigest(),
         "model_config_sha256": t.identity["model_config_sha256"],
+        "prompt_names": "underscores-to-spaces",
     }
     assert t.templates == SPEC_TIP_ADAPTER
     ref_model, ref_cls = _reference_classifier(tiny_teacher_ckpt, SPEC_TIP_ADAPTER)
@@ -68,6 +69,26 @@ def test_checkpoint_file_defaults_identity_and_classifier(tiny_clip_config, tiny
         ref_emb = F.normalize(ref_model.encode_image(x), dim=-1)
     torch.testing.assert_close(emb, ref_emb, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(t.logits(emb, zeta=0.01), emb @ ref_cls.T * 100.0, atol=1e-4, rtol=1e-5)
+
+
+def test_class_names_with_underscores_are_prompted_with_spaces_as_the_reference_code(tiny_clip_config, tiny_teacher_ckpt):
+    """CoOp's own class names keep '_' (OxfordPets american_bulldog, Caltech101 car_side, UCF101 Apply_Eye_Makeup); the
+    DHO reference, Tip-Adapter and CoOp fill templates with classname.replace('_', ' '), restated here."""
+    names = ["american_bulldog", "car_side", "Apply_Eye_Makeup", "plain"]
+    templates = resolve_templates("coop:oxford_pets") + ["itap of a {}."]
+    reference_prompts = [t.format(c.replace("_", " ")) for c in names for t in templates]  # class-major, as Eq. 1's mean
+    assert fill_templates(templates, names) == reference_prompts
+    assert reference_prompts[0] == "a photo of a american bulldog, a type of pet."
+    t = load_teacher(str(tiny_clip_config), str(tiny_teacher_ckpt), "cpu", "fp32", classnames=names, templates=templates)
+    model = open_clip.create_model(TINY_CLIP_NAME, pretrained=str(tiny_teacher_ckpt)).eval()
+    tok = open_clip.get_tokenizer(TINY_CLIP_NAME)
+    with torch.no_grad():
+        rows = [F.normalize(F.normalize(model.encode_text(tok([tp.format(c.replace("_", " ")) for tp in templates])), dim=-1).mean(0), dim=-1)
+                for c in names]
+        raw = F.normalize(F.normalize(model.encode_text(tok([tp.format(names[0]) for tp in templates])), dim=-1).mean(0), dim=-1)
+    torch.testing.assert_close(t.text_classifier, torch.stack(rows), atol=1e-6, rtol=1e-5)
+    assert (t.text_classifier[0] - raw).abs().max() > 1e-3  # the raw name would be another row
+    assert t.identity["prompt_names"] == "underscores-to-spaces"
 
 
 def test_local_dir_preprocessing_and_same_weights(tiny_teacher_local_dir, tiny_teacher_ckpt, tiny_clip_config):
@@ -197,14 +218,14 @@ def test_a_failing_compile_falls_back_to_eager_with_one_line(tiny_clip_config, t
 
 
 def test_low_precision_casts_the_image_tower_and_stays_close_to_fp32(tiny_clip_config, tiny_teacher_ckpt):
-    """bf16: the image tower's weights are bf16 (no autocast), the text tower stays fp32; zero-shot probabilities
+    """bf16: the image tower's weights are bf16 as open_clip casts them (no autocast), the text tower stays fp32; zero-shot probabilities
     within 0.05 of fp32 on random images (bf16 keeps 8 mantissa bits; at 1/zeta = 100 logit scale that is the
     order of the demo teacher's measured 6e-2) and the autocast variant is as close."""
     fp32 = load_teacher(str(tiny_clip_config), str(tiny_teacher_ckpt), "cpu", "fp32", classnames=CLASSNAMES, verbose=False)
     cast = load_teacher(str(tiny_clip_config), str(tiny_teacher_ckpt), "cpu", "bf16", classnames=CLASSNAMES, verbose=False)
     auto = load_teacher(str(tiny_clip_config), str(tiny_teacher_ckpt), "cpu", "bf16", classnames=CLASSNAMES, verbose=False,
                         cast_weights=False)
-    assert cast.image_dtype == torch.bfloat16 and next(cast.model.visual.parameters()).dtype == torch.bfloat16
+    assert cast.image_dtype == torch.bfloat16 and cast.model.visual.conv1.weight.dtype == torch.bfloat16
     assert next(cast.model.transformer.parameters()).dtype == torch.float32 and auto.image_dtype is None
     assert cast.identity == fp32.identity  # the weights' fingerprint is of the checkpoint, before any cast
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -213,3 +234,24 @@ def test_low_precision_casts_the_image_tower_and_stays_close_to_fp32(tiny_clip_c
     assert probs["cast"].dtype == torch.float32
     for name in ("cast", "autocast"):
         assert float((probs[name] - probs["fp32"]).abs().max()) < 0.05, name
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_low_precision_image_tower_is_open_clips_precision_build_tensor_by_tensor(tiny_clip_config, tiny_teacher_ckpt, precision):
+    """The reference code loads its teacher with open_clip.create_model(..., precision='fp16'): conv, linear and
+    attention weights in fp16, LayerNorms and the class/positional embeddings fp32 (14 of the tiny tower's 32
+    tensors), LayerNorms computing in fp32. dho's cast image tower is that, tensor by tensor and in its output."""
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    t = load_teacher(str(tiny_clip_config), str(tiny_teacher_ckpt), "cpu", precision, classnames=CLASSNAMES, verbose=False)
+    ref = open_clip.create_model(TINY_CLIP_NAME, pretrained=str(tiny_teacher_ckpt), precision=precision).eval()
+    mine, theirs = t.model.visual.state_dict(), ref.visual.state_dict()
+    assert mine.keys() == theirs.keys() and len(theirs) == 32
+    assert sum(v.dtype == torch.float32 for v in theirs.values()) == 14
+    for name, v in theirs.items():
+        assert mine[name].dtype == v.dtype, name
+        assert torch.equal(mine[name], v), name
+    assert [type(m).__name__ for m in t.model.visual.modules()] == [type(m).__name__ for m in ref.visual.modules()]
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = F.normalize(ref.encode_image(x.to(dtype)).float(), dim=-1)
+    assert torch.equal(t.encode_images(x), expected)

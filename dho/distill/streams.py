@@ -80,6 +80,10 @@ def open_streams(cfg, objective: Objective) -> Streams:
         for name in ("eta", "zeta"):
             if u_cache.attrs[name] != l_cache.attrs[name]:
                 raise CacheError(f"the labeled and unlabeled caches were made with different {name} ({l_cache.attrs[name]} vs {u_cache.attrs[name]})")
+        if u_cache.prompt_names != l_cache.prompt_names:
+            old = cfg.labeled_cache if l_cache.prompt_names == "as-given" else cfg.unlabeled_cache
+            raise CacheError(f"{old} was made by an older dho that put the class names with '_' into the prompts as given, "
+                             "the other cache with '_' read as spaces: rebuild it with `dho precompute-teacher`")
         # the reference code's unlabeled loader: the pool without the labeled samples
         exclude = l_ds.key_bytes if cfg.unlabeled_pool == "exclude-labeled" else ()
         parts_u.append(PartData.of(Part(Path(cfg.unlabeled), Path(cfg.unlabeled_cache), exclude=exclude), u_ds, u_cache))
