@@ -272,7 +272,8 @@ $(OOD_WORK)/$(OOD_NAME).md: $(foreach s,val $(OOD_SETS),$(OOD_EVAL)/$(OOD_NAME)/
 #   make reproduce-fewshot DATASET=imagenet ROOT=/data/coop FS_RECIPE=pipelines/fewshot/resnet18-scratch.yaml GPUS=4
 #   make reproduce-fewshot SMOKE=1 [FS_WORK=runs/fewshot-smoke]   # generated CoOp-layout data, tiny models, CPU
 # Per K shots and seed S: the labeled split (K per class of train) and the few-shot val (min(K, 4) per class of
-# CoOp's val; ImageNet: of train), teacher caches with image embeddings, Tip-Adapter-F fitted on them (DHO-F),
+# CoOp's val; ImageNet: of train), teacher caches with image embeddings, Tip-Adapter-F fitted on them with the
+# dataset's official Tip-Adapter settings (`dho tip-adapter --preset coop:DATASET`) (DHO-F),
 # a student from each teacher (zs: the zero-shot teacher, fs: Tip-Adapter-F), evaluation on test; then
 # FS_WORK/table.md: mean ± std over the seeds beside the paper. Resumable like reproduce-lowshot.
 # =============================================================================================
@@ -367,7 +368,7 @@ $(FS_WORK)/teacher/tipf-$(1).pt: $(FS_CACHE)/lab-$(1).done $(FS_CACHE)/val-$(1).
 	@echo "== tip-adapter: Tip-Adapter-F on $(FS_DATA)/lab-$(1) -> $$@"
 	mkdir -p $$(@D)
 	$(DHO) tip-adapter --labeled $(FS_DATA)/lab-$(1) --labeled-cache $(FS_CACHE)/lab-$(1).zarr \
-	  --val $(FS_DATA)/val-$(1) --val-cache $(FS_CACHE)/val-$(1).zarr --seed $(3) --out $$@ > $$@.json.tmp
+	  --val $(FS_DATA)/val-$(1) --val-cache $(FS_CACHE)/val-$(1).zarr --preset coop:$(FS_DATASET) --seed $(3) --out $$@ > $$@.json.tmp
 	mv $$@.json.tmp $$@.json
 $(FS_CACHE)/pool-tipf-$(1).done: $(FS_WORK)/teacher/tipf-$(1).pt $(FS_CACHE)/pool.done
 	$(DHO) tip-adapter-cache $$< --dataset $(FS_DATA)/train --cache $(FS_CACHE)/pool.zarr --out $(FS_CACHE)/pool-tipf-$(1).zarr

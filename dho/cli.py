@@ -442,19 +442,26 @@ def tip_adapter(
     val: Annotated[Path, typer.Option("--val", help="The validation split (CoOp: min(K, 4) per class of val) for the best epoch and the alpha/beta search.")],
     val_cache: Annotated[Path, typer.Option("--val-cache", help="Its teacher cache, made with --store-embeddings (and --center-view: its evaluation view is used).")],
     out: Annotated[Path, typer.Option("--out", help="Tip-Adapter-F file to write (e.g. TEACHER.pt).")],
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs over every cached (labeled image, view).")] = 20,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate of the keys (cosine schedule).")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Embeddings per fine-tuning step.")] = 256,
+    preset: Annotated[Optional[str], typer.Option(help="coop:NAME: the defaults of Tip-Adapter's config of that CoOp dataset (configs/NAME.yaml: initial alpha, search scales, epochs; e.g. coop:oxford_pets = alpha 1.17, scales 7,3, 20 epochs; coop:eurosat = 2, 12,10, 100). The options below override it. Default: none (alpha = beta = 1, scales 7,3, 20 epochs).")] = None,
+    init_alpha: Annotated[Optional[float], typer.Option(help="Tip-Adapter's alpha while fine-tuning and choosing the epoch (init_alpha). Default: the preset's, else 1.")] = None,
+    init_beta: Annotated[Optional[float], typer.Option(help="Tip-Adapter's beta while fine-tuning and choosing the epoch (init_beta). Default: 1.")] = None,
+    search_scale: Annotated[Optional[str], typer.Option(help="BETA,ALPHA: the alpha/beta search on --val spans 0.1 up to these (200 beta x 20 alpha steps, Tip-Adapter's search_scale). Default: the preset's, else 7,3.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning epochs (the one best on --val is kept; Tip-Adapter's code picks it on test). Default: the preset's, else 20.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate of the keys (eps 1e-4, cosine schedule over the whole run). Default: 1e-3.")] = None,
+    epoch_views: Annotated[str, typer.Option(help="one: an epoch is Tip-Adapter's, one pass over the labeled images, each through one cached view (view e mod V in epoch e): ceil(N / batch) steps | all: every cached (image, view) each epoch (V times the steps).")] = "one",
+    batch_size: Annotated[int, typer.Option(help="Labeled embeddings per fine-tuning step (Tip-Adapter's 256).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the fine-tuning order.")] = 0,
     device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
 ) -> None:
     """Fit Tip-Adapter-F (the few-shot teacher of DHO-F) from teacher caches; the image tower does not run."""
     from dho import tip_adapter as tip
 
-    adapter = tip.build(labeled, labeled_cache, val, val_cache, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                        device=device, log=lambda m: typer.echo(m, err=True))
+    adapter = tip.build(labeled, labeled_cache, val, val_cache, preset=preset, init_alpha=init_alpha, init_beta=init_beta,
+                        search_scale=tip.parse_search_scale(search_scale), epochs=epochs, lr=lr, epoch_views=epoch_views,
+                        batch_size=batch_size, seed=seed, device=device, log=lambda m: typer.echo(m, err=True))
     path = tip.save(adapter, out)
-    typer.echo(json.dumps({"out": str(path), "alpha": adapter["alpha"], "beta": adapter["beta"], "val_top1": adapter["val_top1"]}))
+    typer.echo(json.dumps({"out": str(path), "alpha": adapter["alpha"], "beta": adapter["beta"], "val_top1": adapter["val_top1"],
+                           "settings": adapter["settings"]}))
 
 
 @app.command("tip-adapter-cache", epilog="Example: dho tip-adapter-cache tip.pt --dataset fs/train --cache fs/train.zarr --out fs/train-tipf.zarr")

@@ -77,6 +77,11 @@ def test_reproduce_fewshot_smoke_then_nothing_then_resume(tmp_path):
     relabelled = zarr.open_group(str(work / "cache" / "pool-tipf-k2-s1.zarr"), mode="r")
     assert relabelled["probs"].shape == pool["probs"].shape
 
+    # ---- Tip-Adapter-F with Oxford Pets' official settings: alpha 1.17 at the start, 20 epochs of one step (8 images)
+    fitted = _json(work / "teacher" / "tipf-k2-s1.pt.json")["settings"]
+    assert (fitted["preset"], fitted["init_alpha"], fitted["search_scale"], fitted["epochs"], fitted["steps"]) == \
+        ("coop:oxford_pets", 1.17, [7.0, 3.0], 20, 20)
+
     # ---- the table: every cell is the mean ± std of the JSON files it comes from
     table = (work / "table.md").read_text()
     assert table.startswith("# SMOKE RUN") and "recorded" in table

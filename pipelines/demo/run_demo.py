@@ -160,11 +160,12 @@ def run_seed(out: Path, seed: int, teacher: Path, epochs: int, labeled_views: in
         search = ["--search-on", ds / "val"] if method == "dho" else []
         evals[method] = json.loads(run([DHO, "evaluate", runs / method, "--data", ds / "test", *search, "--json",
                                         "--device", "cpu"], logs / f"evaluate_{tag}.log"))
-    # DHO-F: Tip-Adapter-F fitted on the labeled part from the cached embeddings, the caches relabelled with it
+    # DHO-F: Tip-Adapter-F fitted on the labeled part from the cached embeddings, the caches relabelled with it;
+    # every cached view in every epoch (--epoch-views all), as when results.json was recorded
     tip = out / "tip-adapter-f.pt"
     fitted = json.loads(run([DHO, "tip-adapter", "--labeled", ds / "labeled", "--labeled-cache", out / "labeled.zarr",
-                             "--val", ds / "val", "--val-cache", out / "val-teacher.zarr", "--seed", seed, "--device", "cpu",
-                             "--out", tip], logs / "tip_adapter.log"))
+                             "--val", ds / "val", "--val-cache", out / "val-teacher.zarr", "--epoch-views", "all",
+                             "--seed", seed, "--device", "cpu", "--out", tip], logs / "tip_adapter.log"))
     for name, cache in (("train", "train.zarr"), ("labeled", "labeled.zarr"), ("test", "test-teacher.zarr")):
         run([DHO, "tip-adapter-cache", tip, "--dataset", ds / name, "--cache", out / cache, "--out", out / f"{name}-tipf.zarr",
              "--device", "cpu"], logs / f"tip_adapter_cache_{name}.log")
