@@ -42,7 +42,7 @@ import dho
 from dho import data
 from dho.atomic import guard_out
 from dho.data.manifest import dataset_entries
-from dho.errors import ConfigError, DatasetError
+from dho.errors import ConfigError, DatasetError, check_number
 
 
 @dataclass(frozen=True)
@@ -174,6 +174,8 @@ def read_split(name: str, root: Path) -> tuple[dict[str, list], list[str], Path]
 def import_coop(name: str, root, out, *, shard_size: int = 1000, seed: int = 0, overwrite: bool = False,
                 skip_bad: bool = False) -> dict[str, data.Dataset]:
     """Write OUT/train, OUT/val, OUT/test (no val for ImageNet) as dho datasets -> {part: Dataset}."""
+    check_number("--shard-size", shard_size, low=1, integer=True)  # as `prepare` checks them
+    check_number("--seed", seed, low=0, high=2**32 - 1, integer=True)
     key = coop_name(name)
     out = Path(out)
     split, classnames, images = read_split(key, Path(root))

@@ -129,6 +129,13 @@ def precompute(
     mine = [s for s in range(len(ds.shards)) if cache.shard_owner(s) % world_size == rank]
     todo = [s for s in mine if not cache.done[:, s].all()]
     total_images = sum(ds.shards[s].count for s in todo) * total_views
+    if not mine:  # a job array or torchrun with more ranks than the store has shard groups
+        log(f"note: this rank has no shard to write: the store's {len(ds.shards)} shards form "
+            f"{cache.shard_owner(len(ds.shards) - 1) + 1} group(s), one writer each; use at most that many ranks")
+    if views > VIEWS_NOTE and rank == 0:
+        log(f"note: --views {views}: {ds.num_samples * total_views:,} teacher forwards and "
+            f"~{ds.num_samples * total_views * (topk or ds.num_classes) * 2 / 2**30:.1f} GiB of probabilities; "
+            "the recipes give each cache the views its schedule draws (`recipe.py labeled-views`)")
     log(
         f"teacher {teacher.identity['model']} / {teacher.identity['pretrained']} on {dev} ({teacher.precision}); "
         f"{total_views} views; {len(todo)} of my {len(mine)} shards to do ({len(ds.shards)} in all)"
@@ -153,6 +160,9 @@ def precompute(
     rows.check_all_written()
     _finalize(cache, ranks, log, out)
     return TeacherCache.open(out, dataset=ds)
+
+
+VIEWS_NOTE = 1000  # more views than this: a line with the cost (no hard bound: 1-shot ImageNet labeled caches want ~2,600)
 
 
 def _check_options(out, *, views, batch_size, workers, seed, eta, zeta, precision, text_classifier_norm, topk,

@@ -198,6 +198,11 @@ def build(labeled, labeled_cache, val, val_cache, *, preset: str | None = None, 
         raise ConfigError(f"--val {val} is the labeled set itself; search Tip-Adapter's alpha/beta on a validation split")
     if list(val_ds.classnames) != list(lab_ds.classnames):
         raise ConfigError(f"--val {val} has another class list than --labeled {labeled}")
+    shared = np.isin(val_ds.key_bytes, lab_ds.key_bytes)  # (N_val,): a val sample that is also a labeled one
+    if shared.any():
+        raise ConfigError(f"--val {val} shares {int(shared.sum())} sample(s) with --labeled {labeled} (first: key "
+                          f"{val_ds.key(int(np.flatnonzero(shared)[0]))!r}): alpha/beta would be searched on training "
+                          "data; draw the validation split apart (`dho split --val-out`)")
     for name in ("teacher", "zeta", "templates", "text_classifier_norm", "preprocess"):
         if json.dumps(lab_c.attrs.get(name), sort_keys=True) != json.dumps(val_c.attrs.get(name), sort_keys=True):
             raise ConfigError(f"the labeled and validation caches were made with different {name}; use one teacher for both")

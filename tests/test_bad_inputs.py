@@ -96,6 +96,8 @@ CASES = [
     ("prepare-seed-neg", "prepare {src} --out {new} --seed -1", r"--seed must be an integer in \[0, 4294967295\]"),
     ("prepare-no-src", "prepare {root}/nothing --out {new}", r"is not a folder"),
     ("prepare-bad-type", "prepare {src} --out {new} --shard-size ten", r"Invalid value for '--shard-size'"),
+    ("prepare-class-folders-alone", "prepare {src} --out {new} --class-folders index", r"--class-folders index says what a folder names in the --classes-of list; give --classes-of"),
+    ("import-coop-shard-size-0", "import-coop oxford_pets {root}/nothing --out {new} --shard-size 0", r"--shard-size must be an integer >= 1; got 0"),
     ("index-no-classnames", "index {shard0} --classnames {root}/none.txt --out {new}", r"class names file .* not found"),
     ("index-foreign-manifest", "index {shard0} --classnames {root}/classes.txt --out {root}/foreign --overwrite",
      r"is not a dho manifest; it is left alone"),
@@ -158,6 +160,8 @@ CASES = [
     ("dist-config-malformed", "distill {base} --out {new} --config {root}/malformed.yaml", r"not valid YAML at line"),
     ("dist-config-ill-typed", "distill {base} --out {new} --config {root}/ill-typed.yaml", r"--lr must be a number; got 'many'"),
     ("dist-config-unknown", "distill {base} --out {new} --config {root}/unknown.yaml", r"unknown option keys \['epochz'\]"),
+    ("dist-config-twice", "distill {base} --out {new} --config {root}/twice.yaml", r"option 'lr' is given twice \(lines 1 and 3\); keep one"),
+    ("dist-config-spellings", "distill {base} --out {new} --config {root}/spellings.yaml", r"'batch-size' and 'batch_size' are one option; keep one"),
     ("dist-into-foreign", "distill {base} --out {root}/mine", r"holds files but no dho run"),
     ("dist-finished-run", "distill {base} --out {run}", r"already holds a finished run"),
     ("dist-resume-nothing", "distill --resume {root}/nothing", r"no run there"),
@@ -199,6 +203,8 @@ def prepared(w) -> dict:
     (root / "malformed.yaml").write_text("epochs: [1\n lr: :\n")
     (root / "ill-typed.yaml").write_text("lr: many\n")
     (root / "unknown.yaml").write_text("epochz: 3\n")
+    (root / "twice.yaml").write_text("lr: 0.001\nepochs: 1\nlr: 0.5\n")
+    (root / "spellings.yaml").write_text("batch-size: 4\nbatch_size: 8\n")
     (root / "empty").mkdir(exist_ok=True)
     (root / "foreign").mkdir(exist_ok=True)
     (root / "foreign" / "manifest.json").write_text('{"name": "someone else\'s manifest"}')

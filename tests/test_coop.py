@@ -154,3 +154,5 @@ def test_tip_adapter_f_beats_the_zero_shot_teacher_and_its_cache_trains_a_studen
         tip.apply(path, root / "ds" / "test", root / "test-tipf.zarr", root / "x.zarr", device="cpu", log=lambda m: None)
     with pytest.raises(ConfigError, match="is the labeled set itself"):
         tip.build(root / "lab", root / "lab.zarr", root / "lab", root / "lab.zarr", device="cpu", log=lambda m: None)
+    with pytest.raises(ConfigError, match="shares .* sample\\(s\\) with --labeled .*: alpha/beta would be searched on training data"):
+        tip.build(root / "lab", root / "lab.zarr", root / "ds" / "train", root / "pool.zarr", device="cpu", log=lambda m: None)

@@ -749,3 +749,16 @@ def test_each_dataset_cache_and_the_validation_set_is_opened_once_per_run(world,
     assert dict(opened) == {("dataset", "labeled"): 1, ("dataset", "full"): 1, ("dataset", "val"): 1,
                             ("cache", "labeled.zarr"): 1, ("cache", "full.zarr"): 1}
     assert len([m for m in _metrics(run) if "val_selection_top1" in m]) == 3 and (run / "model.pt").is_file()
+
+
+def test_a_labeled_set_missing_classes_is_warned_about(world, tmp_path, capsys, tiny_teacher_ckpt):  # noqa: F811
+    """A --keys split covering 1 of 4 classes trains (its labels say nothing of 3 classes): one warning line."""
+    lab = data.Dataset.open(world / "labeled")
+    keys = [lab.key(i) for i in range(lab.num_samples) if lab.labels[i] == 0]
+    (tmp_path / "keys.txt").write_text("\n".join(keys) + "\n")
+    one, _ = data.split(world / "full", tmp_path / "one-class", keys_file=tmp_path / "keys.txt", shard_size=4)
+    precompute(one.root, tmp_path / "one.zarr", model=str(TINY_CLIP_CONFIG), pretrained=str(tiny_teacher_ckpt), views=2,
+               device="cpu", workers=0)
+    distill(_cfg(world, tmp_path / "run", labeled=str(one.root), labeled_cache=str(tmp_path / "one.zarr"), epochs=1))
+    out = capsys.readouterr().out
+    assert f"warning: the labeled set {one.root} holds no usable sample of 3 of the 4 classes (first: 'class_1')" in out

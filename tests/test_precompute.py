@@ -230,6 +230,9 @@ def test_job_array_ranks_and_finalisation(ref_cache, tiny_dataset, tiny_clip_con
     assert r.returncode == 0, r.stderr
     assert TeacherCache.open(out).is_complete()  # the last job to finish finalises
     _assert_same_store(ref_cache, out)
+    # a job array with more jobs than shard groups: the extra job writes nothing and says why
+    r = subprocess.run(cmd + ["--rank", "3", "--world-size", "4"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "note: this rank has no shard to write: the store's 5 shards form 3 group(s)" in r.stderr
 
 
 def test_a_dataset_of_pipe_urls_gives_the_cache_of_its_local_files(tiny_dataset, tiny_clip_config, tiny_teacher_ckpt, tmp_path):

@@ -19,12 +19,12 @@ from PIL import Image, UnidentifiedImageError
 
 import dho
 from dho.atomic import replace_folders
-from dho.data.classes import map_class_folders, read_class_list
+from dho.data.classes import CLASS_FOLDERS, map_class_folders, read_class_list
 from dho.data.manifest import MANIFEST, Dataset, check_out, make_manifest, write_manifest
 from dho.data.pool import pool_map
 from dho.data.reader import IMAGE_EXTS  # importing reader raises PIL's pixel limit to MAX_IMAGE_PIXELS
 from dho.data.shards import PathLike, ShardWriter
-from dho.errors import DatasetError, check_number
+from dho.errors import ConfigError, DatasetError, check_choice, check_number
 from dho.progress import Progress
 
 # what `prepare` says about files it does not read (all are listed in the manifest's `ignored`)
@@ -86,6 +86,9 @@ def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool
     src, out = Path(src), Path(out)
     check_number("--shard-size", shard_size, low=1, integer=True)
     check_number("--seed", seed, low=0, high=2**32 - 1, integer=True)
+    check_choice("--class-folders", class_folders, CLASS_FOLDERS)
+    if class_folders != "name" and classes_of is None:
+        raise ConfigError(f"--class-folders {class_folders} says what a folder names in the --classes-of list; give --classes-of")
     if not src.is_dir():
         raise DatasetError(f"{src} is not a folder; give an ImageFolder tree (one sub-folder per class)")
     check_out(out, overwrite, "prepare", sources=[src])

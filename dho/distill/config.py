@@ -211,10 +211,24 @@ def load_options_file(path: Path) -> dict:
     """A YAML or JSON mapping of option names (underscores or dashes) to values."""
     import yaml
 
+    class UniqueKeys(yaml.SafeLoader):
+        """YAML's mappings with a repeated key refused (PyYAML keeps the last one silently)."""
+
+    def mapping(loader, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"--config {path}: option {key!r} is given twice (lines {seen[key]} and "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return loader.construct_mapping(node, deep=deep)
+
+    UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=UniqueKeys)  # noqa: S506 (a SafeLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
@@ -222,10 +236,13 @@ def load_options_file(path: Path) -> dict:
                           "write one `option: value` per line") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values")
-    out = {}
+    out, spelled = {}, {}
     for k, v in raw.items():
         key = str(k).replace("-", "_")
-        out["lambda_" if key == "lambda" else key] = v
+        key = "lambda_" if key == "lambda" else key
+        if key in out:  # batch-size beside batch_size: two spellings of one option
+            raise ConfigError(f"--config {path}: {spelled[key]!r} and {k!r} are one option; keep one")
+        out[key], spelled[key] = v, k
     return out
 
 

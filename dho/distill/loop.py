@@ -237,6 +237,12 @@ def _say_plan(t: Training, note: str, resume: bool) -> None:
     )
     for line in schedule.reuse_lines(t.streams.reuse(t.objective), plan.total_steps, cfg.batch_size):
         t.log.say(line)
+    lab = t.streams.labeled
+    seen = np.bincount(lab.dataset.labels[lab.usable], minlength=len(t.streams.classnames))  # (C,) labeled per class
+    if t.objective.reads_labeled and (seen == 0).any():
+        missing = [t.streams.classnames[c] for c in np.flatnonzero(seen == 0)]
+        t.log.say(f"warning: the labeled set {cfg.labeled} holds no usable sample of {len(missing)} of the "
+                  f"{len(seen)} classes (first: {missing[0]!r}); the labels teach those classes nothing")
 
 
 # ---------------------------------------------------------------------------------------------- the loop
