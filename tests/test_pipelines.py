@@ -243,7 +243,8 @@ def test_expected_numbers(recipe):
     exp, splits = data["expected"], set(data["recipe"]["splits"])
     assert isinstance(exp["architecture"], str) and exp["params_m"] > 0
     assert set(exp["top1"]) == splits, f"{path}: expected.top1 has {sorted(exp['top1'])}, splits are {sorted(splits)}"
-    assert all(isinstance(v, float) and 0 < v <= 100 for v in exp["top1"].values())
+    smoke = data["recipe"]["name"].endswith("smoke")  # a smoke run's random-init students may score 0.0
+    assert all(isinstance(v, float) and (0 <= v if smoke else 0 < v) and v <= 100 for v in exp["top1"].values())
     assert isinstance(exp["teacher"]["name"], str)
     assert exp["teacher"]["top1"] is None or 0 < exp["teacher"]["top1"] <= 100  # None: the paper does not print it
     for method, numbers in exp.get("baselines", {}).items():

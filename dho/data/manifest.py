@@ -3,8 +3,8 @@
 manifest.json lists the class names and every shard's path, count and sha256; the per-sample keys,
 labels, original file names and byte spans are .npy columns beside it (`Columns`, version 2), or
 lists in the JSON (version 1, still opened); `import-coop` adds each sample's position in the split
-file's list (`source_index`), the order CoOp's few-shot sampler goes through. `Dataset` opens and checks a manifest without reading
-a shard; `verify_shard` checks a shard's sha256 against it. The content fingerprint (`_fingerprint`)
+file's list (`source_index`), the order CoOp's few-shot sampler goes through. `Dataset` opens and
+checks a manifest without reading a shard; `verify_shard` checks a shard's sha256 against it. The content fingerprint (`_fingerprint`)
 is the same function for both versions. `write_manifest` writes the columns and manifest.json, each
 file atomically (`atomic.write_atomic`), manifest.json last; `dataset_entries` names the files a
 dataset consists of, which `check_out` lets --overwrite replace.

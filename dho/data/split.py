@@ -6,9 +6,9 @@ Which rows each split takes is decided from the columns alone (`rows_by_class`, 
 the global rows): `--per-class equal` the DHO reference's ImageNet P% split (`reference_percent_counts`,
 `_reference_percent_draw`) and `--sampler coop` CoOp's K-shot sampler (`_coop_draw`); both go
 through a class's samples in the order of the list the dataset was made from (`source_order`), as
-the public code goes through its file list. With the samples' byte spans (a local columnar manifest) their tar members are copied
-as they are, reading only the chosen samples (`CopyWriter`); else every touched shard is read in a
-process pool and its chosen samples are re-written (`ShardWriter`). Both outputs are built in hidden
+the public code goes through its file list. With the samples' byte spans (a local columnar manifest)
+their tar members are copied as they are, reading only the chosen samples (`CopyWriter`); else every
+touched shard is read in a process pool and its chosen samples are re-written (`ShardWriter`). Both outputs are built in hidden
 siblings and swapped into place once both are complete (`atomic.replace_folders`).
 """
 
