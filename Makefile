@@ -52,10 +52,12 @@ clean:
 
 # =============================================================================================
 # reproduce-lowshot: the paper's Table 4 (ImageNet 1% / 10% labels) end to end.
-#   make reproduce-lowshot IMAGENET=/data/imagenet [GPUS=8] [WORK=runs/lowshot] [SPLIT_1PCT=f SPLIT_10PCT=f]
+#   make reproduce-lowshot IMAGENET=/data/imagenet [GPUS=8] [WORK=runs/lowshot] [SPLIT_1PCT=f SPLIT_10PCT=f] [SPLIT_SEED=13]
 #   make reproduce-lowshot SMOKE=1 [WORK=runs/lowshot-smoke]   # the same graph on tiny data, CPU, ~1 min
 # Optional: TEACHER_WEIGHTS=FILE|local-dir:DIR (offline DFN weights), LABELED_VIEWS=N (views of the labeled
-# caches; default: computed from the schedule, `recipe.py labeled-views`), CLASSNAMES=FILE, SHARD_SIZE=N, SEED=N. Every stage makes a file that exists only when the stage
+# caches; default: computed from the schedule, `recipe.py labeled-views`), CLASSNAMES=FILE, SHARD_SIZE=N, SEED=N. The 1% / 10% splits
+# are the DHO reference's (`--per-class equal`: 13 per class, 128-129 per class, drawn with its seed 13) unless SPLIT_1PCT /
+# SPLIT_10PCT name key lists (e.g. SimCLR's). Every stage makes a file that exists only when the stage
 # is complete, so a rerun skips what is done and resumes the rest. Graph and arithmetic: pipelines/README.md.
 # =============================================================================================
 DHO = $(VENV)/bin/dho
@@ -65,6 +67,7 @@ RECIPE = $(PY) $(LOWSHOT)/recipe.py
 STUDENTS := vit-b16 vit-l14
 SPLITS := 1pct 10pct
 SEED ?= 0
+SPLIT_SEED ?= 13
 ifdef SMOKE
 WORK ?= runs/lowshot-smoke
 override IMAGENET := $(WORK)/imagenet
@@ -90,8 +93,9 @@ EVAL = $(WORK)/eval
 CLASSNAMES ?= $(WORK)/classnames.txt
 # precompute-teacher and distill: one process, or one per GPU under torchrun
 LAUNCH = $(if $(filter 1,$(GPUS)),$(DHO),$(TORCHRUN) --standalone --nproc_per_node=$(GPUS) -m dho.cli)
-SPLIT_OPTS_1pct = $(if $(SPLIT_1PCT),--keys $(SPLIT_1PCT),--percent 1 --seed $(SEED))
-SPLIT_OPTS_10pct = $(if $(SPLIT_10PCT),--keys $(SPLIT_10PCT),--percent 10 --seed $(SEED))
+# the reference's class-balanced split: the same count for every class, its draw and seed (imagenet_percent.py)
+SPLIT_OPTS_1pct = $(if $(SPLIT_1PCT),--keys $(SPLIT_1PCT),--percent 1 --per-class equal --seed $(SPLIT_SEED))
+SPLIT_OPTS_10pct = $(if $(SPLIT_10PCT),--keys $(SPLIT_10PCT),--percent 10 --per-class equal --seed $(SPLIT_SEED))
 # recipe overrides per cache: the validation cache holds the evaluation (center) view for the teacher's top-1
 TEACHER_SET = $(if $(TEACHER_WEIGHTS),pretrained=$(TEACHER_WEIGHTS))
 CACHE_SET_train :=
@@ -272,8 +276,10 @@ $(OOD_WORK)/$(OOD_NAME).md: $(foreach s,val $(OOD_SETS),$(OOD_EVAL)/$(OOD_NAME)/
 #   make reproduce-fewshot DATASET=imagenet ROOT=/data/coop FS_RECIPE=pipelines/fewshot/resnet18-scratch.yaml GPUS=4
 #   make reproduce-fewshot SMOKE=1 [FS_WORK=runs/fewshot-smoke]   # generated CoOp-layout data, tiny models, CPU
 # Per K shots and seed S: the labeled split (K per class of train) and the few-shot val (min(K, 4) per class of
-# CoOp's val; ImageNet: of train), teacher caches with image embeddings, Tip-Adapter-F fitted on them with the
-# dataset's official Tip-Adapter settings (`dho tip-adapter --preset coop:DATASET`) (DHO-F),
+# CoOp's val, from the same random stream right after the train shots; ImageNet: of train), both drawn by CoOp's sampler
+# (`dho split --sampler coop`: CoOp's shots for seed S; the DHO reference's own for S = 1), teacher caches with image
+# embeddings, Tip-Adapter-F fitted on them with the dataset's official Tip-Adapter settings
+# (`dho tip-adapter --preset coop:DATASET`) (DHO-F),
 # a student from each teacher (zs: the zero-shot teacher, fs: Tip-Adapter-F), evaluation on test; then
 # FS_WORK/table.md: mean ± std over the seeds beside the paper. Resumable like reproduce-lowshot.
 # =============================================================================================
@@ -301,14 +307,15 @@ FS_CACHE = $(FS_WORK)/cache
 FS_RUNS = $(FS_WORK)/runs
 FS_EVAL = $(FS_WORK)/eval
 FS_PAIRS = $(foreach k,$(SHOTS),$(foreach s,$(SEEDS),k$(k)-s$(s)))
-# the few-shot validation split: min(K, 4) per class of CoOp's val, as CoOp and Tip-Adapter draw it (FS_VAL=fewshot),
-# or the whole val, as the DHO reference code (train_others.py) scores its epochs and alpha/beta (FS_VAL=full)
+# the few-shot validation split: min(K, 4) per class of CoOp's val, as CoOp draws it (FS_VAL=fewshot: its sampler, its
+# random stream continued after the K-shot train draw, `--after`), or the whole val, as the DHO reference code
+# (train_others.py) scores its epochs and alpha/beta (FS_VAL=full)
 FS_VAL ?= fewshot
 ifneq ($(filter fewshot full,$(FS_VAL)),$(FS_VAL))
 $(error FS_VAL=$(FS_VAL): give FS_VAL=fewshot (min(K, 4) per class of val) or FS_VAL=full)
 endif
 FS_VAL_SHOTS = $(if $(filter 1 2 3,$(1)),$(1),4)
-FS_VAL_SPLIT = $(if $(filter full,$(FS_VAL)),--percent 100,--shots $(call FS_VAL_SHOTS,$(1)))
+FS_VAL_SPLIT = $(if $(filter full,$(FS_VAL)),--percent 100,--shots $(call FS_VAL_SHOTS,$(1)) --sampler coop --after $(FS_DATA)/lab-$(2))
 # CoOp datasets use their CoOp prompt; ImageNet keeps the recipe's (Tip-Adapter's 7 prompts, as the reference)
 FS_PRE = $(RECIPE) run $(FS_RECIPE) precompute $(FS_TEACHER_SET) $(if $(filter imagenet,$(FS_DATASET)),,templates=coop:$(FS_DATASET))
 FS_LAUNCH = $(if $(filter 1,$(GPUS)),$(DHO),$(TORCHRUN) --standalone --nproc_per_node=$(GPUS) -m dho.cli)
@@ -353,10 +360,10 @@ $(FS_EVAL)/teacher-zs.json: $(FS_CACHE)/test.done
 define fewshot_pair
 $(FS_DATA)/lab-$(1)/manifest.json: $(FS_DATA)/import.done
 	@echo "== split $(2) shots, seed $(3) -> $$(@D)"
-	$(DHO) split $(FS_DATA)/train --out $$(@D) --shots $(2) --seed $(3) --overwrite \
+	$(DHO) split $(FS_DATA)/train --out $$(@D) --shots $(2) --sampler coop --seed $(3) --overwrite \
 	  $(if $(filter imagenet,$(FS_DATASET)),--val-per-class $(call FS_VAL_SHOTS,$(2)) --val-out $(FS_DATA)/val-$(1))
-$(FS_DATA)/val-$(1)/manifest.json: $(FS_DATA)/import.done $(if $(filter imagenet,$(FS_DATASET)),$(FS_DATA)/lab-$(1)/manifest.json)
-	$(if $(filter imagenet,$(FS_DATASET)),test -f $$@,$(DHO) split $(FS_DATA)/val --out $$(@D) $(call FS_VAL_SPLIT,$(2)) --seed $(3) --overwrite)
+$(FS_DATA)/val-$(1)/manifest.json: $(FS_DATA)/import.done $(FS_DATA)/lab-$(1)/manifest.json
+	$(if $(filter imagenet,$(FS_DATASET)),test -f $$@,$(DHO) split $(FS_DATA)/val --out $$(@D) $(call FS_VAL_SPLIT,$(2),$(1)) --seed $(3) --overwrite)
 $(FS_CACHE)/lab-$(1).done: $(FS_DATA)/lab-$(1)/manifest.json
 	$(FS_PRE) views=$$$$($(RECIPE) labeled-views $(FS_RECIPE) --labeled $(FS_DATA)/lab-$(1) --pool $(FS_DATA)/train) -- \
 	  $(FS_LAUNCH) precompute-teacher $(FS_DATA)/lab-$(1) --out $(FS_CACHE)/lab-$(1).zarr

@@ -112,6 +112,9 @@ def split(
     percent: Annotated[Optional[float], typer.Option(help="P% of the labeled samples, class-balanced: round(P% of N) split over classes in proportion to their sizes (largest remainder), at least one per class. [default: none]")] = None,
     keys: Annotated[Optional[Path], typer.Option("--keys", help="File listing the labeled samples, one key, relative file name or file basename per line; blank lines and # comments ignored (e.g. SimCLR ImageNet 1%/10% lists). [default: none]")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the random choice of samples.")] = 0,
+    per_class: Annotated[Optional[str], typer.Option("--per-class", help="With --percent: 'proportional' (counts in proportion to class sizes, as above) or 'equal': the DHO reference's ImageNet split, the same count for every class by its cascade rounding (ImageNet: 13 per class at 1%, 128-129 at 10%), drawn as it draws (numpy.random.seed(SEED), numpy.random.choice per class over the class's samples in file order; the reference uses --seed 13). [default: proportional]")] = None,
+    sampler: Annotated[Optional[str], typer.Option("--sampler", help="With --shots: 'numpy' (dho's seeded permutations) or 'coop': CoOp's sampler (random.seed(SEED), random.sample(items, K) per class, classes as first seen, items in the order of the list the dataset was imported from; a class with fewer than K gives all, as Dassl's default): the shots CoOp draws for a seed, and the DHO reference's (its seed is 1). With --val-per-class the validation samples are drawn after all the labeled ones. [default: numpy]")] = None,
+    after: Annotated[Optional[Path], typer.Option("--after", help="With --sampler coop: continue the random stream of this labeled split (made with --sampler coop, same --seed), as CoOp draws the few-shot val right after the train shots. [default: none]")] = None,
     val_per_class: Annotated[int, typer.Option(help="Also carve M samples per class (disjoint from the labeled ones) into a validation split.")] = 0,
     val_out: Annotated[Optional[Path], typer.Option("--val-out", help="Output folder for the validation split (needed with --val-per-class). [default: none]")] = None,
     shard_size: Annotated[int, typer.Option(help="Samples per tar shard of the written splits.")] = 1000,
@@ -123,6 +126,7 @@ def split(
     labeled, val = data.split(
         dataset, out, shots=shots, percent=percent, keys_file=keys, seed=seed,
         val_per_class=val_per_class, val_out=val_out, shard_size=shard_size, overwrite=overwrite,
+        per_class=per_class, sampler=sampler, after=after,
     )
     typer.echo(f"labeled split: {labeled.num_samples} samples -> {out}")
     if val is not None:

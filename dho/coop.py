@@ -20,9 +20,17 @@ ROOT is the folder that holds the benchmark's dataset folders, laid out as CoOp'
 A `split_zhou_*.json` holds `train`, `val` and `test` lists of `[relative path, label, class name]`;
 class names and their order (label i = class i) are taken from it, so the datasets carry exactly
 CoOp's names and label order. FGVCAircraft's split files are `image_id variant` lines, labels in
-the order of `variants.txt`. ImageNet has no validation split in CoOp (it evaluates on val, its
-test set), so `DIR/val` is not written for it: use fixed alpha/beta (Table 6) or carve one from
-train with `dho split --val-per-class`.
+the order of `variants.txt`. ImageNet's labels are, as CoOp's `read_data`, the positions of the
+class folders of images/train in sorted order, each named by its `classnames.txt` line (whatever
+the file's line order); the images of a folder are taken in sorted order (CoOp lists them with
+`os.listdir`, whose order depends on the file system; the DHO reference's torchvision ImageNet
+sorts them). ImageNet has no validation split in CoOp (it evaluates on val, its test set), so
+`DIR/val` is not written for it: use fixed alpha/beta (Table 6) or carve one from train with
+`dho split --val-per-class`.
+
+Each dataset keeps every sample's position in its part's list (the manifest's `source_index`
+column): CoOp's few-shot sampler (`dho split --shots K --sampler coop`) goes through a class's
+items in that order, so it draws CoOp's own shots although the shards hold a shuffled order.
 
 Every file the split names must exist; a split whose counts or labels disagree with its class
 list is an error naming the file and the entry. The datasets' CoOp prompts (`--templates coop:NAME`)
@@ -121,25 +129,33 @@ def _fgvc_split(folder: Path) -> dict[str, list]:
 
 
 def _imagenet_split(folder: Path) -> dict[str, list]:
+    """CoOp's ImageNet (`read_classnames`, `read_data`): label = index of the class folder in the sorted
+    folder names of images/train, name = that folder's line of classnames.txt; images in sorted order."""
     names_file = folder / "classnames.txt"
     if not names_file.is_file():
         raise DatasetError(f"{names_file} not found: CoOp's ImageNet class names, one 'wnid class name' line per class")
-    wnids, names = [], []
+    name_of = {}
     for n, line in enumerate(names_file.read_text().splitlines(), 1):
         if line.strip():
             wnid, _, name = line.strip().partition(" ")
             if not name:
                 raise DatasetError(f"{names_file}:{n}: expected 'wnid class name', got {line.strip()!r}")
-            wnids.append(wnid)
-            names.append(name.strip())
+            name_of[wnid] = name.strip()
+    train = folder / "images" / "train"
+    if not train.is_dir():
+        raise DatasetError(f"{train} not found: ImageNet's train folder, one sub-folder per class")
+    wnids = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
+    unnamed = [w for w in wnids if w not in name_of]
+    if unnamed:
+        raise DatasetError(f"{names_file}: names no class for the folders {unnamed[:10]} of {train}; add a 'wnid class name' line for each")
     split = {}
     for part, sub in (("train", "train"), ("test", "val")):
         entries = []
         for label, wnid in enumerate(wnids):
             cdir = folder / "images" / sub / wnid
             if not cdir.is_dir():
-                raise DatasetError(f"{cdir} not found: ImageNet's {sub} folder of class {wnid} ({names[label]})")
-            entries += [(f"{sub}/{wnid}/{p.name}", label, names[label]) for p in sorted(cdir.iterdir())
+                raise DatasetError(f"{cdir} not found: ImageNet's {sub} folder of class {wnid} ({name_of[wnid]})")
+            entries += [(f"{sub}/{wnid}/{p.name}", label, name_of[wnid]) for p in sorted(cdir.iterdir())
                         if p.is_file() and p.suffix[1:].lower() in data.IMAGE_EXTS]
         split[part] = entries
     return split
@@ -200,8 +216,10 @@ def import_coop(name: str, root, out, *, shard_size: int = 1000, seed: int = 0, 
         provenance = {"command": "import-coop", "dataset": key, "part": part, "source": str(images.resolve()),
                       "shard_size": shard_size, "seed": seed, "count": len(files), "dho_version": dho.__version__}
         order = np.random.default_rng(seed).permutation(len(files))  # shards mix classes, as prepare's
+        # source_index: each sample's position in the split's list, the order CoOp's sampler goes through
         result[part] = data.write_files(images, [files[i] for i in order], classnames, out / part, shard_size=shard_size,
-                                        skip_bad=skip_bad, provenance=provenance, what=f"import-coop {key} {part}")
+                                        skip_bad=skip_bad, provenance=provenance, what=f"import-coop {key} {part}",
+                                        source_index=order.tolist())
         if result[part].num_samples != len(files) and not skip_bad:
             raise DatasetError(f"{key} {part}: wrote {result[part].num_samples} of the {len(files)} samples of the split")
     return result

@@ -113,6 +113,11 @@ CASES = [
     ("split-percent-nan", "split {ds} --out {new} --percent nan", r"--percent must be a number"),
     ("split-val-neg", "split {ds} --out {new} --shots 1 --val-per-class -1", r"--val-per-class must be an integer >= 0"),
     ("split-into-source", "split {ds} --out {ds}/lab --shots 1", r"is inside the source"),
+    ("split-sampler-unknown", "split {ds} --out {new} --shots 1 --sampler torch", r"--sampler must be one of numpy, coop; got 'torch'"),
+    ("split-coop-percent", "split {ds} --out {new} --percent 10 --sampler coop", r"--sampler coop draws K shots .* give --shots K"),
+    ("split-per-class-shots", "split {ds} --out {new} --shots 1 --per-class equal", r"--per-class sets how --percent P .*; give --percent P"),
+    ("split-after-numpy", "split {ds} --out {new} --shots 1 --after {lab}", r"--after continues .*; give it with --sampler coop"),
+    ("split-after-not-coop", "split {ds} --out {new} --shots 1 --sampler coop --after {lab}", r"--after .*: not a labeled split made by"),
     ("split-overwrite-foreign", "split {ds} --out {root}/mine --shots 1 --overwrite", r"does not hold a dataset"),
     # --- teacher cache
     ("pre-views-0", "precompute-teacher {ds} --out {new} {teacher} --views 0", r"--views must be an integer >= 1; got 0"),

@@ -3,11 +3,15 @@ label order and splits; K-shot splits and the few-shot validation split are dete
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
+import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import cache_schemas
@@ -55,6 +59,80 @@ def test_kshot_and_fewshot_val_splits_are_deterministic_per_seed(tmp_path):
         again, _ = data.split(parts["train"], tmp_path / f"again-{seed}", shots=4, seed=seed)
         assert sorted(again.keys) == picks[(4, seed)]
     assert picks[(4, 1)] != picks[(4, 2)] != picks[(4, 3)]
+
+
+def _coop_fewshot(items: list, num_shots: int) -> list:
+    """Dassl's DatasetBase.generate_fewshot_dataset (repeat=False, its default), restated: items grouped by
+    label in first-seen order (split_dataset_by_label), random.sample(K) per class, all of a smaller class."""
+    tracker = collections.defaultdict(list)
+    for item in items:
+        tracker[item[1]].append(item)
+    picked = []
+    for _, group in tracker.items():
+        picked += random.sample(group, num_shots) if len(group) >= num_shots else group
+    return picked
+
+
+def test_coop_sampler_draws_coops_shots_and_val(tmp_path, capsys):
+    """`--sampler coop` picks the items CoOp's OxfordPets picks for a seed (train K shots, then the min(K, 4)
+    val shots from the same random stream, `--after`), though the split file lists classes interleaved and
+    not sorted and the shards hold another order; one class has fewer than K and gives all of it."""
+    folder = smoke.make_smoke_coop(tmp_path / "coop", "oxford_pets", classes=3, train=7, val=5, test=1)
+    path = folder / "split_zhou_OxfordPets.json"
+    split = json.loads(path.read_text())
+    order = np.random.default_rng(5)
+    split["train"] = [split["train"][i] for i in order.permutation(len(split["train"]))]
+    split["train"] = [e for e in split["train"] if not (e[1] == 2 and e[0] >= "smoke_class_0/train_003")]  # 3 of class 2
+    split["val"] = [split["val"][i] for i in order.permutation(len(split["val"]))]
+    path.write_text(json.dumps(split))
+    parts = import_coop("oxford_pets", tmp_path / "coop", tmp_path / "ds", shard_size=4)
+    assert parts["train"].columns.source_index is not None  # the split file's order, kept beside the shuffled rows
+
+    def files(ds):
+        return sorted(f for s in ds.shards for f in s.files)
+
+    differ = 0
+    for shots, seed in ((1, 1), (4, 1), (4, 2), (5, 3)):
+        random.seed(seed)
+        train = sorted(e[0] for e in _coop_fewshot(split["train"], shots))
+        val = sorted(e[0] for e in _coop_fewshot(split["val"], min(shots, 4)))
+        lab, _ = data.split(parts["train"], tmp_path / f"lab-{shots}-{seed}", shots=shots, sampler="coop", seed=seed)
+        fs_val, _ = data.split(parts["val"], tmp_path / f"val-{shots}-{seed}", shots=min(shots, 4), sampler="coop", seed=seed,
+                               after=lab.root)
+        assert files(lab) == train and files(fs_val) == val, (shots, seed)
+        assert lab.manifest["provenance"]["sampler"] == "coop" and fs_val.manifest["provenance"]["after"] == str(lab.root)
+        numpy_pick, _ = data.split(parts["train"], tmp_path / f"np-{shots}-{seed}", shots=min(shots, 3), seed=seed)
+        differ += len(set(files(numpy_pick)) - set(train))
+    assert differ > 0  # dho's own sampler draws other shots
+    assert "'smoke class 0' has 3" in capsys.readouterr().err  # fewer than K: all of it, as Dassl
+    # the ImageNet few-shot pool carves its validation after the labeled draw; the labeled shots stay CoOp's
+    lab, val = data.split(parts["train"], tmp_path / "carve", shots=2, sampler="coop", seed=1, val_per_class=1, val_out=tmp_path / "carve-val")
+    random.seed(1)
+    assert files(lab) == sorted(e[0] for e in _coop_fewshot(split["train"], 2)) and not set(files(lab)) & set(files(val))
+    with pytest.raises(ConfigError, match=r"drawn with --seed 1; give --seed 1"):
+        data.split(parts["val"], tmp_path / "bad", shots=1, sampler="coop", seed=2, after=tmp_path / "lab-1-1")
+
+
+def test_imagenet_labels_are_sorted_folders_and_the_sampler_is_the_references(tmp_path):
+    """CoOp's ImageNet: label = index of the folder in sorted order, named by its classnames.txt line, whatever
+    the file's order; `--sampler coop` then draws what the DHO reference's ImageNet (torchvision's sorted
+    listing, random.sample per class) and CoOp (on a file system listing in sorted order) draw."""
+    folder = smoke.make_smoke_coop(tmp_path / "coop", "imagenet", classes=3, train=6, val=1, test=1)
+    lines = (folder / "classnames.txt").read_text().splitlines()
+    (folder / "classnames.txt").write_text("\n".join([lines[2], lines[0], lines[1]]) + "\n")  # not sorted
+    parts = import_coop("imagenet", tmp_path / "coop", tmp_path / "ds", shard_size=4)
+    assert parts["train"].classnames == ["smoke class 2", "smoke class 1", "smoke class 0"]  # folders n00000000.. sorted
+    by_file = {f: lab for s in parts["train"].shards for f, lab in zip(s.files, s.labels)}
+    assert all(by_file[f] == int(f.split("/")[1][1:]) for f in by_file)
+    listing = [(f"train/{w}/{p.name}", label) for label, w in enumerate(sorted(os.listdir(folder / "images" / "train")))
+               for p in sorted((folder / "images" / "train" / w).iterdir())]
+    random.seed(1)
+    expected = sorted(e[0] for e in _coop_fewshot(listing, 4))
+    lab, _ = data.split(parts["train"], tmp_path / "lab", shots=4, sampler="coop", seed=1)
+    assert sorted(f for s in lab.shards for f in s.files) == expected
+    (folder / "classnames.txt").write_text("\n".join(lines[:2]) + "\n")
+    with pytest.raises(DatasetError, match=r"names no class for the folders \['n00000002'\]"):
+        read_split("imagenet", tmp_path / "coop")
 
 
 def test_coop_templates_and_names():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -481,6 +482,76 @@ def test_percent_allocation_largest_remainder():
     assert data.percent_allocation([3, 3], 100) == [3, 3]
     alloc = data.percent_allocation([13, 29, 58, 7, 93], 10)
     assert sum(alloc) == 20 and alloc == [1, 3, 6, 1, 9]
+
+
+def _reference_counts(sizes: list[int], percent: float) -> list[int]:
+    """The DHO reference's per-class counts (imagenet_percent.py, balanced), restated with plain floats and loops."""
+    n, c, frac = sum(sizes), len(sizes), percent / 100.0
+    q = [max(min(n / c * frac - 1.0, m), 1.0) for m in sizes]
+
+    def cascade(q):
+        out, running = [], 0.0
+        for x, m in zip(q, sizes):
+            running += x
+            out.append(min(math.ceil(x) if running - running // 1 > 0.5 else math.floor(x), m))
+        return out
+
+    counts = cascade(q)
+    while sum(counts) < n * frac:
+        q = [min(x + 1 / c, m) for x, m in zip(q, sizes)]
+        counts = cascade(q)
+    return counts
+
+
+def test_reference_percent_counts_are_the_references():
+    rng = np.random.default_rng(0)
+    cases = [([10, 5, 1], 25), ([7, 7, 7], 50), ([1000, 10], 1), ([1, 1, 1, 100], 1), ([13, 29, 58, 7, 93], 10), ([3, 3], 99)]
+    cases += [(rng.integers(1, 40, size=int(rng.integers(1, 9))).tolist(), float(rng.choice([1, 5, 10, 12.5, 50]))) for _ in range(20)]
+    for sizes, percent in cases:
+        assert data.reference_percent_counts(sizes, percent) == _reference_counts(sizes, percent), (sizes, percent)
+    assert data.reference_percent_counts([3, 0, 5], 100) == [3, 0, 5]  # P = 100: everything, as the reference
+    assert data.reference_percent_counts([0, 6, 6], 50) == [0] + _reference_counts([6, 6], 50)  # empty classes do not count
+    # ImageNet-1k train: 1,281,167 images in 1000 classes of 732..1300. The counts depend on the sizes only through
+    # N, C and the caps n_c, which no class reaches here, so any such class sizes give ImageNet's counts.
+    sizes = np.full(1000, 1300)
+    sizes[:38] = 1300 - np.array([568] + [500] * 36 + [265])  # 18,833 fewer images, the smallest class 732
+    assert sizes.sum() == 1_281_167 and sizes.min() == 732
+    one, ten = data.reference_percent_counts(sizes, 1), data.reference_percent_counts(sizes, 10)
+    assert sum(one) == 13_000 and set(one) == {13}  # dho's proportional rule: 12,812 (7..13 per class)
+    assert sum(ten) == 128_286 and np.bincount(ten)[128:].tolist() == [714, 286]  # proportional: 128,117
+    assert one == data.reference_percent_counts(sizes[::-1], 1) and ten == data.reference_percent_counts(np.roll(sizes, 7), 10)
+    assert sum(data.percent_allocation(sizes, 1)) == 12_812 and sum(data.percent_allocation(sizes, 10)) == 128_117
+
+
+def test_split_per_class_equal_draws_the_references_samples(tmp_path):
+    """--per-class equal takes the samples the DHO reference's subset_npercent_dataset takes from the same
+    torchvision ImageFolder listing and seed, from a prepared dataset (shuffled shards) and from its index."""
+    import torchvision
+
+    src = make_image_folder(tmp_path / "src", num_classes=3, per_class=8, imagenet_names=True)
+    for name in ["class_1/class_1_0002.JPEG", "class_1/class_1_0005.JPEG", *(f"class_2/class_2_000{j}.JPEG" for j in range(4))]:
+        (src / name).unlink()  # class sizes 8, 6, 4
+    ds = data.prepare(src, tmp_path / "ds", shard_size=4)
+    (tmp_path / "classes.txt").write_text("\n".join(ds.classnames) + "\n")
+    indexed = data.index(sorted((tmp_path / "ds").glob("*.tar")), tmp_path / "classes.txt", tmp_path / "idx")
+    assert indexed.columns.files is None  # keys stand in for the file names
+
+    samples = torchvision.datasets.ImageFolder(str(src)).samples  # the reference's list: (path, label)
+    labels = np.array([y for _, y in samples])
+    for percent, seed in ((40, 13), (25, 13), (50, 2)):
+        counts = _reference_counts(np.bincount(labels).tolist(), percent)
+        np.random.seed(seed)  # the reference's draw, on the global numpy state
+        idx = np.hstack([np.random.choice(np.where(labels == c)[0], counts[c], replace=False) for c in range(3)])
+        expected = sorted(Path(samples[i][0]).relative_to(src).as_posix() for i in idx)
+        for source in (ds, indexed):
+            lab, val = data.split(source, tmp_path / f"lab-{percent}-{seed}-{source.root.name}", percent=percent,
+                                  per_class="equal", seed=seed, val_per_class=1, val_out=tmp_path / f"val-{percent}-{seed}-{source.root.name}")
+            assert sorted(f"{k}.JPEG" for k in lab.keys) == expected, (percent, seed, source.root.name)
+            assert np.bincount(lab.labels).tolist() == counts and np.bincount(val.labels).tolist() == [1, 1, 1]
+            assert not set(lab.keys) & set(val.keys)
+            p = lab.manifest["provenance"]
+            assert (p["method"], p["per_class"], p["seed"]) == ("percent", "equal", seed)
+    assert counts == [3, 3, 3] and data.percent_allocation(np.bincount(labels), 50) == [4, 3, 2]  # 50% of 18
 
 
 def test_split_by_simclr_style_file_list(tmp_path):

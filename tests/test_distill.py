@@ -91,8 +91,9 @@ def test_reference_schedule_is_torchs_chained_linear_and_cosine_at_every_step(wa
 
 
 def test_schedule_steps_and_view_reuse_arithmetic():
-    # ImageNet 1%: 1,281,167 - 12,811 unlabeled at 256: the reference's 4,955 steps per epoch (ceil)
-    assert schedule_steps(1_281_167 - 12_811, 256, 32, "reference") == (4955, 32 * 4955)
+    # ImageNet 1% (the reference's 13,000 labeled): 1,281,167 - 13,000 unlabeled at 256: its 4,954 steps per epoch (ceil)
+    assert schedule_steps(1_281_167 - 13_000, 256, 32, "reference") == (4954, 32 * 4954)
+    assert schedule_steps(1_281_167 - 128_286, 256, 32, "reference") == (4504, 32 * 4504)  # 10%: 128,286 labeled
     assert schedule_steps(1_281_167, 256, 32, "warmup-cosine") == (5004, 32 * 5004)
     assert schedule_steps(5, 8, 3, "warmup-cosine") == (1, 3)  # at least one step per epoch
     # a labeled image of the 1% split is drawn ~3,200 times over the 32-epoch schedule

@@ -45,19 +45,19 @@ PAPER = {
         "distill": {"epochs": 32, "lr": 5e-5, "weight_decay": 5e-2, "batch_size": 256, "warmup_steps": 5000,
                     "lambda_": 0.5, "eta": 2.0, "zeta": 0.01, "alpha": 0.5, "beta": 0.5, "method": "dho",
                     "student_pretrained": "openai"},
-        "splits": {"1pct": {"percent": 1, "seed": 0}, "10pct": {"percent": 10, "seed": 0}},
+        "splits": {"1pct": {"percent": 1, "per_class": "equal", "seed": 13}, "10pct": {"percent": 10, "per_class": "equal", "seed": 13}},
     },
     "coop-": {
         "precompute": {"model": "RN50-quickgelu", "pretrained": "openai", "zeta": 0.01, "eta": 2.0},
         "distill": {"epochs": 200, "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 64, "lambda_": 0.5, "eta": 2.0,
                     "method": "dho", "student_pretrained": "IMAGENET1K_V1"},
-        "splits": {f"{k}shot": {"shots": k} for k in (1, 2, 4, 8, 16)},
+        "splits": {f"{k}shot": {"shots": k, "sampler": "coop"} for k in (1, 2, 4, 8, 16)},
     },
     "fewshot-": {
         "precompute": {"model": "RN50-quickgelu", "pretrained": "openai", "templates": "tip-adapter", "zeta": 0.01, "eta": 2.0},
         "distill": {"epochs": 20, "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 256, "warmup_steps": 0,
                     "lambda_": 0.5, "eta": 2.0, "alpha": 0.4, "beta": 0.5, "method": "dho"},
-        "splits": {f"{k}shot": {"shots": k, "seed": 0} for k in (1, 2, 4, 8, 16)},
+        "splits": {f"{k}shot": {"shots": k, "sampler": "coop", "seed": 1} for k in (1, 2, 4, 8, 16)},
     },
 }
 # Where the paper is silent or its numbers came from the authors' code, the recipes follow the code
@@ -243,7 +243,8 @@ def test_expected_numbers(recipe):
     exp, splits = data["expected"], set(data["recipe"]["splits"])
     assert isinstance(exp["architecture"], str) and exp["params_m"] > 0
     assert set(exp["top1"]) == splits, f"{path}: expected.top1 has {sorted(exp['top1'])}, splits are {sorted(splits)}"
-    assert all(isinstance(v, float) and 0 < v <= 100 for v in exp["top1"].values())
+    smoke = data["recipe"]["name"].endswith("smoke")  # a smoke run's random-init students may score 0.0
+    assert all(isinstance(v, float) and (0 <= v if smoke else 0 < v) and v <= 100 for v in exp["top1"].values())
     assert isinstance(exp["teacher"]["name"], str)
     assert exp["teacher"]["top1"] is None or 0 < exp["teacher"]["top1"] <= 100  # None: the paper does not print it
     for method, numbers in exp.get("baselines", {}).items():
@@ -363,8 +364,8 @@ def _fake_dataset(folder: Path, n: int) -> Path:
 
 
 @pytest.mark.parametrize("recipe,labeled,pool,views", [
-    ("lowshot/vit-b16.yaml", 12_811, 1_281_167, 317),   # 32 x 4955 steps x 256 / 12,811 = 3,169 draws
-    ("lowshot/vit-l14.yaml", 128_116, 1_281_167, 29),   # 32 x 4505 x 256 / 128,116 = 288 draws
+    ("lowshot/vit-b16.yaml", 13_000, 1_281_167, 313),   # 32 x 4954 steps x 256 / 13,000 = 3,122 draws
+    ("lowshot/vit-l14.yaml", 128_286, 1_281_167, 29),   # 32 x 4504 x 256 / 128,286 = 288 draws
     ("fewshot/resnet18-scratch.yaml", 1_000, 1_281_167, 2561),
     ("fewshot/resnet50-dino.yaml", 16_000, 1_281_167, 159),
 ])

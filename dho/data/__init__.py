@@ -40,7 +40,7 @@ from dho.data.classes import (CLASS_FIELDS, CLASS_FOLDERS, class_fields, map_cla
                               read_class_list)
 from dho.data.prepare import FILES_PER_TASK, NOT_READ, folder_key, prepare, write_files
 from dho.data.index import URL_COMMANDS, index
-from dho.data.split import percent_allocation, rows_by_class, split
+from dho.data.split import percent_allocation, reference_percent_counts, rows_by_class, source_order, split
 from dho.data.views import (CROP_RATIO, CROP_SCALE, FLIP_P, RESIZE_MODES, Preprocessing, center_view_params, decode_view,
                             eval_view_uint8, normalize, replay_view, replay_view_uint8, stable_seed, view_params,
                             view_seed)
@@ -55,7 +55,7 @@ __all__ = [
     "CLASS_FIELDS", "CLASS_FOLDERS", "class_fields", "map_class_folders", "read_class_file", "read_class_list",
     "FILES_PER_TASK", "NOT_READ", "folder_key", "prepare", "write_files",
     "URL_COMMANDS", "index",
-    "percent_allocation", "rows_by_class", "split",
+    "percent_allocation", "reference_percent_counts", "rows_by_class", "source_order", "split",
     "CROP_RATIO", "CROP_SCALE", "FLIP_P", "RESIZE_MODES", "center_view_params", "decode_view", "eval_view_uint8",
     "normalize", "Preprocessing", "replay_view", "replay_view_uint8", "stable_seed", "view_params", "view_seed",
     "DatasetError",

@@ -2,8 +2,9 @@
 
 manifest.json lists the class names and every shard's path, count and sha256; the per-sample keys,
 labels, original file names and byte spans are .npy columns beside it (`Columns`, version 2), or
-lists in the JSON (version 1, still opened). `Dataset` opens and checks a manifest without reading
-a shard; `verify_shard` checks a shard's sha256 against it. The content fingerprint (`_fingerprint`)
+lists in the JSON (version 1, still opened); `import-coop` adds each sample's position in the split
+file's list (`source_index`), the order CoOp's few-shot sampler goes through. `Dataset` opens and
+checks a manifest without reading a shard; `verify_shard` checks a shard's sha256 against it. The content fingerprint (`_fingerprint`)
 is the same function for both versions. `write_manifest` writes the columns and manifest.json, each
 file atomically (`atomic.write_atomic`), manifest.json last; `dataset_entries` names the files a
 dataset consists of, which `check_out` lets --overwrite replace.
@@ -32,21 +33,26 @@ class Columns:
     """Per-sample columns of a dataset in global row order, as numpy arrays (memory-mapped for v2).
 
     `keys` (N,) fixed-width bytes (UTF-8, zero-padded), `labels` (N,) int64 (-1 = unlabeled),
-    `files` (N,) fixed-width bytes or None (original relative file names, `prepare` only). Arrays
+    `files` (N,) fixed-width bytes or None (original relative file names, `prepare` only),
+    `source_index` (N,) int64 or None (the sample's position in the list it was imported from:
+    `import-coop`'s split file; not in the fingerprint). Arrays
     only, no Python object per sample: forked DataLoader workers share them with the main process
     (reading a memory map or an inherited array copies no page)."""
 
     def __init__(self, keys: np.ndarray, labels: np.ndarray, files: Optional[np.ndarray], spans: Optional[np.ndarray] = None,
-                 base: int = 0):
+                 base: int = 0, source_index: Optional[np.ndarray] = None):
         self.keys, self.labels, self.files = keys, labels, files
         self.spans = spans  # (N, 2) int64 [start, end) bytes of each sample's members in its tar, or None
         self.base = base  # global row of row 0 (a shard's own slice, `ShardInfo.standalone`)
+        self.source_index = source_index  # (N,) int64 position in the imported list (import-coop), or None
 
     @classmethod
-    def from_lists(cls, keys: list, labels: list, files: Optional[list], spans: Optional[list] = None) -> "Columns":
+    def from_lists(cls, keys: list, labels: list, files: Optional[list], spans: Optional[list] = None,
+                   source_index: Optional[list] = None) -> "Columns":
         return cls(encode_strings(keys), np.asarray(labels, dtype=np.int64).reshape(-1),
                    None if files is None else encode_strings(files),
-                   None if spans is None else np.asarray(spans, dtype=np.int64).reshape(-1, 2))
+                   None if spans is None else np.asarray(spans, dtype=np.int64).reshape(-1, 2),
+                   source_index=None if source_index is None else np.asarray(source_index, dtype=np.int64).reshape(-1))
 
 
 def encode_strings(items: Sequence[str]) -> np.ndarray:
@@ -92,7 +98,8 @@ class ShardInfo:
         c, rows = self.columns, self._rows
         part = lambda a: None if a is None else np.array(a[rows])  # noqa: E731
         return ShardInfo(self.path, self.count, self.offset, self.sha256,
-                         Columns(part(c.keys), part(c.labels), part(c.files), part(c.spans), base=self.offset))
+                         Columns(part(c.keys), part(c.labels), part(c.files), part(c.spans), base=self.offset,
+                                 source_index=part(c.source_index)))
 
     @property
     def name(self) -> str:
@@ -224,14 +231,15 @@ class Dataset:
         return f"Dataset({str(self.root)!r}, samples={self.num_samples}, shards={len(self.shards)}, classes={self.num_classes})"
 
 
-SHARD_COLUMNS = ("keys", "labels", "files", "spans")  # per-sample lists of a v1 shard entry, columns in v2
+SHARD_COLUMNS = ("keys", "labels", "files", "spans", "source_index")  # per-sample lists of a v1 shard entry, columns in v2
+OPTIONAL_COLUMNS = ("files", "spans", "source_index")  # prepare's file names; byte spans (local tars); import-coop's order
 
 
 def _open_columns(root: Path, spec: dict, num: int, where: Path) -> Columns:
     arrays = {}
     for name in SHARD_COLUMNS:
         if name not in spec:
-            if name in ("files", "spans"):  # optional: prepare's file names; byte spans (local tars only)
+            if name in OPTIONAL_COLUMNS:
                 arrays[name] = None
                 continue
             raise DatasetError(f"{where}: lists no {name!r} column; re-create it with `dho prepare` or `dho index`")
@@ -242,13 +250,13 @@ def _open_columns(root: Path, spec: dict, num: int, where: Path) -> Columns:
             raise DatasetError(f"{where}: its {name} column {path.name} is missing; restore it or re-create the manifest with `dho index`") from None
         except (ValueError, OSError) as e:
             raise DatasetError(f"{where}: its {name} column {path.name} is not a readable .npy file ({e}); re-create the manifest with `dho index`") from None
-        want = {"labels": ("int64", (num,)), "spans": ("int64", (num, 2))}.get(name, ("bytes", (num,)))
+        want = {"labels": ("int64", (num,)), "spans": ("int64", (num, 2)), "source_index": ("int64", (num,))}.get(name, ("bytes", (num,)))
         kind_ok = arr.dtype.kind == "S" if want[0] == "bytes" else arr.dtype == np.int64
         if arr.shape != want[1] or not kind_ok:
             raise DatasetError(f"{where}: its {name} column {path.name} is {arr.dtype} {arr.shape}, expected {want[1]} "
                                f"{want[0]}; re-create the manifest with `dho index`")
         arrays[name] = arr
-    return Columns(arrays["keys"], arrays["labels"], arrays["files"], arrays["spans"])
+    return Columns(arrays["keys"], arrays["labels"], arrays["files"], arrays["spans"], source_index=arrays["source_index"])
 
 
 def _fingerprint_chunks(classnames: list, shard_dicts: Iterator[dict]) -> str:
@@ -324,9 +332,11 @@ def write_manifest(manifest: dict, path: Path) -> None:
     fingerprint = _fingerprint(manifest["classnames"], shards)
     with_files = bool(shards) and all(s.get("files") is not None for s in shards)
     with_spans = bool(shards) and all(s.get("spans") is not None for s in shards)
+    with_index = bool(shards) and all(s.get("source_index") is not None for s in shards)
     columns = Columns.from_lists([k for s in shards for k in s["keys"]], [lab for s in shards for lab in s["labels"]],
                                  [f for s in shards for f in s["files"]] if with_files else None,
-                                 [sp for s in shards for sp in s["spans"]] if with_spans else None)
+                                 [sp for s in shards for sp in s["spans"]] if with_spans else None,
+                                 [i for s in shards for i in s["source_index"]] if with_index else None)
     folder = path.parent
     names = {}
     for name in SHARD_COLUMNS:

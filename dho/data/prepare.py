@@ -149,22 +149,28 @@ def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool
 
 def write_files(src: Path, files: list[tuple[str, str, int, str]], classnames: list[str], out: Path, *, shard_size: int,
                 skip_bad: bool, provenance: dict, ignored: Sequence[dict] = (), what: str = "prepare",
-                classes: Optional[dict] = None, processes: Optional[int] = None) -> Dataset:
+                classes: Optional[dict] = None, processes: Optional[int] = None,
+                source_index: Optional[Sequence[int]] = None) -> Dataset:
     """Write image files (relative file under `src`, key, label, ext), in this order, as a dataset at `out`:
     original bytes, every image decoded once to check it (in a pool of `processes`, default one per core,
-    FILES_PER_TASK at a time), built beside `out` and renamed into place."""
+    FILES_PER_TASK at a time), built beside `out` and renamed into place. `source_index` (one per file):
+    each file's position in the list it came from, kept as the manifest's `source_index` column."""
+    if source_index is not None and len(source_index) != len(files):
+        raise ValueError(f"write_files: {len(source_index)} source indices for {len(files)} files")
     with replace_folders(out) as (tmp,):
         writer = ShardWriter(tmp, shard_size)
         skipped = []
         progress = Progress(what, len(files), unit="files")
         batches = [files[start:start + FILES_PER_TASK] for start in range(0, len(files), FILES_PER_TASK)]
         tasks = [(src, [file for file, _, _, _ in batch]) for batch in batches]
+        indices = iter(source_index) if source_index is not None else None
         for batch, checked in zip(batches, pool_map(_read_and_check_files, tasks, processes)):
             for (file, key, label, ext), (data, reason) in zip(batch, checked):
+                index = None if indices is None else next(indices)
                 if data is None:
                     skipped.append({"file": file, "reason": reason})
                     continue
-                writer.write(key, ext, data, label, file)
+                writer.write(key, ext, data, label, file, source_index=index)
             progress.update(len(batch))
         shards = writer.close()
         skipped.sort(key=lambda s: s["file"])

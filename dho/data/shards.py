@@ -252,7 +252,8 @@ class ShardWriter:
         self.entries: list[dict] = []
         self.file = self.tar = None
 
-    def write(self, key: str, ext: str, data: bytes, label: int, file: Optional[str] = None) -> None:
+    def write(self, key: str, ext: str, data: bytes, label: int, file: Optional[str] = None,
+              source_index: Optional[int] = None) -> None:
         if self.tar is None or self.entries[-1]["count"] == self.shard_size:
             self._roll()
         start = self.tar.offset
@@ -270,6 +271,8 @@ class ShardWriter:
         e["spans"].append((start, self.tar.offset))  # the sample's bytes in the tar: header(s) + padded data
         if file is not None:
             e.setdefault("files", []).append(file)
+        if source_index is not None:
+            e.setdefault("source_index", []).append(int(source_index))
 
     def _roll(self) -> None:
         self._close_current()

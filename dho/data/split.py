@@ -2,9 +2,13 @@
 optional validation split, written as new datasets that keep the source's order, keys and bytes.
 
 Which rows each split takes is decided from the columns alone (`rows_by_class`, `percent_allocation`,
-`_match_keys`). With the samples' byte spans (a local columnar manifest) their tar members are copied
-as they are, reading only the chosen samples (`CopyWriter`); else every touched shard is read in a
-process pool and its chosen samples are re-written (`ShardWriter`). Both outputs are built in hidden
+`_match_keys`). Two draws follow public code instead of dho's own (numpy Generator permutations over
+the global rows): `--per-class equal` the DHO reference's ImageNet P% split (`reference_percent_counts`,
+`_reference_percent_draw`) and `--sampler coop` CoOp's K-shot sampler (`_coop_draw`); both go
+through a class's samples in the order of the list the dataset was made from (`source_order`), as
+the public code goes through its file list. With the samples' byte spans (a local columnar manifest)
+their tar members are copied as they are, reading only the chosen samples (`CopyWriter`); else every
+touched shard is read in a process pool and its chosen samples are re-written (`ShardWriter`). Both outputs are built in hidden
 siblings and swapped into place once both are complete (`atomic.replace_folders`).
 """
 
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 import math
 import os
+import random
+import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -25,7 +31,10 @@ from dho.data.manifest import (MANIFEST, Dataset, ShardInfo, check_out, decode_s
 from dho.data.pool import pool_map
 from dho.data.reader import IMAGE_EXTS, shard_samples
 from dho.data.shards import CopyWriter, PathLike, ShardWriter, file_sha256, names_sample
-from dho.errors import ConfigError, DatasetError, check_number
+from dho.errors import ConfigError, DatasetError, check_choice, check_number
+
+SAMPLERS = ("numpy", "coop")  # --sampler: dho's numpy permutations (default), CoOp's random.sample
+PER_CLASS = ("proportional", "equal")  # --per-class of --percent: dho's largest remainder (default), the DHO reference's
 
 
 def percent_allocation(class_sizes: Sequence[int], percent: float) -> list[int]:
@@ -49,6 +58,121 @@ def percent_allocation(class_sizes: Sequence[int], percent: float) -> list[int]:
         excess = np.where(alloc > 1, alloc - quota, -np.inf)
         alloc[int(np.argmax(excess))] -= 1
     return alloc.tolist()
+
+
+def reference_percent_counts(class_sizes: Sequence[int], percent: float) -> list[int]:
+    """Per-class counts of the DHO reference's P% split (`datasets/imagenet_percent.py`, `balanced=True`).
+
+    Over the C classes that have samples (N in all): every class starts at q = max(min(N/C * P/100 - 1,
+    n_c), 1); the counts are its "cascade rounding" (ceil(q_c) where the running sum of q has a
+    fractional part above 0.5, else floor(q_c); at most n_c), and while they add up to less than
+    N * P/100, every q_c grows by 1/C (at most n_c). Float64 in the reference's order of operations, so
+    the counts are the reference's own: on ImageNet 13 for every class at 1% (13,000), 128 or 129 at 10%
+    (128,286). P = 100: every sample (the reference returns the whole set).
+    """
+    sizes = np.asarray(class_sizes, dtype=np.int64)
+    present = sizes > 0
+    cap = sizes[present].astype(np.float64)  # (C,) n_c of the classes with samples
+    n, c = int(sizes.sum()), int(present.sum())
+    counts = np.zeros(len(sizes), dtype=np.int64)
+    if c == 0:
+        return counts.tolist()
+    if percent >= 100:
+        return sizes.tolist()
+    frac = percent / 100.0
+
+    def cascade_round(q: np.ndarray) -> np.ndarray:  # (C,) -> (C,) ints, at most n_c
+        running = np.cumsum(q)  # sequential float64 sums, as the reference's loop
+        up = running - np.floor_divide(running, 1.0) > 0.5
+        return np.minimum(np.where(up, np.ceil(q), np.floor(q)), cap).astype(np.int64)
+
+    q = np.maximum(np.minimum(np.full(c, n / c * frac - 1.0), cap), 1.0)
+    rounded = cascade_round(q)
+    while rounded.sum() < n * frac:
+        q = np.minimum(q + 1 / c, cap)
+        rounded = cascade_round(q)
+    counts[present] = rounded
+    return counts.tolist()
+
+
+def source_order(ds: Dataset) -> np.ndarray:
+    """(N,) the rows in the order of the list the dataset was made from: its `source_index` column
+    (import-coop: the split file's list, or CoOp's ImageNet listing), else by label, then file name
+    (the key where the manifest has no file names, as after `dho index`): torchvision ImageFolder's
+    order when the labels are the sorted class folders (dho prepare's), for flat class folders."""
+    if ds.columns.source_index is not None:
+        return np.argsort(np.asarray(ds.columns.source_index), kind="stable")
+    names = ds.columns.files if ds.columns.files is not None else ds.key_bytes
+    return np.lexsort((np.asarray(names), np.asarray(ds.labels)))
+
+
+def _source_groups(ds: Dataset, order: np.ndarray, first_seen: bool) -> list[tuple[int, np.ndarray]]:
+    """(class, its rows in `order`) for every class with labeled samples: in label order, or (`first_seen`) in
+    the order the classes first appear in `order`, as CoOp's `split_dataset_by_label` builds its dict."""
+    labels = np.asarray(ds.labels)[order]
+    order, labels = order[labels >= 0], labels[labels >= 0]
+    grouped = np.argsort(labels, kind="stable")  # positions in `order`, grouped by class, increasing inside
+    classes, starts = np.unique(labels[grouped], return_index=True)
+    bounds = [*starts.tolist(), len(labels)]
+    groups = [(int(cl), order[grouped[bounds[i]:bounds[i + 1]]]) for i, cl in enumerate(classes)]
+    if first_seen:
+        groups = [groups[i] for i in np.argsort(grouped[starts], kind="stable")]
+    return groups
+
+
+def _reference_percent_draw(groups: list, counts: list[int], seed: int, val_per_class: int) -> tuple[list, list]:
+    """The DHO reference's draw: numpy.random.seed(seed), then per class in label order
+    numpy.random.choice(its rows, count, replace=False), which takes the first `count` of a legacy
+    `permutation`. Validation (dho's addition): after every labeled draw, M per class from the rest."""
+    rs = np.random.RandomState(seed)
+    labeled, rests = [], []
+    for c, rows in groups:
+        taken = np.zeros(len(rows), dtype=bool)
+        taken[rs.permutation(len(rows))[:counts[c]]] = True
+        labeled.append(rows[taken])
+        rests.append(rows[~taken])
+    val = [rest[rs.permutation(len(rest))[:val_per_class]] for rest in rests] if val_per_class else []
+    return labeled, val
+
+
+def _coop_draw(groups: list, shots: int, rnd: random.Random, val_per_class: int) -> tuple[list, list]:
+    """CoOp's sampler (Dassl `generate_fewshot_dataset`): per class, in the order the classes first appear,
+    random.sample(its items, K), or the whole class without a draw when it has fewer than K (Dassl's
+    default repeat=False). Validation (dho's addition): after every labeled draw, M per class from the
+    rest with random.sample, as CoOp goes on to draw the few-shot val from the same stream."""
+    labeled, rests = [], []
+    for _, rows in groups:
+        taken = np.zeros(len(rows), dtype=bool)
+        taken[rnd.sample(range(len(rows)), shots) if len(rows) >= shots else slice(None)] = True
+        labeled.append(rows[taken])
+        rests.append(rows[~taken])
+    val = []
+    for rest in rests if val_per_class else []:  # the caller checked that every rest holds M
+        taken = np.zeros(len(rest), dtype=bool)
+        taken[rnd.sample(range(len(rest)), val_per_class)] = True
+        val.append(rest[taken])
+    return labeled, val
+
+
+def _coop_stream_after(after: Path, seed: int) -> random.Random:
+    """random.Random(seed) advanced past the draws of the labeled split `after` (made with --sampler coop):
+    they are replayed on its source, which must still be the dataset it was drawn from, and must give its samples."""
+    lab = Dataset.open(after)
+    p = lab.manifest.get("provenance", {})
+    if p.get("command") != "split" or p.get("sampler") != "coop" or p.get("role") != "labeled":
+        raise ConfigError(f"--after {after}: not a labeled split made by `dho split --shots K --sampler coop`")
+    if p["seed"] != seed:
+        raise ConfigError(f"--after {after} was drawn with --seed {p['seed']}; give --seed {p['seed']} to continue its stream")
+    source = Dataset.open(p["source"])
+    if source.fingerprint != p["source_fingerprint"]:
+        raise DatasetError(f"--after {after}: its source {source.root} changed since the split was drawn; redraw the split")
+    rnd = _coop_stream_after(Path(p["after"]), seed) if p.get("after") else random.Random(seed)
+    labeled, _ = _coop_draw(_source_groups(source, source_order(source), first_seen=True), p["shots"], rnd,
+                            p.get("val_per_class", 0))
+    rows = np.sort(np.concatenate(labeled)) if labeled else np.zeros(0, dtype=np.int64)
+    if decode_strings(source.key_bytes[rows]) != lab.keys:
+        raise DatasetError(f"--after {after}: replaying its draw on {source.root} does not give its samples; redraw the split")
+    return rnd
 
 
 def _read_keys_file(path: Path) -> list[str]:
@@ -168,7 +292,8 @@ def _pick_samples(shard: ShardInfo, shard_index: int, label_key: str, root: Path
 
 def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int] = None, percent: Optional[float] = None,
           keys_file: Optional[PathLike] = None, seed: int = 0, val_per_class: int = 0, val_out: Optional[PathLike] = None,
-          shard_size: int = 1000, overwrite: bool = False, processes: Optional[int] = None) -> tuple[Dataset, Optional[Dataset]]:
+          shard_size: int = 1000, overwrite: bool = False, processes: Optional[int] = None, per_class: Optional[str] = None,
+          sampler: Optional[str] = None, after: Optional[PathLike] = None) -> tuple[Dataset, Optional[Dataset]]:
     """Labeled subset (K shots per class, P% class-balanced, or a key list) + optional validation split.
 
     Per class, the labeled samples are permuted once with numpy Generator(seed) (classes in index
@@ -176,6 +301,12 @@ def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int]
     next M, so the labeled split does not depend on M. With a key list, validation samples are drawn
     from the rest the same way. Outputs keep the source's global order, keys and original bytes.
     Source shards are read in a pool of `processes` (default one per core; 1 = in this process).
+
+    `per_class="equal"` (with `percent`): the DHO reference's split, its counts (`reference_percent_counts`)
+    and its draw (`_reference_percent_draw`, numpy.random.seed(seed)). `sampler="coop"` (with `shots`):
+    CoOp's draw (`_coop_draw`, random.seed(seed)); `after` = a labeled split drawn so continues its
+    random stream, as CoOp draws the few-shot val after the train shots. Both go through each class in
+    `source_order`, and draw validation samples after all the labeled ones.
     """
     ds = dataset if isinstance(dataset, Dataset) else Dataset.open(dataset)
     out = Path(out)
@@ -196,36 +327,23 @@ def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int]
         check_out(o, overwrite, "split", sources=[ds.root])
     if val_per_class and out.resolve() == val_out.resolve():
         raise ConfigError("--out and --val-out must be different folders")
+    if per_class is not None:
+        check_choice("--per-class", per_class, PER_CLASS)
+        if percent is None:
+            raise ConfigError("--per-class sets how --percent P is shared out over the classes; give --percent P")
+    if sampler is not None:
+        check_choice("--sampler", sampler, SAMPLERS)
+        if sampler == "coop" and shots is None:
+            raise ConfigError("--sampler coop draws K shots per class, as CoOp; give --shots K")
+    if after is not None and sampler != "coop":
+        raise ConfigError("--after continues the random stream of a CoOp draw; give it with --sampler coop")
 
-    rng = np.random.default_rng(seed)
-    by_class = rows_by_class(ds.labels, ds.num_classes)  # rows per class, global order
-    perms = [rng.permutation(rows) for rows in by_class]
     provenance = {"command": "split", "source_fingerprint": ds.fingerprint, "source": str(ds.root), "seed": seed,
                   "val_per_class": val_per_class, "dho_version": dho.__version__}
-    if keys_file is not None:
-        keys_file = Path(keys_file)
-        labeled = _match_keys(ds, _read_keys_file(keys_file), keys_file)
-        taken = np.zeros(ds.num_samples, dtype=bool)
-        taken[labeled] = True
-        perms = [p[~taken[p]] for p in perms]
-        want = [0] * ds.num_classes
-        provenance.update(method="keys", keys_file=keys_file.name, keys_sha256=file_sha256(keys_file))
-    elif shots is not None:
-        want = [shots] * ds.num_classes
-        provenance.update(method="shots", shots=shots)
+    if per_class == "equal" or sampler == "coop":
+        labeled, val = _draw_as_public_code(ds, shots, percent, seed, val_per_class, after, provenance)
     else:
-        sizes = [len(r) for r in by_class]
-        if sum(sizes) == 0:
-            raise DatasetError(f"{ds.root}: has no labeled samples to split")
-        want = percent_allocation(sizes, percent)
-        provenance.update(method="percent", percent=percent, rounding="largest-remainder, at least 1 per class")
-    short = [f"{ds.classnames[c]!r} has {len(perms[c])}" for c in range(ds.num_classes) if len(perms[c]) < want[c] + val_per_class]
-    if short:
-        need = f"{want[0]} + {val_per_class}" if shots is not None else f"the allocation + {val_per_class}"
-        raise DatasetError(f"{ds.root}: not enough labeled samples per class for {need} (validation): {', '.join(short[:10])}; lower --shots/--val-per-class")
-    if keys_file is None:
-        labeled = sorted(int(r) for c in range(ds.num_classes) for r in perms[c][:want[c]])
-    val = sorted(int(r) for c in range(ds.num_classes) for r in perms[c][want[c]:want[c] + val_per_class])
+        labeled, val = _draw(ds, shots, percent, keys_file, seed, val_per_class, provenance)
 
     with replace_folders(*outs) as tmps:
         role = np.full(ds.num_samples, -1, dtype=np.int64)  # (N,) 0 = labeled, 1 = validation
@@ -252,3 +370,72 @@ def split(dataset: Union[PathLike, Dataset], out: PathLike, shots: Optional[int]
                                      classes=class_fields(ds))
             write_manifest(manifest, t / MANIFEST)
     return Dataset.open(out), (Dataset.open(val_out) if val_per_class else None)
+
+
+def _draw_as_public_code(ds: Dataset, shots: Optional[int], percent: Optional[float], seed: int, val_per_class: int,
+                         after: Optional[PathLike], provenance: dict) -> tuple[list[int], list[int]]:
+    """(labeled rows, validation rows), sorted: the DHO reference's P% draw (`percent`) or CoOp's K shots."""
+    groups = _source_groups(ds, source_order(ds), first_seen=shots is not None)  # CoOp: classes as first seen
+    if not groups:
+        raise DatasetError(f"{ds.root}: has no labeled samples to split")
+    sizes = [0] * ds.num_classes
+    for c, rows in groups:
+        sizes[c] = len(rows)
+    if shots is not None:
+        want = [min(shots, n) for n in sizes]  # Dassl: a class with fewer than K gives all it has
+        fewer = [f"{ds.classnames[c]!r} has {sizes[c]}" for c, _ in groups if sizes[c] < shots]
+        if fewer:
+            print(f"split: {len(fewer)} class(es) have fewer than {shots} samples and give them all, as CoOp's sampler: "
+                  f"{', '.join(fewer[:10])}", file=sys.stderr, flush=True)
+    else:
+        want = reference_percent_counts(sizes, percent)
+    short = [f"{ds.classnames[c]!r} has {sizes[c]}" for c, _ in groups if sizes[c] - want[c] < val_per_class]
+    if short:
+        raise DatasetError(f"{ds.root}: not enough labeled samples per class for the labeled split + {val_per_class} "
+                           f"(validation): {', '.join(short[:10])}; lower --shots/--val-per-class")
+    if shots is not None:
+        rnd = random.Random(seed)
+        if after is not None:
+            rnd = _coop_stream_after(Path(after), seed)
+            provenance.update(after=str(Path(after).resolve()))
+        labeled, val = _coop_draw(groups, shots, rnd, val_per_class)
+        provenance.update(method="shots", shots=shots, sampler="coop")
+    else:
+        labeled, val = _reference_percent_draw(groups, want, seed, val_per_class)
+        provenance.update(method="percent", percent=percent, per_class="equal",
+                          rounding="the DHO reference's (imagenet_percent.py): cascade rounding, the same count per class")
+    flat = lambda parts: sorted(int(r) for rows in parts for r in rows)  # noqa: E731
+    return flat(labeled), flat(val)
+
+
+def _draw(ds: Dataset, shots: Optional[int], percent: Optional[float], keys_file: Optional[PathLike], seed: int,
+          val_per_class: int, provenance: dict) -> tuple[list[int], list[int]]:
+    """(labeled rows, validation rows), sorted: dho's own draw (numpy Generator(seed) permutations)."""
+    rng = np.random.default_rng(seed)
+    by_class = rows_by_class(ds.labels, ds.num_classes)  # rows per class, global order
+    perms = [rng.permutation(rows) for rows in by_class]
+    if keys_file is not None:
+        keys_file = Path(keys_file)
+        labeled = _match_keys(ds, _read_keys_file(keys_file), keys_file)
+        taken = np.zeros(ds.num_samples, dtype=bool)
+        taken[labeled] = True
+        perms = [p[~taken[p]] for p in perms]
+        want = [0] * ds.num_classes
+        provenance.update(method="keys", keys_file=keys_file.name, keys_sha256=file_sha256(keys_file))
+    elif shots is not None:
+        want = [shots] * ds.num_classes
+        provenance.update(method="shots", shots=shots)
+    else:
+        sizes = [len(r) for r in by_class]
+        if sum(sizes) == 0:
+            raise DatasetError(f"{ds.root}: has no labeled samples to split")
+        want = percent_allocation(sizes, percent)
+        provenance.update(method="percent", percent=percent, rounding="largest-remainder, at least 1 per class")
+    short = [f"{ds.classnames[c]!r} has {len(perms[c])}" for c in range(ds.num_classes) if len(perms[c]) < want[c] + val_per_class]
+    if short:
+        need = f"{want[0]} + {val_per_class}" if shots is not None else f"the allocation + {val_per_class}"
+        raise DatasetError(f"{ds.root}: not enough labeled samples per class for {need} (validation): {', '.join(short[:10])}; lower --shots/--val-per-class")
+    if keys_file is None:
+        labeled = sorted(int(r) for c in range(ds.num_classes) for r in perms[c][:want[c]])
+    val = sorted(int(r) for c in range(ds.num_classes) for r in perms[c][want[c]:want[c] + val_per_class])
+    return labeled, val
