@@ -8,7 +8,8 @@ Images: scikit-learn's two bundled photos (china.jpg, flower.jpg, 640 x 427), so
    did before), per output size and interpolation: PSNR in dB (higher = closer; identical = inf).
 2. Training views of the low-shot reference: one RandomResizedCrop box resized bicubically to the
    teacher's 378 px, then that image resized to the student's 224 px; dho replays the box straight
-   at 224 px. PSNR over 32 views per photo.
+   at 224 px. PSNR over 32 views per photo. The reference scored Table 4 on these views too (its
+   test set had the training transform); `dho evaluate --views random` replays them at 224 px.
 """
 
 from __future__ import annotations

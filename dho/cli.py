@@ -235,7 +235,8 @@ def distill(
 # --------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: dho evaluate runs/r18 --data data/test --search-on data/val")
+@app.command(epilog="Example: dho evaluate runs/r18 --data data/test --search-on data/val\n\n"
+             "Example: dho evaluate runs/vit-b16-1pct --data data/val --views random --draws 5 (Table 4 as the reference scored it)")
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
     data: Annotated[Path, typer.Option("--data", help="Labeled dataset to evaluate on (the test split).")],
@@ -247,12 +248,16 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
     device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
     workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images.")] = 2,
+    views: Annotated[str, typer.Option("--views", help="center (open_clip's eval transform: resize, center-crop) | random (the reference's Table 4 evaluation: one training view per image, RandomResizedCrop scale 0.5-1 + flip, replayed at the student's size; --draws passes, their mean). The --search-on search always uses center.")] = "center",
+    draws: Annotated[Optional[int], typer.Option("--draws", help="With --views random: passes over --data, each with a fresh random view per image (draw d of an image is seeded by --seed, its key and d); the metrics are their mean. [default: 1]")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="With --views random: seed of the views (the same seed gives the same views and numbers). [default: 0]")] = None,
 ) -> None:
     """Top-1/top-5 of ce_head, kd_head and their combination (Eq. 11) on a labeled dataset."""
     from dho import evaluate as evaluation
 
     result = evaluation.evaluate(run_dir, data, alpha=alpha, beta=beta, search_on=search_on,
-                                 batch_size=batch_size, device=device, workers=workers, beta_grid=beta_grid)
+                                 batch_size=batch_size, device=device, workers=workers, beta_grid=beta_grid,
+                                 views=views, draws=draws, seed=seed)
     if json_out:
         typer.echo(json.dumps(result))
         return
@@ -261,9 +266,14 @@ def evaluate(
     if result["num_unlabeled_ignored"]:
         typer.echo(f"left out {result['num_unlabeled_ignored']} unlabeled samples")
     typer.echo(f"alpha = {result['alpha']:g}, beta = {result['beta']:g}  ({result['alpha_beta_source']})")
-    typer.echo(f"{'head':<10} {'top-1':>7} {'top-5':>7}")
+    spread = result.get("std")
+    if "views" in result:
+        typer.echo(f"views: random crops (RandomResizedCrop scale 0.5-1 + flip), seed {result['seed']}, "
+                   f"mean of {result['draws']} draw{'s' if result['draws'] > 1 else ''}")
+    typer.echo(f"{'head':<10} {'top-1':>7} {'top-5':>7}" + (f" {'sd top-1':>8} {'sd top-5':>8}" if spread else ""))
     for head in ("ce_head", "kd_head", "combined"):
-        typer.echo(f"{head:<10} {result[head]['top1']:>7.2f} {result[head]['top5']:>7.2f}")
+        sd = f" {spread[head]['top1']:>8.2f} {spread[head]['top5']:>8.2f}" if spread else ""
+        typer.echo(f"{head:<10} {result[head]['top1']:>7.2f} {result[head]['top5']:>7.2f}{sd}")
 
 
 @app.command(epilog="Example: dho predict runs/r18 cat.jpg 'photos/*.png' --heads")

@@ -15,12 +15,18 @@ Which data a run can be scored on (``open_labeled``, the one rule for evaluate, 
 each head's logits are restricted to those classes, ``restrict``), with at least one labeled
 sample (samples labeled -1 are left out, ``labeled_only``).
 
-Evaluation view: open_clip's eval transform for the student's preprocessing, pixel for pixel
-(``data.eval_view_uint8``): resize the short side to the student's size, then center-crop
-(``resize_mode`` "shortest"); "squash" and "longest" for students whose preprocessing says so,
-e.g. DFN-pretrained towers; then the student's normalisation.
+Evaluation view (``views="center"``, the default): open_clip's eval transform for the student's
+preprocessing, pixel for pixel (``data.eval_view_uint8``): resize the short side to the student's
+size, then center-crop (``resize_mode`` "shortest"); "squash" and "longest" for students whose
+preprocessing says so, e.g. DFN-pretrained towers; then the student's normalisation.
+``views="random"`` scores the way the reference's ``train_imgnet_semi.py`` scored Table 4: one
+training view per image (RandomResizedCrop scale 0.5-1, ratio 3/4-4/3, flip 0.5), drawn per
+(seed, key, draw) by the training crop sampler (``Preprocessing.random_view``) and replayed straight
+at the student's size (the reference resized the crop to the teacher's 378 px first, then to 224:
+docs/fidelity.md); ``draws`` full passes with draws 0 ... N-1, their metrics averaged.
 
-Out of scope: multi-crop / TTA evaluation, per-class metrics, distributed evaluation.
+Out of scope: multi-crop / TTA evaluation (the draws are scored one by one, never averaged per
+image), per-class metrics, distributed evaluation.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ BETA_GRID = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)  # kd_head tempe
 # the beta grids a search can use (`--beta-grid`): dho's wide one, or the ten-dataset reference's (train_others.py)
 BETA_GRIDS = {"wide": BETA_GRID, "reference": (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0)}
 DEFAULT_ALPHA, DEFAULT_BETA = 0.5, 0.5  # low-shot defaults (Table 6); also the search's tie-break centre
+VIEWS = ("center", "random")  # evaluate's views: open_clip's eval transform | the reference's random crops
+HEADS = ("ce_head", "kd_head", "combined")
 # the run-folder names (dho/run_dir.py), under the names this module has always exported
 ALPHA_BETA_FILE, PREVIOUS_FILE, HEATMAP_FILE, MODEL_FILE = ALPHA_BETA, ALPHA_BETA_PREVIOUS, HEATMAP, MODEL
 
@@ -74,6 +82,17 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     topk = scores.topk(min(max(ks), scores.shape[-1]), dim=-1).indices  # (N, K)
     hit = topk == labels[:, None]  # (N, K)
     return {k: 100.0 * int(hit[:, : min(k, scores.shape[-1])].any(dim=-1).sum()) / len(labels) for k in ks}
+
+
+def head_metrics(ce_logits: torch.Tensor, kd_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
+                 beta: float) -> dict[str, dict[str, float]]:
+    """{ce_head, kd_head, combined (Eq. 11): {top1, top5}} in % of both heads' logits (N, C) against labels (N,)."""
+    def pct(scores: torch.Tensor) -> dict:
+        acc = topk_accuracy(scores, labels, ks=(1, 5))
+        return {"top1": acc[1], "top5": acc[5]}
+
+    # temperature beta does not change the ranking of one head
+    return {"ce_head": pct(ce_logits), "kd_head": pct(kd_logits), "combined": pct(combine_heads(ce_logits, kd_logits, alpha, beta))}
 
 
 def search_alpha_beta(
@@ -149,13 +168,16 @@ def plot_alpha_beta(
 
 
 class _EvalView:
-    """Sample -> (evaluation view (3, S, S), label, global row). A class so workers can pickle it."""
+    """Sample -> (view (3, S, S), label, global row): the evaluation view, or with `draw` the random view
+    (seed, key, draw) (`Preprocessing.random_view`). A class so workers can pickle it."""
 
-    def __init__(self, preprocess: data_lib.Preprocessing):
-        self.preprocess = preprocess
+    def __init__(self, preprocess: data_lib.Preprocessing, draw: Optional[int] = None, seed: int = 0):
+        self.preprocess, self.draw, self.seed = preprocess, draw, seed
 
     def __call__(self, sample) -> tuple[torch.Tensor, int, int]:
-        return self.preprocess.eval_view(sample.image), sample.label, sample.index
+        if self.draw is None:
+            return self.preprocess.eval_view(sample.image), sample.label, sample.index
+        return self.preprocess.random_view(sample.image, sample.key, self.draw, self.seed), sample.label, sample.index
 
 
 @torch.no_grad()
@@ -166,12 +188,14 @@ def collect_logits(
     device: Union[str, torch.device] = "cpu",
     workers: int = 2,
     features: bool = False,
+    draw: Optional[int] = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, ...]:
-    """Run the student over the dataset's evaluation views -> (ce_logits (N, C), kd_logits (N, C),
-    labels (N,)) as float32 / int64 CPU tensors in dataset order, plus z = g(x) (N, D) float32 last
-    with `features`. Restores the model's train mode."""
+    """Run the student over the dataset's evaluation views (or, with `draw`, random view `draw` of `seed` of each
+    image) -> (ce_logits (N, C), kd_logits (N, C), labels (N,)) as float32 / int64 CPU tensors in dataset order,
+    plus z = g(x) (N, D) float32 last with `features`. Restores the model's train mode."""
     device = resolve_device(device)
-    reader = data_lib.OrderedReader(dataset, transform=_EvalView(model.preprocess), rank=0, world_size=1)
+    reader = data_lib.OrderedReader(dataset, transform=_EvalView(model.preprocess, draw, seed), rank=0, world_size=1)
     loader = torch.utils.data.DataLoader(reader, batch_size=batch_size, num_workers=workers)
     n = dataset.num_samples
     ce = torch.empty(n, model.num_classes)  # (N, C)
@@ -180,7 +204,8 @@ def collect_logits(
     z = torch.empty(n, model.feature_dim) if features else None  # (N, D)
     was_training = model.training
     model.eval()
-    progress = Progress(f"evaluate {dataset.root.name}", n, unit="images", final=False)
+    what = "" if draw is None else f" (random view {draw}, seed {seed})"
+    progress = Progress(f"evaluate {dataset.root.name}{what}", n, unit="images", final=False)
     try:
         for x, y, index in loader:
             out = model(x.to(device, non_blocking=True))
@@ -311,6 +336,9 @@ def evaluate(
     device: Union[str, torch.device] = "auto",
     workers: int = 2,
     beta_grid: str = "wide",
+    views: str = "center",
+    draws: Optional[int] = None,
+    seed: Optional[int] = None,
 ) -> dict:
     """Top-1/top-5 (%) of ce_head, kd_head and their combination (Eq. 11) on `data`.
 
@@ -321,8 +349,19 @@ def evaluate(
     true, num_classes its classes, model_classes the model's).
     With `search_on`, (alpha, beta) are grid-searched on that validation dataset first (beta over the grid
     `beta_grid` of BETA_GRIDS) and stored in RUN_DIR/alpha_beta.json (+ alpha_beta_heatmap.png).
+    `views` "center" (default) scores the evaluation view; "random" scores `draws` (default 1) passes of random
+    training views, draw d of image `key` seeded by (`seed` (default 0), key, d) (the reference's Table 4 way): the
+    head metrics are the mean over the draws, followed by views, draws, seed, per_draw (each draw's head metrics)
+    and std (sample std over the draws; null for one draw). The search of `search_on` uses the center view.
     """
     run_dir = Path(run_dir)
+    check_choice("--views", views, VIEWS)
+    if views == "center" and (draws is not None or seed is not None):
+        raise ConfigError("--draws and --seed choose random views: add --views random (the center view is one fixed view)")
+    draws = 1 if draws is None else draws
+    seed = 0 if seed is None else seed
+    check_number("--draws", draws, low=1, integer=True)
+    check_number("--seed", seed, low=0, high=2**32 - 1, integer=True)
     if search_on is not None and (alpha is not None or beta is not None):
         raise ConfigError("give either --alpha/--beta or --search-on VAL, not both")
     if alpha is not None:
@@ -359,20 +398,24 @@ def evaluate(
         alpha = run_alpha if alpha is None else float(alpha)
         beta = run_beta if beta is None else float(beta)
 
-    ce, kd, labels = collect_logits(student, ds, batch_size, device, workers)
-    num_unlabeled = int((labels < 0).sum())
-    ce, kd, labels = labeled_only(ce, kd, labels)
-    ce, kd = restrict(ce, kd, columns)  # (N, C_ds): a subset dataset is scored on its classes only
-    combined = combine_heads(ce, kd, alpha, beta)  # (N, C_ds)
-
-    def pct(scores: torch.Tensor) -> dict:
-        acc = topk_accuracy(scores, labels, ks=(1, 5))
-        return {"top1": acc[1], "top5": acc[5]}
+    passes = [None] if views == "center" else list(range(draws))  # the center view, or random draws 0 ... N-1
+    per_draw = []
+    for draw in passes:
+        ce, kd, labels = collect_logits(student, ds, batch_size, device, workers, draw=draw, seed=seed)
+        num_unlabeled = int((labels < 0).sum())
+        ce, kd, labels = labeled_only(ce, kd, labels)
+        ce, kd = restrict(ce, kd, columns)  # (N, C_ds): a subset dataset is scored on its classes only
+        per_draw.append(head_metrics(ce, kd, labels, alpha, beta))
+    if views == "center":
+        heads, spread = per_draw[0], {}
+    else:
+        heads = {h: {m: sum(p[h][m] for p in per_draw) / draws for m in ("top1", "top5")} for h in HEADS}
+        std = None if draws == 1 else {
+            h: {m: float(np.std([p[h][m] for p in per_draw], ddof=1)) for m in ("top1", "top5")} for h in HEADS}
+        spread = {"views": views, "draws": draws, "seed": seed, "per_draw": per_draw, "std": std}
 
     return {
-        "ce_head": pct(ce),
-        "kd_head": pct(kd),  # temperature beta does not change the ranking of one head
-        "combined": pct(combined),
+        **heads,
         "alpha": alpha,
         "beta": beta,
         "alpha_beta_source": source,
@@ -383,6 +426,7 @@ def evaluate(
         "class_subset": columns is not None,
         "data": str(ds.root),
         "data_fingerprint": ds.fingerprint,
+        **spread,
     }
 
 

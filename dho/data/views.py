@@ -5,7 +5,8 @@ alone (`view_params`; `view_seed`, made by `stable_seed`), so it is replayed exa
 box (`replay_view`) by the teacher and the student, each at its own size and normalisation.
 `eval_view_uint8` is open_clip's eval transform pixel for pixel and `center_view_params` the box it
 shows; `decode_view` is the student's decode (DCT-downscaled JPEGs). `Preprocessing` is the record of
-how a model (student or teacher) takes its images: size, resampling, resize mode, mean/std. torch and
+how a model (student or teacher) takes its images: size, resampling, resize mode, mean/std; its
+`random_view` is a training view at the model's size (`dho evaluate --views random`). torch and
 torchvision are imported inside the functions that use them.
 Out of scope: augmentation beyond the RandomResizedCrop + flip of the paper, and views decoded on the
 device (`gpu_views.py`).
@@ -72,6 +73,12 @@ class Preprocessing:
     def eval_view(self, image: Image.Image) -> "torch.Tensor":
         """The evaluation view of an RGB image (`eval_view_uint8`), normalised -> (3, S, S) float32."""
         return normalize(eval_view_uint8(image, self.image_size, self.interpolation, self.resize_mode), self.mean, self.std)
+
+    def random_view(self, image: Image.Image, key: str, view: int, seed: int) -> "torch.Tensor":
+        """Training view `view` of the sample `key` (`view_params` of (seed, key, view), the RandomResizedCrop + flip
+        of training) replayed straight at this model's size, normalised -> (3, S, S) float32."""
+        box = view_params(key, view, seed, image.width, image.height)
+        return replay_view(image, box, self.image_size, self.interpolation, self.mean, self.std)
 
 
 def stable_seed(*items, byteorder: str) -> int:

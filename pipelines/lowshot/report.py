@@ -3,10 +3,13 @@
     python pipelines/lowshot/report.py --eval runs/lowshot/eval --runs runs/lowshot/runs \
         --students "vit-b16 vit-l14" --splits "1pct 10pct" --out runs/lowshot/table.md [--smoke]
 
-Reads `EVAL/<student>-<split>.json` (the output of `dho evaluate --json`), `EVAL/teacher.json`
-(`dho cache-info --json` of the validation cache: the teacher's zero-shot top-1 is its
-label agreement on the center view) and, for the paper's numbers, the `expected:` section of
-`pipelines/lowshot/<student>.yaml`. Writes the table to --out (atomically) and prints it.
+Reads `EVAL/<student>-<split>.json` (the output of `dho evaluate --json`: the center view),
+`EVAL/<student>-<split>.random.json` (`dho evaluate --views random --draws N --json`: random crops,
+as the reference's train_imgnet_semi.py scored its test set), `EVAL/teacher.json` (`dho cache-info
+--json` of the validation cache: the teacher's zero-shot top-1 is its label agreement on the center
+view) and, for the paper's numbers, the `expected:` section of `pipelines/lowshot/<student>.yaml`.
+Each student has two rows, one per view, each against the paper. Writes the table to --out
+(atomically) and prints it.
 With --smoke the same layout is titled as a smoke run: tiny random models on a few colour
 classes, whose numbers check the plumbing, not the method.
 """
@@ -25,6 +28,7 @@ from tables import fmt, read_json, write_table  # noqa: E402
 
 HERE = Path(__file__).parent
 SPLIT_TITLES = {"1pct": "1%", "10pct": "10%"}
+VIEW_ROWS = (("", "DHO (center view)"), (".random", "DHO (random crops)"))  # (eval file suffix, method cell)
 
 
 def _read_json(path: Path) -> dict:
@@ -64,17 +68,25 @@ def build_table(eval_dir: Path, runs_dir: Path, students: list[str], splits: lis
 
     details = []
     teacher_paper = None
+    draws = set()
     for student in students:
         paper = paper_numbers(student)
         teacher_paper = teacher_paper or paper.get("teacher")
-        cells = ""
+        results = {(split, suffix): _read_json(eval_dir / f"{student}-{split}{suffix}.json")
+                   for split in splits for suffix, _ in VIEW_ROWS}
+        for suffix, method in VIEW_ROWS:
+            cells = ""
+            for split in splits:
+                ours = results[split, suffix]["combined"]["top1"]
+                theirs = paper["top1"].get(split)
+                cells += f" {_fmt(ours)} | {_fmt(theirs)} | {_delta(ours, theirs)} |"
+            lines.append(f"| {method} | {paper['architecture']} | {paper['params_m']} |{cells}")
         for split in splits:
-            result = _read_json(eval_dir / f"{student}-{split}.json")
-            ours = result["combined"]["top1"]
-            theirs = paper["top1"].get(split)
-            cells += f" {_fmt(ours)} | {_fmt(theirs)} | {_delta(ours, theirs)} |"
-            details.append((student, split, result))
-        lines.append(f"| DHO | {paper['architecture']} | {paper['params_m']} |{cells}")
+            if results[split, ".random"].get("views") != "random":
+                sys.exit(f"error: {eval_dir / f'{student}-{split}.random.json'} is not a random-crop evaluation "
+                         "(`dho evaluate --views random`); delete it and re-run `make reproduce-lowshot`")
+            details.append((student, split, results[split, ""], results[split, ".random"]))
+            draws.add((results[split, ".random"].get("draws"), results[split, ".random"].get("seed")))
 
     teacher = _read_json(eval_dir / "teacher.json")
     ours = None if teacher.get("agreement") is None else 100.0 * teacher["agreement"]
@@ -85,7 +97,13 @@ def build_table(eval_dir: Path, runs_dir: Path, students: list[str], splits: lis
     cells = f" {_fmt(ours)} | {_fmt(theirs)} | {_delta(ours, theirs)} |" * len(splits)
     lines.append(f"| zero-shot teacher | {name} | {params} |{cells}")
 
+    drawn = " / ".join(f"{n} draws, seed {seed}" for n, seed in sorted(draws, key=str))
     lines += [
+        "",
+        "Views: center = open_clip's eval transform (resize the short side, center-crop), the project's default;",
+        "random crops = the reference's way (train_imgnet_semi.py built its test set with the training transform:",
+        "RandomResizedCrop scale 0.5-1 + flip, one draw per image), here replayed at the student's size and the mean",
+        f"over {drawn} (`dho evaluate --views random`). The paper's numbers come from one such draw.",
         "",
         "Zero-shot teacher: no labels, so the same number in every column; it is the teacher's top-1 on the",
         f"center view of the validation cache ({teacher['agreement_count']} images, "
@@ -93,14 +111,17 @@ def build_table(eval_dir: Path, runs_dir: Path, students: list[str], splits: lis
         "",
         "## Runs",
         "",
-        "| run | student | ce_head top-1 | kd_head top-1 | combined top-1 | combined top-5 | alpha | beta | val images |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | student | ce_head top-1 | kd_head top-1 | combined top-1 | combined top-5 | combined top-1, random crops (sd) "
+        "| alpha | beta | val images |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for student, split, r in details:
+    for student, split, r, rnd in details:
         ran = _ran_student(runs_dir / f"{student}-{split}")
+        sd = "" if rnd.get("std") is None else f" ({rnd['std']['combined']['top1']:.2f})"
         lines.append(
             f"| {student}-{split} | {ran} | {_fmt(r['ce_head']['top1'])} | {_fmt(r['kd_head']['top1'])} | "
-            f"{_fmt(r['combined']['top1'])} | {_fmt(r['combined']['top5'])} | {r['alpha']:g} | {r['beta']:g} | {r['num_samples']} |"
+            f"{_fmt(r['combined']['top1'])} | {_fmt(r['combined']['top5'])} | {_fmt(rnd['combined']['top1'])}{sd} | "
+            f"{r['alpha']:g} | {r['beta']:g} | {r['num_samples']} |"
         )
     return "\n".join(lines) + "\n"
 
