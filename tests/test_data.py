@@ -752,3 +752,43 @@ def test_split_copies_the_chosen_samples_bytes_and_matches_the_rewriting_path(ti
     first.write_bytes(b"\0" * 512 + first.read_bytes()[:-512])  # every sample shifted by one block (same size: padding cut)
     with pytest.raises(DatasetError, match=r"shard 0 .*: sample '[^']+' is not at bytes 0-\d+ where the manifest puts it"):
         data.split(moved, tmp_path / "bad", keys_file=keys)
+
+
+V2_DATASET = Path(__file__).parent / "assets" / "v2-dataset"
+
+
+def test_a_v2_dataset_reads_with_the_checks_its_manifest_allows(tmp_path):
+    """tests/assets/v2-dataset (written by dho 0.1.0: no digests, no shard sizes, no column checks) opens and reads;
+    a split of it is version 3, its digests computed from the copied members (the rewriting path gives the same);
+    a label edited in its labels column is refused by split (the copied sample's label member contradicts it),
+    and a shard rewritten without one label member by every reader."""
+    root = shutil.copytree(V2_DATASET, tmp_path / "v2")
+    ds = data.Dataset.open(root, verify=True)
+    assert ds.version == 2 and ds.columns.digests is None and ds.shards[0].size is None
+    assert [s.key for s in _all_samples(ds, decode=True)] == ds.keys
+    copied, _ = data.split(ds, tmp_path / "copied", percent=100)
+    rewritten, _ = data.split(_without_spans(root, tmp_path / "nospans"), tmp_path / "rewritten", percent=100)
+    members = [data.sample_digest(m) for s in copied.shards for m in data.tar_samples(s.path)]
+    assert copied.version == 3 and copied.columns.digests.tolist() == members == rewritten.columns.digests.tolist()
+    assert [s.size for s in copied.shards] == [s.path.stat().st_size for s in copied.shards]
+    labels = root / ds.manifest["columns"]["labels"]
+    original = np.load(labels)
+    edited = original.copy()
+    edited[2] = 1 - edited[2]
+    np.save(labels, edited)
+    sp = _dho("split", root, "--out", tmp_path / "bad", "--percent", "100", cwd=tmp_path)
+    assert sp.returncode == 2 and not (tmp_path / "bad").exists(), sp.stderr
+    assert re.fullmatch(rf"error: shard 0 \(.*shard-000000\.tar\): sample '{ds.keys[2]}' has label b'{1 - edited[2]}' but the manifest "
+                        rf"says {edited[2]}; the shard changed since the manifest was written: [^\n]*\n", sp.stderr), sp.stderr
+    np.save(labels, 1 - original)  # another dataset's labels column of the same length: every label contradicts
+    with pytest.raises(DatasetError, match=r"has label b'\d' but the manifest says \d"):
+        data.split(root, tmp_path / "bad", percent=100)
+    np.save(labels, original)
+    shard = ds.shards[1].path
+    with tarfile.open(shard) as tf:  # shard 1 without the label member of its first sample
+        kept = [(t, tf.extractfile(t).read()) for t in tf.getmembers()][1:]
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tf:
+        for t, payload in kept:
+            tf.addfile(t, io.BytesIO(payload))
+    with pytest.raises(DatasetError, match=rf"^shard 1 \(.*\): sample '{ds.keys[4]}' has no 'cls' member but the manifest says label \d"):
+        list(data.iter_shard(data.Dataset.open(root), 1, decode=False))
