@@ -792,3 +792,23 @@ def test_a_v2_dataset_reads_with_the_checks_its_manifest_allows(tmp_path):
             tf.addfile(t, io.BytesIO(payload))
     with pytest.raises(DatasetError, match=rf"^shard 1 \(.*\): sample '{ds.keys[4]}' has no 'cls' member but the manifest says label \d"):
         list(data.iter_shard(data.Dataset.open(root), 1, decode=False))
+
+
+def test_text_files_with_a_bom_read_as_without(tiny_dataset, tmp_path):
+    """A class names file, a keys file and a template file saved with a UTF-8 byte-order mark (and CRLF) read as
+    the same file without one; a file that is not UTF-8 is a one-line error naming it."""
+    from dho.templates import resolve_templates
+
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "classes.txt").write_bytes(bom + b"class_0\r\nclass_1\r\nclass_2\r\n")
+    assert data.read_class_file(tmp_path / "classes.txt") == (["class_0", "class_1", "class_2"], None)
+    indexed = data.index([s.path for s in tiny_dataset.shards], tmp_path / "classes.txt", tmp_path / "idx")
+    assert indexed.classnames == tiny_dataset.classnames and indexed.fingerprint == tiny_dataset.fingerprint
+    (tmp_path / "keys.txt").write_bytes(bom + "\r\n".join(tiny_dataset.keys[:4]).encode())
+    lab, _ = data.split(tiny_dataset, tmp_path / "lab", keys_file=tmp_path / "keys.txt")
+    assert sorted(lab.keys) == sorted(tiny_dataset.keys[:4])
+    (tmp_path / "templates.txt").write_bytes(bom + b"a photo of a {}.\r\nart of a {}.\r\n")
+    assert resolve_templates(str(tmp_path / "templates.txt")) == ["a photo of a {}.", "art of a {}."]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"^class names file .*latin1\.txt: not UTF-8 text \(byte 3 is b'\\xe9'\); save it as UTF-8$"):
+        data.read_class_file(tmp_path / "latin1.txt")

@@ -27,6 +27,7 @@ from dho.data.pool import pool_map
 from dho.data.reader import CHANGED, IMAGE_EXTS, RESTORE, check_sample, check_shard_size, shard_samples
 from dho.data.shards import CopyWriter, PathLike, ShardWriter, file_sha256, sample_digest, span_samples
 from dho.errors import ConfigError, DatasetError, check_number
+from dho.text_files import read_lines
 
 
 def percent_allocation(class_sizes: Sequence[int], percent: float) -> list[int]:
@@ -56,7 +57,7 @@ def _read_keys_file(path: Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"keys file {path} not found; give a text file with one key or file name per line")
     entries = {}  # insertion-ordered set: linear in the file, whatever its length
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_lines(path, "keys file", DatasetError):
         line = line.strip()
         if line and not line.startswith("#"):
             entries.setdefault(line, None)
