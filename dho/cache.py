@@ -257,7 +257,10 @@ class TeacherCache:
         if [s.count for s in dataset.shards] != self.shard_counts:
             raise CacheError(f"{where}: shard sizes differ ({self.shard_counts[:5]}... vs {[s.count for s in dataset.shards][:5]}...); {fix}")
         if dataset.fingerprint == a["dataset_fingerprint"]:
-            return  # same content (the fingerprint covers keys, labels and shard checksums): no key is read
+            # same content (the fingerprint covers keys, labels and shard checksums): no key is read. The stored
+            # fingerprint stands for the columns: a v3 manifest's column files were checked (size, crc32) when the
+            # dataset was opened, and every reader checks each sample's key and label against the shards
+            return
         keys = self.keys
         if list(dataset.keys) != keys:
             i = next(i for i, (x, y) in enumerate(zip(keys, dataset.keys)) if x != y)

@@ -51,6 +51,7 @@ from dho import data
 from dho.atomic import guard_out
 from dho.data.manifest import dataset_entries
 from dho.errors import ConfigError, DatasetError, check_number
+from dho.text_files import read_lines
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def _fgvc_split(folder: Path) -> dict[str, list]:
     variants_file = folder / "variants.txt"
     if not variants_file.is_file():
         raise DatasetError(f"{variants_file} not found: FGVCAircraft's class list (see CoOp's DATASETS.md)")
-    variants = [line.strip() for line in variants_file.read_text().splitlines() if line.strip()]
+    variants = [line.strip() for line in read_lines(variants_file, "FGVCAircraft class list", DatasetError) if line.strip()]
     label_of = {v: i for i, v in enumerate(variants)}
     split = {}
     for part in ("train", "val", "test"):
@@ -117,7 +118,7 @@ def _fgvc_split(folder: Path) -> dict[str, list]:
         if not path.is_file():
             raise DatasetError(f"{path} not found: FGVCAircraft's {part} list (see CoOp's DATASETS.md)")
         entries = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(read_lines(path, "FGVCAircraft split list", DatasetError), 1):
             if not line.strip():
                 continue
             image_id, _, variant = line.strip().partition(" ")
@@ -135,7 +136,7 @@ def _imagenet_split(folder: Path) -> dict[str, list]:
     if not names_file.is_file():
         raise DatasetError(f"{names_file} not found: CoOp's ImageNet class names, one 'wnid class name' line per class")
     name_of = {}
-    for n, line in enumerate(names_file.read_text().splitlines(), 1):
+    for n, line in enumerate(read_lines(names_file, "ImageNet class names file", DatasetError), 1):
         if line.strip():
             wnid, _, name = line.strip().partition(" ")
             if not name:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from dho import coop
 from dho.errors import ConfigError
+from dho.text_files import read_lines
 
 if TYPE_CHECKING:
     import torch
@@ -89,7 +90,7 @@ def resolve_templates(spec: str | Sequence[str]) -> list[str]:
     elif str(spec).startswith("coop:"):
         return coop_templates(str(spec)[len("coop:"):])
     elif Path(spec).is_file():
-        lines = Path(spec).read_text(encoding="utf-8").splitlines()
+        lines = read_lines(Path(spec), "template file")
         templates = [line.strip() for line in lines if line.strip()]
         source = f"template file {spec}"
     else:

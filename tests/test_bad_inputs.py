@@ -291,3 +291,60 @@ def test_disk_full_and_read_only_outputs_are_one_line(prepared, tmp_path, monkey
         code, err = _cli(["prepare", str(w["src"]), "--out", str(tmp_path / "full")])
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert f"cannot write {tmp_path / 'full' / 'shard-000000.tar'}" in err and "free disk space or choose a writable" in err
+
+
+def _damaged_copy(w: dict, out: Path, how: str) -> Path:
+    """A copy of the fixture's dataset with every shard (or its labels column) damaged as `how` says."""
+    import json
+    import tarfile
+
+    import numpy as np
+
+    shutil.copytree(w["ds"], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    if how == "column":  # another labels column of the right size (each label moved one row)
+        labels = out / manifest["columns"]["labels"]
+        np.save(labels, np.roll(np.load(labels), 1))
+        return out
+    for entry in manifest["shards"]:
+        shard = out / entry["path"]
+        if how == "append":
+            with open(shard, "ab") as f:
+                f.write(b"\0")
+            continue
+        with tarfile.open(shard) as tf:  # one bit of the first image member's bytes
+            image = next(t for t in tf.getmembers() if t.name.endswith(".jpg"))
+        raw = bytearray(shard.read_bytes())
+        raw[image.offset_data + image.size // 2] ^= 0x01
+        shard.write_bytes(bytes(raw))
+    return out
+
+
+DAMAGE = {"flip": r"shard \d+ \(.*shard-\d+\.tar\): sample '[^']+' does not match its digest in the manifest",
+          "append": r"shard \d+ \(.*shard-\d+\.tar\): is \d+ bytes but the manifest says \d+; the shard changed",
+          "column": r"manifest\.json: its labels column manifest\.\w+\.labels\.npy does not match the manifest's crc32"}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_a_dataset_changed_after_it_was_written_is_refused_by_every_reader(prepared, tmp_path, how):
+    """One flipped bit in an image, one byte appended to a shard, a column file replaced: split, precompute-teacher,
+    distill (the unlabeled stream; the dataset's cache still matches its stored fingerprint) and evaluate each
+    stop with one line naming the shard and sample (or the column); no output looks complete."""
+    w = prepared
+    bad = _damaged_copy(w, tmp_path / "bad", how)
+    distill = [*w["base"], "--out", str(tmp_path / "run")]
+    distill[distill.index("--unlabeled") + 1] = str(bad)
+    commands = {"split": ["split", bad, "--out", tmp_path / "lab", "--percent", "100"],
+                "precompute-teacher": ["precompute-teacher", bad, "--out", tmp_path / "c.zarr", *w["teacher"], "--views", "1"],
+                "distill": ["distill", *distill],
+                "evaluate": ["evaluate", w["run"], "--data", bad, "--workers", "0", "--device", "cpu"]}
+    for name, args in commands.items():
+        code, err = _cli(args)
+        errors = [line for line in err.strip().splitlines() if line.startswith("error: ")]  # after the commands' notes
+        assert code == 2 and len(errors) == 1 and err.strip().endswith(errors[0]) and "Traceback" not in err, (name, code, err)
+        assert re.search(DAMAGE[how], errors[0]), (name, errors[0])
+    assert not (tmp_path / "lab" / "manifest.json").exists() and not (tmp_path / "run" / "model.pt").exists()
+    if (tmp_path / "c.zarr").exists():  # a store the next run resumes, never a complete one
+        from dho.cache import TeacherCache
+
+        assert not TeacherCache.open(tmp_path / "c.zarr").is_complete()

@@ -63,8 +63,9 @@ def test_prepare_keeps_keys_labels_and_original_bytes(image_folder, tmp_path):
     assert decoded.image.mode == "RGB" and decoded.image.size == original.size
     assert np.array_equal(np.asarray(decoded.image), np.asarray(original.convert("RGB")))
     m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
-    assert m["format"] == "dho-dataset" and m["version"] == 2 and m["num_samples"] == 24 and m["skipped"] == []
-    assert set(m["shards"][0]) == {"path", "count", "sha256"} and m["fingerprint"] == ds.fingerprint
+    assert m["format"] == "dho-dataset" and m["version"] == 3 and m["num_samples"] == 24 and m["skipped"] == []
+    assert set(m["shards"][0]) == {"path", "count", "sha256", "size"} and m["fingerprint"] == ds.fingerprint
+    assert m["shards"][0]["size"] == ds.shards[0].path.stat().st_size
     # the columns are plain .npy files beside the manifest, read without dho
     cols = {name: np.load(tmp_path / "ds" / file) for name, file in m["columns"].items()}
     assert [k.decode() for k in cols["keys"]] == ds.keys and cols["labels"].tolist() == ds.labels.tolist()
@@ -90,7 +91,7 @@ def test_prepare_is_byte_identical_on_rerun(image_folder, tmp_path):
     data.prepare(image_folder, tmp_path / "b", shard_size=7)
     a, b = _sha_tree(tmp_path / "a"), _sha_tree(tmp_path / "b")
     fp = data.Dataset.open(tmp_path / "a").fingerprint[:16]
-    columns = [f"manifest.{fp}.{c}.npy" for c in ("files", "keys", "labels", "spans")]
+    columns = [f"manifest.{fp}.{c}.npy" for c in ("digests", "files", "keys", "labels", "spans")]
     assert list(a) == columns + ["manifest.json"] + [f"shard-{i:06d}.tar" for i in range(4)]
     assert a == b
 
@@ -113,8 +114,16 @@ def test_v1_manifest_opens_with_the_same_fingerprint_and_columns(tiny_dataset, t
     assert "keys" not in old.manifest["shards"][0]  # the per-sample lists live in the columns only
     assert [s.keys for s in old.shards] == [s.keys for s in tiny_dataset.shards]
     # damaged columns are one-line errors, found where they are read
-    v2 = shutil.copytree(tiny_dataset.root, tmp_path / "v2")
-    cols = json.loads((v2 / "manifest.json").read_text())["columns"]
+    v3 = shutil.copytree(tiny_dataset.root, tmp_path / "v3")
+    cols = json.loads((v3 / "manifest.json").read_text())["columns"]
+    labels = v3 / cols["labels"]
+    np.save(labels, np.roll(tiny_dataset.labels, 1))  # v3: each column's size and crc32 checked at open
+    with pytest.raises(DatasetError, match=r"^[^\n]*: its labels column \S+ does not match the manifest's crc32: the file was changed after"):
+        data.Dataset.open(v3)
+    np.save(labels, tiny_dataset.labels.astype(np.int32))
+    with pytest.raises(DatasetError, match=r"its labels column \S+ is 224 bytes but the manifest says 320: the file was replaced"):
+        data.Dataset.open(v3)
+    v2 = _as_v2(tiny_dataset.root, tmp_path / "v2")  # v2: a column's shape and type at open, the fingerprint with verify
     np.save(v2 / cols["labels"], np.zeros(3, dtype=np.int64))
     with pytest.raises(DatasetError, match=r"labels column .* is int64 \(3,\), expected \(24,\) int64"):
         data.Dataset.open(v2)
@@ -170,7 +179,7 @@ def test_process_pools_write_what_one_process_writes(tmp_path):
         assert _sha_tree(tmp_path / f"{name}3") == _sha_tree(tmp_path / f"{name}1"), name
     with tarfile.open(tmp_path / "prepared1" / "shard-000004.tar", "w") as tf:  # another shard's bytes under its name
         tf.add(tmp_path / "prepared1" / "shard-000000.tar", arcname="x.jpg")
-    with pytest.raises(DatasetError, match=r"^shard 4 \(.*shard-000004\.tar\): sample 0 has key 'x' but the manifest expects .*; the shard changed[^\n]*$"):
+    with pytest.raises(DatasetError, match=r"^shard 4 \(.*shard-000004\.tar\): is \d+ bytes but the manifest says \d+; the shard changed[^\n]*$"):
         data.split(tmp_path / "nospans1", tmp_path / "bad", percent=100, processes=3)
 
 
@@ -183,6 +192,21 @@ def _without_spans(root: Path, out: Path) -> Path:
             shutil.copy(root / file, out / file)
     m["columns"].pop("spans")
     m["shards"] = [dict(s, path=str((root / s["path"]).resolve())) for s in m["shards"]]
+    (out / "manifest.json").write_text(json.dumps(m))
+    return out
+
+
+def _as_v2(root: Path, out: Path) -> Path:
+    """A copy of the v3 manifest in `root` (pointing at the same shards) as dho wrote version 2: no digests column,
+    no shard sizes, no column checks."""
+    out.mkdir()
+    m = json.loads((root / "manifest.json").read_text())
+    m["columns"].pop("digests")
+    for file in m["columns"].values():
+        shutil.copy(root / file, out / file)
+    del m["column_checks"]
+    m["version"] = 2
+    m["shards"] = [{k: v for k, v in s.items() if k != "size"} | {"path": str((root / s["path"]).resolve())} for s in m["shards"]]
     (out / "manifest.json").write_text(json.dumps(m))
     return out
 
@@ -217,11 +241,13 @@ def test_index_reads_pipe_urls_and_brace_ranges_as_the_local_files(tiny_dataset,
     assert [s["sha256"] for s in mixed.manifest["shards"]] == [s.sha256 for s in local.shards[:3]]
     # a compressed stream reads as the tar inside it; an empty tar is a shard of no samples
     gz = f"pipe:gzip -c {local.shards[0].path}"
-    assert scan_and_hash(gz, "cls")[:2] == (local.shards[0].keys, local.shards[0].labels)
+    scan = scan_and_hash(gz, "cls")
+    assert (scan["keys"], scan["labels"], scan["digests"]) == (local.shards[0].keys, local.shards[0].labels, local.shards[0].digests)
     with tarfile.open(tmp_path / "empty.tar", "w"):
         pass
-    assert scan_and_hash(tmp_path / "empty.tar", "cls") == ([], [], data.file_sha256(tmp_path / "empty.tar"), [])
-    assert scan_and_hash(gz, "cls")[3] is None  # a compressed stream: no byte spans into the file
+    assert scan_and_hash(tmp_path / "empty.tar", "cls") == {"keys": [], "labels": [], "sha256": data.file_sha256(tmp_path / "empty.tar"),
+                                                          "spans": [], "digests": [], "size": 10240}
+    assert scan["spans"] is None  # a compressed stream: no byte spans into the file
 
 
 def test_a_failing_pipe_command_is_one_line(tiny_dataset, tmp_path):
@@ -371,14 +397,17 @@ def test_prepare_refuses_non_empty_out_unless_overwrite(image_folder, tmp_path):
 
 
 def test_modified_shard_is_detected(image_folder, tmp_path):
-    ds = data.prepare(image_folder, tmp_path / "ds", shard_size=5, shuffle=False)
-    ds.verify()
+    v3 = data.prepare(image_folder, tmp_path / "ds", shard_size=5, shuffle=False)
+    v3.verify()
+    ds = data.Dataset.open(_as_v2(v3.root, tmp_path / "v2"))  # the checks a manifest without sizes and digests gets
     with open(ds.shards[1].path, "ab") as f:
         f.write(b"\0" * 512)  # samples unchanged, bytes changed
     with pytest.raises(DatasetError, match=r"shard 1 \(.*shard-000001\.tar\) .*changed since its manifest"):
         data.Dataset.open(tmp_path / "ds", verify=True)
     with pytest.raises(DatasetError, match="shard-000001.tar.*changed"):
         data.verify_shard(ds, 1)
+    with pytest.raises(DatasetError, match=r"^shard 1 \(.*\): is \d+ bytes but the manifest says \d+; the shard changed"):
+        list(data.iter_shard(v3, 1, decode=False))  # v3: the size, checked by every reader
     # another shard's content under this name: caught while reading, without hashing
     shutil.copy(ds.shards[3].path, ds.shards[2].path)
     with pytest.raises(DatasetError, match=r"sample 0 has key 'class_1/img_007' but the manifest expects 'class_1/img_002'"):
@@ -791,6 +820,66 @@ def test_split_copies_the_chosen_samples_bytes_and_matches_the_rewriting_path(ti
         assert starts == copied.columns.spans[s.offset:s.offset + s.count, 0].tolist()
     moved = shutil.copytree(tiny_dataset.root, tmp_path / "moved")
     first = data.Dataset.open(moved).shards[0].path
-    first.write_bytes(b"\0" * 512 + first.read_bytes())  # every sample shifted by one block
+    first.write_bytes(b"\0" * 512 + first.read_bytes()[:-512])  # every sample shifted by one block (same size: padding cut)
     with pytest.raises(DatasetError, match=r"shard 0 .*: sample '[^']+' is not at bytes 0-\d+ where the manifest puts it"):
         data.split(moved, tmp_path / "bad", keys_file=keys)
+
+
+V2_DATASET = Path(__file__).parent / "assets" / "v2-dataset"
+
+
+def test_a_v2_dataset_reads_with_the_checks_its_manifest_allows(tmp_path):
+    """tests/assets/v2-dataset (written by dho 0.1.0: no digests, no shard sizes, no column checks) opens and reads;
+    a split of it is version 3, its digests computed from the copied members (the rewriting path gives the same);
+    a label edited in its labels column is refused by split (the copied sample's label member contradicts it),
+    and a shard rewritten without one label member by every reader."""
+    root = shutil.copytree(V2_DATASET, tmp_path / "v2")
+    ds = data.Dataset.open(root, verify=True)
+    assert ds.version == 2 and ds.columns.digests is None and ds.shards[0].size is None
+    assert [s.key for s in _all_samples(ds, decode=True)] == ds.keys
+    copied, _ = data.split(ds, tmp_path / "copied", percent=100)
+    rewritten, _ = data.split(_without_spans(root, tmp_path / "nospans"), tmp_path / "rewritten", percent=100)
+    members = [data.sample_digest(m) for s in copied.shards for m in data.tar_samples(s.path)]
+    assert copied.version == 3 and copied.columns.digests.tolist() == members == rewritten.columns.digests.tolist()
+    assert [s.size for s in copied.shards] == [s.path.stat().st_size for s in copied.shards]
+    labels = root / ds.manifest["columns"]["labels"]
+    original = np.load(labels)
+    edited = original.copy()
+    edited[2] = 1 - edited[2]
+    np.save(labels, edited)
+    sp = _dho("split", root, "--out", tmp_path / "bad", "--percent", "100", cwd=tmp_path)
+    assert sp.returncode == 2 and not (tmp_path / "bad").exists(), sp.stderr
+    assert re.fullmatch(rf"error: shard 0 \(.*shard-000000\.tar\): sample '{ds.keys[2]}' has label b'{1 - edited[2]}' but the manifest "
+                        rf"says {edited[2]}; the shard changed since the manifest was written: [^\n]*\n", sp.stderr), sp.stderr
+    np.save(labels, 1 - original)  # another dataset's labels column of the same length: every label contradicts
+    with pytest.raises(DatasetError, match=r"has label b'\d' but the manifest says \d"):
+        data.split(root, tmp_path / "bad", percent=100)
+    np.save(labels, original)
+    shard = ds.shards[1].path
+    with tarfile.open(shard) as tf:  # shard 1 without the label member of its first sample
+        kept = [(t, tf.extractfile(t).read()) for t in tf.getmembers()][1:]
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tf:
+        for t, payload in kept:
+            tf.addfile(t, io.BytesIO(payload))
+    with pytest.raises(DatasetError, match=rf"^shard 1 \(.*\): sample '{ds.keys[4]}' has no 'cls' member but the manifest says label \d"):
+        list(data.iter_shard(data.Dataset.open(root), 1, decode=False))
+
+
+def test_text_files_with_a_bom_read_as_without(tiny_dataset, tmp_path):
+    """A class names file, a keys file and a template file saved with a UTF-8 byte-order mark (and CRLF) read as
+    the same file without one; a file that is not UTF-8 is a one-line error naming it."""
+    from dho.templates import resolve_templates
+
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "classes.txt").write_bytes(bom + b"class_0\r\nclass_1\r\nclass_2\r\n")
+    assert data.read_class_file(tmp_path / "classes.txt") == (["class_0", "class_1", "class_2"], None)
+    indexed = data.index([s.path for s in tiny_dataset.shards], tmp_path / "classes.txt", tmp_path / "idx")
+    assert indexed.classnames == tiny_dataset.classnames and indexed.fingerprint == tiny_dataset.fingerprint
+    (tmp_path / "keys.txt").write_bytes(bom + "\r\n".join(tiny_dataset.keys[:4]).encode())
+    lab, _ = data.split(tiny_dataset, tmp_path / "lab", keys_file=tmp_path / "keys.txt")
+    assert sorted(lab.keys) == sorted(tiny_dataset.keys[:4])
+    (tmp_path / "templates.txt").write_bytes(bom + b"a photo of a {}.\r\nart of a {}.\r\n")
+    assert resolve_templates(str(tmp_path / "templates.txt")) == ["a photo of a {}.", "art of a {}."]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"^class names file .*latin1\.txt: not UTF-8 text \(byte 3 is b'\\xe9'\); save it as UTF-8$"):
+        data.read_class_file(tmp_path / "latin1.txt")

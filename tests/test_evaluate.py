@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from dho import data
 from dho import evaluate as ev
 from dho.cli import app
+from dho.data.manifest import file_crc32
 from dho.errors import ConfigError, DatasetError
 from dho.students import load_student
 
@@ -190,8 +191,11 @@ def test_search_never_runs_on_test_data(run_copy, tiny_dataset, tmp_path):
 
 def test_evaluate_refuses_bad_inputs(trained_run, tiny_dataset, tmp_path):
     unlabeled = shutil.copytree(tiny_dataset.root, tmp_path / "unlabeled")
-    labels = unlabeled / json.loads((unlabeled / "manifest.json").read_text())["columns"]["labels"]
+    manifest = json.loads((unlabeled / "manifest.json").read_text())
+    labels = unlabeled / manifest["columns"]["labels"]
     np.save(labels, np.full(tiny_dataset.num_samples, -1, dtype=np.int64))  # every sample unlabeled
+    manifest["column_checks"]["labels"] = {"size": labels.stat().st_size, "crc32": file_crc32(labels)}  # as if so written
+    (unlabeled / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DatasetError, match="no labeled samples"):
         ev.evaluate(trained_run, unlabeled, workers=0)
 

@@ -45,7 +45,7 @@ def test_overwrite_replaces_a_dho_dataset_and_nothing_else(tmp_path):
     data.prepare(src, out, shard_size=2)
     first = {p.name for p in out.iterdir()}
     data.prepare(src, out, shard_size=4, overwrite=True)  # a dho dataset: replaced
-    columns = {f"manifest.{data.Dataset.open(out).fingerprint[:16]}.{c}.npy" for c in ("keys", "labels", "files", "spans")}
+    columns = {f"manifest.{data.Dataset.open(out).fingerprint[:16]}.{c}.npy" for c in ("keys", "labels", "files", "spans", "digests")}
     assert {p.name for p in out.iterdir()} == {"manifest.json", "shard-000000.tar", "shard-000001.tar"} | columns != first
     (out / "my-notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match=r"holds files that are not part of its dataset .*my-notes.txt"):

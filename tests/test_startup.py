@@ -90,10 +90,12 @@ def test_index_scans_shards_in_a_process_pool_like_one_by_one(tmp_path, tiny_dat
     paths = [s.path for s in tiny_dataset.shards]
     pooled = list(scan_shards(paths, "cls"))
     assert pooled == [scan_and_hash(p, "cls") for p in paths]
-    assert [k for k, _, _, _ in pooled] == [s.keys for s in tiny_dataset.shards]
-    assert [h for _, _, h, _ in pooled] == [s.sha256 for s in tiny_dataset.shards]
-    spans = np.concatenate([sp for _, _, _, sp in pooled])  # byte spans: what prepare's writer recorded
+    assert [scan["keys"] for scan in pooled] == [s.keys for s in tiny_dataset.shards]
+    assert [scan["sha256"] for scan in pooled] == [s.sha256 for s in tiny_dataset.shards]
+    assert [scan["size"] for scan in pooled] == [s.size for s in tiny_dataset.shards]
+    spans = np.concatenate([scan["spans"] for scan in pooled])  # byte spans and digests: what prepare's writer recorded
     assert np.array_equal(spans, tiny_dataset.columns.spans)
+    assert np.concatenate([scan["digests"] for scan in pooled]).tolist() == tiny_dataset.columns.digests.tolist()
     cut = tmp_path / "cut.tar"
     cut.write_bytes(paths[1].read_bytes()[: paths[1].stat().st_size // 2])  # cut inside a member
     with pytest.raises(data.DatasetError, match=r"cut\.tar: truncated"):

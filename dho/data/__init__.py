@@ -4,8 +4,8 @@ A dataset is a folder holding `manifest.json` and webdataset tar shards (`shard-
 Each sample is `__key__`, the original encoded image bytes under their own lowercased extension
 (`jpg`, `png`, `webp`, ...), and `cls` (ASCII int label; absent or -1 = unlabeled). The global row
 of a sample is the offset of its shard (sum of the earlier counts) plus its position in the shard.
-The manifest lists every shard's count and sha256, and beside it, as .npy columns, every sample's key,
-label and byte span (`Columns`), so readers check what they read.
+The manifest lists every shard's count, sha256 and size, and beside it, as .npy columns, every sample's
+key, label, byte span and member digest (`Columns`), so readers check what they read.
 A shard's path is a local file (relative to the manifest when it lies below it) or, as webdataset
 spells it, a `pipe:COMMAND` URL whose command prints the tar to stdout; `dho index` expands brace
 ranges (`shard-{000000..000099}.tar`) as webdataset does.
@@ -32,7 +32,7 @@ beyond the RandomResizedCrop + flip of the paper, which is reduced to replayable
 from __future__ import annotations
 
 from dho.data.shards import (FILE, MAX_EXPANSION, PIPE, PathLike, expand_braces, file_sha256, is_url, member_key,
-                             open_shard, shard_sha256, tar_samples)
+                             open_shard, sample_digest, shard_sha256, span_samples, tar_samples)
 from dho.data.manifest import (FORMAT, MANIFEST, SHARD_COLUMNS, VERSION, Columns, Dataset, ShardInfo, decode_strings,
                                encode_strings, verify_shard)
 from dho.data.reader import IMAGE_EXTS, MAX_IMAGE_PIXELS, Sample, assign_shards, decode_image, iter_shard, to_rgb8
@@ -48,7 +48,7 @@ from dho.errors import DatasetError
 
 __all__ = [
     "FILE", "MAX_EXPANSION", "PIPE", "PathLike", "expand_braces", "file_sha256", "is_url", "member_key", "open_shard",
-    "shard_sha256", "tar_samples",
+    "sample_digest", "shard_sha256", "span_samples", "tar_samples",
     "FORMAT", "MANIFEST", "SHARD_COLUMNS", "VERSION", "Columns", "Dataset", "ShardInfo", "decode_strings",
     "encode_strings", "verify_shard",
     "IMAGE_EXTS", "MAX_IMAGE_PIXELS", "OrderedReader", "Sample", "assign_shards", "decode_image", "iter_shard", "to_rgb8",

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 from dho.data.manifest import Dataset
 from dho.data.shards import PathLike
 from dho.errors import ConfigError, DatasetError
+from dho.text_files import read_lines
 
 
 def read_class_file(path: Path) -> tuple[list[str], Optional[list[str]]]:
@@ -21,7 +22,7 @@ def read_class_file(path: Path) -> tuple[list[str], Optional[list[str]]]:
     the class's folder name in the distributed data (ImageNet: its WordNet id, e.g. `n01440764\ttench`)."""
     if not path.is_file():
         raise DatasetError(f"class names file {path} not found; give a text file with one class name per line")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in read_lines(path, "class names file", DatasetError)]
     while lines and not lines[-1]:
         lines.pop()
     for i, line in enumerate(lines):

@@ -1,7 +1,8 @@
 """`index`: a manifest for existing webdataset shards (local files or `pipe:` URLs), without decoding images.
 
 Every shard is read once, streamed (`scan_and_hash`): its member names and label members give the keys
-and labels, its bytes the sha256, and a local uncompressed tar the byte span of each sample; several
+and labels, its members the per-sample digests (`sample_digest`), its bytes the sha256 and size, and a
+local uncompressed tar the byte span of each sample; several
 shards are scanned in a process pool (`scan_shards`). Out of scope: checking that the images decode
 (`prepare` does; `index` only checks that every sample has an image member).
 """
@@ -19,7 +20,7 @@ from dho.data.classes import read_class_file, read_class_list
 from dho.data.manifest import MANIFEST, Dataset, dataset_entries, make_manifest, write_manifest
 from dho.data.pool import pool_map
 from dho.data.reader import IMAGE_EXTS
-from dho.data.shards import FILE, PIPE, PathLike, expand_braces, is_url, member_key, open_shard
+from dho.data.shards import FILE, PIPE, PathLike, expand_braces, is_url, member_key, open_shard, sample_digest
 from dho.errors import DatasetError
 
 # what `index` suggests for a URL given without pipe: (webdataset itself runs curl for http and https)
@@ -30,11 +31,12 @@ class _HashedReads:
     """A binary stream that hashes (sha256) what is read from it: a shard is scanned and hashed in one read."""
 
     def __init__(self, stream: BinaryIO):
-        self.stream, self.sha256 = stream, hashlib.sha256()
+        self.stream, self.sha256, self.size = stream, hashlib.sha256(), 0
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
         self.sha256.update(data)
+        self.size += len(data)
         return data
 
 
@@ -52,14 +54,17 @@ class _LastRead:
         return getattr(self.stream, name)
 
 
-def scan_and_hash(path: Union[Path, str], label_key: str) -> tuple[list[str], list[int], str, Optional[list]]:
-    """Keys and labels of a tar shard (file or `pipe:` URL) from member names (+ the small label members; no
-    image decode), the sha256 of its bytes, in one streamed read, and each sample's byte span [start, end)
-    (its members' headers and padded data) when the shard is an uncompressed local file, else None."""
+def scan_and_hash(path: Union[Path, str], label_key: str) -> dict:
+    """{keys, labels, sha256, spans, digests, size} of a tar shard (file or `pipe:` URL), in one streamed read:
+    keys and labels from member names (+ the small label members; no image decode), each sample's
+    `sample_digest` of its members, the sha256 and size of the shard's bytes, and each sample's byte span
+    [start, end) (its members' headers and padded data) when the shard is an uncompressed local file, else None."""
     keys: list[str] = []
     labels: list[int] = []
     has_image: list[bool] = []
     spans: list[list[int]] = []
+    digests: list[int] = []
+    members: dict = {}  # the current sample's members (ext -> bytes), for its digest
     try:
         with open_shard(path) as stream, tarfile.open(fileobj=(f := _HashedReads(stream)), mode="r|*") as tf:
             seekable = not is_url(path) and getattr(tf.fileobj, "comptype", None) == "tar"  # offsets are file offsets
@@ -74,13 +79,16 @@ def scan_and_hash(path: Union[Path, str], label_key: str) -> tuple[list[str], li
                 ext = ext.lower()
                 end = ti.offset_data + -(-ti.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 if not keys or keys[-1] != key:
+                    if keys:
+                        digests.append(sample_digest(members))
                     keys.append(key)
                     labels.append(-1)
                     has_image.append(False)
                     spans.append([ti.offset, end])
+                    members = {}
                 spans[-1][1] = end
+                raw = members[ext] = tf.extractfile(ti).read()
                 if ext == label_key:
-                    raw = tf.extractfile(ti).read()
                     try:
                         labels[-1] = int(raw.strip())
                     except ValueError:
@@ -96,6 +104,8 @@ def scan_and_hash(path: Union[Path, str], label_key: str) -> tuple[list[str], li
                 last = f" after sample {keys[-1]!r}" if keys else ""
                 raise DatasetError(f"shard {path}: truncated{last} (no end-of-archive marker where the tar should end); "
                                    "copy it again or re-create it")
+            if keys:
+                digests.append(sample_digest(members))
             while f.read(1 << 20):  # the rest of the bytes (padding), for the hash
                 pass
     except (tarfile.TarError, EOFError) as e:
@@ -103,11 +113,12 @@ def scan_and_hash(path: Union[Path, str], label_key: str) -> tuple[list[str], li
     for key, ok in zip(keys, has_image):
         if not ok:
             raise DatasetError(f"shard {path}: sample {key!r} has no image member ({', '.join(IMAGE_EXTS)}); fix the shard")
-    return keys, labels, f.sha256.hexdigest(), (spans if seekable else None)
+    return {"keys": keys, "labels": labels, "sha256": f.sha256.hexdigest(), "spans": spans if seekable else None,
+            "digests": digests, "size": f.size}
 
 
-def scan_shards(paths: Sequence[Union[Path, str]], label_key: str, processes: Optional[int] = None) -> Iterator[tuple]:
-    """(keys, labels, sha256, spans or None) of every shard, in order; shards are scanned in a process pool (one per core)
+def scan_shards(paths: Sequence[Union[Path, str]], label_key: str, processes: Optional[int] = None) -> Iterator[dict]:
+    """`scan_and_hash` of every shard, in order; shards are scanned in a process pool (one per core)
     when there are several, as tar parsing and hashing are CPU-bound."""
     yield from pool_map(scan_and_hash, [(p, label_key) for p in paths], processes)
 
@@ -172,7 +183,8 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
         given.add(p)
         paths.append(p)
     out_abs = out.resolve()
-    for p, (keys, labels, sha256, spans) in zip(paths, scan_shards(paths, label_key, processes)):
+    for p, scan in zip(paths, scan_shards(paths, label_key, processes)):
+        keys, labels = scan["keys"], scan["labels"]
         for key in keys:
             if key in owner:
                 raise DatasetError(f"sample key {key!r} appears in shard {owner[key]} and again in shard {p}; keys must be unique across all shards")
@@ -184,7 +196,8 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
             path = p if is_url(p) else p.relative_to(out_abs).as_posix()
         except ValueError:
             path = str(p)
-        entries.append({"path": path, "count": len(keys), "sha256": sha256, "keys": keys, "labels": labels, "spans": spans})
+        entries.append({"path": path, "count": len(keys), "sha256": scan["sha256"], "size": scan["size"], "keys": keys,
+                        "labels": labels, "spans": scan["spans"], "digests": scan["digests"]})
     provenance = {"command": "index", "label_key": label_key, "classnames_file": Path(classnames_file).name, "dho_version": dho.__version__}
     out.mkdir(parents=True, exist_ok=True)  # only now: a failed index leaves no folder behind
     write_manifest(make_manifest(classnames, entries, [], provenance, label_key=label_key, classes=classes), out / MANIFEST)

@@ -1,10 +1,12 @@
 """The manifest of a dataset: manifest.json and its .npy columns, opened (`Dataset`), checked, written.
 
-manifest.json lists the class names and every shard's path, count and sha256; the per-sample keys,
-labels, original file names and byte spans are .npy columns beside it (`Columns`, version 2), or
-lists in the JSON (version 1, still opened); `import-coop` adds each sample's position in the split
-file's list (`source_index`), the order CoOp's few-shot sampler goes through. `Dataset` opens and
-checks a manifest without reading a shard; `verify_shard` checks a shard's sha256 against it. The content fingerprint (`_fingerprint`)
+manifest.json lists the class names and every shard's path, count, sha256 and size; the per-sample
+keys, labels, original file names, byte spans and member digests are .npy columns beside it (`Columns`,
+versions 2 and 3), or lists in the JSON (version 1, still opened); `import-coop` adds each sample's position
+in the split file's list (`source_index`), the order CoOp's few-shot sampler goes through. `Dataset` opens
+and checks a manifest without reading a shard (version 3: each column's size and crc32 against the
+manifest's `column_checks`); readers check each sample's digest and each shard's size (`reader.py`,
+`split.py`); `verify_shard` checks a shard's sha256 against it. The content fingerprint (`_fingerprint`)
 is the same function for both versions. `write_manifest` writes the columns and manifest.json, each
 file atomically (`atomic.write_atomic`), manifest.json last; `dataset_entries` names the files a
 dataset consists of, which `check_out` lets --overwrite replace.
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -26,7 +30,10 @@ from dho.data.shards import PathLike, is_url, shard_path, shard_sha256
 from dho.errors import DatasetError
 
 MANIFEST = "manifest.json"
-FORMAT, VERSION = "dho-dataset", 2  # version 1 (keys and labels in the JSON) still opens
+# version 3 adds the per-sample `digests` column, each shard's `size` and `column_checks`; versions 1 (keys and labels
+# in the JSON) and 2 (columns without digests) still open, with the checks their manifests allow
+FORMAT, VERSION = "dho-dataset", 3
+READ_VERSIONS = (1, 2, 3)
 
 
 class Columns:
@@ -40,18 +47,20 @@ class Columns:
     (reading a memory map or an inherited array copies no page)."""
 
     def __init__(self, keys: np.ndarray, labels: np.ndarray, files: Optional[np.ndarray], spans: Optional[np.ndarray] = None,
-                 base: int = 0, source_index: Optional[np.ndarray] = None):
+                 digests: Optional[np.ndarray] = None, base: int = 0, source_index: Optional[np.ndarray] = None):
         self.keys, self.labels, self.files = keys, labels, files
         self.spans = spans  # (N, 2) int64 [start, end) bytes of each sample's members in its tar, or None
+        self.digests = digests  # (N,) uint32 `shards.sample_digest` of each sample's members, or None (versions 1, 2)
         self.base = base  # global row of row 0 (a shard's own slice, `ShardInfo.standalone`)
         self.source_index = source_index  # (N,) int64 position in the imported list (import-coop), or None
 
     @classmethod
     def from_lists(cls, keys: list, labels: list, files: Optional[list], spans: Optional[list] = None,
-                   source_index: Optional[list] = None) -> "Columns":
+                   digests: Optional[list] = None, source_index: Optional[list] = None) -> "Columns":
         return cls(encode_strings(keys), np.asarray(labels, dtype=np.int64).reshape(-1),
                    None if files is None else encode_strings(files),
                    None if spans is None else np.asarray(spans, dtype=np.int64).reshape(-1, 2),
+                   None if digests is None else np.asarray(digests, dtype=np.uint32).reshape(-1),
                    source_index=None if source_index is None else np.asarray(source_index, dtype=np.int64).reshape(-1))
 
 
@@ -73,6 +82,7 @@ class ShardInfo:
     offset: int  # global row of the shard's first sample
     sha256: str
     columns: Columns = field(repr=False)
+    size: Optional[int] = None  # bytes of the shard file (version 3), checked when a reader opens it
 
     @property
     def _rows(self) -> slice:
@@ -93,13 +103,20 @@ class ShardInfo:
         files = self.columns.files
         return None if files is None else decode_strings(files[self._rows])
 
+    @property
+    def digests(self) -> Optional[list[int]]:
+        """The samples' member digests (`shards.sample_digest`; version 3), else None."""
+        digests = self.columns.digests
+        return None if digests is None else digests[self._rows].tolist()
+
     def standalone(self) -> "ShardInfo":
         """This shard with copies of only its own rows of the columns: what a pool task is sent (O(count), not O(N))."""
         c, rows = self.columns, self._rows
         part = lambda a: None if a is None else np.array(a[rows])  # noqa: E731
         return ShardInfo(self.path, self.count, self.offset, self.sha256,
-                         Columns(part(c.keys), part(c.labels), part(c.files), part(c.spans), base=self.offset,
-                                 source_index=part(c.source_index)))
+                         Columns(part(c.keys), part(c.labels), part(c.files), part(c.spans), part(c.digests), base=self.offset,
+                                 source_index=part(c.source_index)),
+                         self.size)
 
     @property
     def name(self) -> str:
@@ -110,29 +127,33 @@ class ShardInfo:
 class Dataset:
     """A dataset folder opened from its manifest.json. Cheap: reads no shard.
 
-    Version 2 manifests (written since dho 0.?) are columnar: manifest.json holds the class names,
-    the shards (path, count, sha256) and the content fingerprint computed when it was written;
-    keys, labels and file names are numpy arrays beside it (`manifest.keys.npy`, ...), opened as
-    memory maps, so opening costs O(shards), not O(samples). Version 1 manifests (keys and labels
-    in the JSON) still open; their columns are built in memory and the JSON lists are dropped."""
+    Version 2 and 3 manifests are columnar: manifest.json holds the class names, the shards (path,
+    count, sha256; size in v3) and the content fingerprint computed when it was written; keys, labels,
+    file names, spans and (v3) member digests are numpy arrays beside it (`manifest.keys.npy`, ...),
+    opened as memory maps, so opening costs O(shards) Python objects. A v3 manifest's `column_checks`
+    (each column file's size and crc32) are checked here: one pass over the column files at several
+    GB/s, so a column replaced or edited after the manifest was written is refused by every reader,
+    and the stored fingerprint can be trusted. Version 1 manifests (keys and labels in the JSON) still
+    open; their columns are built in memory and the JSON lists are dropped."""
 
     def __init__(self, root: Path, manifest: dict):
         where = root / MANIFEST
-        if manifest.get("format") != FORMAT or manifest.get("version") not in (1, VERSION):
+        if manifest.get("format") != FORMAT or manifest.get("version") not in READ_VERSIONS:
             raise DatasetError(
-                f"{where}: not a {FORMAT} manifest of version 1 or {VERSION} "
+                f"{where}: not a {FORMAT} manifest of version {', '.join(map(str, READ_VERSIONS))} "
                 f"(format={manifest.get('format')!r}, version={manifest.get('version')!r}); "
                 "re-create it with `dho prepare` or `dho index`, or use the dho version that wrote it"
             )
         self.version = manifest["version"]
-        for field_ in ("classnames", "shards", "num_samples") + (("fingerprint", "columns") if self.version >= 2 else ()):
+        for field_ in (("classnames", "shards", "num_samples") + (("fingerprint", "columns") if self.version >= 2 else ())
+                       + (("column_checks",) if self.version >= 3 else ())):
             if field_ not in manifest:
                 raise DatasetError(f"{where}: field {field_!r} is missing; re-create it with `dho prepare` or `dho index`")
         self.root = root
         self.classnames = list(manifest["classnames"])
         self.num_classes = len(self.classnames)
         self.label_key = manifest.get("label_key", "cls").lower()
-        per_shard = ("path", "count", "sha256") + (("keys", "labels") if self.version == 1 else ())
+        per_shard = ("path", "count", "sha256") + (("keys", "labels") if self.version == 1 else ()) + (("size",) if self.version >= 3 else ())
         for i, s in enumerate(manifest["shards"]):
             missing = [f for f in per_shard if f not in s]
             if missing:
@@ -150,13 +171,13 @@ class Dataset:
             # the per-sample lists now live in the columns: drop them (a dataset stays O(shards) in Python objects)
             manifest = {**manifest, "shards": [{k: v for k, v in s.items() if k not in SHARD_COLUMNS} for s in manifest["shards"]]}
         else:
-            self.columns = _open_columns(root, manifest["columns"], num, where)
+            self.columns = _open_columns(root, manifest["columns"], num, where, manifest.get("column_checks"))
             self.fingerprint = manifest["fingerprint"]
         self.manifest = manifest
         self.shards: list[ShardInfo] = []
         offset = 0
         for s in manifest["shards"]:
-            self.shards.append(ShardInfo(shard_path(s["path"], root), s["count"], offset, s["sha256"], self.columns))
+            self.shards.append(ShardInfo(shard_path(s["path"], root), s["count"], offset, s["sha256"], self.columns, s.get("size")))
             offset += s["count"]
         self.num_samples = offset
         self.key_bytes: np.ndarray = self.columns.keys  # (N,) S{W}
@@ -231,11 +252,20 @@ class Dataset:
         return f"Dataset({str(self.root)!r}, samples={self.num_samples}, shards={len(self.shards)}, classes={self.num_classes})"
 
 
-SHARD_COLUMNS = ("keys", "labels", "files", "spans", "source_index")  # per-sample lists of a v1 shard entry, columns in v2
-OPTIONAL_COLUMNS = ("files", "spans", "source_index")  # prepare's file names; byte spans (local tars); import-coop's order
+SHARD_COLUMNS = ("keys", "labels", "files", "spans", "digests", "source_index")  # per-sample lists of a shard entry, columns since v2
+OPTIONAL_COLUMNS = ("files", "spans", "digests", "source_index")  # prepare's file names; byte spans (local tars); v3; import-coop's order
 
 
-def _open_columns(root: Path, spec: dict, num: int, where: Path) -> Columns:
+def file_crc32(path: Path) -> int:
+    """crc32 of a file's bytes, read through a memory map (zlib: several GB/s; an ImageNet-sized column set of
+    ~150 MB in ~50 ms)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        return zlib.crc32(m)
+
+
+def _open_columns(root: Path, spec: dict, num: int, where: Path, checks: Optional[dict] = None) -> Columns:
+    """The columns of a v2/v3 manifest as memory maps; with `checks` (v3) each file's size and crc32 must be
+    the manifest's (a column file replaced or edited after the manifest was written is refused here)."""
     arrays = {}
     for name in SHARD_COLUMNS:
         if name not in spec:
@@ -244,19 +274,40 @@ def _open_columns(root: Path, spec: dict, num: int, where: Path) -> Columns:
                 continue
             raise DatasetError(f"{where}: lists no {name!r} column; re-create it with `dho prepare` or `dho index`")
         path = root / spec[name]
+        if checks is not None:
+            _check_column(where, name, path, checks.get(name))
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
             raise DatasetError(f"{where}: its {name} column {path.name} is missing; restore it or re-create the manifest with `dho index`") from None
         except (ValueError, OSError) as e:
             raise DatasetError(f"{where}: its {name} column {path.name} is not a readable .npy file ({e}); re-create the manifest with `dho index`") from None
-        want = {"labels": ("int64", (num,)), "spans": ("int64", (num, 2)), "source_index": ("int64", (num,))}.get(name, ("bytes", (num,)))
-        kind_ok = arr.dtype.kind == "S" if want[0] == "bytes" else arr.dtype == np.int64
+        want = {"labels": ("int64", (num,)), "spans": ("int64", (num, 2)), "digests": ("uint32", (num,)),
+                "source_index": ("int64", (num,))}.get(name, ("bytes", (num,)))
+        kind_ok = arr.dtype.kind == "S" if want[0] == "bytes" else arr.dtype == np.dtype(want[0])
         if arr.shape != want[1] or not kind_ok:
             raise DatasetError(f"{where}: its {name} column {path.name} is {arr.dtype} {arr.shape}, expected {want[1]} "
                                f"{want[0]}; re-create the manifest with `dho index`")
         arrays[name] = arr
-    return Columns(arrays["keys"], arrays["labels"], arrays["files"], arrays["spans"], source_index=arrays["source_index"])
+    return Columns(arrays["keys"], arrays["labels"], arrays["files"], arrays["spans"], arrays["digests"],
+                   source_index=arrays["source_index"])
+
+
+def _check_column(where: Path, name: str, path: Path, check: Optional[dict]) -> None:
+    """A v3 column file against the size and crc32 its manifest recorded."""
+    redo = "restore it, or re-create the manifest with `dho index --overwrite` if the shards are right"
+    if not isinstance(check, dict) or not {"size", "crc32"} <= set(check):
+        raise DatasetError(f"{where}: column_checks lacks the {name} column; the manifest is corrupt, re-create it with `dho index`")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DatasetError(f"{where}: its {name} column {path.name} is missing; {redo}") from None
+    if size != check["size"]:
+        raise DatasetError(f"{where}: its {name} column {path.name} is {size} bytes but the manifest says {check['size']}: "
+                           f"the file was replaced after the manifest was written; {redo}")
+    if file_crc32(path) != check["crc32"]:
+        raise DatasetError(f"{where}: its {name} column {path.name} does not match the manifest's crc32: the file was "
+                           f"changed after the manifest was written; {redo}")
 
 
 def _fingerprint_chunks(classnames: list, shard_dicts: Iterator[dict]) -> str:
@@ -323,9 +374,9 @@ def make_manifest(classnames: list, shards: list, skipped: list, provenance: dic
 
 
 def write_manifest(manifest: dict, path: Path) -> None:
-    """Write a columnar (v2) manifest: the per-sample lists of `manifest["shards"]` (keys, labels, files)
-    go to .npy columns beside `path`, named after the content fingerprint, which is computed here
-    (once, at write time); manifest.json (readable: one line per field and per shard, no timestamps)
+    """Write a columnar (v3) manifest: the per-sample lists of `manifest["shards"]` (keys, labels, files, spans,
+    digests) go to .npy columns beside `path`, named after the content fingerprint, which is computed here
+    (once, at write time), each column's size and crc32 to `column_checks`; manifest.json (readable: one line per field and per shard, no timestamps)
     is replaced last and atomically, then the columns of the manifest it replaced are removed. A
     crash at any point leaves the old manifest with its own columns, or the new one with its own."""
     shards = manifest["shards"]
@@ -333,22 +384,25 @@ def write_manifest(manifest: dict, path: Path) -> None:
     with_files = bool(shards) and all(s.get("files") is not None for s in shards)
     with_spans = bool(shards) and all(s.get("spans") is not None for s in shards)
     with_index = bool(shards) and all(s.get("source_index") is not None for s in shards)
+    with_digests = bool(shards) and all(s.get("digests") is not None for s in shards)
     columns = Columns.from_lists([k for s in shards for k in s["keys"]], [lab for s in shards for lab in s["labels"]],
                                  [f for s in shards for f in s["files"]] if with_files else None,
                                  [sp for s in shards for sp in s["spans"]] if with_spans else None,
+                                 [d for s in shards for d in s["digests"]] if with_digests else None,
                                  [i for s in shards for i in s["source_index"]] if with_index else None)
     folder = path.parent
-    names = {}
+    names, checks = {}, {}
     for name in SHARD_COLUMNS:
         arr = getattr(columns, name)
         if arr is None:
             continue
         names[name] = f"manifest.{fingerprint[:16]}.{name}.npy"
         write_atomic(folder / names[name], lambda part: _save_npy(part, arr))
+        checks[name] = {"size": (folder / names[name]).stat().st_size, "crc32": file_crc32(folder / names[name])}
     manifest = dict(manifest)
-    manifest.update(version=VERSION, fingerprint=fingerprint, columns=names,
+    manifest.update(version=VERSION, fingerprint=fingerprint, columns=names, column_checks=checks,
                     shards=[{k: v for k, v in s.items() if k not in SHARD_COLUMNS} for s in shards])
-    order = ["format", "version", "fingerprint", "columns"]
+    order = ["format", "version", "fingerprint", "columns", "column_checks"]
     manifest = {**{k: manifest[k] for k in order}, **{k: v for k, v in manifest.items() if k not in order}}
     old = _column_files(folder)
 

@@ -7,8 +7,10 @@ the global rows): `--per-class equal` the DHO reference's ImageNet P% split (`re
 `_reference_percent_draw`) and `--sampler coop` CoOp's K-shot sampler (`_coop_draw`); both go
 through a class's samples in the order of the list the dataset was made from (`source_order`), as
 the public code goes through its file list. With the samples' byte spans (a local columnar manifest)
-their tar members are copied as they are, reading only the chosen samples (`CopyWriter`); else every
-touched shard is read in a process pool and its chosen samples are re-written (`ShardWriter`). Both outputs are built in hidden
+their tar members are copied as they are, reading only the chosen samples (`CopyWriter`), each parsed and
+checked as a reader checks it (key, label member against the labels column, member digest, the shard's
+size); else every touched shard is read in a process pool and its chosen samples are re-written
+(`ShardWriter`). Both outputs are built in hidden
 siblings and swapped into place once both are complete (`atomic.replace_folders`).
 """
 
@@ -29,9 +31,10 @@ from dho.data.classes import class_fields
 from dho.data.manifest import (MANIFEST, Dataset, ShardInfo, check_out, decode_strings, encode_strings, make_manifest,
                                write_manifest)
 from dho.data.pool import pool_map
-from dho.data.reader import IMAGE_EXTS, shard_samples
-from dho.data.shards import CopyWriter, PathLike, ShardWriter, file_sha256, names_sample
+from dho.data.reader import CHANGED, IMAGE_EXTS, RESTORE, check_sample, check_shard_size, shard_samples
+from dho.data.shards import CopyWriter, PathLike, ShardWriter, file_sha256, sample_digest, span_samples
 from dho.errors import ConfigError, DatasetError, check_choice, check_number
+from dho.text_files import read_lines
 
 SAMPLERS = ("numpy", "coop")  # --sampler: dho's numpy permutations (default), CoOp's random.sample
 PER_CLASS = ("proportional", "equal")  # --per-class of --percent: dho's largest remainder (default), the DHO reference's
@@ -179,7 +182,7 @@ def _read_keys_file(path: Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"keys file {path} not found; give a text file with one key or file name per line")
     entries = {}  # insertion-ordered set: linear in the file, whatever its length
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_lines(path, "keys file", DatasetError):
         line = line.strip()
         if line and not line.startswith("#"):
             entries.setdefault(line, None)
@@ -248,25 +251,29 @@ def _match_keys(ds: Dataset, entries: list[str], where: Path) -> list[int]:
 
 
 def _copy_samples(ds: Dataset, shard_index: int, role: np.ndarray, writers: list) -> None:
-    """Copy the samples of one shard with role r >= 0 to writers[r], reading only their byte spans. Each
-    copy must start with its key's member header, else the shard changed since the manifest was written."""
+    """Copy the samples of one shard with role r >= 0 to writers[r], reading only their byte spans. Each span
+    must hold exactly its key's members, with the label of the labels column and (v3) the digest of the
+    digests column, else the shard or a column changed since the manifest was written."""
     shard = ds.shards[shard_index]
     rows = shard.offset + np.flatnonzero(role[shard.offset:shard.offset + shard.count] >= 0)
     name = f"shard {shard_index} ({shard.path})"
     if not shard.path.is_file():
         raise DatasetError(f"{name} of dataset {ds.root} is missing; restore it or re-run `dho prepare`/`dho index`")
+    check_shard_size(shard, name)
     # this shard's chosen rows of the columns, read once (not element by element from the memory maps)
     spans = np.asarray(ds.columns.spans[rows]).tolist()
     labels, roles, keys = ds.labels[rows].tolist(), role[rows].tolist(), decode_strings(ds.key_bytes[rows])
     files = [None] * len(keys) if ds.columns.files is None else decode_strings(ds.columns.files[rows])
+    digests = [None] * len(keys) if ds.columns.digests is None else ds.columns.digests[rows].tolist()
     fd = os.open(shard.path, os.O_RDONLY)
     try:
-        for (start, end), key, label, r, file in zip(spans, keys, labels, roles, files):
+        for (start, end), key, label, r, file, digest in zip(spans, keys, labels, roles, files, digests):
             raw = os.pread(fd, end - start, start)
-            if len(raw) != end - start or not names_sample(raw, key):
-                raise DatasetError(f"{name}: sample {key!r} is not at bytes {start}-{end} where the manifest puts it; the shard "
-                                   "changed since the manifest was written: run `dho index` again or restore the shard")
-            writers[r].copy(key, label, raw, file)
+            samples = span_samples(raw, shard.path) if len(raw) == end - start else []
+            if len(samples) != 1 or samples[0]["__key__"] != key:
+                raise DatasetError(f"{name}: sample {key!r} is not at bytes {start}-{end} where the manifest puts it; {CHANGED}: {RESTORE}")
+            check_sample(name, samples[0], label, ds.label_key, digest)
+            writers[r].copy(key, label, raw, sample_digest(samples[0]) if digest is None else digest, file)
     finally:
         os.close(fd)
 
