@@ -2,7 +2,7 @@
 and the teacher's top-1 agreement with the labels (`summarize`, `format_summary`).
 
 It reads through `dho.cache.TeacherCache` only (no zarr here). `dho cache-info --verify` adds
-`TeacherCache.verify()`'s damaged units to the summary.
+`TeacherCache.verify_arrays()`'s damaged arrays and `verify_units()`'s damaged units to the summary.
 
 Out of scope: comparing two caches, per-class statistics.
 """
@@ -120,7 +120,9 @@ def format_summary(info: dict) -> str:
         f"agreement:  teacher top-1 vs labels {agree}",
     ]
     if "verified" in info:
-        damaged = info["verified"]["damaged_units"]
-        lines.append(f"verified:   {'every chunk of every finished unit read back intact' if not damaged else f'{damaged} damaged unit(s)'}")
+        v = info["verified"]
+        damaged = ", ".join(f"{n} damaged {what}(s)" for n, what in ((v.get("damaged_arrays", 0), "array"), (v["damaged_units"], "unit")) if n)
+        intact = "keys, labels, valid, done, text_classifier and every chunk of every finished unit read back intact"
+        lines.append(f"verified:   {damaged or intact}")
         lines += [f"  damaged: {p}" for p in info["verified"]["problems"][:20]]
     return "\n".join(lines)
