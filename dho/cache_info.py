@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dho.cache import TeacherCache
+from dho.cache import TeacherCache, densify_topk
 
 
 def disk_size(path: Path) -> int:
@@ -40,7 +40,7 @@ def summarize(path) -> dict:
         start, stop = cache.shard_range(int(s))
         mask = valid[start:stop] & (labels[start:stop] >= 0)
         if mask.any():
-            pred = cache.probs(view, start, stop).argmax(axis=1)
+            pred = top1(cache, view, start, stop)
             agree += int((pred[mask] == labels[start:stop][mask]).sum())
             counted += int(mask.sum())
     samples_done = int(sum(c for c, d in zip(cache.shard_counts, done.all(axis=0)) if d))
@@ -80,6 +80,26 @@ def summarize(path) -> dict:
         "agreement": agree / counted if counted else None,
         "agreement_count": counted,
     }
+
+
+def top1(cache: TeacherCache, view: int, start: int, stop: int) -> np.ndarray:
+    """(n,) the teacher's top-1 class of rows [start, stop): `cache.probs(...).argmax(axis=1)`, in O(n K) for a
+    top-k cache instead of O(n C): the densified row's first maximum is the smallest stored class index holding
+    the largest stored value, unless the remainder spread over the other C - K classes reaches that value (rows
+    near uniform), which are densified. Dense caches: the argmax of `probs`, one shard-aligned chunk at a time."""
+    if cache.topk is None:
+        return cache.probs(view, start, stop).argmax(axis=1)
+    idx, val = cache.topk_rows(view, start, stop)  # (n, K) int64, float32; NaN rows of invalid samples
+    best = val.max(axis=1)  # (n,)
+    pred = np.where(val == best[:, None], idx, np.iinfo(np.int64).max).min(axis=1)  # (n,)
+    pred[np.isnan(best)] = 0  # densify keeps an invalid row NaN: its argmax is 0
+    rest = cache.num_classes - val.shape[1]
+    if rest > 0:
+        fill = np.clip(1.0 - val.sum(axis=1), 0.0, None) / rest  # (n,) float32, what densify_topk gives the others
+        odd = np.flatnonzero(fill >= best)
+        if len(odd):
+            pred[odd] = densify_topk(idx[odd], val[odd], cache.num_classes).argmax(axis=1)
+    return pred
 
 
 def _shard_rows(cache: TeacherCache, shard_done: np.ndarray) -> np.ndarray:
