@@ -15,7 +15,7 @@ from helpers_data import make_image_folder
 import cache_schemas
 from dho import data
 from dho.cache import TeacherCache, densify_topk, retemper
-from dho.cache_layout import chunk_length
+from dho.cache_layout import chunk_length, row_bytes, shard_group, store_files
 from dho.errors import CacheError
 
 README = Path(cache_schemas.__file__).parent / "README.md"
@@ -379,6 +379,7 @@ def test_cache_info_top1_of_a_topk_cache_is_the_densified_argmax_without_densify
         dense.write_unit(0, s, view_params=BOXES(n), probs=p)
     for cache in (topk, dense):
         assert cache.finalize()
+        assert store_files(cache.attrs) == sum(1 for f in cache.path.rglob("*") if f.is_file())  # the layout's file count
     calls = []
     real = cache_info.densify_topk
     monkeypatch.setattr(cache_info, "densify_topk", lambda i, v, c: calls.append(len(i)) or real(i, v, c))
@@ -394,3 +395,21 @@ def test_cache_info_top1_of_a_topk_cache_is_the_densified_argmax_without_densify
         old = cache_info.summarize(cache.path)
         monkeypatch.undo()
         assert (new["agreement"], new["agreement_count"]) == (old["agreement"], old["agreement_count"]) and new["agreement_count"] == 23
+
+
+def test_store_files_at_imagenet_21k_scale_are_the_numbers_the_readmes_give():
+    """14,197,122 samples in 1000-sample shards, 21,841 classes, 16 views: a dense unit is 43.7 MB, over the 1 MiB of
+    a Zarr shard, so G = 1 (a file per view and shard); top-10 rows are 40 bytes, G = 26."""
+    n, counts = 14_197_122, [1000] * 14_197 + [122]
+
+    def files(topk, embeddings=False):
+        a = {"schema_version": cache_schemas.CURRENT_VERSION, "num_views": 16, "num_samples": n, "classnames": ["c"] * 21_841,
+             "topk": topk, "store_embeddings": embeddings, "embed_dim": 1024, "shard_counts": counts, "chunk_len": 1000,
+             "key_bytes": 24}
+        a["shard_group"] = shard_group(counts, 1000, row_bytes(a))
+        return a["shard_group"], store_files(a)
+
+    assert files(None) == (1, 511_137) and files(10) == (26, 28_454)
+    assert files(None, embeddings=True) == (1, 738_306) and files(10, embeddings=True) == (1, 965_475)
+    text = README.read_text()
+    assert all(f in text for f in ("511,137", "28,454", "738,306", "965,475"))
