@@ -36,8 +36,7 @@ def summarize(path) -> dict:
     labels = cache.labels  # (N,)
     view = cache.num_views - 1 if a["center_view"] else 0
     agree, counted = 0, 0
-    for s in np.flatnonzero(done[view]):
-        start, stop = cache.shard_range(int(s))
+    for start, stop in _blocks(cache, done[view]):
         mask = valid[start:stop] & (labels[start:stop] >= 0)
         if mask.any():
             pred = top1(cache, view, start, stop)
@@ -100,6 +99,19 @@ def top1(cache: TeacherCache, view: int, start: int, stop: int) -> np.ndarray:
         if len(odd):
             pred[odd] = densify_topk(idx[odd], val[odd], cache.num_classes).argmax(axis=1)
     return pred
+
+
+def _blocks(cache: TeacherCache, shard_done: np.ndarray) -> list[tuple[int, int]]:
+    """Rows [start, stop) of the runs of done shards within one Zarr shard (a group of `shard_group` shards): one
+    read each instead of one per dataset shard (zarr's per-call cost dominates a top-k cache's small chunks)."""
+    blocks: list[tuple[int, int]] = []
+    for s in np.flatnonzero(shard_done):
+        start, stop = cache.shard_range(int(s))
+        if blocks and blocks[-1][1] == start and cache.shard_owner(int(s)) == cache.shard_owner(int(s) - 1):
+            blocks[-1] = (blocks[-1][0], stop)
+        else:
+            blocks.append((start, stop))
+    return blocks
 
 
 def _shard_rows(cache: TeacherCache, shard_done: np.ndarray) -> np.ndarray:
