@@ -2,6 +2,8 @@
 
     python bench/bench_scale.py [--sizes 10000 100000 1000000 --classes 1000 --workers 2 --out scale.md --json scale.json]
     python bench/bench_scale.py --quick        # two tiny N in seconds: what tests/test_bench_scale.py runs
+    python bench/bench_scale.py --cache-info [--before] --sizes 100000 300000 1000000 --classes 21841
+                                               # only `dho cache-info`'s time against N, and its exponent
 
 For each N the bench builds a dataset and its teacher caches with dho's own entry points, then measures:
 - dataset: webdataset tar shards of `--shard-size` samples (one 8x8 JPEG reused, a random label of C
@@ -402,6 +404,127 @@ def report(rows: list[dict], fits: dict, header: str, shard_size: int) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------- `dho cache-info` against N (issue 28)
+# A section of its own (`--cache-info`): the cache alone, no dataset on disk, so 1M samples take a minute.
+
+CACHE_INFO_TARGET = 1.05  # at most this exponent b of cache-info seconds = a N^b (linear in N, not in N x C)
+CACHE_INFO_COLUMNS = [("n", "N"), ("cache_write_s", "cache write s"), ("cache_files", "cache files"),
+                      ("summarize_s", "cache-info s"), ("cli_s", "dho cache-info s"), ("densified_s", "densified (before) s")]
+
+CACHE_INFO_SCRIPT = """
+import json, sys, time
+import dho.cache_info as ci
+before = sys.argv[2] == "before"
+if before:  # what cache-info did before issue 28: every top-k block densified to (n, C) for its argmax
+    ci.top1 = lambda cache, view, start, stop: cache.probs(view, start, stop).argmax(axis=1)
+t0 = time.perf_counter()
+info = ci.summarize(sys.argv[1])
+print(json.dumps({"s": time.perf_counter() - t0, "agreement": info["agreement"], "count": info["agreement_count"]}))
+"""
+
+
+def synthetic_dataset(n: int, shard_size: int, num_classes: int, seed: int):
+    """What `write_cache` reads of a dataset (keys, labels, shard counts, fingerprint), without shards on disk:
+    `dho cache-info` reads the cache only."""
+    from types import SimpleNamespace
+
+    labels = np.random.default_rng(seed).integers(0, num_classes, n)  # (N,)
+    counts = [min(shard_size, n - first) for first in range(0, n, shard_size)]
+    return SimpleNamespace(
+        root=Path("synthetic"), fingerprint="0" * 64, num_samples=n, num_classes=num_classes,
+        classnames=[f"class {c}" for c in range(num_classes)], labels=labels,
+        keys=[f"n{labels[i]:08d}/n{labels[i]:08d}_{i}" for i in range(n)],
+        shards=[SimpleNamespace(count=c) for c in counts],
+    )
+
+
+def cache_info_time(path: Path, before: bool) -> dict:
+    """Seconds of `dho.cache_info.summarize` (what `dho cache-info` prints) in a fresh process, imports not counted."""
+    proc = subprocess.run([sys.executable, "-c", CACHE_INFO_SCRIPT, str(path), "before" if before else "now"],
+                          env=child_env(), capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"cache-info of {path} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def measure_cache_info(root: Path, n: int, args) -> dict:
+    """cache-info of a complete top-k cache of N samples: summarize, the whole CLI, and (--before) densifying."""
+    row: dict = {"n": n}
+    t0 = time.perf_counter()
+    write_cache(synthetic_dataset(n, args.shard_size, args.classes, args.seed), root / "c.zarr", args.views, args.topk,
+                args.embed_dim, args.seed)
+    row["cache_write_s"] = time.perf_counter() - t0
+    row["cache_files"] = store_stats(root / "c.zarr")[0]
+    now = cache_info_time(root / "c.zarr", before=False)
+    row["summarize_s"], row["agreement"], row["agreement_count"] = now["s"], now["agreement"], now["count"]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "dho", "cache-info", str(root / "c.zarr")], env=child_env(),
+                          capture_output=True, text=True)
+    row["cli_s"] = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"dho cache-info failed:\n{proc.stderr[-3000:]}")
+    row["densified_s"] = None
+    if args.before:
+        old = cache_info_time(root / "c.zarr", before=True)
+        if (old["agreement"], old["count"]) != (now["agreement"], now["count"]):
+            raise RuntimeError(f"agreement {now} now, {old} densified: they must be equal")
+        row["densified_s"] = old["s"]
+    return row
+
+
+def cache_info_report(rows: list[dict], header: str) -> tuple[str, dict]:
+    """The markdown table of the cache-info section, the exponent of each timing, the verdict -> (text, fits)."""
+    ns = [r["n"] for r in rows]
+    fits = {}
+    for key, _ in CACHE_INFO_COLUMNS[1:]:
+        values = [r[key] for r in rows]
+        fit = None if None in values else fit_power_law(ns, values)
+        fits[key] = None if fit is None else {"exponent": fit[1], **{label: fit[0] * n ** fit[1] for label, n in PROJECT_TO.items()}}
+    lines = [header, "", "| " + " | ".join(h for _, h in CACHE_INFO_COLUMNS) + " |", "|" + "---|" * len(CACHE_INFO_COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r[k]) for k, _ in CACHE_INFO_COLUMNS) + " |")
+    lines.append("| exponent b of a N^b | " + " | ".join(_fmt(None if fits[k] is None else fits[k]["exponent"])
+                                                        for k, _ in CACHE_INFO_COLUMNS[1:]) + " |")
+    for label in PROJECT_TO:
+        lines.append(f"| **{label}**, a N^b | " + " | ".join(_fmt(None if fits[k] is None else fits[k][label])
+                                                           for k, _ in CACHE_INFO_COLUMNS[1:]) + " |")
+    b = None if fits["summarize_s"] is None else fits["summarize_s"]["exponent"]
+    verdict = "no fit (needs two or more sizes)" if b is None else f"b = {b:.2f}: {'MISSES' if b > CACHE_INFO_TARGET else 'meets'}"
+    lines += ["", f"- cache-info seconds against N (summarize_s), target exponent <= {CACHE_INFO_TARGET}: {verdict}"]
+    return "\n".join(lines), fits
+
+
+def cache_info_main(args) -> int:
+    """`--cache-info`: the cache-info section alone, over --sizes."""
+    workdir = Path(tempfile.mkdtemp(prefix="dho-cache-info-")) if args.workdir is None else args.workdir
+    rows = []
+    try:
+        for n in sorted(args.sizes):
+            root = workdir / f"cache-info-n{n}"
+            if root.exists():
+                raise SystemExit(f"{root} exists; remove it or choose another --workdir")
+            root.mkdir(parents=True)
+            rows.append(measure_cache_info(root, n, args))
+            print(f"N={n:,}: " + ", ".join(f"{k} {_fmt(rows[-1][k])}" for k, _ in CACHE_INFO_COLUMNS[1:]), file=sys.stderr, flush=True)
+            if not args.keep:
+                shutil.rmtree(root)
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    machine = f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, CPU"
+    header = (f"bench_scale --cache-info: {args.classes} classes, {args.shard_size}-sample shards, top-{args.topk} x "
+              f"{args.views} views; {machine}")
+    text, fits = cache_info_report(rows, header)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                                         "machine": machine, "rows": rows, "fits": fits,
+                                         "target_exponent": CACHE_INFO_TARGET}, indent=2) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="the N to measure")
@@ -421,6 +544,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
     ap.add_argument("--json", type=Path, default=None, help="also write every number as JSON here")
+    ap.add_argument("--cache-info", action="store_true", help="only the `dho cache-info` section: its time against N (issue 28)")
+    ap.add_argument("--before", action="store_true", help="--cache-info: also time cache-info densifying every top-k block (before issue 28)")
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.shard_size, args.classes, args.workers, args.batch_size, args.embed_dim = [600, 1200], 100, 20, 1, 8, 16
@@ -428,6 +553,8 @@ def main(argv=None) -> int:
         ap.error(f"--batch-size {args.batch_size} must be a multiple of --workers {args.workers}")
     if not 1 <= args.topk < args.classes:
         ap.error(f"--topk must be in [1, {args.classes - 1}]")
+    if args.cache_info:
+        return cache_info_main(args)
 
     workdir = Path(tempfile.mkdtemp(prefix="dho-scale-")) if args.workdir is None else args.workdir
     rows = []

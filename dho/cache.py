@@ -32,8 +32,10 @@ Damage is reported, never read as data (schema v2): every chunk carries a crc32c
 chunk is stored (also one equal to the fill value), so a missing chunk of a finished unit is an
 error and not a block of fill values, and every row read is checked to be what it claims (a
 probability distribution, a box inside the image). The error names the array, view, shard and
-chunk. `dho cache-info --verify` reads every chunk. Version-1 caches have no checksums; the row
-checks still apply to them.
+chunk. Every zarr read of chunks goes through `_load`, so no zarr error reaches the user. The arrays
+that are not per view (`WHOLE_ARRAYS`) are read whole, checking that each chunk file exists;
+`dho distill` reads all of them on open (`check_arrays`), `dho cache-info --verify` every chunk
+(`verify`). Version-1 caches have no checksums; the row checks still apply to them.
 
 Out of scope: remote object stores (the atomic-rename creation and fsync need a local path).
 """
@@ -67,6 +69,10 @@ VIEW_PARAM_FIELDS = ("top", "left", "height", "width", "flip")
 # store every chunk, also one equal to the fill value: a chunk file that is missing is then damage
 zarr.config.set({"array.write_empty_chunks": True})
 SUM_TOLERANCE = 1e-2  # |sum(p) - 1| of a stored float16 row (C roundings of at most 2^-11 each, relative)
+# the arrays that are not per view, each read whole (`TeacherCache.verify_arrays`; distill checks them on open)
+WHOLE_ARRAYS = ("keys", "labels", "valid", "done", "text_classifier")
+READ_BLOCK_BYTES = 64 << 20  # rows of a whole array read at once (whole chunks): bounds the memory of a check
+REBUILD = "rebuild the cache with `dho precompute-teacher` into a new --out"
 
 
 def prompt_names(attrs: dict) -> str:
@@ -310,7 +316,7 @@ class TeacherCache:
     def keys(self) -> list[str]:
         """N sample keys in global row order (v3 stores them as (N, W) uint8 UTF-8, v1/v2 as strings)."""
         if self._keys is None:
-            raw = self.array("keys")[:]
+            raw = self._read_whole("keys")
             self._keys = decode_keys(raw) if self.attrs["schema_version"] >= 3 else [str(k) for k in raw]
         return self._keys
 
@@ -318,14 +324,15 @@ class TeacherCache:
         """The key of global row `row` (reads one chunk of `keys`, not all of them)."""
         if self._keys is not None:
             return self._keys[row]
-        raw = self.array("keys")[row]
+        arr = self.array("keys")
+        raw = self._load("keys", row, lambda: self._chunk_where("keys", (row // arr.chunks[0],) + (0,) * (arr.ndim - 1)))
         return decode_keys(np.asarray(raw).reshape(1, -1))[0] if self.attrs["schema_version"] >= 3 else str(raw)
 
     @property
     def labels(self) -> np.ndarray:
         """(N,) int64, -1 = unlabeled."""
         if self._labels is None:
-            self._labels = np.asarray(self.array("labels")[:], dtype=np.int64)
+            self._labels = np.asarray(self._read_whole("labels"), dtype=np.int64)
         return self._labels
 
     @property
@@ -346,7 +353,7 @@ class TeacherCache:
                         raise CacheError(f"{self.path}: array 'valid', {self._where(None, start, stop)}: the chunk file "
                                          f"{missing[0].relative_to(self.path)} is missing; rebuild the cache with "
                                          "`dho precompute-teacher` into a new --out")
-            self._valid = np.asarray(self._read("valid", None, 0, self.num_samples), dtype=bool)
+            self._valid = np.asarray(self._read_whole("valid", files=False), dtype=bool)  # the files were checked above
         return self._valid
 
     @property
@@ -357,7 +364,7 @@ class TeacherCache:
                 # finalised: every unit is done (set only after all of them were), no flag is read
                 self._done = np.ones((self.num_views, len(self.shard_counts)), dtype=bool)
             else:
-                self._done = np.asarray(self.array("done")[:], dtype=bool)
+                self._done = np.asarray(self._read_whole("done", files=False), dtype=bool)  # not all stored before completion
         return self._done
 
     def refresh(self) -> None:
@@ -373,7 +380,7 @@ class TeacherCache:
     @property
     def text_classifier(self) -> np.ndarray:
         """(C, D) float32 zero-shot classifier of the teacher (unit rows unless text_classifier_norm is "mean")."""
-        return np.asarray(self.array("text_classifier")[:], dtype=np.float32)
+        return np.asarray(self._read_whole("text_classifier"), dtype=np.float32)
 
     def is_complete(self) -> bool:
         """True when every unit is done and the store was finalised (attribute complete=True)."""
@@ -411,14 +418,63 @@ class TeacherCache:
 
     def _read(self, name: str, view: int | None, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of array `name` (of one view); a failed checksum is a CacheError naming the chunk."""
-        arr = self.array(name)
+        return self._load(name, slice(start, stop) if view is None else (view, slice(start, stop)),
+                          lambda: self._where(view, start, stop))
+
+    def _load(self, name: str, selection, where) -> np.ndarray:
+        """`array(name)[selection]`: every zarr read of chunks goes through here, so a chunk that fails its
+        checksum or cannot be decoded is a one-line CacheError naming the array and `where()` (the chunk)."""
         try:
-            return arr[start:stop] if view is None else arr[view, start:stop]
-        except ValueError as e:
-            if "checksum" not in str(e):
+            return self.array(name)[selection]
+        except (ValueError, RuntimeError, OSError, EOFError) as e:
+            what = ("is damaged (its checksum does not match the data)" if "checksum" in str(e)
+                    else f"cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:120]})")
+            raise CacheError(f"{self.path}: array {name!r}, {where()} {what}; {REBUILD}") from None
+
+    def _chunk_where(self, name: str, coords: tuple) -> str:
+        """Chunk `coords` of a whole array (not per view): its file and, along the samples, its rows."""
+        arr = self.array(name)
+        rel = f"{name}/{arr.metadata.encode_chunk_key(coords)}"
+        if name in ("keys", "labels", "valid"):
+            start = coords[0] * arr.chunks[0]
+            return f"chunk {coords[0]} (rows {start}-{min(start + arr.chunks[0], arr.shape[0]) - 1}, file {rel})"
+        return f"chunk {coords} (file {rel})"
+
+    def _read_whole(self, name: str, files: bool = True, keep: bool = True) -> np.ndarray | None:
+        """Array `name` (one of WHOLE_ARRAYS), read in blocks of whole chunks along its first axis; `files`: every
+        chunk file must exist (schema v2 stores every chunk, so a missing one is damage, not fill values);
+        `keep=False` only checks (each block is dropped once read)."""
+        arr = self.array(name)
+        grid = arr.cdata_shape  # chunks per axis (these arrays are not in Zarr shards: a chunk is a file)
+        if files and self.attrs["schema_version"] >= 2:
+            for coords in np.ndindex(*grid):
+                if not (self.path / name / arr.metadata.encode_chunk_key(coords)).is_file():
+                    raise CacheError(f"{self.path}: array {name!r}, {self._chunk_where(name, coords)}: the chunk file is "
+                                     f"missing; {REBUILD}")
+        rows = arr.chunks[0]
+        row_bytes = arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
+        step = max(1, READ_BLOCK_BYTES // max(1, rows * row_bytes)) * rows  # whole chunks
+        blocks = []
+        for start in range(0, arr.shape[0], step):
+            stop = min(start + step, arr.shape[0])
+            try:
+                block = self._load(name, slice(start, stop), lambda: f"rows {start}-{stop - 1}")
+            except CacheError:
+                self._find_damaged_chunk(name, start // rows, -(-stop // rows))
                 raise
-            raise CacheError(f"{self.path}: array {name!r}, {self._where(view, start, stop)} is damaged (its checksum does "
-                             "not match the data); rebuild the cache with `dho precompute-teacher` into a new --out") from None
+            if keep:
+                blocks.append(block)
+        if not keep:
+            return None
+        return np.concatenate(blocks) if blocks else arr[:]
+
+    def _find_damaged_chunk(self, name: str, first: int, last: int) -> None:
+        """Raise the CacheError of the first chunk of rows-chunks [first, last) of a whole array that fails to read."""
+        arr = self.array(name)
+        for coords in np.ndindex(last - first, *arr.cdata_shape[1:]):
+            coords = (first + coords[0], *coords[1:])
+            sel = tuple(slice(c * n, (c + 1) * n) for c, n in zip(coords, arr.chunks))
+            self._load(name, sel, lambda: self._chunk_where(name, coords))
 
     def _damaged(self, name: str, view: int, start: int, stop: int, row: int, what: str) -> CacheError:
         key = self.key(start + row)
@@ -496,6 +552,43 @@ class TeacherCache:
         return emb
 
     def verify(self) -> list[str]:
+        """`verify_arrays()` then `verify_units()`: every chunk of the store that holds data -> one line per damaged
+        array or unit (the units are not read when `valid`, which every unit read checks against, is damaged)."""
+        problems = self.verify_arrays()
+        if any("array 'valid'" in p for p in problems):
+            return problems
+        return problems + self.verify_units()
+
+    def verify_arrays(self) -> list[str]:
+        """Read every chunk of the arrays that are not per view (WHOLE_ARRAYS: checksums, missing chunk files);
+        `done` itself also for a complete cache, whose flags are otherwise taken as read -> one line per damaged
+        array. Small (O(N) bytes): `dho distill` checks them when it opens a cache (`check_arrays`)."""
+        problems = []
+        for name in WHOLE_ARRAYS:
+            try:
+                if name == "done":
+                    complete = bool(self.attrs.get("complete", False))
+                    done = self._read_whole("done", files=complete)  # every flag of a finished cache is stored
+                    if complete and not done.all():
+                        view, shard = map(int, np.argwhere(done == 0)[0])
+                        raise CacheError(f"{self.path}: array 'done': the cache is marked complete but unit (view {view}, "
+                                         f"shard {shard}) is not done; {REBUILD}")
+                elif name == "valid":
+                    self._valid = None  # re-read: checks the chunk files of every started shard
+                    _ = self.valid
+                else:
+                    self._read_whole(name, keep=False)
+            except CacheError as e:
+                problems.append(str(e))
+        return problems
+
+    def check_arrays(self) -> None:
+        """Raise the first problem `verify_arrays` finds (what `dho distill` runs on every cache it opens)."""
+        problems = self.verify_arrays()
+        if problems:
+            raise CacheError(problems[0])
+
+    def verify_units(self) -> list[str]:
         """Read every chunk of every finished unit (checksums, missing chunks, row checks) -> one line per damaged unit."""
         problems = []
         done = self.done
@@ -648,7 +741,10 @@ def _check_layout(path: Path, group, attrs: dict) -> None:
     for name, spec in expected.items():
         if name not in present:
             raise CacheError(f"{path}: array {name!r} required by cache schema v{attrs['schema_version']} is missing; rebuild the cache")
-        arr = group[name]
+        try:
+            arr = group[name]
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            raise CacheError(f"{path}: array {name!r} has unreadable metadata ({name}/zarr.json: {type(e).__name__}); {REBUILD}") from None
         dtype = arr.metadata.data_type.to_json(zarr_format=3)
         symbolic = "(" + ", ".join(map(str, spec["symbols"])) + ")"
         shards = None if arr.shards is None else tuple(arr.shards)

@@ -2,7 +2,7 @@
 and the teacher's top-1 agreement with the labels (`summarize`, `format_summary`).
 
 It reads through `dho.cache.TeacherCache` only (no zarr here). `dho cache-info --verify` adds
-`TeacherCache.verify()`'s damaged units to the summary.
+`TeacherCache.verify_arrays()`'s damaged arrays and `verify_units()`'s damaged units to the summary.
 
 Out of scope: comparing two caches, per-class statistics.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dho.cache import TeacherCache
+from dho.cache import TeacherCache, densify_topk
 
 
 def disk_size(path: Path) -> int:
@@ -36,11 +36,10 @@ def summarize(path) -> dict:
     labels = cache.labels  # (N,)
     view = cache.num_views - 1 if a["center_view"] else 0
     agree, counted = 0, 0
-    for s in np.flatnonzero(done[view]):
-        start, stop = cache.shard_range(int(s))
+    for start, stop in _blocks(cache, done[view]):
         mask = valid[start:stop] & (labels[start:stop] >= 0)
         if mask.any():
-            pred = cache.probs(view, start, stop).argmax(axis=1)
+            pred = top1(cache, view, start, stop)
             agree += int((pred[mask] == labels[start:stop][mask]).sum())
             counted += int(mask.sum())
     samples_done = int(sum(c for c, d in zip(cache.shard_counts, done.all(axis=0)) if d))
@@ -82,6 +81,39 @@ def summarize(path) -> dict:
     }
 
 
+def top1(cache: TeacherCache, view: int, start: int, stop: int) -> np.ndarray:
+    """(n,) the teacher's top-1 class of rows [start, stop): `cache.probs(...).argmax(axis=1)`, in O(n K) for a
+    top-k cache instead of O(n C): the densified row's first maximum is the smallest stored class index holding
+    the largest stored value, unless the remainder spread over the other C - K classes reaches that value (rows
+    near uniform), which are densified. Dense caches: the argmax of `probs`, one shard-aligned chunk at a time."""
+    if cache.topk is None:
+        return cache.probs(view, start, stop).argmax(axis=1)
+    idx, val = cache.topk_rows(view, start, stop)  # (n, K) int64, float32; NaN rows of invalid samples
+    best = val.max(axis=1)  # (n,)
+    pred = np.where(val == best[:, None], idx, np.iinfo(np.int64).max).min(axis=1)  # (n,)
+    pred[np.isnan(best)] = 0  # densify keeps an invalid row NaN: its argmax is 0
+    rest = cache.num_classes - val.shape[1]
+    if rest > 0:
+        fill = np.clip(1.0 - val.sum(axis=1), 0.0, None) / rest  # (n,) float32, what densify_topk gives the others
+        odd = np.flatnonzero(fill >= best)
+        if len(odd):
+            pred[odd] = densify_topk(idx[odd], val[odd], cache.num_classes).argmax(axis=1)
+    return pred
+
+
+def _blocks(cache: TeacherCache, shard_done: np.ndarray) -> list[tuple[int, int]]:
+    """Rows [start, stop) of the runs of done shards within one Zarr shard (a group of `shard_group` shards): one
+    read each instead of one per dataset shard (zarr's per-call cost dominates a top-k cache's small chunks)."""
+    blocks: list[tuple[int, int]] = []
+    for s in np.flatnonzero(shard_done):
+        start, stop = cache.shard_range(int(s))
+        if blocks and blocks[-1][1] == start and cache.shard_owner(int(s)) == cache.shard_owner(int(s) - 1):
+            blocks[-1] = (blocks[-1][0], stop)
+        else:
+            blocks.append((start, stop))
+    return blocks
+
+
 def _shard_rows(cache: TeacherCache, shard_done: np.ndarray) -> np.ndarray:
     rows = np.zeros(cache.num_samples, dtype=bool)
     for s in np.flatnonzero(shard_done):
@@ -120,7 +152,9 @@ def format_summary(info: dict) -> str:
         f"agreement:  teacher top-1 vs labels {agree}",
     ]
     if "verified" in info:
-        damaged = info["verified"]["damaged_units"]
-        lines.append(f"verified:   {'every chunk of every finished unit read back intact' if not damaged else f'{damaged} damaged unit(s)'}")
+        v = info["verified"]
+        damaged = ", ".join(f"{n} damaged {what}(s)" for n, what in ((v.get("damaged_arrays", 0), "array"), (v["damaged_units"], "unit")) if n)
+        intact = "keys, labels, valid, done, text_classifier and every chunk of every finished unit read back intact"
+        lines.append(f"verified:   {damaged or intact}")
         lines += [f"  damaged: {p}" for p in info["verified"]["problems"][:20]]
     return "\n".join(lines)

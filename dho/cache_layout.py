@@ -1,6 +1,7 @@
 """The layout of a teacher cache, from its attributes alone: the chunk length L along the samples, the
 shard group G (dataset shards per Zarr shard, schema v4) and the schema's array table resolved to numbers
-(`expected_arrays`: dtype, shape, chunks, shards, fill value, dimension names of every array).
+(`expected_arrays`: dtype, shape, chunks, shards, fill value, dimension names of every array) and the files
+of a complete store (`store_files`).
 
 `dho.cache` creates stores with this layout and checks every store it opens against it; precompute
 computes L for a new cache from the dataset's shard counts. Pure (no zarr): the schema comes from
@@ -78,3 +79,15 @@ def expected_arrays(attrs: dict) -> dict[str, dict]:
         out[name] = {"dtype": spec["dtype"], "shape": shape, "chunks": chunks, "shards": shards, "fill_value": fill,
                      "symbols": spec["shape"], "dims": tuple(spec["dims"]) if "dims" in spec else None}  # dimension_names from v3 on
     return out
+
+
+def store_files(attrs: dict) -> int:
+    """Files of a complete store with these attributes (every chunk is stored, schema v2 on): per array, one file
+    per Zarr shard (per chunk where unsharded) and its `zarr.json`, plus the group's `zarr.json`. With S shards of
+    L samples each, V views and G = `shard_group`: (A V + 4) ceil(S / G) + 1 + arrays + 1, A = the per-view arrays
+    (probs + view_params: 2; top-k: 3; + embeddings)."""
+    files = 1  # the group's zarr.json
+    for spec in expected_arrays(attrs).values():
+        per_file = spec["shards"] or spec["chunks"]
+        files += 1 + math.prod(-(-n // c) for n, c in zip(spec["shape"], per_file))
+    return files

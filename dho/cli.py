@@ -497,7 +497,7 @@ def tip_adapter_cache(
 def cache_info(
     cache: Annotated[Path, typer.Argument(help="Teacher cache folder (CACHE.zarr).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text. Default: off.")] = False,
-    verify: Annotated[bool, typer.Option("--verify", help="Read every chunk of every finished unit: checksums, missing chunks, and that every row is a distribution / a crop box; exit 2 if any is damaged. Default: off.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Read every chunk of every array (keys, labels, valid, done, text_classifier) and of every finished unit: checksums, missing chunks, and that every row is a distribution / a crop box; exit 2 if any is damaged. Default: off.")] = False,
 ) -> None:
     """Teacher, views, coverage (done units, valid samples), size on disk and teacher/label top-1 agreement."""
     from dho.cache import TeacherCache
@@ -506,11 +506,15 @@ def cache_info(
 
     info = summarize(cache)
     if verify:
-        problems = TeacherCache.open(cache).verify()
-        info["verified"] = {"damaged_units": len(problems), "problems": problems}
+        tc = TeacherCache.open(cache)
+        arrays = tc.verify_arrays()
+        units = [] if any("array 'valid'" in p for p in arrays) else tc.verify_units()  # each unit read checks `valid`
+        problems = arrays + units
+        info["verified"] = {"damaged_arrays": len(arrays), "damaged_units": len(units), "problems": problems}
     typer.echo(json.dumps(info) if json_out else format_summary(info))
-    if verify and info["verified"]["damaged_units"]:
-        raise CacheError(f"{cache}: {info['verified']['damaged_units']} damaged unit(s), the first: {problems[0]}")
+    if verify and problems:
+        what = ", ".join(f"{n} damaged {w}(s)" for n, w in ((len(arrays), "array"), (len(units), "unit")) if n)
+        raise CacheError(f"{cache}: {what}, the first: {problems[0]}")
 
 
 def one_line(e: BaseException) -> str:

@@ -44,7 +44,7 @@ import torch
 
 from dho import data
 from dho.cache import TeacherCache
-from dho.cache_layout import chunk_length
+from dho.cache_layout import chunk_length, row_bytes, shard_group as auto_shard_group, store_files
 from dho.devices import Ranks, cpu_threads_beside_workers, resolve_device, setup_ranks
 from dho.errors import CacheError, ConfigError, DatasetError, Interrupted, check_choice, check_number
 from dho.interrupt import StopSignal, ignore_interrupt, workers_gone
@@ -124,6 +124,14 @@ def precompute(
         log(f"note: {out} was made by an older dho that put the class names with '_' into the prompts as given; it is "
             "complete and stays so: write a new --out for the prompts of the reference code (names with spaces)")
 
+    files = store_files(cache.attrs)
+    if files > MANY_FILES and rank == 0:
+        sparse = {**cache.attrs, "topk": 10, "store_embeddings": False}
+        sparse["shard_group"] = auto_shard_group(sparse["shard_counts"], sparse["chunk_len"], row_bytes(sparse))
+        log(f"note: {out} will be {files:,} files ({cache.shard_group} dataset shard(s) per Zarr shard: a unit of its widest "
+            f"array is already about {cache.chunk_len * row_bytes(cache.attrs) / 2**20:.1f} MiB); a top-10 cache without "
+            f"embeddings would be {store_files(sparse):,} (--topk 10): see 'Files' in cache_schemas/README.md")
+
     # ---- this rank's work: whole shards with any unit not done
     # (schema v4: groups of `shard_group` consecutive shards share Zarr shards, so ranks own whole groups, round-robin)
     mine = [s for s in range(len(ds.shards)) if cache.shard_owner(s) % world_size == rank]
@@ -163,6 +171,7 @@ def precompute(
 
 
 VIEWS_NOTE = 1000  # more views than this: a line with the cost (no hard bound: 1-shot ImageNet labeled caches want ~2,600)
+MANY_FILES = 50_000  # a store of more files gets a note: what a file-system quota may refuse (README, "How far it scales")
 
 
 def _check_options(out, *, views, batch_size, workers, seed, eta, zeta, precision, text_classifier_norm, topk,

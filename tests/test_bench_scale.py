@@ -72,3 +72,19 @@ def test_quick_run_reports_every_column_with_sane_values(tmp_path):
     assert all(line.count("|") == len(bench.COLUMNS) + 1 for line in table)
     assert all(f"({k})" in text for k in bench.TARGETS)
     assert list(work.iterdir()) == []  # generated data removed (no --keep)
+
+
+def test_quick_cache_info_section_reports_its_times_and_exponent(tmp_path):
+    """`--cache-info` (issue 28): `dho cache-info`'s time against N, its exponent, the same agreement as densifying."""
+    work, md, js = tmp_path / "work", tmp_path / "ci.md", tmp_path / "ci.json"
+    work.mkdir()
+    assert bench.main(["--quick", "--cache-info", "--before", "--workdir", str(work), "--out", str(md), "--json", str(js)]) == 0
+    result = json.loads(js.read_text())
+    assert [r["n"] for r in result["rows"]] == [600, 1200]
+    for r in result["rows"]:
+        assert r["cache_files"] == 20 and r["agreement_count"] == r["n"]  # 6 / 12 shards in one Zarr shard per view; every sample labeled
+        assert all(0 < r[k] < 300 for k in ("cache_write_s", "summarize_s", "cli_s", "densified_s"))
+    assert math.isfinite(result["fits"]["summarize_s"]["exponent"]) and result["target_exponent"] == 1.05
+    text = md.read_text()
+    assert "| exponent b of a N^b |" in text and "target exponent <= 1.05" in text
+    assert list(work.iterdir()) == []

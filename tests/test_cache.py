@@ -15,7 +15,7 @@ from helpers_data import make_image_folder
 import cache_schemas
 from dho import data
 from dho.cache import TeacherCache, densify_topk, retemper
-from dho.cache_layout import chunk_length
+from dho.cache_layout import chunk_length, row_bytes, shard_group, store_files
 from dho.errors import CacheError
 
 README = Path(cache_schemas.__file__).parent / "README.md"
@@ -348,3 +348,68 @@ def test_a_finished_v4_cache_opens_without_reading_a_done_flag(tmp_path, tiny_da
     fresh = TeacherCache.open(tmp_path / "c.zarr", dataset=ds)
     assert fresh.is_complete() and fresh.done.all() and fresh.valid.all() and "done" not in fresh._arrays
     assert "keys" not in fresh._arrays  # the dataset check matched fingerprints: no key was read
+
+
+def test_cache_info_top1_of_a_topk_cache_is_the_densified_argmax_without_densifying(tmp_path, tiny_dataset, monkeypatch):
+    """`dho cache-info`'s agreement reads a top-k row's top-1 from its K stored entries (O(N K), not O(N C)): the
+    same class as the densified row's argmax, also for ties (the smallest class index) and for rows whose
+    spread remainder reaches the top value, and the same agreement as densifying every row, top-k and dense."""
+    import dho.cache_info as cache_info
+
+    ds = tiny_dataset  # 24 samples in shards of 5, 5, 5, 5, 4; 3 classes
+    rng = np.random.default_rng(3)
+    topk = _create(tmp_path / "k.zarr", ds, views=1, topk=2)
+    dense = _create(tmp_path / "d.zarr", ds, views=1)
+    # plain, a tie (the smaller class wins), the remainder wins, near uniform (float16 thirds), the remainder ties
+    crafted = [([2, 0], [0.7, 0.2]), ([2, 1], [0.4, 0.4]), ([1, 2], [0.3, 0.2]), ([0, 1], [1 / 3, 1 / 3]), ([2, 1], [0.375, 0.25])]
+    for s, shard in enumerate(ds.shards):
+        n = shard.count
+        p = _softmax(_logits(rng, n, 3))  # (n, C)
+        idx = np.argsort(-p, axis=1)[:, :2]
+        val = np.take_along_axis(p, idx, axis=1)
+        if s == 0:
+            for r, (i, v) in enumerate(crafted):
+                idx[r], val[r] = i, v
+        valid = np.ones(n, bool)
+        valid[n - 1] = s != 1  # an unreadable sample in shard 1: NaN / -1 rows
+        idx[~valid], val[~valid], p[~valid] = -1, np.nan, np.nan
+        for cache in (topk, dense):
+            cache.write_valid(s, valid)
+        topk.write_unit(0, s, view_params=BOXES(n), topk_indices=idx, topk_probs=val)
+        dense.write_unit(0, s, view_params=BOXES(n), probs=p)
+    for cache in (topk, dense):
+        assert cache.finalize()
+        assert store_files(cache.attrs) == sum(1 for f in cache.path.rglob("*") if f.is_file())  # the layout's file count
+    calls = []
+    real = cache_info.densify_topk
+    monkeypatch.setattr(cache_info, "densify_topk", lambda i, v, c: calls.append(len(i)) or real(i, v, c))
+    got = cache_info.top1(topk, 0, 0, 5)
+    assert got.tolist() == [2, 1, 0, 2, 0] and calls == [3]  # only the rows the remainder reaches are densified
+    for cache in (topk, dense):
+        for s in range(5):
+            start, stop = cache.shard_range(s)
+            ok = cache.valid[start:stop]
+            np.testing.assert_array_equal(cache_info.top1(cache, 0, start, stop)[ok], cache.probs(0, start, stop).argmax(axis=1)[ok])
+        new = cache_info.summarize(cache.path)
+        monkeypatch.setattr(cache_info, "top1", lambda c, v, a, b: c.probs(v, a, b).argmax(axis=1))  # what cache-info did before
+        old = cache_info.summarize(cache.path)
+        monkeypatch.undo()
+        assert (new["agreement"], new["agreement_count"]) == (old["agreement"], old["agreement_count"]) and new["agreement_count"] == 23
+
+
+def test_store_files_at_imagenet_21k_scale_are_the_numbers_the_readmes_give():
+    """14,197,122 samples in 1000-sample shards, 21,841 classes, 16 views: a dense unit is 43.7 MB, over the 1 MiB of
+    a Zarr shard, so G = 1 (a file per view and shard); top-10 rows are 40 bytes, G = 26."""
+    n, counts = 14_197_122, [1000] * 14_197 + [122]
+
+    def files(topk, embeddings=False):
+        a = {"schema_version": cache_schemas.CURRENT_VERSION, "num_views": 16, "num_samples": n, "classnames": ["c"] * 21_841,
+             "topk": topk, "store_embeddings": embeddings, "embed_dim": 1024, "shard_counts": counts, "chunk_len": 1000,
+             "key_bytes": 24}
+        a["shard_group"] = shard_group(counts, 1000, row_bytes(a))
+        return a["shard_group"], store_files(a)
+
+    assert files(None) == (1, 511_137) and files(10) == (26, 28_454)
+    assert files(None, embeddings=True) == (1, 738_306) and files(10, embeddings=True) == (1, 965_475)
+    text = README.read_text()
+    assert all(f in text for f in ("511,137", "28,454", "738,306", "965,475"))

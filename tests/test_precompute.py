@@ -247,9 +247,13 @@ def test_a_dataset_of_pipe_urls_gives_the_cache_of_its_local_files(tiny_dataset,
     assert np.array_equal(caches[0].view_params(0, 0, 24), caches[1].view_params(0, 0, 24))
 
 
-def test_topk_variant_keeps_the_largest_dense_values(ref_cache, tiny_dataset, tiny_clip_config, tiny_teacher_ckpt, tmp_path):
+def test_topk_variant_keeps_the_largest_dense_values(ref_cache, tiny_dataset, tiny_clip_config, tiny_teacher_ckpt, tmp_path,
+                                                    monkeypatch, capsys):
     out = tmp_path / "top2.zarr"
+    monkeypatch.setattr("dho.precompute.MANY_FILES", 10)  # a store of more files gets a note (50k by default)
     cache = precompute(tiny_dataset.root, out, **_kwargs(tiny_clip_config, tiny_teacher_ckpt, topk=2, store_embeddings=False))
+    files = sum(1 for f in out.rglob("*") if f.is_file())
+    assert f"note: {out} will be {files:,} files (5 dataset shard(s) per Zarr shard" in capsys.readouterr().err
     g, ref = zarr.open_group(str(out), mode="r"), zarr.open_group(str(ref_cache), mode="r")
     assert "probs" not in g and "embeddings" not in g and g["topk_indices"].shape == (3, 24, 2)
     dense = ref["probs"][:]  # (V, N, C) float16

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -232,6 +233,70 @@ def test_missing_chunks_are_errors_not_fill_values(cache_world, tmp_path):
     (cache / "valid" / "c" / "2").unlink()  # would read as "all unreadable" and drop the shard from training
     with pytest.raises(CacheError, match=r"array 'valid', shard 2 .* the chunk file valid/c/2 is missing"):
         TeacherCache.open(cache).valid
+
+
+def _flip_byte(f: Path) -> None:
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    f.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage, array, chunk", [
+    ("flip", "keys", "keys/c/1/0"), ("flip", "labels", "labels/c/2"), ("flip", "text_classifier", "text_classifier/c/0/0"),
+    ("delete", "done", "done/c/0/1"),  # a complete cache takes every flag as 1 without reading done: --verify reads it
+])
+def test_verify_reads_every_array_and_cache_info_names_the_damaged_one(cache_world, tmp_path, damage, array, chunk):
+    """`dho cache-info --verify` reads keys, labels, valid, done and text_classifier too, not only the finished units;
+    `dho cache-info` without it reads labels (the agreement): a damaged chunk is one line naming the array and chunk."""
+    cache = _damaged_copy(cache_world, tmp_path)
+    _flip_byte(cache / chunk) if damage == "flip" else (cache / chunk).unlink()
+    proc = subprocess.run([DHO, "cache-info", str(cache), "--verify"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout
+    assert re.fullmatch(rf"error: .*array '{array}', chunk .*file {chunk}\)?(:| is damaged)"
+                        r".*rebuild the cache with `dho precompute-teacher` into a new --out\n", proc.stderr), proc.stderr
+    plain = subprocess.run([DHO, "cache-info", str(cache)], capture_output=True, text=True, timeout=120)
+    if array == "labels":
+        assert plain.returncode == 2 and "Traceback" not in plain.stderr and len(plain.stderr.splitlines()) == 1
+        assert f"array 'labels', chunk 2 (rows 8-11, file {chunk}) is damaged (its checksum" in plain.stderr
+    else:
+        assert plain.returncode == 0 and "agreement:" in plain.stdout
+        assert "1 damaged array(s)" in proc.stdout and "read back intact" not in proc.stdout
+    with pytest.raises(CacheError, match=f"array '{array}'"):
+        TeacherCache.open(cache).check_arrays()
+
+
+@pytest.mark.parametrize("array, chunk", [("keys", "keys/c/0/0"), ("labels", "labels/c/1"), ("text_classifier", "text_classifier/c/0/0")])
+def test_distill_refuses_a_cache_whose_keys_labels_or_classifier_are_damaged(cache_world, tmp_path, array, chunk):
+    """distill reads none of these to train, so they are read (and checksummed) when it opens the cache. The
+    labels case runs the `dho` executable; the others `dho.cli.main()` in this process, as the console script does
+    (a distill process spends ~10 s importing on 2 busy cores)."""
+    import contextlib
+    import io
+
+    from dho import cli
+
+    cache = _damaged_copy(cache_world, tmp_path)
+    _flip_byte(cache / chunk)
+    ds = str(cache_world / "ds")
+    args = ["distill", "--labeled", ds, "--labeled-cache", str(cache), "--unlabeled", ds, "--unlabeled-cache", str(cache),
+            "--student", "resnet-tiny", "--out", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "4",
+            "--workers", "0", "--device", "cpu"]
+    if array == "labels":
+        proc = subprocess.run([DHO, *args], capture_output=True, text=True, timeout=300)
+        code, err = proc.returncode, proc.stderr
+    else:
+        buf, argv, sys.argv = io.StringIO(), sys.argv, ["dho", *args]
+        try:
+            with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as exit_:
+                cli.main()
+        finally:
+            sys.argv = argv
+        code, err = exit_.value.code, buf.getvalue()
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: .*c\.zarr: array '{array}', chunk .*file {chunk}\) is damaged \(its checksum does not match "
+                        r"the data\); rebuild the cache with `dho precompute-teacher` into a new --out", last), err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_damage_inside_a_zarr_shard_is_reported_per_unit(cache_world, tmp_path):

@@ -52,7 +52,8 @@ class Streams:
 
 
 def _open_part(dataset: str, cache: str, role: str) -> tuple[data.Dataset, TeacherCache]:
-    """Open a dataset and its cache and check they belong together (keys, classes, completeness)."""
+    """Open a dataset and its cache and check they belong together (keys, classes, completeness) and that the
+    cache's arrays that are not per view read back intact (checksums, every chunk file present)."""
     ds = data.Dataset.open(dataset)
     tc = TeacherCache.open(cache, dataset=ds)
     if not tc.is_complete():
@@ -60,6 +61,7 @@ def _open_part(dataset: str, cache: str, role: str) -> tuple[data.Dataset, Teach
             f"{cache}: the teacher cache for the {role} set is incomplete (see `dho cache-info {cache}`); "
             "re-run the same `dho precompute-teacher` command to finish it"
         )
+    tc.check_arrays()  # keys, labels, valid, done, text_classifier read once (O(N) bytes): damage stops here, not mid-run
     return ds, tc
 
 
