@@ -111,6 +111,14 @@ def test_coop_sampler_draws_coops_shots_and_val(tmp_path, capsys):
     assert files(lab) == sorted(e[0] for e in _coop_fewshot(split["train"], 2)) and not set(files(lab)) & set(files(val))
     with pytest.raises(ConfigError, match=r"drawn with --seed 1; give --seed 1"):
         data.split(parts["val"], tmp_path / "bad", shots=1, sampler="coop", seed=2, after=tmp_path / "lab-1-1")
+    # a dataset imported before import-coop kept the split file's order cannot be drawn from as CoOp does
+    shutil.copytree(parts["train"].root, tmp_path / "old-import")
+    manifest = json.loads((tmp_path / "old-import" / "manifest.json").read_text())
+    for field in ("columns", "column_checks"):
+        manifest[field].pop("source_index")
+    (tmp_path / "old-import" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="imported by an older dho .* re-import it with `dho import-coop ... --overwrite`"):
+        data.split(tmp_path / "old-import", tmp_path / "old-lab", shots=1, sampler="coop", seed=1)
 
 
 def test_imagenet_labels_are_sorted_folders_and_the_sampler_is_the_references(tmp_path):

@@ -105,6 +105,9 @@ def source_order(ds: Dataset) -> np.ndarray:
     order when the labels are the sorted class folders (dho prepare's), for flat class folders."""
     if ds.columns.source_index is not None:
         return np.argsort(np.asarray(ds.columns.source_index), kind="stable")
+    if (ds.manifest.get("provenance") or {}).get("command") == "import-coop":  # shuffled into shards, list order lost
+        raise DatasetError(f"{ds.root} was imported by an older dho that did not keep each sample's position in CoOp's "
+                           "split file, the order CoOp's sampler draws from: re-import it with `dho import-coop ... --overwrite`")
     names = ds.columns.files if ds.columns.files is not None else ds.key_bytes
     return np.lexsort((np.asarray(names), np.asarray(ds.labels)))
 
