@@ -20,6 +20,7 @@ from dho.data.manifest import MANIFEST, Dataset, dataset_entries, make_manifest,
 from dho.data.pool import pool_map
 from dho.data.reader import IMAGE_EXTS
 from dho.data.shards import FILE, PIPE, PathLike, expand_braces, is_url, member_key, open_shard
+from dho.data.shards import pipe_timeout as resolve_pipe_timeout
 from dho.errors import DatasetError
 
 # what `index` suggests for a URL given without pipe: (webdataset itself runs curl for http and https)
@@ -52,7 +53,8 @@ class _LastRead:
         return getattr(self.stream, name)
 
 
-def scan_and_hash(path: Union[Path, str], label_key: str) -> tuple[list[str], list[int], str, Optional[list]]:
+def scan_and_hash(path: Union[Path, str], label_key: str,
+                  pipe_timeout: Optional[float] = None) -> tuple[list[str], list[int], str, Optional[list]]:
     """Keys and labels of a tar shard (file or `pipe:` URL) from member names (+ the small label members; no
     image decode), the sha256 of its bytes, in one streamed read, and each sample's byte span [start, end)
     (its members' headers and padded data) when the shard is an uncompressed local file, else None."""
@@ -61,7 +63,7 @@ def scan_and_hash(path: Union[Path, str], label_key: str) -> tuple[list[str], li
     has_image: list[bool] = []
     spans: list[list[int]] = []
     try:
-        with open_shard(path) as stream, tarfile.open(fileobj=(f := _HashedReads(stream)), mode="r|*") as tf:
+        with open_shard(path, pipe_timeout) as stream, tarfile.open(fileobj=(f := _HashedReads(stream)), mode="r|*") as tf:
             seekable = not is_url(path) and getattr(tf.fileobj, "comptype", None) == "tar"  # offsets are file offsets
             tf.fileobj = _LastRead(tf.fileobj)
             for ti in tf:
@@ -106,10 +108,11 @@ def scan_and_hash(path: Union[Path, str], label_key: str) -> tuple[list[str], li
     return keys, labels, f.sha256.hexdigest(), (spans if seekable else None)
 
 
-def scan_shards(paths: Sequence[Union[Path, str]], label_key: str, processes: Optional[int] = None) -> Iterator[tuple]:
+def scan_shards(paths: Sequence[Union[Path, str]], label_key: str, processes: Optional[int] = None,
+                pipe_timeout: Optional[float] = None) -> Iterator[tuple]:
     """(keys, labels, sha256, spans or None) of every shard, in order; shards are scanned in a process pool (one per core)
     when there are several, as tar parsing and hashing are CPU-bound."""
-    yield from pool_map(scan_and_hash, [(p, label_key) for p in paths], processes)
+    yield from pool_map(scan_and_hash, [(p, label_key, pipe_timeout) for p in paths], processes)
 
 
 def _shard_source(shard: PathLike) -> Union[Path, str]:
@@ -130,7 +133,7 @@ def _shard_source(shard: PathLike) -> Union[Path, str]:
 
 
 def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, label_key: str = "cls", overwrite: bool = False,
-          classes_of: Optional[PathLike] = None, processes: Optional[int] = None) -> Dataset:
+          classes_of: Optional[PathLike] = None, processes: Optional[int] = None, pipe_timeout: Optional[float] = None) -> Dataset:
     """Write OUT/manifest.json for existing webdataset shards (given order = global order).
 
     A shard given as a str is spelled as webdataset spells it: brace ranges and lists are expanded
@@ -140,9 +143,11 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
     OUT when they lie below it, else absolute. The class names file has one class per line, `NAME` or `ID<TAB>NAME` (ids recorded as `class_ids`).
     With `classes_of` (a dho dataset or class names file) every class must be one of that list (by
     name): the manifest records `class_subset_of`, as `prepare --classes-of` does. Shards are scanned and
-    hashed in a pool of `processes` (default one per core; 1 = in this process).
+    hashed in a pool of `processes` (default one per core; 1 = in this process). A `pipe:` command that prints
+    nothing for `pipe_timeout` seconds (default $DHO_PIPE_TIMEOUT, else 300) is stopped with an error.
     """
     out = Path(out)
+    pipe_timeout = resolve_pipe_timeout(pipe_timeout)  # checked before any command runs
     label_key = label_key.lower()  # webdataset lowercases member extensions
     classnames, class_ids = read_class_file(Path(classnames_file))
     classes = {"class_ids": class_ids}
@@ -172,7 +177,7 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
         given.add(p)
         paths.append(p)
     out_abs = out.resolve()
-    for p, (keys, labels, sha256, spans) in zip(paths, scan_shards(paths, label_key, processes)):
+    for p, (keys, labels, sha256, spans) in zip(paths, scan_shards(paths, label_key, processes, pipe_timeout)):
         for key in keys:
             if key in owner:
                 raise DatasetError(f"sample key {key!r} appears in shard {owner[key]} and again in shard {p}; keys must be unique across all shards")
