@@ -37,7 +37,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 import torch
 
-from dho.atomic import write_atomic
+from dho.atomic import check_space, write_atomic
 from dho.devices import resolve_device
 from dho.errors import ConfigError
 
@@ -173,6 +173,7 @@ class RunDir:
     def save_checkpoint(self, state: dict, keep: int = 1) -> None:
         """checkpoints/last.pt (fsynced); with keep > 1 also step-S.pt of the newest `keep` (a hard link where the
         file system allows, else a copy). `state` holds plain tensors and Python values (`rng_state()`)."""
+        check_space(self.last, _tensor_bytes(state))  # before a write that would fail half-way (last.pt stays as it was)
         write_atomic(self.last, lambda part: torch.save(state, part), durable=True)
         if keep > 1:
             kept = self.last.with_name(f"step-{state['step']:09d}.pt")
@@ -239,6 +240,17 @@ class RunDir:
         if stored is not None:
             return float(stored["alpha"]), float(stored["beta"]), ALPHA_BETA
         return float(meta["alpha"]), float(meta["beta"]), MODEL
+
+
+def _tensor_bytes(obj) -> int:
+    """The bytes of the tensors in a (nested) state: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def rng_state() -> dict:

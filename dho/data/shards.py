@@ -297,11 +297,17 @@ class _HashedFile:
     """A file opened for writing that hashes (sha256) what is written to it: a shard is never read back."""
 
     def __init__(self, path: Path):
-        self.file, self.sha256 = open(path, "wb"), hashlib.sha256()
+        self.file, self.sha256, self.failed = open(path, "wb"), hashlib.sha256(), False
 
     def write(self, data: bytes) -> int:
+        if self.failed:  # tarfile's finaliser flushing into a file that failed (a full disk): its error was raised once
+            return len(data)
         self.sha256.update(data)
-        return self.file.write(data)
+        try:
+            return self.file.write(data)
+        except OSError:
+            self.failed = True
+            raise
 
     def close(self) -> None:
         self.file.close()

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from dho import evaluate
-from dho.devices import Ranks, any_rank, cpu_threads_beside_workers, mean_over_ranks, resolve_device, setup_ranks
+from dho.devices import Ranks, any_rank, cpu_threads_beside_workers, mean_over_ranks, resolve_device, setup_ranks, torchrun_env
 from dho.distill import schedule
 from dho.distill.config import DistillConfig, check_resume, report_sinks
 from dho.distill.diagnostics import grad_diagnostics, plot_grad_diagnostics
@@ -91,7 +91,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     """Train the student of `cfg` and write its run folder (config.json, metrics.jsonl, checkpoints/, model.pt)."""
     objective = OBJECTIVES[cfg.method]
     device = resolve_device(cfg.device)
-    if cfg.sync_bn and int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type != "cuda":
+    if cfg.sync_bn and torchrun_env()[1] > 1 and device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); drop it on CPU")
     ranks = setup_ranks(device)  # cuda:LOCAL_RANK under torchrun
     autocast_dtype = _autocast_dtype(cfg.precision, device)
