@@ -18,11 +18,17 @@ The two ways to use it:
 `--overwrite` replaces an output only when it holds what this kind of command writes (`guard_out`):
 never a source, a folder inside a source or one that contains it, and never a folder with files the
 command did not write. Out of scope: remote or object stores (rename and pid checks need a local path).
+
+A write that fails for the disk's sake (full, read-only, over quota, not permitted) is one ConfigError naming the
+output (`disk_error`), also for writers that hide the OS error (torch's zip writer says "unexpected pos", numpy's
+"requested and 0 written"): then the folder itself is asked (statvfs). `check_space` refuses a write whose size is
+known before it starts; torch's C++ writers abort the process on a full disk, so they write into memory first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -32,6 +38,9 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from dho.errors import ConfigError
 
+LOW_SPACE = 1 << 20  # bytes: a write that failed in a folder with less free than this failed for want of space
+_REASONS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
 _STAMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|creating)-(?P<pid>\d+)-[0-9a-f]+$")
 
 
@@ -77,6 +86,75 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _free(folder: Path) -> tuple[int, bool]:
+    """(free bytes, read-only?) of the file system holding `folder` (or its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize, bool(st.f_flag & os.ST_RDONLY)
+
+
+def disk_error(exc: BaseException, target: Path) -> Optional[ConfigError]:
+    """The one-line error for a write of `target` that failed because of the disk, or None (another failure)."""
+    def ours(e: OSError) -> bool:  # a permission error reading a source is not the output's
+        return e.errno not in (errno.EACCES, errno.EPERM) or str(e.filename or "").startswith(str(Path(target).parent))
+
+    reason = next((_REASONS[e.errno] for e in (exc, exc.__cause__, exc.__context__)
+                   if isinstance(e, OSError) and e.errno in _REASONS and ours(e)), None)
+    try:
+        free, read_only = _free(Path(target).parent)
+    except OSError:
+        free, read_only = None, False
+    if reason is None and read_only:
+        reason = _REASONS[errno.EROFS]
+    if reason is None and free is not None and free < LOW_SPACE and isinstance(exc, (OSError, RuntimeError)):
+        reason = _REASONS[errno.ENOSPC]
+    if reason is None:
+        return None
+    if reason == _REASONS[errno.ENOSPC] or reason == _REASONS[errno.EDQUOT]:
+        left = f" ({_mib(free)} free there)" if free is not None else ""
+        return ConfigError(f"cannot write {target}: {reason}{left}; free some space or write to another folder")
+    return ConfigError(f"cannot write {target}: {reason}; write to a folder you can write to")
+
+
+def _output(path: Path) -> Path:
+    """The output a part file (`NAME.part` in a staging folder of `replace_files`) becomes; else `path`."""
+    path = Path(path)
+    if path.name.endswith(".part") and _STAMP.match(path.parent.name):
+        return path.parent.parent / path.name[:-len(".part")]
+    return path
+
+
+def check_space(target: Path, nbytes: int) -> None:
+    """Refuse to start a write of about `nbytes` into `target`'s folder (a part file: its output is named) when
+    the disk has not that much free."""
+    target = _output(target)
+    try:
+        free, _ = _free(Path(target).parent)
+    except OSError:
+        return
+    if free < nbytes:
+        raise ConfigError(f"cannot write {target}: no space left on the device (it needs about {_mib(nbytes)}, "
+                          f"{_mib(free)} free there); free some space or write to another folder")
+
+
+@contextlib.contextmanager
+def disk_errors(target: Path) -> Iterator[None]:
+    """Turn a write's failure for the disk's sake into `disk_error`'s one line; other errors pass."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        failure = disk_error(e, target)
+        if failure is None:
+            raise
+        raise failure from None
+
+
 @contextlib.contextmanager
 def replace_files(*paths: Path, durable: bool = False) -> Iterator[list[Path]]:
     """Yield one part path per output file (`NAME.part` in a hidden staging folder beside the first); when
@@ -87,22 +165,25 @@ def replace_files(*paths: Path, durable: bool = False) -> Iterator[list[Path]]:
     folder = paths[0].parent
     if any(p.parent != folder for p in paths):
         raise ValueError(f"replace_files: {[str(p) for p in paths]} are not in one folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    for p in paths:
-        remove_stale(p)
-    stage = temp_sibling(paths[0], "tmp")
-    stage.mkdir()
+    stage = None
     try:
-        parts = [stage / f"{p.name}.part" for p in paths]
-        yield parts
-        for part, path in zip(parts, paths):
+        with disk_errors(paths[0]):  # asked before the stage (which holds the space) is removed
+            folder.mkdir(parents=True, exist_ok=True)
+            for p in paths:
+                remove_stale(p)
+            stage = temp_sibling(paths[0], "tmp")
+            stage.mkdir()
+            parts = [stage / f"{p.name}.part" for p in paths]
+            yield parts
+            for part, path in zip(parts, paths):
+                if durable:
+                    fsync(part)
+                os.replace(part, path)
             if durable:
-                fsync(part)
-            os.replace(part, path)
-        if durable:
-            fsync(folder)
+                fsync(folder)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_atomic(path: Path, write: Callable[[Path], object], *, durable: bool = False) -> Path:
@@ -121,20 +202,21 @@ def replace_folders(*outs: Path) -> Iterator[list[Path]]:
     outs = [Path(o) for o in outs]
     tmps = []
     try:
-        for out in outs:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale(out)
-            tmps.append(temp_sibling(out, "tmp"))
-            tmps[-1].mkdir()
-        yield list(tmps)
-        for tmp, out in zip(tmps, outs):
-            old = None
-            if out.exists():
-                old = temp_sibling(out, "old")
-                os.rename(out, old)
-            os.rename(tmp, out)
-            if old is not None:
-                shutil.rmtree(old)
+        with disk_errors(outs[0]):
+            for out in outs:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale(out)
+                tmps.append(temp_sibling(out, "tmp"))
+                tmps[-1].mkdir()
+            yield list(tmps)
+            for tmp, out in zip(tmps, outs):
+                old = None
+                if out.exists():
+                    old = temp_sibling(out, "old")
+                    os.rename(out, old)
+                os.rename(tmp, out)
+                if old is not None:
+                    shutil.rmtree(old)
     finally:
         for tmp in tmps:
             if tmp.exists():

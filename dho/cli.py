@@ -96,11 +96,13 @@ def index(
     label_key: Annotated[str, typer.Option(help="Sample field holding the integer label; samples without it are unlabeled (-1).")] = "cls",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT/manifest.json. [default: off]")] = False,
     classes_of: Annotated[Optional[Path], typer.Option("--classes-of", help="The class names are a subset of this list (a dho dataset or class names file); recorded in the manifest, every name checked. [default: none]")] = None,
+    pipe_timeout: Annotated[Optional[float], typer.Option("--pipe-timeout", help="Seconds a pipe: command may print nothing before it is stopped with an error (every later reader of the dataset takes $DHO_PIPE_TIMEOUT). [default: $DHO_PIPE_TIMEOUT, else 300]")] = None,
 ) -> None:
     """Write a manifest for webdataset shards you already have (no image decoding)."""
     from dho import data
 
-    ds = data.index(shards, classnames, out, label_key=label_key, overwrite=overwrite, classes_of=classes_of)
+    ds = data.index(shards, classnames, out, label_key=label_key, overwrite=overwrite, classes_of=classes_of,
+                    pipe_timeout=pipe_timeout)
     typer.echo(f"indexed {ds.num_samples} samples in {len(ds.shards)} shards -> {out}")
 
 

@@ -42,8 +42,7 @@ def resolve_device(spec: "str | torch.device") -> "torch.device":
     match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", spec)
     if match is None:
         raise ConfigError(f"--device must be {DEVICE_HELP}; got {spec!r}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    _, world, local_rank = torchrun_env(group=False)
     if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -58,6 +57,34 @@ def resolve_device(spec: "str | torch.device") -> "torch.device":
         raise ConfigError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0 .. "
                           f"cuda:{torch.cuda.device_count() - 1})")
     return torch.device("cuda", index)
+
+
+def torchrun_env(group: bool = True) -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) of torchrun's environment (0, 1, 0 without it), checked where they enter:
+    a stray or half-set variable is one line, not torch's traceback from deep inside init_process_group.
+    `group=False` checks only what the device choice reads (WORLD_SIZE, LOCAL_RANK)."""
+    env = os.environ
+
+    def whole(name: str, default: str, least: int) -> int:
+        text = env.get(name, default).strip()
+        if not re.fullmatch(r"\d+", text) or int(text) < least:
+            raise ConfigError(f"{name}={env.get(name)!r} in the environment is not a whole number >= {least}; torchrun sets "
+                              "RANK, WORLD_SIZE and LOCAL_RANK itself: unset them to run one process")
+        return int(text)
+
+    world = whole("WORLD_SIZE", "1", 1)
+    local_rank = whole("LOCAL_RANK", "0", 0)
+    if not group:
+        return 0, world, local_rank
+    rank = whole("RANK", "0", 0)
+    if rank >= world:
+        raise ConfigError(f"RANK={rank} in the environment is not below WORLD_SIZE={world}; torchrun sets both itself: "
+                          "unset them to run one process")
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not env.get(v)]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={world} in the environment but {' and '.join(missing)} not set; start several ranks "
+                          "with torchrun (it sets them all), or unset WORLD_SIZE and RANK to run one process")
+    return rank, world, local_rank
 
 
 @dataclass(frozen=True)
@@ -84,7 +111,7 @@ def setup_ranks(device: "torch.device", rank: Optional[int] = None, world_size: 
 
     if device.type == "cuda":  # resolve_device gave this rank cuda:LOCAL_RANK under torchrun
         torch.cuda.set_device(device)
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    env_world = torchrun_env()[1]
     if rank is not None or world_size is not None:
         if rank is None or world_size is None:
             raise ConfigError("give both --rank and --world-size (job arrays), or neither")

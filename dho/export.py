@@ -51,6 +51,7 @@ one pixel (aspect ratio over 2S/3 : 1), which the pt2 graph's shape guards refus
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import warnings
 from pathlib import Path
@@ -61,7 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dho
-from dho.atomic import replace_files
+from dho.atomic import LOW_SPACE, check_space, replace_files
 from dho.data import file_sha256
 from dho.errors import ConfigError
 from dho.evaluate import load_run, run_alpha_beta
@@ -349,6 +350,11 @@ def _write_model(wrapper: DeployableDHO, probs: StudentProbs, format: str, path:
             except Exception as e:
                 raise _not_exportable(run_dir, student, format, e) from e
             _check(run_dir, student, format, module, wrapper, checks)
+            # torch's C++ writer aborts the process on a full disk: measured in memory first (a path, not a buffer,
+            # names the archive inside after the file, as before)
+            size = io.BytesIO()
+            torch.jit.save(module, size, _extra_files={META_FILE: text})
+            check_space(path, size.tell() + LOW_SPACE)
             torch.jit.save(module, str(path), _extra_files={META_FILE: text})
         return
     dims = {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=1), 3: torch.export.Dim("width", min=1)}
@@ -358,8 +364,10 @@ def _write_model(wrapper: DeployableDHO, probs: StudentProbs, format: str, path:
         raise _not_exportable(run_dir, student, format, e) from e
     if format == "pt2":
         _check(run_dir, student, format, program.module(), wrapper, checks)
-        with open(path, "wb") as f:
-            torch.export.save(program, f, extra_files={META_FILE: text})
+        buffer = io.BytesIO()  # in memory first: torch's writer aborts the process on a full disk
+        torch.export.save(program, buffer, extra_files={META_FILE: text})
+        check_space(path, buffer.tell())
+        path.write_bytes(buffer.getbuffer())
         return
     import onnxruntime
 

@@ -14,6 +14,7 @@ a run (evaluate, predict, export, analyze, features, bench-inference).
     RUN/grad_cosine.png               the gradient-conflict diagnostics (--log-grad-cosine)
     RUN/tensorboard/, RUN/wandb/, RUN/wandb_id.txt    the optional metric sinks (--report-to)
     RUN/analysis/<data>/, RUN/inference_cost.json     written by `dho analyze` and `dho bench-inference`
+    RUN/.lock                         held by the `dho distill` writing the folder (its pid and host inside)
 
 Every file is written whole or not at all (`dho.atomic.write_atomic`); checkpoints are also fsynced.
 Out of scope: what the files hold beyond their names (the loop, the metrics and evaluate own that) and
@@ -22,17 +23,21 @@ run folders on object stores.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import random
 import shutil
+import socket
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
 
-from dho.atomic import write_atomic
+from dho.atomic import check_space, write_atomic
 from dho.devices import resolve_device
 from dho.errors import ConfigError
 
@@ -53,6 +58,7 @@ WANDB_ID = "wandb_id.txt"
 ANALYSIS = "analysis"
 INFERENCE_COST = "inference_cost.json"
 SELECTION = ".select"  # scratch folder of the alpha/beta search of --select-best-on-val
+LOCK = ".lock"  # one `dho distill` at a time per run folder (`RunDir.held`)
 
 
 def write_json(path: Path, obj: dict) -> Path:
@@ -79,12 +85,53 @@ class RunDir:
         self.wandb_id = self.path / WANDB_ID
         self.selection = self.path / SELECTION
         self.inference_cost = self.path / INFERENCE_COST
+        self.lock = self.path / LOCK
 
     def analysis(self, name: str) -> Path:
         """RUN/analysis/<name>/ of `dho analyze`."""
         return self.path / ANALYSIS / name
 
     # ------------------------------------------------------------------ starting and resuming
+
+    @contextlib.contextmanager
+    def held(self, enabled: bool = True) -> Iterator[None]:
+        """Hold RUN/.lock while the block runs (rank 0 under torchrun: the ranks of one job write through it), so a
+        second `dho distill` on the same --out is refused instead of racing the first for its files.
+
+        A POSIX record lock (fcntl.lockf), not flock: the kernel drops it when the process ends however it ends
+        (a run killed with -9 leaves no stale lock), and forked DataLoader workers do not inherit it (an flock
+        would stay held by orphaned workers until they notice). The file names the holder's pid and host, for
+        the refusal; it stays in the folder (removing a lock file races the next locker)."""
+        if not enabled:
+            yield
+            return
+        self._check_folder()
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 200).decode("utf-8", "replace").split() if e.errno in (errno.EACCES, errno.EAGAIN) else None
+            os.close(fd)
+            if holder is None:
+                raise
+            who = f"pid {holder[1]} on host {holder[3]}" if len(holder) == 4 else "another process"
+            raise ConfigError(f"--out {self.path} is in use by another dho distill ({who}, see {self.lock}); wait for "
+                              "it to end or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} host {socket.gethostname()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _check_folder(self) -> None:
+        """--out must be a folder that is new, empty or a dho run: nothing of the user's is touched."""
+        out = self.path
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is a file; give a run folder")
+        if out.is_dir() and not self.config.is_file() and any(p.name != LOCK for p in out.iterdir()):
+            raise ConfigError(f"--out {out} holds files but no dho run (no {CONFIG}); choose a new or empty folder")
 
     def start(self, resume: bool) -> tuple[bool, str]:
         """Decide what `--out` holds and what `dho distill` does with it -> (resume?, note for the log).
@@ -95,10 +142,7 @@ class RunDir:
         options may change on --resume is the config's to say: `dho.distill.config.check_resume`.)
         """
         out, is_run = self.path, self.config.is_file()
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out} is a file; give a run folder")
-        if out.is_dir() and any(out.iterdir()) and not is_run:
-            raise ConfigError(f"--out {out} holds files but no dho run (no {CONFIG}); choose a new or empty folder")
+        self._check_folder()
         note = ""
         if resume and not self.last.is_file():
             if not is_run:
@@ -129,6 +173,7 @@ class RunDir:
     def save_checkpoint(self, state: dict, keep: int = 1) -> None:
         """checkpoints/last.pt (fsynced); with keep > 1 also step-S.pt of the newest `keep` (a hard link where the
         file system allows, else a copy). `state` holds plain tensors and Python values (`rng_state()`)."""
+        check_space(self.last, _tensor_bytes(state))  # before a write that would fail half-way (last.pt stays as it was)
         write_atomic(self.last, lambda part: torch.save(state, part), durable=True)
         if keep > 1:
             kept = self.last.with_name(f"step-{state['step']:09d}.pt")
@@ -195,6 +240,17 @@ class RunDir:
         if stored is not None:
             return float(stored["alpha"]), float(stored["beta"]), ALPHA_BETA
         return float(meta["alpha"]), float(meta["beta"]), MODEL
+
+
+def _tensor_bytes(obj) -> int:
+    """The bytes of the tensors in a (nested) state: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def rng_state() -> dict:

@@ -5,6 +5,7 @@ Session-scoped fixtures are shared by many tests: treat them as read-only (copy 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -39,3 +40,30 @@ def tiny_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     src = make_image_folder(root / "images", num_classes=3, per_class=8)
     return data.prepare(src, root / "dataset", shard_size=5)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """disk(size, read_only=False, full=False) -> a folder on a tmpfs of that size mounted for this test (root only:
+    the tests that need one are skipped elsewhere); `full` fills it up (a file takes every free byte)."""
+    import subprocess
+
+    mounted = []
+
+    def disk(size: str, read_only: bool = False, full: bool = False) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True).returncode:
+            pytest.skip("mounting a tmpfs is not permitted here (the test needs root)")
+        mounted.append(where)
+        if full:
+            with open(where / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
+        return where
+
+    yield disk
+    for where in reversed(mounted):
+        subprocess.run(["umount", "--lazy", str(where)], capture_output=True)  # lazy: a failed torch writer may hold a file

@@ -299,6 +299,34 @@ def test_ctrl_c_stops_index_at_once_with_its_commands(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_pipe_command_that_prints_nothing_is_stopped_after_the_pipe_timeout(tiny_dataset, tmp_path, monkeypatch):
+    """`pipe:sleep 100` would hold `dho index` (and every reader) forever: after --pipe-timeout / $DHO_PIPE_TIMEOUT
+    seconds without a byte the command is killed (the sleep too, which dash does not exec) and one line names it."""
+    (tmp_path / "classes.txt").write_text("a\n")
+    marker = f"{tmp_path}/alive"  # the command's child, findable by its arguments
+    cmd = [sys.executable, "-m", "dho", "index", f"pipe:sleep 100; echo {marker}", "--classnames", str(tmp_path / "classes.txt"),
+           "--out", str(tmp_path / "out")]
+    start = time.monotonic()
+    done = subprocess.run([*cmd, "--pipe-timeout", "1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and time.monotonic() - start < 30, done.stderr
+    assert done.stderr == (f"error: shard pipe:sleep 100; echo {marker}: the command printed nothing for 1 s; check that it runs "
+                           "in a shell, or allow it longer with $DHO_PIPE_TIMEOUT (or dho index --pipe-timeout)\n")
+    assert not (tmp_path / "out").exists()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert f"sleep 100; echo {marker}" not in ps  # the shell is gone (its sleep has no unique arguments to look for)
+    for value, said in (("0", "$DHO_PIPE_TIMEOUT must be a positive number of seconds, not '0'"), ("soon", "not 'soon'")):
+        bad = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=dict(os.environ, DHO_PIPE_TIMEOUT=value))
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and said in bad.stderr, bad.stderr
+    # every reader: a dataset whose shard stalls, read with $DHO_PIPE_TIMEOUT
+    names, local, piped = _local_and_piped(tiny_dataset, tmp_path)
+    manifest = json.loads((tmp_path / "piped" / "manifest.json").read_text())
+    manifest["shards"][0]["path"] = "pipe:sleep 100"
+    (tmp_path / "piped" / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("DHO_PIPE_TIMEOUT", "0.5")
+    with pytest.raises(DatasetError, match=r"^shard pipe:sleep 100: the command printed nothing for 0\.5 s; "):
+        list(data.iter_shard(data.Dataset.open(tmp_path / "piped"), 0))
+
+
 def test_expand_braces_as_braceexpand_does():
     import braceexpand  # webdataset's
 

@@ -288,6 +288,53 @@ def test_sigkill_then_resume_gives_the_same_weights(world, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_a_second_distill_on_the_same_out_is_refused_until_the_first_is_gone(world, tmp_path):
+    """RUN/.lock: a second `dho distill` on a running run's folder exits 2 naming the holder; after the first is
+    killed -9 (its DataLoader workers may outlive it a moment: they never held the lock) a resume proceeds."""
+    args = ["--student", "resnet-tiny", "--epochs", "3", "--checkpoint-every", "2", "--workers", "2"]
+    run = tmp_path / "run"
+    first = subprocess.Popen([str(DHO), "distill", *_cli_args(world, run, *args)], env=_env(DHO_TEST_STEP_SLEEP="3"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "last.pt").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert (run / ".lock").read_text() == f"pid {first.pid} host {os.uname().nodename}\n"
+    t0 = time.time()
+    second = subprocess.run([str(DHO), "distill", *_cli_args(world, run, *args, "--resume")], env=_env(), capture_output=True,
+                            text=True, timeout=120)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (run / "model.pt").exists(), f"the first run ended while the second started ({time.time() - t0:.0f} s)"
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.strip() == (f"error: --out {run} is in use by another dho distill (pid {first.pid} on host "
+                                     f"{os.uname().nodename}, see {run / '.lock'}); wait for it to end or choose another --out")
+    resumed = subprocess.run([str(DHO), "distill", *_cli_args(world, run, *args, "--resume")], env=_env(), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step" in resumed.stdout and (run / "model.pt").is_file()
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_line_and_the_resume_is_bit_identical(world, tmp_path, small_disk):
+    """A disk with room for one checkpoint: the next one (written beside the old, then renamed) is refused before
+    it starts, one line; last.pt stays the previous one, and once there is room the resume ends as an uninterrupted run."""
+    args = ["--student", "resnet-tiny", "--epochs", "1", "--checkpoint-every", "2", "--workers", "0"]
+    full = tmp_path / "full"
+    subprocess.run([str(DHO), "distill", *_cli_args(world, full, *args)], check=True, env=_env(), capture_output=True, timeout=300)
+    size = (full / "checkpoints" / "last.pt").stat().st_size
+    run = small_disk(f"{int(1.5 * size) + (64 << 10)}") / "run"
+    done = subprocess.run([str(DHO), "distill", *_cli_args(world, run, *args)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"error: cannot write {run / 'checkpoints' / 'last.pt'}: no space left on the device"), done.stderr
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["step"] == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"] and not (run / "model.pt").exists()
+    subprocess.run(["mount", "-o", "remount,size=16m", str(run.parent)], check=True)  # the user frees some space
+    resumed = subprocess.run([str(DHO), "distill", "--resume", str(run)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resuming at step 2" in resumed.stdout, resumed.stderr
+    a, b = _state(full), _state(run)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_torchrun_two_ranks_match_one_process(world, tmp_path):
     args = ["--student", str(TINY_CLIP_CONFIG), "--epochs", "1", "--lr", "1e-3"]
     single = tmp_path / "single"

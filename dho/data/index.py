@@ -21,6 +21,7 @@ from dho.data.manifest import MANIFEST, Dataset, dataset_entries, make_manifest,
 from dho.data.pool import pool_map
 from dho.data.reader import IMAGE_EXTS
 from dho.data.shards import FILE, PIPE, PathLike, expand_braces, is_url, member_key, open_shard, sample_digest
+from dho.data.shards import pipe_timeout as resolve_pipe_timeout
 from dho.errors import DatasetError
 
 # what `index` suggests for a URL given without pipe: (webdataset itself runs curl for http and https)
@@ -54,7 +55,7 @@ class _LastRead:
         return getattr(self.stream, name)
 
 
-def scan_and_hash(path: Union[Path, str], label_key: str) -> dict:
+def scan_and_hash(path: Union[Path, str], label_key: str, pipe_timeout: Optional[float] = None) -> dict:
     """{keys, labels, sha256, spans, digests, size} of a tar shard (file or `pipe:` URL), in one streamed read:
     keys and labels from member names (+ the small label members; no image decode), each sample's
     `sample_digest` of its members, the sha256 and size of the shard's bytes, and each sample's byte span
@@ -66,7 +67,7 @@ def scan_and_hash(path: Union[Path, str], label_key: str) -> dict:
     digests: list[int] = []
     members: dict = {}  # the current sample's members (ext -> bytes), for its digest
     try:
-        with open_shard(path) as stream, tarfile.open(fileobj=(f := _HashedReads(stream)), mode="r|*") as tf:
+        with open_shard(path, pipe_timeout) as stream, tarfile.open(fileobj=(f := _HashedReads(stream)), mode="r|*") as tf:
             seekable = not is_url(path) and getattr(tf.fileobj, "comptype", None) == "tar"  # offsets are file offsets
             tf.fileobj = _LastRead(tf.fileobj)
             for ti in tf:
@@ -117,10 +118,11 @@ def scan_and_hash(path: Union[Path, str], label_key: str) -> dict:
             "digests": digests, "size": f.size}
 
 
-def scan_shards(paths: Sequence[Union[Path, str]], label_key: str, processes: Optional[int] = None) -> Iterator[dict]:
+def scan_shards(paths: Sequence[Union[Path, str]], label_key: str, processes: Optional[int] = None,
+                pipe_timeout: Optional[float] = None) -> Iterator[dict]:
     """`scan_and_hash` of every shard, in order; shards are scanned in a process pool (one per core)
     when there are several, as tar parsing and hashing are CPU-bound."""
-    yield from pool_map(scan_and_hash, [(p, label_key) for p in paths], processes)
+    yield from pool_map(scan_and_hash, [(p, label_key, pipe_timeout) for p in paths], processes)
 
 
 def _shard_source(shard: PathLike) -> Union[Path, str]:
@@ -141,7 +143,7 @@ def _shard_source(shard: PathLike) -> Union[Path, str]:
 
 
 def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, label_key: str = "cls", overwrite: bool = False,
-          classes_of: Optional[PathLike] = None, processes: Optional[int] = None) -> Dataset:
+          classes_of: Optional[PathLike] = None, processes: Optional[int] = None, pipe_timeout: Optional[float] = None) -> Dataset:
     """Write OUT/manifest.json for existing webdataset shards (given order = global order).
 
     A shard given as a str is spelled as webdataset spells it: brace ranges and lists are expanded
@@ -151,9 +153,11 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
     OUT when they lie below it, else absolute. The class names file has one class per line, `NAME` or `ID<TAB>NAME` (ids recorded as `class_ids`).
     With `classes_of` (a dho dataset or class names file) every class must be one of that list (by
     name): the manifest records `class_subset_of`, as `prepare --classes-of` does. Shards are scanned and
-    hashed in a pool of `processes` (default one per core; 1 = in this process).
+    hashed in a pool of `processes` (default one per core; 1 = in this process). A `pipe:` command that prints
+    nothing for `pipe_timeout` seconds (default $DHO_PIPE_TIMEOUT, else 300) is stopped with an error.
     """
     out = Path(out)
+    pipe_timeout = resolve_pipe_timeout(pipe_timeout)  # checked before any command runs
     label_key = label_key.lower()  # webdataset lowercases member extensions
     classnames, class_ids = read_class_file(Path(classnames_file))
     classes = {"class_ids": class_ids}
@@ -183,7 +187,7 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
         given.add(p)
         paths.append(p)
     out_abs = out.resolve()
-    for p, scan in zip(paths, scan_shards(paths, label_key, processes)):
+    for p, scan in zip(paths, scan_shards(paths, label_key, processes, pipe_timeout)):
         keys, labels = scan["keys"], scan["labels"]
         for key in keys:
             if key in owner:

@@ -20,6 +20,7 @@ import itertools
 import math
 import os
 import re
+import select
 import subprocess
 import tarfile
 import tempfile
@@ -27,10 +28,12 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Union
 
-from dho.errors import DatasetError
+from dho.errors import ConfigError, DatasetError
 
 PathLike = Union[str, os.PathLike]
 PIPE, FILE = "pipe:", "file:"
+PIPE_TIMEOUT = 300.0  # seconds a pipe: command may print nothing before it counts as stalled (DHO_PIPE_TIMEOUT)
+PIPE_TIMEOUT_ENV = "DHO_PIPE_TIMEOUT"
 MAX_EXPANSION = 1_000_000  # names one brace pattern may expand to
 _INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")  # {first..last} or {first..last..step}
 
@@ -54,12 +57,54 @@ def shard_path(path: str, root: Path) -> Union[Path, str]:
     return local if local.is_absolute() else root / local
 
 
+def pipe_timeout(seconds: Optional[float] = None, option: str = "--pipe-timeout") -> float:
+    """The stall limit of `pipe:` commands: `seconds` (from `option`) if given, else $DHO_PIPE_TIMEOUT, else PIPE_TIMEOUT."""
+    given: object = seconds
+    if seconds is None:
+        given, option = os.environ.get(PIPE_TIMEOUT_ENV, "").strip(), f"${PIPE_TIMEOUT_ENV}"
+        if not given:
+            return PIPE_TIMEOUT
+        try:
+            seconds = float(given)
+        except ValueError:
+            seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ConfigError(f"{option} must be a positive number of seconds, not {given!r}")
+    return float(seconds)
+
+
+class _StallGuard:
+    """A `pipe:` command's stdout whose reads wait at most `timeout` seconds for the next bytes (a command that
+    hangs, e.g. on a dead network, would otherwise hold its reader forever). read(n) returns n bytes unless
+    the stream ends, as a buffered pipe does."""
+
+    def __init__(self, raw, url: str, timeout: float):
+        self.raw, self.url, self.timeout = raw, url, timeout
+
+    def read(self, n: int = -1) -> bytes:
+        chunks, want = [], n
+        while n < 0 or want > 0:
+            if not select.select([self.raw], [], [], self.timeout)[0]:
+                raise DatasetError(f"shard {self.url}: the command printed nothing for {self.timeout:g} s; check that it "
+                                   f"runs in a shell, or allow it longer with ${PIPE_TIMEOUT_ENV} (or dho index --pipe-timeout)")
+            chunk = self.raw.read(1 << 20 if n < 0 else min(want, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            want -= len(chunk)
+        return b"".join(chunks)
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+
 @contextlib.contextmanager
-def open_shard(path: Union[PathLike, str]) -> Iterator[BinaryIO]:
+def open_shard(path: Union[PathLike, str], stall_timeout: Optional[float] = None) -> Iterator[BinaryIO]:
     """A shard's bytes as a stream: a local file (`file:PATH` too), or what the command of a `pipe:` URL
     prints, run by the shell as webdataset runs it. The command's exit status is checked once the stream
-    is read to its end; a failing command (or a missing file) is a one-line DatasetError naming the URL.
-    A reader that stops early ends the command."""
+    is read to its end; a failing command (or a missing file) is a one-line DatasetError naming the URL,
+    and so is one that prints nothing for `stall_timeout` seconds (`pipe_timeout`: $DHO_PIPE_TIMEOUT,
+    default 300), which is then killed. A reader that stops early ends the command."""
     if not is_url(path):
         local = path[len(FILE):] if isinstance(path, str) and path.startswith(FILE) else path
         try:
@@ -69,11 +114,13 @@ def open_shard(path: Union[PathLike, str]) -> Iterator[BinaryIO]:
         with f:
             yield f
         return
+    timeout = pipe_timeout(stall_timeout)
     with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty command cannot block on it
-        proc = subprocess.Popen(path[len(PIPE):], shell=True, stdout=subprocess.PIPE, stderr=stderr)
+        proc = subprocess.Popen(path[len(PIPE):], shell=True, stdout=subprocess.PIPE, stderr=stderr, bufsize=0)
+        stream = _StallGuard(proc.stdout, path, timeout)
         try:
-            yield proc.stdout
-            while proc.stdout.read(1 << 20):  # the rest (a tar's zero padding), so the command ends by itself
+            yield stream
+            while stream.read(1 << 20):  # the rest (a tar's zero padding), so the command ends by itself
                 pass
         except Exception:
             # an empty or cut stream is most often a command that failed: then that is the error to report
@@ -81,18 +128,34 @@ def open_shard(path: Union[PathLike, str]) -> Iterator[BinaryIO]:
                 status = proc.wait(timeout=1)
             except subprocess.TimeoutExpired:  # still printing: the stream itself was bad
                 status = 0
-                proc.kill()
-                proc.wait()
+                _kill(proc)
             proc.stdout.close()
             _check_command(path, status, stderr)
             raise
         except BaseException:  # the reader stopped early (GeneratorExit) or Ctrl-C
-            proc.kill()
-            proc.wait()
+            _kill(proc)
             proc.stdout.close()
             raise
         proc.stdout.close()
         _check_command(path, proc.wait(), stderr)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill a `pipe:` command: its shell and the shell's children (a shell that does not exec the command, as
+    dash does not, would leave a stalled command running, orphaned)."""
+    children = []
+    with contextlib.suppress(OSError):  # /proc: Linux; elsewhere the shell alone
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    with open(f"/proc/{entry.name}/stat", "rb") as f:
+                        if int(f.read().rsplit(b")", 1)[1].split()[1]) == proc.pid:  # field 4: the parent's pid
+                            children.append(int(entry.name))
+    proc.kill()
+    for pid in children:
+        with contextlib.suppress(OSError):
+            os.kill(pid, 9)
+    proc.wait()
 
 
 def _check_command(url: str, status: int, stderr) -> None:
@@ -261,12 +324,18 @@ class _HashedFile:
     """A file opened for writing that hashes (sha256) what is written to it: a shard is never read back."""
 
     def __init__(self, path: Path):
-        self.file, self.sha256, self.size = open(path, "wb"), hashlib.sha256(), 0
+        self.file, self.sha256, self.size, self.failed = open(path, "wb"), hashlib.sha256(), 0, False
 
     def write(self, data: bytes) -> int:
+        if self.failed:  # tarfile's finaliser flushing into a file that failed (a full disk): its error was raised once
+            return len(data)
         self.sha256.update(data)
         self.size += len(data)
-        return self.file.write(data)
+        try:
+            return self.file.write(data)
+        except OSError:
+            self.failed = True
+            raise
 
     def close(self) -> None:
         self.file.close()

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from dho import evaluate
-from dho.devices import Ranks, any_rank, cpu_threads_beside_workers, mean_over_ranks, resolve_device, setup_ranks
+from dho.devices import Ranks, any_rank, cpu_threads_beside_workers, mean_over_ranks, resolve_device, setup_ranks, torchrun_env
 from dho.distill import schedule
 from dho.distill.config import DistillConfig, check_resume, report_sinks
 from dho.distill.diagnostics import grad_diagnostics, plot_grad_diagnostics
@@ -91,7 +91,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     """Train the student of `cfg` and write its run folder (config.json, metrics.jsonl, checkpoints/, model.pt)."""
     objective = OBJECTIVES[cfg.method]
     device = resolve_device(cfg.device)
-    if cfg.sync_bn and int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type != "cuda":
+    if cfg.sync_bn and torchrun_env()[1] > 1 and device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); drop it on CPU")
     ranks = setup_ranks(device)  # cuda:LOCAL_RANK under torchrun
     autocast_dtype = _autocast_dtype(cfg.precision, device)
@@ -102,24 +102,25 @@ def distill(cfg: DistillConfig, resume: bool = False) -> Path:
     plan = schedule.plan(cfg, streams.size_l, streams.size_u, ranks.world_size)
     val = evaluate.open_labeled(cfg.val, streams.classnames, "--val") if cfg.val is not None else None
     run = RunDir(cfg.out)
-    resume, note = _start_run_dir(run, cfg, resume, ranks)
-    t = _setup_model(cfg, objective, ranks, plan, run, streams, autocast_dtype)
-    t.val = val
-    if resume:
-        _restore(t)
-    _setup_parallel(t)
-    t.batches = DeviceBatches(
-        make_loader(streams, objective, cfg, rank=ranks.rank, world_size=ranks.world_size, micro=plan.micro,
-                    start_step=t.start_step, image_size=t.student.preprocess.image_size,
-                    interpolation=t.student.preprocess.interpolation, pin_memory=device.type == "cuda"),
-        max(cfg.workers, 1), device, len(streams.classnames), t.student.preprocess, _memory_format(t.student, device))
-    t.log = Metrics(run, enabled=ranks.is_main, resume_step=t.start_step if resume else None,
-                    sinks=report_sinks(cfg.report_to), config=cfg.to_dict())
-    _say_plan(t, note, resume)
+    with run.held(ranks.is_main):  # one dho distill per --out, for the whole run
+        resume, note = _start_run_dir(run, cfg, resume, ranks)
+        t = _setup_model(cfg, objective, ranks, plan, run, streams, autocast_dtype)
+        t.val = val
+        if resume:
+            _restore(t)
+        _setup_parallel(t)
+        t.batches = DeviceBatches(
+            make_loader(streams, objective, cfg, rank=ranks.rank, world_size=ranks.world_size, micro=plan.micro,
+                        start_step=t.start_step, image_size=t.student.preprocess.image_size,
+                        interpolation=t.student.preprocess.interpolation, pin_memory=device.type == "cuda"),
+            max(cfg.workers, 1), device, len(streams.classnames), t.student.preprocess, _memory_format(t.student, device))
+        t.log = Metrics(run, enabled=ranks.is_main, resume_step=t.start_step if resume else None,
+                        sinks=report_sinks(cfg.report_to), config=cfg.to_dict())
+        _say_plan(t, note, resume)
 
-    with StopSignal() as stop:
-        step = _train(t, stop)
-    _finish(t, step)
+        with StopSignal() as stop:
+            step = _train(t, stop)
+        _finish(t, step)
     return run.path
 
 
