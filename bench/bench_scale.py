@@ -7,13 +7,16 @@
 
 For each N the bench builds a dataset and its teacher caches with dho's own entry points, then measures:
 - dataset: webdataset tar shards of `--shard-size` samples (one 8x8 JPEG reused, a random label of C
-  classes, ImageNet-like keys), `manifest.json` by `data.index` (index s) and a labeled split by
+  classes, ImageNet-like keys), `manifest.json` by the real `dho index` in a fresh process (index s, and
+  index peak MB: its main process's peak RSS, imports included) and a labeled split by
   `data.split --keys` with a keys file of 10% of the keys (split s);
 - cache: a top-k teacher cache for the whole set and one for the split, created with
   `TeacherCache.create_or_open` and filled unit by unit through the real writer (`write_valid`,
   `write_unit`, `finalize`) with synthetic teacher outputs; files in the store and its size;
 - open: `Dataset.open` + `TeacherCache.open(dataset=...)` + completeness (`is_complete`, `valid`) in a
   fresh process, imports not counted;
+- open streams: distill's data set-up (`open_streams`: both datasets and caches opened and checked, the
+  union check, the exclude-labeled pool) in a fresh process, and a resume's seek 90% into a pass;
 - launch: the real `dho distill` CLI (resnet-tiny, split = labeled, whole set = unlabeled, 1 step,
   `--workers W`) in a subprocess: seconds from process start to its first line of output after set-up
   (imports, datasets and caches opened, student built) and to its first metrics line (the first step);
@@ -22,7 +25,8 @@ For each N the bench builds a dataset and its teacher caches with dho's own entr
   really adds; its PSS also counts a share of the pages it still shares with the main process.
 Every metric is then fitted over the sizes measured with a power law m = a * N^b (least squares on
 log m vs log N) and with a fixed plus per-sample cost m = a + c * N, and both are projected to N = 14M
-(ImageNet-21k: 14.2M images, 21,841 classes) and 100M, beside the issue's targets. The two part ways
+(ImageNet-21k: 14.2M images, 21,841 classes) and 100M, beside the issue's targets; the exponents of
+launch, data set-up, seek and index memory are checked against b <= 1.05 (issue 28). The two part ways
 for metrics with a large fixed cost (see `project`); measure up to 1M before trusting either.
 Timings are of this machine.
 
@@ -66,10 +70,18 @@ TARGETS = {
     "cache_files": (50_000, "files in the cache store"),
     "split_s": (30, "split --keys with the 10% keys file (1.4M lines at 14M)"),
 }
+# issue 28: what may grow at most about linearly with N (fitted exponent b of a N^b over the sizes measured)
+EXPONENT_TARGETS = {
+    "first_step_s": (1.05, "distill launch to first step"),
+    "streams_s": (1.05, "distill's data set-up: union check, exclude-labeled pool"),
+    "seek_s": (1.05, "resume: seeking 90% into a pass"),
+    "index_peak_mb": (1.05, "dho index peak memory"),
+}
 # (key, column header) of the report, in order; every column but the first two is fitted and projected
 COLUMNS = [
-    ("n", "N"), ("shards", "shards"), ("write_s", "write shards s"), ("index_s", "index s"), ("split_s", "split s"),
-    ("cache_write_s", "cache write s"), ("cache_files", "cache files"), ("cache_mb", "cache MB"), ("open_s", "open s"),
+    ("n", "N"), ("shards", "shards"), ("write_s", "write shards s"), ("index_s", "index s"), ("index_peak_mb", "index peak MB"),
+    ("split_s", "split s"), ("cache_write_s", "cache write s"), ("cache_files", "cache files"), ("cache_mb", "cache MB"),
+    ("open_s", "open s"), ("streams_s", "open streams s"), ("seek_s", "resume seek s"),
     ("setup_s", "launch to set-up s"), ("first_step_s", "launch to step 1 s"), ("main_rss_mb", "main RSS MB"),
     ("main_pss_mb", "main PSS MB"), ("worker_pss_mb", "worker PSS MB"), ("worker_uss_mb", "worker USS MB"),
 ]  # the JSON also has main_uss_mb: not in the table, as it swings with the pages the workers share while they live
@@ -200,6 +212,77 @@ def open_time(ds_path: Path, cache_path: Path) -> dict:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+INDEX_SCRIPT = """
+import json, resource, sys, time
+from dho import cli
+def hwm():  # peak RSS of this address space in MB (VmHWM starts afresh at exec; ru_maxrss keeps the parent's)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+sys.argv = ["dho", "index", *sys.argv[1:]]
+base = hwm()
+t0, code = time.perf_counter(), 0
+try:
+    cli.main()
+except SystemExit as e:
+    code = e.code
+print(json.dumps({"code": code, "index_s": time.perf_counter() - t0, "base_mb": base, "peak_mb": hwm(),
+                  "workers_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def index_run(shards: list[Path], classnames: Path, out: Path) -> dict:
+    """The real `dho index` (its CLI entry, shards as a brace range) in a fresh process: seconds of the command
+    (imports not counted) and the peak RSS of its main process (VmHWM; `base_mb` before the command ran,
+    after the imports) and of its pool workers (`workers_peak_mb`, ru_maxrss: forked, they count shared pages)."""
+    first, last = shards[0].stem.split("-")[1], shards[-1].stem.split("-")[1]
+    pattern = str(shards[0].parent / f"shard-{{{first}..{last}}}.tar") if len(shards) > 1 else str(shards[0])
+    proc = subprocess.run([sys.executable, "-c", INDEX_SCRIPT, pattern, "--classnames", str(classnames), "--out", str(out)],
+                          env=child_env(), capture_output=True, text=True)
+    result = json.loads(proc.stdout.splitlines()[-1]) if proc.stdout.strip() else {"code": proc.returncode}
+    if result["code"] not in (0, None):
+        raise RuntimeError(f"dho index exited with {result['code']}:\n{proc.stderr[-3000:]}")
+    return {"index_s": result["index_s"], "index_peak_mb": result["peak_mb"], "index_base_mb": result["base_mb"],
+            "index_workers_peak_mb": result["workers_peak_mb"]}
+
+
+STREAMS_SCRIPT = """
+import json, sys, time
+from types import SimpleNamespace
+import numpy as np
+from dho.distill.streams import open_streams
+from dho.stream import consumer_records
+labeled, labeled_cache, unlabeled, unlabeled_cache = sys.argv[1:5]
+out = {}
+for pool in ("union", "exclude-labeled"):
+    cfg = SimpleNamespace(labeled=labeled, labeled_cache=labeled_cache, unlabeled=unlabeled, unlabeled_cache=unlabeled_cache,
+                          unlabeled_pool=pool, method="dho")
+    t0 = time.perf_counter()
+    streams = open_streams(cfg, SimpleNamespace(reads_unlabeled=True, feature_kd=False))
+    out[pool] = time.perf_counter() - t0
+    out[pool + "_size"] = streams.size_u
+parts = streams.unlabeled
+start = int(0.9 * streams.size_u) // 2  # 90% into the first pass of consumer 0 of 2: a resume late in an epoch
+t0 = time.perf_counter()
+records = consumer_records([[s.count for s in p.dataset.shards] for p in parts], [p.usable for p in parts], stream="u", seed=0,
+                           consumer=0, num_consumers=2, window=2, valid_per_shard=[p.usable_per_shard for p in parts], start=start)
+next(records)
+out["seek"] = time.perf_counter() - t0
+out["seek_records"] = start
+print(json.dumps(out))
+"""
+
+
+def streams_time(labeled: Path, labeled_cache: Path, unlabeled: Path, unlabeled_cache: Path) -> dict:
+    """In a fresh process (imports not counted): seconds of `distill`'s data set-up, `open_streams` (both datasets
+    and caches opened and checked against each other, the unlabeled stream's usable samples), with
+    --unlabeled-pool union and with exclude-labeled, and of a resume's seek 90% into a pass (`consumer_records`
+    with `start`, to its first record) of one of two consumers."""
+    proc = subprocess.run([sys.executable, "-c", STREAMS_SCRIPT, str(labeled), str(labeled_cache), str(unlabeled), str(unlabeled_cache)],
+                          env=child_env(), capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"open_streams failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 def memory(pid: int) -> dict | None:
     """RSS, PSS and USS (Private_Clean + Private_Dirty) of a process in MB, or None once it is gone."""
     try:
@@ -279,9 +362,8 @@ def measure(root: Path, n: int, args) -> dict:
     row["write_s"] = time.perf_counter() - t0
     names = root / "classnames.txt"
     names.write_text("".join(f"class {c}\n" for c in range(args.classes)))
-    t0 = time.perf_counter()
-    full = data.index(shards, names, root / "full")
-    row["index_s"] = time.perf_counter() - t0
+    row.update(index_run(shards, names, root / "full"))
+    full = data.Dataset.open(root / "full")
 
     rng = np.random.default_rng(args.seed)
     keys_file = root / "labeled-keys.txt"
@@ -304,6 +386,12 @@ def measure(root: Path, n: int, args) -> dict:
         raise RuntimeError(f"{root / 'full.zarr'}: complete={opened['complete']}, {opened['valid']} valid of {n}")
     row["open_s"] = opened["dataset_s"] + opened["cache_s"] + opened["check_s"]
     row["open_parts_s"] = {k: opened[k] for k in ("dataset_s", "cache_s", "check_s")}
+    streams = streams_time(root / "labeled", root / "labeled.zarr", root / "full", root / "full.zarr")
+    if streams["union_size"] != n or streams["exclude-labeled_size"] != n - labeled.num_samples:
+        raise RuntimeError(f"open_streams: {streams['union_size']} (union), {streams['exclude-labeled_size']} (exclude-labeled) "
+                           f"usable of {n}, {labeled.num_samples} labeled")
+    row["streams_s"], row["seek_s"] = streams["union"] + streams["exclude-labeled"], streams["seek"]
+    row["streams_parts_s"] = {k: streams[k] for k in ("union", "exclude-labeled")}
     row.update(launch(root / "run", root / "labeled", root / "labeled.zarr", root / "full", root / "full.zarr",
                       workers=args.workers, batch_size=args.batch_size, device=args.device, steps=args.steps,
                       poll_s=args.poll_s))
@@ -525,6 +613,19 @@ def cache_info_main(args) -> int:
     return 0
 
 
+def exponent_report(fits: dict) -> str:
+    """The exponent targets' verdicts (issue 28): the fitted b of a N^b against its bound."""
+    lines = ["", "Growth with N (power law a N^b over the sizes measured):"]
+    for key, (limit, what) in EXPONENT_TARGETS.items():
+        power = fits[key]["power"]
+        if power is None:
+            lines.append(f"- {what} ({key}): no fit (needs two or more sizes); target b <= {limit}")
+        else:
+            b = power["exponent"]
+            lines.append(f"- {what} ({key}): b = {b:.2f}; target b <= {limit}: {'MISSES' if b > limit else 'meets'}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="the N to measure")
@@ -579,7 +680,7 @@ def main(argv=None) -> int:
     machine = f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, device {args.device}"
     header = (f"bench_scale: {args.classes} classes, {args.shard_size}-sample shards, top-{args.topk} x {args.views} views, "
               f"distill resnet-tiny with {args.workers} worker(s), batch {args.batch_size}+{args.batch_size}; {machine}")
-    text = report(rows, fits, header, args.shard_size)
+    text = report(rows, fits, header, args.shard_size) + "\n" + exponent_report(fits)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

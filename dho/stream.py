@@ -76,7 +76,7 @@ class Part:
         if len(self.exclude) == 0:
             return valid
         exclude = self.exclude if isinstance(self.exclude, np.ndarray) else data.encode_strings(self.exclude)
-        return valid & ~np.isin(key_bytes, exclude)
+        return valid & ~data.KeySet(exclude).contains(key_bytes)  # np.isin's answer in O(N), no sort of the keys
 
 
 @dataclass
@@ -135,6 +135,7 @@ def consumer_records(
     num_consumers: int,
     window: int,
     valid_per_shard: list[np.ndarray] | None = None,
+    start: int = 0,
 ) -> Iterator[Record]:
     """The infinite, deterministic order of records for one consumer (no I/O).
 
@@ -142,7 +143,10 @@ def consumer_records(
     samples the teacher cache marked unreadable (they are never yielded); `valid_per_shard[part]`
     = (S_part,) their counts per shard when the caller has them (else counted here, O(N) memory).
     Works on arrays: per pass a permutation of the S shards and, per window, the (part, shard,
-    position) arrays of its records.
+    position) arrays of its records. `start` records are skipped (resume) without being made: whole passes
+    by arithmetic (a consumer yields hi - lo records per pass), whole windows by drawing only their
+    permutation (the generator's state must advance as if they were read), so the records that follow
+    are those the unskipped order yields after its first `start`.
     """
     shards_part = np.concatenate([np.full(len(c), p, dtype=np.int64) for p, c in enumerate(shard_counts)] or [np.zeros(0, np.int64)])
     shards_index = np.concatenate([np.arange(len(c), dtype=np.int64) for c in shard_counts] or [np.zeros(0, np.int64)])
@@ -165,7 +169,7 @@ def consumer_records(
         off, n = int(offsets[p][s]), int(shard_counts[p][s])
         return np.flatnonzero(valid[p][off:off + n])  # valid positions inside the shard
 
-    pass_ = 0
+    pass_, skip = divmod(start, hi - lo)
     while True:
         rng = np.random.default_rng(_seed_of(seed, stream, "pass", pass_))
         order = rng.permutation(len(shards_part))
@@ -174,6 +178,13 @@ def consumer_records(
         starts = ends - valid_per_shard[order]
         mine = np.flatnonzero((valid_per_shard[order] > 0) & (starts < hi) & (ends > lo))  # my shards, in pass order
         for w in range(0, len(mine), window):
+            if skip:  # resume: a window wholly consumed is counted, not built
+                take = [(max(lo - int(starts[j]), 0), min(hi - int(starts[j]), int(valid_per_shard[order[j]]))) for j in mine[w:w + window]]
+                count = sum(b - a for a, b in take)
+                if skip >= count:
+                    local.permutation(count)  # (the draws its reading made)
+                    skip -= count
+                    continue
             parts, shards, pos = [], [], []
             for j in mine[w:w + window]:
                 i = order[j]
@@ -182,7 +193,9 @@ def consumer_records(
                 shards.append(np.full(len(at), shards_index[i]))
                 pos.append(at)
             parts_a, shards_a, pos_a = np.concatenate(parts), np.concatenate(shards), np.concatenate(pos)
-            for k in local.permutation(len(pos_a)).tolist():
+            perm = local.permutation(len(pos_a))
+            perm, skip = perm[skip:], 0
+            for k in perm.tolist():
                 yield Record(int(parts_a[k]), int(shards_a[k]), int(pos_a[k]), pass_)
         pass_ += 1
 
@@ -326,10 +339,8 @@ class PairedStream(IterableDataset):
         records = consumer_records(
             [[s.count for s in p.dataset.shards] for p in parts], [p.usable for p in parts],
             stream=name, seed=self.seed, consumer=consumer, num_consumers=num_consumers, window=self.window,
-            valid_per_shard=[p.usable_per_shard for p in parts],
+            valid_per_shard=[p.usable_per_shard for p in parts], start=self.start_item * micro,  # resume: seek, no decoding
         )
-        for _ in range(self.start_item * micro):  # resume: skip already-consumed records, no decoding
-            next(records)
         return self._batches(name, readers, records, micro)
 
     def targets_power(self, name: str) -> float:

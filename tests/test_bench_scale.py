@@ -47,10 +47,12 @@ def test_quick_run_reports_every_column_with_sane_values(tmp_path):
         assert r["shards"] == r["n"] // 100
         assert r["cache_files"] == r["cache_files_layout"]  # the layout rule that projects the file count is exact
         assert 0 < r["cache_mb"] < 1
-        for k in ("write_s", "index_s", "split_s", "cache_write_s", "open_s", "setup_s", "first_step_s"):
+        for k in ("write_s", "index_s", "split_s", "cache_write_s", "open_s", "streams_s", "seek_s", "setup_s", "first_step_s"):
             assert 0 < r[k] < 300 and math.isfinite(r[k]), k
         assert r["open_s"] == pytest.approx(sum(r["open_parts_s"].values()))
         assert r["setup_s"] <= r["first_step_s"]
+        assert 0 < r["index_base_mb"] <= r["index_peak_mb"] < 1000 and r["index_workers_peak_mb"] > 0
+        assert r["streams_s"] == pytest.approx(sum(r["streams_parts_s"].values()))
         assert r["workers_seen"] == 1
         assert 0 < r["main_uss_mb"] <= r["main_pss_mb"] <= r["main_rss_mb"]
         assert 0 < r["worker_uss_mb"] <= r["worker_pss_mb"] <= r["worker_rss_mb"]
@@ -71,6 +73,7 @@ def test_quick_run_reports_every_column_with_sane_values(tmp_path):
         "| **100M**, cache layout", "| target (at most)"]
     assert all(line.count("|") == len(bench.COLUMNS) + 1 for line in table)
     assert all(f"({k})" in text for k in bench.TARGETS)
+    assert all(f"({k}): b = " in text for k in bench.EXPONENT_TARGETS)  # issue 28's growth bounds, each with a verdict
     assert list(work.iterdir()) == []  # generated data removed (no --keep)
 
 

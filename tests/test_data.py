@@ -25,6 +25,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from dho import data
+from dho.data import manifest as manifest_module
 from dho.data.index import scan_and_hash
 from dho.errors import ConfigError, DatasetError
 from helpers_data import ODD_BAD_FILES, ODD_EXTRA_FILES, make_image_folder
@@ -130,6 +131,21 @@ def test_v1_manifest_opens_with_the_same_fingerprint_and_columns(tiny_dataset, t
     np.save(v2 / cols["labels"], np.roll(tiny_dataset.labels, 1))
     with pytest.raises(DatasetError, match="do not match the manifest's fingerprint"):
         data.Dataset.open(v2, verify=True)
+    # the label range is read once per column file and process (min, max), and read again once the file changes
+    np.save(v2 / cols["labels"], tiny_dataset.labels)
+    before = len(manifest_module._LABEL_RANGES)
+    data.Dataset.open(v2)
+    data.Dataset.open(v2)
+    assert len(manifest_module._LABEL_RANGES) == before + 1
+    bad = tiny_dataset.labels.copy()
+    bad[5] = tiny_dataset.num_classes
+    np.save(v2 / cols["labels"], bad)
+    os.utime(v2 / cols["labels"], ns=(1, 1))  # even a file rewritten within one clock tick: another mtime
+    with pytest.raises(DatasetError, match=rf"sample '{tiny_dataset.key(5)}' has label {bad[5]} outside \[-1, {bad[5]}\)"):
+        data.Dataset.open(v2)
+    cli = subprocess.run([str(Path(sys.executable).parent / "dho"), "split", str(v2), "--out", str(tmp_path / "part"),
+                          "--percent", "50"], capture_output=True, text=True)
+    assert cli.returncode == 2 and cli.stderr.count("\n") == 1 and f"has label {bad[5]} outside" in cli.stderr
     (v2 / cols["keys"]).unlink()
     with pytest.raises(DatasetError, match="keys column .* is missing"):
         data.Dataset.open(v2)
@@ -375,6 +391,19 @@ def test_index_reads_labels_from_label_key_and_checks_them(tmp_path):
     shard(tmp_path / "e.tar", [("x5.txt", b"caption")])
     with pytest.raises(DatasetError, match="'x5' has no image member"):
         data.index([tmp_path / "e.tar"], names, tmp_path / "out4")
+    # keys are checked for repeats over arrays once scanned (a hash set, not a dict of every key), reporting what a
+    # check shard by shard reports: the first repeat, before a later shard's (or the same shard's later) other error
+    shard(tmp_path / "f.tar", [("x6.jpg", img), ("x6.label", b"1"), ("x6.png", img), ("x7.jpg", img), ("x7.label", b"9")])
+    for order, repeated in [(["a", "c", "d"], "'x2' appears in shard .*a\\.tar and again in shard .*c\\.tar"),
+                            (["d", "a", "c"], "'x4' has label 2"), (["b", "a", "e", "c"], "'x5' has no image member"),
+                            (["f"], "'x7' has label 9")]:
+        with pytest.raises(DatasetError, match=repeated):
+            data.index([tmp_path / f"{n}.tar" for n in order], names, tmp_path / "out5", label_key="label")
+    shard(tmp_path / "g.tar", [("x8.jpg", img), ("x8.label", b"1"), ("x9.jpg", img), ("x8.png", img), ("x10.jpg", img), ("x10.label", b"9")])
+    cli = subprocess.run([str(Path(sys.executable).parent / "dho"), "index", str(tmp_path / "b.tar"), str(tmp_path / "g.tar"), "--classnames", str(names),
+                          "--label-key", "label", "--out", str(tmp_path / "out6")], capture_output=True, text=True)
+    assert cli.returncode == 2 and cli.stderr.startswith("error: sample key 'x8' appears in shard ") and cli.stderr.count("\n") == 1
+    assert not (tmp_path / "out6").exists()
 
 
 def test_bad_file_fails_naming_it_and_leaves_nothing(odd_image_folder, tmp_path):

@@ -106,3 +106,47 @@ def test_usable_counts_per_shard_handle_empty_shards():
     counts = [2, 0, 3, 0, 2]
     assert count_per_shard(valid, counts).tolist() == [1, 0, 3, 0, 1]
     assert count_per_shard(np.zeros(0, bool), [0, 0]).tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("num_consumers,window", [(1, 2), (3, 1), (2, 3)])
+def test_start_seeks_to_the_records_the_full_order_yields_after_it(num_consumers, window):
+    """Resume: `start` skips records by arithmetic (passes) and by drawing the skipped windows' permutations only,
+    and yields exactly what the unskipped order yields after its first `start` records (bit-identical resume)."""
+    counts = [[5, 7, 0, 4, 6], [3, 3]]  # two parts, an empty shard, uneven shards
+    valid = [np.ones(22, bool), np.ones(6, bool)]
+    valid[0][[1, 8, 9]] = False  # never drawn
+    for c in range(num_consumers):
+        full = list(islice(consumer_records(counts, valid, stream="u", seed=5, consumer=c, num_consumers=num_consumers,
+                                            window=window), 120))
+        for start in (0, 1, 4, 7, 11, 24, 25, 50, 63):  # inside and at the edges of windows and passes
+            seek = consumer_records(counts, valid, stream="u", seed=5, consumer=c, num_consumers=num_consumers,
+                                    window=window, start=start)
+            assert list(islice(seek, 120 - start)) == full[start:], (c, start)
+
+
+def test_key_set_gives_np_isin_answers_even_when_hashes_collide(monkeypatch):
+    """`data.KeySet` (the union check and --unlabeled-pool exclude-labeled) answers as np.isin does, for keys of
+    different widths, empty sets and keys, and with a hash so weak every key collides with others."""
+    from dho import data
+    from dho.data import manifest
+
+    rng = np.random.default_rng(0)
+
+    def keys(n, longest):
+        names = list(dict.fromkeys(f"n{rng.integers(0, 300)}/{'x' * int(rng.integers(0, longest))}" for _ in range(n)))
+        return data.encode_strings(names) if names else np.zeros(0, "S1")
+
+    strong = manifest._key_hashes
+    for weak in (False, True):
+        if weak:
+            monkeypatch.setattr(manifest, "_key_hashes", lambda k, w: strong(k, w) % np.uint64(5))
+        for n, m in [(0, 0), (0, 9), (9, 0), (200, 50), (60, 200), (300, 300)]:
+            pool, labeled = keys(n, 12), keys(m, 20)  # different widths: S{~16} and S{~24}
+            ks = data.KeySet(labeled)
+            assert ks.contains(pool).tolist() == np.isin(pool, labeled).tolist()
+            assert ks.within(pool) == bool(np.isin(labeled, pool).all())
+            assert ks.within(labeled)
+            rows = ks.rows(pool)
+            assert (labeled[rows[rows >= 0]] == pool[rows >= 0]).all() and ((rows >= 0) == np.isin(pool, labeled)).all()
+        dup = data.encode_strings(["a", "b", "c", "b", "d", "a", "b"])
+        assert data.first_duplicate(dup) == (1, 3) and data.first_duplicate(dup[:3]) is None

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 from dho.data.shards import (FILE, MAX_EXPANSION, PIPE, PathLike, expand_braces, file_sha256, is_url, member_key,
                              open_shard, sample_digest, shard_sha256, span_samples, tar_samples)
-from dho.data.manifest import (FORMAT, MANIFEST, SHARD_COLUMNS, VERSION, Columns, Dataset, ShardInfo, decode_strings,
-                               encode_strings, verify_shard)
+from dho.data.manifest import (FORMAT, MANIFEST, SHARD_COLUMNS, VERSION, Columns, Dataset, KeySet, ShardInfo, decode_strings,
+                               encode_strings, first_duplicate, verify_shard)
 from dho.data.reader import IMAGE_EXTS, MAX_IMAGE_PIXELS, Sample, assign_shards, decode_image, iter_shard, to_rgb8
 from dho.data.classes import (CLASS_FIELDS, CLASS_FOLDERS, class_fields, map_class_folders, read_class_file,
                               read_class_list)
@@ -49,8 +49,8 @@ from dho.errors import DatasetError
 __all__ = [
     "FILE", "MAX_EXPANSION", "PIPE", "PathLike", "expand_braces", "file_sha256", "is_url", "member_key", "open_shard",
     "sample_digest", "shard_sha256", "span_samples", "tar_samples",
-    "FORMAT", "MANIFEST", "SHARD_COLUMNS", "VERSION", "Columns", "Dataset", "ShardInfo", "decode_strings",
-    "encode_strings", "verify_shard",
+    "FORMAT", "MANIFEST", "SHARD_COLUMNS", "VERSION", "Columns", "Dataset", "KeySet", "ShardInfo", "decode_strings",
+    "encode_strings", "first_duplicate", "verify_shard",
     "IMAGE_EXTS", "MAX_IMAGE_PIXELS", "OrderedReader", "Sample", "assign_shards", "decode_image", "iter_shard", "to_rgb8",
     "CLASS_FIELDS", "CLASS_FOLDERS", "class_fields", "map_class_folders", "read_class_file", "read_class_list",
     "FILES_PER_TASK", "NOT_READ", "folder_key", "prepare", "write_files",

@@ -15,9 +15,12 @@ import tarfile
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
+import numpy as np
+
 import dho
 from dho.data.classes import read_class_file, read_class_list
-from dho.data.manifest import MANIFEST, Dataset, dataset_entries, make_manifest, write_manifest
+from dho.data.manifest import (MANIFEST, Columns, Dataset, dataset_entries, encode_strings, fingerprint_chunks,
+                               first_duplicate, make_manifest, write_manifest)
 from dho.data.pool import pool_map
 from dho.data.reader import IMAGE_EXTS
 from dho.data.shards import FILE, PIPE, PathLike, expand_braces, is_url, member_key, open_shard, sample_digest
@@ -178,7 +181,7 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
         raise DatasetError(f"{out / MANIFEST} already exists; pass --overwrite to replace it")
     if (out / MANIFEST).exists() and dataset_entries(out) is None:
         raise DatasetError(f"--overwrite: {out / MANIFEST} is not a dho manifest; it is left alone, choose another --out")
-    entries, owner, given = [], {}, set()
+    given = set()
     paths = []
     for p in (p for arg in shards for p in (expand_braces(arg) if isinstance(arg, str) else [arg])):
         p = _shard_source(p)
@@ -187,22 +190,55 @@ def index(shards: Sequence[PathLike], classnames_file: PathLike, out: PathLike, 
         given.add(p)
         paths.append(p)
     out_abs = out.resolve()
-    for p, scan in zip(paths, scan_shards(paths, label_key, processes, pipe_timeout)):
-        keys, labels = scan["keys"], scan["labels"]
-        for key in keys:
-            if key in owner:
-                raise DatasetError(f"sample key {key!r} appears in shard {owner[key]} and again in shard {p}; keys must be unique across all shards")
-            owner[key] = p
-        for key, lab in zip(keys, labels):
-            if not -1 <= lab < len(classnames):
-                raise DatasetError(f"shard {p}: sample {key!r} has label {lab} but {classnames_file} lists {len(classnames)} classes; fix the labels or the class names file")
-        try:
-            path = p if is_url(p) else p.relative_to(out_abs).as_posix()
-        except ValueError:
-            path = str(p)
-        entries.append({"path": path, "count": len(keys), "sha256": scan["sha256"], "size": scan["size"], "keys": keys,
-                        "labels": labels, "spans": scan["spans"], "digests": scan["digests"]})
+    # per shard: its keys, labels and spans as arrays (the lists a scan returns live for one shard only), so
+    # index peaks at ~150 bytes per sample (measured), not ~450 with a Python object per key; the fingerprint
+    # is fed shard by shard
+    keys, labels, spans, digests, entries = [], [], [], [], []
+
+    def no_duplicates(all_keys: np.ndarray) -> None:
+        """The error the streamed check gave: the first key seen again, naming its first shard and this one."""
+        found = first_duplicate(all_keys)
+        if found is not None:
+            rows = np.searchsorted(np.cumsum([len(k) for k in keys]), found, side="right")
+            key = all_keys[found[1]].decode("utf-8")
+            raise DatasetError(f"sample key {key!r} appears in shard {paths[rows[0]]} and again in shard {paths[rows[1]]}; "
+                               "keys must be unique across all shards")
+
+    def shard_dicts():
+        scans = scan_shards(paths, label_key, processes, pipe_timeout)
+        for p in paths:
+            shard_keys = None
+            try:
+                scan = next(scans)
+                shard_keys, shard_labels, sha256, shard_spans = scan["keys"], scan["labels"], scan["sha256"], scan["spans"]
+                lab = np.asarray(shard_labels, dtype=np.int64)
+                bad = np.flatnonzero((lab < -1) | (lab >= len(classnames)))
+                if len(bad):
+                    raise DatasetError(f"shard {p}: sample {shard_keys[bad[0]]!r} has label {lab[bad[0]]} but {classnames_file} lists {len(classnames)} classes; fix the labels or the class names file")
+            except DatasetError:  # a key repeated up to this shard is reported first, as a check shard by shard finds it
+                seen = keys + ([encode_strings(shard_keys)] if shard_keys else [])
+                if seen:
+                    no_duplicates(np.concatenate(seen))
+                raise
+            try:
+                path = p if is_url(p) else p.relative_to(out_abs).as_posix()
+            except ValueError:
+                path = str(p)
+            entries.append({"path": path, "count": len(shard_keys), "sha256": sha256, "size": scan["size"]})
+            keys.append(encode_strings(shard_keys))
+            labels.append(lab)
+            spans.append(None if shard_spans is None else np.asarray(shard_spans, dtype=np.int64).reshape(-1, 2))
+            digests.append(np.asarray(scan["digests"], dtype=np.uint32))
+            yield {"name": Path(path).name, "count": len(shard_keys), "sha256": sha256, "keys": shard_keys, "labels": shard_labels}
+
+    fingerprint = fingerprint_chunks(classnames, shard_dicts())
+    all_keys = np.concatenate(keys)  # (N,) S{W}: the widest key's width, as encode_strings of all keys gives
+    no_duplicates(all_keys)
+    columns = Columns(all_keys, np.concatenate(labels), None,
+                      None if any(sp is None for sp in spans) else np.concatenate(spans), np.concatenate(digests))
+    del keys[:], labels[:], spans[:], digests[:]
     provenance = {"command": "index", "label_key": label_key, "classnames_file": Path(classnames_file).name, "dho_version": dho.__version__}
     out.mkdir(parents=True, exist_ok=True)  # only now: a failed index leaves no folder behind
-    write_manifest(make_manifest(classnames, entries, [], provenance, label_key=label_key, classes=classes), out / MANIFEST)
+    write_manifest(make_manifest(classnames, entries, [], provenance, label_key=label_key, classes=classes), out / MANIFEST,
+                   columns=columns, fingerprint=fingerprint)
     return Dataset.open(out)

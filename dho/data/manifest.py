@@ -75,6 +75,128 @@ def decode_strings(raw: np.ndarray) -> list[str]:
     return [b.decode("utf-8") for b in np.asarray(raw).tolist()]
 
 
+_CHUNK = 1 << 20  # keys hashed and looked up per step: bounds the temporaries (~50 B per key) whatever N is
+_EMPTY = -1
+
+
+def _key_hashes(keys: np.ndarray, width: int) -> np.ndarray:
+    """(n,) uint64 hash of (n,) fixed-width bytes keys zero-padded to `width` bytes (a multiple of 8): the
+    key's 8-byte words folded with a multiply and mixed (splitmix64's finaliser). Equal keys, equal hashes."""
+    words = np.ascontiguousarray(np.asarray(keys).astype(f"S{width}")).view(np.uint64).reshape(len(keys), width // 8)
+    h = np.full(len(keys), 0x243F6A8885A308D3, dtype=np.uint64)
+    for w in range(width // 8):
+        h = (h ^ words[:, w]) * np.uint64(0x9E3779B97F4A7C15)
+        h ^= h >> np.uint64(29)
+    h ^= h >> np.uint64(32)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    return h ^ (h >> np.uint64(31))
+
+
+def _width(keys: np.ndarray) -> int:
+    """The key width rounded up to whole 8-byte words (at least one)."""
+    return max(8, -(-np.asarray(keys).dtype.itemsize // 8) * 8)
+
+
+class KeySet:
+    """An exact hash set of dataset keys ((m,) fixed-width bytes, e.g. `Dataset.key_bytes`): `rows(keys)` finds
+    each key's row in O(len(keys)) and memory bounded per chunk, where `np.isin` sorts both byte arrays
+    (O(N log N), several copies of the keys). Open addressing with linear probing, vectorised: a table of
+    2-4x m rows (int64); each hash match is confirmed by comparing the bytes, so collisions never merge
+    two keys. Building it also finds equal keys (`duplicates`: the rows involved, to check uniqueness)."""
+
+    def __init__(self, keys: np.ndarray):
+        self.keys = keys  # (m,) S{W}, not copied (a memory map stays one)
+        self.width = _width(keys)
+        m = len(keys)
+        self.mask = (1 << max(3, (2 * m - 1).bit_length())) - 1  # table size: a power of two >= 2m
+        self.table = np.full(self.mask + 1, _EMPTY, dtype=np.int64)  # slot -> row of `keys`
+        self.hashes = np.empty(m, dtype=np.uint64)  # (m,)
+        involved = []
+        for start in range(0, m, _CHUNK):
+            rows = np.arange(start, min(start + _CHUNK, m), dtype=np.int64)
+            self.hashes[rows] = _key_hashes(keys[start:rows[-1] + 1], self.width)
+            involved += self._insert(rows)
+        self.duplicates = np.unique(np.concatenate(involved)) if involved else np.zeros(0, np.int64)
+
+    def _insert(self, rows: np.ndarray) -> list:
+        """Place `rows` (their hashes known) and return the arrays of rows found equal to a placed key. Rows that
+        find their slot free write it (one of several writers to a slot wins; the others retry it, and so meet the
+        winner); rows that find it taken compare with its key and move to the next slot."""
+        slots = (self.hashes[rows] & np.uint64(self.mask)).astype(np.int64)
+        found = []
+        while len(rows):
+            there = self.table[slots]
+            free = there == _EMPTY
+            taken = ~free
+            same = taken.copy()
+            same[taken] = self.hashes[there[taken]] == self.hashes[rows[taken]]
+            same[same] = self.keys[there[same]] == self.keys[rows[same]]
+            if same.any():
+                found += [rows[same], there[same]]
+            self.table[slots[free]] = rows[free]
+            placed = free.copy()
+            placed[free] = self.table[slots[free]] == rows[free]
+            retry = free & ~placed  # lost the race for a free slot: try it again, now against the winner
+            advance = taken & ~same  # equal keys are placed once
+            slots = np.where(advance, (slots + 1) & self.mask, slots)
+            keep = retry | advance
+            rows, slots = rows[keep], slots[keep]
+        return found
+
+    def rows(self, keys: np.ndarray) -> np.ndarray:
+        """(n,) int64: the row of each of `keys` in this set's keys, -1 where it is not one of them."""
+        return np.concatenate([self._lookup(keys[i:i + _CHUNK]) for i in range(0, len(keys), _CHUNK)] or [np.zeros(0, np.int64)])
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        """(n,) bool: which of `keys` are in the set (`np.isin(keys, set_keys)`, the same answer)."""
+        return np.concatenate([self._lookup(keys[i:i + _CHUNK]) >= 0 for i in range(0, len(keys), _CHUNK)] or [np.zeros(0, bool)])
+
+    def within(self, keys: np.ndarray) -> bool:
+        """Whether every key of the set occurs among `keys` (`np.isin(set_keys, keys).all()`)."""
+        hit = np.zeros(len(self.keys), dtype=bool)
+        for i in range(0, len(keys), _CHUNK):
+            found = self._lookup(keys[i:i + _CHUNK])
+            hit[found[found >= 0]] = True
+        return bool(hit.all())
+
+    def _lookup(self, keys: np.ndarray) -> np.ndarray:
+        out = np.full(len(keys), -1, dtype=np.int64)
+        if len(self.keys) == 0 or len(keys) == 0:
+            return out
+        keys = np.asarray(keys)
+        width = _width(keys)
+        if width > self.width:  # a key longer than every key of the set is not in it
+            short = np.asarray(keys).astype(f"S{width}").view(np.uint64).reshape(len(keys), -1)[:, self.width // 8:]
+            todo = np.flatnonzero(~short.any(axis=1))
+        else:
+            todo = np.arange(len(keys), dtype=np.int64)
+        hashes = _key_hashes(keys[todo], self.width)
+        slots = (hashes & np.uint64(self.mask)).astype(np.int64)
+        while len(todo):
+            there = self.table[slots]
+            taken = there != _EMPTY
+            same = taken.copy()
+            same[taken] = self.hashes[there[taken]] == hashes[taken]
+            same[same] = self.keys[there[same]] == keys[todo[same]]
+            out[todo[same]] = there[same]
+            go_on = taken & ~same  # an empty slot ends the search: not in the set
+            todo, hashes, slots = todo[go_on], hashes[go_on], (slots[go_on] + 1) & self.mask
+        return out
+
+
+def first_duplicate(keys: np.ndarray) -> Optional[tuple[int, int]]:
+    """(i, j): the first row j whose key occurs at an earlier row, i the first of those rows; None when the keys
+    are unique. O(N) (a `KeySet`), where sorting the keys is O(N log N) with copies of them."""
+    rows = KeySet(keys).duplicates  # (d,) every row of each group of equal keys, ascending
+    if len(rows) == 0:
+        return None
+    _, first = np.unique(keys[rows], return_index=True)  # first row of each group among `rows`
+    later = np.setdiff1d(np.arange(len(rows)), first)
+    j = int(rows[later[0]])
+    i = int(rows[np.flatnonzero(keys[rows] == keys[j])[0]])
+    return i, j
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     path: Union[Path, str]  # absolute Path of a local shard; a `pipe:` URL as a str
@@ -183,12 +305,26 @@ class Dataset:
         self.key_bytes: np.ndarray = self.columns.keys  # (N,) S{W}
         self.labels: np.ndarray = self.columns.labels  # (N,) int64
         self._keys: Optional[list[str]] = None
-        bad = np.flatnonzero((self.labels < -1) | (self.labels >= self.num_classes))
-        if len(bad):
+        if not self._labels_in_range(root / manifest["columns"]["labels"] if self.version >= 2 else None):
+            bad = np.flatnonzero((self.labels < -1) | (self.labels >= self.num_classes))
             raise DatasetError(
                 f"{where}: sample {self.key(int(bad[0]))!r} has label {self.labels[bad[0]]} outside "
                 f"[-1, {self.num_classes}); check the class names"
             )
+
+    def _labels_in_range(self, column: Optional[Path]) -> bool:
+        """Whether every label is in [-1, C): the column's min and max (no temporary arrays), read once per process
+        for a column file (remembered by path, inode, size and mtime: `distill` opens its datasets more than once)."""
+        stamp = None
+        if column is not None:
+            st = column.stat()
+            stamp = (str(column), st.st_ino, st.st_size, st.st_mtime_ns)
+        lo_hi = _LABEL_RANGES.get(stamp) if stamp is not None else None
+        if lo_hi is None:
+            lo_hi = (int(self.labels.min()), int(self.labels.max())) if self.num_samples else (-1, -1)
+            if stamp is not None:
+                _LABEL_RANGES[stamp] = lo_hi
+        return -1 <= lo_hi[0] and lo_hi[1] < self.num_classes
 
     @staticmethod
     def _v1_columns(where: Path, shards: list) -> Columns:
@@ -252,6 +388,7 @@ class Dataset:
         return f"Dataset({str(self.root)!r}, samples={self.num_samples}, shards={len(self.shards)}, classes={self.num_classes})"
 
 
+_LABEL_RANGES: dict = {}  # labels column file (path, inode, size, mtime) -> (min, max) label: read once per process
 SHARD_COLUMNS = ("keys", "labels", "files", "spans", "digests", "source_index")  # per-sample lists of a shard entry, columns since v2
 OPTIONAL_COLUMNS = ("files", "spans", "digests", "source_index")  # prepare's file names; byte spans (local tars); v3; import-coop's order
 
@@ -310,7 +447,7 @@ def _check_column(where: Path, name: str, path: Path, check: Optional[dict]) -> 
                            f"changed after the manifest was written; {redo}")
 
 
-def _fingerprint_chunks(classnames: list, shard_dicts: Iterator[dict]) -> str:
+def fingerprint_chunks(classnames: list, shard_dicts: Iterator[dict]) -> str:
     """sha256 of json.dumps({"classnames", "shards": [...]}, sort_keys, compact), fed shard by shard."""
     dump = lambda v: json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # noqa: E731
     h = hashlib.sha256()
@@ -326,7 +463,7 @@ def _fingerprint(classnames: list, shards: list) -> str:
 
     The same number for a v1 manifest and the columnar v2 manifest of the same content, so caches
     keep matching a dataset whose manifest was rewritten."""
-    return _fingerprint_chunks(classnames, (
+    return fingerprint_chunks(classnames, (
         {"name": Path(s["path"]).name, "count": s["count"], "sha256": s["sha256"], "keys": s["keys"], "labels": s["labels"]}
         for s in shards))
 
@@ -340,7 +477,7 @@ def _fingerprint_columns(classnames: list, shards: list, columns: Columns) -> st
             yield {"name": Path(s["path"]).name, "count": s["count"], "sha256": s["sha256"],
                    "keys": decode_strings(columns.keys[rows]), "labels": columns.labels[rows].tolist()}
             offset += s["count"]
-    return _fingerprint_chunks(classnames, dicts())
+    return fingerprint_chunks(classnames, dicts())
 
 
 def verify_shard(ds: Dataset, shard_index: int) -> None:
@@ -373,23 +510,26 @@ def make_manifest(classnames: list, shards: list, skipped: list, provenance: dic
     }
 
 
-def write_manifest(manifest: dict, path: Path) -> None:
+def write_manifest(manifest: dict, path: Path, columns: Optional[Columns] = None, fingerprint: Optional[str] = None) -> None:
     """Write a columnar (v3) manifest: the per-sample lists of `manifest["shards"]` (keys, labels, files, spans,
     digests) go to .npy columns beside `path`, named after the content fingerprint, which is computed here
     (once, at write time), each column's size and crc32 to `column_checks`; manifest.json (readable: one line per field and per shard, no timestamps)
     is replaced last and atomically, then the columns of the manifest it replaced are removed. A
-    crash at any point leaves the old manifest with its own columns, or the new one with its own."""
+    crash at any point leaves the old manifest with its own columns, or the new one with its own.
+    A writer that holds the columns as arrays already (`index`) passes them with the fingerprint it
+    computed shard by shard (`fingerprint_chunks`); its shards then list only path, count and sha256."""
     shards = manifest["shards"]
-    fingerprint = _fingerprint(manifest["classnames"], shards)
-    with_files = bool(shards) and all(s.get("files") is not None for s in shards)
-    with_spans = bool(shards) and all(s.get("spans") is not None for s in shards)
-    with_index = bool(shards) and all(s.get("source_index") is not None for s in shards)
-    with_digests = bool(shards) and all(s.get("digests") is not None for s in shards)
-    columns = Columns.from_lists([k for s in shards for k in s["keys"]], [lab for s in shards for lab in s["labels"]],
-                                 [f for s in shards for f in s["files"]] if with_files else None,
-                                 [sp for s in shards for sp in s["spans"]] if with_spans else None,
-                                 [d for s in shards for d in s["digests"]] if with_digests else None,
-                                 [i for s in shards for i in s["source_index"]] if with_index else None)
+    if columns is None:
+        fingerprint = _fingerprint(manifest["classnames"], shards)
+        with_files = bool(shards) and all(s.get("files") is not None for s in shards)
+        with_spans = bool(shards) and all(s.get("spans") is not None for s in shards)
+        with_index = bool(shards) and all(s.get("source_index") is not None for s in shards)
+        with_digests = bool(shards) and all(s.get("digests") is not None for s in shards)
+        columns = Columns.from_lists([k for s in shards for k in s["keys"]], [lab for s in shards for lab in s["labels"]],
+                                     [f for s in shards for f in s["files"]] if with_files else None,
+                                     [sp for s in shards for sp in s["spans"]] if with_spans else None,
+                                     [d for s in shards for d in s["digests"]] if with_digests else None,
+                                     [i for s in shards for i in s["source_index"]] if with_index else None)
     folder = path.parent
     names, checks = {}, {}
     for name in SHARD_COLUMNS:

@@ -92,7 +92,8 @@ def open_streams(cfg, objective: Objective) -> Streams:
         caches.append(u_cache)
         # Alg. 1 line 7: unlabeled batches come from labeled ∪ unlabeled. If the unlabeled pool
         # already holds every labeled key (e.g. the full train set), it *is* that union.
-        if cfg.unlabeled_pool == "union" and not np.isin(l_ds.key_bytes, u_ds.key_bytes).all():
+        # (an exact hash set of the labeled keys: O(N) and small, where np.isin sorted both key columns)
+        if cfg.unlabeled_pool == "union" and not data.KeySet(l_ds.key_bytes).within(u_ds.key_bytes):
             parts_u.append(labeled)
             caches.append(l_cache)
     elif objective.reads_unlabeled:
