@@ -226,6 +226,8 @@ class DeployableDHO(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() == 3:
             images = images.unsqueeze(0)  # one image -> a batch of one
+        if images.dim() != 4 or images.shape[1] != 3:  # HWC or 1-channel: refused, as pt2's and ONNX's shape guards do
+            raise ValueError("expected uint8 images (B, 3, H, W) or one image (3, H, W), RGB 0-255 (channels first)")
         return self.probs(self.preprocess(images))
 
 
@@ -247,6 +249,15 @@ def metadata_path(out: Union[str, Path]) -> Path:
     return out.with_name(out.name + ".json")
 
 
+def _is_dho_export(out: Path) -> bool:
+    """Whether `out` is a file an earlier `dho export` wrote (its metadata JSON names it), which a new export replaces."""
+    try:
+        info = json.loads(metadata_path(out).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("format") == "dho-export" and (info.get("files") or {}).get("model") == out.name
+
+
 def export(run_dir: Union[str, Path], out: Union[str, Path], format: str = "pt2") -> Path:
     """Write RUN_DIR/model.pt (with the run's alpha, beta and preprocessing) as a `format` model at `out`,
     its weights at `weights_path(out)` and its metadata at `metadata_path(out)`; return `out`."""
@@ -262,6 +273,9 @@ def export(run_dir: Union[str, Path], out: Union[str, Path], format: str = "pt2"
     if named is not None and named != format:
         raise ConfigError(f"--out {out} names a {named} file but the format is {format}; pass --format {named} or "
                           f"--out {out.with_suffix('.' + SUFFIXES[format])}")
+    if out.exists() and not _is_dho_export(out):
+        raise ConfigError(f"--out {out} exists and is not a dho export (no {metadata_path(out).name} of format dho-export "
+                          "beside it); it is left alone: choose another --out or remove it yourself")
     if format == "onnx":
         missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
         if missing:

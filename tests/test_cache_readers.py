@@ -243,5 +243,5 @@ def test_a_v4_cache_with_underscored_class_names_is_never_extended_with_v5_promp
 def test_readme_documents_the_dimension_names():
     readme = (Path(cache_schemas.__file__).parent / "README.md").read_text()
     table = readme.split("## Arrays", 1)[1].split("## Attributes", 1)[0]
-    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| `")]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| `") and not line.startswith("| `-")]
     assert {r[0].strip("| `"): r[3] for r in rows} == {n: "(" + ", ".join(d) + ")" for n, d in DIMS.items()}

@@ -940,3 +940,27 @@ def test_text_files_with_a_bom_read_as_without(tiny_dataset, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(DatasetError, match=r"^class names file .*latin1\.txt: not UTF-8 text \(byte 3 is b'\\xe9'\); save it as UTF-8$"):
         data.read_class_file(tmp_path / "latin1.txt")
+
+
+def test_a_tar_with_a_samples_members_apart_names_the_cause(tmp_path):
+    """i0.cls, i1.cls, i0.jpg, i1.jpg: webdataset would see four samples; index says the members are not adjacent."""
+    jpg = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(jpg, format="JPEG")
+    with tarfile.open(tmp_path / "mixed.tar", "w") as tf:
+        for name, payload in (("i0.cls", b"0"), ("i1.cls", b"1"), ("i0.jpg", jpg.getvalue()), ("i1.jpg", jpg.getvalue())):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    with pytest.raises(DatasetError, match=r"mixed\.tar: the members of sample 'i0' are not adjacent \('i0\.jpg' comes after "
+                                           r"members of 'i1'\); a sample's members must follow one another"):
+        data.index([str(tmp_path / "mixed.tar")], tmp_path / "classes.txt", tmp_path / "out")
+
+
+def test_prepare_lists_a_dangling_symlink_in_ignored(tmp_path):
+    src = make_image_folder(tmp_path / "images", num_classes=2, per_class=2)
+    os.symlink(tmp_path / "gone.jpg", src / "class_0" / "link.jpg")
+    ds = data.prepare(src, tmp_path / "ds", shard_size=4)
+    assert ds.num_samples == 4
+    assert {"file": "class_0/link.jpg", "reason": f"a symbolic link to {tmp_path / 'gone.jpg'}, which does not exist; "
+            "fix or remove the link"} in ds.manifest["ignored"]

@@ -435,7 +435,8 @@ def test_resume_refuses_what_changes_the_data_order_or_the_numerics(world, tmp_p
 
 
 def test_sync_batchnorm_is_refused_on_cpu_under_torchrun(world, tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)  # as torchrun sets them
     with pytest.raises(ConfigError, match="--sync-bn needs CUDA devices"):
         distill(_cfg(world, tmp_path / "run", sync_bn=True))
     monkeypatch.setenv("WORLD_SIZE", "1")

@@ -309,6 +309,24 @@ def test_export_errors_are_one_line_and_leave_nothing(trained_run, tmp_path, mon
     monkeypatch.setattr(export_lib, "load_run", load_run)
     refused(r"student 'resnet-tiny' of .*run does not export as pt2 \(.*\); try --format torchscript")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "lanczos"]  # nothing written, no temporary files
+    monkeypatch.setattr(export_lib, "load_run", real_load_run)
+    (tmp_path / "theirs.pt2").write_bytes(b"a file dho did not write")
+    refused(r"--out .*theirs\.pt2 exists and is not a dho export .*; it is left alone", out=tmp_path / "theirs.pt2")
+    assert (tmp_path / "theirs.pt2").read_bytes() == b"a file dho did not write"
+
+
+def test_an_export_replaces_its_own_earlier_export(trained_run, tmp_path):
+    first = export(trained_run, tmp_path / "m.pt2")
+    assert export(trained_run, first) == first and json.loads(metadata_path(first).read_text())["format"] == "dho-export"
+
+
+def test_torchscript_refuses_channels_last_and_one_channel_images(exported):
+    """pt2 and ONNX refuse other shapes by their guards; the TorchScript module says what it takes."""
+    model = torch.jit.load(str(exported("torchscript")))
+    for shape in ((20, 24, 3), (1, 1, 20, 24), (2, 4, 20, 24)):
+        with pytest.raises(Exception, match=r"expected uint8 images \(B, 3, H, W\) or one image \(3, H, W\)"):
+            model(torch.zeros(shape, dtype=torch.uint8))
+    assert model(torch.zeros((3, 20, 24), dtype=torch.uint8)).shape[0] == 1
 
 
 def test_two_formats_of_one_name_keep_their_own_files(tmp_path, trained_run):

@@ -39,7 +39,8 @@ def _write_cache(path, ds, emb: np.ndarray, text_classifier: np.ndarray) -> None
     attrs = {
         "dataset_fingerprint": ds.fingerprint, "num_samples": ds.num_samples, "classnames": list(ds.classnames),
         "num_views": emb.shape[0], "center_view": False, "seed": 0, "zeta": 0.01, "eta": 2.0,
-        "teacher": {"model": "m", "pretrained": "none", "weights_sha256": "a" * 64, "model_config_sha256": "b" * 64},
+        "teacher": {"model": "m", "pretrained": "none", "weights_sha256": "a" * 64, "model_config_sha256": "b" * 64,
+                    "prompt_names": "underscores-to-spaces"},
         "templates": ["a photo of a {}."], "text_classifier_norm": "renormalize",
         "preprocess": {"image_size": 32, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
                        "resize_mode": "squash", "source": "test"},

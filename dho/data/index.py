@@ -69,6 +69,7 @@ def scan_and_hash(path: Union[Path, str], label_key: str, pipe_timeout: Optional
     spans: list[list[int]] = []
     digests: list[int] = []
     members: dict = {}  # the current sample's members (ext -> bytes), for its digest
+    in_shard: set = set()  # the keys seen in this shard
     try:
         with open_shard(path, pipe_timeout) as stream, tarfile.open(fileobj=(f := _HashedReads(stream)), mode="r|*") as tf:
             seekable = not is_url(path) and getattr(tf.fileobj, "comptype", None) == "tar"  # offsets are file offsets
@@ -83,6 +84,11 @@ def scan_and_hash(path: Union[Path, str], label_key: str, pipe_timeout: Optional
                 ext = ext.lower()
                 end = ti.offset_data + -(-ti.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 if not keys or keys[-1] != key:
+                    if key in in_shard:  # webdataset groups a sample's members only where they are adjacent
+                        raise DatasetError(f"shard {path}: the members of sample {key!r} are not adjacent ({ti.name!r} comes "
+                                           f"after members of {keys[-1]!r}); a sample's members must follow one another: "
+                                           "write the shard with each sample's members together")
+                    in_shard.add(key)
                     if keys:
                         digests.append(sample_digest(members))
                     keys.append(key)

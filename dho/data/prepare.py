@@ -10,6 +10,7 @@ own bytes).
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -115,7 +116,13 @@ def prepare(src: PathLike, out: PathLike, shard_size: int = 1000, skip_bad: bool
         rels = []
         for p in sorted(cdir.rglob("*")):
             rel = p.relative_to(cdir)
-            if not p.is_file() or any(part.startswith(".") for part in rel.parts):
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            if p.is_symlink() and not p.exists():  # a link to nothing: said, not silently dropped
+                ignored.append({"file": f"{classname}/{rel.as_posix()}", "reason": f"a symbolic link to {os.readlink(p)}, "
+                                "which does not exist; fix or remove the link"})
+                continue
+            if not p.is_file():
                 continue
             ext = p.suffix[1:].lower()
             if ext in IMAGE_EXTS:
