@@ -371,12 +371,19 @@ def _fake_dataset(folder: Path, n: int) -> Path:
 ])
 def test_labeled_views_follow_the_distill_schedule(tmp_path, recipe, labeled, pool, views):
     lab, full = _fake_dataset(tmp_path / "lab", labeled), _fake_dataset(tmp_path / "pool", pool)
-    proc = subprocess.run([sys.executable, str(PIPELINES / "lowshot" / "recipe.py"), "labeled-views", str(PIPELINES / recipe),
-                           "--labeled", str(lab), "--pool", str(full)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert int(proc.stdout) == views
-    missing = subprocess.run([sys.executable, str(PIPELINES / "lowshot" / "recipe.py"), "labeled-views", str(PIPELINES / recipe),
-                              "--labeled", str(tmp_path / "nothing"), "--pool", str(full)], capture_output=True, text=True)
+    assert recipe_py.stream_views(PIPELINES / recipe, lab, full) == views  # what `recipe.py labeled-views` prints
+    with pytest.raises(SystemExit, match="make the labeled dataset first"):
+        recipe_py.stream_views(PIPELINES / recipe, tmp_path / "nothing", full)
+
+
+def test_labeled_views_command_prints_the_views_the_makefile_reads(tmp_path):
+    """The command the Makefile runs, once (each run imports torch): its one line of output, its error."""
+    lab, full = _fake_dataset(tmp_path / "lab", 13_000), _fake_dataset(tmp_path / "pool", 1_281_167)
+    cmd = [sys.executable, str(PIPELINES / "lowshot" / "recipe.py"), "labeled-views", str(PIPELINES / "lowshot/vit-b16.yaml"),
+           "--pool", str(full), "--labeled"]
+    proc = subprocess.run(cmd + [str(lab)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "313\n", proc.stderr
+    missing = subprocess.run(cmd + [str(tmp_path / "nothing")], capture_output=True, text=True)
     assert missing.returncode != 0 and "make the labeled dataset first" in missing.stderr
 
 
