@@ -204,13 +204,20 @@ $(WORK)/table.md: $(foreach s,$(STUDENTS),$(foreach p,$(SPLITS),$(EVAL)/$(s)-$(p
 #   make eval-ood RUN=runs/lowshot/runs/vit-b16-1pct IMAGENET_V2=/data/imagenetv2-matched-frequency-format-val \
 #       SKETCH=/data/imagenet-sketch/sketch R=/data/imagenet-r A=/data/imagenet-a [VAL=DATASET] [CLASSES=FILE]
 #   make eval-ood SMOKE=1   # after `make reproduce-lowshot SMOKE=1`: generated V2/Sketch/R/A-shaped folders
+#   [ALPHA=0.5 BETA=1.0]    # Eq. 11's mix for the run's rows: the paper's Tables 11-13 setting by default; ALPHA=run
+#                           # BETA=run keep the run's own (alpha_beta.json or model.pt)
+#   [STUDENT_PRETRAINED=W]  # weights of the zero-shot student row (default: the run's student_pretrained)
 # Each set as distributed: V2's folders 0..999 are class indices, Sketch/R/A's are WordNet ids matched through
 # CLASSES (WordNet id<TAB>name per class, as classnames.py writes it); R and A hold 200 of the classes and are
 # scored on those. Teacher caches (center view) use the lowshot teacher recipe (TEACHER_RECIPE, TEACHER_WEIGHTS).
-# Writes OOD_WORK/<run name>.md; resumable like reproduce-lowshot.
+# Table 12's zero-shot student row: where the run's student is a CLIP tower with pretrained weights, a center-view
+# cache of each set made with the student's own open_clip model and weights (pipelines/ood/student_zs.py).
+# Writes OOD_WORK/<run name>.a<ALPHA>-b<BETA>.md; resumable like reproduce-lowshot.
 # =============================================================================================
 OOD_WORK ?= $(WORK)/ood
 OOD_SETS := v2 sketch r a
+ALPHA ?= 0.5
+BETA ?= 1.0
 CLASSES ?= $(CLASSNAMES)
 VAL ?= $(DATA)/val
 ifdef SMOKE
@@ -221,6 +228,8 @@ SRC_sketch = $(OOD_SRC)/sketch
 SRC_r = $(OOD_SRC)/r
 SRC_a = $(OOD_SRC)/a
 OOD_SOURCE_DEPS := $(OOD_WORK)/src.done
+# the smoke student is random init: a saved random-init checkpoint of its tiny config stands in for its weights
+STUDENT_PRETRAINED ?= $(OOD_WORK)/smoke-student.pt
 else
 SRC_v2 = $(IMAGENET_V2)
 SRC_sketch = $(SKETCH)
@@ -237,17 +246,22 @@ OOD_EVAL = $(OOD_WORK)/eval
 OOD_DATA_val = $(VAL)
 $(foreach s,$(OOD_SETS),$(eval OOD_DATA_$(s) = $(OOD_WORK)/data/$(s)))
 OOD_NAME = $(notdir $(OOD_RUN))
+# the evaluations and the table are named by Eq. 11's alpha/beta, so another ALPHA/BETA never reuses them
+OOD_MIX = a$(ALPHA)-b$(BETA)
+OOD_OURS = $(OOD_EVAL)/$(OOD_NAME).$(OOD_MIX)
+OOD_MIX_OPTS = $(if $(filter run,$(ALPHA)),,--alpha $(ALPHA)) $(if $(filter run,$(BETA)),,--beta $(BETA))
 ifneq ($(filter eval-ood,$(MAKECMDGOALS)),)
 ifeq ($(SMOKE)$(wildcard $(OOD_RUN)/model.pt),)
 $(error RUN='$(RUN)' must be a finished run folder (with model.pt): make eval-ood RUN=runs/lowshot/runs/vit-b16-1pct IMAGENET_V2=... SKETCH=... R=... A=...)
 endif
 endif
 
-eval-ood: setup $(OOD_WORK)/$(OOD_NAME).md
-	@echo "== table: $(OOD_WORK)/$(OOD_NAME).md"
+eval-ood: setup $(OOD_WORK)/$(OOD_NAME).$(OOD_MIX).md
+	@echo "== table: $(OOD_WORK)/$(OOD_NAME).$(OOD_MIX).md"
 
 $(OOD_WORK)/src.done: $(WORK)/smoke-inputs.done
-	$(PY) pipelines/ood/make_smoke_ood.py --imagenet $(IMAGENET) --out $(OOD_SRC)
+	$(PY) pipelines/ood/make_smoke_ood.py --imagenet $(IMAGENET) --out $(OOD_SRC) \
+	  --student-config tests/assets/tiny-clip.json --student-out $(OOD_WORK)/smoke-student.pt
 	touch $@
 
 $(OOD_SETS:%=$(OOD_WORK)/data/%/manifest.json): $(OOD_WORK)/data/%/manifest.json: $(OOD_SOURCE_DEPS) $(CLASSES)
@@ -257,9 +271,10 @@ $(OOD_SETS:%=$(OOD_WORK)/data/%/manifest.json): $(OOD_WORK)/data/%/manifest.json
 	$(DHO) prepare $(SRC_$*) --out $(@D) --classes-of $(CLASSES) --class-folders $(FOLDERS_$*) --shard-size $(SHARD_SIZE) --overwrite
 
 # teacher caches (center view) and evaluations: val from VAL, the shifted sets from their prepared datasets
-$(OOD_WORK)/cache/val.done $(OOD_EVAL)/$(OOD_NAME)/val.json: $(VAL)/manifest.json
+$(OOD_WORK)/cache/val.done $(OOD_OURS)/val.json $(OOD_EVAL)/student-$(OOD_NAME)/val.json: $(VAL)/manifest.json
 $(OOD_SETS:%=$(OOD_WORK)/cache/%.done): $(OOD_WORK)/cache/%.done: $(OOD_WORK)/data/%/manifest.json
-$(OOD_SETS:%=$(OOD_EVAL)/$(OOD_NAME)/%.json): $(OOD_EVAL)/$(OOD_NAME)/%.json: $(OOD_WORK)/data/%/manifest.json
+$(OOD_SETS:%=$(OOD_OURS)/%.json): $(OOD_OURS)/%.json: $(OOD_WORK)/data/%/manifest.json
+$(OOD_SETS:%=$(OOD_EVAL)/student-$(OOD_NAME)/%.json): $(OOD_EVAL)/student-$(OOD_NAME)/%.json: $(OOD_WORK)/data/%/manifest.json
 $(OOD_WORK)/cache/%.done:
 	@echo "== precompute-teacher $(OOD_DATA_$*) (center view) -> $(OOD_WORK)/cache/$*.zarr"
 	mkdir -p $(@D)
@@ -272,15 +287,27 @@ $(OOD_EVAL)/teacher/%.json: $(OOD_WORK)/cache/%.done
 	$(DHO) cache-info $(OOD_WORK)/cache/$*.zarr --json > $@.tmp
 	mv $@.tmp $@
 
-$(OOD_EVAL)/$(OOD_NAME)/%.json: $(OOD_RUN)/model.pt
-	@echo "== evaluate $(OOD_RUN) on $(OOD_DATA_$*)"
+$(OOD_OURS)/%.json: $(OOD_RUN)/model.pt
+	@echo "== evaluate $(OOD_RUN) on $(OOD_DATA_$*) (alpha $(ALPHA), beta $(BETA))"
 	mkdir -p $(@D)
-	$(DHO) evaluate $(OOD_RUN) --data $(OOD_DATA_$*) --json > $@.tmp
+	$(DHO) evaluate $(OOD_RUN) --data $(OOD_DATA_$*) $(OOD_MIX_OPTS) --json > $@.tmp
 	mv $@.tmp $@
 
-$(OOD_WORK)/$(OOD_NAME).md: $(foreach s,val $(OOD_SETS),$(OOD_EVAL)/$(OOD_NAME)/$(s).json $(OOD_EVAL)/teacher/$(s).json)
+# the run's student before distillation (its own zero-shot CLIP), or a note saying why there is none
+$(OOD_EVAL)/student-$(OOD_NAME)/%.json: $(OOD_RUN)/config.json $(OOD_SOURCE_DEPS)
+	mkdir -p $(@D) $(OOD_WORK)/student-cache/$(OOD_NAME)
+	@set -e; rm -f $@.tmp; \
+	zs=$$($(PY) pipelines/ood/student_zs.py --run $(OOD_RUN) --note $@.tmp $(if $(STUDENT_PRETRAINED),--pretrained $(STUDENT_PRETRAINED))); \
+	if [ -n "$$zs" ]; then \
+	  echo "== zero-shot student ($$zs) on $(OOD_DATA_$*) -> $(OOD_WORK)/student-cache/$(OOD_NAME)/$*.zarr"; \
+	  $(RECIPE) run $(TEACHER_RECIPE) precompute $$zs views=1 center_view=true -- \
+	    $(LAUNCH) precompute-teacher $(OOD_DATA_$*) --out $(OOD_WORK)/student-cache/$(OOD_NAME)/$*.zarr; \
+	  $(DHO) cache-info $(OOD_WORK)/student-cache/$(OOD_NAME)/$*.zarr --json > $@.tmp; \
+	fi; mv $@.tmp $@
+
+$(OOD_WORK)/$(OOD_NAME).$(OOD_MIX).md: $(foreach s,val $(OOD_SETS),$(OOD_OURS)/$(s).json $(OOD_EVAL)/teacher/$(s).json $(OOD_EVAL)/student-$(OOD_NAME)/$(s).json)
 	@echo "== report -> $@"
-	$(PY) pipelines/ood/report.py --run $(OOD_RUN) --eval $(OOD_EVAL) --sets "val $(OOD_SETS)" --out $@ $(if $(SMOKE),--smoke)
+	$(PY) pipelines/ood/report.py --run $(OOD_RUN) --ours $(OOD_OURS) --eval $(OOD_EVAL) --sets "val $(OOD_SETS)" --out $@ $(if $(SMOKE),--smoke)
 
 # =============================================================================================
 # reproduce-fewshot: the few-shot experiments (Table 1, Figs. 5/6) on one dataset of the CoOp benchmark.

@@ -394,34 +394,89 @@ def _ood_report():
     return module
 
 
-def test_ood_report_rows_mean_paper_and_teacher_check(tmp_path):
-    """The Tables 11-12 row: the combined top-1 per set, the mean over the four shifted sets, the paper's row for a
-    recipe run; OOD caches of another teacher than the run's are refused in one line."""
+def test_ood_report_rows_mean_paper_teacher_and_student_checks(tmp_path):
+    """The Tables 11-12 rows: the combined top-1 per set at the alpha/beta the Makefile passed, the mean over the four
+    shifted sets, the zero-shot student (the run's own CLIP before distillation), the paper's rows for a recipe run;
+    OOD caches of another teacher than the run's, or student caches of another model, are refused in one line."""
     report = _ood_report()
     teacher = {"model": "ViT-H-14-378-quickgelu", "pretrained": "dfn5b", "weights_sha256": "aa"}
+    student = {"model": "ViT-B-16-quickgelu", "pretrained": "openai", "weights_sha256": "cc"}
     cache = tmp_path / "lab.zarr"
     cache.mkdir()
     (cache / "zarr.json").write_text(json.dumps({"attributes": {"teacher": teacher}}))
     run = tmp_path / "runs" / "vit-b16-1pct"
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"labeled_cache": str(cache)}))
+    (run / "config.json").write_text(json.dumps({"labeled_cache": str(cache), "student": "ViT-B-16-quickgelu",
+                                                 "student_pretrained": "openai"}))
+    ours_dir, eval_dir = tmp_path / "eval" / "vit-b16-1pct.a0.5-b1.0", tmp_path / "eval"
+    for d in (ours_dir, eval_dir / "teacher", eval_dir / "student-vit-b16-1pct"):
+        d.mkdir(parents=True, exist_ok=True)
     sets, ours, zs = ["val", "v2", "sketch", "r", "a"], [80.0, 70.0, 50.0, 60.0, 40.0], [83.0, 77.0, 71.0, 92.0, 77.0]
-    for s, o, z in zip(sets, ours, zs):
-        (tmp_path / "eval" / run.name).mkdir(parents=True, exist_ok=True)
-        (tmp_path / "eval" / "teacher").mkdir(exist_ok=True)
+    own = [66.0, 60.0, 46.0, 74.0, 48.0]
+    for s, o, z, w in zip(sets, ours, zs, own):
         sub = s in ("r", "a")
-        (tmp_path / "eval" / run.name / f"{s}.json").write_text(json.dumps(
+        (ours_dir / f"{s}.json").write_text(json.dumps(
             {"combined": {"top1": o}, "num_samples": 10, "num_classes": 200 if sub else 1000, "model_classes": 1000,
              "class_subset": sub, "data": f"data/{s}", "alpha": 0.5, "beta": 1.0}))
-        (tmp_path / "eval" / "teacher" / f"{s}.json").write_text(json.dumps({"teacher": teacher, "agreement": z / 100}))
-    table = report.build_table(run, tmp_path / "eval", sets, smoke=False)
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]] for line in table.splitlines()
-            if line.startswith("| ") and not line.startswith("| model")}
+        (eval_dir / "teacher" / f"{s}.json").write_text(json.dumps({"teacher": teacher, "agreement": z / 100}))
+        (eval_dir / "student-vit-b16-1pct" / f"{s}.json").write_text(json.dumps({"teacher": student, "agreement": w / 100}))
+
+    def rows_of(table: str) -> dict:
+        return {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]] for line in table.splitlines()
+                if line.startswith("| ") and not line.startswith("| model")}
+
+    table = report.build_table(run, ours_dir, eval_dir, sets, smoke=False)
+    rows = rows_of(table)
     assert rows["DHO vit-b16-1pct (ours)"] == ["80.0", "70.0", "50.0", "60.0", "40.0", "55.0"]
     assert rows["zero-shot teacher ViT-H-14-378-quickgelu (ours)"] == ["83.0", "77.0", "71.0", "92.0", "77.0", "79.2"]
+    assert rows["zero-shot student ViT-B-16-quickgelu / openai, before distillation (ours)"] == \
+        ["66.0", "60.0", "46.0", "74.0", "48.0", "57.0"]
     assert rows["DHO vit-b16-1pct (paper, Table 12)"] == ["81.6", "72.6", "50.6", "65.5", "35.6", "56.1"]
+    assert rows["zero-shot CLIP ViT-B/16 (paper, Table 12)"] == ["66.7", "60.8", "46.2", "74.0", "47.0", "57.0"]
+    assert "alpha = 0.5, beta = 1 (the paper's Tables 11-13 use 0.5 and 1.0)" in table
     assert "R: 10 images, 200 classes of the model's 1000" in table
+    # a CNN student: the note says why there is no row
+    for s in sets:
+        (eval_dir / "student-vit-b16-1pct" / f"{s}.json").write_text(json.dumps({"not_applicable": "the student resnet18 is a CNN, not a CLIP tower"}))
+    table = report.build_table(run, ours_dir, eval_dir, sets, smoke=False)
+    assert not any("zero-shot student" in k for k in rows_of(table))
+    assert "No zero-shot student row: the student resnet18 is a CNN, not a CLIP tower." in table
+    # student caches of another model than the run's student
+    for s in sets:
+        (eval_dir / "student-vit-b16-1pct" / f"{s}.json").write_text(json.dumps({"teacher": dict(student, model="ViT-L-14"), "agreement": 0.5}))
+    with pytest.raises(SystemExit, match="made by ViT-L-14, but .* trained the student ViT-B-16-quickgelu"):
+        report.build_table(run, ours_dir, eval_dir, sets, smoke=False)
+    # evaluations at two alpha/beta mixes in one folder
+    (ours_dir / "v2.json").write_text(json.dumps(dict(json.loads((ours_dir / "val.json").read_text()), beta=0.5)))
+    with pytest.raises(SystemExit, match="different alpha/beta"):
+        report.build_table(run, ours_dir, eval_dir, sets, smoke=False)
+    (ours_dir / "v2.json").write_text(json.dumps(dict(json.loads((ours_dir / "val.json").read_text()))))
     other = dict(teacher, weights_sha256="bb")
-    (tmp_path / "eval" / "teacher" / "r.json").write_text(json.dumps({"teacher": other, "agreement": 0.9}))
+    (eval_dir / "teacher" / "r.json").write_text(json.dumps({"teacher": other, "agreement": 0.9}))
     with pytest.raises(SystemExit, match="was distilled from ViT-H-14-378-quickgelu / dfn5b; make the OOD caches"):
-        report.build_table(run, tmp_path / "eval", sets, smoke=False)
+        report.build_table(run, ours_dir, eval_dir, sets, smoke=False)
+
+
+@pytest.mark.parametrize("student, pretrained, expected", [
+    ("ViT-B-16-quickgelu", "openai", "model=ViT-B-16-quickgelu pretrained=openai text_classifier_norm=renormalize\n"),
+    ("tests/assets/tiny-clip.json", None, ""),
+    ("resnet18", "IMAGENET1K_V1", ""),
+    ("timm/resnet18.a1_in1k", "timm", ""),
+])
+def test_ood_zero_shot_student_is_the_runs_own_clip(tmp_path, monkeypatch, capsys, student, pretrained, expected):
+    """`student_zs.py`: the run's open_clip student and weights as precompute overrides, nothing (and a note saying
+    why) for a CNN, a timm model or a CLIP tower trained from random init."""
+    spec = importlib.util.spec_from_file_location("ood_student_zs", PIPELINES / "ood" / "student_zs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"student": student, "student_pretrained": pretrained}))
+    note = tmp_path / "note.json"
+    monkeypatch.setattr(sys, "argv", ["student_zs.py", "--run", str(run), "--note", str(note)])
+    module.main()
+    out, err = capsys.readouterr()
+    assert out == expected
+    assert note.exists() == (expected == "")
+    if not expected:
+        assert "no zero-shot student row" in err and json.loads(note.read_text())["not_applicable"]

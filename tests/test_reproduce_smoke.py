@@ -146,15 +146,31 @@ def test_reproduce_lowshot_smoke_then_nothing_then_resume(tmp_path):
     # ---- eval-ood on the finished run: V2/Sketch/R/A-shaped sets as distributed, the Tables 11-12 row
     ood = _make(work, "eval-ood")
     assert ood.returncode == 0, ood.stdout[-4000:] + ood.stderr[-4000:]
-    table = (work / "ood" / "vit-b16-1pct.md").read_text()
-    header, _, student_row, teacher_row = [line for line in table.splitlines() if line.startswith("|")][:4]
+    # Eq. 11 at the paper's alpha = 0.5, beta = 1.0 (Tables 11-13) by default, named in the files and the table
+    table = (work / "ood" / "vit-b16-1pct.a0.5-b1.0.md").read_text()
+    assert "DHO rows: Eq. 11 with alpha = 0.5, beta = 1 " in table
+    header, _, dho_row, teacher_row, zs_row = [line for line in table.splitlines() if line.startswith("|")][:5]
     assert header.split("|")[2:-1] == [" Val ", " V2 ", " Sketch ", " R ", " A ", " mean (V2, Sketch, R, A) "]
-    cells = [float(c) for c in student_row.strip("|").split("|")[1:]]
-    res = {s: json.loads((work / "ood" / "eval" / "vit-b16-1pct" / f"{s}.json").read_text()) for s in ("val", "v2", "sketch", "r", "a")}
+    cells = [float(c) for c in dho_row.strip("|").split("|")[1:]]
+    sets = ("val", "v2", "sketch", "r", "a")
+    res = {s: json.loads((work / "ood" / "eval" / "vit-b16-1pct.a0.5-b1.0" / f"{s}.json").read_text()) for s in sets}
+    assert all((r["alpha"], r["beta"]) == (0.5, 1.0) for r in res.values())
     assert cells[:5] == pytest.approx([res[s]["combined"]["top1"] for s in res], abs=0.051)
     assert cells[5] == pytest.approx(sum(cells[1:5]) / 4, abs=0.051)
-    lowshot = json.loads((work / "eval" / "vit-b16-1pct.json").read_text())  # the recipe's alpha/beta = the run's here
-    assert all(res["val"][k] == lowshot[k] for k in ("ce_head", "kd_head", "combined", "alpha", "beta", "num_samples"))
+    lowshot = json.loads((work / "eval" / "vit-b16-1pct.json").read_text())  # the heads alone do not depend on alpha/beta
+    assert all(res["val"][k] == lowshot[k] for k in ("ce_head", "kd_head", "num_samples"))
+    # the zero-shot student row: caches made with the student's own tiny CLIP (smoke: a saved random-init checkpoint)
+    assert zs_row.startswith("| zero-shot student tiny-clip / smoke-student.pt, before distillation (ours) |")
+    student = {s: json.loads((work / "ood" / "eval" / "student-vit-b16-1pct" / f"{s}.json").read_text()) for s in sets}
+    assert [float(c) for c in zs_row.strip("|").split("|")[1:6]] == \
+        pytest.approx([100 * student[s]["agreement"] for s in sets], abs=0.051)
+    assert all(Path(student[s]["teacher"]["pretrained"]).name == "smoke-student.pt" for s in sets)
+    assert student["r"]["num_classes"] == 3
+    # ALPHA=run BETA=run: the run's own mix, in files of their own (the lowshot evaluation's numbers exactly)
+    own = work / "ood" / "eval" / "vit-b16-1pct.arun-brun" / "val.json"
+    assert _make(work, str(own), "ALPHA=run", "BETA=run").returncode == 0
+    own = json.loads(own.read_text())
+    assert all(own[k] == lowshot[k] for k in ("ce_head", "kd_head", "combined", "alpha", "beta", "num_samples"))
     # V2's folders 0..3 are class indices; R and A keep 3 of the 4 classes and are scored on those
     v2 = json.loads((work / "ood" / "data" / "v2" / "manifest.json").read_text())
     assert v2["classnames"] == names

@@ -9,6 +9,8 @@ From the smoke ImageNet's val images (4 colour classes), laid out as the four be
 - `a/<class id>`: another 3 of the 4, images rotated (ImageNet-A: 200 of the 1000).
 The class id of the smoke data is its folder name (as `classnames.py` writes it into classnames.txt).
 Built in OUT.tmp and renamed, so Make never sees half of it. Deterministic.
+With `--student-config C --student-out F` also a random-init checkpoint of the smoke student's config (seed 1):
+the smoke student has no pretrained weights, so this stands in for them in the zero-shot student row.
 
 Out of scope: anything realistic; this only exercises the eval-ood Make graph and the label mapping.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -52,8 +55,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--imagenet", type=Path, required=True, help="The smoke ImageNet folder (with val/).")
     parser.add_argument("--out", type=Path, required=True, help="Folder to write v2/, sketch/, r/, a/ into.")
+    parser.add_argument("--student-config", type=Path, default=None, help="open_clip model-config JSON of the smoke student.")
+    parser.add_argument("--student-out", type=Path, default=None, help="Where to write its random-init checkpoint.")
     args = parser.parse_args()
     print(f"wrote {write(args.imagenet, args.out)}")
+    if args.student_config is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lowshot"))
+        from make_smoke_data import write_teacher
+
+        args.student_out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"wrote {write_teacher(args.student_config, args.student_out, seed=1)}")
 
 
 if __name__ == "__main__":
