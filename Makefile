@@ -322,6 +322,12 @@ $(OOD_WORK)/$(OOD_NAME).$(OOD_MIX).md: $(foreach s,val $(OOD_SETS),$(OOD_OURS)/$
 # (`dho tip-adapter --preset coop:DATASET`) (DHO-F),
 # a student from each teacher (zs: the zero-shot teacher, fs: Tip-Adapter-F), evaluation on test; then
 # FS_WORK/table.md: mean ± std over the seeds beside the paper. Resumable like reproduce-lowshot.
+# Baselines (BASELINES=0: none; BASELINES="ce ce+kd": these): the recipe's `baselines:` single-head methods
+# (ImageNet: Table 1's KD, CE, CE+KD (logit), CE+KD (feature); the ten datasets: the CE+KD curve of Figs. 5/8/11),
+# each `dho distill --method M` from the zero-shot teacher's caches on every (K, seed), KD (no labels) once per seed.
+# Cost: one student run each, the same steps as DHO's (an epoch is a pass over the same unlabeled stream), no
+# teacher work: the four ImageNet baselines add 3 x 5 x 3 + 3 = 48 runs to DHO's 30 (zs + fs); SMOKE runs them on
+# the first (K, seed) only.
 # =============================================================================================
 ifdef SMOKE
 FS_DATASET := oxford_pets
@@ -342,11 +348,25 @@ SEEDS ?= 1 2 3
 FS_SOURCE :=
 FS_TEACHER_SET = $(if $(TEACHER_WEIGHTS),pretrained=$(TEACHER_WEIGHTS))
 endif
+# the recipe's `baselines: [a, b]` read without Python (the venv may not exist yet when make parses this file);
+# tests/test_pipelines.py checks it against the YAML of every recipe
+FS_RECIPE_BASELINES = $(shell sed -n 's/^  baselines: *\[\([^]]*\)\].*/\1/p' $(FS_RECIPE) | tr ',' ' ')
+ifeq ($(origin BASELINES),undefined)
+FS_BASELINES := $(FS_RECIPE_BASELINES)
+else ifeq ($(BASELINES),0)
+FS_BASELINES :=
+else
+FS_BASELINES := $(BASELINES)
+endif
 FS_DATA = $(FS_WORK)/data
 FS_CACHE = $(FS_WORK)/cache
 FS_RUNS = $(FS_WORK)/runs
 FS_EVAL = $(FS_WORK)/eval
 FS_PAIRS = $(foreach k,$(SHOTS),$(foreach s,$(SEEDS),k$(k)-s$(s)))
+# the (K, seed) pairs of the baseline runs; KD (no labels) runs once per seed, on the first K's split
+FS_BASELINE_PAIRS = $(if $(SMOKE),$(firstword $(FS_PAIRS)),$(FS_PAIRS))
+FS_KD_PAIRS = $(filter $(FS_BASELINE_PAIRS),$(foreach s,$(SEEDS),k$(firstword $(SHOTS))-s$(s)))
+FS_BASELINE_RUNS = $(foreach m,$(FS_BASELINES),$(foreach p,$(if $(filter kd,$(m)),$(FS_KD_PAIRS),$(FS_BASELINE_PAIRS)),$(m)-$(p)))
 # the few-shot validation split: min(K, 4) per class of CoOp's val, as CoOp draws it (FS_VAL=fewshot: its sampler, its
 # random stream continued after the K-shot train draw, `--after`), or the whole val, as the DHO reference code
 # (train_others.py) scores its epochs and alpha/beta (FS_VAL=full)
@@ -443,13 +463,26 @@ $(FS_EVAL)/fs-$(1).json: $(FS_RUNS)/fs-$(1)/model.pt $(FS_CACHE)/test.done
 endef
 $(foreach k,$(SHOTS),$(foreach s,$(SEEDS),$(eval $(call fewshot_pair,k$(k)-s$(s),$(k),$(s)))))
 
+# baselines: `--method M` from the zero-shot teacher's caches; evaluated with the head the method trained (the
+# alpha/beta its model stores: the recipe's fixed DHO alpha/beta are dropped)
+define fewshot_baseline
+$(FS_RUNS)/$(1)-$(2)/model.pt: PAIR := $(2)
+$(FS_RUNS)/$(1)-$(2)/model.pt: SEED_S := $(lastword $(subst -s, ,$(2)))
+$(FS_RUNS)/$(1)-$(2)/model.pt: TEACH := pool lab
+$(FS_RUNS)/$(1)-$(2)/model.pt: METHOD := $(1)
+$(FS_RUNS)/$(1)-$(2)/model.pt: $(FS_CACHE)/lab-$(2).done $(FS_CACHE)/pool.done $(FS_DATA)/val-$(2)/manifest.json
+$(FS_EVAL)/$(1)-$(2).json: EVAL_MIX := alpha= beta=
+$(FS_EVAL)/$(1)-$(2).json: $(FS_RUNS)/$(1)-$(2)/model.pt $(FS_CACHE)/test.done
+endef
+$(foreach m,$(FS_BASELINES),$(foreach p,$(if $(filter kd,$(m)),$(FS_KD_PAIRS),$(FS_BASELINE_PAIRS)),$(eval $(call fewshot_baseline,$(m),$(p)))))
+
 # the unlabeled cache is the first word of TEACH, the labeled one the second; the labeled split's own cache
 # name is lab-PAIR (zs) or lab-tipf-PAIR (fs)
 $(FS_RUNS)/%/model.pt:
 	@echo "== distill $* -> $(@D)"
 	mkdir -p $(FS_RUNS)
 	$(RECIPE) config $(FS_RECIPE) distill --out $(@D).distill.yaml
-	$(FS_LAUNCH) distill --config $(@D).distill.yaml --out $(@D) --seed $(SEED_S) \
+	$(FS_LAUNCH) distill --config $(@D).distill.yaml --out $(@D) --seed $(SEED_S) $(if $(METHOD),--method $(METHOD)) \
 	  --labeled $(FS_DATA)/lab-$(PAIR) --labeled-cache $(FS_CACHE)/$(word 2,$(TEACH))$(if $(filter lab,$(word 2,$(TEACH))),-$(PAIR)).zarr \
 	  --unlabeled $(FS_DATA)/train --unlabeled-cache $(FS_CACHE)/$(word 1,$(TEACH)).zarr --val $(FS_DATA)/val-$(PAIR) \
 	  $$(test -f $(@D)/checkpoints/last.pt && echo --resume)
@@ -457,11 +490,12 @@ $(FS_RUNS)/%/model.pt:
 $(FS_EVAL)/%.json:
 	@echo "== evaluate $(FS_RUNS)/$* on $(FS_DATA)/test"
 	mkdir -p $(@D)
-	$(RECIPE) run $(FS_RECIPE) evaluate $(FS_EVAL_SET_$(firstword $(subst -, ,$*))) -- \
+	$(RECIPE) run $(FS_RECIPE) evaluate $(FS_EVAL_SET_$(firstword $(subst -, ,$*))) $(EVAL_MIX) -- \
 	  $(DHO) evaluate $(FS_RUNS)/$* --data $(FS_DATA)/test --json > $@.tmp
 	mv $@.tmp $@
 
-$(FS_WORK)/table.md: $(foreach p,$(FS_PAIRS),$(FS_EVAL)/zs-$(p).json $(FS_EVAL)/fs-$(p).json $(FS_EVAL)/teacher-fs-$(p).json) $(FS_EVAL)/teacher-zs.json
+$(FS_WORK)/table.md: $(foreach p,$(FS_PAIRS),$(FS_EVAL)/zs-$(p).json $(FS_EVAL)/fs-$(p).json $(FS_EVAL)/teacher-fs-$(p).json) \
+  $(FS_BASELINE_RUNS:%=$(FS_EVAL)/%.json) $(FS_EVAL)/teacher-zs.json
 	@echo "== report -> $@"
 	$(PY) pipelines/fewshot/report.py --eval $(FS_EVAL) --recipe $(FS_RECIPE) --dataset $(FS_DATASET) \
-	  --shots "$(SHOTS)" --seeds "$(SEEDS)" --out $@ $(if $(SMOKE),--smoke)
+	  --shots "$(SHOTS)" --seeds "$(SEEDS)" --baselines "$(FS_BASELINE_RUNS)" --out $@ $(if $(SMOKE),--smoke)

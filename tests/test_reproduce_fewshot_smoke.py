@@ -25,6 +25,7 @@ import zarr
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "pipelines" / "fewshot" / "coop-smoke.yaml"
 SHOTS, SEEDS = (2,), (1, 2)
+BASELINE_ROWS = {"kd": "KD", "ce": "CE", "ce+kd": "CE+KD (logit)", "ce+kd-feature": "CE+KD (feature)"}
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ def _rows(table: str) -> dict[str, list[str]]:
     rows = {}
     for line in table.split("## Runs")[0].splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells[0] in ("DHO", "DHO-F", "Tip-Adapter-F teacher", "zero-shot teacher"):
+        if cells[0] in ("DHO", "DHO-F", "Tip-Adapter-F teacher", "zero-shot teacher", *BASELINE_ROWS.values()):
             rows[cells[0]] = cells[1:]
     return rows
 
@@ -86,7 +87,17 @@ def test_reproduce_fewshot_smoke_then_nothing_then_resume(tmp_path):
     table = (work / "table.md").read_text()
     assert table.startswith("# SMOKE RUN") and "recorded" in table
     rows = _rows(table)
-    assert sorted(rows) == ["DHO", "DHO-F", "Tip-Adapter-F teacher", "zero-shot teacher"]
+    assert sorted(rows) == sorted(["DHO", "DHO-F", "Tip-Adapter-F teacher", "zero-shot teacher", *BASELINE_ROWS.values()])
+    # the baselines (SMOKE: the first K and seed): `--method M` from the zero-shot caches, scored with the head it trained
+    for method, row in BASELINE_ROWS.items():
+        result = _json(work / "eval" / f"{method}-k2-s1.json")
+        assert rows[row][0] == f"{result['combined']['top1']:.1f}" and rows[row][1] == "–"
+        config = _json(work / "runs" / f"{method}-k2-s1" / "config.json")
+        assert (config["method"], config["seed"], config["labeled_cache"]) == (method, 1, str(work / "cache" / "lab-k2-s1.zarr"))
+        assert (result["alpha"], result["beta"]) == ((0.0, 1.0) if method == "kd" else (1.0, 1.0))
+        head = "kd_head" if method == "kd" else "ce_head"
+        assert result["combined"]["top1"] == result[head]["top1"]
+    assert "KD uses no labels: one run per seed" in table
     for kind, name in (("zs", "DHO"), ("fs", "DHO-F")):
         values = [_json(work / "eval" / f"{kind}-{p}.json")["combined"]["top1"] for p in pairs]
         assert rows[name][0] == f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"

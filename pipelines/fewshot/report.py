@@ -8,8 +8,11 @@ Reads, per K shots and seed S (pair `kK-sS`), from --eval:
   fs-kK-sS.json           the same for the student distilled from Tip-Adapter-F (DHO-F)
   teacher-fs-kK-sS.json   `dho cache-info --json` of the test cache relabelled by Tip-Adapter-F: its top-1
   teacher-zs.json         `dho cache-info --json` of the test cache: the zero-shot teacher's top-1
+  M-kK-sS.json            per baseline run named in --baselines (`dho distill --method M` from the zero-shot
+                          teacher): its `dho evaluate --json`, the head the method trained; KD uses no labels and
+                          runs once per seed (on the first K's split): its row repeats it under every K
 and the paper's numbers from the recipe's `expected:` section (`top1` = DHO, `dho_f`, `tip_adapter_f`,
-`teacher.top1`). Writes the table to --out (atomically) and prints it.
+`teacher.top1`, `baselines.M`). Writes the table to --out (atomically) and prints it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,20 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 _fmt = fmt
+# single-head baselines, as Table 1 names them
+BASELINE_ROWS = {"kd": "KD", "ce": "CE", "ce+kd": "CE+KD (logit)", "ce+kd-feature": "CE+KD (feature)"}
+
+
+def baseline_runs(names: list[str]) -> dict[str, dict[int, dict[int, str]]]:
+    """'ce+kd-k1-s2' ... -> {method: {K: {seed: run name}}}; a name that is not METHOD-kK-sS exits in one line."""
+    runs: dict[str, dict[int, dict[int, str]]] = {}
+    for name in names:
+        method, _, pair = name.rpartition("-k")
+        k, _, seed = pair.partition("-s")
+        if method not in BASELINE_ROWS or not k.isdigit() or not seed.isdigit():
+            sys.exit(f"error: --baselines {name!r}: want METHOD-kK-sS with METHOD one of {', '.join(BASELINE_ROWS)}")
+        runs.setdefault(method, {}).setdefault(int(k), {})[int(seed)] = name
+    return runs
 
 
 def _fmt_ms(values: list[float]) -> str:
@@ -51,13 +68,26 @@ def _delta(values: list[float] | None, paper: float | None) -> str:
     return "–" if not values or paper is None else f"{round(mean_std(values)[0] - paper, 1) + 0.0:+.1f}"  # no -0.0
 
 
-def build_table(eval_dir: Path, recipe: dict, dataset: str, shots: list[int], seeds: list[int], smoke: bool) -> str:
+def build_table(eval_dir: Path, recipe: dict, dataset: str, shots: list[int], seeds: list[int], smoke: bool,
+                baselines: list[str] = ()) -> str:
     expected = recipe.get("expected", {})
     paper = {
         "DHO": expected.get("top1", {}),
         "DHO-F": expected.get("dho_f", {}),
         "Tip-Adapter-F teacher": expected.get("tip_adapter_f", {}),
     }
+    runs = baseline_runs(list(baselines))
+    base = {}  # row name -> {K: [top-1 per seed that ran]}
+    for method, by_k in runs.items():
+        row = BASELINE_ROWS[method]
+        paper[row] = (expected.get("baselines") or {}).get(method, {})
+        if method == "kd":  # no labels: the per-seed runs stand under every K
+            per_seed = {s: name for k_runs in by_k.values() for s, name in k_runs.items()}
+            values = [_read_json(eval_dir / f"{per_seed[s]}.json")["combined"]["top1"] for s in sorted(per_seed)]
+            base[row] = {k: values for k in shots}
+        else:
+            base[row] = {k: [_read_json(eval_dir / f"{name}.json")["combined"]["top1"] for _, name in sorted(by_k.get(k, {}).items())]
+                         for k in shots}
     pairs = {k: [f"k{k}-s{s}" for s in seeds] for k in shots}
     student = {kind: {k: [_read_json(eval_dir / f"{kind}-{p}.json") for p in pairs[k]] for k in shots} for kind in ("zs", "fs")}
     tip = {k: [_agreement(_read_json(eval_dir / f"teacher-fs-{p}.json")) for p in pairs[k]] for k in shots}
@@ -68,6 +98,7 @@ def build_table(eval_dir: Path, recipe: dict, dataset: str, shots: list[int], se
         "DHO": {k: [r["combined"]["top1"] for r in student["zs"][k]] for k in shots},
         "DHO-F": {k: [r["combined"]["top1"] for r in student["fs"][k]] for k in shots},
         "Tip-Adapter-F teacher": {k: [x for x in tip[k] if x is not None] for k in shots},
+        **base,
     }
     averaged = recipe.get("recipe", {}).get("paper_average")
     lines = []
@@ -87,10 +118,13 @@ def build_table(eval_dir: Path, recipe: dict, dataset: str, shots: list[int], se
         ]
         if averaged:
             lines += [f"Paper columns: {averaged} — not this dataset's own number, which the paper only plots."]
+        if expected.get("plotted_only"):
+            lines += [f"Paper columns: empty — the paper prints no number for this setting, it only plots it "
+                      f"({expected['plotted_only']})."]
     theirs_name = "recorded" if smoke else "paper"
     cols = "".join(f" {k}-shot ours | {k}-shot {theirs_name} | Δ |" for k in shots)
     lines += ["", f"| method |{cols}", "|---|" + "---|---|---|" * len(shots)]
-    for name in ("DHO", "DHO-F", "Tip-Adapter-F teacher"):
+    for name in ("DHO", "DHO-F", *(BASELINE_ROWS[m] for m in BASELINE_ROWS if m in runs), "Tip-Adapter-F teacher"):
         cells = ""
         for k in shots:
             theirs = paper[name].get(f"{k}shot")
@@ -106,6 +140,16 @@ def build_table(eval_dir: Path, recipe: dict, dataset: str, shots: list[int], se
         f"DHO: the student distilled from the zero-shot teacher ({teacher.get('model', '?')} / "
         f"{teacher.get('pretrained', '?')}, {zs_info.get('agreement_count', '?')} test images, center view).",
         "DHO-F: the student distilled from Tip-Adapter-F, fitted on the same K-shot split (the paper's few-shot teacher).",
+    ]
+    if runs:
+        ran = {BASELINE_ROWS[m]: sorted({s for k_runs in by_k.values() for s in k_runs}) for m, by_k in runs.items()}
+        lines += [
+            "Baselines (single head, `dho distill --method`, from the zero-shot teacher; the head they trained): "
+            + "; ".join(f"{row} on seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))}" for row, s in ran.items())
+            + (". KD uses no labels: one run per seed, shown under every K (the paper's 0-shot column)." if "kd" in runs else ".")
+            + " A `–` cell: no baseline run at that K (SMOKE runs the first K and seed only).",
+        ]
+    lines += [
         "",
         "## Runs",
         "",
@@ -121,6 +165,12 @@ def build_table(eval_dir: Path, recipe: dict, dataset: str, shots: list[int], se
                     f"{_fmt(r['combined']['top1'])} | {r['alpha']:g} | {r['beta']:g} | "
                     f"{_fmt(tip[k][i]) if kind == 'fs' else ''} |"
                 )
+    for method, by_k in runs.items():
+        for k, k_runs in sorted(by_k.items()):
+            for s, name in sorted(k_runs.items()):
+                r = _read_json(eval_dir / f"{name}.json")
+                lines.append(f"| {k} | {s} | {BASELINE_ROWS[method]} | {_fmt(r['ce_head']['top1'])} | {_fmt(r['kd_head']['top1'])} | "
+                             f"{_fmt(r['combined']['top1'])} | {r['alpha']:g} | {r['beta']:g} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -141,13 +191,15 @@ def main() -> None:
     parser.add_argument("--dataset", required=True, help="The dataset's name, for the title.")
     parser.add_argument("--shots", required=True, help="Space-separated K, e.g. '1 2 4 8 16'.")
     parser.add_argument("--seeds", required=True, help="Space-separated seeds, e.g. '1 2 3'.")
+    parser.add_argument("--baselines", default="", help="Space-separated baseline runs METHOD-kK-sS (their eval JSON in --eval).")
     parser.add_argument("--out", type=Path, required=True, help="Markdown file to write.")
     parser.add_argument("--smoke", action="store_true", help="Title the table as a smoke run.")
     args = parser.parse_args()
     if not args.recipe.is_file():
         sys.exit(f"error: recipe {args.recipe} not found; pass FS_RECIPE=pipelines/fewshot/<recipe>.yaml")
     recipe = yaml.safe_load(args.recipe.read_text(encoding="utf-8"))
-    table = build_table(args.eval, recipe, args.dataset, _ints(args.shots, "shots"), _ints(args.seeds, "seeds"), args.smoke)
+    table = build_table(args.eval, recipe, args.dataset, _ints(args.shots, "shots"), _ints(args.seeds, "seeds"), args.smoke,
+                        args.baselines.split())
     write_table(args.out, table)
 
 

@@ -3,7 +3,7 @@
     # run a command with a section appended as options (keys = option names, '_' for '-')
     python pipelines/lowshot/recipe.py run pipelines/lowshot/vit-b16.yaml precompute [KEY=VALUE ...] \
         -- dho precompute-teacher runs/lowshot/data/train --out runs/lowshot/cache/train.zarr
-    # print one value of a section (empty if absent)
+    # print one value of a section (empty if absent; a list as space-separated words)
     python pipelines/lowshot/recipe.py get pipelines/fewshot/resnet18-scratch.yaml recipe dho_f_alpha
     # write a section as a plain YAML mapping, e.g. for `dho distill --config FILE`
     python pipelines/lowshot/recipe.py config pipelines/lowshot/vit-b16.yaml distill --out distill.yaml
@@ -137,7 +137,7 @@ def main() -> None:
     args = parser.parse_args(argv)
     if args.action == "get":
         value = section(args.recipe, args.section).get(args.key)
-        print("" if value is None else value)
+        print("" if value is None else " ".join(map(str, value)) if isinstance(value, list) else value)
         return
     if args.action in ("labeled-views", "pool-views"):
         print(stream_views(args.recipe, args.labeled, args.pool, "labeled" if args.action == "labeled-views" else "unlabeled"))
