@@ -19,6 +19,10 @@ The two ways to use it:
 never a source, a folder inside a source or one that contains it, and never a folder with files the
 command did not write. Out of scope: remote or object stores (rename and pid checks need a local path).
 
+Every output file gets the mode a plain `open()` gives it, 0666 & ~umask (`as_created`), whatever its writer did:
+safetensors (its Rust writer goes through a temporary file) creates 0600, which other users of a shared model folder
+could not read. Execute bits a writer set are kept.
+
 A write that fails for the disk's sake (full, read-only, over quota, not permitted) is one ConfigError naming the
 output (`disk_error`), also for writers that hide the OS error (torch's zip writer says "unexpected pos", numpy's
 "requested and 0 written"): then the folder itself is asked (statvfs). `check_space` refuses a write whose size is
@@ -32,6 +36,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -75,6 +80,37 @@ def remove_stale(out: Path) -> list[Path]:
             p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+def umask() -> int:
+    """The process's umask, read from /proc where Linux lists it (setting it to read it would race other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_created(path: Path) -> None:
+    """Give the regular files at `path` (a file, or every file below a folder) the mode `open()` would: 0666 & ~umask,
+    plus the execute bits their writer set (within the umask). Symbolic links are left alone."""
+    mask = umask()
+    paths = [Path(path)]
+    if paths[0].is_dir() and not paths[0].is_symlink():
+        paths = [Path(root) / name for root, _, names in os.walk(path) for name in names]
+    for p in paths:
+        st = os.lstat(p)
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        wanted = (0o666 | (mode & 0o111)) & ~mask
+        if mode != wanted:
+            os.chmod(p, wanted)
 
 
 def fsync(path: Path) -> None:
@@ -176,6 +212,7 @@ def replace_files(*paths: Path, durable: bool = False) -> Iterator[list[Path]]:
             parts = [stage / f"{p.name}.part" for p in paths]
             yield parts
             for part, path in zip(parts, paths):
+                as_created(part)
                 if durable:
                     fsync(part)
                 os.replace(part, path)
@@ -210,6 +247,7 @@ def replace_folders(*outs: Path) -> Iterator[list[Path]]:
                 tmps[-1].mkdir()
             yield list(tmps)
             for tmp, out in zip(tmps, outs):
+                as_created(tmp)
                 old = None
                 if out.exists():
                     old = temp_sibling(out, "old")

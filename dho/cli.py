@@ -309,14 +309,17 @@ def predict(
 @app.command(epilog="Example: dho export runs/r18 --out r18.onnx --format onnx")
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
-    out: Annotated[Path, typer.Option("--out", help="Model file to write, named for its format (model.pt2, model.onnx, model.ts); beside it OUT.safetensors (the student's weights) and OUT.json (class names, preprocessing, alpha, beta).")],
-    fmt: Annotated[str, typer.Option("--format", help="pt2 (torch.export: torch.export.load(OUT).module()) | onnx (onnxruntime; needs pip install 'dho[onnx]') | torchscript (torch.jit.load).")] = "pt2",
+    out: Annotated[Path, typer.Option("--out", help="Model file to write, named for its format (model.pt2, model.onnx, model.ts); beside it OUT.safetensors (the student's weights) and OUT.json (class names, preprocessing, alpha, beta). With --format hf, the folder to write (new, empty, or an earlier hf export).")],
+    fmt: Annotated[str, typer.Option("--format", help="pt2 (torch.export: torch.export.load(OUT).module()) | onnx (onnxruntime; needs pip install 'dho[onnx]') | torchscript (torch.jit.load) | hf (the folder OUT in Hugging Face style: config.json, model.safetensors, README.md model card; dho.load_run(OUT) or plain safetensors loads it, huggingface_hub.upload_folder publishes it).")] = "pt2",
 ) -> None:
     """Write a deployable model: uint8 RGB images (B, 3, H, W) of any size -> probabilities (B, C); preprocessing, student and Eq. 11 with the run's alpha/beta baked in."""
+    from dho.export import HF_FORMAT, metadata_path, weights_path
     from dho.export import export as export_run
-    from dho.export import metadata_path, weights_path
 
     path = export_run(run_dir, out, format=fmt)
+    if fmt == HF_FORMAT:
+        typer.echo(f"wrote {path}/ (hf): config.json, model.safetensors, README.md")
+        return
     typer.echo(f"wrote {path} ({fmt}), {weights_path(path)}, {metadata_path(path)}")
 
 

@@ -438,20 +438,9 @@ def load_image(path: Union[str, Path]):
     return data_lib.decode_image(path.read_bytes(), path.suffix.lstrip(".") or "image", str(path))
 
 
-@torch.no_grad()
-def predict(
-    run_dir: Union[str, Path],
-    images: Sequence[Union[str, Path]],
-    topk: int = 5,
-    device: Union[str, torch.device] = "auto",
-    batch_size: int = 64,
-    heads: bool = False,
-) -> list[tuple[Path, Union[list[tuple[str, float]], dict[str, list[tuple[str, float]]]]]]:
-    """Top-k (class name, probability) per image from the combined heads (Eq. 11) with the run's alpha, beta.
-    With `heads`, a dict per image: the top-k of ce_head (softmax), kd_head (softmax at temperature beta)
-    and the combination, as the paper's qualitative figures (Figs. 9, 16-19) show them side by side.
-    A folder among `images` stands for the image files in it (sorted, not recursive)."""
-    check_number("--topk", topk, low=1, integer=True)
+def image_paths(images: Sequence[Union[str, Path]]) -> list[Path]:
+    """The image files `images` name, in order: a folder stands for the image files in it (sorted, not recursive),
+    a pattern with * ? [ that is not itself a file for the files it matches (sorted; ** recurses). Every one must exist."""
     paths = []
     for p in map(Path, images):
         if not p.exists() and any(c in str(p) for c in "*?["):  # a quoted glob: expanded here, sorted
@@ -471,6 +460,39 @@ def predict(
     for p in paths:
         if not p.is_file():
             raise DatasetError(f"image {p} not found")
+    return paths
+
+
+@torch.no_grad()
+def head_probs(student: DualHeadStudent, x: torch.Tensor, alpha: float, beta: float, heads: bool = False) -> dict[str, torch.Tensor]:
+    """Normalised views (B, 3, S, S) on the student's device -> {combined (Eq. 11)[, ce_head, kd_head]: probs (B, C)}
+    on the CPU: what `dho predict` prints (ce_head a plain softmax, kd_head one at temperature beta)."""
+    out = student(x)
+    scores = {"combined": combine_heads(out["ce_logits"], out["kd_logits"], alpha, beta).cpu()}  # (B, C)
+    if heads:
+        scores["ce_head"] = torch.softmax(out["ce_logits"].float(), dim=-1).cpu()  # (B, C)
+        scores["kd_head"] = torch.softmax(out["kd_logits"].float() / beta, dim=-1).cpu()  # (B, C)
+    return scores
+
+
+PREDICT_BATCH = 64  # images per forward pass of `dho predict` (and of the Python API's predict)
+
+
+@torch.no_grad()
+def predict(
+    run_dir: Union[str, Path],
+    images: Sequence[Union[str, Path]],
+    topk: int = 5,
+    device: Union[str, torch.device] = "auto",
+    batch_size: int = PREDICT_BATCH,
+    heads: bool = False,
+) -> list[tuple[Path, Union[list[tuple[str, float]], dict[str, list[tuple[str, float]]]]]]:
+    """Top-k (class name, probability) per image from the combined heads (Eq. 11) with the run's alpha, beta.
+    With `heads`, a dict per image: the top-k of ce_head (softmax), kd_head (softmax at temperature beta)
+    and the combination, as the paper's qualitative figures (Figs. 9, 16-19) show them side by side.
+    A folder among `images` stands for the image files in it (sorted, not recursive)."""
+    check_number("--topk", topk, low=1, integer=True)
+    paths = image_paths(images)
     student, meta = load_run(run_dir, device)
     alpha, beta, _ = run_alpha_beta(run_dir, meta)
     preprocess: data_lib.Preprocessing = meta["preprocess"]
@@ -480,11 +502,7 @@ def predict(
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         x = torch.stack([preprocess.eval_view(load_image(p)) for p in chunk])  # (B, 3, S, S)
-        out = student(x.to(resolve_device(device)))
-        scores = {"combined": combine_heads(out["ce_logits"], out["kd_logits"], alpha, beta).cpu()}  # (B, C)
-        if heads:
-            scores["ce_head"] = torch.softmax(out["ce_logits"].float(), dim=-1).cpu()  # (B, C)
-            scores["kd_head"] = torch.softmax(out["kd_logits"].float() / beta, dim=-1).cpu()  # (B, C)
+        scores = head_probs(student, x.to(resolve_device(device)), alpha, beta, heads)
         tops = {name: probs.topk(k, dim=-1) for name, probs in scores.items()}
         for i, p in enumerate(chunk):
             per = {name: [(classnames[c], v) for c, v in zip(t.indices[i].tolist(), t.values[i].tolist())]

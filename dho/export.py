@@ -3,6 +3,8 @@
     dho export RUN --out model.pt2                        # torch.export (default)
     dho export RUN --out model.onnx --format onnx         # ONNX for onnxruntime; pip install 'dho[onnx]'
     dho export RUN --out model.ts --format torchscript    # TorchScript, as dho exported before
+    dho export RUN --out DIR --format hf                  # a Hugging Face-style folder (dho.hub): config.json,
+                                                          # model.safetensors, README.md (the model card)
 
 The model does what ``dho predict`` does, preprocessing included:
 
@@ -66,11 +68,13 @@ from dho.atomic import LOW_SPACE, check_space, replace_files
 from dho.data import file_sha256
 from dho.errors import ConfigError
 from dho.evaluate import load_run, run_alpha_beta
+from dho.hub import write_folder, write_weights
 from dho.run_dir import MODEL
 from dho.students import DualHeadStudent
 
 SUFFIXES = {"pt2": "pt2", "onnx": "onnx", "torchscript": "ts"}  # format -> the usual file suffix
-FORMATS = tuple(SUFFIXES)
+FORMATS = tuple(SUFFIXES)  # the model files; HF_FORMAT writes a folder instead (dho.hub)
+HF_FORMAT = "hf"
 META_FILE = "dho.json"  # the metadata inside the model (pt2/TorchScript extra file, ONNX metadata property)
 INTERPOLATIONS = ("bilinear", "bicubic")  # the PIL filters torch's antialiased interpolate reproduces
 RESIZE_MODES = ("shortest", "squash", "longest")
@@ -260,10 +264,13 @@ def _is_dho_export(out: Path) -> bool:
 
 def export(run_dir: Union[str, Path], out: Union[str, Path], format: str = "pt2") -> Path:
     """Write RUN_DIR/model.pt (with the run's alpha, beta and preprocessing) as a `format` model at `out`,
-    its weights at `weights_path(out)` and its metadata at `metadata_path(out)`; return `out`."""
+    its weights at `weights_path(out)` and its metadata at `metadata_path(out)`; return `out`. Format "hf":
+    the folder `out` of `dho.hub.write_folder`."""
     run_dir, out = Path(run_dir), Path(out)
+    if format == HF_FORMAT:  # a Hugging Face-style folder: config.json, model.safetensors, README.md
+        return write_folder(run_dir, out)
     if format not in FORMATS:
-        raise ConfigError(f"cannot export {run_dir} as {format!r}: unknown format; use one of {', '.join(FORMATS)}")
+        raise ConfigError(f"cannot export {run_dir} as {format!r}: unknown format; use one of {', '.join(FORMATS + (HF_FORMAT,))}")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give the file to write, e.g. {out / ('model.' + SUFFIXES[format])}")
     if out.suffix == ".safetensors":
@@ -308,7 +315,7 @@ def export(run_dir: Union[str, Path], out: Union[str, Path], format: str = "pt2"
     # the three files replace the old ones together, the JSON (which hashes the others) last
     with replace_files(out, weights_path(out), metadata_path(out)) as (model_part, weights_part, json_part):
         _write_model(wrapper, probs, format, model_part, info, run_dir, meta["build_args"]["name"])
-        _write_weights(student, weights_part, meta, alpha, beta)
+        write_weights(student, weights_part, meta, alpha, beta)
         sidecar = {**info, "sha256": {"model": file_sha256(model_part), "weights": file_sha256(weights_part)}}
         json_part.write_text(json.dumps(sidecar, indent=2) + "\n")
     return out
@@ -395,14 +402,3 @@ def _write_model(wrapper: DeployableDHO, probs: StudentProbs, format: str, path:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     _check(run_dir, student, format, lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), wrapper, checks)
 
-
-def _write_weights(student: DualHeadStudent, path: Path, meta: dict, alpha: float, beta: float) -> None:
-    """The student's state_dict as safetensors; everything needed to use it as strings in the metadata."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}  # clone: no shared storage
-    save_file(tensors, str(path), metadata={
-        "format": "dho-student", "dho_version": dho.__version__, "alpha": repr(float(alpha)), "beta": repr(float(beta)),
-        "classnames": json.dumps(meta["classnames"]), "preprocess": json.dumps(meta["preprocess"].to_dict()),
-        "build_args": json.dumps(meta["build_args"]),
-    })

@@ -181,6 +181,48 @@ def test_export_writes_safetensors_weights_and_metadata(fmt, exported, searched_
     assert info["sha256"] == {"model": file_sha256(out), "weights": file_sha256(weights_path(out))}
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_load_export_predicts_like_predict_and_its_files_are_readable(fmt, exported, searched_run, images):
+    """dho.load_export of each format: the exported graph within PROB_ATOL of `dho predict`, its weights file the
+    rebuilt student with `dho predict`'s very floats; the three files 0666 & ~umask (safetensors alone makes 0600)."""
+    import os
+
+    import dho
+
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    out = exported(fmt)
+    expected, classnames = _predict_probs(searched_run, images)
+    model = dho.load_export(out)
+    assert isinstance(model, dho.ExportedModel) and model.format == fmt and model.classnames == classnames
+    assert (model.alpha, model.beta, model.alpha_beta_source) == (0.7, 2.0, "alpha_beta.json")
+    assert model.preprocessing.image_size == 32 and model.to("cpu") is model
+    preds = model.predict(images)  # each image its own batch of one
+    _assert_like_predict(preds.probs, expected)
+    assert preds.sources == images and preds.labels == [classnames[i] for i in expected.argmax(-1).tolist()]
+    pair = torch.stack([_uint8(images[0]), _uint8(images[0]).flip(-1)])  # a uint8 batch in one call
+    torch.testing.assert_close(model.predict(pair).probs[0], preds.probs[0], atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match=r"is an exported model: it takes uint8 images"):
+        model.predict(pair.float())
+    with pytest.raises(AttributeError):
+        model.alpha = 0.5  # baked into the graph
+    weights = dho.load_export(weights_path(out))
+    assert isinstance(weights, dho.Run) and (weights.alpha, weights.beta) == (0.7, 2.0)
+    assert weights.alpha_beta_source == "alpha_beta.json"
+    assert torch.equal(weights.predict(images).probs, expected)
+    mode = 0o666 & ~_umask()
+    for path in (out, weights_path(out), metadata_path(out)):
+        assert os.stat(path).st_mode & 0o777 == mode, path
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def test_export_without_search_bakes_in_model_pt_alpha_beta(trained_run, searched_run, images, tmp_path):
     path = export(trained_run, tmp_path / "m.ts", format="torchscript")
     extra = {"dho.json": ""}
