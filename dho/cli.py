@@ -208,8 +208,8 @@ def distill(
     report_to: Annotated[Optional[str], typer.Option("--report-to", help="Metric sinks, comma-separated: jsonl (RUN/metrics.jsonl, always), tensorboard (RUN/tensorboard), wandb (project $WANDB_PROJECT or dho; WANDB_MODE=offline works); names grouped as train/..., val/..., grad/.... [default: jsonl]")] = None,
     keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", help="Checkpoints to keep: last.pt, plus checkpoints/step-S.pt of the newest N when N > 1 (the best epoch on --val is kept in checkpoints/best/ with --eval-every-epoch). [default: 1]")] = None,
     decode: Annotated[Optional[str], typer.Option(help="Where training views are decoded: cpu (DataLoader workers, PIL) | gpu (the batch's JPEGs decoded on the CUDA device with torchvision's decode_jpeg, box cropped and resized there; views differ from cpu by resampling noise). [default: cpu]")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue a run exactly where its last checkpoint stopped: `dho distill --resume RUN_DIR` alone takes every option from RUN_DIR/config.json; options given as well must equal the run's. [default: off]")] = False,
-    run_dir: Annotated[Optional[Path], typer.Argument(help="With --resume: the run folder to continue (instead of --out). [default: none]", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a run exactly where its last checkpoint stopped: `dho distill --resume RUN_DIR` alone takes every option from RUN_DIR/config.json; options given as well must equal the run's. `--resume auto` with --out RUN and the run's options is the one command of a job that may be requeued (sbatch, submitit): it continues RUN if RUN holds a checkpoint made with these options, starts RUN if it is new or empty (or stopped before its first checkpoint), exits 0 leaving a finished RUN as it is, and refuses, naming them, other options. [default: off]")] = False,
+    run_dir: Annotated[Optional[str], typer.Argument(metavar="RUN_DIR|auto", help="With --resume: the run folder to continue (instead of --out), or the word auto (see --resume; a folder named auto is ./auto). [default: none]", show_default=False)] = None,
 ) -> None:
     """Train a student from datasets + teacher caches (the teacher is never loaded)."""
     from dho.distill import distill as run_distill
@@ -229,7 +229,10 @@ def distill(
         "sync_bn": sync_bn, "report_to": report_to, "keep_checkpoints": keep_checkpoints, "compile": compile_,
         "decode": decode,
     }
-    run_distill(merge(given, options_file=config, resume_dir=run_dir, resume=resume), resume=resume)
+    if resume and run_dir == "auto":  # `--resume auto`: the word, not a folder (that is ./auto)
+        resume, run_dir = "auto", None
+    cfg = merge(given, options_file=config, resume_dir=Path(run_dir) if run_dir is not None else None, resume=resume)
+    run_distill(cfg, resume=resume)
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,7 +537,7 @@ def main() -> None:
     """Console-script entry point: every error a user can fix prints one line (`error: ...`), never a traceback.
 
     Exit status: 0 done, 2 a problem with the input, options or environment (the line says which),
-    3 interrupted by SIGTERM/SIGINT after saving what can be resumed, 130 interrupted elsewhere.
+    3 interrupted by SIGTERM/SIGINT/SIGUSR1 after saving what can be resumed, 130 interrupted elsewhere.
     """
     import errno
 

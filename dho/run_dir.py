@@ -133,17 +133,26 @@ class RunDir:
         if out.is_dir() and not self.config.is_file() and any(p.name != LOCK for p in out.iterdir()):
             raise ConfigError(f"--out {out} holds files but no dho run (no {CONFIG}); choose a new or empty folder")
 
-    def start(self, resume: bool) -> tuple[bool, str]:
+    def start(self, resume: Union[bool, str]) -> tuple[bool, str]:
         """Decide what `--out` holds and what `dho distill` does with it -> (resume?, note for the log).
 
         A folder with files but no config.json is not a run: refused, nothing of the user's is touched.
         A finished run (model.pt) or a run with a checkpoint needs --resume. A run that died before its
-        first checkpoint is started again by the same command, with or without --resume. (Whether the
-        options may change on --resume is the config's to say: `dho.distill.config.check_resume`.)
+        first checkpoint is started again by the same command, with or without --resume. `resume="auto"`
+        (`--resume auto`, the one command of a requeued job) continues a run that has a checkpoint and
+        starts any other (a new or empty folder, a run that died before its first checkpoint). (Whether the
+        options may change on --resume is the config's to say: `dho.distill.config.check_resume`; a finished
+        run under --resume auto is `finished`.)
         """
         out, is_run = self.path, self.config.is_file()
         self._check_folder()
         note = ""
+        if resume == "auto":
+            if self.last.is_file():
+                return True, ""
+            if is_run:
+                note = f"{out} has no checkpoint yet (the run stopped before its first one): starting it again"
+            return False, note
         if resume and not self.last.is_file():
             if not is_run:
                 raise ConfigError(f"--resume: {out} holds no run to resume; start it without --resume")
@@ -156,6 +165,10 @@ class RunDir:
                 raise ConfigError(f"{out} holds a run stopped at step {step}; pass --resume to continue it, or choose another --out")
             note = f"{out} holds a run that stopped before its first checkpoint: starting it again"
         return resume, note
+
+    def finished(self) -> bool:
+        """Whether the folder holds a finished run: model.pt is written last."""
+        return self.config.is_file() and self.model.is_file()
 
     def create(self, config: dict, resume: bool) -> None:
         """The folder's skeleton and its resolved config (rank 0, after every rank has read the old state);

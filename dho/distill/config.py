@@ -247,13 +247,16 @@ def load_options_file(path: Path) -> dict:
 
 
 def merge(given: dict, options_file: Optional[Path] = None, resume_dir: Optional[Path] = None,
-          resume: bool = False) -> DistillConfig:
+          resume: bool | str = False) -> DistillConfig:
     """The config of one `dho distill` command: RUN/config.json of `resume_dir` (`--resume RUN`), then the
     `--config` file, then the options `given` on the command line (None = not given), each overriding the
-    one before (see the module docstring)."""
+    one before (see the module docstring). With resume="auto" (`--resume auto`) the command names the whole
+    run itself, as when it started: `--out` and the options, never a base from the folder."""
     from dho.run_dir import RunDir
 
     values: dict = {}
+    if resume == "auto" and resume_dir is not None:
+        raise ConfigError(f"--resume auto takes the run from --out; {resume_dir} names a second one")
     if resume_dir is not None:  # `--resume RUN_DIR`: the run's own resolved options are the base
         run = RunDir(resume_dir)
         if not resume:
@@ -271,15 +274,22 @@ def merge(given: dict, options_file: Optional[Path] = None, resume_dir: Optional
         DistillConfig.check_keys(from_file, f"--config {options_file}")
         values.update(from_file)
     values.update({k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None})
+    if resume == "auto" and values.get("out") is None:
+        raise ConfigError("--resume auto needs --out RUN, the run to start or continue (on the command line or in "
+                          "--config); to continue the run folder named auto, write `--resume ./auto`")
     if values.get("student_pretrained") in ("none", ""):
         values["student_pretrained"] = None
     return DistillConfig.from_dict(values, "the command line")
 
 
-def check_resume(old: DistillConfig, new: DistillConfig, out: Path) -> None:
+def check_resume(old: DistillConfig, new: DistillConfig, out: Path, auto: bool = False) -> None:
     """Refuse a resume whose options differ from the run's in anything but RESUME_FREE."""
     diffs = [f.name for f in dataclasses.fields(new) if f.name not in RESUME_FREE and getattr(old, f.name) != getattr(new, f.name)]
     if diffs:
         changed = ", ".join(f"{d}: {getattr(old, d)!r} -> {getattr(new, d)!r}" for d in diffs)
+        if auto:  # the command of a requeued job met another run in its --out
+            raise ConfigError(f"--resume auto: {out} holds a run made with other options ({changed}); they change the data "
+                              f"order or the numerics: give the options of that run (`dho distill --resume {out}` takes them "
+                              "from its config.json), or choose another --out")
         raise ConfigError(f"--resume with changed options ({changed}); they change the data order or the numerics: "
                           f"resume with the run's options (`dho distill --resume {out}` takes them from its config.json)")
