@@ -167,7 +167,8 @@ def distill(
     student_pretrained: Annotated[Optional[str], typer.Option("--student-pretrained", help="Student weights: torchvision weights name, open_clip tag, timm (the timm student's tag from the local Hugging Face cache, never downloaded) or a timm tag, a local checkpoint file (.pt/.safetensors), or none. [default: none]")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="dho | ce | kd | ce+kd | ce+kd-feature. " + "[default: dho]")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (config.json, metrics.jsonl, checkpoints/, model.pt). [required unless in --config]")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file of options (keys as in RUN_DIR/config.json); options given on the command line override it. [default: none]")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file of options, keyed by the flags (text-init: true, batch-size: 64; what RUN_DIR/config.yaml and --print-config hold) or by the names in RUN_DIR/config.json (init_heads_from_text); options given on the command line override it. [default: none]")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the options this command resolves (--config, then the command line) as YAML keyed by the flags, which --config reads back, and exit; nothing is written, nothing trains. [default: off]")] = False,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs; one epoch = one pass over the unlabeled stream. [default: 20]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Labeled AND unlabeled samples per step, global over ranks (B+B). [default: 64]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (betas 0.9, 0.999). [default: 0.001]")] = None,
@@ -212,7 +213,6 @@ def distill(
     run_dir: Annotated[Optional[str], typer.Argument(metavar="RUN_DIR|auto", help="With --resume: the run folder to continue (instead of --out), or the word auto (see --resume; a folder named auto is ./auto). [default: none]", show_default=False)] = None,
 ) -> None:
     """Train a student from datasets + teacher caches (the teacher is never loaded)."""
-    from dho.distill import distill as run_distill
     from dho.distill.config import merge
 
     given = {
@@ -232,6 +232,11 @@ def distill(
     if resume and run_dir == "auto":  # `--resume auto`: the word, not a folder (that is ./auto)
         resume, run_dir = "auto", None
     cfg = merge(given, options_file=config, resume_dir=Path(run_dir) if run_dir is not None else None, resume=resume)
+    if print_config:
+        typer.echo(cfg.to_yaml(), nl=False)
+        return
+    from dho.distill import distill as run_distill
+
     run_distill(cfg, resume=resume)
 
 

@@ -178,7 +178,7 @@ def _start_run_dir(run: RunDir, cfg: DistillConfig, resume: bool | str, ranks: R
     if ranks.world_size > 1:
         torch.distributed.barrier()
     if ranks.is_main:
-        run.create(cfg.to_dict(), resume)
+        run.create(cfg.to_dict(), resume, cfg.to_yaml())
     if ranks.world_size > 1:
         torch.distributed.barrier()
     return resume, note
