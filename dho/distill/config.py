@@ -6,6 +6,11 @@ with one strict rule: an unknown key anywhere is an error naming the file, a mis
 an error naming the flag. `DistillConfig.__post_init__` then checks the type and range of every value,
 wherever the config came from (command line, file, resumed run, Python). On --resume only the options in
 `RESUME_FREE` may differ from the run's (`check_resume`): the others change the data order or the numbers.
+`--resume auto` takes no base from the folder: the command names the whole run, as when it started.
+
+A key of a `--config` file is the flag (`text-init`, `lambda`, `batch-size`; underscores work too) or the field
+(`init_heads_from_text`, `lambda_`); RUN/config.yaml and `--print-config` write the flags (`DistillConfig.to_yaml`).
+This module imports no torch, so the config of a command resolves before anything heavy loads.
 
 Out of scope: configs of the other commands (they take flat arguments).
 """
