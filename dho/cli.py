@@ -167,7 +167,8 @@ def distill(
     student_pretrained: Annotated[Optional[str], typer.Option("--student-pretrained", help="Student weights: torchvision weights name, open_clip tag, timm (the timm student's tag from the local Hugging Face cache, never downloaded) or a timm tag, a local checkpoint file (.pt/.safetensors), or none. [default: none]")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="dho | ce | kd | ce+kd | ce+kd-feature. " + "[default: dho]")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (config.json, metrics.jsonl, checkpoints/, model.pt). [required unless in --config]")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file of options (keys as in RUN_DIR/config.json); options given on the command line override it. [default: none]")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file of options, keyed by the flags (text-init: true, batch-size: 64; what RUN_DIR/config.yaml and --print-config hold) or by the names in RUN_DIR/config.json (init_heads_from_text); options given on the command line override it. [default: none]")] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the options this command resolves (--config, then the command line) as YAML keyed by the flags, which --config reads back, and exit; nothing is written, nothing trains. [default: off]")] = False,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs; one epoch = one pass over the unlabeled stream. [default: 20]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Labeled AND unlabeled samples per step, global over ranks (B+B). [default: 64]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (betas 0.9, 0.999). [default: 0.001]")] = None,
@@ -208,11 +209,10 @@ def distill(
     report_to: Annotated[Optional[str], typer.Option("--report-to", help="Metric sinks, comma-separated: jsonl (RUN/metrics.jsonl, always), tensorboard (RUN/tensorboard), wandb (project $WANDB_PROJECT or dho; WANDB_MODE=offline works); names grouped as train/..., val/..., grad/.... [default: jsonl]")] = None,
     keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", help="Checkpoints to keep: last.pt, plus checkpoints/step-S.pt of the newest N when N > 1 (the best epoch on --val is kept in checkpoints/best/ with --eval-every-epoch). [default: 1]")] = None,
     decode: Annotated[Optional[str], typer.Option(help="Where training views are decoded: cpu (DataLoader workers, PIL) | gpu (the batch's JPEGs decoded on the CUDA device with torchvision's decode_jpeg, box cropped and resized there; views differ from cpu by resampling noise). [default: cpu]")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue a run exactly where its last checkpoint stopped: `dho distill --resume RUN_DIR` alone takes every option from RUN_DIR/config.json; options given as well must equal the run's. [default: off]")] = False,
-    run_dir: Annotated[Optional[Path], typer.Argument(help="With --resume: the run folder to continue (instead of --out). [default: none]", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a run exactly where its last checkpoint stopped: `dho distill --resume RUN_DIR` alone takes every option from RUN_DIR/config.json; options given as well must equal the run's. `--resume auto` with --out RUN and the run's options is the one command of a job that may be requeued (sbatch, submitit): it continues RUN if RUN holds a checkpoint made with these options, starts RUN if it is new or empty (or stopped before its first checkpoint), exits 0 leaving a finished RUN as it is, and refuses, naming them, other options. [default: off]")] = False,
+    run_dir: Annotated[Optional[str], typer.Argument(help="With --resume: the run folder to continue (instead of --out), or the word auto (see --resume; a folder named auto is ./auto). [default: none]", show_default=False)] = None,
 ) -> None:
     """Train a student from datasets + teacher caches (the teacher is never loaded)."""
-    from dho.distill import distill as run_distill
     from dho.distill.config import merge
 
     given = {
@@ -229,7 +229,15 @@ def distill(
         "sync_bn": sync_bn, "report_to": report_to, "keep_checkpoints": keep_checkpoints, "compile": compile_,
         "decode": decode,
     }
-    run_distill(merge(given, options_file=config, resume_dir=run_dir, resume=resume), resume=resume)
+    if resume and run_dir == "auto":  # `--resume auto`: the word, not a folder (that is ./auto)
+        resume, run_dir = "auto", None
+    cfg = merge(given, options_file=config, resume_dir=Path(run_dir) if run_dir is not None else None, resume=resume)
+    if print_config:
+        typer.echo(cfg.to_yaml(), nl=False)
+        return
+    from dho.distill import distill as run_distill
+
+    run_distill(cfg, resume=resume)
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,7 +545,7 @@ def main() -> None:
     """Console-script entry point: every error a user can fix prints one line (`error: ...`), never a traceback.
 
     Exit status: 0 done, 2 a problem with the input, options or environment (the line says which),
-    3 interrupted by SIGTERM/SIGINT after saving what can be resumed, 130 interrupted elsewhere.
+    3 interrupted by SIGTERM/SIGINT/SIGUSR1 after saving what can be resumed, 130 interrupted elsewhere.
     """
     import errno
 

@@ -22,7 +22,7 @@ class ConfigError(DhoError):
 
 
 class Interrupted(DhoError):
-    """SIGTERM/SIGINT stopped a long command after it saved what can be resumed (exit status 3)."""
+    """SIGTERM/SIGINT/SIGUSR1 stopped a long command after it saved what can be resumed (exit status 3)."""
 
     EXIT_CODE = 3
 

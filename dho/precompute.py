@@ -307,7 +307,7 @@ class _ShardBatches(torch.utils.data.IterableDataset):
 def _run_batches(loader, teacher, rows: "_ShardRows", *, zeta: float, eta: float, skip_bad: bool, out) -> float | None:
     """Run the teacher over every batch, one batch in flight: while the device runs batch k, the host
     collects batch k-1 into `rows` (and writes the shards it completes). Stops between batches on
-    SIGTERM / SIGINT (Interrupted) and at the first unreadable image unless `skip_bad` (DatasetError),
+    SIGTERM / SIGINT / SIGUSR1 (Interrupted) and at the first unreadable image unless `skip_bad` (DatasetError),
     after collecting the batch in flight. -> the time the first batch arrived (None: no batch)."""
     in_flight, t_first = None, None
 

@@ -2,7 +2,8 @@
 with every RNG, the kept checkpoints, the best epoch, and the finished model for the commands that read
 a run (evaluate, predict, export, analyze, features, bench-inference).
 
-    RUN/config.json                   the resolved DistillConfig (dho.distill.config)
+    RUN/config.json                   the resolved DistillConfig (dho.distill.config), what --resume reads
+    RUN/config.yaml                   the same keyed by the flags (text-init: true), what `dho distill --config` reads back
     RUN/metrics.jsonl, RUN/log.txt    one JSON record per logged step and validation; the console output
     RUN/checkpoints/last.pt           model, optimiser, scheduler, scaler, RNG states, step, ... (plain torch.load)
     RUN/checkpoints/step-S.pt         the newest N with --keep-checkpoints N > 1 (hard links of last.pt)
@@ -42,6 +43,7 @@ from dho.devices import resolve_device
 from dho.errors import ConfigError
 
 CONFIG = "config.json"
+CONFIG_YAML = "config.yaml"
 METRICS = "metrics.jsonl"
 LOG = "log.txt"
 CHECKPOINTS = "checkpoints"
@@ -72,6 +74,7 @@ class RunDir:
     def __init__(self, path: Union[str, Path]):
         self.path = Path(path)
         self.config = self.path / CONFIG
+        self.config_yaml = self.path / CONFIG_YAML
         self.metrics = self.path / METRICS
         self.log = self.path / LOG
         self.checkpoints = self.path / CHECKPOINTS
@@ -133,17 +136,26 @@ class RunDir:
         if out.is_dir() and not self.config.is_file() and any(p.name != LOCK for p in out.iterdir()):
             raise ConfigError(f"--out {out} holds files but no dho run (no {CONFIG}); choose a new or empty folder")
 
-    def start(self, resume: bool) -> tuple[bool, str]:
+    def start(self, resume: Union[bool, str]) -> tuple[bool, str]:
         """Decide what `--out` holds and what `dho distill` does with it -> (resume?, note for the log).
 
         A folder with files but no config.json is not a run: refused, nothing of the user's is touched.
         A finished run (model.pt) or a run with a checkpoint needs --resume. A run that died before its
-        first checkpoint is started again by the same command, with or without --resume. (Whether the
-        options may change on --resume is the config's to say: `dho.distill.config.check_resume`.)
+        first checkpoint is started again by the same command, with or without --resume. `resume="auto"`
+        (`--resume auto`, the one command of a requeued job) continues a run that has a checkpoint and
+        starts any other (a new or empty folder, a run that died before its first checkpoint). (Whether the
+        options may change on --resume is the config's to say: `dho.distill.config.check_resume`; a finished
+        run under --resume auto is `finished`.)
         """
         out, is_run = self.path, self.config.is_file()
         self._check_folder()
         note = ""
+        if resume == "auto":
+            if self.last.is_file():
+                return True, ""
+            if is_run:
+                note = f"{out} has no checkpoint yet (the run stopped before its first one): starting it again"
+            return False, note
         if resume and not self.last.is_file():
             if not is_run:
                 raise ConfigError(f"--resume: {out} holds no run to resume; start it without --resume")
@@ -157,13 +169,20 @@ class RunDir:
             note = f"{out} holds a run that stopped before its first checkpoint: starting it again"
         return resume, note
 
-    def create(self, config: dict, resume: bool) -> None:
-        """The folder's skeleton and its resolved config (rank 0, after every rank has read the old state);
-        a fresh start drops the metrics of the attempt that died before its first checkpoint."""
+    def finished(self) -> bool:
+        """Whether the folder holds a finished run: model.pt is written last."""
+        return self.config.is_file() and self.model.is_file()
+
+    def create(self, config: dict, resume: bool, config_yaml: Optional[str] = None) -> None:
+        """The folder's skeleton and its resolved config, as config.json and (`config_yaml`, the text) config.yaml
+        (rank 0, after every rank has read the old state); a fresh start drops the metrics of the attempt that died
+        before its first checkpoint. config.json comes first: it makes the folder a run, so config.yaml is ours."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         if not resume:
             self.metrics.unlink(missing_ok=True)  # the failed attempt's own log, not the user's
         write_atomic(self.config, lambda part: part.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+        if config_yaml is not None:
+            write_atomic(self.config_yaml, lambda part: part.write_text(config_yaml))
 
     def read_config(self) -> dict:
         return json.loads(self.config.read_text())

@@ -471,6 +471,77 @@ def test_distill_help_shows_the_config_defaults():
     assert checked >= 25
 
 
+def test_the_torch_free_config_names_equal_their_homes_and_every_flag_is_an_option():
+    """dho/distill/config.py writes out the method names, VLM head forms and temperatures (the config needs no torch):
+    they equal the objectives' records, dho.students and dho.losses; each field's flag name is a `dho distill` option."""
+    import dataclasses
+
+    import typer
+
+    from dho import losses, students
+    from dho.cli import app
+    from dho.distill import config, objective
+
+    assert config.METHODS == tuple(objective.OBJECTIVES) and config.VLM_HEADS == students.VLM_HEADS
+    assert (config.ETA, config.ZETA) == (losses.ETA, losses.ZETA)
+    flags = {o for p in typer.main.get_command(app).commands["distill"].params for o in p.opts}
+    for f in dataclasses.fields(DistillConfig):
+        assert "--" + config.flag_name(f.name) in flags, f.name
+        assert config.field_name(config.flag_name(f.name)) == f.name == config.field_name(f.name)
+
+
+def test_config_files_take_both_spellings_refuse_duplicates_and_suggest_unknown_keys(tmp_path):
+    from dho.distill.config import merge
+
+    required = {"labeled": "L", "labeled_cache": "L.zarr", "student": "resnet18", "out": "RUN"}
+    file = tmp_path / "c.yaml"
+    file.write_text("text_init: false\nlambda: 0.2\nbatch-size: 8\nalign_kd_head: false\nweight_decay: 0.05\n")
+    cfg = merge(required, options_file=file)
+    assert (cfg.init_heads_from_text, cfg.lambda_, cfg.batch_size, cfg.align_kd_head, cfg.weight_decay) == (False, 0.2, 8, False, 0.05)
+    file.write_text("init_heads_from_text: false\nlambda_: 0.2\n")  # the names of RUN/config.json
+    assert merge(required, options_file=file) == replace(cfg, batch_size=64, align_kd_head=True, weight_decay=0.01)
+    for text, message in (
+        ("text-init: false\ninit_heads_from_text: true\n", "'text-init' and 'init_heads_from_text' are one option; keep one"),
+        ("lambda: 0.1\nlambda_: 0.2\n", "'lambda' and 'lambda_' are one option; keep one"),
+        ("learning_rate: 0.1\n", "unknown option keys ['learning_rate'] (learning_rate: did you mean lr?); known: ["),
+        ("epochz: 3\ntext_inti: true\n", "unknown option keys ['epochz', 'text_inti'] (epochz: did you mean epoch or epochs?; "
+                                           "text_inti: did you mean text-init?); known: ["),
+        ("batch-sise: 3\n", "unknown option keys ['batch-sise'] (batch-sise: did you mean batch-size?)"),
+        ("colour: red\n", "unknown option keys ['colour']; known: ['accum-steps', 'align-kd-head', 'alpha',"),
+    ):
+        file.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            merge(required, options_file=file)
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_config_yaml_and_print_config_read_back_to_the_same_config(world, tmp_path, capsys):
+    """RUN/config.yaml and `--print-config` (which writes nothing) hold the options keyed by their flags; fed back with
+    --config they give the same run: the same config.json."""
+    from dho.cli import app
+
+    def options(run):
+        return ["--labeled", str(world / "labeled"), "--labeled-cache", str(world / "labeled.zarr"),
+                "--unlabeled", str(world / "full"), "--unlabeled-cache", str(world / "full.zarr"), "--student", "resnet-tiny",
+                "--out", str(run), "--epochs", "1", "--max-steps", "1", "--batch-size", "8", "--lr", "3e-5",
+                "--lambda", "0.25", "--no-text-init", "--workers", "0", "--device", "cpu"]
+
+    run, again = tmp_path / "run", tmp_path / "again"
+    app(["distill", *options(run), "--print-config"], standalone_mode=False)
+    printed = capsys.readouterr().out
+    assert not run.exists()
+    assert "\nlambda: 0.25\n" in printed and "\ntext-init: false\n" in printed and "\nlr: 3.0e-05\n" in printed
+    assert "\nlabeled-cache: " in printed and "_" not in "".join(line.split(":")[0] for line in printed.splitlines())
+    app(["distill", *options(run)], standalone_mode=False)
+    assert (run / "config.yaml").read_text() == printed
+    (tmp_path / "printed.yaml").write_text(printed.replace(f"out: {run}\n", f"out: {again}\n"))
+    app(["distill", "--config", str(tmp_path / "printed.yaml")], standalone_mode=False)
+    stored, fed_back = (json.loads((r / "config.json").read_text()) for r in (run, again))
+    assert fed_back == {**stored, "out": str(again)} and stored["init_heads_from_text"] is False and stored["lambda_"] == 0.25
+    app(["distill", "--config", str(run / "config.yaml"), "--print-config"], standalone_mode=False)
+    assert capsys.readouterr().out.endswith(printed.split("\n", 2)[2])  # the header's comment lines, then the same options
+
+
 def test_method_help_lists_exactly_the_objectives():
     """`--method` choices come from one place, the records of dho/distill/objective.py; the CLI's help (written
     out so that `dho --help` needs no torch) must list exactly those."""

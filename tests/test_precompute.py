@@ -174,9 +174,11 @@ def test_sigkill_then_rerun_equals_uninterrupted(ref_cache, tiny_dataset, tiny_c
     assert not list(out.rglob("*.partial"))
 
 
-@pytest.mark.parametrize("target", ["process", "process group"])
+@pytest.mark.parametrize("sig,target", [("SIGTERM", "process"), ("SIGTERM", "process group"), ("SIGUSR1", "process group")])
 def test_sigterm_stops_between_units_exits_3_and_the_rerun_finishes(ref_cache, tiny_dataset, tiny_clip_config,
-                                                                  tiny_teacher_ckpt, tmp_path, target):
+                                                                  tiny_teacher_ckpt, tmp_path, sig, target):
+    """SIGTERM, or SIGUSR1 (SLURM's warning before the kill, sent to every process of a job step: the DataLoader
+    workers ignore it), stops between units with exit status 3; the same command computes the rest."""
     out = tmp_path / "stopped.zarr"
     cmd = [str(VENV_BIN / "dho"), "precompute-teacher", *_args(tiny_dataset, out, tiny_clip_config, tiny_teacher_ckpt)]
     proc = subprocess.Popen(cmd, env=_env(DHO_TEST_SLOW_UNITS="0.4"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -186,11 +188,11 @@ def test_sigterm_stops_between_units_exits_3_and_the_rerun_finishes(ref_cache, t
         if (out / "zarr.json").exists() and int(zarr.open_group(str(out), mode="r")["done"][:].sum()) >= 3:
             break
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGTERM) if target == "process" else os.killpg(proc.pid, signal.SIGTERM)
+    os.kill(proc.pid, getattr(signal, sig)) if target == "process" else os.killpg(proc.pid, getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err
     last = err.strip().splitlines()[-1]
-    assert re.fullmatch(rf"error: stopped by SIGTERM with \d+/15 units of {re.escape(str(out))} done; rerun the same command "
+    assert re.fullmatch(rf"error: stopped by {sig} with \d+/15 units of {re.escape(str(out))} done; rerun the same command "
                         "to compute the rest", last), last
     assert "Traceback" not in err
     stopped = TeacherCache.open(out, dataset=tiny_dataset)

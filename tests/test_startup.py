@@ -50,6 +50,22 @@ print(json.dumps(seen))
     assert data.Dataset.open(tmp_path / "lab").num_samples == 6 and data.Dataset.open(tmp_path / "idx").num_samples == 12
 
 
+def test_print_config_imports_no_heavy_module(tmp_path):
+    """`dho distill --print-config` resolves and prints the config without torch (0.5 s, not 10) and writes nothing."""
+    code = f"""
+import json, sys, contextlib, io
+from dho.cli import app
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    app(["distill", "--labeled", "L", "--labeled-cache", "L.zarr", "--student", "resnet18", "--out", "{tmp_path / 'run'}",
+         "--print-config"], standalone_mode=False)
+print(json.dumps({{"heavy": [m for m in {HEAVY!r} if m in sys.modules], "printed": out.getvalue()}}))
+"""
+    seen = _run_in_fresh_process(code)
+    assert seen["heavy"] == [] and "\nstudent: resnet18\n" in seen["printed"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_shards_are_byte_identical_to_webdatasets_writer_and_read_alike(tmp_path):
     import webdataset as wds
 

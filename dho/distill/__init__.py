@@ -11,13 +11,26 @@
 The names below are this package's public API (`from dho.distill import distill, DistillConfig`).
 """
 
-from dho.distill.config import DistillConfig
-from dho.distill.diagnostics import grad_diagnostics, plot_grad_diagnostics
-from dho.distill.loop import distill
-from dho.distill.objective import METHODS, OBJECTIVES, Objective, Trainee
-from dho.distill.schedule import (REUSE_WARN, draws_per_sample, linear_lr_lambda, lr_lambda, reference_lr_lambda,
-                                  schedule_steps, views_needed)
+import importlib
 
-__all__ = ["DistillConfig", "distill", "METHODS", "OBJECTIVES", "Objective", "Trainee", "grad_diagnostics",
-           "plot_grad_diagnostics", "REUSE_WARN", "draws_per_sample", "linear_lr_lambda", "lr_lambda",
-           "reference_lr_lambda", "schedule_steps", "views_needed"]
+from dho.distill.config import DistillConfig
+
+# name -> its module, imported on first use: the config alone (`dho distill --print-config`) needs no torch
+_LAZY = {"distill": "loop", "METHODS": "objective", "OBJECTIVES": "objective", "Objective": "objective",
+         "Trainee": "objective", "grad_diagnostics": "diagnostics", "plot_grad_diagnostics": "diagnostics",
+         **{name: "schedule" for name in ("REUSE_WARN", "draws_per_sample", "linear_lr_lambda", "lr_lambda",
+                                          "reference_lr_lambda", "schedule_steps", "views_needed")}}
+
+__all__ = ["DistillConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'dho.distill' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"dho.distill.{_LAZY[name]}"), name)
+    globals()[name] = value  # once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

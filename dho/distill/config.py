@@ -6,6 +6,11 @@ with one strict rule: an unknown key anywhere is an error naming the file, a mis
 an error naming the flag. `DistillConfig.__post_init__` then checks the type and range of every value,
 wherever the config came from (command line, file, resumed run, Python). On --resume only the options in
 `RESUME_FREE` may differ from the run's (`check_resume`): the others change the data order or the numbers.
+`--resume auto` takes no base from the folder: the command names the whole run, as when it started.
+
+A key of a `--config` file is the flag (`text-init`, `lambda`, `batch-size`; underscores work too) or the field
+(`init_heads_from_text`, `lambda_`); RUN/config.yaml and `--print-config` write the flags (`DistillConfig.to_yaml`).
+This module imports no torch, so the config of a command resolves before anything heavy loads.
 
 Out of scope: configs of the other commands (they take flat arguments).
 """
@@ -13,15 +18,19 @@ Out of scope: configs of the other commands (they take flat arguments).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dho import losses
-from dho.distill.objective import METHODS
 from dho.errors import ConfigError, check_choice, check_number
-from dho.students import VLM_HEADS
+
+# Written out so that the config (and `dho distill --print-config`) needs no torch; tests/test_distill.py keeps them
+# equal to their homes: the records of dho/distill/objective.py, dho.students.VLM_HEADS, dho.losses.ETA and ZETA.
+METHODS = ("dho", "ce", "kd", "ce+kd", "ce+kd-feature")
+VLM_HEADS = ("reference", "eq10")
+ETA, ZETA = 2.0, 0.01
 
 LR_SCHEDULES = ("warmup-cosine", "reference", "linear")
 UNLABELED_POOLS = ("union", "exclude-labeled")
@@ -37,6 +46,17 @@ BETA_GRIDS = ("wide", "reference")  # the names of dho.evaluate.BETA_GRIDS (the 
 # or the numerics (workers set the thread count and the consumers, the device the kernels, compile and
 # decode the kernels and pixels) is refused on resume, so a resumed run stays bit-identical.
 RESUME_FREE = {"log_every", "checkpoint_every", "max_steps", "val", "eval_every_epoch", "report_to", "keep_checkpoints"}
+# The flag of each option whose name is not the field's with dashes (`lambda` is Python's keyword); RUN/config.yaml and
+# --print-config key the options by their flags, --config reads both spellings (`flag_name`, `field_name`).
+FLAGS = {"lambda_": "lambda", "init_heads_from_text": "text-init"}
+# Names other tools give these options, suggested when a --config key is unknown (close spellings are found anyway).
+SYNONYMS = {
+    "learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "num_epochs": "epochs", "n_epochs": "epochs",
+    "max_epochs": "epochs", "num_workers": "workers", "temperature": "eta", "kd_temperature": "eta", "model": "student",
+    "arch": "student", "output_dir": "out", "out_dir": "out", "output": "out", "run_dir": "out", "clip_grad": "grad_clip",
+    "max_grad_norm": "grad_clip", "gradient_clip_val": "grad_clip", "gradient_accumulation_steps": "accum_steps",
+    "accumulate_grad_batches": "accum_steps", "warmup": "warmup_steps", "teacher_cache": "labeled_cache",
+}
 
 
 @dataclass(frozen=True)
@@ -64,8 +84,8 @@ class DistillConfig:
     select_best_on_val: bool = False  # keep the epoch best on --val (alpha/beta searched there), as the reference
     beta_grid: str = "wide"  # the beta grid of that search (dho.evaluate.BETA_GRIDS); "reference": train_others.py's
     lambda_: float = 0.5  # L = lambda * L_CE + (1 - lambda) * L_KD
-    eta: float = losses.ETA  # KD temperature; the cache is re-tempered exactly if it was stored at another eta
-    zeta: float = losses.ZETA  # scale 1/zeta of the aligned cosine kd_head (VLM students)
+    eta: float = ETA  # KD temperature; the cache is re-tempered exactly if it was stored at another eta
+    zeta: float = ZETA  # scale 1/zeta of the aligned cosine kd_head (VLM students)
     alpha: float = 0.5  # inference mix of the heads (Eq. 11), stored with the model
     beta: float = 0.5  # inference temperature of kd_head (Eq. 11)
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
@@ -134,12 +154,18 @@ class DistillConfig:
             check_number(option, value, low=0, low_open=True)
 
     @classmethod
-    def check_keys(cls, values: dict, where: str) -> None:
-        """An option key that is not a field is an error naming `where` (the file it came from)."""
+    def check_keys(cls, values: dict, where: str, spelled: Optional[dict] = None) -> None:
+        """An option key that is not a field is an error naming `where` (the file it came from), the keys as `spelled`
+        there (field -> the key as written), and the option each one probably means."""
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ConfigError(f"{where}: unknown option keys {unknown}; known: {sorted(known)}")
+            spelled = spelled or {}
+            names = [spelled.get(k, k) for k in unknown]
+            hints = [f"{name}: did you mean {' or '.join(flag_name(c) for c in close)}?" for name, k in zip(names, unknown)
+                     if (close := _close_options(k, known))]
+            raise ConfigError(f"{where}: unknown option keys {names}" + (f" ({'; '.join(hints)})" if hints else "")
+                              + f"; known: {sorted(flag_name(k) for k in known)}")
 
     @classmethod
     def from_dict(cls, values: dict, where: str) -> "DistillConfig":
@@ -148,7 +174,7 @@ class DistillConfig:
         cls.check_keys(values, where)
         missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in values]
         if missing:
-            raise ConfigError("missing " + ", ".join("--" + k.replace("_", "-") for k in missing)
+            raise ConfigError("missing " + ", ".join("--" + flag_name(k) for k in missing)
                               + " (on the command line or in --config)")
         return cls(**values)
 
@@ -160,11 +186,42 @@ class DistillConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        """The options keyed by their flags, as YAML (RUN/config.yaml, --print-config); `--config` reads it back to
+        this config."""
+        import yaml
+
+        header = ("# dho distill options, keyed by their flags (RUN/config.json holds the same under Python names).\n"
+                  "# Rerun or continue with: dho distill --config THIS_FILE [--resume auto]\n")
+        return header + yaml.safe_dump({flag_name(k): v for k, v in self.to_dict().items()}, sort_keys=False,
+                                       allow_unicode=True, default_flow_style=False, width=1000)
+
+
+def flag_name(field: str) -> str:
+    """The option's flag without its dashes: lambda_ -> lambda, init_heads_from_text -> text-init, batch_size -> batch-size."""
+    return FLAGS.get(field, field.replace("_", "-"))
+
+
+def field_name(key) -> str:
+    """A key of --config, spelled as the flag (text-init, text_init, lambda, batch-size) or as the field
+    (init_heads_from_text, lambda_, batch_size) -> the field's name."""
+    key = str(key).replace("-", "_")
+    return next((field for field, flag in FLAGS.items() if flag.replace("-", "_") == key), key)
+
+
+def _close_options(key: str, known: list[str]) -> list[str]:
+    """The options an unknown key probably means: another tool's name for it, or the (at most two) closest spellings."""
+    if key in SYNONYMS:
+        return [SYNONYMS[key]]
+    flags = {flag_name(k).replace("-", "_"): k for k in known}
+    matches = [flags.get(m, m) for m in difflib.get_close_matches(key, list(flags) + known, n=4, cutoff=0.75)]
+    return list(dict.fromkeys(matches))[:2]
+
 
 def _coerce(name: str, value, annotation: str):
     """A config value as its field's type: numbers from strings (YAML reads `5e-5` as a string), ints
     from integral floats; anything else that does not fit is a ConfigError naming the option."""
-    option = "--" + ("lambda" if name == "lambda_" else name.replace("_", "-"))
+    option = "--" + flag_name(name)
     optional = annotation.startswith("Optional[")
     kind = annotation[len("Optional["):-1] if optional else annotation
     if value is None:
@@ -208,7 +265,13 @@ def report_sinks(report_to: str) -> list[str]:
 
 
 def load_options_file(path: Path) -> dict:
-    """A YAML or JSON mapping of option names (underscores or dashes) to values."""
+    """A YAML or JSON mapping of option names (flags or fields, underscores or dashes: text-init, text_init,
+    init_heads_from_text) to values -> {field: value}."""
+    return read_options_file(path)[0]
+
+
+def read_options_file(path: Path) -> tuple[dict, dict]:
+    """`load_options_file`, and how each key was written there -> ({field: value}, {field: key as written})."""
     import yaml
 
     class UniqueKeys(yaml.SafeLoader):
@@ -238,23 +301,25 @@ def load_options_file(path: Path) -> dict:
         raise ConfigError(f"--config {path}: expected a mapping of option names to values")
     out, spelled = {}, {}
     for k, v in raw.items():
-        key = str(k).replace("-", "_")
-        key = "lambda_" if key == "lambda" else key
-        if key in out:  # batch-size beside batch_size: two spellings of one option
+        key = field_name(k)
+        if key in out:  # batch-size beside batch_size, text-init beside init_heads_from_text: two spellings of one option
             raise ConfigError(f"--config {path}: {spelled[key]!r} and {k!r} are one option; keep one")
         out[key], spelled[key] = v, k
-    return out
+    return out, spelled
 
 
 def merge(given: dict, options_file: Optional[Path] = None, resume_dir: Optional[Path] = None,
-          resume: bool = False) -> DistillConfig:
+          resume: bool | str = False) -> DistillConfig:
     """The config of one `dho distill` command: RUN/config.json of `resume_dir` (`--resume RUN`), then the
     `--config` file, then the options `given` on the command line (None = not given), each overriding the
-    one before (see the module docstring)."""
-    from dho.run_dir import RunDir
-
+    one before (see the module docstring). With resume="auto" (`--resume auto`) the command names the whole
+    run itself, as when it started: `--out` and the options, never a base from the folder."""
     values: dict = {}
+    if resume == "auto" and resume_dir is not None:
+        raise ConfigError(f"--resume auto takes the run from --out; {resume_dir} names a second one")
     if resume_dir is not None:  # `--resume RUN_DIR`: the run's own resolved options are the base
+        from dho.run_dir import RunDir  # (imports torch: the config of a new run needs none)
+
         run = RunDir(resume_dir)
         if not resume:
             raise ConfigError(f"a run folder ({resume_dir}) is given without --resume; to start a run use --out")
@@ -267,19 +332,26 @@ def merge(given: dict, options_file: Optional[Path] = None, resume_dir: Optional
         DistillConfig.check_keys(stored, str(run.config))
         values.update(stored, out=str(resume_dir))
     if options_file is not None:
-        from_file = load_options_file(options_file)
-        DistillConfig.check_keys(from_file, f"--config {options_file}")
+        from_file, spelled = read_options_file(options_file)
+        DistillConfig.check_keys(from_file, f"--config {options_file}", spelled)
         values.update(from_file)
     values.update({k: (str(v) if isinstance(v, Path) else v) for k, v in given.items() if v is not None})
+    if resume == "auto" and values.get("out") is None:
+        raise ConfigError("--resume auto needs --out RUN, the run to start or continue (on the command line or in "
+                          "--config); to continue the run folder named auto, write `--resume ./auto`")
     if values.get("student_pretrained") in ("none", ""):
         values["student_pretrained"] = None
     return DistillConfig.from_dict(values, "the command line")
 
 
-def check_resume(old: DistillConfig, new: DistillConfig, out: Path) -> None:
+def check_resume(old: DistillConfig, new: DistillConfig, out: Path, auto: bool = False) -> None:
     """Refuse a resume whose options differ from the run's in anything but RESUME_FREE."""
     diffs = [f.name for f in dataclasses.fields(new) if f.name not in RESUME_FREE and getattr(old, f.name) != getattr(new, f.name)]
     if diffs:
         changed = ", ".join(f"{d}: {getattr(old, d)!r} -> {getattr(new, d)!r}" for d in diffs)
+        if auto:  # the command of a requeued job met another run in its --out
+            raise ConfigError(f"--resume auto: {out} holds a run made with other options ({changed}); they change the data "
+                              f"order or the numerics: give the options of that run (`dho distill --resume {out}` takes them "
+                              "from its config.json), or choose another --out")
         raise ConfigError(f"--resume with changed options ({changed}); they change the data order or the numerics: "
                           f"resume with the run's options (`dho distill --resume {out}` takes them from its config.json)")

@@ -10,7 +10,7 @@ train, log and keep; it never branches on the method's name.
 
 Loss finiteness is checked a few steps late, in one host sync, so the CPU can queue the next step while
 the GPU runs this one; it is always checked before logging or saving, and the error names the first
-bad step (the weights after it are never saved). SIGTERM/SIGINT stop at the end of a step with a
+bad step (the weights after it are never saved). SIGTERM/SIGINT/SIGUSR1 stop at the end of a step with a
 checkpoint (exit status 3 in the CLI); `dho distill --resume RUN` continues bit-identically.
 
 Out of scope: mixed teacher caches within one stream, teachers in the loop (the cache replaces them).
@@ -87,8 +87,15 @@ class Training:
         return self.objective.alpha_beta or (self.cfg.alpha, self.cfg.beta)
 
 
-def distill(cfg: DistillConfig, resume: bool = False) -> Path:
-    """Train the student of `cfg` and write its run folder (config.json, metrics.jsonl, checkpoints/, model.pt)."""
+def distill(cfg: DistillConfig, resume: bool | str = False) -> Path:
+    """Train the student of `cfg` and write its run folder (config.json, metrics.jsonl, checkpoints/, model.pt).
+
+    resume: False (a new run), True (continue cfg.out's checkpoint) or "auto" (continue it if there is one, else
+    start; a run finished with these options is left as it is: the command of a requeued job, `--resume auto`)."""
+    if resume not in (False, True, "auto"):
+        raise ConfigError(f"resume must be False, True or 'auto'; got {resume!r}")
+    if resume == "auto" and _finished_already(RunDir(cfg.out), cfg):
+        return Path(cfg.out)
     objective = OBJECTIVES[cfg.method]
     device = resolve_device(cfg.device)
     if cfg.sync_bn and torchrun_env()[1] > 1 and device.type != "cuda":
@@ -146,16 +153,32 @@ def _memory_format(student: nn.Module, device: torch.device) -> Optional[torch.m
     return torch.channels_last if device.type == "cuda" and student.channels_last else None
 
 
-def _start_run_dir(run: RunDir, cfg: DistillConfig, resume: bool, ranks: Ranks) -> tuple[bool, str]:
+def _finished_already(run: RunDir, cfg: DistillConfig) -> bool:
+    """--resume auto on a finished run: its options are checked as on a resume; made with the same --max-steps it is
+    done, said in one line, and nothing is touched (a new --max-steps continues it as --resume does)."""
+    if not run.finished():
+        return False
+    stored = DistillConfig.load(run.config)
+    check_resume(stored, cfg, run.path, auto=True)
+    if stored.max_steps != cfg.max_steps:
+        return False
+    if torchrun_env()[0] == 0:
+        print(f"{run.path} holds the finished run ({run.model}); nothing to do (`dho distill --resume {run.path}` "
+              "reruns its end)", flush=True)
+    return True
+
+
+def _start_run_dir(run: RunDir, cfg: DistillConfig, resume: bool | str, ranks: Ranks) -> tuple[bool, str]:
     """Every rank reads the folder's old state (start or resume, and the options a resume may not change)
     before rank 0 writes the new one -> (resume?, note for the log)."""
+    auto = resume == "auto"
     resume, note = run.start(resume)
     if resume:
-        check_resume(DistillConfig.load(run.config), cfg, run.path)
+        check_resume(DistillConfig.load(run.config), cfg, run.path, auto=auto)
     if ranks.world_size > 1:
         torch.distributed.barrier()
     if ranks.is_main:
-        run.create(cfg.to_dict(), resume)
+        run.create(cfg.to_dict(), resume, cfg.to_yaml())
     if ranks.world_size > 1:
         torch.distributed.barrier()
     return resume, note
@@ -250,7 +273,7 @@ def _say_plan(t: Training, note: str, resume: bool) -> None:
 
 
 def _train(t: Training, stop: StopSignal) -> int:
-    """Steps until the end of the schedule or --max-steps -> the last step. SIGTERM/SIGINT end it early: a
+    """Steps until the end of the schedule or --max-steps -> the last step. SIGTERM/SIGINT/SIGUSR1 end it early: a
     checkpoint at the current step, then Interrupted (the CLI exits with status 3)."""
     cfg, plan, ranks = t.cfg, t.plan, t.ranks
     unchecked: list[tuple[int, dict]] = []  # (step, loss terms as device tensors), not yet checked to be finite
