@@ -9,7 +9,7 @@ CONSTRAINTS ?= constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo demo-record demo-teacher reproduce-lowshot reproduce-fewshot eval-ood clean
+.PHONY: setup test demo demo-record demo-teacher reproduce-lowshot reproduce-fewshot eval-ood ablation-vlm-heads clean
 
 setup: $(VENV)/.installed
 
@@ -67,6 +67,15 @@ LOWSHOT := pipelines/lowshot
 RECIPE = $(PY) $(LOWSHOT)/recipe.py
 STUDENTS := vit-b16 vit-l14
 SPLITS := 1pct 10pct
+# TEACHER=clip-l14: the ViT-L/14-teacher setting of Tables 5 and 12 (CLIP ViT-L/14@336 -> ViT-B/16 only), own WORK;
+# `make ablation-vlm-heads` (Table 5) is in that setting
+ifneq ($(filter ablation-vlm-heads,$(MAKECMDGOALS)),)
+TEACHER ?= clip-l14
+endif
+TEACHER ?= dfn
+ifeq ($(filter dfn clip-l14,$(TEACHER)),)
+$(error TEACHER=$(TEACHER): give TEACHER=dfn (DFN ViT-H/14, Table 4) or TEACHER=clip-l14 (CLIP ViT-L/14@336, Tables 5 and 12))
+endif
 SEED ?= 0
 SPLIT_SEED ?= 13
 ifdef SMOKE
@@ -79,6 +88,14 @@ RECIPE_vit-l14 := $(LOWSHOT)/smoke.yaml
 SOURCE_DEPS := $(WORK)/smoke-inputs.done
 override TEACHER_WEIGHTS := $(WORK)/smoke-teacher.pt
 EVAL_DRAWS ?= 2
+else ifeq ($(TEACHER),clip-l14)
+WORK ?= runs/lowshot-clip-l14
+GPUS ?= 1
+SHARD_SIZE ?= 1000
+override STUDENTS := vit-b16
+RECIPE_vit-b16 := $(LOWSHOT)/vit-b16-clip-l14.yaml
+SOURCE_DEPS :=
+EVAL_DRAWS ?= 5
 else
 WORK ?= runs/lowshot
 GPUS ?= 1
@@ -197,7 +214,41 @@ $(EVAL)/teacher.json: $(CACHE)/val.done
 $(WORK)/table.md: $(foreach s,$(STUDENTS),$(foreach p,$(SPLITS),$(EVAL)/$(s)-$(p).json $(EVAL)/$(s)-$(p).random.json)) $(EVAL)/teacher.json
 	@echo "== report -> $@"
 	$(PY) $(LOWSHOT)/report.py --eval $(EVAL) --runs $(RUNS) --students "$(STUDENTS)" --splits "$(SPLITS)" \
-	  --out $@ $(if $(SMOKE),--smoke)
+	  $(if $(SMOKE),--smoke,$(foreach s,$(STUDENTS),--recipe $(s)=$(RECIPE_$(s)))) --out $@
+
+# ablation-vlm-heads: the paper's Table 5 (language-aware init per head, the aligned kd_head) on ImageNet 1% with
+# the ViT-B/16 student and the CLIP ViT-L/14@336 teacher (TEACHER=clip-l14, WORK=runs/lowshot-clip-l14):
+#   make ablation-vlm-heads IMAGENET=/data/imagenet [GPUS=8]     # 3 more 1% runs beside the full setting's
+#   make ablation-vlm-heads SMOKE=1                              # the same graph on the low-shot smoke data
+# Rows (Table 5's order): no text init, no aligned head | text init of ce_head only | of both heads | both + aligned
+# kd_head (the full setting: the reproduce-lowshot run RUNS/vit-b16-1pct itself). The same data, caches, seed and
+# schedule; evaluated on val with the recipe's alpha/beta; WORK/table5.md beside the paper.
+# =============================================================================================
+ABLATION_ROWS := none ce both
+ABLATION_OPTS_none := --no-text-init --no-align-kd-head
+ABLATION_OPTS_ce := --text-init-heads ce --no-align-kd-head
+ABLATION_OPTS_both := --no-align-kd-head
+
+ablation-vlm-heads: setup $(WORK)/table5.md
+	@echo "== table: $(WORK)/table5.md"
+
+$(ABLATION_ROWS:%=$(RUNS)/ablation-%/model.pt): $(RUNS)/ablation-%/model.pt: $(CACHE)/train-1pct.done $(CACHE)/train.done
+	@echo "== distill vit-b16 on the 1pct labels, Table 5 row $* ($(ABLATION_OPTS_$*)) -> $(@D)"
+	$(RECIPE) config $(RECIPE_vit-b16) distill --out $(@D).distill.yaml
+	$(LAUNCH) distill --config $(@D).distill.yaml --out $(@D) $(ABLATION_OPTS_$*) \
+	  --labeled $(DATA)/train-1pct --labeled-cache $(CACHE)/train-1pct.zarr \
+	  --unlabeled $(DATA)/train --unlabeled-cache $(CACHE)/train.zarr \
+	  $$(test -f $(@D)/checkpoints/last.pt && echo --resume)
+
+$(ABLATION_ROWS:%=$(EVAL)/ablation-%.json): $(EVAL)/ablation-%.json: $(RUNS)/ablation-%/model.pt $(DATA)/val/manifest.json
+	@echo "== evaluate $(RUNS)/ablation-$* on $(DATA)/val"
+	mkdir -p $(@D)
+	$(RECIPE) run $(RECIPE_vit-b16) evaluate -- $(DHO) evaluate $(RUNS)/ablation-$* --data $(DATA)/val --json > $@.tmp
+	mv $@.tmp $@
+
+$(WORK)/table5.md: $(ABLATION_ROWS:%=$(EVAL)/ablation-%.json) $(EVAL)/vit-b16-1pct.json
+	@echo "== report -> $@"
+	$(PY) $(LOWSHOT)/ablation_report.py --eval $(EVAL) --runs $(RUNS) --out $@ $(if $(SMOKE),--smoke)
 
 # =============================================================================================
 # eval-ood: a run on ImageNet val and its distribution shifts (the paper's Tables 11-12), beside the teacher.

@@ -36,8 +36,9 @@ Head forms of VLM students (``vlm_heads``; no effect on CNN students):
   bias; language-aware init uses the per-class mean of L2-normalised template embeddings,
   re-normalised (the teacher's classifier of Eq. 1).
 ``init_heads_from_text`` off: ``nn.init.kaiming_uniform_(W, a=sqrt(5))`` (PyTorch's nn.Linear
-default, fan_in) and zero biases, as always for CNN students. ``align_kd_head`` off: kd_head is a
-plain linear head on z. The three settings are independent (Table 5 ablation).
+default, fan_in) and zero biases, as always for CNN students. ``text_init_heads`` ``ce`` or ``kd``: only
+that head starts from the text embeddings, the other as with the init off (Table 5's per-head rows).
+``align_kd_head`` off: kd_head is a plain linear head on z. The settings are independent (Table 5 ablation).
 
 Model files: ``save_student`` / ``load_student`` hold everything needed to rebuild the
 student offline (no download, no text encoder): build args (incl. the open_clip model
@@ -76,6 +77,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MODEL_FILE_FORMAT = "dho-student"
 MODEL_FILE_VERSION = 1
 VLM_HEADS = ("reference", "eq10")  # see the module docstring
+TEXT_INIT_HEADS = ("both", "ce", "kd")  # which heads the language-aware init sets (Table 5: per head)
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,6 +422,7 @@ def build_student(
     templates: Optional[list[str]] = None,
     init_heads_from_text: bool = True,
     align_kd_head: bool = True,
+    text_init_heads: str = "both",
     zeta: float = ZETA,
     vlm_heads: str = "reference",
     interpolation: Optional[str] = None,
@@ -437,7 +440,7 @@ def build_student(
         open_clip a pretrained tag (downloads) or a local checkpoint file.
     classnames, templates: for language-aware init of VLM students (templates contain ``{}``;
         default ``["a photo of a {}."]``).
-    init_heads_from_text, align_kd_head, vlm_heads: VLM students only (see module docstring).
+    init_heads_from_text, text_init_heads, align_kd_head, vlm_heads: VLM students only (see module docstring).
     zeta: the aligned head's fixed temperature (logit scale 1 / zeta), Eq. 10.
     interpolation: resampling of the student's views and evaluation images (default: the
         student's own: bilinear for torchvision CNNs, the data config's for timm students, the
@@ -451,6 +454,8 @@ def build_student(
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     if vlm_heads not in VLM_HEADS:
         raise ConfigError(f"--vlm-heads must be one of {', '.join(VLM_HEADS)}, got {vlm_heads!r}")
+    if text_init_heads not in TEXT_INIT_HEADS:
+        raise ConfigError(f"--text-init-heads must be one of {', '.join(TEXT_INIT_HEADS)}, got {text_init_heads!r}")
     if interpolation is not None and interpolation not in ("bilinear", "bicubic"):
         raise ConfigError(f"--interpolation must be bilinear or bicubic, got {interpolation!r}")
     if name.startswith(TIMM_PREFIX):
@@ -494,11 +499,13 @@ def build_student(
     build_args = {"name": name, "kind": "open_clip", "num_classes": num_classes, "feature_dim": dim,
                   "align_kd_head": bool(align_kd_head), "zeta": zeta, "pretrained": pretrained,
                   "init_heads_from_text": bool(init_heads_from_text), "clip_config": cfg,
+                  "text_init_heads": text_init_heads if init_heads_from_text else None,
                   "templates": templates if init_heads_from_text else None, "vlm_heads": vlm_heads}
     student = DualHeadStudent(tower, dim, num_classes, bool(align_kd_head), zeta, preprocess, build_args, vlm_heads)
     if text_weights is not None:
         with torch.no_grad():
-            for head in (student.ce_head, student.kd_head):
+            heads = {"both": (student.ce_head, student.kd_head), "ce": (student.ce_head,), "kd": (student.kd_head,)}
+            for head in heads[text_init_heads]:
                 head.weight.copy_(text_weights)  # (C, D): unit rows (eq10) or raw template means (reference)
                 if getattr(head, "bias", None) is not None:
                     head.bias.zero_()

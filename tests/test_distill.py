@@ -483,6 +483,7 @@ def test_the_torch_free_config_names_equal_their_homes_and_every_flag_is_an_opti
     from dho.distill import config, objective
 
     assert config.METHODS == tuple(objective.OBJECTIVES) and config.VLM_HEADS == students.VLM_HEADS
+    assert config.TEXT_INIT_HEADS == students.TEXT_INIT_HEADS
     assert (config.ETA, config.ZETA) == (losses.ETA, losses.ZETA)
     flags = {o for p in typer.main.get_command(app).commands["distill"].params for o in p.opts}
     for f in dataclasses.fields(DistillConfig):

@@ -47,6 +47,13 @@ PAPER = {
                     "student_pretrained": "openai"},
         "splits": {"1pct": {"percent": 1, "per_class": "equal", "seed": 13}, "10pct": {"percent": 10, "per_class": "equal", "seed": 13}},
     },
+    "lowshot-clip-l14": {  # Table 11: the ViT-L/14-teacher rows of Table 12 and the Table 5 ablation
+        "precompute": {"model": "ViT-L-14-336-quickgelu", "pretrained": "openai", "templates": "tip-adapter", "zeta": 0.01, "eta": 2.0},
+        "distill": {"epochs": 32, "lr": 5e-5, "weight_decay": 5e-2, "batch_size": 256, "warmup_steps": 5000,
+                    "lambda_": 0.5, "eta": 2.0, "zeta": 0.01, "alpha": 0.5, "beta": 0.5, "method": "dho",
+                    "student": "ViT-B-16-quickgelu", "student_pretrained": "openai"},
+        "splits": {"1pct": {"percent": 1, "per_class": "equal", "seed": 13}, "10pct": {"percent": 10, "per_class": "equal", "seed": 13}},
+    },
     "coop-": {
         "precompute": {"model": "RN50-quickgelu", "pretrained": "openai", "zeta": 0.01, "eta": 2.0},
         "distill": {"epochs": 200, "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 64, "lambda_": 0.5, "eta": 2.0,
@@ -72,6 +79,11 @@ REFERENCE = {
     "lowshot-vit": {
         "recipe": {"max_labeled_reuse": 10},
         "precompute": {"precision": "fp16", "text_classifier_norm": "mean"},
+        "distill": {"lr_schedule": "reference", "unlabeled_pool": "exclude-labeled", "vlm_heads": "reference"},
+    },
+    "lowshot-clip-l14": {  # the reference's CLIP branch: clip_classifier re-normalises the template mean
+        "recipe": {"max_labeled_reuse": 10},
+        "precompute": {"precision": "fp16", "text_classifier_norm": "renormalize"},
         "distill": {"lr_schedule": "reference", "unlabeled_pool": "exclude-labeled", "vlm_heads": "reference"},
     },
     "fewshot-": {
@@ -511,3 +523,49 @@ def test_reproduce_fewshot_baseline_runs_in_the_make_graph(tmp_path):
     assert runs == sorted(dho + base + [("kd-k1-s1", "kd"), ("kd-k1-s2", "kd")])
     assert distills("BASELINES=0") == sorted(dho)
     assert distills("BASELINES=ce") == sorted(dho + [(f"ce-k{k}-s{s}", "ce") for k in (1, 16) for s in (1, 2)])
+
+
+def test_clip_l14_teacher_setting_and_the_table5_ablation_in_the_make_graph(tmp_path):
+    """TEACHER=clip-l14 runs the ViT-B/16 student only, from its own recipe and caches, and its report reads that
+    recipe's paper numbers; `make ablation-vlm-heads` adds Table 5's three rows (their options) beside that run."""
+    def dry(*args: str) -> str:
+        proc = subprocess.run(["make", "-n", *args, f"IMAGENET={tmp_path}", "-o", ".venv/.installed"], cwd=ROOT,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    out = dry("reproduce-lowshot", "TEACHER=clip-l14")
+    assert "recipe.py run pipelines/lowshot/vit-b16-clip-l14.yaml precompute" in out and "vit-b16.yaml" not in out
+    runs = sorted(set(re.findall(r"distill --config \S+ --out runs/lowshot-clip-l14/runs/(\S+)", out)))
+    assert runs == ["vit-b16-10pct", "vit-b16-1pct"]
+    assert "--recipe vit-b16=pipelines/lowshot/vit-b16-clip-l14.yaml" in out
+    out = dry("ablation-vlm-heads")
+    rows = dict(re.findall(r"--out runs/lowshot-clip-l14/runs/(ablation-\S+) (--[a-z-]+(?: [a-z]+)?(?: --[a-z-]+)?) ", out))
+    assert rows == {"ablation-none": "--no-text-init --no-align-kd-head", "ablation-ce": "--text-init-heads ce --no-align-kd-head",
+                    "ablation-both": "--no-align-kd-head"}
+    assert "--out runs/lowshot-clip-l14/runs/vit-b16-1pct" in out and "ablation_report.py" in out
+    bad = subprocess.run(["make", "-n", "reproduce-lowshot", "TEACHER=vit-h"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "TEACHER=vit-h: give TEACHER=dfn" in bad.stderr
+
+
+def test_table5_report_rows_and_the_run_options_check(tmp_path):
+    spec = importlib.util.spec_from_file_location("ablation_report", PIPELINES / "lowshot" / "ablation_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    configs = {"ablation-none": {"init_heads_from_text": False, "align_kd_head": False},
+               "ablation-ce": {"init_heads_from_text": True, "text_init_heads": "ce", "align_kd_head": False},
+               "ablation-both": {"init_heads_from_text": True, "text_init_heads": "both", "align_kd_head": False},
+               "vit-b16-1pct": {"init_heads_from_text": True, "align_kd_head": True}}  # a config.json from before the option
+    for i, (run, config) in enumerate(configs.items()):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        (tmp_path / "runs" / run / "config.json").write_text(json.dumps(config))
+        (tmp_path / "eval").mkdir(exist_ok=True)
+        (tmp_path / "eval" / f"{run}.json").write_text(json.dumps(
+            {"combined": {"top1": 78.0 + i / 10}, "ce_head": {"top1": 70.0}, "kd_head": {"top1": 77.0}}))
+    table = report.build_table(tmp_path / "eval", tmp_path / "runs", smoke=False)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| Init")]
+    assert rows == ["| none / none | no | 78.0 | 78.3 | -0.3 | 70.0 | 77.0 |", "| h_CE / none | no | 78.1 | 78.5 | -0.4 | 70.0 | 77.0 |",
+                    "| h_CE / h_KD | no | 78.2 | 78.6 | -0.4 | 70.0 | 77.0 |", "| h_CE / h_KD | yes | 78.3 | 78.7 | -0.4 | 70.0 | 77.0 |"]
+    (tmp_path / "runs" / "ablation-ce" / "config.json").write_text(json.dumps(configs["ablation-both"]))
+    with pytest.raises(SystemExit, match="ablation-ce/config.json: made with .* but Table 5's row needs \\(True, 'ce', False\\)"):
+        report.build_table(tmp_path / "eval", tmp_path / "runs", smoke=False)

@@ -166,6 +166,20 @@ def test_tiny_clip_ablation_flags(tiny_clip_ckpt):
         build_student(str(TINY_CLIP), 3, classnames=CLASSNAMES, templates=["no placeholder"])
     with pytest.raises(ConfigError, match="--vlm-heads must be one of reference, eq10"):
         build_student(str(TINY_CLIP), 3, init_heads_from_text=False, vlm_heads="paper")
+    # Table 5's per-head rows: only the named head starts from the text, the other as with the init off (same seed)
+    for which in ("ce", "kd"):
+        torch.manual_seed(0)
+        one = build_student(str(TINY_CLIP), 3, pretrained=str(tiny_clip_ckpt), classnames=CLASSNAMES, templates=TEMPLATES,
+                            align_kd_head=False, vlm_heads="eq10", text_init_heads=which)
+        torch.manual_seed(0)
+        none = build_student(str(TINY_CLIP), 3, pretrained=str(tiny_clip_ckpt), classnames=CLASSNAMES, templates=TEMPLATES,
+                             align_kd_head=False, vlm_heads="eq10", init_heads_from_text=False)
+        inited, other = (one.ce_head, one.kd_head) if which == "ce" else (one.kd_head, one.ce_head)
+        torch.testing.assert_close(inited.weight, text, atol=1e-5, rtol=1e-5)
+        assert torch.equal(other.weight, (none.kd_head if which == "ce" else none.ce_head).weight)
+        assert one.build_args["text_init_heads"] == which
+    with pytest.raises(ConfigError, match="--text-init-heads must be one of both, ce, kd"):
+        build_student(str(TINY_CLIP), 3, classnames=CLASSNAMES, text_init_heads="both-heads")
 
 
 def test_save_load_roundtrip_resnet(tmp_path):

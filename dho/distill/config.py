@@ -30,6 +30,7 @@ from dho.errors import ConfigError, check_choice, check_number
 # equal to their homes: the records of dho/distill/objective.py, dho.students.VLM_HEADS, dho.losses.ETA and ZETA.
 METHODS = ("dho", "ce", "kd", "ce+kd", "ce+kd-feature")
 VLM_HEADS = ("reference", "eq10")
+TEXT_INIT_HEADS = ("both", "ce", "kd")  # dho.students.TEXT_INIT_HEADS: which heads the language-aware init sets
 ETA, ZETA = 2.0, 0.01
 
 LR_SCHEDULES = ("warmup-cosine", "reference", "linear")
@@ -102,6 +103,7 @@ class DistillConfig:
     eval_every_epoch: bool = False
     log_grad_cosine: int = 0  # every N steps: the gradient-conflict diagnostics of Figs. 4 and 13; 0 = off
     init_heads_from_text: bool = True  # language-aware init of both heads (VLM students)
+    text_init_heads: str = "both"  # which heads the text init sets: both | ce | kd (Table 5's per-head rows)
     align_kd_head: bool = True  # kd_head aligned with the teacher's rule, Eq. 10 (VLM students)
     vlm_heads: str = "reference"  # form of the aligned head and text init: "reference" (authors' code) | "eq10"
     interpolation: Optional[str] = None  # student resampling (bilinear | bicubic); None = the student's own
@@ -124,7 +126,7 @@ class DistillConfig:
             ("--unlabeled-pool", self.unlabeled_pool, UNLABELED_POOLS), ("--epoch", self.epoch, EPOCHS),
             ("--forward", self.forward, FORWARDS), ("--precision", self.precision, PRECISIONS),
             ("--view-sampling", self.view_sampling, VIEW_SAMPLINGS), ("--vlm-heads", self.vlm_heads, VLM_HEADS),
-            ("--decode", self.decode, DECODES),
+            ("--decode", self.decode, DECODES), ("--text-init-heads", self.text_init_heads, TEXT_INIT_HEADS),
         ):
             check_choice(option, value, choices)
         if self.warmup_fraction is not None:
