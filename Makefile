@@ -106,6 +106,9 @@ SOURCE_DEPS :=
 EVAL_DRAWS ?= 5
 endif
 EVAL_SEED ?= 0
+# LOG_GRAD_COSINE=N: every distill of the reproduce targets logs the gradient-conflict diagnostics every N steps
+# (Figs. 4 and 13: RUN/grad_cosine.png; the dho and ce+kd runs, the methods that have them); part of each run's config
+GRAD_COSINE_OPTS = $(if $(filter-out 0,$(LOG_GRAD_COSINE)),--log-grad-cosine $(LOG_GRAD_COSINE))
 TEACHER_RECIPE = $(RECIPE_vit-b16)
 DATA = $(WORK)/data
 CACHE = $(WORK)/cache
@@ -184,7 +187,7 @@ $(foreach s,$(STUDENTS),$(foreach p,$(SPLITS),$(eval $(call lowshot_run,$(s),$(p
 $(RUNS)/%/model.pt:
 	@echo "== distill $(STUDENT) on the $(SPLIT) labels -> $(@D)"
 	$(RECIPE) config $(RECIPE_$(STUDENT)) distill --out $(@D).distill.yaml
-	$(LAUNCH) distill --config $(@D).distill.yaml --out $(@D) \
+	$(LAUNCH) distill --config $(@D).distill.yaml --out $(@D) $(GRAD_COSINE_OPTS) \
 	  --labeled $(DATA)/train-$(SPLIT) --labeled-cache $(CACHE)/train-$(SPLIT).zarr \
 	  --unlabeled $(DATA)/train --unlabeled-cache $(CACHE)/train.zarr \
 	  $$(test -f $(@D)/checkpoints/last.pt && echo --resume)
@@ -533,7 +536,7 @@ $(FS_RUNS)/%/model.pt:
 	@echo "== distill $* -> $(@D)"
 	mkdir -p $(FS_RUNS)
 	$(RECIPE) config $(FS_RECIPE) distill --out $(@D).distill.yaml
-	$(FS_LAUNCH) distill --config $(@D).distill.yaml --out $(@D) --seed $(SEED_S) $(if $(METHOD),--method $(METHOD)) \
+	$(FS_LAUNCH) distill --config $(@D).distill.yaml --out $(@D) --seed $(SEED_S) $(if $(METHOD),--method $(METHOD)) $(GRAD_COSINE_OPTS) \
 	  --labeled $(FS_DATA)/lab-$(PAIR) --labeled-cache $(FS_CACHE)/$(word 2,$(TEACH))$(if $(filter lab,$(word 2,$(TEACH))),-$(PAIR)).zarr \
 	  --unlabeled $(FS_DATA)/train --unlabeled-cache $(FS_CACHE)/$(word 1,$(TEACH)).zarr --val $(FS_DATA)/val-$(PAIR) \
 	  $$(test -f $(@D)/checkpoints/last.pt && echo --resume)

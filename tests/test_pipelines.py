@@ -569,3 +569,14 @@ def test_table5_report_rows_and_the_run_options_check(tmp_path):
     (tmp_path / "runs" / "ablation-ce" / "config.json").write_text(json.dumps(configs["ablation-both"]))
     with pytest.raises(SystemExit, match="ablation-ce/config.json: made with .* but Table 5's row needs \\(True, 'ce', False\\)"):
         report.build_table(tmp_path / "eval", tmp_path / "runs", smoke=False)
+
+
+def test_log_grad_cosine_reaches_every_distill_of_the_reproduce_targets(tmp_path):
+    for target, extra in (("reproduce-lowshot", [f"IMAGENET={tmp_path}"]),
+                          ("reproduce-fewshot", ["DATASET=oxford_pets", f"ROOT={tmp_path}", "SHOTS=1", "SEEDS=1"])):
+        for value, want in (("50", "--log-grad-cosine 50"), ("0", None)):
+            proc = subprocess.run(["make", "-n", target, f"LOG_GRAD_COSINE={value}", "-o", ".venv/.installed", *extra],
+                                  cwd=ROOT, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr
+            lines = [line for line in proc.stdout.splitlines() if " distill --config " in line]
+            assert lines and all((want in line) if want else ("--log-grad-cosine" not in line) for line in lines), lines
