@@ -208,6 +208,9 @@ def distill(
     report_to: Annotated[Optional[str], typer.Option("--report-to", help="Metric sinks, comma-separated: jsonl (RUN/metrics.jsonl, always), tensorboard (RUN/tensorboard), wandb (project $WANDB_PROJECT or dho; WANDB_MODE=offline works); names grouped as train/..., val/..., grad/.... [default: jsonl]")] = None,
     keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", help="Checkpoints to keep: last.pt, plus checkpoints/step-S.pt of the newest N when N > 1 (the best epoch on --val is kept in checkpoints/best/ with --eval-every-epoch). [default: 1]")] = None,
     decode: Annotated[Optional[str], typer.Option(help="Where training views are decoded: cpu (DataLoader workers, PIL) | gpu (the batch's JPEGs decoded on the CUDA device with torchvision's decode_jpeg, box cropped and resized there; views differ from cpu by resampling noise). [default: cpu]")] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run-name", help="Display name of the W&B run (--report-to wandb); none names it after the run folder; may change on --resume. [default: none]")] = None,
+    group: Annotated[Optional[str], typer.Option("--group", help="W&B group of the run, e.g. a sweep or the seeds of one setting; may change on --resume. [default: none]")] = None,
+    tags: Annotated[Optional[str], typer.Option("--tags", help="W&B tags, comma-separated (e.g. r18,1pct); may change on --resume. [default: none]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run exactly where its last checkpoint stopped: `dho distill --resume RUN_DIR` alone takes every option from RUN_DIR/config.json; options given as well must equal the run's. [default: off]")] = False,
     run_dir: Annotated[Optional[Path], typer.Argument(help="With --resume: the run folder to continue (instead of --out). [default: none]", show_default=False)] = None,
 ) -> None:
@@ -227,7 +230,7 @@ def distill(
         "eval_every_epoch": eval_every_epoch, "log_grad_cosine": log_grad_cosine, "init_heads_from_text": text_init,
         "align_kd_head": align_kd_head, "vlm_heads": vlm_heads, "interpolation": interpolation, "window": window,
         "sync_bn": sync_bn, "report_to": report_to, "keep_checkpoints": keep_checkpoints, "compile": compile_,
-        "decode": decode,
+        "decode": decode, "run_name": run_name, "group": group, "tags": tags,
     }
     run_distill(merge(given, options_file=config, resume_dir=run_dir, resume=resume), resume=resume)
 
