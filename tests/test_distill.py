@@ -201,6 +201,29 @@ def test_step_line_of_each_method_names_its_own_terms():
                     "peak memory 1.50 GiB | 20.0 samples/s | ETA 0:00:03")
 
 
+def test_grad_plot_draws_negative_eigenvalues_and_integer_steps():
+    """W_CE W_KDᵀ is not symmetric: its dominant eigenvalue can be negative, so the panel is symmetric-log (a log
+    axis would draw nothing of it); three logged steps give ticks 1, 2, 3, not 1.25 ... 2.75."""
+    import matplotlib.pyplot as plt
+
+    from dho.distill.diagnostics import grad_diagnostics_figure
+
+    records = [{"step": s, "grad_cosine": 0.1 * s, "pred_inner": -0.01 * s, "grad_cosine_z": 0.2, "eig_ce": 1.5 * s,
+                "eig_kd": 0.9 * s, "eig_ce_kd": -0.03 * s} for s in (1, 2, 3)]
+    fig = grad_diagnostics_figure({"dho": records})
+    fig.canvas.draw()
+    eig = fig.axes[3]
+    assert eig.get_yscale() == "symlog"
+    cross = [line for line in eig.get_lines() if line.get_label() == "dho: W_CE W_KDᵀ"][0]
+    assert cross.get_ydata().tolist() == pytest.approx([-0.03, -0.06, -0.09])
+    low, high = eig.get_ylim()
+    assert low < -0.09 and high > 4.5  # every point inside the axis
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks == [1.0, 2.0, 3.0], ticks
+    plt.close(fig)
+
+
 @pytest.mark.parametrize("method", ["dho", "ce+kd"])
 def test_grad_diagnostics_against_direct_computation(method):
     """Each logged quantity of Figs. 4/13 against a computation that does not share its code: per-sample
