@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dho.devices import DEVICE_HELP  # torch-free
+from dho.devices import DEVICE_HELP, default_workers_help  # torch-free
 from dho.errors import ConfigError
 
 DEVICE = f"{DEVICE_HELP}."  # the --device help of every command
@@ -421,7 +421,7 @@ def precompute_teacher(
     text_classifier_norm: Annotated[Optional[str], typer.Option(help="Zero-shot classifier w_c: renormalize (mean of the normalised template embeddings, re-normalised: Eq. 1) | mean (not re-normalised, as the reference code's DFN teacher: logits scale with the mean's norm). Stored in the cache. Default: renormalize.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (fp16 on CUDA, as the reference code; fp32 on CPU), bf16, fp16 or fp32 (autocast; weights stay fp32). Default: auto.")] = None,
     device: Annotated[Optional[str], typer.Option(help=f"{DEVICE_RANKS} Default: auto.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes decoding and cropping images (0 = in the main process). Default: 4.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes decoding and cropping images (0 = in the main process). " + default_workers_help())] = None,
     store_embeddings: Annotated[bool, typer.Option("--store-embeddings", help="Also store the teacher's normalised image embeddings (V, N, D) float16, for feature KD. Default: off.")] = False,
     topk: Annotated[Optional[int], typer.Option(help="Store only the K largest probabilities per row (indices + values) instead of dense probs; readers spread the remaining mass uniformly over the other classes. Default: none = dense.")] = None,
     eta: Annotated[Optional[float], typer.Option(help="KD temperature eta of the stored softmax(cos / (zeta * eta)); distill re-tempers exactly if it uses another. Default: 2.0.")] = None,
