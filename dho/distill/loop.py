@@ -302,8 +302,9 @@ def _train(t: Training, stop: StopSignal) -> int:
             if peak is not None:  # CUDA only: the key is absent on CPU
                 record["peak_memory_gib"] = round(peak, 4)
             t.log.write(record)
-            t.log.say(step_line(step, plan.stop_step, plan.steps_per_epoch, terms, lr_used, record["samples_per_s"],
-                                progress.eta(), data_wait_s=record["data_wait_s"], interval_s=interval, peak_memory_gib=peak))
+            t.log.say(step_line(step, plan.stop_step, plan.steps_per_epoch, {k: record[k] for k in terms}, lr_used,
+                                record["samples_per_s"], progress.eta(), data_wait_s=record["data_wait_s"],
+                                interval_s=interval, peak_memory_gib=record.get("peak_memory_gib")))
         if saving or stopping:  # the same steps on every rank
             t.epoch_terms.average_over_ranks(ranks.world_size)
         summary_row = None
