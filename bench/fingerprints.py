@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny image folders and tiny open_clip config
 
 TINY_CLIP = ROOT / "tests" / "assets" / "tiny-clip.json"
-RUN_KEYS_SKIPPED = ("samples_per_s",)  # wall-clock figures
+RUN_KEYS_SKIPPED = ("samples_per_s", "data_wait_s", "peak_memory_gib")  # wall-clock and device figures
 
 
 def cache_hash(path: Path) -> str:

@@ -52,6 +52,7 @@ PROBE_LR = 1e-2  # AdamW on standardised features, cosine to 0; 1e-3 underfits w
 PROBE_WEIGHT_DECAY = 1e-4  # decoupled (AdamW); a light regulariser on the probe's weights
 PROBE_BATCH_SIZE = 256
 TSNE_MAX_POINTS = 2000  # a readable map; t-SNE's time grows with N
+PER_CLASS_YMAX = 125  # heads.png's per-class panel: bars up to 100%, the legend in the band above
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +343,11 @@ def _save_figure(fig, path: Path) -> Path:
 
 
 def plot_heads(heads: dict, path: Union[str, Path], title: str = "") -> Path:
+    """Fig. 15 from a ``head_agreement`` result as a PNG (``heads_figure``)."""
+    return _save_figure(heads_figure(heads, title), Path(path))
+
+
+def heads_figure(heads: dict, title: str = ""):
     """Fig. 15 from a ``head_agreement`` result: max-probability histograms, the four outcomes,
     error reduction, and (a fourth panel) per-class top-1 of each head and of Eq. 11."""
     plt = _pyplot()
@@ -365,10 +371,10 @@ def plot_heads(heads: dict, path: Union[str, Path], title: str = "") -> Path:
     bars = ax.bar(labels, values, color=["tab:green", "tab:blue", "tab:orange", "tab:red"])
     for bar, name in zip(bars, CATEGORIES):
         given = heads["combined_top1_given"][name]
-        note = "" if given is None else f"\ncombined {given:.0f}% right"
+        note = "" if given is None else f"\ncombined\n{given:.0f}% right"  # narrow: neighbouring bars' notes never touch
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{bar.get_height():.1f}%{note}",
                 ha="center", va="bottom", fontsize=8)
-    ax.set_ylim(0, max(values) * 1.3 + 1)
+    ax.set_ylim(0, max(values) * 1.4 + 1)
     ax.set_ylabel("samples (%)")
     ax.set_title(f"prediction agreement (argmax equal: {heads['agreement']:.1f}%)")
 
@@ -384,12 +390,12 @@ def plot_heads(heads: dict, path: Union[str, Path], title: str = "") -> Path:
             ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{bar.get_height():.1f}%",
                     ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, ["kd_head fails\n(ce_head right)", "ce_head fails\n(kd_head right)"])
-    ax.set_ylim(0, max(failed + still) * 1.25 + 1)
+    ax.set_ylim(0, max(failed + still) * 1.45 + 1)  # the band above the bars holds the legend
     ax.set_ylabel("samples (%)")
     ax.set_title("error reduction")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2, loc="upper center", frameon=False)
 
-    ax = axes[3]
+    ax = axes[3]  # the legend sits in a band above 100%, where no bar or curve reaches
     rows = [r for r in heads["per_class"] if r["num_samples"] > 0]
     if len(rows) <= 30:
         x = np.arange(len(rows))
@@ -401,23 +407,31 @@ def plot_heads(heads: dict, path: Union[str, Path], title: str = "") -> Path:
         for name, colour in colours.items():
             ax.plot(np.sort([r[name] for r in rows])[::-1], color=colour, label=name)
         ax.set_xlabel("classes, sorted by top-1 per curve")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, PER_CLASS_YMAX)
+    ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("top-1 (%)")
     ax.set_title("per-class top-1")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=3, loc="upper center", frameon=False)
 
     top1 = heads["top1"]
     fig.suptitle(f"{title}  top-1: ce_head {top1['ce_head']:.2f}, kd_head {top1['kd_head']:.2f}, combined "
                  f"{top1['combined']:.2f} (alpha={heads['alpha']:g}, beta={heads['beta']:g}, N={heads['num_samples']})",
                  fontsize=10)
     fig.tight_layout()
-    return _save_figure(fig, Path(path))
+    return fig
 
 
 def plot_spectrum(spectrum: dict, path: Union[str, Path], heads: Optional[dict] = None, title: str = "") -> Path:
-    """Log-scale eigenvalues of the feature covariance with the cumulative explained variance."""
+    """The feature spectrum as a PNG (``spectrum_figure``)."""
+    return _save_figure(spectrum_figure(spectrum, heads, title), Path(path))
+
+
+def spectrum_figure(spectrum: dict, heads: Optional[dict] = None, title: str = ""):
+    """Log-scale eigenvalues of the feature covariance with the cumulative explained variance, over the first
+    min(N, D) components (N samples span at most N - 1 directions: the rest are zero)."""
     plt = _pyplot()
-    eig = np.asarray(spectrum["eigenvalues"])
+    shown = min(spectrum["num_samples"], spectrum["dim"])
+    eig = np.asarray(spectrum["eigenvalues"])[:shown]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     k = np.arange(1, len(eig) + 1)
     keep = eig > (eig.max() * 1e-12 if eig.max() > 0 else 0)  # rounding noise and zeros have no log
@@ -425,22 +439,24 @@ def plot_spectrum(spectrum: dict, path: Union[str, Path], heads: Optional[dict] 
     ax.set_xlabel("component")
     ax.set_ylabel("eigenvalue of cov(z)")
     twin = ax.twinx()
-    twin.plot(k, 100.0 * np.cumsum(spectrum["explained_variance"]), color="tab:gray", linestyle="--",
+    twin.plot(k, 100.0 * np.cumsum(spectrum["explained_variance"])[:shown], color="tab:gray", linestyle="--",
               label="cumulative variance (%)")
     twin.set_ylabel("cumulative explained variance (%)")
     twin.set_ylim(0, 101)
-    for level in VARIANCE_LEVELS:
+    ax.set_xlim(0.5, shown + 0.5)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # components are counted
+    for i, level in enumerate(VARIANCE_LEVELS):  # labelled low on the axes: the cumulative curve runs along the top
         count = spectrum[f"components_{level}"]
         if count:
             ax.axvline(count, color="tab:red", linewidth=0.8, alpha=0.6)
-            twin.text(count, level, f" {level}%: {count}", fontsize=8, va="bottom")
+            twin.text(count, 8 + 8 * i, f" {level}%: {count}", fontsize=8, va="bottom", color="tab:red")
     text = f"effective rank {spectrum['effective_rank']:.1f} of D={spectrum['dim']} (N={spectrum['num_samples']})"
     if heads is not None:
         text += (f"\nlambda_max: W_CE W_CE^T {heads['ce_head']:.3g}, W_KD W_KD^T {heads['kd_head']:.3g}, "
                  f"W_CE W_KD^T {heads['ce_kd']:.3g}")
     ax.set_title(f"{title}\n{text}" if title else text, fontsize=9)
     fig.tight_layout()
-    return _save_figure(fig, Path(path))
+    return fig
 
 
 def _require_sklearn():
@@ -473,15 +489,15 @@ def plot_tsne(
     perplexity = min(30.0, (len(z) - 1) / 3.0)  # sklearn needs perplexity < N; 30 is its default
     xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(z)  # (N, 2)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 6))
     classes = np.unique(labels)
+    fig, ax = plt.subplots(figsize=(8.0 if len(classes) <= 20 else 6.5, 6))
     cmap = plt.get_cmap("tab20" if len(classes) <= 20 else "nipy_spectral")
     for i, k in enumerate(classes):
         at = labels == k
         name = classnames[k] if classnames is not None and 0 <= k < len(classnames) else str(k)
         ax.scatter(xy[at, 0], xy[at, 1], s=8, color=cmap(i / max(len(classes) - 1, 1)), label=name)
-    if len(classes) <= 20:
-        ax.legend(fontsize=7, markerscale=2, loc="best")
+    if len(classes) <= 20:  # beside the map, never over its points
+        ax.legend(fontsize=7, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(f"{title} ({len(z)} samples, perplexity {perplexity:.1f})", fontsize=9)

@@ -14,6 +14,7 @@ Other readers (schema v3): every array is a core Zarr v3 data type with named di
 `xarray.open_zarr(path, consolidated=False)` and tensorstore's `zarr3` driver open the whole
 store; `keys` is a (N, W) uint8 matrix of zero-padded UTF-8 (`decode_keys`), because the
 variable-length `string` data type of v1/v2 is a zarr-python extension that tensorstore rejects.
+`open_xarray` is that xarray view with coordinates: class names on `class`, decoded keys on `sample`.
 
 Writing rules (a Zarr chunk file is the unit of writing; two writers in one chunk lose data):
 - the store is created complete (attributes, keys, labels, text_classifier, empty arrays) in a
@@ -106,6 +107,24 @@ def decode_keys(raw: np.ndarray) -> list[str]:
     """(N, W) uint8 zero-padded UTF-8 (schema v3 `keys`) -> N strings."""
     raw = np.ascontiguousarray(raw, dtype=np.uint8)  # (N, W)
     return [b.decode("utf-8") for b in raw.view(f"S{raw.shape[1]}")[:, 0]]  # numpy's S strips the trailing zeros
+
+
+def open_xarray(path):
+    """The cache as an xarray Dataset with coordinates: its class names on `class` and its decoded keys on
+    `sample`, so `ds.probs.sel(sample="n01/img_3", **{"class": "dog"})` reads by name (`class` is a Python keyword:
+    pass it as a dict); every array and attribute as `xr.open_zarr` gives them (lazy where dask is installed).
+    Schema v3 and later (v1/v2 caches have no dimension names); needs the optional xarray package."""
+    try:
+        import xarray as xr
+    except ImportError:
+        raise CacheError("open_xarray needs xarray, an optional dependency: pip install xarray") from None
+    path = Path(path)
+    opened = TeacherCache.open(path)  # the schema checked, as every open of dho checks it
+    if opened.attrs["schema_version"] < 3:
+        raise CacheError(f"{path}: a schema v{opened.attrs['schema_version']} cache has no dimension names for xarray; "
+                         "rebuild it with `dho precompute-teacher` (or read it with TeacherCache)")
+    ds = xr.open_zarr(path, consolidated=False)
+    return ds.assign_coords({"class": list(opened.attrs["classnames"]), "sample": opened.keys})
 
 
 class TeacherCache:

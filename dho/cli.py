@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dho.devices import DEVICE_HELP  # torch-free
+from dho.devices import DEVICE_HELP, default_workers_help  # torch-free
 from dho.errors import ConfigError
 
 DEVICE = f"{DEVICE_HELP}."  # the --device help of every command
@@ -210,6 +210,9 @@ def distill(
     report_to: Annotated[Optional[str], typer.Option("--report-to", help="Metric sinks, comma-separated: jsonl (RUN/metrics.jsonl, always), tensorboard (RUN/tensorboard), wandb (project $WANDB_PROJECT or dho; WANDB_MODE=offline works); names grouped as train/..., val/..., grad/.... [default: jsonl]")] = None,
     keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", help="Checkpoints to keep: last.pt, plus checkpoints/step-S.pt of the newest N when N > 1 (the best epoch on --val is kept in checkpoints/best/ with --eval-every-epoch). [default: 1]")] = None,
     decode: Annotated[Optional[str], typer.Option(help="Where training views are decoded: cpu (DataLoader workers, PIL) | gpu (the batch's JPEGs decoded on the CUDA device with torchvision's decode_jpeg, box cropped and resized there; views differ from cpu by resampling noise). [default: cpu]")] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run-name", help="Display name of the W&B run (--report-to wandb); none names it after the run folder; may change on --resume. [default: none]")] = None,
+    group: Annotated[Optional[str], typer.Option("--group", help="W&B group of the run, e.g. a sweep or the seeds of one setting; may change on --resume. [default: none]")] = None,
+    tags: Annotated[Optional[str], typer.Option("--tags", help="W&B tags, comma-separated (e.g. r18,1pct); may change on --resume. [default: none]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a run exactly where its last checkpoint stopped: `dho distill --resume RUN_DIR` alone takes every option from RUN_DIR/config.json; options given as well must equal the run's. `--resume auto` with --out RUN and the run's options is the one command of a job that may be requeued (sbatch, submitit): it continues RUN if RUN holds a checkpoint made with these options, starts RUN if it is new or empty (or stopped before its first checkpoint), exits 0 leaving a finished RUN as it is, and refuses, naming them, other options. [default: off]")] = False,
     run_dir: Annotated[Optional[str], typer.Argument(help="With --resume: the run folder to continue (instead of --out), or the word auto (see --resume; a folder named auto is ./auto). [default: none]", show_default=False)] = None,
 ) -> None:
@@ -228,7 +231,7 @@ def distill(
         "eval_every_epoch": eval_every_epoch, "log_grad_cosine": log_grad_cosine, "init_heads_from_text": text_init, "text_init_heads": text_init_heads,
         "align_kd_head": align_kd_head, "vlm_heads": vlm_heads, "interpolation": interpolation, "window": window,
         "sync_bn": sync_bn, "report_to": report_to, "keep_checkpoints": keep_checkpoints, "compile": compile_,
-        "decode": decode,
+        "decode": decode, "run_name": run_name, "group": group, "tags": tags,
     }
     if resume and run_dir == "auto":  # `--resume auto`: the word, not a folder (that is ./auto)
         resume, run_dir = "auto", None
@@ -430,7 +433,7 @@ def precompute_teacher(
     text_classifier_norm: Annotated[Optional[str], typer.Option(help="Zero-shot classifier w_c: renormalize (mean of the normalised template embeddings, re-normalised: Eq. 1) | mean (not re-normalised, as the reference code's DFN teacher: logits scale with the mean's norm). Stored in the cache. Default: renormalize.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (fp16 on CUDA, as the reference code; fp32 on CPU), bf16, fp16 or fp32 (autocast; weights stay fp32). Default: auto.")] = None,
     device: Annotated[Optional[str], typer.Option(help=f"{DEVICE_RANKS} Default: auto.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes decoding and cropping images (0 = in the main process). Default: 4.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes decoding and cropping images (0 = in the main process). " + default_workers_help())] = None,
     store_embeddings: Annotated[bool, typer.Option("--store-embeddings", help="Also store the teacher's normalised image embeddings (V, N, D) float16, for feature KD. Default: off.")] = False,
     topk: Annotated[Optional[int], typer.Option(help="Store only the K largest probabilities per row (indices + values) instead of dense probs; readers spread the remaining mass uniformly over the other classes. Default: none = dense.")] = None,
     eta: Annotated[Optional[float], typer.Option(help="KD temperature eta of the stored softmax(cos / (zeta * eta)); distill re-tempers exactly if it uses another. Default: 2.0.")] = None,

@@ -11,7 +11,8 @@ Anything else, a GPU that is not visible, or an index past the visible GPUs is a
 the allowed values. `setup_ranks` is the one rank set-up of `precompute-teacher` and `distill`:
 torchrun's environment (RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, nccl on CUDA), an explicit
 rank of a job array (no process group), or one process. `cpu_threads_beside_workers` is the one
-thread rule for DataLoader workers that decode on the same cores.
+thread rule for DataLoader workers that decode on the same cores; `default_workers` the default number of
+those workers where a command takes it from the machine (`precompute-teacher`).
 
 torch is imported where it is used, so the command line can show DEVICE_HELP without loading it.
 Out of scope: MPS, XLA and other accelerators.
@@ -128,6 +129,36 @@ def setup_ranks(device: "torch.device", rank: Optional[int] = None, world_size: 
             group = "own"
         return Ranks(dist.get_rank(), dist.get_world_size(), group, device)
     return Ranks(0, 1, "", device)
+
+
+MAX_DEFAULT_WORKERS = 16  # a cap on the default: each worker is a process with its own memory (--workers gives more)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (what SLURM, a cgroup or taskset gives it), else
+    os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def default_workers(device_type: str) -> int:
+    """DataLoader workers per rank when --workers is not given: the rank's share of `usable_cores` (torchrun's
+    LOCAL_WORLD_SIZE ranks share a node) less one core for the rank's own process, at most MAX_DEFAULT_WORKERS.
+    On the CPU the model's forward needs cores too and `cpu_threads_beside_workers` leaves one core per worker,
+    so half the share goes to workers, half to the forward's threads."""
+    share = max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    workers = share // 2 if device_type == "cpu" else share - 1
+    return max(0, min(workers, MAX_DEFAULT_WORKERS))
+
+
+def default_workers_help() -> str:
+    """The --workers default as `--help` shows it, with this machine's numbers (no torch import)."""
+    return (f"Default: auto, from the cores this process may use ({usable_cores()} here, shared by torchrun's ranks "
+            f"on a node): one per core less one for the rank's own process on CUDA ({default_workers('cuda')} here, "
+            f"at most {MAX_DEFAULT_WORKERS}), half of them on the CPU, where the others run the model "
+            f"({default_workers('cpu')} here).")
 
 
 def cpu_threads_beside_workers(device: "torch.device", workers: int, world_size: int) -> None:

@@ -43,7 +43,9 @@ first, probabilities by ~1e-3.
 ONNX: the dynamo exporter (``torch.onnx.export`` of the same ExportedProgram as pt2, opset 18) keeps the
 symbolic size arithmetic and the pass-order choice (an If node) and maps the antialiased resize to ONNX
 Resize(antialias=1, cubic_coeff_a=-0.5, exclude_outside=1), which onnxruntime computes like torch to within
-one rounding level. The TorchScript-based exporter would freeze the traced sizes and is deprecated.
+one rounding level. The TorchScript-based exporter would freeze the traced sizes and is deprecated. The
+graph's input is `images` (batch, 3, height, width) uint8 and its output `probs` (batch, C), the dynamic
+axes named so (`_name_onnx_axes`; the exporter would call them after torch's shape symbols, s34, ...).
 
 Out of scope: quantisation, fp16 exports, ONNX files over 2 GB (external data), AOTInductor packages,
 interpolations other than bilinear and bicubic, and in ``longest`` mode images whose short side resizes to
@@ -55,6 +57,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Union
@@ -397,8 +400,41 @@ def _write_model(wrapper: DeployableDHO, probs: StudentProbs, format: str, path:
                                          output_names=["probs"], external_data=False, verbose=False)
     except Exception as e:  # an op without an ONNX translation
         raise _not_exportable(run_dir, student, format, e) from e
+    _name_onnx_axes(onnx_program.model)
     onnx_program.model.metadata_props[META_FILE] = text
     onnx_program.save(str(path), external_data=False)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     _check(run_dir, student, format, lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), wrapper, checks)
 
+
+ONNX_AXES = {0: "batch", 2: "height", 3: "width"}  # the named dynamic axes of the ONNX input (B, 3, H, W)
+
+
+def _name_onnx_axes(model) -> None:
+    """The exporter names the input's dynamic axes after torch's shape symbols (s34, s14, s54): name them batch,
+    height and width in every shape of the graph (branches included; expressions such as 2*s14 as well), so a
+    reader of the file (onnxruntime, netron, a TensorRT profile) sees (batch, 3, height, width) -> (batch, C)."""
+    import onnx_ir as ir
+    from onnx_ir.traversal import RecursiveGraphIterator
+
+    shape = model.graph.inputs[0].shape
+    names = {shape[i].value: name for i, name in ONNX_AXES.items() if isinstance(shape[i], ir.SymbolicDim) and shape[i].value}
+    if not names:
+        return
+    symbol = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+
+    def rename(value) -> None:
+        if value is None or value.shape is None:
+            return
+        dims = [ir.SymbolicDim(symbol.sub(lambda m: names[m.group(1)], d.value))
+                if isinstance(d, ir.SymbolicDim) and d.value else d for d in value.shape.dims]
+        value.shape = ir.Shape(dims)
+
+    values = [*model.graph.inputs, *model.graph.outputs]
+    for node in RecursiveGraphIterator(model.graph):
+        values += [*node.inputs, *node.outputs]
+        for attr in node.attributes.values():  # an If node's branches: their own outputs
+            graphs = attr.value if isinstance(attr.value, (list, tuple)) else [attr.value]
+            values += [v for g in graphs if isinstance(g, ir.Graph) for v in (*g.inputs, *g.outputs)]
+    for value in {id(v): v for v in values if v is not None}.values():
+        rename(value)

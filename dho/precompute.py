@@ -45,7 +45,7 @@ import torch
 from dho import data
 from dho.cache import TeacherCache
 from dho.cache_layout import chunk_length, row_bytes, shard_group as auto_shard_group, store_files
-from dho.devices import Ranks, cpu_threads_beside_workers, resolve_device, setup_ranks
+from dho.devices import Ranks, cpu_threads_beside_workers, default_workers, resolve_device, setup_ranks
 from dho.errors import CacheError, ConfigError, DatasetError, Interrupted, check_choice, check_number
 from dho.interrupt import StopSignal, ignore_interrupt, workers_gone
 from dho.losses import ETA, ZETA
@@ -55,7 +55,6 @@ from dho.templates import TEACHER_TEMPLATES
 
 DEFAULT_VIEWS = 10  # augmented views per sample, each replayable by distill from its stored box
 DEFAULT_BATCH_SIZE = 64  # images (sample-views) per teacher forward
-DEFAULT_WORKERS = 4  # DataLoader processes decoding and cropping
 
 
 def precompute(
@@ -72,7 +71,7 @@ def precompute(
     batch_size: int = DEFAULT_BATCH_SIZE,
     precision: str = "auto",
     device: str = "auto",
-    workers: int = DEFAULT_WORKERS,
+    workers: int | None = None,
     store_embeddings: bool = False,
     topk: int | None = None,
     eta: float = ETA,
@@ -94,7 +93,8 @@ def precompute(
 
     `stats`, if given, is filled with this rank's timing: images (sample-views) computed,
     setup_s (teacher + store), loop_s (decode -> teacher -> writes) and first_batch_s (worker
-    start-up until the first batch arrives, part of loop_s), for bench/.
+    start-up until the first batch arrives, part of loop_s), for bench/. `workers` None: what the machine has
+    (`dho.devices.default_workers`).
     """
     t_start = time.time()
     # every option is checked here, where it enters (the CLI passes them through unchanged)
@@ -103,6 +103,7 @@ def precompute(
                    image_size=image_size, mean=mean, std=std)
     ranks = setup_ranks(resolve_device(device), rank, world_size)
     rank, world_size, dev = ranks.rank, ranks.world_size, ranks.device
+    workers = default_workers(dev.type) if workers is None else workers
     log = (lambda msg: print(f"precompute-teacher [rank {rank}/{world_size}]: {msg}", file=sys.stderr, flush=True))
 
     # ---- data and teacher
@@ -146,7 +147,7 @@ def precompute(
             "the recipes give each cache the views its schedule draws (`recipe.py labeled-views`)")
     log(
         f"teacher {teacher.identity['model']} / {teacher.identity['pretrained']} on {dev} ({teacher.precision}); "
-        f"{total_views} views; {len(todo)} of my {len(mine)} shards to do ({len(ds.shards)} in all)"
+        f"{total_views} views; {len(todo)} of my {len(mine)} shards to do ({len(ds.shards)} in all); {workers} DataLoader workers"
     )
     cpu_threads_beside_workers(dev, workers, world_size)
     loader = torch.utils.data.DataLoader(
@@ -179,7 +180,8 @@ def _check_options(out, *, views, batch_size, workers, seed, eta, zeta, precisio
     """The range and choice checks of every option that needs no dataset or teacher."""
     check_number("--views", views, low=1, integer=True)
     check_number("--batch-size", batch_size, low=1, integer=True)
-    check_number("--workers", workers, low=0, integer=True)
+    if workers is not None:
+        check_number("--workers", workers, low=0, integer=True)
     check_number("--seed", seed, low=0, high=2**32 - 1, integer=True)
     check_number("--eta", eta, low=0, low_open=True)
     check_number("--zeta", zeta, low=0, low_open=True)

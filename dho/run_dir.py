@@ -5,6 +5,7 @@ a run (evaluate, predict, export, analyze, features, bench-inference).
     RUN/config.json                   the resolved DistillConfig (dho.distill.config), what --resume reads
     RUN/config.yaml                   the same keyed by the flags (text-init: true), what `dho distill --config` reads back
     RUN/metrics.jsonl, RUN/log.txt    one JSON record per logged step and validation; the console output
+    RUN/summary.csv                   one row per epoch: lr, mean loss terms, validation top-1 per head (timm's summary.csv)
     RUN/checkpoints/last.pt           model, optimiser, scheduler, scaler, RNG states, step, ... (plain torch.load)
     RUN/checkpoints/step-S.pt         the newest N with --keep-checkpoints N > 1 (hard links of last.pt)
     RUN/checkpoints/best/             the best epoch on --val: model.pt, best.json (+ alpha_beta.json and its heatmap
@@ -45,6 +46,7 @@ from dho.errors import ConfigError
 CONFIG = "config.json"
 CONFIG_YAML = "config.yaml"
 METRICS = "metrics.jsonl"
+SUMMARY = "summary.csv"
 LOG = "log.txt"
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
@@ -76,6 +78,7 @@ class RunDir:
         self.config = self.path / CONFIG
         self.config_yaml = self.path / CONFIG_YAML
         self.metrics = self.path / METRICS
+        self.summary = self.path / SUMMARY
         self.log = self.path / LOG
         self.checkpoints = self.path / CHECKPOINTS
         self.last = self.checkpoints / LAST
@@ -179,7 +182,8 @@ class RunDir:
         before its first checkpoint. config.json comes first: it makes the folder a run, so config.yaml is ours."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         if not resume:
-            self.metrics.unlink(missing_ok=True)  # the failed attempt's own log, not the user's
+            self.metrics.unlink(missing_ok=True)  # the failed attempt's own logs, not the user's
+            self.summary.unlink(missing_ok=True)
         write_atomic(self.config, lambda part: part.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
         if config_yaml is not None:
             write_atomic(self.config_yaml, lambda part: part.write_text(config_yaml))

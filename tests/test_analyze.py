@@ -276,6 +276,47 @@ def test_analyze_writes_every_file_with_the_functions_numbers(trained_run, tiny_
     assert json.loads((tmp_path / "elsewhere" / "heads.json").read_text()) == heads
 
 
+def _inside(inner, outer) -> bool:
+    return inner.x0 >= outer.x0 - 1 and inner.x1 <= outer.x1 + 1 and inner.y0 >= outer.y0 - 1 and inner.y1 <= outer.y1 + 1
+
+
+def test_plots_keep_legends_off_the_data_and_axes_to_what_exists(outputs, tiny_dataset, monkeypatch):
+    """heads.png: the per-class legend lies above the 100% line (no bar reaches it), with bars and with curves;
+    spectrum.png: min(N, D) components on the x axis (N = 24 < D = 128), integer ticks; tsne.png: the legend
+    beside the map."""
+    import matplotlib.pyplot as plt
+
+    student, ce, kd, labels, z = outputs
+    heads = an.head_agreement(ce, kd, labels, 0.5, 0.5, classnames=tiny_dataset.classnames)
+    many = an.head_agreement(torch.randn(40, 40), torch.randn(40, 40), torch.arange(40), 0.5, 0.5)  # > 30 classes: curves
+    for result, kind in ((heads, "bars"), (many, "curves")):
+        fig = an.heads_figure(result)
+        fig.canvas.draw()
+        ax = fig.axes[3]
+        legend = ax.get_legend().get_window_extent()
+        top_of_data = ax.transData.transform((0, 100))[1]  # display y of 100%
+        assert legend.y0 > top_of_data and _inside(legend, ax.get_window_extent()), kind
+        assert ax.get_ylim()[1] == an.PER_CLASS_YMAX and max(ax.get_yticks()) == 100
+        assert (len(ax.patches) == 3 * 3) == (kind == "bars")
+        plt.close(fig)
+    spectrum = an.feature_spectrum(z)
+    assert (spectrum["num_samples"], spectrum["dim"]) == (24, 128)
+    fig = an.spectrum_figure(spectrum, heads=an.head_spectra(student))
+    ax = fig.axes[0]
+    assert ax.get_xlim() == (0.5, 24.5) and len(ax.get_lines()[0].get_xdata()) <= 24
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    plt.close(fig)
+    captured = {}
+    monkeypatch.setattr(an, "_save_figure", lambda fig, path: captured.setdefault("fig", fig))
+    an.plot_tsne(z, labels, "unused.png", classnames=tiny_dataset.classnames)
+    fig = captured["fig"]
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend, box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= box.x1 and legend.x1 <= fig.bbox.x1  # right of the map, inside the figure
+    plt.close(fig)
+
+
 def test_analyze_refusals_are_one_line(trained_run, tiny_dataset, tmp_path, monkeypatch):
     other = data.prepare(make_image_folder(tmp_path / "img4", num_classes=4, per_class=2), tmp_path / "four")
     two = make_image_folder(tmp_path / "img2", num_classes=3, per_class=2)

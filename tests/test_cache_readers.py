@@ -124,6 +124,30 @@ def test_xarray_opens_a_new_cache_with_named_dimensions(caches, odd_keys_ds):
     assert k["topk_indices"].isel(view=2, topk=0).values.tolist() == top.tolist()
 
 
+def test_open_xarray_names_classes_and_samples(caches, odd_keys_ds):
+    """dho.cache.open_xarray: class names on `class`, decoded keys (UTF-8 of several widths) on `sample`, so rows are
+    picked by key and columns by class name; the arrays are those of xr.open_zarr."""
+    pytest.importorskip("xarray")
+    from dho.cache import open_xarray
+
+    ds = odd_keys_ds
+    cache = TeacherCache.open(caches["dense"], dataset=ds)
+    x = open_xarray(caches["dense"])
+    assert x["class"].values.tolist() == ds.classnames and x["sample"].values.tolist() == ds.keys
+    assert x.indexes["sample"].is_unique
+    key = "class_0/čaj_ünï"
+    row = ds.keys.index(key)
+    picked = x["probs"].sel(view=1, sample=key, **{"class": ds.classnames[1]})
+    assert float(picked) == float(cache.probs(1, 0, cache.num_samples)[row, 1])
+    assert x["labels"].sel(sample=key).item() == cache.labels[row]
+    assert x["text_classifier"].dims == ("class", "embed") and x["text_classifier"]["class"].values.tolist() == ds.classnames
+    np.testing.assert_array_equal(x["probs"].values, zarr.open_group(str(caches["dense"]), mode="r")["probs"][:])
+    k = open_xarray(caches["topk"])  # top-k: its indices are class numbers, the coordinates still name samples
+    assert k["topk_indices"].dims == ("view", "sample", "topk") and k["sample"].values.tolist() == ds.keys
+    with pytest.raises(CacheError, match="no dimension names for xarray"):
+        open_xarray(V2_ASSET / "cache.zarr")
+
+
 @pytest.mark.parametrize("kind", ["dense", "topk"])
 def test_tensorstore_reads_every_array_as_zarr_python_does(caches, kind):
     g = zarr.open_group(str(caches[kind]), mode="r")

@@ -353,13 +353,22 @@ def test_expand_braces_as_braceexpand_does():
     assert expand("{train,val}-{0..1}.tar") == ["train-0.tar", "train-1.tar", "val-0.tar", "val-1.tar"]  # first group slowest
     assert expand("plain.tar") == ["plain.tar"]
     patterns = ["{07..10}", "{4..1}", "{2..-1}", "{-01..1}", "{0..10..5}", "py{2.{5..7},3.{2,3}}", "{,x}y", "{a}", "{}",
-                "pipe:awk '{print $1}' f", "a{b,c{d,e}}f{1..2}"]
+                "pipe:awk '{print $1}' f", "a{b,c{d,e}}f{1..2}", "s-{a..c}.tar", "a\\{1,2\\}", "pipe:cat s-{0,1}.tar"]
     for pattern in patterns:
         assert expand(pattern) == list(braceexpand.braceexpand(pattern, escape=False)), pattern
-    for pattern, error in [("s-{1..x}.tar", r"\{1\.\.x\} is not a range of integers"), ("s-{000..}.tar", "not a range of integers"),
-                           ("s-{a..c}.tar", "not a range of integers"), ("s-{1{2,3}.tar", "unbalanced braces"),
+    # a pipe: command's own braces (in quotes, in ${...}) stay as written; the shard pattern's groups expand,
+    # an integer range inside quotes (a quoted URL) too. braceexpand alone splits awk's {print $1,$2} in two.
+    awk = "pipe:awk '{print $1,$2}' s-{0..1}.txt"
+    assert expand(awk) == ["pipe:awk '{print $1,$2}' s-0.txt", "pipe:awk '{print $1,$2}' s-1.txt"]
+    assert len(list(braceexpand.braceexpand(awk, escape=False))) == 4
+    assert expand("pipe:cat ${ROOT:-{a,b}}/s-{0,1}.tar") == ["pipe:cat ${ROOT:-{a,b}}/s-0.tar", "pipe:cat ${ROOT:-{a,b}}/s-1.tar"]
+    assert expand("pipe:curl -s 'https://host/s-{08..10}.tar'") == [f"pipe:curl -s 'https://host/s-{i:02d}.tar'" for i in (8, 9, 10)]
+    assert expand('pipe:jq -c "{a,b}" x-{0,1}') == ['pipe:jq -c "{a,b}" x-0', 'pipe:jq -c "{a,b}" x-1']
+    assert expand("pipe:awk '{' f") == ["pipe:awk '{' f"]  # unbalanced, but the command's
+    for pattern, error in [("s-{1..x}.tar", r"\{1\.\.x\} is not a range of integers or of letters"),
+                           ("s-{000..}.tar", "not a range of integers"), ("s-{1{2,3}.tar", "unbalanced braces"),
                            ("s-1}.tar", "unbalanced braces"), ("s-{0..99999999}.tar", "more than 1000000 names"),
-                           ("{0..999}{0..9999}", "expands to 10000000 names")]:
+                           ("{0..999}{0..9999}", "expands to more than 1000000 names"), ("pipe:cat s-{0..1", "unbalanced braces")]:
         with pytest.raises(DatasetError, match=rf"^shard pattern '{re.escape(pattern)}'.*{error}[^\n]*$"):
             expand(pattern)
 

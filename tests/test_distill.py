@@ -126,6 +126,104 @@ def test_short_run_lowers_loss_and_writes_run_dir(world, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_step_lines_show_the_terms_and_the_data_wait_and_summary_csv_has_each_epoch(world, tmp_path, capsys):
+    """A DHO step line names ce, kd and KD's labeled / unlabeled halves and the data wait; metrics.jsonl has the
+    wait of each interval (no peak memory on CPU: the key is absent); RUN/summary.csv has one row per epoch with
+    the lr of its last step, the mean of each term over its steps and the epoch's validation per head."""
+    import csv
+
+    run = tmp_path / "run"
+    distill(_cfg(world, run, epochs=3, val=str(world / "val"), eval_every_epoch=True))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 15
+    assert re.match(r"step 1/15 epoch 0\.20 loss \d+\.\d{4} ce \d+\.\d{4} kd \d+\.\d{4} \(labeled \d+\.\d{4} \+ unlabeled "
+                    r"\d+\.\d{4}\) lr \S+ \| data wait \d+\.\d\d s \(\d+%\) \| \S+ samples/s \| ETA \d:\d\d:\d\d$", lines[0]), lines[0]
+    steps = [m for m in _metrics(run) if "loss" in m]
+    assert all(m["data_wait_s"] >= 0 and "peak_memory_gib" not in m for m in steps)
+    assert all(f"loss {m['loss']:.4f} ce {m['ce']:.4f} kd {m['kd']:.4f} (labeled {m['kd_labeled']:.4f}" in line
+               for m, line in zip(steps, lines))
+    with open(run / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "step", "lr", "loss", "ce", "kd", "kd_labeled", "kd_unlabeled",
+                             "val_ce_head_top1", "val_kd_head_top1", "val_combined_top1"]
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "5"), ("2", "10"), ("3", "15")]
+    vals = [m for m in _metrics(run) if "val_combined_top1" in m and not m.get("final")]
+    for epoch, row in enumerate(rows, 1):
+        mine = [m for m in steps if 5 * (epoch - 1) < m["step"] <= 5 * epoch]
+        assert float(row["lr"]) == mine[-1]["lr"]
+        for term in ("loss", "ce", "kd", "kd_labeled", "kd_unlabeled"):
+            assert float(row[term]) == pytest.approx(np.mean([m[term] for m in mine]), abs=2e-6), (epoch, term)
+        assert {k: float(row[k]) for k in vals[0] if k.startswith("val_")} == {k: v for k, v in vals[epoch - 1].items()
+                                                                               if k.startswith("val_")}
+
+
+def test_summary_csv_of_a_run_stopped_and_resumed_mid_epoch_equals_an_uninterrupted_one(world, tmp_path):
+    """--max-steps inside an epoch: a row for the part of the epoch run so far; the resume continues that epoch's
+    sums from the checkpoint, so every row (the final validation in the last one) is the uninterrupted run's."""
+    from dho.distill.metrics import read_summary
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    distill(_cfg(world, full, epochs=3, val=str(world / "val")))
+    distill(_cfg(world, split, epochs=3, val=str(world / "val"), max_steps=7))
+    assert [(r["epoch"], r["step"]) for r in read_summary(split / "summary.csv")] == [(1, 5), (2, 7)]
+    assert "val_combined_top1" in read_summary(split / "summary.csv")[-1]  # the final validation of that run
+    distill(_cfg(world, split, epochs=3, val=str(world / "val")), resume=True)
+    assert (split / "summary.csv").read_text() == (full / "summary.csv").read_text()
+    rows = read_summary(full / "summary.csv")
+    final = [m for m in _metrics(full) if m.get("final")][0]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and "val_combined_top1" not in rows[0]  # --val alone: the end only
+    assert rows[-1]["val_combined_top1"] == final["val_combined_top1"]
+
+
+def test_resume_summary_keeps_rows_up_to_the_checkpoint_and_restores_what_the_file_lost(tmp_path):
+    from dho.distill.metrics import read_summary, resume_summary, write_summary
+
+    path = tmp_path / "summary.csv"
+    write_summary(path, [{"epoch": 1, "step": 5, "lr": 0.1, "loss": 2.0, "val_combined_top1": 50.0},
+                         {"epoch": 2, "step": 10, "lr": 0.05, "loss": 1.5}])
+    assert path.read_text() == "epoch,step,lr,loss,val_combined_top1\n1,5,0.1,2.0,50.0\n2,10,0.05,1.5,\n"
+    in_checkpoint = [{"epoch": 1, "step": 5, "lr": 0.1, "loss": 2.0}]
+    # resumed at step 7: epoch 2's row (written after the checkpoint) comes again; epoch 1's keeps its validation
+    assert resume_summary(path, in_checkpoint, 7) == [{"epoch": 1, "step": 5, "lr": 0.1, "loss": 2.0, "val_combined_top1": 50.0}]
+    # killed between the epoch-end checkpoint and the file: the checkpoint's row is not lost
+    path.unlink()
+    assert resume_summary(path, in_checkpoint, 5) == in_checkpoint and read_summary(path) == []
+
+
+def test_step_line_of_each_method_names_its_own_terms():
+    from dho.distill.metrics import step_line
+
+    line = step_line(4, 10, 5, {"loss": 1.0, "ce": 1.0}, 1e-3, 20.0, 3.0)
+    assert line == "step 4/10 epoch 0.80 loss 1.0000 ce 1.0000 lr 0.001 | 20.0 samples/s | ETA 0:00:03"
+    line = step_line(4, 10, 5, {"loss": 0.5, "ce": 0.6, "feature_kd": 0.4}, 1e-3, 20.0, 3.0, data_wait_s=0.5,
+                     interval_s=2.0, peak_memory_gib=1.5)
+    assert line == ("step 4/10 epoch 0.80 loss 0.5000 ce 0.6000 feature_kd 0.4000 lr 0.001 | data wait 0.50 s (25%) | "
+                    "peak memory 1.50 GiB | 20.0 samples/s | ETA 0:00:03")
+
+
+def test_grad_plot_draws_negative_eigenvalues_and_integer_steps():
+    """W_CE W_KDᵀ is not symmetric: its dominant eigenvalue can be negative, so the panel is symmetric-log (a log
+    axis would draw nothing of it); three logged steps give ticks 1, 2, 3, not 1.25 ... 2.75."""
+    import matplotlib.pyplot as plt
+
+    from dho.distill.diagnostics import grad_diagnostics_figure
+
+    records = [{"step": s, "grad_cosine": 0.1 * s, "pred_inner": -0.01 * s, "grad_cosine_z": 0.2, "eig_ce": 1.5 * s,
+                "eig_kd": 0.9 * s, "eig_ce_kd": -0.03 * s} for s in (1, 2, 3)]
+    fig = grad_diagnostics_figure({"dho": records})
+    fig.canvas.draw()
+    eig = fig.axes[3]
+    assert eig.get_yscale() == "symlog"
+    cross = [line for line in eig.get_lines() if line.get_label() == "dho: W_CE W_KDᵀ"][0]
+    assert cross.get_ydata().tolist() == pytest.approx([-0.03, -0.06, -0.09])
+    low, high = eig.get_ylim()
+    assert low < -0.09 and high > 4.5  # every point inside the axis
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks == [1.0, 2.0, 3.0], ticks
+    plt.close(fig)
+
+
 @pytest.mark.parametrize("method", ["dho", "ce+kd"])
 def test_grad_diagnostics_against_direct_computation(method):
     """Each logged quantity of Figs. 4/13 against a computation that does not share its code: per-sample
@@ -286,6 +384,9 @@ def test_sigkill_then_resume_gives_the_same_weights(world, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # summary.csv: every epoch once, each row the uninterrupted run's (its sums of an epoch went through the checkpoint)
+    assert (run / "summary.csv").read_text() == (full / "summary.csv").read_text()
+    assert [line.split(",")[0] for line in (run / "summary.csv").read_text().splitlines()] == ["epoch", "1", "2", "3"]
 
 
 def test_a_second_distill_on_the_same_out_is_refused_until_the_first_is_gone(world, tmp_path):
@@ -404,6 +505,7 @@ def test_sigterm_checkpoints_exits_3_and_resume_alone_finishes_bit_identical(wor
         assert torch.equal(a[k], b[k]), k
     steps = [m["step"] for m in _metrics(run) if "loss" in m]
     assert steps == sorted(set(steps)) == list(range(1, 16)), steps  # no step logged twice after the resume
+    assert (run / "summary.csv").read_text() == (full / "summary.csv").read_text()  # no epoch twice, none lost
 
 
 def test_a_run_that_died_before_its_first_checkpoint_is_started_again(world, tmp_path):
@@ -720,17 +822,26 @@ def test_report_to_sinks_log_txt_checkpoints_and_best(world, tmp_path, monkeypat
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
     distill(_cfg(world, run, epochs=3, val=str(world / "val"), eval_every_epoch=True, report_to="tensorboard,wandb",
-                 keep_checkpoints=3, checkpoint_every=2, log_every=5))
+                 keep_checkpoints=3, checkpoint_every=2, log_every=5, run_name="r-tiny-2shot", group="grp-seeds-a",
+                 tags="tag-alpha, tag-beta"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/ce", "train/kd", "train/lr", "val/combined_top1", "val/ce_head_top1"} <= tags
+    assert {"train/loss", "train/ce", "train/kd", "train/kd_labeled", "train/kd_unlabeled", "train/lr",
+            "train/data_wait_s", "val/combined_top1", "val/ce_head_top1", "final/combined_top1", "final/kd_head_top1"} <= tags
+    assert "train/peak_memory_gib" not in tags  # CUDA only
     losses = [m["loss"] for m in _metrics(run) if "loss" in m]
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
+    # each epoch's validation once under val/, the final one under final/ (not a second point at step 15)
+    assert [e.step for e in acc.Scalars("val/combined_top1")] == [5, 10, 15]
+    final = [m for m in _metrics(run) if m.get("final")][0]
+    assert [(e.step, e.value) for e in acc.Scalars("final/combined_top1")] == [(15, pytest.approx(final["val_combined_top1"]))]
     wandb_runs = list((run / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 1 and (run / "wandb_id.txt").read_text().strip() in wandb_runs[0].name
+    record = next(wandb_runs[0].glob("*.wandb")).read_bytes()  # the offline run's records (protobuf): name, group, tags
+    assert all(s in record for s in (b"r-tiny-2shot", b"grp-seeds-a", b"tag-alpha", b"tag-beta", b"final/combined_top1"))
 
     log = (run / "log.txt").read_text()
     assert log.startswith("dho distill: dho | student resnet-tiny") and "done: " in log
@@ -745,6 +856,19 @@ def test_report_to_sinks_log_txt_checkpoints_and_best(world, tmp_path, monkeypat
     vals = [m["val_combined_top1"] for m in _metrics(run) if "val_combined_top1" in m and not m.get("final")]
     assert best["top1"] == max(vals) and best["epoch"] == 1 + vals.index(max(vals))
     load_student(run / "checkpoints" / "best" / "model.pt")
+
+
+def test_wandb_names_are_checked_and_may_change_on_resume(world, tmp_path, capsys):
+    for kw, said in (({"tags": "a,,b"}, "--tags 'a,,b' has an empty tag"), ({"tags": "x" * 65}, "longer than 64 characters"),
+                     ({"group": "g" * 129}, "--group must be 1 to 128 characters"), ({"run_name": " "}, "--run-name must not be empty")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            _cfg(world, tmp_path / "x", **kw)
+    assert _cfg(world, tmp_path / "x", tags="b, a,b").tag_list() == ["b", "a"]
+    run = tmp_path / "run"
+    distill(_cfg(world, run, epochs=1, max_steps=2, group="one"))
+    assert "note: --run-name, --group and --tags name the W&B run; without --report-to wandb" in capsys.readouterr().out
+    distill(_cfg(world, run, epochs=1, group="two", tags="t", run_name="n"), resume=True)  # no numerics: not refused
+    assert DistillConfig.load(run / "config.json").group == "two"
 
 
 def test_report_to_refuses_unknown_and_missing_sinks(world, tmp_path, monkeypatch):

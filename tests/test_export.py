@@ -151,6 +151,22 @@ def test_export_predicts_like_predict_without_dho(fmt, exported, searched_run, i
         torch.testing.assert_close(torch.tensor(got["unbatched"]), torch.tensor([got["probs"][0]]), atol=1e-6, rtol=0)
 
 
+def test_onnx_names_its_dynamic_axes(exported):
+    """The ONNX graph's input is (batch, 3, height, width) by name, as a reader of the graph (netron, onnxruntime,
+    TensorRT profiles) sees it, and its output (batch, classes)."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    path = exported("onnx")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (images,), (probs,) = session.get_inputs(), session.get_outputs()
+    assert (images.name, images.shape) == ("images", ["batch", 3, "height", "width"])
+    assert probs.name == "probs" and probs.shape[0] == "batch" and isinstance(probs.shape[1], int)
+    if importlib.util.find_spec("onnx") is not None:  # the graph itself: dim_param, not a value
+        import onnx
+
+        dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, "height", "width"]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_export_writes_safetensors_weights_and_metadata(fmt, exported, searched_run):
     from safetensors import safe_open

@@ -49,7 +49,7 @@ def test_precompute_bf16_rows_are_distributions(gpu_world, tiny_teacher_ckpt):
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-3)
 
 
-def test_distill_on_cuda_with_bf16(gpu_world, tiny_teacher_ckpt, tmp_path):
+def test_distill_on_cuda_with_bf16(gpu_world, tiny_teacher_ckpt, tmp_path, capsys):
     root, full, labeled = gpu_world
     teacher = dict(model=str(TINY_CLIP_CONFIG), pretrained=str(tiny_teacher_ckpt), views=2, device="cuda", workers=0)
     precompute(full.root, tmp_path / "full.zarr", **teacher)
@@ -60,6 +60,11 @@ def test_distill_on_cuda_with_bf16(gpu_world, tiny_teacher_ckpt, tmp_path):
     distill(cfg)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    # the peak CUDA memory of each log interval: in every step record and on every step line
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert all(0 < m["peak_memory_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30 for m in steps)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == len(steps) and all(f"| peak memory {m['peak_memory_gib']:.2f} GiB |" in line for m, line in zip(steps, lines))
     student, meta = load_student(tmp_path / "run" / "model.pt")  # loads on CPU
     assert next(student.parameters()).device.type == "cpu" and meta["alpha"] == 0.5
 

@@ -359,4 +359,27 @@ def test_cli_help_defaults_are_the_library_defaults():
         if m and default is not None and default is not False:
             assert m.group(1) == str(default), param.name
             checked += 1
-    assert checked == 12
+    assert checked == 11  # --workers: the machine's (test_workers_default_to_what_the_machine_has)
+
+
+def test_workers_default_to_what_the_machine_has(tiny_dataset, tiny_clip_config, tiny_teacher_ckpt, tmp_path, monkeypatch,
+                                                 capsys):
+    """--workers left out: the cores of this process's affinity per local rank, less one on CUDA, half on the CPU
+    (the forward's threads take the others, dho.devices.cpu_threads_beside_workers), at most 16; --help shows it."""
+    from dho import devices
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cores, local_ranks, cuda, cpu in ((8, None, 7, 4), (8, "4", 1, 1), (1, None, 0, 0), (96, None, 16, 16), (96, "8", 11, 6)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        if local_ranks:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+        assert (devices.usable_cores(), devices.default_workers("cuda"), devices.default_workers("cpu")) == (cores, cuda, cpu)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.undo()
+    help_text = devices.default_workers_help()
+    assert f"({devices.usable_cores()} here" in help_text and f"({devices.default_workers('cpu')} here)" in help_text
+    kw = _kwargs(tiny_clip_config, tiny_teacher_ckpt, views=1, center_view=False, store_embeddings=False)
+    del kw["workers"]
+    cache = precompute(tiny_dataset.root, tmp_path / "c.zarr", **kw)
+    assert cache.is_complete()
+    assert f"; {devices.default_workers('cpu')} DataLoader workers" in capsys.readouterr().err

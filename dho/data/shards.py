@@ -3,7 +3,8 @@
 A shard path is a local file or, as webdataset spells it, a `pipe:COMMAND` URL whose command prints
 the tar to stdout (object storage: `pipe:aws s3 cp s3://bucket/shard-000000.tar -`), read through
 `open_shard`; `file:PATH` is a local file, and `expand_braces` expands brace ranges and lists
-(`shard-{000000..000099}.tar`) as webdataset does. Tars are read with the standard library's tarfile
+(`shard-{000000..000099}.tar`) with webdataset's `braceexpand` package, a `pipe:` command's own braces
+(awk's `'{print $1,$2}'`, `${VAR}`) left as written. Tars are read with the standard library's tarfile
 and grouped into samples as webdataset groups them (`member_key`, `tar_samples`), and written byte for
 byte as webdataset's TarWriter writes them (`ShardWriter`; `CopyWriter` copies samples' tar members
 from other shards), hashed while written. Every sample written gets a digest of its members
@@ -35,7 +36,6 @@ PIPE, FILE = "pipe:", "file:"
 PIPE_TIMEOUT = 300.0  # seconds a pipe: command may print nothing before it counts as stalled (DHO_PIPE_TIMEOUT)
 PIPE_TIMEOUT_ENV = "DHO_PIPE_TIMEOUT"
 MAX_EXPANSION = 1_000_000  # names one brace pattern may expand to
-_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")  # {first..last} or {first..last..step}
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,62 +189,59 @@ def file_sha256(path: str | Path, block: int = 1 << 24) -> str:
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """The names a shard pattern stands for, by the `braceexpand` package's rules (which webdataset uses):
-    `{000..099}` is a range of integers, both ends included, zero-padded to the wider end when either end
-    starts with 0, counting down when the first is larger, `{0..100..10}` with a step; `{a,b}` is a list
-    whose items may hold groups; several groups combine left to right, the first varying slowest. A group
-    that is neither (`{}`, awk's `'{print $1}'`) stays as it is. Backslashes are not escapes. A range
-    that is not of integers, or a brace without its partner, is a DatasetError."""
-    return _expand(pattern, pattern)
+    """The names a shard pattern stands for, by the `braceexpand` package (webdataset's; backslashes are not
+    escapes): `{000..099}` is a range, both ends included, zero-padded to the wider end when either end starts
+    with 0, counting down when the first is larger, `{0..100..10}` with a step, `{a..e}` of letters; `{a,b}` is a
+    list whose items may hold groups; several groups combine left to right, the first varying slowest. A group
+    that is neither (`{}`, `{x}`) stays as it is. In a `pipe:` command the braces inside quotes and in a shell
+    `${...}` are the command's own (awk's `'{print $1,$2}'`, `${HOME}`) and stay as written, except an integer
+    range (`'https://host/s-{000..099}.tar'` still expands). A brace without its partner, a range that is not
+    one (`{1..x}`) or more than MAX_EXPANSION names is a DatasetError."""
+    from braceexpand import UnbalancedBracesError, braceexpand
+
+    text = _protect_command_braces(pattern) if is_url(pattern) else pattern
+    try:
+        names = list(itertools.islice(braceexpand(text, escape=False), MAX_EXPANSION + 1))
+    except UnbalancedBracesError:
+        raise DatasetError(f"shard pattern {pattern!r} has unbalanced braces; close every {{ with a }}") from None
+    if len(names) > MAX_EXPANSION:
+        raise DatasetError(f"shard pattern {pattern!r} expands to more than {MAX_EXPANSION} names; check its ranges")
+    for name in names:
+        if (bad := _NOT_A_RANGE.search(name)) is not None:  # braceexpand keeps {1..x} as it is: a typo, not a file name
+            raise DatasetError(f"shard pattern {pattern!r}: {bad.group(0)} is not a range of integers or of letters; write it as {{FIRST..LAST}} "
+                               "(e.g. {000000..000099}) or list the names as {a,b,c}")
+    return [name.translate(_UNPROTECT) for name in names]
 
 
-def _expand(text: str, pattern: str) -> list[str]:
-    parts, start, depth = [], 0, 0  # parts: the alternatives of each literal and top-level group, in order
-    for pos, ch in enumerate(text):
-        if ch == "{":
-            if depth == 0:
-                parts.append([text[start:pos]])
-                start = pos
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth < 0:
-                break
-            if depth == 0:
-                parts.append(_expand_group(text[start + 1:pos], pattern))
-                start = pos + 1
-    if depth != 0:
-        raise DatasetError(f"shard pattern {pattern!r} has unbalanced braces; close every {{ with a }}")
-    parts.append([text[start:]])
-    if (count := math.prod(len(p) for p in parts)) > MAX_EXPANSION:
-        raise DatasetError(f"shard pattern {pattern!r} expands to {count} names (at most {MAX_EXPANSION}); check its ranges")
-    return ["".join(choice) for choice in itertools.product(*parts)]
+_OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters standing in for a command's own braces while expanding
+_UNPROTECT = str.maketrans({_OPEN: "{", _CLOSE: "}"})
+_NOT_A_RANGE = re.compile(r"\{[^{},]*\.\.[^{},]*\}")  # a {..} group braceexpand left unexpanded
+_PROTECTED_RANGE = re.compile(_OPEN + r"(-?\d+\.\.-?\d+(?:\.\.-?\d+)?)" + _CLOSE)
 
 
-def _expand_group(body: str, pattern: str) -> list[str]:
-    """The names of one `{...}` group (without its braces): a list, a range, or the group kept as it is."""
-    items, start, depth = [], 0, 0
-    for pos, ch in enumerate(body):
-        depth += (ch == "{") - (ch == "}")
-        if ch == "," and depth == 0:
-            items.append(body[start:pos])
-            start = pos + 1
-    if items:
-        items.append(body[start:])
-        return [name for item in items for name in _expand(item, pattern)]
-    if ".." in body and "{" not in body:
-        match = _INT_RANGE.match(body)
-        if match is None:
-            raise DatasetError(f"shard pattern {pattern!r}: {{{body}}} is not a range of integers; write it as "
-                               "{FIRST..LAST} (e.g. {000000..000099}) or list the names as {a,b,c}")
-        first, last, step = match.groups()
-        a, b, k = int(first), int(last), int(step or 1) or 1
-        if abs(b - a) // k + 1 > MAX_EXPANSION:
-            raise DatasetError(f"shard pattern {pattern!r}: {{{body}}} expands to more than {MAX_EXPANSION} names; check the range")
-        pad = max(len(first), len(last)) if any(e.startswith(("0", "-0")) and e not in ("0", "-0") for e in (first, last)) else 0
-        values = range(a, b + 1, k) if a < b else range(a, b - 1, -k)
-        return [f"{v:0{pad}d}" for v in values]
-    return ["{" + name + "}" for name in _expand(body, pattern)]
+def _protect_command_braces(command: str) -> str:
+    """`command` with the braces inside quotes and in `${...}` replaced by placeholders (integer ranges excepted),
+    so braceexpand expands only the shard pattern's own groups (see `expand_braces`)."""
+    out, quote, param, i = [], None, 0, 0  # param: the depth inside ${...}
+    while i < len(command):
+        ch = command[i]
+        if quote != "'" and ch == "\\" and i + 1 < len(command):  # the shell's escape: the next character as it is
+            out.append(ch + command[i + 1].translate({ord("{"): _OPEN, ord("}"): _CLOSE}))
+            i += 2
+            continue
+        if ch in "'\"" and param == 0 and quote in (None, ch):
+            quote = None if quote == ch else ch
+        elif ch == "$" and quote != "'" and command[i + 1:i + 2] == "{":
+            out.append("$" + _OPEN)
+            param, i = param + 1, i + 2
+            continue
+        elif ch == "{" and (quote or param):
+            ch, param = _OPEN, param + 1 if param else 0
+        elif ch == "}" and (quote or param):
+            ch, param = _CLOSE, param - 1 if param else 0
+        out.append(ch)
+        i += 1
+    return _PROTECTED_RANGE.sub(r"{\1}", "".join(out))
 
 
 # --------------------------------------------------------------------------------------------

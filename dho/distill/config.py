@@ -46,7 +46,8 @@ BETA_GRIDS = ("wide", "reference")  # the names of dho.evaluate.BETA_GRIDS (the 
 # Options that may change on --resume without changing the result. Anything that changes the data order
 # or the numerics (workers set the thread count and the consumers, the device the kernels, compile and
 # decode the kernels and pixels) is refused on resume, so a resumed run stays bit-identical.
-RESUME_FREE = {"log_every", "checkpoint_every", "max_steps", "val", "eval_every_epoch", "report_to", "keep_checkpoints"}
+RESUME_FREE = {"log_every", "checkpoint_every", "max_steps", "val", "eval_every_epoch", "report_to", "keep_checkpoints",
+               "run_name", "group", "tags"}
 # The flag of each option whose name is not the field's with dashes (`lambda` is Python's keyword); RUN/config.yaml and
 # --print-config key the options by their flags, --config reads both spellings (`flag_name`, `field_name`).
 FLAGS = {"lambda_": "lambda", "init_heads_from_text": "text-init"}
@@ -58,6 +59,8 @@ SYNONYMS = {
     "max_grad_norm": "grad_clip", "gradient_clip_val": "grad_clip", "gradient_accumulation_steps": "accum_steps",
     "accumulate_grad_batches": "accum_steps", "warmup": "warmup_steps", "teacher_cache": "labeled_cache",
 }
+WANDB_TAG_CHARS = 64  # W&B refuses longer tags (and longer groups than WANDB_GROUP_CHARS) when the run is created
+WANDB_GROUP_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,9 @@ class DistillConfig:
     report_to: str = "jsonl"  # metrics sinks, comma-separated: jsonl (always) | tensorboard | wandb
     keep_checkpoints: int = 1  # checkpoints kept: last.pt, plus step-S.pt of the newest N when N > 1
     decode: str = "cpu"  # cpu: workers decode + replay the views (PIL); gpu: JPEG batches decoded on the CUDA device
+    run_name: Optional[str] = None  # the W&B run's display name; None: the run folder's name
+    group: Optional[str] = None  # the W&B group (runs of one sweep or seed set side by side)
+    tags: Optional[str] = None  # W&B tags, comma-separated
 
     def __post_init__(self) -> None:
         """Type and range of every option, wherever the config came from (command line, --config YAML,
@@ -135,6 +141,11 @@ class DistillConfig:
         if self.select_best_on_val and self.val is None:
             raise ConfigError("--select-best-on-val needs --val DATASET (a validation split)")
         report_sinks(self.report_to)  # names and installed packages, before anything runs
+        self.tag_list()  # each tag W&B accepts
+        if self.group is not None and not 0 < len(self.group) <= WANDB_GROUP_CHARS:
+            raise ConfigError(f"--group must be 1 to {WANDB_GROUP_CHARS} characters (W&B's limit); got {len(self.group)}")
+        if self.run_name is not None and not self.run_name.strip():
+            raise ConfigError("--run-name must not be empty; leave it out to name the W&B run after the run folder")
         if self.interpolation is not None:
             check_choice("--interpolation", self.interpolation, INTERPOLATIONS)
         for option, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--accum-steps", self.accum_steps),
@@ -197,6 +208,18 @@ class DistillConfig:
                   "# Rerun or continue with: dho distill --config THIS_FILE [--resume auto]\n")
         return header + yaml.safe_dump({flag_name(k): v for k, v in self.to_dict().items()}, sort_keys=False,
                                        allow_unicode=True, default_flow_style=False, width=1000)
+
+    def tag_list(self) -> list[str]:
+        """--tags 'sweep-3, r18' -> ['sweep-3', 'r18'], checked: no empty tag, none longer than W&B allows."""
+        if self.tags is None:
+            return []
+        tags = [t.strip() for t in self.tags.split(",")]
+        if not all(tags):
+            raise ConfigError(f"--tags {self.tags!r} has an empty tag; give comma-separated names, e.g. --tags sweep-3,r18")
+        long = [t for t in tags if len(t) > WANDB_TAG_CHARS]
+        if long:
+            raise ConfigError(f"--tags: {long[0]!r} is longer than {WANDB_TAG_CHARS} characters (W&B's limit); shorten it")
+        return list(dict.fromkeys(tags))
 
 
 def flag_name(field: str) -> str:

@@ -65,13 +65,36 @@ def grad_diagnostics(model: Trainee, batch, objective: Objective, eta: float, au
     return out
 
 
+EIG_KEYS = ("eig_ce", "eig_kd", "eig_ce_kd")
+
+
+def _linthresh(series: dict[str, list[dict]]) -> float:
+    """The linear range of the eigenvalue panel's symlog axis: the smallest |eigenvalue| drawn (at most 1e-4 of the
+    largest), so every point lies in the logarithmic part and zero and negative values still have a place."""
+    values = [abs(r[k]) for records in series.values() for r in records for k in EIG_KEYS if r.get(k)]
+    return max(min(values), max(values) * 1e-4) if values else 1.0
+
+
 def plot_grad_diagnostics(series: dict[str, list[dict]], path: Path) -> Path:
+    """`grad_diagnostics_figure(series)` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = grad_diagnostics_figure(series)
+    path = write_atomic(Path(path), lambda part: fig.savefig(part, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def grad_diagnostics_figure(series: dict[str, list[dict]]):
     """The gradient-conflict diagnostics over training, one line per run (e.g. {"dho": ..., "ce+kd": ...}):
-    θ-cosine, prediction-level inner product, z-cosine and the dominant eigenvalues of W Wᵀ."""
+    θ-cosine, prediction-level inner product, z-cosine and the dominant eigenvalues of W Wᵀ. The eigenvalues
+    are on a symmetric-log axis: W_CE W_KDᵀ is not symmetric and its dominant eigenvalue can be negative (a log
+    axis would drop it); steps are integers on every x axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     for ax, (key, ylabel, title) in zip(axes, GRAD_PANELS):
@@ -82,7 +105,9 @@ def plot_grad_diagnostics(series: dict[str, list[dict]], path: Path) -> Path:
                     pts = [(r["step"], r[k]) for r in records if k in r]
                     if pts:
                         ax.plot(*zip(*pts), style, marker=".", label=f"{name}: {label if two_heads else 'W Wᵀ'}")
-                ax.set_yscale("log")
+                ax.set_yscale("symlog", linthresh=_linthresh(series))
+                if any(r.get(k, 0) < 0 for records in series.values() for r in records for k in EIG_KEYS):
+                    ax.axhline(0.0, color="gray", lw=0.8)
                 continue
             pts = [(r["step"], r[key]) for r in records if key in r]
             if pts:
@@ -92,11 +117,10 @@ def plot_grad_diagnostics(series: dict[str, list[dict]], path: Path) -> Path:
         if key.startswith("grad_cosine"):
             ax.set_ylim(-1, 1)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 2.5
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
     fig.suptitle("Gradient conflict between L_CE and L_KD during training", fontsize=11)
     fig.tight_layout()
-    path = write_atomic(Path(path), lambda part: fig.savefig(part, dpi=110, format="png"))
-    plt.close(fig)
-    return path
+    return fig

@@ -36,7 +36,7 @@ from dho.devices import Ranks, any_rank, cpu_threads_beside_workers, mean_over_r
 from dho.distill import schedule
 from dho.distill.config import DistillConfig, check_resume, report_sinks
 from dho.distill.diagnostics import grad_diagnostics, plot_grad_diagnostics
-from dho.distill.metrics import Metrics, format_val, step_line
+from dho.distill.metrics import EpochTerms, Metrics, format_val, resume_summary, step_line
 from dho.distill.objective import OBJECTIVES, Objective, Trainee, build_trainee
 from dho.distill.streams import DeviceBatches, Streams, make_loader, open_streams
 from dho.errors import ConfigError, DhoError, Interrupted
@@ -73,6 +73,8 @@ class Training:
     step_fn: Optional[Callable] = None  # batch -> loss terms (torch.compile'd with --compile)
     batches: Optional[DeviceBatches] = None
     log: Optional[Metrics] = None
+    epoch_terms: EpochTerms = field(default_factory=EpochTerms)  # this epoch's loss terms summed (summary.csv's means)
+    summary: list = field(default_factory=list)  # summary.csv's rows so far, one per epoch (kept in the checkpoint)
 
     @property
     def student(self) -> nn.Module:
@@ -122,7 +124,11 @@ def distill(cfg: DistillConfig, resume: bool | str = False) -> Path:
                         interpolation=t.student.preprocess.interpolation, pin_memory=device.type == "cuda"),
             max(cfg.workers, 1), device, len(streams.classnames), t.student.preprocess, _memory_format(t.student, device))
         t.log = Metrics(run, enabled=ranks.is_main, resume_step=t.start_step if resume else None,
-                        sinks=report_sinks(cfg.report_to), config=cfg.to_dict())
+                        sinks=report_sinks(cfg.report_to), config=cfg.to_dict(), wandb_name=cfg.run_name,
+                        wandb_group=cfg.group, wandb_tags=cfg.tag_list())
+        if resume:
+            t.summary = resume_summary(run.summary, t.summary, t.start_step)
+            t.log.summary(t.summary)
         _say_plan(t, note, resume)
 
         with StopSignal() as stop:
@@ -227,6 +233,8 @@ def _restore(t: Training) -> None:
     t.start_step = ckpt["step"]
     t.grad_diag = ckpt.get("grad_diagnostics") or [{"step": st, "grad_cosine": c} for st, c in ckpt.get("grad_cosine", [])]
     t.best.update(ckpt.get("best") or {})
+    t.epoch_terms.load(ckpt.get("epoch_terms"), t.ranks.device)  # a checkpoint of an older dho: the epoch's rest only
+    t.summary = list(ckpt.get("summary") or [])
 
 
 def _setup_parallel(t: Training) -> None:
@@ -261,6 +269,9 @@ def _say_plan(t: Training, note: str, resume: bool) -> None:
     )
     for line in schedule.reuse_lines(t.streams.reuse(t.objective), plan.total_steps, cfg.batch_size):
         t.log.say(line)
+    if "wandb" not in report_sinks(cfg.report_to) and (cfg.run_name or cfg.group or cfg.tags):
+        t.log.say("note: --run-name, --group and --tags name the W&B run; without --report-to wandb they are only "
+                  "recorded in config.json")
     lab = t.streams.labeled
     seen = np.bincount(lab.dataset.labels[lab.usable], minlength=len(t.streams.classnames))  # (C,) labeled per class
     if t.objective.reads_labeled and (seen == 0).any():
@@ -281,9 +292,11 @@ def _train(t: Training, stop: StopSignal) -> int:
                         unit="samples", every_s=None)  # the rate and ETA of the step lines
     t.model.train()
     step = t.start_step
+    last_line = time.monotonic()  # the start of this log interval (for the data wait's share)
     while step < plan.stop_step:
         batch, terms, lr_used = _optimizer_step(t, stop, step, unchecked)
         step += 1
+        t.epoch_terms.add(terms)
         if _TEST_STEP_SLEEP:
             time.sleep(_TEST_STEP_SLEEP)
         progress.update(t.objective.samples_per_step(cfg.batch_size))
@@ -304,11 +317,24 @@ def _train(t: Training, stop: StopSignal) -> int:
             t.grad_diag.append(record)
             t.log.write(record)
         if logging:
+            now = time.monotonic()
+            interval, last_line = now - last_line, now
             record = {"step": step, "epoch": step / plan.steps_per_epoch, "lr": lr_used, "samples_per_s": progress.rate(),
-                      **{k: round(v, 6) for k, v in terms.items()}}
+                      **{k: round(v, 6) for k, v in terms.items()}, "data_wait_s": round(t.batches.take_wait_s(), 4)}
+            peak = _peak_memory_gib(ranks.device)
+            if peak is not None:  # CUDA only: the key is absent on CPU
+                record["peak_memory_gib"] = round(peak, 4)
             t.log.write(record)
-            t.log.say(step_line(step, plan.stop_step, plan.steps_per_epoch, terms, lr_used, record["samples_per_s"],
-                                progress.eta()))
+            t.log.say(step_line(step, plan.stop_step, plan.steps_per_epoch, {k: record[k] for k in terms}, lr_used,
+                                record["samples_per_s"], progress.eta(), data_wait_s=record["data_wait_s"],
+                                interval_s=interval, peak_memory_gib=record.get("peak_memory_gib")))
+        if saving or stopping:  # the same steps on every rank
+            t.epoch_terms.average_over_ranks(ranks.world_size)
+        summary_row = None
+        if end_of_epoch or step == plan.stop_step:  # summary.csv: each epoch, and the part of one a run ends in
+            summary_row = _summary_row(t, step, lr_used)
+        if end_of_epoch:
+            t.epoch_terms.reset()  # before the checkpoint: a resume starts the next epoch's sums
         if (saving or stopping) and ranks.is_main:
             _save_checkpoint(t, step)
         if stopping:
@@ -318,8 +344,28 @@ def _train(t: Training, stop: StopSignal) -> int:
             t.log.close()
             raise _interrupted(t, stop, step)
         if end_of_epoch:
-            _end_of_epoch(t, step)
+            summary_row.update(_end_of_epoch(t, step))
+        if summary_row is not None:
+            t.log.summary(t.summary)
     return step
+
+
+def _summary_row(t: Training, step: int, lr: float) -> dict:
+    """summary.csv's row of the epoch that `step` ends (or is in: the last row of a run stopped by --max-steps):
+    epoch, step, the lr of its last step and the mean of each loss term over its steps; replaces the epoch's row."""
+    epoch = -(-step // t.plan.steps_per_epoch)  # 1-based, the epoch in progress when the run stops inside one
+    row = {"epoch": epoch, "step": step, "lr": lr, **{k: round(v, 6) for k, v in t.epoch_terms.means().items()}}
+    t.summary = [r for r in t.summary if r["epoch"] != epoch] + [row]
+    return row
+
+
+def _peak_memory_gib(device: torch.device) -> Optional[float]:
+    """The most CUDA memory the tensors of this process held since the previous call (GiB); None on other devices."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def _optimizer_step(t: Training, stop: StopSignal, step: int, unchecked: list) -> tuple:
@@ -378,7 +424,8 @@ def _save_checkpoint(t: Training, step: int) -> None:
     t.run.save_checkpoint(
         {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
          "scaler": t.scaler.state_dict(), "rng": rng_state(), "step": step, "epoch": step // t.plan.steps_per_epoch,
-         "consumers": t.plan.consumers, "grad_diagnostics": t.grad_diag, "config": t.cfg.to_dict(), "best": t.best},
+         "consumers": t.plan.consumers, "grad_diagnostics": t.grad_diag, "config": t.cfg.to_dict(), "best": t.best,
+         "epoch_terms": t.epoch_terms.state(), "summary": t.summary},
         keep=t.cfg.keep_checkpoints,
     )
 
@@ -391,12 +438,15 @@ def _interrupted(t: Training, stop: StopSignal, step: int) -> Interrupted:
 # ---------------------------------------------------------------------------------------------- validation
 
 
-def _end_of_epoch(t: Training, step: int) -> None:
+def _end_of_epoch(t: Training, step: int) -> dict:
     """--eval-every-epoch: score --val, keep the best epoch; --select-best-on-val: score the epoch the way its
-    model predicts (the dual head: alpha/beta searched on --val) and keep it in checkpoints/best/ if better."""
+    model predicts (the dual head: alpha/beta searched on --val) and keep it in checkpoints/best/ if better
+    -> the scores (val_... keys; {} on other ranks or without either option), for summary.csv."""
     cfg, epoch = t.cfg, step // t.plan.steps_per_epoch
+    scores: dict = {}
     if cfg.eval_every_epoch and t.val is not None and t.ranks.is_main:
         result = _validate(t)
+        scores.update(result)
         t.log.write({"step": step, "epoch": epoch, **result})
         t.log.say(f"epoch {epoch} validation: " + format_val(result))
         if not cfg.select_best_on_val and result["val_combined_top1"] > t.best["top1"]:
@@ -407,11 +457,13 @@ def _end_of_epoch(t: Training, step: int) -> None:
     if cfg.select_best_on_val:
         if t.ranks.is_main:
             score = _select(t, step)
+            scores["val_selection_top1"] = score
             t.log.write({"step": step, "epoch": epoch, "val_selection_top1": score, "best_val_top1": t.best["top1"],
                          "best_epoch": t.best["epoch"]})
             t.model.train()
         if t.ranks.world_size > 1:
             torch.distributed.barrier()
+    return scores
 
 
 def _val_logits(t: Training) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -484,6 +536,10 @@ def _finish(t: Training, step: int) -> None:
             result = _validate(t)
             t.log.write({"step": step, "final": True, **result})
             t.log.say("validation: " + format_val(result))
+            for row in (r for r in t.summary if r["step"] == step):  # the last epoch's row: its numbers, if it has none
+                for k, v in result.items():
+                    row.setdefault(k, v)
+            t.log.summary(t.summary)
         if t.grad_diag:
             plot_grad_diagnostics({cfg.method: t.grad_diag}, run.grad_plot)
         t.log.say(f"done: {run.model}")

@@ -16,6 +16,7 @@ temperature), the order itself (dho/stream.py).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -143,10 +144,19 @@ class DeviceBatches:
         self.stream: PairedStream = loader.dataset
         self.num_workers, self.device, self.num_classes = num_workers, device, num_classes
         self.preprocess, self.memory_format = preprocess, memory_format
+        self.wait_s = 0.0  # seconds spent waiting for the DataLoader since the last `take_wait_s`
 
     def __next__(self) -> Batch:
+        start = time.perf_counter()
         items = [next(self.batches) for _ in range(self.num_workers)]
+        self.wait_s += time.perf_counter() - start
         return Batch(*(self._half(name, [getattr(it, name) for it in items]) for name in ("l", "u")))
+
+    def take_wait_s(self) -> float:
+        """Seconds `next()` waited for the DataLoader's micro-batches since the previous call (the data wait of one
+        log interval; the copies to the device and the GPU decode are not counted)."""
+        wait, self.wait_s = self.wait_s, 0.0
+        return wait
 
     def _half(self, name: str, halves: list[Optional[Half]]) -> Optional[Half]:
         if halves[0] is None:
