@@ -212,8 +212,8 @@ def distill(
     run_dir: Annotated[Optional[Path], typer.Argument(help="With --resume: the run folder to continue (instead of --out). [default: none]", show_default=False)] = None,
 ) -> None:
     """Train a student from datasets + teacher caches (the teacher is never loaded)."""
-    from dho.distill import distill as run_distill
     from dho.distill.config import merge
+    from dho.distill.precheck import check_before_start
 
     given = {
         "labeled": labeled, "labeled_cache": labeled_cache, "unlabeled": unlabeled, "unlabeled_cache": unlabeled_cache,
@@ -229,7 +229,11 @@ def distill(
         "sync_bn": sync_bn, "report_to": report_to, "keep_checkpoints": keep_checkpoints, "compile": compile_,
         "decode": decode,
     }
-    run_distill(merge(given, options_file=config, resume_dir=run_dir, resume=resume), resume=resume)
+    cfg = merge(given, options_file=config, resume_dir=run_dir, resume=resume)
+    check_before_start(cfg)  # names, manifests, cache attributes, batch split: before torch loads (seconds)
+    from dho.distill import distill as run_distill
+
+    run_distill(cfg, resume=resume)
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,7 +439,7 @@ def precompute_teacher(
     resize_mode: Annotated[Optional[str], typer.Option(help="Override the evaluation resize mode (used by --center-view): squash, shortest or longest. Default: from the pretrained config.")] = None,
 ) -> None:
     """Run the teacher once over V augmented views of every sample into a teacher cache (resumable, torchrun-ready)."""
-    from dho.precompute import precompute
+    from dho.precompute_options import check_given
 
     given = dict(
         model=model, pretrained=pretrained, templates=templates, text_classifier_norm=text_classifier_norm, views=views,
@@ -445,6 +449,9 @@ def precompute_teacher(
         mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"),
     )
     kwargs = {k: v for k, v in given.items() if v is not None}
+    check_given(dataset, out, {**kwargs, "topk": topk, "shard_group": shard_group})  # names and ranges: before torch loads (seconds)
+    from dho.precompute import precompute
+
     precompute(
         dataset, out, center_view=center_view, store_embeddings=store_embeddings, topk=topk,
         rank=rank, world_size=world_size, shard_group=shard_group, skip_bad=skip_bad, compile=compile_, **kwargs,

@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dho import losses
-from dho.distill.objective import METHODS
 from dho.errors import ConfigError, check_choice, check_number
-from dho.students import VLM_HEADS
+from dho.names import ETA, METHODS, VLM_HEADS, ZETA  # torch-free: the CLI builds and checks the config before torch loads
 
 LR_SCHEDULES = ("warmup-cosine", "reference", "linear")
 UNLABELED_POOLS = ("union", "exclude-labeled")
@@ -64,8 +62,8 @@ class DistillConfig:
     select_best_on_val: bool = False  # keep the epoch best on --val (alpha/beta searched there), as the reference
     beta_grid: str = "wide"  # the beta grid of that search (dho.evaluate.BETA_GRIDS); "reference": train_others.py's
     lambda_: float = 0.5  # L = lambda * L_CE + (1 - lambda) * L_KD
-    eta: float = losses.ETA  # KD temperature; the cache is re-tempered exactly if it was stored at another eta
-    zeta: float = losses.ZETA  # scale 1/zeta of the aligned cosine kd_head (VLM students)
+    eta: float = ETA  # KD temperature; the cache is re-tempered exactly if it was stored at another eta
+    zeta: float = ZETA  # scale 1/zeta of the aligned cosine kd_head (VLM students)
     alpha: float = 0.5  # inference mix of the heads (Eq. 11), stored with the model
     beta: float = 0.5  # inference temperature of kd_head (Eq. 11)
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
@@ -251,10 +249,10 @@ def merge(given: dict, options_file: Optional[Path] = None, resume_dir: Optional
     """The config of one `dho distill` command: RUN/config.json of `resume_dir` (`--resume RUN`), then the
     `--config` file, then the options `given` on the command line (None = not given), each overriding the
     one before (see the module docstring)."""
-    from dho.run_dir import RunDir
-
     values: dict = {}
     if resume_dir is not None:  # `--resume RUN_DIR`: the run's own resolved options are the base
+        from dho.run_dir import RunDir  # imports torch: only on resume (a new run's config is checked before torch loads)
+
         run = RunDir(resume_dir)
         if not resume:
             raise ConfigError(f"a run folder ({resume_dir}) is given without --resume; to start a run use --out")
