@@ -526,6 +526,28 @@ def cache_info(
         raise CacheError(f"{cache}: {what}, the first: {problems[0]}")
 
 
+# other tools' names of dho's options (folded: lower case, no '-' or '_'): `--learning-rate` -> "did you mean --lr?"
+OPTION_SYNONYMS = {
+    "learningrate": "--lr", "wd": "--weight-decay", "bs": "--batch-size", "batch": "--batch-size",
+    "numworkers": "--workers", "nworkers": "--workers", "numepochs": "--epochs", "nepochs": "--epochs",
+    "output": "--out", "outdir": "--out", "outputdir": "--out", "o": "--out", "model": "--student",
+    "arch": "--student", "teacher": "--model", "temperature": "--eta", "kdtemperature": "--eta", "lam": "--lambda",
+    "resumefrom": "--resume", "valdata": "--val", "validation": "--val", "warmup": "--warmup-steps",
+    "numviews": "--views", "amp": "--precision", "dtype": "--precision", "gpus": "--device", "labeleddata": "--labeled",
+}
+
+
+def usage_message(e: Exception) -> str:
+    """click's message of a usage error; for an unknown option that is another tool's name of one of the command's
+    options (OPTION_SYNONYMS), that option instead of click's close spellings."""
+    name, ctx = getattr(e, "option_name", None), getattr(e, "ctx", None)
+    if type(e).__name__ == "NoSuchOption" and name and ctx is not None:
+        target = OPTION_SYNONYMS.get(name.lstrip("-").replace("-", "").replace("_", "").lower())
+        if target in {opt for param in ctx.command.params for opt in getattr(param, "opts", [])}:
+            return f"No such option: {name} (did you mean {target}?)"
+    return e.format_message()
+
+
 def one_line(e: BaseException) -> str:
     """The user-facing line of an error; an error raised in a DataLoader worker arrives wrapped in a
     worker traceback, of which only its own last line is the message."""
@@ -567,7 +589,7 @@ def main() -> None:
             typer.echo(e.format_message(), err=True)
             sys.exit(2)
         name = e.ctx.command_path if getattr(e, "ctx", None) is not None else "dho"
-        fail(f"{one_line(Exception(e.format_message()))} (see `{name} --help`)")
+        fail(f"{one_line(Exception(usage_message(e)))} (see `{name} --help`)")
     except Interrupted as e:
         fail(one_line(e), code=Interrupted.EXIT_CODE)
     except DhoError as e:
