@@ -359,16 +359,17 @@ def predict(
             typer.echo("  " + "   ".join(f"{p:.4f}  {c:<{width}}" for c, p in row).rstrip())
 
 
-@app.command(cls=PanelCommand, short_help="A deployable model file (pt2, ONNX, TorchScript)", epilog="Example: dho export runs/r18 --out r18.onnx --format onnx")
+@app.command(cls=PanelCommand, short_help="A deployable model file (pt2, ONNX, TorchScript)", epilog="Example: dho export runs/r18 --out r18.onnx (the format from the suffix: .pt2, .onnx, .ts)")
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
     out: Annotated[Path, typer.Option("--out", help="Model file to write, named for its format (model.pt2, model.onnx, model.ts); beside it OUT.safetensors (the student's weights) and OUT.json (class names, preprocessing, alpha, beta).")],
-    fmt: Annotated[str, typer.Option("--format", help="pt2 (torch.export: torch.export.load(OUT).module()) | onnx (onnxruntime; needs pip install 'dho[onnx]') | torchscript (torch.jit.load).")] = "pt2",
+    fmt: Annotated[Optional[str], typer.Option("--format", help="pt2 (torch.export: torch.export.load(OUT).module()) | onnx (onnxruntime; needs pip install 'dho[onnx]') | torchscript (torch.jit.load); must agree with the suffix of --out.", show_default="the suffix of --out: .pt2, .onnx, .ts")] = None,
 ) -> None:
     """Write a deployable model: uint8 RGB images (B, 3, H, W) of any size -> probabilities (B, C); preprocessing, student and Eq. 11 with the run's alpha/beta baked in."""
     from dho.export import export as export_run
-    from dho.export import metadata_path, weights_path
+    from dho.export import format_for, metadata_path, weights_path
 
+    fmt = format_for(out, fmt)  # --out m.onnx: onnx
     path = export_run(run_dir, out, format=fmt)
     typer.echo(f"wrote {path} ({fmt}), {weights_path(path)}, {metadata_path(path)}")
 

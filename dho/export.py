@@ -1,8 +1,10 @@
 """Deployable models of a finished run that load without dho: uint8 images of any size -> probabilities.
 
-    dho export RUN --out model.pt2                        # torch.export (default)
-    dho export RUN --out model.onnx --format onnx         # ONNX for onnxruntime; pip install 'dho[onnx]'
-    dho export RUN --out model.ts --format torchscript    # TorchScript, as dho exported before
+    dho export RUN --out model.pt2                        # torch.export
+    dho export RUN --out model.onnx                       # ONNX for onnxruntime; pip install 'dho[onnx]'
+    dho export RUN --out model.ts                         # TorchScript, as dho exported before
+
+The format is the one the suffix of --out names (`SUFFIX_FORMATS`); --format names it for another suffix.
 
 The model does what ``dho predict`` does, preprocessing included:
 
@@ -55,7 +57,7 @@ import io
 import json
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -64,13 +66,15 @@ import torch.nn.functional as F
 import dho
 from dho.atomic import LOW_SPACE, check_space, replace_files
 from dho.data import file_sha256
-from dho.errors import ConfigError
+from dho.errors import ConfigError, check_choice
 from dho.evaluate import load_run, run_alpha_beta
 from dho.run_dir import MODEL
 from dho.students import DualHeadStudent
 
 SUFFIXES = {"pt2": "pt2", "onnx": "onnx", "torchscript": "ts"}  # format -> the usual file suffix
 FORMATS = tuple(SUFFIXES)
+# --out suffix -> the format it names (`format_for`): a format with a second spelling adds a row
+SUFFIX_FORMATS = {".pt2": "pt2", ".onnx": "onnx", ".ts": "torchscript", ".torchscript": "torchscript"}
 META_FILE = "dho.json"  # the metadata inside the model (pt2/TorchScript extra file, ONNX metadata property)
 INTERPOLATIONS = ("bilinear", "bicubic")  # the PIL filters torch's antialiased interpolate reproduces
 RESIZE_MODES = ("shortest", "squash", "longest")
@@ -258,21 +262,35 @@ def _is_dho_export(out: Path) -> bool:
     return isinstance(info, dict) and info.get("format") == "dho-export" and (info.get("files") or {}).get("model") == out.name
 
 
-def export(run_dir: Union[str, Path], out: Union[str, Path], format: str = "pt2") -> Path:
-    """Write RUN_DIR/model.pt (with the run's alpha, beta and preprocessing) as a `format` model at `out`,
-    its weights at `weights_path(out)` and its metadata at `metadata_path(out)`; return `out`."""
-    run_dir, out = Path(run_dir), Path(out)
-    if format not in FORMATS:
-        raise ConfigError(f"cannot export {run_dir} as {format!r}: unknown format; use one of {', '.join(FORMATS)}")
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; give the file to write, e.g. {out / ('model.' + SUFFIXES[format])}")
-    if out.suffix == ".safetensors":
-        raise ConfigError(f"--out {out}: the weights go to OUT.safetensors beside the model; give the model file, e.g. "
-                          f"{out.with_suffix('.' + SUFFIXES[format])}")
-    named = {"." + suffix: fmt for fmt, suffix in SUFFIXES.items()}.get(out.suffix)
+def format_for(out: Path, format: Optional[str]) -> str:
+    """The format of an export to `out`: `format`, else the one its suffix names (SUFFIX_FORMATS); a format that
+    contradicts the suffix, or neither, is a one-line ConfigError."""
+    named = SUFFIX_FORMATS.get(out.suffix.lower())
+    if format is None:
+        if named is None:
+            suffixes = ", ".join(f"{s} ({f})" for s, f in SUFFIX_FORMATS.items())
+            raise ConfigError(f"--out {out}: the suffix {out.suffix or '(none)'!r} names no format; name the file {suffixes}, "
+                              f"or pass --format {' | '.join(FORMATS)}")
+        return named
+    check_choice("--format", format, FORMATS)
     if named is not None and named != format:
         raise ConfigError(f"--out {out} names a {named} file but the format is {format}; pass --format {named} or "
                           f"--out {out.with_suffix('.' + SUFFIXES[format])}")
+    return format
+
+
+def export(run_dir: Union[str, Path], out: Union[str, Path], format: Optional[str] = None) -> Path:
+    """Write RUN_DIR/model.pt (with the run's alpha, beta and preprocessing) as a `format` model at `out` (None: the
+    format its suffix names, `format_for`), its weights at `weights_path(out)` and its metadata at
+    `metadata_path(out)`; return `out`."""
+    run_dir, out = Path(run_dir), Path(out)
+    if out.suffix == ".safetensors":
+        raise ConfigError(f"--out {out}: the weights go to OUT.safetensors beside the model; give the model file, e.g. "
+                          f"{out.with_suffix('.' + SUFFIXES[format if format in FORMATS else 'pt2'])}")
+    if out.is_dir():
+        fmt = format if format in FORMATS else "pt2"
+        raise ConfigError(f"--out {out} is a folder; give the file to write, e.g. {out / ('model.' + SUFFIXES[fmt])}")
+    format = format_for(out, format)
     if out.exists() and not _is_dho_export(out):
         raise ConfigError(f"--out {out} exists and is not a dho export (no {metadata_path(out).name} of format dho-export "
                           "beside it); it is left alone: choose another --out or remove it yourself")
