@@ -264,7 +264,13 @@ def _is_dho_export(out: Path) -> bool:
 
 def format_for(out: Path, format: Optional[str]) -> str:
     """The format of an export to `out`: `format`, else the one its suffix names (SUFFIX_FORMATS); a format that
-    contradicts the suffix, or neither, is a one-line ConfigError."""
+    contradicts the suffix, or neither, is a one-line ConfigError (as is an --out that is a folder or the weights file)."""
+    example = SUFFIXES[format if format in FORMATS else "pt2"]
+    if out.suffix == ".safetensors":
+        raise ConfigError(f"--out {out}: the weights go to OUT.safetensors beside the model; give the model file, e.g. "
+                          f"{out.with_suffix('.' + example)}")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the file to write, e.g. {out / ('model.' + example)}")
     named = SUFFIX_FORMATS.get(out.suffix.lower())
     if format is None:
         if named is None:
@@ -284,12 +290,6 @@ def export(run_dir: Union[str, Path], out: Union[str, Path], format: Optional[st
     format its suffix names, `format_for`), its weights at `weights_path(out)` and its metadata at
     `metadata_path(out)`; return `out`."""
     run_dir, out = Path(run_dir), Path(out)
-    if out.suffix == ".safetensors":
-        raise ConfigError(f"--out {out}: the weights go to OUT.safetensors beside the model; give the model file, e.g. "
-                          f"{out.with_suffix('.' + SUFFIXES[format if format in FORMATS else 'pt2'])}")
-    if out.is_dir():
-        fmt = format if format in FORMATS else "pt2"
-        raise ConfigError(f"--out {out} is a folder; give the file to write, e.g. {out / ('model.' + SUFFIXES[fmt])}")
     format = format_for(out, format)
     if out.exists() and not _is_dho_export(out):
         raise ConfigError(f"--out {out} exists and is not a dho export (no {metadata_path(out).name} of format dho-export "
