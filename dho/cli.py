@@ -84,7 +84,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # help texts show "[default: ...]" literally
+    rich_markup_mode=None,  # plain-text help, no rich (PanelCommand draws the panels); "[...]" in help texts shows literally
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
