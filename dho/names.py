@@ -31,6 +31,7 @@ CLIP_PREFIX = "clip:"  # clip:NAME or clip:CONFIG.json: an open_clip image tower
 
 TEACHER_MODEL = "ViT-H-14-378-quickgelu"  # the paper's teacher (DFN5B CLIP ViT-H/14 at 378 px)
 TEACHER_PRETRAINED = "dfn5b"
+TEACHER_TEMPLATES = "tip-adapter"  # the teacher's prompt templates (the reference code's; dho/templates.py)
 LOCAL_DIR = "local-dir:"  # --pretrained local-dir:FOLDER: an open_clip model folder (config + weights)
 
 

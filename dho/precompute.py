@@ -37,7 +37,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,7 +45,7 @@ from dho import data
 from dho.cache import TeacherCache
 from dho.cache_layout import chunk_length, row_bytes, shard_group as auto_shard_group, store_files
 from dho.devices import Ranks, cpu_threads_beside_workers, resolve_device, setup_ranks
-from dho.errors import CacheError, ConfigError, DatasetError, Interrupted
+from dho.errors import ConfigError, DatasetError, Interrupted
 from dho.interrupt import StopSignal, ignore_interrupt, workers_gone
 from dho.losses import ETA, ZETA
 from dho.precompute_options import DEFAULT_BATCH_SIZE, DEFAULT_VIEWS, DEFAULT_WORKERS, check_options

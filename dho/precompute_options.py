@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dho.errors import CacheError, check_choice, check_number
-from dho.names import ETA, TEACHER_MODEL, TEACHER_PRETRAINED, ZETA, check_teacher_model
-from dho.templates import TEACHER_TEMPLATES
+from dho.names import ETA, TEACHER_MODEL, TEACHER_PRETRAINED, TEACHER_TEMPLATES, ZETA, check_teacher_model
 
 DEFAULT_VIEWS = 10  # augmented views per sample, each replayable by distill from its stored box
 DEFAULT_BATCH_SIZE = 64  # images (sample-views) per teacher forward
