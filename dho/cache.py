@@ -57,7 +57,7 @@ from zarr.codecs import Crc32cCodec, ShardingCodec, ZstdCodec
 import dho
 from cache_schemas import CURRENT_VERSION, KNOWN_VERSIONS, SCHEMA_NAME, load_schema
 from dho.atomic import fsync, remove_stale, temp_sibling
-from dho.cache_layout import expected_arrays, row_bytes, shard_group
+from dho.cache_layout import dataset_mismatch, expected_arrays, row_bytes, shard_group
 from dho.errors import CacheError
 
 # attributes that must be equal for a rerun to add units to an existing store ("don't mix")
@@ -272,15 +272,9 @@ class TeacherCache:
         """Raise CacheError saying what differs when this cache was not built for `dataset`."""
         a, fix = self.attrs, "use the cache built for this dataset, or build one with `dho precompute-teacher`"
         where = f"cache {self.path} does not belong to dataset {dataset.root}"
-        if list(dataset.classnames) != self.classnames:
-            diff = next((i for i, (x, y) in enumerate(zip(self.classnames, dataset.classnames)) if x != y), None)
-            detail = (f"class {diff} is {self.classnames[diff]!r} in the cache but {dataset.classnames[diff]!r} in the dataset"
-                      if diff is not None else f"{len(self.classnames)} classes in the cache, {len(dataset.classnames)} in the dataset")
-            raise CacheError(f"{where}: another class list ({detail}); {fix}")
-        if dataset.num_samples != self.num_samples:
-            raise CacheError(f"{where}: {self.num_samples} samples in the cache, {dataset.num_samples} in the dataset; {fix}")
-        if [s.count for s in dataset.shards] != self.shard_counts:
-            raise CacheError(f"{where}: shard sizes differ ({self.shard_counts[:5]}... vs {[s.count for s in dataset.shards][:5]}...); {fix}")
+        mismatch = dataset_mismatch(a, dataset.classnames, dataset.num_samples, [s.count for s in dataset.shards])
+        if mismatch is not None:
+            raise CacheError(f"{where}: {mismatch}; {fix}")
         if dataset.fingerprint == a["dataset_fingerprint"]:
             # same content (the fingerprint covers keys, labels and shard checksums): no key is read. The stored
             # fingerprint stands for the columns: a v3 manifest's column files were checked (size, crc32) when the

@@ -5,15 +5,19 @@ of a complete store (`store_files`).
 
 `dho.cache` creates stores with this layout and checks every store it opens against it; precompute
 computes L for a new cache from the dataset's shard counts. Pure (no zarr): the schema comes from
-`cache_schemas`.
+`cache_schemas`. `read_attrs` and `dataset_mismatch` read a cache's attributes from its `zarr.json` and say
+whether they belong to a dataset, so `dho distill` checks its caches before torch and zarr are imported.
 
 Out of scope: choosing chunk lengths other than the gcd rule, layouts of other stores.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from functools import reduce
+from pathlib import Path
+from typing import Optional
 
 from cache_schemas import load_schema
 
@@ -91,3 +95,30 @@ def store_files(attrs: dict) -> int:
         per_file = spec["shards"] or spec["chunks"]
         files += 1 + math.prod(-(-n // c) for n, c in zip(spec["shape"], per_file))
     return files
+
+
+def read_attrs(path) -> Optional[dict]:
+    """The group attributes of the Zarr v3 store at `path` (the JSON of its `zarr.json`), or None where there is
+    no readable `zarr.json` (`TeacherCache.open` then says what is wrong)."""
+    try:
+        meta = json.loads((Path(path) / "zarr.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    return attrs if isinstance(attrs, dict) else None
+
+
+def dataset_mismatch(attrs: dict, classnames: list, num_samples: int, shard_counts: list) -> Optional[str]:
+    """What differs between the dataset a cache was built for (its attributes) and a dataset with these class
+    names, sample count and shard sizes, or None (the fingerprint is compared by the caller)."""
+    mine = list(attrs["classnames"])
+    if list(classnames) != mine:
+        diff = next((i for i, (x, y) in enumerate(zip(mine, classnames)) if x != y), None)
+        detail = (f"class {diff} is {mine[diff]!r} in the cache but {classnames[diff]!r} in the dataset"
+                  if diff is not None else f"{len(mine)} classes in the cache, {len(classnames)} in the dataset")
+        return f"another class list ({detail})"
+    if num_samples != attrs["num_samples"]:
+        return f"{attrs['num_samples']} samples in the cache, {num_samples} in the dataset"
+    if list(shard_counts) != list(attrs["shard_counts"]):
+        return f"shard sizes differ ({list(attrs['shard_counts'])[:5]}... vs {list(shard_counts)[:5]}...)"
+    return None

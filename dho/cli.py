@@ -14,15 +14,64 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import dataclasses
+
 import typer
+import typer.core
 
 from dho.devices import DEVICE_HELP, default_workers_help  # torch-free
+from dho.distill.config import DistillConfig  # torch-free: its defaults are the ones `dho distill --help` shows
 from dho.errors import ConfigError
+from dho.precompute_options import DEFAULTS as PRECOMPUTE_DEFAULTS  # torch-free, as precompute() takes them
 
 DEVICE = f"{DEVICE_HELP}."  # the --device help of every command
 DEVICE_RANKS = f"{DEVICE_HELP}; under torchrun each rank uses cuda:LOCAL_RANK."
 BETA_GRID_HELP = ("beta values of an alpha/beta search: wide (0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 4) | reference "
                   "(0.5, 0.75, 1, 1.25, 1.5, 2, 4: the ten-dataset reference code's).")
+
+
+
+def shown(value) -> str:
+    """A default as --help shows it: none, on, off, or the value."""
+    return "none" if value is None else "on" if value is True else "off" if value is False else str(value)
+
+
+# `dho distill` passes on only the options given (None = not given), so the config's defaults are the ones that run:
+# its --help shows them from DistillConfig, and `dho precompute-teacher --help` precompute()'s (one source each)
+DISTILL_DEFAULTS = {f.name: shown(f.default) for f in dataclasses.fields(DistillConfig) if f.default is not dataclasses.MISSING}
+# the panels of the long option lists (`dho distill --help`, `dho precompute-teacher --help`), in the order shown
+RUN, DATA, MODEL, METHOD = "Run", "Data", "Model", "Method"
+OPTIM, LOGGING, SPEED = "Optimisation and schedule", "Logging and checkpoints", "Speed"
+DISTRIBUTED, FIDELITY = "Distributed", "Fidelity switches (the reference code's choices)"
+TEACHER, VIEWS, TARGETS, PREPROCESS = "Teacher", "Views", "Stored targets", "Preprocessing overrides"
+PANELS = (RUN, DATA, MODEL, TEACHER, VIEWS, METHOD, TARGETS, PREPROCESS, OPTIM, LOGGING, SPEED, DISTRIBUTED, FIDELITY)
+
+
+class PanelCommand(typer.core.TyperCommand):
+    """A command whose --help lists its options in sections, one per help panel (`rich_help_panel=`, in the order of
+    PANELS; the others under "Options"), as plain text: the help stays rich-free (`rich_markup_mode=None`), where
+    typer draws panels only with rich. A default given as a `show_default` text reads `[default: TEXT]`."""
+
+    def format_options(self, ctx, formatter) -> None:
+        args, sections = [], {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            opts, text = record
+            if isinstance(param.show_default, str):  # click writes a text default in parentheses: "[default: (20)]"
+                text = text.replace(f"default: ({param.show_default})", f"default: {param.show_default}")
+            if param.param_type_name == "argument":
+                args.append((opts, text))
+            else:
+                sections.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append((opts, text))
+        if args:
+            with formatter.section("Arguments"):
+                formatter.write_dl(args)
+        for name in sorted(sections, key=lambda n: PANELS.index(n) if n in PANELS else len(PANELS)):
+            with formatter.section(name):
+                formatter.write_dl(sections[name])
+
 
 app = typer.Typer(
     name="dho",
@@ -35,7 +84,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # help texts show "[default: ...]" literally
+    rich_markup_mode=None,  # plain-text help, no rich (PanelCommand draws the panels); "[...]" in help texts shows literally
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -66,16 +115,16 @@ def fail(message: str, code: int = 2) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: dho prepare /data/imagenet/train --out data/train --shard-size 1000")
+@app.command(cls=PanelCommand, short_help="ImageFolder tree -> webdataset shards + manifest", epilog="Example: dho prepare /data/imagenet/train --out data/train --shard-size 1000")
 def prepare(
     src: Annotated[Path, typer.Argument(help="ImageFolder tree: one sub-folder per class (class index = position in sorted folder names).")],
     out: Annotated[Path, typer.Option("--out", help="Output dataset folder (webdataset shards + manifest.json).")],
     shard_size: Annotated[int, typer.Option(help="Samples per tar shard.")] = 1000,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out unreadable images (listed in the manifest's `skipped`) instead of failing. [default: off]")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty OUT (the new dataset is built beside it, then swapped in). [default: off]")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out unreadable images (listed in the manifest's `skipped`) instead of failing.", show_default="off")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty OUT (the new dataset is built beside it, then swapped in).", show_default="off")] = False,
     shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle", help="Write samples in a seeded random order so every shard mixes classes (training reads whole shards); --no-shuffle keeps folder order.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the shuffled sample order.")] = 0,
-    classes_of: Annotated[Optional[Path], typer.Option("--classes-of", help="The class folders name classes of this list (a dho dataset, or a class names file: NAME or ID<TAB>NAME per line): the dataset takes its names and order, and records which of its classes it holds (ImageNet-V2/-Sketch/-R/-A against ImageNet's list). [default: none, the folder names]")] = None,
+    classes_of: Annotated[Optional[Path], typer.Option("--classes-of", help="The class folders name classes of this list (a dho dataset, or a class names file: NAME or ID<TAB>NAME per line): the dataset takes its names and order, and records which of its classes it holds (ImageNet-V2/-Sketch/-R/-A against ImageNet's list).", show_default="none, the folder names")] = None,
     class_folders: Annotated[str, typer.Option(help="With --classes-of, a class folder is: name (a class id such as a WordNet id, or a class name) | index (the class index, as ImageNet-V2's 0 ... 999).")] = "name",
 ) -> None:
     """Convert an ImageFolder tree into webdataset shards plus manifest.json (deterministic)."""
@@ -88,15 +137,15 @@ def prepare(
     typer.echo(f"wrote {ds.num_samples} samples in {len(ds.shards)} shards, {len(ds.classnames)} classes{of} -> {out}")
 
 
-@app.command(epilog="Example: dho index 'shards/train-{000000..000127}.tar' --classnames classnames.txt --out data/train")
+@app.command(cls=PanelCommand, short_help="A manifest for webdataset shards you already have", epilog="Example: dho index 'shards/train-{000000..000127}.tar' --classnames classnames.txt --out data/train")
 def index(
     shards: Annotated[list[str], typer.Argument(help="Existing webdataset .tar shards, in the order that defines the global sample order, as webdataset spells them: paths, brace ranges and lists ('train-{000000..000127}.tar', expanded by dho when quoted), file:PATH, or pipe:COMMAND for a command that prints the tar ('pipe:aws s3 cp s3://bucket/train-{000000..000127}.tar -'; recorded as given, run again whenever the dataset is read).")],
     classnames: Annotated[Path, typer.Option("--classnames", help="Text file with one class per line (line i = class index i): NAME, or ID<TAB>NAME (ID: the class's folder name, e.g. its WordNet id).")],
     out: Annotated[Path, typer.Option("--out", help="Folder to write manifest.json into (shards are referenced, not copied).")],
     label_key: Annotated[str, typer.Option(help="Sample field holding the integer label; samples without it are unlabeled (-1).")] = "cls",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT/manifest.json. [default: off]")] = False,
-    classes_of: Annotated[Optional[Path], typer.Option("--classes-of", help="The class names are a subset of this list (a dho dataset or class names file); recorded in the manifest, every name checked. [default: none]")] = None,
-    pipe_timeout: Annotated[Optional[float], typer.Option("--pipe-timeout", help="Seconds a pipe: command may print nothing before it is stopped with an error (every later reader of the dataset takes $DHO_PIPE_TIMEOUT). [default: $DHO_PIPE_TIMEOUT, else 300]")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT/manifest.json.", show_default="off")] = False,
+    classes_of: Annotated[Optional[Path], typer.Option("--classes-of", help="The class names are a subset of this list (a dho dataset or class names file); recorded in the manifest, every name checked.", show_default="none")] = None,
+    pipe_timeout: Annotated[Optional[float], typer.Option("--pipe-timeout", help="Seconds a pipe: command may print nothing before it is stopped with an error (every later reader of the dataset takes $DHO_PIPE_TIMEOUT).", show_default="$DHO_PIPE_TIMEOUT, else 300")] = None,
 ) -> None:
     """Write a manifest for webdataset shards you already have (no image decoding)."""
     from dho import data
@@ -106,21 +155,21 @@ def index(
     typer.echo(f"indexed {ds.num_samples} samples in {len(ds.shards)} shards -> {out}")
 
 
-@app.command(epilog="Example: dho split data/train --out data/train-1pct --percent 1 --seed 0")
+@app.command(cls=PanelCommand, short_help="A labeled subset (and a validation split) of a dataset", epilog="Example: dho split data/train --out data/train-1pct --percent 1 --seed 0")
 def split(
     dataset: Annotated[Path, typer.Argument(help="Source dataset folder (with manifest.json).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder for the labeled subset (shards + manifest).")],
-    shots: Annotated[Optional[int], typer.Option(help="K labeled samples per class (seeded). Give exactly one of --shots, --percent, --keys. [default: none]")] = None,
-    percent: Annotated[Optional[float], typer.Option(help="P% of the labeled samples, class-balanced: round(P% of N) split over classes in proportion to their sizes (largest remainder), at least one per class. [default: none]")] = None,
-    keys: Annotated[Optional[Path], typer.Option("--keys", help="File listing the labeled samples, one key, relative file name or file basename per line; blank lines and # comments ignored (e.g. SimCLR ImageNet 1%/10% lists). [default: none]")] = None,
+    shots: Annotated[Optional[int], typer.Option(help="K labeled samples per class (seeded). Give exactly one of --shots, --percent, --keys.", show_default="none")] = None,
+    percent: Annotated[Optional[float], typer.Option(help="P% of the labeled samples, class-balanced: round(P% of N) split over classes in proportion to their sizes (largest remainder), at least one per class.", show_default="none")] = None,
+    keys: Annotated[Optional[Path], typer.Option("--keys", help="File listing the labeled samples, one key, relative file name or file basename per line; blank lines and # comments ignored (e.g. SimCLR ImageNet 1%/10% lists).", show_default="none")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the random choice of samples.")] = 0,
-    per_class: Annotated[Optional[str], typer.Option("--per-class", help="With --percent: 'proportional' (counts in proportion to class sizes, as above) or 'equal': the DHO reference's ImageNet split, the same count for every class by its cascade rounding (ImageNet: 13 per class at 1%, 128-129 at 10%), drawn as it draws (numpy.random.seed(SEED), numpy.random.choice per class over the class's samples in file order; the reference uses --seed 13). [default: proportional]")] = None,
-    sampler: Annotated[Optional[str], typer.Option("--sampler", help="With --shots: 'numpy' (dho's seeded permutations) or 'coop': CoOp's sampler (random.seed(SEED), random.sample(items, K) per class, classes as first seen, items in the order of the list the dataset was imported from; a class with fewer than K gives all, as Dassl's default): the shots CoOp draws for a seed, and the DHO reference's (its seed is 1). With --val-per-class the validation samples are drawn after all the labeled ones. [default: numpy]")] = None,
-    after: Annotated[Optional[Path], typer.Option("--after", help="With --sampler coop: continue the random stream of this labeled split (made with --sampler coop, same --seed), as CoOp draws the few-shot val right after the train shots. [default: none]")] = None,
+    per_class: Annotated[Optional[str], typer.Option("--per-class", help="With --percent: 'proportional' (counts in proportion to class sizes, as above) or 'equal': the DHO reference's ImageNet split, the same count for every class by its cascade rounding (ImageNet: 13 per class at 1%, 128-129 at 10%), drawn as it draws (numpy.random.seed(SEED), numpy.random.choice per class over the class's samples in file order; the reference uses --seed 13).", show_default="proportional")] = None,
+    sampler: Annotated[Optional[str], typer.Option("--sampler", help="With --shots: 'numpy' (dho's seeded permutations) or 'coop': CoOp's sampler (random.seed(SEED), random.sample(items, K) per class, classes as first seen, items in the order of the list the dataset was imported from; a class with fewer than K gives all, as Dassl's default): the shots CoOp draws for a seed, and the DHO reference's (its seed is 1). With --val-per-class the validation samples are drawn after all the labeled ones.", show_default="numpy")] = None,
+    after: Annotated[Optional[Path], typer.Option("--after", help="With --sampler coop: continue the random stream of this labeled split (made with --sampler coop, same --seed), as CoOp draws the few-shot val right after the train shots.", show_default="none")] = None,
     val_per_class: Annotated[int, typer.Option(help="Also carve M samples per class (disjoint from the labeled ones) into a validation split.")] = 0,
-    val_out: Annotated[Optional[Path], typer.Option("--val-out", help="Output folder for the validation split (needed with --val-per-class). [default: none]")] = None,
+    val_out: Annotated[Optional[Path], typer.Option("--val-out", help="Output folder for the validation split (needed with --val-per-class).", show_default="none")] = None,
     shard_size: Annotated[int, typer.Option(help="Samples per tar shard of the written splits.")] = 1000,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing non-empty output folders. [default: off]")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing non-empty output folders.", show_default="off")] = False,
 ) -> None:
     """Make the labeled subset (and optionally a validation split) as its own dataset."""
     from dho import data
@@ -134,15 +183,15 @@ def split(
     if val is not None:
         typer.echo(f"validation split: {val.num_samples} samples -> {val_out}")
 
-@app.command("import-coop", epilog="Example: dho import-coop oxford_pets /data/coop --out fs/data")
+@app.command("import-coop", cls=PanelCommand, short_help="A CoOp few-shot benchmark dataset as train/val/test", epilog="Example: dho import-coop oxford_pets /data/coop --out fs/data")
 def import_coop(
     name: Annotated[str, typer.Argument(help="CoOp benchmark dataset: caltech101, oxford_pets, stanford_cars, oxford_flowers, food101, fgvc_aircraft, sun397, dtd, eurosat, ucf101 or imagenet (CoOp's spellings, e.g. OxfordPets, work too).")],
     root: Annotated[Path, typer.Argument(help="Folder holding the benchmark's dataset folders as CoOp's DATASETS.md lays them out (e.g. ROOT/oxford_pets/images + split_zhou_OxfordPets.json).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: OUT/train, OUT/val, OUT/test dho datasets (ImageNet: no val).")],
     shard_size: Annotated[int, typer.Option(help="Samples per tar shard.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the shuffled sample order in the shards.")] = 0,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out unreadable images (listed in the manifest) instead of failing. [default: off]")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT/train, OUT/val, OUT/test if they hold datasets written by dho. [default: off]")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out unreadable images (listed in the manifest) instead of failing.", show_default="off")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT/train, OUT/val, OUT/test if they hold datasets written by dho.", show_default="off")] = False,
 ) -> None:
     """Import a dataset of the CoOp few-shot benchmark (its split and class names) as train/val/test datasets."""
     from dho.coop import import_coop as run_import
@@ -157,67 +206,68 @@ def import_coop(
 # --------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: dho distill --labeled data/train-1pct --labeled-cache cache/train-1pct.zarr --unlabeled data/train --unlabeled-cache cache/train.zarr --student resnet18 --out runs/r18")
+@app.command(cls=PanelCommand, short_help="Train a student from datasets + teacher caches", epilog="Example: dho distill --labeled data/train-1pct --labeled-cache cache/train-1pct.zarr --unlabeled data/train --unlabeled-cache cache/train.zarr --student resnet18 --out runs/r18")
 def distill(
-    labeled: Annotated[Optional[Path], typer.Option("--labeled", help="Labeled dataset (made by `dho split`). [required unless in --config]")] = None,
-    labeled_cache: Annotated[Optional[Path], typer.Option("--labeled-cache", help="Teacher cache of the labeled dataset. [required unless in --config]")] = None,
-    unlabeled: Annotated[Optional[Path], typer.Option("--unlabeled", help="Unlabeled pool; unlabeled batches are drawn from labeled ∪ unlabeled (keys already in --labeled are not repeated). [required for every method but ce]")] = None,
-    unlabeled_cache: Annotated[Optional[Path], typer.Option("--unlabeled-cache", help="Teacher cache of the unlabeled dataset. [required with --unlabeled]")] = None,
-    student: Annotated[Optional[str], typer.Option("--student", help="Student: resnet18, resnet50, mobilenet_v2, resnet-tiny, timm/NAME[.TAG] (any timm model, heads on its pooled features, its own preprocessing), an open_clip name (ViT-B-16, ViT-L-14, ...) or an open_clip model-config JSON. [required unless in --config]")] = None,
-    student_pretrained: Annotated[Optional[str], typer.Option("--student-pretrained", help="Student weights: torchvision weights name, open_clip tag, timm (the timm student's tag from the local Hugging Face cache, never downloaded) or a timm tag, a local checkpoint file (.pt/.safetensors), or none. [default: none]")] = None,
-    method: Annotated[Optional[str], typer.Option("--method", help="dho | ce | kd | ce+kd | ce+kd-feature. " + "[default: dho]")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (config.json, metrics.jsonl, checkpoints/, model.pt). [required unless in --config]")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file of options, keyed by the flags (text-init: true, batch-size: 64; what RUN_DIR/config.yaml and --print-config hold) or by the names in RUN_DIR/config.json (init_heads_from_text); options given on the command line override it. [default: none]")] = None,
-    print_config: Annotated[bool, typer.Option("--print-config", help="Print the options this command resolves (--config, then the command line) as YAML keyed by the flags, which --config reads back, and exit; nothing is written, nothing trains. [default: off]")] = False,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs; one epoch = one pass over the unlabeled stream. [default: 20]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Labeled AND unlabeled samples per step, global over ranks (B+B). [default: 64]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (betas 0.9, 0.999). [default: 0.001]")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay. [default: 0.01]")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps before the cosine decay. [default: 0]")] = None,
-    warmup_fraction: Annotated[Optional[float], typer.Option(help="Warm-up as a fraction of all steps, in [0, 1] (replaces --warmup-steps; the ten-dataset reference: 0.1). [default: none]")] = None,
-    lr_schedule: Annotated[Optional[str], typer.Option(help="warmup-cosine (linear warmup to lr, then cosine to 0 at the end; floor(stream/batch) steps per epoch) | reference (the authors' ImageNet code: warmup from 0.01*lr times a cosine over total-warmup steps from step 0; ceil(stream/batch) steps per epoch) | linear (the authors' ten-dataset code: linear warmup from 0, then linear to 0; ceil). [default: warmup-cosine]")] = None,
-    unlabeled_pool: Annotated[Optional[str], typer.Option(help="Unlabeled batches from: union (labeled ∪ unlabeled, Alg. 1) | exclude-labeled (the unlabeled pool without the labeled samples, as the reference code); an epoch is one pass over it. [default: union]")] = None,
-    lambda_: Annotated[Optional[float], typer.Option("--lambda", help="Loss weight: lambda * L_CE + (1 - lambda) * L_KD. [default: 0.5]")] = None,
-    eta: Annotated[Optional[float], typer.Option(help="KD temperature eta; the KD term is scaled by eta^2. A cache stored at another eta is re-tempered exactly. [default: 2.0]")] = None,
-    zeta: Annotated[Optional[float], typer.Option(help="Scale 1/zeta of the aligned cosine kd_head of VLM students (Eq. 10). [default: 0.01]")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="Inference mix stored with a dho model (Eq. 11); tune later with `dho evaluate --search-on`. [default: 0.5]")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="Inference temperature of kd_head stored with a dho model (Eq. 11). [default: 0.5]")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16. [default: auto]")] = None,
-    device: Annotated[Optional[str], typer.Option(help=f"{DEVICE_RANKS} [default: auto]")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers per rank; the data order depends on ranks x workers. [default: 2]")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for initialisation and the data order. [default: 0]")] = None,
-    view_sampling: Annotated[Optional[str], typer.Option(help="Which cached teacher view a sample gets: cycle (pass mod V) | random. [default: cycle]")] = None,
-    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the global gradient norm to this value; 0 = off. [default: 0.0]")] = None,
-    accum_steps: Annotated[Optional[int], typer.Option(help="Gradient accumulation: forward passes per optimiser step (batch split evenly). [default: 1]")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints (RUN_DIR/checkpoints/last.pt; also at each epoch end). [default: 500]")] = None,
-    log_every: Annotated[Optional[int], typer.Option(help="Steps between metric/progress lines. [default: 20]")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (smoke runs); the schedule keeps its full length. [default: none]")] = None,
-    val: Annotated[Optional[Path], typer.Option("--val", help="Validation dataset evaluated at the end of training (never the test set). [default: none]")] = None,
-    eval_every_epoch: Annotated[Optional[bool], typer.Option("--eval-every-epoch", help="Also evaluate --val after every epoch. [default: off]")] = None,
-    log_grad_cosine: Annotated[Optional[int], typer.Option(help="Every N steps log cos(grad L_CE, grad L_KD) over the feature extractor (dho, ce+kd) and plot it; 0 = off. [default: 0]")] = None,
-    text_init: Annotated[Optional[bool], typer.Option("--text-init/--no-text-init", help="Language-aware init of both heads from the student's own text encoder (VLM students). [default: on]")] = None,
-    text_init_heads: Annotated[Optional[str], typer.Option("--text-init-heads", help="Which heads --text-init sets: both | ce (ce_head only; kd_head as with --no-text-init) | kd (the converse): Table 5's per-head rows. [default: both]")] = None,
-    align_kd_head: Annotated[Optional[bool], typer.Option("--align-kd-head/--no-align-kd-head", help="Cosine kd_head aligned with the teacher's rule, Eq. 10 (VLM students). [default: on]")] = None,
-    epoch: Annotated[Optional[str], typer.Option(help="unlabeled (an epoch is one pass over the unlabeled stream) | shorter (one pass over the shorter of the labeled and unlabeled streams, as the reference's zip of two loaders). [default: unlabeled]")] = None,
-    forward: Annotated[Optional[str], typer.Option(help="joint (one forward over [labeled; unlabeled], shared BatchNorm statistics) | separate (two forwards, as the ten-dataset reference). [default: joint]")] = None,
-    select_best_on_val: Annotated[Optional[bool], typer.Option("--select-best-on-val", help="Score --val after every epoch (dho: alpha/beta searched on it) and keep the best epoch as RUN/model.pt (+ alpha_beta.json), as the reference. [default: off]")] = None,
-    beta_grid: Annotated[Optional[str], typer.Option("--beta-grid", help=BETA_GRID_HELP + " Used by --select-best-on-val. [default: wide]")] = None,
-    vlm_heads: Annotated[Optional[str], typer.Option(help="Aligned kd_head and text init of VLM students: reference (the authors' code: linear with bias on the normalised feature, times 1/zeta; heads start from the raw template-mean text embeddings) | eq10 (1/zeta * cos(z, w_c), unit rows, no bias; normalised text embeddings). [default: reference]")] = None,
-    interpolation: Annotated[Optional[str], typer.Option(help="Resampling of the student's training views and evaluation images: bilinear | bicubic; none keeps the student's own (bilinear for torchvision CNNs, the open_clip config's for VLM students). [default: none]")] = None,
-    window: Annotated[Optional[int], typer.Option(help="Shards per shuffle window of each data consumer. [default: 2]")] = None,
-    sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn", help="Under torchrun on GPUs, BatchNorm statistics over the global batch (SyncBatchNorm) instead of each rank's share. [default: off]")] = None,
-    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the student's forward and loss (the first steps compile, then faster steps; same math, other kernels, so not bit-identical to eager). [default: off]")] = None,
-    report_to: Annotated[Optional[str], typer.Option("--report-to", help="Metric sinks, comma-separated: jsonl (RUN/metrics.jsonl, always), tensorboard (RUN/tensorboard), wandb (project $WANDB_PROJECT or dho; WANDB_MODE=offline works); names grouped as train/..., val/..., grad/.... [default: jsonl]")] = None,
-    keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", help="Checkpoints to keep: last.pt, plus checkpoints/step-S.pt of the newest N when N > 1 (the best epoch on --val is kept in checkpoints/best/ with --eval-every-epoch). [default: 1]")] = None,
-    decode: Annotated[Optional[str], typer.Option(help="Where training views are decoded: cpu (DataLoader workers, PIL) | gpu (the batch's JPEGs decoded on the CUDA device with torchvision's decode_jpeg, box cropped and resized there; views differ from cpu by resampling noise). [default: cpu]")] = None,
-    run_name: Annotated[Optional[str], typer.Option("--run-name", help="Display name of the W&B run (--report-to wandb); none names it after the run folder; may change on --resume. [default: none]")] = None,
-    group: Annotated[Optional[str], typer.Option("--group", help="W&B group of the run, e.g. a sweep or the seeds of one setting; may change on --resume. [default: none]")] = None,
-    tags: Annotated[Optional[str], typer.Option("--tags", help="W&B tags, comma-separated (e.g. r18,1pct); may change on --resume. [default: none]")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue a run exactly where its last checkpoint stopped: `dho distill --resume RUN_DIR` alone takes every option from RUN_DIR/config.json; options given as well must equal the run's. `--resume auto` with --out RUN and the run's options is the one command of a job that may be requeued (sbatch, submitit): it continues RUN if RUN holds a checkpoint made with these options, starts RUN if it is new or empty (or stopped before its first checkpoint), exits 0 leaving a finished RUN as it is, and refuses, naming them, other options. [default: off]")] = False,
-    run_dir: Annotated[Optional[str], typer.Argument(help="With --resume: the run folder to continue (instead of --out), or the word auto (see --resume; a folder named auto is ./auto). [default: none]", show_default=False)] = None,
+    labeled: Annotated[Optional[Path], typer.Option("--labeled", help="Labeled dataset (made by `dho split`). [required unless in --config]", rich_help_panel=DATA)] = None,
+    labeled_cache: Annotated[Optional[Path], typer.Option("--labeled-cache", help="Teacher cache of the labeled dataset. [required unless in --config]", rich_help_panel=DATA)] = None,
+    unlabeled: Annotated[Optional[Path], typer.Option("--unlabeled", help="Unlabeled pool; unlabeled batches are drawn from labeled ∪ unlabeled (keys already in --labeled are not repeated). [required for every method but ce]", rich_help_panel=DATA)] = None,
+    unlabeled_cache: Annotated[Optional[Path], typer.Option("--unlabeled-cache", help="Teacher cache of the unlabeled dataset. [required with --unlabeled]", rich_help_panel=DATA)] = None,
+    student: Annotated[Optional[str], typer.Option("--student", help="Student: resnet18, resnet50, mobilenet_v2, resnet-tiny, timm/NAME[.TAG] (any timm model, heads on its pooled features, its own preprocessing), an open_clip name (ViT-B-16, ViT-L-14, ...) or an open_clip model-config JSON. [required unless in --config]", rich_help_panel=MODEL)] = None,
+    student_pretrained: Annotated[Optional[str], typer.Option("--student-pretrained", help="Student weights: torchvision weights name, open_clip tag, timm (the timm student's tag from the local Hugging Face cache, never downloaded) or a timm tag, a local checkpoint file (.pt/.safetensors), or none.", show_default=DISTILL_DEFAULTS["student_pretrained"], rich_help_panel=MODEL)] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="dho | ce | kd | ce+kd | ce+kd-feature.", show_default=DISTILL_DEFAULTS["method"], rich_help_panel=METHOD)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (config.json, metrics.jsonl, checkpoints/, model.pt). [required unless in --config]", rich_help_panel=RUN)] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file of options, keyed by the flags (text-init: true, batch-size: 64; what RUN_DIR/config.yaml and --print-config hold) or by the names in RUN_DIR/config.json (init_heads_from_text); options given on the command line override it.", show_default="none", rich_help_panel=RUN)] = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the options this command resolves (--config, then the command line) as YAML keyed by the flags, which --config reads back, and exit; nothing is written, nothing trains.", show_default="off", rich_help_panel=RUN)] = False,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs; one epoch = one pass over the unlabeled stream.", show_default=DISTILL_DEFAULTS["epochs"], rich_help_panel=OPTIM)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Labeled AND unlabeled samples per step, global over ranks (B+B).", show_default=DISTILL_DEFAULTS["batch_size"], rich_help_panel=OPTIM)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (betas 0.9, 0.999).", show_default=DISTILL_DEFAULTS["lr"], rich_help_panel=OPTIM)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay.", show_default=DISTILL_DEFAULTS["weight_decay"], rich_help_panel=OPTIM)] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps before the cosine decay.", show_default=DISTILL_DEFAULTS["warmup_steps"], rich_help_panel=OPTIM)] = None,
+    warmup_fraction: Annotated[Optional[float], typer.Option(help="Warm-up as a fraction of all steps, in [0, 1] (replaces --warmup-steps; the ten-dataset reference: 0.1).", show_default=DISTILL_DEFAULTS["warmup_fraction"], rich_help_panel=OPTIM)] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option(help="warmup-cosine (linear warmup to lr, then cosine to 0 at the end; floor(stream/batch) steps per epoch) | reference (the authors' ImageNet code: warmup from 0.01*lr times a cosine over total-warmup steps from step 0; ceil(stream/batch) steps per epoch) | linear (the authors' ten-dataset code: linear warmup from 0, then linear to 0; ceil).", show_default=DISTILL_DEFAULTS["lr_schedule"], rich_help_panel=OPTIM)] = None,
+    unlabeled_pool: Annotated[Optional[str], typer.Option(help="Unlabeled batches from: union (labeled ∪ unlabeled, Alg. 1) | exclude-labeled (the unlabeled pool without the labeled samples, as the reference code); an epoch is one pass over it.", show_default=DISTILL_DEFAULTS["unlabeled_pool"], rich_help_panel=FIDELITY)] = None,
+    lambda_: Annotated[Optional[float], typer.Option("--lambda", help="Loss weight: lambda * L_CE + (1 - lambda) * L_KD.", show_default=DISTILL_DEFAULTS["lambda_"], rich_help_panel=METHOD)] = None,
+    eta: Annotated[Optional[float], typer.Option(help="KD temperature eta; the KD term is scaled by eta^2. A cache stored at another eta is re-tempered exactly.", show_default=DISTILL_DEFAULTS["eta"], rich_help_panel=METHOD)] = None,
+    zeta: Annotated[Optional[float], typer.Option(help="Scale 1/zeta of the aligned cosine kd_head of VLM students (Eq. 10).", show_default=DISTILL_DEFAULTS["zeta"], rich_help_panel=METHOD)] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Inference mix stored with a dho model (Eq. 11); tune later with `dho evaluate --search-on`.", show_default=DISTILL_DEFAULTS["alpha"], rich_help_panel=METHOD)] = None,
+    beta: Annotated[Optional[float], typer.Option(help="Inference temperature of kd_head stored with a dho model (Eq. 11).", show_default=DISTILL_DEFAULTS["beta"], rich_help_panel=METHOD)] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16.", show_default=DISTILL_DEFAULTS["precision"], rich_help_panel=SPEED)] = None,
+    device: Annotated[Optional[str], typer.Option(help=DEVICE_RANKS, show_default=DISTILL_DEFAULTS["device"], rich_help_panel=DISTRIBUTED)] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers per rank; the data order depends on ranks x workers.", show_default=DISTILL_DEFAULTS["workers"], rich_help_panel=SPEED)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for initialisation and the data order.", show_default=DISTILL_DEFAULTS["seed"], rich_help_panel=OPTIM)] = None,
+    view_sampling: Annotated[Optional[str], typer.Option(help="Which cached teacher view a sample gets: cycle (pass mod V) | random.", show_default=DISTILL_DEFAULTS["view_sampling"], rich_help_panel=DATA)] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the global gradient norm to this value; 0 = off.", show_default=DISTILL_DEFAULTS["grad_clip"], rich_help_panel=OPTIM)] = None,
+    accum_steps: Annotated[Optional[int], typer.Option(help="Gradient accumulation: forward passes per optimiser step (batch split evenly).", show_default=DISTILL_DEFAULTS["accum_steps"], rich_help_panel=OPTIM)] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints (RUN_DIR/checkpoints/last.pt; also at each epoch end).", show_default=DISTILL_DEFAULTS["checkpoint_every"], rich_help_panel=LOGGING)] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Steps between metric/progress lines.", show_default=DISTILL_DEFAULTS["log_every"], rich_help_panel=LOGGING)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (smoke runs); the schedule keeps its full length.", show_default=DISTILL_DEFAULTS["max_steps"], rich_help_panel=OPTIM)] = None,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Validation dataset evaluated at the end of training (never the test set).", show_default=DISTILL_DEFAULTS["val"], rich_help_panel=DATA)] = None,
+    eval_every_epoch: Annotated[Optional[bool], typer.Option("--eval-every-epoch", help="Also evaluate --val after every epoch.", show_default=DISTILL_DEFAULTS["eval_every_epoch"], rich_help_panel=LOGGING)] = None,
+    log_grad_cosine: Annotated[Optional[int], typer.Option(help="Every N steps log cos(grad L_CE, grad L_KD) over the feature extractor (dho, ce+kd) and plot it; 0 = off.", show_default=DISTILL_DEFAULTS["log_grad_cosine"], rich_help_panel=LOGGING)] = None,
+    text_init: Annotated[Optional[bool], typer.Option("--text-init/--no-text-init", help="Language-aware init of both heads from the student's own text encoder (VLM students).", show_default=DISTILL_DEFAULTS["init_heads_from_text"], rich_help_panel=MODEL)] = None,
+    text_init_heads: Annotated[Optional[str], typer.Option("--text-init-heads", help="Which heads --text-init sets: both | ce (ce_head only; kd_head as with --no-text-init) | kd (the converse): Table 5's per-head rows.", show_default=DISTILL_DEFAULTS["text_init_heads"], rich_help_panel=MODEL)] = None,
+    align_kd_head: Annotated[Optional[bool], typer.Option("--align-kd-head/--no-align-kd-head", help="Cosine kd_head aligned with the teacher's rule, Eq. 10 (VLM students).", show_default=DISTILL_DEFAULTS["align_kd_head"], rich_help_panel=MODEL)] = None,
+    epoch: Annotated[Optional[str], typer.Option(help="unlabeled (an epoch is one pass over the unlabeled stream) | shorter (one pass over the shorter of the labeled and unlabeled streams, as the reference's zip of two loaders).", show_default=DISTILL_DEFAULTS["epoch"], rich_help_panel=FIDELITY)] = None,
+    forward: Annotated[Optional[str], typer.Option(help="joint (one forward over [labeled; unlabeled], shared BatchNorm statistics) | separate (two forwards, as the ten-dataset reference).", show_default=DISTILL_DEFAULTS["forward"], rich_help_panel=FIDELITY)] = None,
+    select_best_on_val: Annotated[Optional[bool], typer.Option("--select-best-on-val", help="Score --val after every epoch (dho: alpha/beta searched on it) and keep the best epoch as RUN/model.pt (+ alpha_beta.json), as the reference.", show_default=DISTILL_DEFAULTS["select_best_on_val"], rich_help_panel=FIDELITY)] = None,
+    beta_grid: Annotated[Optional[str], typer.Option("--beta-grid", help=BETA_GRID_HELP + " Used by --select-best-on-val.", show_default=DISTILL_DEFAULTS["beta_grid"], rich_help_panel=FIDELITY)] = None,
+    vlm_heads: Annotated[Optional[str], typer.Option(help="Aligned kd_head and text init of VLM students: reference (the authors' code: linear with bias on the normalised feature, times 1/zeta; heads start from the raw template-mean text embeddings) | eq10 (1/zeta * cos(z, w_c), unit rows, no bias; normalised text embeddings).", show_default=DISTILL_DEFAULTS["vlm_heads"], rich_help_panel=FIDELITY)] = None,
+    interpolation: Annotated[Optional[str], typer.Option(help="Resampling of the student's training views and evaluation images: bilinear | bicubic; none keeps the student's own (bilinear for torchvision CNNs, the open_clip config's for VLM students).", show_default=DISTILL_DEFAULTS["interpolation"], rich_help_panel=MODEL)] = None,
+    window: Annotated[Optional[int], typer.Option(help="Shards per shuffle window of each data consumer.", show_default=DISTILL_DEFAULTS["window"], rich_help_panel=SPEED)] = None,
+    sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn", help="Under torchrun on GPUs, BatchNorm statistics over the global batch (SyncBatchNorm) instead of each rank's share.", show_default=DISTILL_DEFAULTS["sync_bn"], rich_help_panel=DISTRIBUTED)] = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the student's forward and loss (the first steps compile, then faster steps; same math, other kernels, so not bit-identical to eager).", show_default=DISTILL_DEFAULTS["compile"], rich_help_panel=SPEED)] = None,
+    report_to: Annotated[Optional[str], typer.Option("--report-to", help="Metric sinks, comma-separated: jsonl (RUN/metrics.jsonl, always), tensorboard (RUN/tensorboard), wandb (project $WANDB_PROJECT or dho; WANDB_MODE=offline works); names grouped as train/..., val/..., grad/....", show_default=DISTILL_DEFAULTS["report_to"], rich_help_panel=LOGGING)] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option("--keep-checkpoints", help="Checkpoints to keep: last.pt, plus checkpoints/step-S.pt of the newest N when N > 1 (the best epoch on --val is kept in checkpoints/best/ with --eval-every-epoch).", show_default=DISTILL_DEFAULTS["keep_checkpoints"], rich_help_panel=LOGGING)] = None,
+    decode: Annotated[Optional[str], typer.Option(help="Where training views are decoded: cpu (DataLoader workers, PIL) | gpu (the batch's JPEGs decoded on the CUDA device with torchvision's decode_jpeg, box cropped and resized there; views differ from cpu by resampling noise).", show_default=DISTILL_DEFAULTS["decode"], rich_help_panel=SPEED)] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run-name", help="Display name of the W&B run (--report-to wandb); none names it after the run folder; may change on --resume.", show_default="none", rich_help_panel=LOGGING)] = None,
+    group: Annotated[Optional[str], typer.Option("--group", help="W&B group of the run, e.g. a sweep or the seeds of one setting; may change on --resume.", show_default="none", rich_help_panel=LOGGING)] = None,
+    tags: Annotated[Optional[str], typer.Option("--tags", help="W&B tags, comma-separated (e.g. r18,1pct); may change on --resume.", show_default="none", rich_help_panel=LOGGING)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a run exactly where its last checkpoint stopped: `dho distill --resume RUN_DIR` alone takes every option from RUN_DIR/config.json; options given as well must equal the run's. `--resume auto` with --out RUN and the run's options is the one command of a job that may be requeued (sbatch, submitit): it continues RUN if RUN holds a checkpoint made with these options, starts RUN if it is new or empty (or stopped before its first checkpoint), exits 0 leaving a finished RUN as it is, and refuses, naming them, other options.", show_default="off", rich_help_panel=RUN)] = False,
+    run_dir: Annotated[Optional[str], typer.Argument(help="With --resume: the run folder to continue (instead of --out), or the word auto (see --resume; a folder named auto is ./auto).", show_default="none", rich_help_panel=RUN)] = None,
 ) -> None:
     """Train a student from datasets + teacher caches (the teacher is never loaded)."""
     from dho.distill.config import merge
+    from dho.distill.precheck import check_before_start
 
     given = {
         "labeled": labeled, "labeled_cache": labeled_cache, "unlabeled": unlabeled, "unlabeled_cache": unlabeled_cache,
@@ -239,6 +289,7 @@ def distill(
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return
+    check_before_start(cfg)  # names, manifests, cache attributes, batch split: before torch loads (seconds)
     from dho.distill import distill as run_distill
 
     run_distill(cfg, resume=resume)
@@ -249,22 +300,22 @@ def distill(
 # --------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: dho evaluate runs/r18 --data data/test --search-on data/val\n\n"
+@app.command(cls=PanelCommand, short_help="Top-1/top-5 of both heads and of Eq. 11 on a dataset", epilog="Example: dho evaluate runs/r18 --data data/test --search-on data/val\n\n"
              "Example: dho evaluate runs/vit-b16-1pct --data data/val --views random --draws 5 (Table 4 as the reference scored it)")
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
     data: Annotated[Path, typer.Option("--data", help="Labeled dataset to evaluate on (the test split).")],
-    alpha: Annotated[Optional[float], typer.Option(help="Weight of ce_head in Eq. 11, in [0, 1]. Default: the run's (RUN_DIR/alpha_beta.json from an earlier --search-on, else the value stored in model.pt, 0.5 for dho).")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="Temperature of kd_head in Eq. 11, > 0. Default: the run's, as for --alpha.")] = None,
-    search_on: Annotated[Optional[Path], typer.Option("--search-on", help="Labeled validation dataset: grid-search alpha in {0, 0.05, ..., 1} x beta (--beta-grid) on it, store the best in RUN_DIR/alpha_beta.json (+ alpha_beta_heatmap.png), then evaluate --data with it. Must not be --data itself. Default: none.")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Weight of ce_head in Eq. 11, in [0, 1].", show_default="the run's (RUN_DIR/alpha_beta.json from an earlier --search-on, else the value stored in model.pt, 0.5 for dho)")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="Temperature of kd_head in Eq. 11, > 0.", show_default="the run's, as for --alpha")] = None,
+    search_on: Annotated[Optional[Path], typer.Option("--search-on", help="Labeled validation dataset: grid-search alpha in {0, 0.05, ..., 1} x beta (--beta-grid) on it, store the best in RUN_DIR/alpha_beta.json (+ alpha_beta_heatmap.png), then evaluate --data with it. Must not be --data itself.", show_default="none")] = None,
     beta_grid: Annotated[str, typer.Option("--beta-grid", help=BETA_GRID_HELP)] = "wide",
-    json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (ce_head, kd_head, combined: top1/top5 in %; alpha; beta; counts) instead of a table. Default: off.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (ce_head, kd_head, combined: top1/top5 in %; alpha; beta; counts) instead of a table.", show_default="off")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
     device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
     workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images.")] = 2,
     views: Annotated[str, typer.Option("--views", help="center (open_clip's eval transform: resize, center-crop) | random (the reference's Table 4 evaluation: one training view per image, RandomResizedCrop scale 0.5-1 + flip, replayed at the student's size; --draws passes, their mean). The --search-on search always uses center.")] = "center",
-    draws: Annotated[Optional[int], typer.Option("--draws", help="With --views random: passes over --data, each with a fresh random view per image (draw d of an image is seeded by --seed, its key and d); the metrics are their mean. [default: 1]")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="With --views random: seed of the views (the same seed gives the same views and numbers). [default: 0]")] = None,
+    draws: Annotated[Optional[int], typer.Option("--draws", help="With --views random: passes over --data, each with a fresh random view per image (draw d of an image is seeded by --seed, its key and d); the metrics are their mean.", show_default="1")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="With --views random: seed of the views (the same seed gives the same views and numbers).", show_default="0")] = None,
 ) -> None:
     """Top-1/top-5 of ce_head, kd_head and their combination (Eq. 11) on a labeled dataset."""
     from dho import evaluate as evaluation
@@ -290,14 +341,14 @@ def evaluate(
         typer.echo(f"{head:<10} {result[head]['top1']:>7.2f} {result[head]['top5']:>7.2f}{sd}")
 
 
-@app.command(epilog="Example: dho predict runs/r18 cat.jpg 'photos/*.png' --heads")
+@app.command(cls=PanelCommand, short_help="The top-k classes of image files", epilog="Example: dho predict runs/r18 cat.jpg 'photos/*.png' --heads")
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
     images: Annotated[list[Path], typer.Argument(help="Image files (jpg, png, webp, ...), folders of them, or glob patterns ('photos/*.jpg', quoted so dho expands them; ** recurses).")],
     topk: Annotated[int, typer.Option(help="Classes to print per image, most probable first.")] = 5,
     device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
-    heads: Annotated[bool, typer.Option("--heads", help="Show the top-k of ce_head, kd_head (at temperature beta) and their combination side by side. [default: off]")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per image (one line each) instead of text. [default: off]")] = False,
+    heads: Annotated[bool, typer.Option("--heads", help="Show the top-k of ce_head, kd_head (at temperature beta) and their combination side by side.", show_default="off")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per image (one line each) instead of text.", show_default="off")] = False,
 ) -> None:
     """Print the top-k classes and probabilities of each image (Eq. 11 with the run's alpha, beta)."""
     from dho import evaluate as evaluation
@@ -318,16 +369,18 @@ def predict(
             typer.echo("  " + "   ".join(f"{p:.4f}  {c:<{width}}" for c, p in row).rstrip())
 
 
-@app.command(epilog="Example: dho export runs/r18 --out r18.onnx --format onnx")
+@app.command(cls=PanelCommand, short_help="A deployable model file (pt2, ONNX, TorchScript)", epilog="Example: dho export runs/r18 --out r18.onnx (the format from the suffix: .pt2, .onnx, .ts)")
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
     out: Annotated[Path, typer.Option("--out", help="Model file to write, named for its format (model.pt2, model.onnx, model.ts); beside it OUT.safetensors (the student's weights) and OUT.json (class names, preprocessing, alpha, beta). With --format hf, the folder to write (new, empty, or an earlier hf export).")],
-    fmt: Annotated[str, typer.Option("--format", help="pt2 (torch.export: torch.export.load(OUT).module()) | onnx (onnxruntime; needs pip install 'dho[onnx]') | torchscript (torch.jit.load) | hf (the folder OUT in Hugging Face style: config.json, model.safetensors, README.md model card; dho.load_run(OUT) or plain safetensors loads it, huggingface_hub.upload_folder publishes it).")] = "pt2",
+    fmt: Annotated[Optional[str], typer.Option("--format", help="pt2 (torch.export: torch.export.load(OUT).module()) | onnx (onnxruntime; needs pip install 'dho[onnx]') | torchscript (torch.jit.load) | hf (the folder OUT in Hugging Face style: config.json, model.safetensors, README.md model card; dho.load_run(OUT) or plain safetensors loads it, huggingface_hub.upload_folder publishes it); must agree with the suffix of --out.", show_default="the suffix of --out: .pt2, .onnx, .ts; hf: give --format hf")] = None,
 ) -> None:
     """Write a deployable model: uint8 RGB images (B, 3, H, W) of any size -> probabilities (B, C); preprocessing, student and Eq. 11 with the run's alpha/beta baked in."""
     from dho.export import HF_FORMAT, metadata_path, weights_path
     from dho.export import export as export_run
+    from dho.export import format_for
 
+    fmt = format_for(out, fmt)  # --out m.onnx: onnx
     path = export_run(run_dir, out, format=fmt)
     if fmt == HF_FORMAT:
         typer.echo(f"wrote {path}/ (hf): config.json, model.safetensors, README.md")
@@ -335,14 +388,14 @@ def export(
     typer.echo(f"wrote {path} ({fmt}), {weights_path(path)}, {metadata_path(path)}")
 
 
-@app.command(epilog="Example: dho analyze runs/r18 --data data/test --probe-train data/train --tsne")
+@app.command(cls=PanelCommand, short_help="How the heads agree and fail, spectrum, probe, t-SNE", epilog="Example: dho analyze runs/r18 --data data/test --probe-train data/train --tsne")
 def analyze(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
     data: Annotated[Path, typer.Option("--data", help="Labeled dataset to analyse (the test split), with the run's class list.")],
-    probe_train: Annotated[Optional[Path], typer.Option("--probe-train", help="Labeled training dataset (not --data): freeze g, train a new linear head on its features, test it on --data (Table 3) -> probe.json. Default: none.")] = None,
-    tsne: Annotated[bool, typer.Option("--tsne", help="Also draw a t-SNE map of the features of --data (at most 2000 samples; needs scikit-learn) -> tsne.png. Default: off.")] = False,
-    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for heads.json/.png, spectrum.json/.png, probe.json, tsne.png. Default: RUN_DIR/analysis/<name of the --data folder>.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (the summary: top-1s, head outcomes in %, error reduction, effective rank, dominant eigenvalues, probe) instead of text. Default: off.")] = False,
+    probe_train: Annotated[Optional[Path], typer.Option("--probe-train", help="Labeled training dataset (not --data): freeze g, train a new linear head on its features, test it on --data (Table 3) -> probe.json.", show_default="none")] = None,
+    tsne: Annotated[bool, typer.Option("--tsne", help="Also draw a t-SNE map of the features of --data (at most 2000 samples; needs scikit-learn) -> tsne.png.", show_default="off")] = False,
+    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for heads.json/.png, spectrum.json/.png, probe.json, tsne.png.", show_default="RUN_DIR/analysis/<name of the --data folder>")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (the summary: top-1s, head outcomes in %, error reduction, effective rank, dominant eigenvalues, probe) instead of text.", show_default="off")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
     device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
     workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images.")] = 2,
@@ -355,7 +408,7 @@ def analyze(
     typer.echo(json.dumps(result) if json_out else analysis.format_summary(result))
 
 
-@app.command(epilog="Example: dho features runs/r18 --data data/test --out z.npy")
+@app.command(cls=PanelCommand, short_help="The features z = g(x) of every sample, as .npy", epilog="Example: dho features runs/r18 --data data/test --out z.npy")
 def features(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
     data: Annotated[Path, typer.Option("--data", help="Dataset to run the student over: every sample, labeled or not, any class list.")],
@@ -371,18 +424,18 @@ def features(
     typer.echo(f"wrote {info['shape'][0]} x {info['shape'][1]} features -> {out}")
 
 
-@app.command("bench-inference", epilog="Example: dho bench-inference runs/r18 --batch-sizes 1,256 --device cuda --precision bf16")
+@app.command("bench-inference", cls=PanelCommand, short_help="Params, FLOPs and images/s: student, SHO, teacher", epilog="Example: dho bench-inference runs/r18 --batch-sizes 1,256 --device cuda --precision bf16")
 def bench_inference(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt, and the teacher cache named in RUN_DIR/config.json).")],
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes to time, comma-separated: 1 is latency, a large batch throughput.")] = "1,256",
     device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
     precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (autocast; fp16 on CUDA only), the same for every model.")] = "fp32",
     teacher: Annotated[bool, typer.Option("--teacher/--no-teacher", help="Also measure the teacher named in the run's labeled cache (its architecture, random weights).")] = True,
-    teacher_model: Annotated[Optional[str], typer.Option("--teacher-model", help="open_clip model name or model-config JSON of the teacher, for caches whose teacher cannot be rebuilt from its name (local-dir:, a moved config file). Default: the cache's.")] = None,
+    teacher_model: Annotated[Optional[str], typer.Option("--teacher-model", help="open_clip model name or model-config JSON of the teacher, for caches whose teacher cannot be rebuilt from its name (local-dir:, a moved config file).", show_default="the cache's")] = None,
     warmup: Annotated[int, typer.Option(help="Untimed forwards per model and batch size.")] = 5,
     iters: Annotated[int, typer.Option(help="Timed forwards per model and batch size, at least.")] = 20,
     min_seconds: Annotated[float, typer.Option("--min-seconds", help="Time each model and batch size at least this long.")] = 2.0,
-    json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (per model params, gflops, gmacs, images_per_s; ratios) instead of a table. Default: off.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (per model params, gflops, gmacs, images_per_s; ratios) instead of a table.", show_default="off")] = False,
 ) -> None:
     """Parameters, FLOPs and images/s of the student, its single-head (SHO) variant and the teacher (Tables 2, 7); writes RUN_DIR/inference_cost.json."""
     from dho.inference_bench import bench_inference as bench, format_table, write_inference_cost
@@ -419,38 +472,38 @@ def _floats3(text: Optional[str], option: str) -> Optional[tuple[float, float, f
     return values
 
 
-@app.command("precompute-teacher", epilog="Example: dho precompute-teacher data/train --out cache/train.zarr --views 10")
+@app.command("precompute-teacher", cls=PanelCommand, short_help="The teacher over V views of every sample, into a cache", epilog="Example: dho precompute-teacher data/train --out cache/train.zarr --views 10")
 def precompute_teacher(
     dataset: Annotated[Path, typer.Argument(help="Dataset folder (manifest.json + shards).")],
     out: Annotated[Path, typer.Option("--out", help="Teacher cache to create or resume (a Zarr v3 folder, e.g. CACHE.zarr).")],
-    model: Annotated[Optional[str], typer.Option(help="open_clip model name, or a path to an open_clip model-config JSON file (registered under its file stem); ignored with --pretrained local-dir:. Default: ViT-H-14-378-quickgelu.")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="Teacher weights: an open_clip tag, a local checkpoint file, local-dir:FOLDER (open_clip_config.json + weights) or none (seeded random init). Default: dfn5b.")] = None,
-    templates: Annotated[Optional[str], typer.Option(help="Prompt templates: tip-adapter (the 7 of Tip-Adapter), openai (open_clip's 80), simple ('a photo of a {}.'), coop:DATASET (the CoOp benchmark's prompt of that dataset, e.g. coop:oxford_pets) or a file with one template per line. Default: tip-adapter.")] = None,
-    views: Annotated[Optional[int], typer.Option(help="Augmented views per sample: RandomResizedCrop(scale 0.5-1, ratio 3/4-4/3) + flip p=0.5, seeded by (seed, key, view). Default: 10.")] = None,
-    center_view: Annotated[bool, typer.Option("--center-view", help="Also store the evaluation view (open_clip's eval transform of the teacher's preprocessing: resize + center crop for shortest, whole image for squash and longest) as an extra last view. Default: off.")] = False,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the view boxes. Default: 0.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images (sample-views) per teacher forward, rounded down to whole samples. Default: 64.")] = None,
-    text_classifier_norm: Annotated[Optional[str], typer.Option(help="Zero-shot classifier w_c: renormalize (mean of the normalised template embeddings, re-normalised: Eq. 1) | mean (not re-normalised, as the reference code's DFN teacher: logits scale with the mean's norm). Stored in the cache. Default: renormalize.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto (fp16 on CUDA, as the reference code; fp32 on CPU), bf16, fp16 or fp32 (autocast; weights stay fp32). Default: auto.")] = None,
-    device: Annotated[Optional[str], typer.Option(help=f"{DEVICE_RANKS} Default: auto.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes decoding and cropping images (0 = in the main process). " + default_workers_help())] = None,
-    store_embeddings: Annotated[bool, typer.Option("--store-embeddings", help="Also store the teacher's normalised image embeddings (V, N, D) float16, for feature KD. Default: off.")] = False,
-    topk: Annotated[Optional[int], typer.Option(help="Store only the K largest probabilities per row (indices + values) instead of dense probs; readers spread the remaining mass uniformly over the other classes. Default: none = dense.")] = None,
-    eta: Annotated[Optional[float], typer.Option(help="KD temperature eta of the stored softmax(cos / (zeta * eta)); distill re-tempers exactly if it uses another. Default: 2.0.")] = None,
-    zeta: Annotated[Optional[float], typer.Option(help="Teacher logit scale 1/zeta: logits = cos / zeta. Default: 0.01.")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="This job's index for job arrays (no torchrun); with --world-size. Default: none = single process or torchrun.")] = None,
-    world_size: Annotated[Optional[int], typer.Option(help="Number of jobs of a job array; groups of --shard-group shards are split round-robin. Default: none.")] = None,
-    shard_group: Annotated[Optional[int], typer.Option(help="Dataset shards per Zarr shard of a new cache (cache files ~ views x shards / G; one process writes a group, so a job array needs at least as many groups as jobs). Fixed when the cache is created. Default: auto, about 1 MiB per Zarr shard (each unit written rewrites its Zarr shard).")] = None,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images as invalid (valid=False, NaN rows) instead of stopping with an error. Default: off.")] = False,
-    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the teacher's image tower (the first batches compile, then faster forwards; same math, other kernels); if compiling fails, says so in one line and runs eagerly. Default: on for CUDA, off on CPU.")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Override the teacher's input size (pixels). Default: from the pretrained config.")] = None,
-    mean: Annotated[Optional[str], typer.Option(help="Override the normalisation mean, R,G,B. Default: from the pretrained config.")] = None,
-    std: Annotated[Optional[str], typer.Option(help="Override the normalisation std, R,G,B. Default: from the pretrained config.")] = None,
-    interpolation: Annotated[Optional[str], typer.Option(help="Override the resize interpolation: bicubic or bilinear. Default: from the pretrained config.")] = None,
-    resize_mode: Annotated[Optional[str], typer.Option(help="Override the evaluation resize mode (used by --center-view): squash, shortest or longest. Default: from the pretrained config.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="open_clip model name, or a path to an open_clip model-config JSON file (registered under its file stem); ignored with --pretrained local-dir:.", show_default=shown(PRECOMPUTE_DEFAULTS["model"]), rich_help_panel=TEACHER)] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="Teacher weights: an open_clip tag, a local checkpoint file, local-dir:FOLDER (open_clip_config.json + weights) or none (seeded random init).", show_default=shown(PRECOMPUTE_DEFAULTS["pretrained"]), rich_help_panel=TEACHER)] = None,
+    templates: Annotated[Optional[str], typer.Option(help="Prompt templates: tip-adapter (the 7 of Tip-Adapter), openai (open_clip's 80), simple ('a photo of a {}.'), coop:DATASET (the CoOp benchmark's prompt of that dataset, e.g. coop:oxford_pets) or a file with one template per line.", show_default=shown(PRECOMPUTE_DEFAULTS["templates"]), rich_help_panel=TEACHER)] = None,
+    views: Annotated[Optional[int], typer.Option(help="Augmented views per sample: RandomResizedCrop(scale 0.5-1, ratio 3/4-4/3) + flip p=0.5, seeded by (seed, key, view).", show_default=shown(PRECOMPUTE_DEFAULTS["views"]), rich_help_panel=VIEWS)] = None,
+    center_view: Annotated[bool, typer.Option("--center-view", help="Also store the evaluation view (open_clip's eval transform of the teacher's preprocessing: resize + center crop for shortest, whole image for squash and longest) as an extra last view.", show_default="off", rich_help_panel=VIEWS)] = False,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the view boxes.", show_default=shown(PRECOMPUTE_DEFAULTS["seed"]), rich_help_panel=VIEWS)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images (sample-views) per teacher forward, rounded down to whole samples.", show_default=shown(PRECOMPUTE_DEFAULTS["batch_size"]), rich_help_panel=SPEED)] = None,
+    text_classifier_norm: Annotated[Optional[str], typer.Option(help="Zero-shot classifier w_c: renormalize (mean of the normalised template embeddings, re-normalised: Eq. 1) | mean (not re-normalised, as the reference code's DFN teacher: logits scale with the mean's norm). Stored in the cache.", show_default=shown(PRECOMPUTE_DEFAULTS["text_classifier_norm"]), rich_help_panel=TEACHER)] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (fp16 on CUDA, as the reference code; fp32 on CPU), bf16, fp16 or fp32 (autocast; weights stay fp32).", show_default=shown(PRECOMPUTE_DEFAULTS["precision"]), rich_help_panel=SPEED)] = None,
+    device: Annotated[Optional[str], typer.Option(help=DEVICE_RANKS, show_default=shown(PRECOMPUTE_DEFAULTS["device"]), rich_help_panel=SPEED)] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes decoding and cropping images (0 = in the main process).", show_default=default_workers_help().removeprefix("Default: ").rstrip("."), rich_help_panel=SPEED)] = None,
+    store_embeddings: Annotated[bool, typer.Option("--store-embeddings", help="Also store the teacher's normalised image embeddings (V, N, D) float16, for feature KD.", show_default="off", rich_help_panel=TARGETS)] = False,
+    topk: Annotated[Optional[int], typer.Option(help="Store only the K largest probabilities per row (indices + values) instead of dense probs; readers spread the remaining mass uniformly over the other classes.", show_default="none = dense", rich_help_panel=TARGETS)] = None,
+    eta: Annotated[Optional[float], typer.Option(help="KD temperature eta of the stored softmax(cos / (zeta * eta)); distill re-tempers exactly if it uses another.", show_default=shown(PRECOMPUTE_DEFAULTS["eta"]), rich_help_panel=TARGETS)] = None,
+    zeta: Annotated[Optional[float], typer.Option(help="Teacher logit scale 1/zeta: logits = cos / zeta.", show_default=shown(PRECOMPUTE_DEFAULTS["zeta"]), rich_help_panel=TARGETS)] = None,
+    rank: Annotated[Optional[int], typer.Option(help="This job's index for job arrays (no torchrun); with --world-size.", show_default="none = single process or torchrun", rich_help_panel=DISTRIBUTED)] = None,
+    world_size: Annotated[Optional[int], typer.Option(help="Number of jobs of a job array; groups of --shard-group shards are split round-robin.", show_default="none", rich_help_panel=DISTRIBUTED)] = None,
+    shard_group: Annotated[Optional[int], typer.Option(help="Dataset shards per Zarr shard of a new cache (cache files ~ views x shards / G; one process writes a group, so a job array needs at least as many groups as jobs). Fixed when the cache is created.", show_default="auto, about 1 MiB per Zarr shard (each unit written rewrites its Zarr shard)", rich_help_panel=DISTRIBUTED)] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images as invalid (valid=False, NaN rows) instead of stopping with an error.", show_default="off", rich_help_panel=VIEWS)] = False,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the teacher's image tower (the first batches compile, then faster forwards; same math, other kernels); if compiling fails, says so in one line and runs eagerly.", show_default="on for CUDA, off on CPU", rich_help_panel=SPEED)] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Override the teacher's input size (pixels).", show_default="from the pretrained config", rich_help_panel=PREPROCESS)] = None,
+    mean: Annotated[Optional[str], typer.Option(help="Override the normalisation mean, R,G,B.", show_default="from the pretrained config", rich_help_panel=PREPROCESS)] = None,
+    std: Annotated[Optional[str], typer.Option(help="Override the normalisation std, R,G,B.", show_default="from the pretrained config", rich_help_panel=PREPROCESS)] = None,
+    interpolation: Annotated[Optional[str], typer.Option(help="Override the resize interpolation: bicubic or bilinear.", show_default="from the pretrained config", rich_help_panel=PREPROCESS)] = None,
+    resize_mode: Annotated[Optional[str], typer.Option(help="Override the evaluation resize mode (used by --center-view): squash, shortest or longest.", show_default="from the pretrained config", rich_help_panel=PREPROCESS)] = None,
 ) -> None:
     """Run the teacher once over V augmented views of every sample into a teacher cache (resumable, torchrun-ready)."""
-    from dho.precompute import precompute
+    from dho.precompute_options import check_given
 
     given = dict(
         model=model, pretrained=pretrained, templates=templates, text_classifier_norm=text_classifier_norm, views=views,
@@ -460,25 +513,28 @@ def precompute_teacher(
         mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"),
     )
     kwargs = {k: v for k, v in given.items() if v is not None}
+    check_given(dataset, out, {**kwargs, "topk": topk, "shard_group": shard_group})  # names and ranges: before torch loads (seconds)
+    from dho.precompute import precompute
+
     precompute(
         dataset, out, center_view=center_view, store_embeddings=store_embeddings, topk=topk,
         rank=rank, world_size=world_size, shard_group=shard_group, skip_bad=skip_bad, compile=compile_, **kwargs,
     )
 
 
-@app.command("tip-adapter", epilog="Example: dho tip-adapter --labeled fs/lab --labeled-cache fs/lab.zarr --val fs/val --val-cache fs/val.zarr --out tip.pt")
+@app.command("tip-adapter", cls=PanelCommand, short_help="Fit Tip-Adapter-F (the few-shot teacher of DHO-F)", epilog="Example: dho tip-adapter --labeled fs/lab --labeled-cache fs/lab.zarr --val fs/val --val-cache fs/val.zarr --out tip.pt")
 def tip_adapter(
     labeled: Annotated[Path, typer.Option("--labeled", help="The K-shot labeled dataset (dho split --shots K).")],
     labeled_cache: Annotated[Path, typer.Option("--labeled-cache", help="Its teacher cache, made with --store-embeddings (its augmented views are Tip-Adapter's training views).")],
     val: Annotated[Path, typer.Option("--val", help="The validation split (CoOp: min(K, 4) per class of val) for the best epoch and the alpha/beta search.")],
     val_cache: Annotated[Path, typer.Option("--val-cache", help="Its teacher cache, made with --store-embeddings (and --center-view: its evaluation view is used).")],
     out: Annotated[Path, typer.Option("--out", help="Tip-Adapter-F file to write (e.g. TEACHER.pt).")],
-    preset: Annotated[Optional[str], typer.Option(help="coop:NAME: the defaults of Tip-Adapter's config of that CoOp dataset (configs/NAME.yaml: initial alpha, search scales, epochs; e.g. coop:oxford_pets = alpha 1.17, scales 7,3, 20 epochs; coop:eurosat = 2, 12,10, 100). The options below override it. Default: none (alpha = beta = 1, scales 7,3, 20 epochs).")] = None,
-    init_alpha: Annotated[Optional[float], typer.Option(help="Tip-Adapter's alpha while fine-tuning and choosing the epoch (init_alpha). Default: the preset's, else 1.")] = None,
-    init_beta: Annotated[Optional[float], typer.Option(help="Tip-Adapter's beta while fine-tuning and choosing the epoch (init_beta). Default: 1.")] = None,
-    search_scale: Annotated[Optional[str], typer.Option(help="BETA,ALPHA: the alpha/beta search on --val spans 0.1 up to these (200 beta x 20 alpha steps, Tip-Adapter's search_scale). Default: the preset's, else 7,3.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning epochs (the one best on --val is kept; Tip-Adapter's code picks it on test). Default: the preset's, else 20.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate of the keys (eps 1e-4, cosine schedule over the whole run). Default: 1e-3.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="coop:NAME: the defaults of Tip-Adapter's config of that CoOp dataset (configs/NAME.yaml: initial alpha, search scales, epochs; e.g. coop:oxford_pets = alpha 1.17, scales 7,3, 20 epochs; coop:eurosat = 2, 12,10, 100). The options below override it.", show_default="none (alpha = beta = 1, scales 7,3, 20 epochs)")] = None,
+    init_alpha: Annotated[Optional[float], typer.Option(help="Tip-Adapter's alpha while fine-tuning and choosing the epoch (init_alpha).", show_default="the preset's, else 1")] = None,
+    init_beta: Annotated[Optional[float], typer.Option(help="Tip-Adapter's beta while fine-tuning and choosing the epoch (init_beta).", show_default="1")] = None,
+    search_scale: Annotated[Optional[str], typer.Option(help="BETA,ALPHA: the alpha/beta search on --val spans 0.1 up to these (200 beta x 20 alpha steps, Tip-Adapter's search_scale).", show_default="the preset's, else 7,3")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Fine-tuning epochs (the one best on --val is kept; Tip-Adapter's code picks it on test).", show_default="the preset's, else 20")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate of the keys (eps 1e-4, cosine schedule over the whole run).", show_default="1e-3")] = None,
     epoch_views: Annotated[str, typer.Option(help="one: an epoch is Tip-Adapter's, one pass over the labeled images, each through one cached view (view e mod V in epoch e): ceil(N / batch) steps | all: every cached (image, view) each epoch (V times the steps).")] = "one",
     batch_size: Annotated[int, typer.Option(help="Labeled embeddings per fine-tuning step (Tip-Adapter's 256).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the fine-tuning order.")] = 0,
@@ -495,7 +551,7 @@ def tip_adapter(
                            "settings": adapter["settings"]}))
 
 
-@app.command("tip-adapter-cache", epilog="Example: dho tip-adapter-cache tip.pt --dataset fs/train --cache fs/train.zarr --out fs/train-tipf.zarr")
+@app.command("tip-adapter-cache", cls=PanelCommand, short_help="A Tip-Adapter-F teacher cache from a base cache", epilog="Example: dho tip-adapter-cache tip.pt --dataset fs/train --cache fs/train.zarr --out fs/train-tipf.zarr")
 def tip_adapter_cache(
     adapter: Annotated[Path, typer.Argument(help="A Tip-Adapter-F file written by `dho tip-adapter`.")],
     dataset: Annotated[Path, typer.Option("--dataset", help="The dataset of --cache.")],
@@ -510,11 +566,11 @@ def tip_adapter_cache(
     typer.echo(f"wrote {result.path} ({int(result.done.sum())} units)")
 
 
-@app.command("cache-info", epilog="Example: dho cache-info cache/train.zarr --verify")
+@app.command("cache-info", cls=PanelCommand, short_help="Teacher, views, coverage and size of a teacher cache", epilog="Example: dho cache-info cache/train.zarr --verify")
 def cache_info(
     cache: Annotated[Path, typer.Argument(help="Teacher cache folder (CACHE.zarr).")],
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text. Default: off.")] = False,
-    verify: Annotated[bool, typer.Option("--verify", help="Read every chunk of every array (keys, labels, valid, done, text_classifier) and of every finished unit: checksums, missing chunks, and that every row is a distribution / a crop box; exit 2 if any is damaged. Default: off.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.", show_default="off")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Read every chunk of every array (keys, labels, valid, done, text_classifier) and of every finished unit: checksums, missing chunks, and that every row is a distribution / a crop box; exit 2 if any is damaged.", show_default="off")] = False,
 ) -> None:
     """Teacher, views, coverage (done units, valid samples), size on disk and teacher/label top-1 agreement."""
     from dho.cache import TeacherCache
@@ -532,6 +588,28 @@ def cache_info(
     if verify and problems:
         what = ", ".join(f"{n} damaged {w}(s)" for n, w in ((len(arrays), "array"), (len(units), "unit")) if n)
         raise CacheError(f"{cache}: {what}, the first: {problems[0]}")
+
+
+# other tools' names of dho's options (folded: lower case, no '-' or '_'): `--learning-rate` -> "did you mean --lr?"
+OPTION_SYNONYMS = {
+    "learningrate": "--lr", "wd": "--weight-decay", "bs": "--batch-size", "batch": "--batch-size",
+    "numworkers": "--workers", "nworkers": "--workers", "numepochs": "--epochs", "nepochs": "--epochs",
+    "output": "--out", "outdir": "--out", "outputdir": "--out", "o": "--out", "model": "--student",
+    "arch": "--student", "teacher": "--model", "temperature": "--eta", "kdtemperature": "--eta", "lam": "--lambda",
+    "resumefrom": "--resume", "valdata": "--val", "validation": "--val", "warmup": "--warmup-steps",
+    "numviews": "--views", "amp": "--precision", "dtype": "--precision", "gpus": "--device", "labeleddata": "--labeled",
+}
+
+
+def usage_message(e: Exception) -> str:
+    """click's message of a usage error; for an unknown option that is another tool's name of one of the command's
+    options (OPTION_SYNONYMS), that option instead of click's close spellings."""
+    name, ctx = getattr(e, "option_name", None), getattr(e, "ctx", None)
+    if type(e).__name__ == "NoSuchOption" and name and ctx is not None:
+        target = OPTION_SYNONYMS.get(name.lstrip("-").replace("-", "").replace("_", "").lower())
+        if target in {opt for param in ctx.command.params for opt in getattr(param, "opts", [])}:
+            return f"No such option: {name} (did you mean {target}?)"
+    return e.format_message()
 
 
 def one_line(e: BaseException) -> str:
@@ -575,7 +653,7 @@ def main() -> None:
             typer.echo(e.format_message(), err=True)
             sys.exit(2)
         name = e.ctx.command_path if getattr(e, "ctx", None) is not None else "dho"
-        fail(f"{one_line(Exception(e.format_message()))} (see `{name} --help`)")
+        fail(f"{one_line(Exception(usage_message(e)))} (see `{name} --help`)")
     except Interrupted as e:
         fail(one_line(e), code=Interrupted.EXIT_CODE)
     except DhoError as e:

@@ -55,5 +55,21 @@ def check_number(option: str, value, *, low=None, high=None, low_open: bool = Fa
 def check_choice(option: str, value, choices) -> str:
     """Return `value` if it is one of `choices`, else a ConfigError listing them."""
     if value not in choices:
-        raise ConfigError(f"{option} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        hint = did_you_mean(value, map(str, choices)) if isinstance(value, str) else ""
+        raise ConfigError(f"{option} must be one of {', '.join(map(str, choices))}; got {value!r}{hint}")
     return value
+
+
+def did_you_mean(name: str, choices, n: int = 3) -> str:
+    """' (did you mean 'resnet18'?)' for the choices closest to `name` (difflib, case and '_'/'-' folded), else ''."""
+    import difflib
+
+    fold = lambda text: text.lower().replace("_", "-")  # noqa: E731
+    scored = []
+    for choice in dict.fromkeys(choices):
+        matcher = difflib.SequenceMatcher(None, fold(name), fold(choice))
+        if matcher.real_quick_ratio() >= 0.6 and matcher.quick_ratio() >= 0.6:
+            scored.append((matcher.ratio(), choice))
+    best = max((r for r, _ in scored), default=0.0)
+    close = [c for r, c in sorted(scored, key=lambda rc: -rc[0]) if r >= max(0.6, best - 0.05)][:n]
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""

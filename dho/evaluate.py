@@ -379,8 +379,9 @@ def evaluate(
         val, val_columns = open_labeled(search_on, meta["classnames"], "--search-on")
         if val.fingerprint == ds.fingerprint:
             raise ConfigError(
-                f"--search-on {val.root} is the same data as --data {ds.root} (fingerprint {ds.fingerprint[:12]}); "
-                "never tune alpha/beta on the test data: search on a validation split (`dho split --val-out`)"
+                f"--search-on {val.root} is the same data as --data {ds.root} (fingerprint {ds.fingerprint[:12]}): alpha/beta "
+                "searched on the data they are scored on would overstate its top-1; search on a split apart from --data "
+                "(a validation split: `dho split --val-out`)"
             )
         alpha, beta, _ = search_and_store(run_dir, student, val, batch_size, device, workers, columns=val_columns,
                                           beta_grid=beta_grid)
@@ -389,8 +390,8 @@ def evaluate(
         stored = read_alpha_beta(run_dir)
         if stored is not None and stored.get("search_on_fingerprint") == ds.fingerprint and (alpha is None or beta is None):
             raise ConfigError(
-                f"{run_dir / ALPHA_BETA_FILE} was searched on {ds.root} itself; never tune on the test data: "
-                "pass --alpha/--beta or re-run with --search-on a validation split"
+                f"{run_dir / ALPHA_BETA_FILE} was searched on {ds.root} itself: scored with that choice its top-1 would be "
+                "overstated; pass --alpha/--beta, or --search-on a split apart from --data"
             )
         run_alpha, run_beta, source = run_alpha_beta(run_dir, meta)
         if alpha is not None or beta is not None:
@@ -435,7 +436,8 @@ def load_image(path: Union[str, Path]):
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"image {path} not found")
-    return data_lib.decode_image(path.read_bytes(), path.suffix.lstrip(".") or "image", str(path))
+    return data_lib.decode_image(path.read_bytes(), path.suffix.lstrip(".") or "image", str(path),
+                                 fix="the file is damaged or not an image: leave it out, or convert it (e.g. to .png)")
 
 
 def image_paths(images: Sequence[Union[str, Path]]) -> list[Path]:

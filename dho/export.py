@@ -1,10 +1,12 @@
 """Deployable models of a finished run that load without dho: uint8 images of any size -> probabilities.
 
-    dho export RUN --out model.pt2                        # torch.export (default)
-    dho export RUN --out model.onnx --format onnx         # ONNX for onnxruntime; pip install 'dho[onnx]'
-    dho export RUN --out model.ts --format torchscript    # TorchScript, as dho exported before
+    dho export RUN --out model.pt2                        # torch.export
+    dho export RUN --out model.onnx                       # ONNX for onnxruntime; pip install 'dho[onnx]'
+    dho export RUN --out model.ts                         # TorchScript, as dho exported before
     dho export RUN --out DIR --format hf                  # a Hugging Face-style folder (dho.hub): config.json,
                                                           # model.safetensors, README.md (the model card)
+
+The format is the one the suffix of --out names (`SUFFIX_FORMATS`); --format names it for another suffix (and hf).
 
 The model does what ``dho predict`` does, preprocessing included:
 
@@ -60,7 +62,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -69,7 +71,7 @@ import torch.nn.functional as F
 import dho
 from dho.atomic import LOW_SPACE, check_space, replace_files
 from dho.data import file_sha256
-from dho.errors import ConfigError
+from dho.errors import ConfigError, check_choice
 from dho.evaluate import load_run, run_alpha_beta
 from dho.hub import write_folder, write_weights
 from dho.run_dir import MODEL
@@ -78,6 +80,8 @@ from dho.students import DualHeadStudent
 SUFFIXES = {"pt2": "pt2", "onnx": "onnx", "torchscript": "ts"}  # format -> the usual file suffix
 FORMATS = tuple(SUFFIXES)  # the model files; HF_FORMAT writes a folder instead (dho.hub)
 HF_FORMAT = "hf"
+# --out suffix -> the format it names (`format_for`): a format with a second spelling adds a row
+SUFFIX_FORMATS = {".pt2": "pt2", ".onnx": "onnx", ".ts": "torchscript", ".torchscript": "torchscript"}
 META_FILE = "dho.json"  # the metadata inside the model (pt2/TorchScript extra file, ONNX metadata property)
 INTERPOLATIONS = ("bilinear", "bicubic")  # the PIL filters torch's antialiased interpolate reproduces
 RESIZE_MODES = ("shortest", "squash", "longest")
@@ -265,24 +269,41 @@ def _is_dho_export(out: Path) -> bool:
     return isinstance(info, dict) and info.get("format") == "dho-export" and (info.get("files") or {}).get("model") == out.name
 
 
-def export(run_dir: Union[str, Path], out: Union[str, Path], format: str = "pt2") -> Path:
-    """Write RUN_DIR/model.pt (with the run's alpha, beta and preprocessing) as a `format` model at `out`,
-    its weights at `weights_path(out)` and its metadata at `metadata_path(out)`; return `out`. Format "hf":
-    the folder `out` of `dho.hub.write_folder`."""
-    run_dir, out = Path(run_dir), Path(out)
-    if format == HF_FORMAT:  # a Hugging Face-style folder: config.json, model.safetensors, README.md
-        return write_folder(run_dir, out)
-    if format not in FORMATS:
-        raise ConfigError(f"cannot export {run_dir} as {format!r}: unknown format; use one of {', '.join(FORMATS + (HF_FORMAT,))}")
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; give the file to write, e.g. {out / ('model.' + SUFFIXES[format])}")
+def format_for(out: Path, format: Optional[str]) -> str:
+    """The format of an export to `out`: `format`, else the one its suffix names (SUFFIX_FORMATS); a format that
+    contradicts the suffix, or neither, is a one-line ConfigError (as is an --out that is a folder or the weights file).
+    `--format hf` names a folder (any name)."""
+    if format == HF_FORMAT:
+        return format
+    example = SUFFIXES[format if format in FORMATS else "pt2"]
     if out.suffix == ".safetensors":
         raise ConfigError(f"--out {out}: the weights go to OUT.safetensors beside the model; give the model file, e.g. "
-                          f"{out.with_suffix('.' + SUFFIXES[format])}")
-    named = {"." + suffix: fmt for fmt, suffix in SUFFIXES.items()}.get(out.suffix)
+                          f"{out.with_suffix('.' + example)}")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the file to write, e.g. {out / ('model.' + example)}, or pass "
+                          "--format hf to write a Hugging Face-style folder")
+    named = SUFFIX_FORMATS.get(out.suffix.lower())
+    if format is None:
+        if named is None:
+            suffixes = ", ".join(f"{s} ({f})" for s, f in SUFFIX_FORMATS.items())
+            raise ConfigError(f"--out {out}: the suffix {out.suffix or '(none)'!r} names no format; name the file {suffixes}, "
+                              f"or pass --format {' | '.join(FORMATS + (HF_FORMAT,))}")
+        return named
+    check_choice("--format", format, FORMATS + (HF_FORMAT,))
     if named is not None and named != format:
         raise ConfigError(f"--out {out} names a {named} file but the format is {format}; pass --format {named} or "
                           f"--out {out.with_suffix('.' + SUFFIXES[format])}")
+    return format
+
+
+def export(run_dir: Union[str, Path], out: Union[str, Path], format: Optional[str] = None) -> Path:
+    """Write RUN_DIR/model.pt (with the run's alpha, beta and preprocessing) as a `format` model at `out` (None: the
+    format its suffix names, `format_for`), its weights at `weights_path(out)` and its metadata at
+    `metadata_path(out)`; return `out`. Format "hf": the folder `out` of `dho.hub.write_folder`."""
+    run_dir, out = Path(run_dir), Path(out)
+    format = format_for(out, format)
+    if format == HF_FORMAT:  # a Hugging Face-style folder: config.json, model.safetensors, README.md
+        return write_folder(run_dir, out)
     if out.exists() and not _is_dho_export(out):
         raise ConfigError(f"--out {out} exists and is not a dho export (no {metadata_path(out).name} of format dho-export "
                           "beside it); it is left alone: choose another --out or remove it yourself")

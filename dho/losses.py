@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ZETA = 0.01  # ζ: logit scale 1/ζ = 100 of the teacher (Eq. 1, as CLIP and the reference code) and of the aligned kd_head (Eq. 10)
-ETA = 2.0  # η: the KD temperature (Alg. 1 lines 13, 19)
+from dho.names import ETA, ZETA  # noqa: F401  ζ (Eq. 1, 10) and η (Alg. 1): this module's API, defined torch-free
 
 
 def ce_loss(ce_logits: Tensor, labels: Tensor) -> Tensor:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,15 +45,14 @@ from dho import data
 from dho.cache import TeacherCache
 from dho.cache_layout import chunk_length, row_bytes, shard_group as auto_shard_group, store_files
 from dho.devices import Ranks, cpu_threads_beside_workers, default_workers, resolve_device, setup_ranks
-from dho.errors import CacheError, ConfigError, DatasetError, Interrupted, check_choice, check_number
+from dho.errors import ConfigError, DatasetError, Interrupted
 from dho.interrupt import StopSignal, ignore_interrupt, workers_gone
 from dho.losses import ETA, ZETA
+from dho.precompute_options import DEFAULT_BATCH_SIZE, DEFAULT_VIEWS, check_options
 from dho.progress import Progress
 from dho.teacher import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_teacher
 from dho.templates import TEACHER_TEMPLATES
 
-DEFAULT_VIEWS = 10  # augmented views per sample, each replayable by distill from its stored box
-DEFAULT_BATCH_SIZE = 64  # images (sample-views) per teacher forward
 
 
 def precompute(
@@ -98,7 +96,7 @@ def precompute(
     """
     t_start = time.time()
     # every option is checked here, where it enters (the CLI passes them through unchanged)
-    _check_options(out, views=views, batch_size=batch_size, workers=workers, seed=seed, eta=eta, zeta=zeta,
+    check_options(out, model=model, pretrained=pretrained, views=views, batch_size=batch_size, workers=workers, seed=seed, eta=eta, zeta=zeta,
                    precision=precision, text_classifier_norm=text_classifier_norm, topk=topk, shard_group=shard_group,
                    image_size=image_size, mean=mean, std=std)
     ranks = setup_ranks(resolve_device(device), rank, world_size)
@@ -173,33 +171,6 @@ def precompute(
 
 VIEWS_NOTE = 1000  # more views than this: a line with the cost (no hard bound: 1-shot ImageNet labeled caches want ~2,600)
 MANY_FILES = 50_000  # a store of more files gets a note: what a file-system quota may refuse (README, "How far it scales")
-
-
-def _check_options(out, *, views, batch_size, workers, seed, eta, zeta, precision, text_classifier_norm, topk,
-                   shard_group, image_size, mean, std) -> None:
-    """The range and choice checks of every option that needs no dataset or teacher."""
-    check_number("--views", views, low=1, integer=True)
-    check_number("--batch-size", batch_size, low=1, integer=True)
-    if workers is not None:
-        check_number("--workers", workers, low=0, integer=True)
-    check_number("--seed", seed, low=0, high=2**32 - 1, integer=True)
-    check_number("--eta", eta, low=0, low_open=True)
-    check_number("--zeta", zeta, low=0, low_open=True)
-    check_choice("--precision", precision, ("auto", "fp32", "bf16", "fp16"))
-    check_choice("--text-classifier-norm", text_classifier_norm, ("renormalize", "mean"))
-    out_path = Path(out)
-    if out_path.exists() and not (out_path / "zarr.json").is_file() and (not out_path.is_dir() or any(out_path.iterdir())):
-        raise CacheError(f"{out_path}: no teacher cache here (no zarr.json) and not empty; --out must be a new folder, an "
-                         "empty one or a cache to resume")
-    if topk is not None:
-        check_number("--topk", topk, low=1, integer=True)
-    if shard_group is not None:
-        check_number("--shard-group", shard_group, low=1, integer=True)
-    if image_size is not None:
-        check_number("--image-size", image_size, low=1, integer=True)
-    for option, values in (("--mean", mean), ("--std", std)):
-        for v in values or ():
-            check_number(option, v, low=0, low_open=option == "--std")
 
 
 def _store_attrs(ds, teacher, *, num_views: int, center_view: bool, seed: int, zeta: float, eta: float,

@@ -240,6 +240,14 @@ class RunDir:
         if not self.path.is_dir():
             raise ConfigError(f"run directory {self.path} not found")
         if not self.model.is_file():
+            what = ("a dataset (it holds manifest.json)" if (self.path / "manifest.json").is_file() else
+                    "a teacher cache (it holds zarr.json)" if (self.path / "zarr.json").is_file() else None)
+            if what is not None:
+                raise ConfigError(f"{self.path} is {what}, not a run: pass the run folder that `dho distill --out` wrote "
+                                  "(it holds model.pt) first, and the dataset with --data")
+            if not self.last.is_file() and not self.config.is_file():
+                raise ConfigError(f"{self.path} holds no dho run (no model.pt, config.json or {CHECKPOINTS}/); pass the run "
+                                  "folder that `dho distill --out` wrote")
             hint = f" (only {CHECKPOINTS}/{LAST} is there)" if self.last.is_file() else ""
             raise ConfigError(f"{self.model} not found: the run is not finished{hint}; run `dho distill ... --out "
                               f"{self.path} --resume` to finish it")

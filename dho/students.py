@@ -69,6 +69,7 @@ from dho.atomic import write_atomic
 from dho.data.views import Preprocessing
 from dho.errors import ConfigError
 from dho.losses import ZETA
+from dho.names import CNN_STUDENTS, TEXT_INIT_HEADS, VLM_HEADS, check_student  # noqa: F401  VLM_HEADS: see the module docstring
 from dho.templates import STUDENT_INIT_TEMPLATES, fill_templates, resolve_templates, template_mean
 from dho.timm_students import TIMM_PREFIX, build_timm, rebuild_timm, strip_prefixes
 
@@ -76,8 +77,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODEL_FILE_FORMAT = "dho-student"
 MODEL_FILE_VERSION = 1
-VLM_HEADS = ("reference", "eq10")  # see the module docstring
-TEXT_INIT_HEADS = ("both", "ce", "kd")  # which heads the language-aware init sets (Table 5: per head)
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,12 +463,8 @@ def build_student(
                       "feature_dim": dim, "align_kd_head": False, "zeta": zeta, "pretrained": pretrained,
                       "init_heads_from_text": False}
         return DualHeadStudent(backbone, dim, num_classes, False, zeta, preprocess, build_args)
+    check_student(name)  # an unknown name: one line with the close names (dho/names.py, also run before torch loads)
     source = _clip_source(name)
-    if source is None and name not in _TORCHVISION_STUDENTS:
-        raise ConfigError(
-            f"unknown student {name!r}; use one of {list_students()}, 'clip:<open_clip model>' "
-            "or a path to an open_clip model-config .json"
-        )
 
     if source is None:
         backbone, dim, preprocess = _build_torchvision(name, pretrained)

@@ -50,12 +50,13 @@ from dho.data import Preprocessing, file_sha256  # file_sha256: also this module
 from dho.devices import resolve_device
 from dho.errors import ConfigError
 from dho.losses import ZETA
+from dho.names import TEACHER_MODEL, TEACHER_PRETRAINED, unknown_open_clip_model
 from dho.templates import PROMPT_NAMES, TEACHER_TEMPLATES, fill_templates, resolve_templates, template_mean
 
 # The paper's low-shot teacher (Table 6): DFN ViT-H/14 at 378 px. The name must carry
 # '-quickgelu': DFN was trained with QuickGELU and the plain name silently uses GELU.
-DEFAULT_MODEL = "ViT-H-14-378-quickgelu"
-DEFAULT_PRETRAINED = "dfn5b"
+DEFAULT_MODEL = TEACHER_MODEL  # (dho/names.py: known before torch is imported)
+DEFAULT_PRETRAINED = TEACHER_PRETRAINED
 INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("squash", "shortest", "longest")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -103,10 +104,7 @@ def _register_model(model: str) -> tuple[str, dict]:
         return name, cfg
     cfg = open_clip.get_model_config(model)
     if cfg is None:
-        raise ConfigError(
-            f"unknown open_clip model {model!r}; pass a name from open_clip.list_models() "
-            "(e.g. ViT-H-14-378-quickgelu) or a path to a model-config JSON file"
-        )
+        raise ConfigError(unknown_open_clip_model(model, open_clip.list_models()))
     return model, cfg
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from dho import coop
 from dho.errors import ConfigError
+from dho.names import TEACHER_TEMPLATES  # noqa: F401  "tip-adapter", the teacher's default (the reference code's)
 from dho.text_files import read_lines
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ TIP_ADAPTER_TEMPLATES = [
     "a photo of the small {}.",
 ]
 BUILTIN = ("tip-adapter", "openai", "simple")  # the template sets selectable by name
-TEACHER_TEMPLATES = "tip-adapter"  # the teacher's default (the reference code's)
 STUDENT_INIT_TEMPLATES = ("a photo of a {}.",)  # VLM student head init; Alg. 1 input: "A photo of [CLASS]"
 # How a class name becomes the name in a prompt: every "_" a space ("american_bulldog" -> "american bulldog"),
 # as the DHO reference code, Tip-Adapter and CoOp fill templates (`classname.replace('_', ' ')`). Recorded in

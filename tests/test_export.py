@@ -331,13 +331,13 @@ def test_export_errors_are_one_line_and_leave_nothing(trained_run, tmp_path, mon
             export(trained_run, **{"out": tmp_path / "m.pt2", **kwargs})
         assert "\n" not in str(err.value)
 
-    refused(r"cannot export .*run as 'tflite': unknown format; use one of pt2, onnx, torchscript", format="tflite")
+    refused(r"--format must be one of pt2, onnx, torchscript; got 'tflite'", format="tflite")
     (tmp_path / "folder").mkdir()
     refused(r"--out .*folder is a folder; give the file to write, e\.g\. .*model\.pt2", out=tmp_path / "folder")
     refused(r"the weights go to OUT\.safetensors beside the model; give the model file, e\.g\. .*m\.onnx",
             out=tmp_path / "m.safetensors", format="onnx")
     refused(r"--out .*m\.ts names a torchscript file but the format is pt2; pass --format torchscript or --out .*m\.pt2",
-            out=tmp_path / "m.ts")
+            out=tmp_path / "m.ts", format="pt2")
     monkeypatch.setattr(export_lib, "ONNX_PACKAGES", (*export_lib.ONNX_PACKAGES, "dho_no_such_package"))
     refused(r"cannot export .*run as onnx: (.*, )?dho_no_such_package not installed; pip install 'dho\[onnx\]'",
             out=tmp_path / "m.onnx", format="onnx")
@@ -396,3 +396,30 @@ def test_two_formats_of_one_name_keep_their_own_files(tmp_path, trained_run):
     assert json.loads(metadata_path(a).read_text())["files"]["weights"] == "m.pt2.safetensors"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "m.onnx", "m.onnx.json", "m.onnx.safetensors", "m.pt2", "m.pt2.json", "m.pt2.safetensors"]
+
+
+def test_the_format_comes_from_the_suffix_of_out(trained_run, tmp_path):
+    """`dho export RUN --out m.onnx` is an ONNX export without --format; a --format that contradicts the suffix, or
+    a suffix that names no format without --format, is one line naming the choices (nothing written)."""
+    from dho.export import SUFFIX_FORMATS, format_for
+
+    assert {s: format_for(Path("m" + s), None) for s in SUFFIX_FORMATS} == SUFFIX_FORMATS
+    assert format_for(Path("M.ONNX"), None) == "onnx" and format_for(Path("m.bin"), "pt2") == "pt2"
+    assert format_for(Path("m.ts"), "torchscript") == "torchscript"
+    result = CliRunner().invoke(app, ["export", str(trained_run), "--out", str(tmp_path / "m.ts")])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {tmp_path / 'm.ts'} (torchscript)" in result.output
+    assert torch.jit.load(str(tmp_path / "m.ts"))(torch.zeros(1, 3, 40, 40, dtype=torch.uint8)).shape[0] == 1
+    for args, message in [
+        (["--out", str(tmp_path / "m.onnx"), "--format", "pt2"],
+         r"--out .*m\.onnx names a onnx file but the format is pt2; pass --format onnx or --out .*m\.pt2"),
+        (["--out", str(tmp_path / "model")],
+         r"--out .*model: the suffix '\(none\)' names no format; name the file \.pt2 \(pt2\), \.onnx \(onnx\), \.ts "
+         r"\(torchscript\), \.torchscript \(torchscript\), or pass --format pt2 \| onnx \| torchscript"),
+        (["--out", str(tmp_path / "m.bin")], r"--out .*m\.bin: the suffix '\.bin' names no format"),
+        (["--out", str(tmp_path / "m.pt2"), "--format", "tflite"], r"--format must be one of pt2, onnx, torchscript; got 'tflite'"),
+    ]:
+        with pytest.raises(ConfigError, match=message) as err:
+            CliRunner().invoke(app, ["export", str(trained_run), *args], catch_exceptions=False)
+        assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ts", "m.ts.json", "m.ts.safetensors"]

@@ -40,13 +40,15 @@ def run(name, args):
             pass
     seen[name] = [m for m in heavy if m in sys.modules]
 run("help", ["--help"])
+run("distill-help", ["distill", "--help"])
+run("precompute-help", ["precompute-teacher", "--help"])
 run("prepare", ["prepare", "{src}", "--out", "{tmp_path / 'ds'}", "--shard-size", "5"])
 run("index", ["index", *sorted(glob.glob("{tmp_path / 'ds'}/*.tar")), "--classnames", "{tmp_path / 'classes.txt'}", "--out", "{tmp_path / 'idx'}"])
 run("split", ["split", "{tmp_path / 'ds'}", "--out", "{tmp_path / 'lab'}", "--shots", "2", "--val-per-class", "1", "--val-out", "{tmp_path / 'val'}"])
 print(json.dumps(seen))
 """
     seen = _run_in_fresh_process(code)
-    assert seen == {"help": [], "prepare": [], "index": [], "split": []}
+    assert seen == {"help": [], "distill-help": [], "precompute-help": [], "prepare": [], "index": [], "split": []}
     assert data.Dataset.open(tmp_path / "lab").num_samples == 6 and data.Dataset.open(tmp_path / "idx").num_samples == 12
 
 

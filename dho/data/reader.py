@@ -45,8 +45,11 @@ class Sample:
     ext: Optional[str] = None  # their extension, e.g. "jpg"
 
 
-def undecodable(where: str, ext: str, e: Exception) -> DatasetError:
-    return DatasetError(f"{where}: cannot decode the {ext} image ({e}); replace the file or leave it out (prepare --skip-bad)")
+def undecodable(where: str, ext: str, e: Exception, fix: str = "replace the file or leave it out (prepare --skip-bad)") -> DatasetError:
+    """The one-line error of image bytes PIL cannot decode; `where` names the sample or file (PIL's own message names
+    only its in-memory buffer: '<_io.BytesIO object at 0x...>', left out)."""
+    reason = "not an image format PIL can read" if isinstance(e, Image.UnidentifiedImageError) else str(e)
+    return DatasetError(f"{where}: cannot decode the {ext} image ({reason}); {fix}")
 
 
 def to_rgb8(im: Image.Image) -> Image.Image:
@@ -77,14 +80,15 @@ def to_rgb8(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode_image(data: bytes, ext: str, where: str) -> Image.Image:
-    """Decode encoded image bytes into an 8-bit RGB PIL image (`to_rgb8`); errors name `where`."""
+def decode_image(data: bytes, ext: str, where: str, fix: Optional[str] = None) -> Image.Image:
+    """Decode encoded image bytes into an 8-bit RGB PIL image (`to_rgb8`); errors name `where` and say `fix`
+    (default: a dataset's, replace the file or prepare --skip-bad)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             return to_rgb8(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise undecodable(where, ext, e) from e
+        raise undecodable(where, ext, e, *([fix] if fix else [])) from e
 
 
 def _image_ext(sample: dict) -> Optional[str]:

@@ -25,13 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from dho.errors import ConfigError, check_choice, check_number
-
-# Written out so that the config (and `dho distill --print-config`) needs no torch; tests/test_distill.py keeps them
-# equal to their homes: the records of dho/distill/objective.py, dho.students.VLM_HEADS, dho.losses.ETA and ZETA.
-METHODS = ("dho", "ce", "kd", "ce+kd", "ce+kd-feature")
-VLM_HEADS = ("reference", "eq10")
-TEXT_INIT_HEADS = ("both", "ce", "kd")  # dho.students.TEXT_INIT_HEADS: which heads the language-aware init sets
-ETA, ZETA = 2.0, 0.01
+from dho.names import ETA, METHODS, TEXT_INIT_HEADS, VLM_HEADS, ZETA  # torch-free: the CLI builds and checks the config before torch loads
 
 LR_SCHEDULES = ("warmup-cosine", "reference", "linear")
 UNLABELED_POOLS = ("union", "exclude-labeled")
@@ -343,7 +337,7 @@ def merge(given: dict, options_file: Optional[Path] = None, resume_dir: Optional
     if resume == "auto" and resume_dir is not None:
         raise ConfigError(f"--resume auto takes the run from --out; {resume_dir} names a second one")
     if resume_dir is not None:  # `--resume RUN_DIR`: the run's own resolved options are the base
-        from dho.run_dir import RunDir  # (imports torch: the config of a new run needs none)
+        from dho.run_dir import RunDir  # imports torch: only on resume (a new run's config is checked before torch loads)
 
         run = RunDir(resume_dir)
         if not resume:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dho.errors import ConfigError
+from dho.distill.precheck import check_batch_split
 
 REUSE_WARN = 10  # warn when a cached (sample, view) is drawn more often than this over the run
 
@@ -101,13 +101,7 @@ def plan(cfg, size_l: int, size_u: int, world_size: int) -> Plan:
     epoch_size = size_u if size_u else size_l  # one pass over the unlabeled stream, for every method (ce too)
     if cfg.epoch == "shorter" and size_u:  # the reference's zip(labeled loader, unlabeled loader)
         epoch_size = min(size_l, size_u)
-    workers = max(cfg.workers, 1)
-    consumers = world_size * workers
-    if cfg.batch_size % (consumers * cfg.accum_steps):
-        raise ConfigError(
-            f"--batch-size {cfg.batch_size} must be divisible by world_size x workers x accum_steps = "
-            f"{world_size} x {workers} x {cfg.accum_steps}; pick a batch size that is a multiple of {consumers * cfg.accum_steps}"
-        )
+    consumers = check_batch_split(cfg.batch_size, world_size, cfg.workers, cfg.accum_steps)
     steps_per_epoch, total = schedule_steps(epoch_size, cfg.batch_size, cfg.epochs, cfg.lr_schedule)
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
     return Plan(steps_per_epoch, total, stop, consumers, cfg.batch_size // cfg.accum_steps // consumers)
