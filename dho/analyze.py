@@ -8,6 +8,8 @@ features z = g(x) (their spectrum, a linear probe: Table 3, a t-SNE map: Fig. 7)
     head_spectra     Fig. 13 (left): dominant eigenvalue of W W^T of each head and of W_CE W_KD^T
     linear_probe     Fig. 7 / Table 3: freeze g, fit a new linear softmax head on z of labeled data
     plot_tsne        Fig. 7: a t-SNE map of z (needs the optional scikit-learn)
+    pick_examples    Figs. 9, 16-19: samples where one head is right and the other wrong, drawn by
+                     plot_examples as an image grid with both heads' (and Eq. 11's) top predictions
     export_features  z of every sample of a dataset as .npy (+ labels, + a JSON that describes them)
     analyze          runs the student once over a dataset and writes RUN/analysis/<data>/:
                      heads.json/.png, spectrum.json/.png, probe.json (with probe_train), tsne.png
@@ -17,8 +19,7 @@ spectrum uses every sample, labeled or not. alpha and beta are the run's (``run_
 stored ``alpha_beta.json`` searched on the analysed data itself is refused, as in ``evaluate``.
 
 Out of scope: anything over the course of training (Fig. 4, Fig. 13 right, the eigenvalues'
-trajectory: ``distill --log-grad-cosine`` logs those), qualitative image grids (Figs. 16-19),
-distributed or multi-crop analysis.
+trajectory: ``distill --log-grad-cosine`` logs those), distributed or multi-crop analysis.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ PROBE_WEIGHT_DECAY = 1e-4  # decoupled (AdamW); a light regulariser on the probe
 PROBE_BATCH_SIZE = 256
 TSNE_MAX_POINTS = 2000  # a readable map; t-SNE's time grows with N
 PER_CLASS_YMAX = 125  # heads.png's per-class panel: bars up to 100%, the legend in the band above
+EXAMPLE_KINDS = ("ce_only", "kd_only")  # Figs. 9, 16-19: one head right and the other wrong
+EXAMPLE_TOPK = 3  # predictions shown per head under each image
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,6 +508,93 @@ def plot_tsne(
     return _save_figure(fig, Path(path))
 
 
+def pick_examples(
+    ce_logits: torch.Tensor,
+    kd_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    beta: float,
+    n: int,
+    topk: int = EXAMPLE_TOPK,
+) -> dict[str, list[dict]]:
+    """Figs. 9 and 16-19: for each kind of EXAMPLE_KINDS (``ce_only``: ce_head right, kd_head wrong; ``kd_only``: the
+    converse) up to `n` samples, the clearest first: ranked by the right head's probability of the true class minus
+    the wrong head's (ties by row). Each: {row, label, p_true: {head: p}, top: {head: [[class, p], ...]}} with the
+    heads as `dho predict --heads` shows them (ce_head softmax(ce), kd_head softmax(kd / beta), combined Eq. 11)."""
+    check_number("--examples", n, low=1, integer=True)
+    p = {"ce_head": torch.softmax(ce_logits.float(), dim=-1), "kd_head": torch.softmax(kd_logits.float() / beta, dim=-1)}
+    p["combined"] = combine_heads(ce_logits, kd_logits, alpha, beta)  # (N, C)
+    labels = torch.as_tensor(labels).long()  # (N,)
+    right = {h: p[h].argmax(-1) == labels for h in ("ce_head", "kd_head")}  # (N,) each
+    true = {h: p[h].gather(1, labels[:, None])[:, 0] for h in p}  # (N,) each: the probability of the true class
+    k = min(topk, ce_logits.shape[-1])
+    picked = {}
+    for kind, good, bad in (("ce_only", "ce_head", "kd_head"), ("kd_only", "kd_head", "ce_head")):
+        rows = torch.nonzero(right[good] & ~right[bad])[:, 0]  # (M,)
+        margin = (true[good] - true[bad])[rows]
+        order = sorted(range(len(rows)), key=lambda i: (-float(margin[i]), int(rows[i])))[:n]
+        picked[kind] = []
+        for i in order:
+            r = int(rows[i])
+            tops = {h: [[int(c), round(float(v), 6)] for v, c in zip(*p[h][r].topk(k))] for h in p}
+            picked[kind].append({"row": r, "label": int(labels[r]), "p_true": {h: round(float(true[h][r]), 6) for h in p},
+                                 "top": tops})
+    return picked
+
+
+def example_images(ds: data_lib.Dataset, rows: Sequence[int]) -> dict[int, "Image.Image"]:
+    """The images of dataset rows `rows`, decoded from their shards only (each shard read once)."""
+    from dho.data.reader import decode_image, iter_shard
+
+    wanted, images = set(int(r) for r in rows), {}
+    for s, shard in enumerate(ds.shards):
+        if not any(shard.offset <= r < shard.offset + shard.count for r in wanted):
+            continue
+        for sample in iter_shard(ds, s, decode=False):
+            if sample.index in wanted:
+                images[sample.index] = decode_image(sample.data, sample.ext, f"{ds.root} key {sample.key!r}")
+    return images
+
+
+def plot_examples(examples: dict, images: dict, path: Union[str, Path], classnames: Sequence[str], keys: Sequence[str],
+                  title: str = "") -> Path:
+    """Figs. 9 / 16-19 as a PNG: a row per kind of `pick_examples`, each image with its key and true class, then each
+    head's top predictions (the true class marked with *, the head that is right in green, the wrong one in red)."""
+    plt = _pyplot()
+    kinds = [k for k in EXAMPLE_KINDS if examples.get(k)]
+    if not kinds:
+        raise ConfigError("no sample has one head right and the other wrong: nothing to draw (both heads agree on "
+                          "every sample, or both fail together)")
+    cols = max(len(examples[k]) for k in kinds)
+    fig, axes = plt.subplots(len(kinds), cols, figsize=(2.9 * cols, 3.6 * len(kinds)), squeeze=False)
+    names = {"ce_head": "CE", "kd_head": "KD", "combined": "Eq.11"}
+    for r, kind in enumerate(kinds):
+        good = "ce_head" if kind == "ce_only" else "kd_head"
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(examples[kind]):
+                ax.axis("off")
+                continue
+            e = examples[kind][c]
+            ax.imshow(images[e["row"]])
+            ax.set_title(f"{keys[e['row']][-18:]}\ntrue: {classnames[e['label']][:22]}", fontsize=7)
+            lines = []
+            for head in ("ce_head", "kd_head", "combined"):
+                preds = ", ".join(f"{'*' if cls == e['label'] else ''}{classnames[cls][:14]} {100 * prob:.0f}%"
+                                  for cls, prob in e["top"][head])
+                lines.append((f"{names[head]}: {preds}", "green" if head == good else "red" if head != "combined" else "black"))
+            for i, (text, colour) in enumerate(lines):
+                ax.text(0.0, -0.06 - 0.11 * i, text, transform=ax.transAxes, fontsize=6, color=colour, va="top", ha="left")
+        axes[r][0].set_ylabel({"ce_only": "ce_head right,\nkd_head wrong", "kd_only": "kd_head right,\nce_head wrong"}[kind],
+                              fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(h_pad=4.0)
+    return _save_figure(fig, Path(path))
+
+
 # --------------------------------------------------------------------------------------------
 # files: features and the analysis folder
 # --------------------------------------------------------------------------------------------
@@ -571,6 +661,7 @@ def analyze(
     device: Union[str, torch.device] = "auto",
     workers: int = 2,
     out_dir: Union[str, Path, None] = None,
+    examples: Optional[int] = None,
 ) -> dict:
     """Run the student once over `data` (and once over `probe_train`) and write the analyses into
     OUT_DIR (default RUN_DIR/analysis/<data folder name>/):
@@ -581,6 +672,8 @@ def analyze(
       probe.json                   with `probe_train` (labeled training data, not `data`):
                                    ``linear_probe`` trained on its z, tested on `data` (Table 3)
       tsne.png                     with `tsne`: ``plot_tsne`` of the labeled samples of `data` (Fig. 7)
+      examples.json, examples.png  with `examples` N: ``pick_examples``, N per kind, and their image grid (Figs. 9,
+                                   16-19)
 
     Returns a summary: {run, data, data_fingerprint, out_dir, files, num_samples,
     num_unlabeled_ignored, alpha, beta, alpha_beta_source, top1, the four outcomes, agreement,
@@ -589,6 +682,8 @@ def analyze(
     run_dir = Path(run_dir)
     check_number("--batch-size", batch_size, low=1, integer=True)
     check_number("--workers", workers, low=0, integer=True)
+    if examples is not None:
+        check_number("--examples", examples, low=1, integer=True)
     if tsne:
         _require_sklearn()  # before minutes of inference, not after
     student, meta = load_run(run_dir, device)
@@ -633,6 +728,20 @@ def analyze(
                  **linear_probe(train_z[labeled], train_labels[labeled], z[keep], labels[keep], device=device,
                                 num_classes=len(classnames))}
         files.append(write_json(out_dir / "probe.json", probe))
+    picked = None
+    if examples is not None:
+        rows = torch.nonzero(keep)[:, 0]  # (M,): the labeled rows, which pick_examples' rows index
+        picked = pick_examples(ce[keep], kd[keep], labels[keep], alpha, beta, examples)
+        for kind in picked.values():
+            for e in kind:
+                e["row"] = int(rows[e["row"]])
+                e["key"] = ds.keys[e["row"]]
+        record = {**where, "alpha": alpha, "beta": beta, "classnames": list(classnames), **picked}
+        files.append(write_json(out_dir / "examples.json", record))
+        if any(picked.values()):
+            images = example_images(ds, [e["row"] for kind in picked.values() for e in kind])
+            files.append(plot_examples(picked, images, out_dir / "examples.png", classnames, ds.keys,
+                                       title=f"{run_dir.name} on {ds.root.name}: one head right, the other wrong"))
     if tsne:
         files.append(plot_tsne(z[keep], labels[keep], out_dir / "tsne.png", classnames=classnames,
                                title=f"t-SNE of z: {run_dir.name} on {ds.root.name}"))
@@ -655,6 +764,7 @@ def analyze(
         "dim": spectrum["dim"],
         "head_spectra": spectrum["head_spectra"],
         "probe": None if probe is None else {k: probe[k] for k in ("top1", "top5", "train_top1", "num_train", "num_test")},
+        "examples": None if picked is None else {kind: len(v) for kind, v in picked.items()},
     }
 
 
@@ -678,5 +788,9 @@ def format_summary(result: dict) -> str:
         p = result["probe"]
         lines.append(f"linear probe ({p['num_train']} train samples): top-1 {p['top1']:.2f}  top-5 {p['top5']:.2f}  "
                      f"(train top-1 {p['train_top1']:.2f})")
+    if result.get("examples") is not None:
+        n = result["examples"]
+        lines.append(f"examples: {n['ce_only']} where only ce_head is right, {n['kd_only']} where only kd_head is right"
+                     + ("" if any(n.values()) else " (no image grid: the heads never disagree that way)"))
     lines.append(f"wrote {', '.join(result['files'])} -> {result['out_dir']}")
     return "\n".join(lines)

@@ -395,16 +395,17 @@ def analyze(
     probe_train: Annotated[Optional[Path], typer.Option("--probe-train", help="Labeled training dataset (not --data): freeze g, train a new linear head on its features, test it on --data (Table 3) -> probe.json.", show_default="none")] = None,
     tsne: Annotated[bool, typer.Option("--tsne", help="Also draw a t-SNE map of the features of --data (at most 2000 samples; needs scikit-learn) -> tsne.png.", show_default="off")] = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Folder for heads.json/.png, spectrum.json/.png, probe.json, tsne.png.", show_default="RUN_DIR/analysis/<name of the --data folder>")] = None,
+    examples: Annotated[Optional[int], typer.Option("--examples", help="Also pick N samples where only ce_head is right and N where only kd_head is right (the clearest first) and draw them with each head's top-3 predictions (Figs. 9, 16-19) -> examples.json, examples.png.", show_default="none")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (the summary: top-1s, head outcomes in %, error reduction, effective rank, dominant eigenvalues, probe) instead of text.", show_default="off")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
     device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
     workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images.")] = 2,
 ) -> None:
-    """How ce_head, kd_head and Eq. 11 agree and fail (Fig. 15), the feature spectrum and the heads' dominant eigenvalues (Fig. 13), optionally a linear probe (Table 3) and a t-SNE map (Fig. 7)."""
+    """How ce_head, kd_head and Eq. 11 agree and fail (Fig. 15), the feature spectrum and the heads' dominant eigenvalues (Fig. 13), optionally a linear probe (Table 3), a t-SNE map (Fig. 7) and the cases one head gets right (Figs. 9, 16-19)."""
     from dho import analyze as analysis
 
     result = analysis.analyze(run_dir, data, probe_train=probe_train, tsne=tsne, batch_size=batch_size,
-                              device=device, workers=workers, out_dir=out_dir)
+                              device=device, workers=workers, out_dir=out_dir, examples=examples)
     typer.echo(json.dumps(result) if json_out else analysis.format_summary(result))
 
 

@@ -358,3 +358,49 @@ def test_a_subset_of_the_run_classes_is_analysed_on_its_classes(trained_run, tmp
     heads = json.loads((tmp_path / "out" / "heads.json").read_text())
     assert res["top1"] == expected["top1"] == heads["top1"] and heads["num_classes"] == 2
     assert [r["class"] for r in heads["per_class"]] == ["class_1", "class_2"]
+
+
+# ---------------------------------------------------------------------------------- Figs. 9, 16-19
+
+
+def test_pick_examples_hand_example():
+    """Rows where one head is right and the other wrong, the clearest first (restated by hand on 5 samples)."""
+    ce = torch.tensor([[4.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0], [2.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
+    kd = torch.tensor([[0.0, 4.0, 0.0], [0.0, 4.0, 0.0], [3.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    labels = torch.tensor([0, 1, 0, 0, 2])
+    # row 0: ce right, kd wrong; row 3: ce right, kd wrong (less clear); row 2: kd right, ce wrong; rows 1, 4: both right
+    picked = an.pick_examples(ce, kd, labels, alpha=0.5, beta=1.0, n=5)
+    assert [e["row"] for e in picked["ce_only"]] == [0, 3] and [e["row"] for e in picked["kd_only"]] == [2]
+    p_ce0 = math.exp(4) / (math.exp(4) + 2)
+    p_kd0 = 1 / (math.exp(4) + 2)
+    first = picked["ce_only"][0]
+    assert first["label"] == 0 and first["p_true"]["ce_head"] == pytest.approx(p_ce0, abs=1e-6)
+    assert first["p_true"]["kd_head"] == pytest.approx(p_kd0, abs=1e-6)
+    assert first["p_true"]["combined"] == pytest.approx(0.5 * p_ce0 + 0.5 * p_kd0, abs=1e-6)
+    assert [c for c, _ in first["top"]["ce_head"]] == [0, 1, 2] and first["top"]["kd_head"][0][0] == 1
+    assert [e["row"] for e in an.pick_examples(ce, kd, labels, 0.5, 1.0, n=1)["ce_only"]] == [0]
+    with pytest.raises(ConfigError, match="--examples"):
+        an.pick_examples(ce, kd, labels, 0.5, 1.0, n=0)
+
+
+def test_analyze_examples_writes_the_cases_and_their_images(trained_run, tiny_dataset, outputs, tmp_path):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    _, ce, kd, labels, _ = outputs
+    res = an.analyze(run, tiny_dataset, out_dir=tmp_path / "a", device="cpu", workers=0, examples=2)
+    assert res["files"][-2:] == ["examples.json", "examples.png"]
+    assert (tmp_path / "a" / "examples.png").read_bytes()[:8] == PNG_SIGNATURE
+    record = json.loads((tmp_path / "a" / "examples.json").read_text())
+    # independent restatement: ce right and kd wrong, ranked by p_ce(true) - p_kd(true) (beta 0.5, the run's)
+    p_ce, p_kd = torch.softmax(ce, -1), torch.softmax(kd / 0.5, -1)
+    rows = [i for i in range(len(labels)) if p_ce[i].argmax() == labels[i] and p_kd[i].argmax() != labels[i]]
+    rows.sort(key=lambda i: (-float(p_ce[i, labels[i]] - p_kd[i, labels[i]]), i))
+    assert [e["row"] for e in record["ce_only"]] == rows[:2] and len(rows) >= 2
+    assert res["examples"] == {"ce_only": 2, "kd_only": len(record["kd_only"])}
+    assert all(e["key"] == tiny_dataset.keys[e["row"]] for e in record["ce_only"])
+    # the grid's images are the dataset's own pixels
+    from dho.data.reader import iter_shard
+
+    images = an.example_images(tiny_dataset, rows[:2])
+    direct = {s.index: s.image for shard in range(len(tiny_dataset.shards)) for s in iter_shard(tiny_dataset, shard)}
+    assert all(np.array_equal(np.asarray(images[r]), np.asarray(direct[r])) for r in rows[:2])
+    assert "examples: 2 where only ce_head is right" in an.format_summary(res)

@@ -331,7 +331,7 @@ def test_export_errors_are_one_line_and_leave_nothing(trained_run, tmp_path, mon
             export(trained_run, **{"out": tmp_path / "m.pt2", **kwargs})
         assert "\n" not in str(err.value)
 
-    refused(r"--format must be one of pt2, onnx, torchscript; got 'tflite'", format="tflite")
+    refused(r"--format must be one of pt2, onnx, torchscript, hf; got 'tflite'", format="tflite")
     (tmp_path / "folder").mkdir()
     refused(r"--out .*folder is a folder; give the file to write, e\.g\. .*model\.pt2", out=tmp_path / "folder")
     refused(r"the weights go to OUT\.safetensors beside the model; give the model file, e\.g\. .*m\.onnx",
@@ -415,9 +415,9 @@ def test_the_format_comes_from_the_suffix_of_out(trained_run, tmp_path):
          r"--out .*m\.onnx names a onnx file but the format is pt2; pass --format onnx or --out .*m\.pt2"),
         (["--out", str(tmp_path / "model")],
          r"--out .*model: the suffix '\(none\)' names no format; name the file \.pt2 \(pt2\), \.onnx \(onnx\), \.ts "
-         r"\(torchscript\), \.torchscript \(torchscript\), or pass --format pt2 \| onnx \| torchscript"),
+         r"\(torchscript\), \.torchscript \(torchscript\), or pass --format pt2 \| onnx \| torchscript \| hf"),
         (["--out", str(tmp_path / "m.bin")], r"--out .*m\.bin: the suffix '\.bin' names no format"),
-        (["--out", str(tmp_path / "m.pt2"), "--format", "tflite"], r"--format must be one of pt2, onnx, torchscript; got 'tflite'"),
+        (["--out", str(tmp_path / "m.pt2"), "--format", "tflite"], r"--format must be one of pt2, onnx, torchscript, hf; got 'tflite'"),
     ]:
         with pytest.raises(ConfigError, match=message) as err:
             CliRunner().invoke(app, ["export", str(trained_run), *args], catch_exceptions=False)

@@ -98,11 +98,12 @@ def _requeues(tmp_path: Path) -> list[str]:
 
 
 def _losses(run: Path) -> dict[int, dict]:
-    """step -> the logged training terms of that step (the rate, a wall-clock measure, left out)."""
+    """step -> the logged training terms of that step (the rate, the data wait and the peak memory, wall-clock and
+    device measures, left out)."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == sorted(set(steps)), steps  # every step logged once, also across the restarts
-    return {r["step"]: {k: v for k, v in r.items() if k != "samples_per_s"} for r in records if "loss" in r}
+    return {r["step"]: {k: v for k, v in r.items() if k not in ("samples_per_s", "data_wait_s", "peak_memory_gib")} for r in records if "loss" in r}
 
 
 def test_the_sbatch_script_stopped_twice_and_requeued_ends_bit_identical(world, tmp_path):
