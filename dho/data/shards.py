@@ -188,6 +188,9 @@ def file_sha256(path: str | Path, block: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+_INT_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?\}")  # {FIRST..LAST[..STEP]}: its size without expanding it
+
+
 def expand_braces(pattern: str) -> list[str]:
     """The names a shard pattern stands for, by the `braceexpand` package (webdataset's; backslashes are not
     escapes): `{000..099}` is a range, both ends included, zero-padded to the wider end when either end starts
@@ -200,6 +203,9 @@ def expand_braces(pattern: str) -> list[str]:
     from braceexpand import UnbalancedBracesError, braceexpand
 
     text = _protect_command_braces(pattern) if is_url(pattern) else pattern
+    for a, b, step in _INT_RANGE.findall(text):  # braceexpand builds a range's names whole: a huge one takes minutes
+        if abs(int(b) - int(a)) // max(abs(int(step or 1)), 1) + 1 > MAX_EXPANSION:
+            raise DatasetError(f"shard pattern {pattern!r} expands to more than {MAX_EXPANSION} names; check its ranges")
     try:
         names = list(itertools.islice(braceexpand(text, escape=False), MAX_EXPANSION + 1))
     except UnbalancedBracesError:
