@@ -9,7 +9,7 @@ CONSTRAINTS ?= constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test demo demo-record demo-teacher reproduce-lowshot reproduce-fewshot eval-ood ablation-vlm-heads clean
+.PHONY: setup test test-slow demo demo-record demo-teacher reproduce-lowshot reproduce-fewshot eval-ood ablation-vlm-heads clean
 
 setup: $(VENV)/.installed
 
@@ -20,9 +20,14 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e '.[test]'
 	touch $@
 
-# test files run in parallel, a file per process (module fixtures are built once), one process per core up to 4
+# test files run in parallel, a file per process (module fixtures are built once), one process per core up to 4;
+# `make test` leaves out the tests marked slow (make demo's fresh seed and the two reproduce-* smoke graphs, each
+# minutes on 2 cores), `make test-slow` runs those; CI (.ci/run) runs both
 test: setup
-	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -n auto --maxprocesses 3 --dist loadfile -m slow
 
 # The whole method on embedded real data (scikit-learn digits), offline, CPU, over 5 seeds (~5 min).
 DEMO_OUT ?= demo_out

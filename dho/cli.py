@@ -369,7 +369,7 @@ def predict(
             typer.echo("  " + "   ".join(f"{p:.4f}  {c:<{width}}" for c, p in row).rstrip())
 
 
-@app.command(cls=PanelCommand, short_help="A deployable model file (pt2, ONNX, TorchScript)", epilog="Example: dho export runs/r18 --out r18.onnx (the format from the suffix: .pt2, .onnx, .ts)")
+@app.command(cls=PanelCommand, short_help="A deployable model: pt2, ONNX, TorchScript, HF folder", epilog="Example: dho export runs/r18 --out r18.onnx (the format from the suffix: .pt2, .onnx, .ts)")
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
     out: Annotated[Path, typer.Option("--out", help="Model file to write, named for its format (model.pt2, model.onnx, model.ts); beside it OUT.safetensors (the student's weights) and OUT.json (class names, preprocessing, alpha, beta). With --format hf, the folder to write (new, empty, or an earlier hf export).")],
