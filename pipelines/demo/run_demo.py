@@ -18,7 +18,9 @@
    fits Tip-Adapter-F (the paper's few-shot teacher) on the labeled part (its alpha/beta on val),
    `dho tip-adapter-cache` relabels the caches with it, and DHO is distilled from those.
 3. A table of test top-1 over the seeds, mean ± std (population std over seeds) with every seed's
-   value, and the paired differences the demo's story rests on.
+   value, and the paired differences the demo's story rests on; beside them, outside baselines on each
+   seed's exact split (scikit-learn on the raw 8x8 pixels: SVC and logistic regression on the labeled
+   images, LabelSpreading on labeled + pool, SVC on all train labels; pipelines/demo/outside.py).
 
 With 216 test images one image is 0.46 points, and one seed cannot order methods a point apart:
 read the table with its spread. Deterministic for given seeds on one machine (CPU); another CPU
@@ -61,9 +63,15 @@ ROWS = (  # (key in a seed's results, table label)
     ("tip_adapter_f", "Tip-Adapter-F teacher (few-shot)"),
     ("dho_f_combined", "DHO-F combined (Tip-Adapter-F)"),
 )
+if str(HERE) not in sys.path:  # pipelines/demo/outside.py, also when this file is loaded by path (tests/test_demo.py)
+    sys.path.insert(0, str(HERE))
+from outside import ROWS as OUTSIDE_ROWS  # noqa: E402
+
 PAIRED = (("dho_combined", "sho"), ("dho_combined", "teacher"), ("sho", "teacher"), ("dho_ce_head", "sho"),
           ("dho_combined", "dho_ce_head"), ("tip_adapter_f", "teacher"), ("dho_f_combined", "tip_adapter_f"),
           ("dho_f_combined", "dho_combined"))
+PAIRED_OUTSIDE = (("teacher", "svc_labeled"), ("dho_combined", "svc_labeled"), ("dho_combined", "label_spreading"),
+                  ("sho", "label_spreading"))
 README_MARKER = "<!-- demo table: made by `make demo-record` from pipelines/demo/results.json -->"
 ANALYSIS_MARKER = "<!-- demo analyses: made by `make demo-record` from pipelines/demo/results.json -->"
 FIGURES_DIR = HERE.parent.parent / "docs" / "figures"
@@ -185,13 +193,16 @@ def run_seed(out: Path, seed: int, teacher: Path, epochs: int, labeled_views: in
         "tip_adapter_f": 100 * _cache_agreement(out / "test-tipf.zarr"),
         "dho_f_combined": evals["dho-f"]["combined"]["top1"],
     }
+    from outside import outside_baselines  # pipelines/demo/outside.py
+
+    outside = outside_baselines(out / "digits" / "digits.json", ds / "labeled")
     top5 = {"ce": evals["ce"]["ce_head"]["top5"], "sho": evals["ce+kd"]["ce_head"]["top5"],
             "dho_ce_head": d["ce_head"]["top5"], "dho_kd_head": d["kd_head"]["top5"], "dho_combined": d["combined"]["top5"],
             "dho_f_combined": evals["dho-f"]["combined"]["top5"]}
     return {"seed": seed, "top1": top1, "top5": top5, "alpha": d["alpha"], "beta": d["beta"], "counts": counts,
             "dho_f_alpha_beta": [evals["dho-f"]["alpha"], evals["dho-f"]["beta"]],
             "tip_adapter_f": {"alpha": fitted["alpha"], "beta": fitted["beta"], "val_top1": fitted["val_top1"]},
-            "labeled_views": int(labeled_views), "labeled_draws_per_image": round(draws, 2)}
+            "labeled_views": int(labeled_views), "labeled_draws_per_image": round(draws, 2), "outside": outside}
 
 
 def run_analyses(out: Path) -> dict:
@@ -266,7 +277,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 SHORT = {"teacher": "teacher", "ce": "CE only", "sho": "SHO", "dho_ce_head": "DHO ce_head", "dho_kd_head": "DHO kd_head",
-         "dho_combined": "DHO combined", "tip_adapter_f": "Tip-Adapter-F", "dho_f_combined": "DHO-F combined"}
+         "dho_combined": "DHO combined", "tip_adapter_f": "Tip-Adapter-F", "dho_f_combined": "DHO-F combined",
+         "svc_labeled": "SVC (labeled)", "label_spreading": "LabelSpreading"}
 
 
 def format_table(record: dict) -> str:
@@ -292,9 +304,20 @@ def format_table(record: dict) -> str:
         values = [r["top1"][key] for r in per_seed]
         m, s = mean_std(values)
         lines.append(f"  {label:<36} {m:>14.1f} ± {s:>4.1f}%   " + " ".join(f"{v:.1f}" for v in values))
+    outside = all("outside" in r for r in per_seed)
+    if outside:
+        lines += ["", "  outside baselines: scikit-learn on the raw 8x8 pixels, each seed's split (pipelines/demo/outside.py)"]
+        for key, label in OUTSIDE_ROWS:
+            values = [r["outside"][key] for r in per_seed]
+            m, s = mean_std(values)
+            lines.append(f"  {label:<36} {m:>14.1f} ± {s:>4.1f}%   " + " ".join(f"{v:.1f}" for v in values))
+
+    def value(r: dict, key: str) -> float:
+        return r["top1"][key] if key in r["top1"] else r["outside"][key]
+
     lines += ["", f"  {'paired difference (same seed)':<36} {'mean ± std':>22}   wins/ties/losses"]
-    for a, b in PAIRED:
-        diffs = [r["top1"][a] - r["top1"][b] for r in per_seed]
+    for a, b in PAIRED + (PAIRED_OUTSIDE if outside else ()):
+        diffs = [value(r, a) - value(r, b) for r in per_seed]
         m, s = mean_std(diffs)
         wins, ties = sum(d > 1e-9 for d in diffs), sum(abs(d) <= 1e-9 for d in diffs)
         lines.append(f"  {SHORT[a] + ' - ' + SHORT[b]:<36} {m:>+13.1f} ± {s:>4.1f} pt   {wins}/{ties}/{len(diffs) - wins - ties}")
@@ -306,11 +329,23 @@ def format_table(record: dict) -> str:
 
 def record_results(out: Path) -> None:
     """Make OUT's multi-seed run the recorded one: copy its results.json to pipelines/demo/ and put
-    its table into README.md (what `tests/test_demo.py` checks the README against)."""
+    its table into README.md (what `tests/test_demo.py` checks the README against), its first seed's
+    figures into docs/figures."""
     results = out / "results.json"
     if not results.is_file():
         sys.exit(f"demo: {results} not found; run `make demo` first")
     record = json.loads(results.read_text())
+    if "analysis" in record:
+        FIGURES_DIR.mkdir(parents=True, exist_ok=True)
+        first = out / f"seed-{record['per_seed'][0]['seed']}"
+        for name, rel in FIGURES.items():
+            shutil.copyfile(first / rel, FIGURES_DIR / name)
+    write_record(record)
+    print(f"recorded {results} -> {HERE / 'results.json'}, the tables in the README and the figures in {FIGURES_DIR}")
+
+
+def write_record(record: dict) -> None:
+    """`record` as pipelines/demo/results.json, its tables in README.md."""
     readme = HERE.parent.parent / "README.md"
     text = readme.read_text()
     start = text.index(README_MARKER)
@@ -322,13 +357,8 @@ def record_results(out: Path) -> None:
         begin = text.index("```text\n", start) + len("```text\n")
         end = text.index("```", begin)
         text = text[:begin] + format_analysis(record) + "\n" + text[end:]
-        FIGURES_DIR.mkdir(parents=True, exist_ok=True)
-        first = out / f"seed-{record['per_seed'][0]['seed']}"
-        for name, rel in FIGURES.items():
-            shutil.copyfile(first / rel, FIGURES_DIR / name)
     readme.write_text(text)
     (HERE / "results.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"recorded {results} -> {HERE / 'results.json'}, the tables in {readme} and the figures in {FIGURES_DIR}")
 
 
 def main() -> None:
