@@ -559,14 +559,14 @@ def example_images(ds: data_lib.Dataset, rows: Sequence[int]) -> dict[int, "Imag
 def plot_examples(examples: dict, images: dict, path: Union[str, Path], classnames: Sequence[str], keys: Sequence[str],
                   title: str = "") -> Path:
     """Figs. 9 / 16-19 as a PNG: a row per kind of `pick_examples`, each image with its key and true class, then each
-    head's top predictions (the true class marked with *, the head that is right in green, the wrong one in red)."""
+    head's top predictions under it (the true class marked with *; which head is right is the row's label)."""
     plt = _pyplot()
     kinds = [k for k in EXAMPLE_KINDS if examples.get(k)]
     if not kinds:
         raise ConfigError("no sample has one head right and the other wrong: nothing to draw (both heads agree on "
                           "every sample, or both fail together)")
     cols = max(len(examples[k]) for k in kinds)
-    fig, axes = plt.subplots(len(kinds), cols, figsize=(2.9 * cols, 3.6 * len(kinds)), squeeze=False)
+    fig, axes = plt.subplots(len(kinds), cols, figsize=(2.9 * cols, 3.9 * len(kinds)), squeeze=False)
     names = {"ce_head": "CE", "kd_head": "KD", "combined": "Eq.11"}
     for r, kind in enumerate(kinds):
         good = "ce_head" if kind == "ce_only" else "kd_head"
@@ -582,16 +582,16 @@ def plot_examples(examples: dict, images: dict, path: Union[str, Path], classnam
             ax.set_title(f"{keys[e['row']][-18:]}\ntrue: {classnames[e['label']][:22]}", fontsize=7)
             lines = []
             for head in ("ce_head", "kd_head", "combined"):
-                preds = ", ".join(f"{'*' if cls == e['label'] else ''}{classnames[cls][:14]} {100 * prob:.0f}%"
+                preds = ", ".join(f"{'*' if cls == e['label'] else ''}{classnames[cls][:12]} {100 * prob:.0f}%"
                                   for cls, prob in e["top"][head])
-                lines.append((f"{names[head]}: {preds}", "green" if head == good else "red" if head != "combined" else "black"))
-            for i, (text, colour) in enumerate(lines):
-                ax.text(0.0, -0.06 - 0.11 * i, text, transform=ax.transAxes, fontsize=6, color=colour, va="top", ha="left")
+                mark = "" if head == "combined" else " (right)" if head == good else " (wrong)"
+                lines.append(f"{names[head]}{mark}: {preds}")
+            ax.set_xlabel("\n".join(lines), fontsize=6, loc="left")  # under the image; tight_layout makes room
         axes[r][0].set_ylabel({"ce_only": "ce_head right,\nkd_head wrong", "kd_only": "kd_head right,\nce_head wrong"}[kind],
                               fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout(h_pad=4.0)
+    fig.tight_layout(rect=(0, 0, 1, 0.96) if title else None)
     return _save_figure(fig, Path(path))
 
 
