@@ -1,6 +1,6 @@
 """Outside baselines for the demo's table: scikit-learn on the raw 8x8 pixels of each seed's exact split.
 
-    python pipelines/demo/outside.py --record     # add them to the recorded run (pipelines/demo/results.json, README)
+    python pipelines/demo/run_demo.py --record-outside   # add them to the recorded run (results.json, README)
 
 The demo's numbers need something outside dho to stand beside. On each seed's own cut of the task (the same
 65 labeled images, 809-image pool and 216 test images the students see, recovered from the image keys, which
@@ -10,25 +10,21 @@ carry the `load_digits()` row: `digit-0042`) this fits, on the 64 raw intensitie
   a classic semi-supervised method on the same data the students get;
 - SVC on all train labels: what full supervision on the pool gives (an upper bound, not a competitor).
 They need no training of dho's and no teacher; deterministic for a seed. `run_demo.py` computes them with
-every seed; `--record` recomputes them for the recorded seeds (their splits are remade with `make_digits.py`,
-`dho prepare` and `dho split`, which depend on the seed only) and rewrites results.json and the README table.
+every seed; `run_demo.py --record-outside` recomputes them for the recorded seeds (their splits remade with
+`make_digits.py`, `dho prepare` and `dho split`, which depend on the seed only) into results.json and the README.
 
 Out of scope: tuning these baselines (defaults only), features other than the raw pixels.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
 ROWS = (  # (key, table label)
     ("svc_labeled", "SVC, labeled images only"),
     ("logreg_labeled", "logistic regression, labeled only"),
@@ -75,40 +71,3 @@ def outside_baselines(digits_json: Path, labeled: Path) -> dict:
         "svc_all_labels": score(SVC(), x[train], y[train]),
         "num_labeled": int(len(lab)), "num_pool": int(len(train)), "num_test": int(len(test)),
     }
-
-
-def recompute(seed: int, work: Path) -> dict:
-    """The seed's split remade (make_digits.py, dho prepare, dho split as run_demo.py runs them), its baselines."""
-    sys.path.insert(0, str(HERE))
-    import run_demo
-
-    py, dho = sys.executable, run_demo.DHO
-    out = work / f"seed-{seed}"
-    subprocess.run([py, HERE / "make_digits.py", "--out", out / "digits", "--seed", str(seed)], check=True, capture_output=True)
-    subprocess.run([dho, "prepare", out / "digits" / "task" / "train", "--out", out / "train", "--shard-size", "64",
-                    "--seed", str(seed)], check=True, capture_output=True)
-    subprocess.run([dho, "split", out / "train", "--out", out / "labeled", "--percent", str(run_demo.LABELED_PERCENT),
-                    "--seed", str(seed), "--shard-size", "16"], check=True, capture_output=True)
-    return outside_baselines(out / "digits" / "digits.json", out / "labeled")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--record", action="store_true", help="add the baselines to pipelines/demo/results.json and the README")
-    args = parser.parse_args()
-    if not args.record:
-        parser.error("nothing to do: pass --record (run_demo.py computes the baselines with every seed)")
-    sys.path.insert(0, str(HERE))
-    import run_demo
-
-    path = HERE / "results.json"
-    record = json.loads(path.read_text())
-    with tempfile.TemporaryDirectory() as work:
-        for r in record["per_seed"]:
-            r["outside"] = recompute(r["seed"], Path(work))
-            print(f"seed {r['seed']}: " + ", ".join(f"{k} {r['outside'][k]:.1f}" for k, _ in ROWS))
-    run_demo.write_record(record)
-
-
-if __name__ == "__main__":
-    main()

@@ -361,6 +361,28 @@ def write_record(record: dict) -> None:
     (HERE / "results.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
+def record_outside() -> None:
+    """Add the outside baselines to the recorded run: each recorded seed's split remade (make_digits.py, dho prepare,
+    dho split, as run_seed runs them; they depend on the seed only), its baselines, results.json and the README."""
+    import tempfile
+
+    from outside import outside_baselines
+
+    record = json.loads((HERE / "results.json").read_text())
+    with tempfile.TemporaryDirectory() as work:
+        for r in record["per_seed"]:
+            out, seed = Path(work) / f"seed-{r['seed']}", r["seed"]
+            logs = out / "logs"
+            run([sys.executable, HERE / "make_digits.py", "--out", out / "digits", "--seed", seed], logs / "make_digits.log")
+            run([DHO, "prepare", out / "digits" / "task" / "train", "--out", out / "train", "--shard-size", 64, "--seed", seed],
+                logs / "prepare_train.log")
+            run([DHO, "split", out / "train", "--out", out / "labeled", "--percent", LABELED_PERCENT, "--seed", seed,
+                 "--shard-size", 16], logs / "split.log")
+            r["outside"] = outside_baselines(out / "digits" / "digits.json", out / "labeled")
+            print(f"seed {seed}: " + ", ".join(f"{k} {r['outside'][k]:.1f}" for k, _ in OUTSIDE_ROWS))
+    write_record(record)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (rebuilt from scratch)")
@@ -375,7 +397,12 @@ def main() -> None:
                     help="skip the first seed's analyses (dho analyze, gradient diagnostics, bench-inference) and figures")
     ap.add_argument("--record", action="store_true",
                     help="do not run: make OUT's finished run the recorded one (pipelines/demo/results.json, README table)")
+    ap.add_argument("--record-outside", action="store_true",
+                    help="do not run: add the outside baselines (pipelines/demo/outside.py) to the recorded run")
     args = ap.parse_args()
+    if args.record_outside:
+        record_outside()
+        return
     if args.record:
         record_results(args.out.resolve())
         return
