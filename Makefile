@@ -9,7 +9,7 @@ CONSTRAINTS ?= constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-slow demo demo-record demo-teacher reproduce-lowshot reproduce-fewshot eval-ood ablation-vlm-heads clean
+.PHONY: setup test test-slow demo demo-record demo-teacher reproduce-lowshot reproduce-fewshot reproduce-fewshot-all eval-ood ablation-vlm-heads clean
 
 setup: $(VENV)/.installed
 
@@ -389,7 +389,8 @@ $(OOD_WORK)/$(OOD_NAME).$(OOD_MIX).md: $(foreach s,val $(OOD_SETS),$(OOD_OURS)/$
 # the first (K, seed) only.
 # =============================================================================================
 ifdef SMOKE
-FS_DATASET := oxford_pets
+FS_DATASET := $(or $(DATASET),oxford_pets)
+SMOKE_DATA_SEED ?= 0
 FS_WORK ?= runs/fewshot-smoke
 FS_ROOT = $(FS_WORK)/coop
 FS_RECIPE ?= pipelines/fewshot/coop-smoke.yaml
@@ -423,7 +424,8 @@ FS_RUNS = $(FS_WORK)/runs
 FS_EVAL = $(FS_WORK)/eval
 FS_PAIRS = $(foreach k,$(SHOTS),$(foreach s,$(SEEDS),k$(k)-s$(s)))
 # the (K, seed) pairs of the baseline runs; KD (no labels) runs once per seed, on the first K's split
-FS_BASELINE_PAIRS = $(if $(SMOKE),$(firstword $(FS_PAIRS)),$(FS_PAIRS))
+# (SMOKE: the first only, or every pair with SMOKE_BASELINE_PAIRS=all as reproduce-fewshot-all's smoke form)
+FS_BASELINE_PAIRS = $(if $(SMOKE),$(if $(filter all,$(SMOKE_BASELINE_PAIRS)),$(FS_PAIRS),$(firstword $(FS_PAIRS))),$(FS_PAIRS))
 FS_KD_PAIRS = $(filter $(FS_BASELINE_PAIRS),$(foreach s,$(SEEDS),k$(firstword $(SHOTS))-s$(s)))
 FS_BASELINE_RUNS = $(foreach m,$(FS_BASELINES),$(foreach p,$(if $(filter kd,$(m)),$(FS_KD_PAIRS),$(FS_BASELINE_PAIRS)),$(m)-$(p)))
 # the few-shot validation split: min(K, 4) per class of CoOp's val, as CoOp draws it (FS_VAL=fewshot: its sampler, its
@@ -444,14 +446,14 @@ FS_NEED = test -n "$(FS_DATASET)" -a -d "$(FS_ROOT)" || { echo "error: give DATA
 FS_EVAL_SET_fs = $$(a=$$($(RECIPE) get $(FS_RECIPE) recipe dho_f_alpha); test -n "$$a" && echo alpha=$$a)
 FS_EVAL_SET_zs =
 
-reproduce-fewshot: setup $(FS_WORK)/table.md
+reproduce-fewshot: setup $(FS_WORK)/table.md $(FS_WORK)/results.json
 	@echo "== table: $(FS_WORK)/table.md"
 
 $(FS_WORK)/smoke-inputs.done:
 	@echo "== smoke inputs -> $(FS_WORK)/coop, $(FS_WORK)/smoke-teacher.pt"
 	mkdir -p $(FS_WORK)
 	$(PY) pipelines/fewshot/make_smoke_coop.py --root $(FS_WORK)/coop --dataset $(FS_DATASET) --classes 4 --train 12 --val 6 \
-	  --test 8 --teacher-config tests/assets/tiny-clip.json --teacher-out $(FS_WORK)/smoke-teacher.pt
+	  --test 8 --seed $(SMOKE_DATA_SEED) --teacher-config tests/assets/tiny-clip.json --teacher-out $(FS_WORK)/smoke-teacher.pt
 	touch $@
 
 # 1. the benchmark's train/val/test, its K-shot splits and few-shot validation splits
@@ -553,8 +555,61 @@ $(FS_EVAL)/%.json:
 	  $(DHO) evaluate $(FS_RUNS)/$* --data $(FS_DATA)/test --json > $@.tmp
 	mv $@.tmp $@
 
-$(FS_WORK)/table.md: $(foreach p,$(FS_PAIRS),$(FS_EVAL)/zs-$(p).json $(FS_EVAL)/fs-$(p).json $(FS_EVAL)/teacher-fs-$(p).json) \
+$(FS_WORK)/table.md $(FS_WORK)/results.json &: $(foreach p,$(FS_PAIRS),$(FS_EVAL)/zs-$(p).json $(FS_EVAL)/fs-$(p).json $(FS_EVAL)/teacher-fs-$(p).json) \
   $(FS_BASELINE_RUNS:%=$(FS_EVAL)/%.json) $(FS_EVAL)/teacher-zs.json
-	@echo "== report -> $@"
+	@echo "== report -> $(FS_WORK)/table.md"
 	$(PY) pipelines/fewshot/report.py --eval $(FS_EVAL) --recipe $(FS_RECIPE) --dataset $(FS_DATASET) \
-	  --shots "$(SHOTS)" --seeds "$(SEEDS)" --baselines "$(FS_BASELINE_RUNS)" --out $@ $(if $(SMOKE),--smoke)
+	  --shots "$(SHOTS)" --seeds "$(SEEDS)" --baselines "$(FS_BASELINE_RUNS)" --out $(FS_WORK)/table.md \
+	  --json-out $(FS_WORK)/results.json $(if $(SMOKE),--smoke)
+
+# =============================================================================================
+# reproduce-fewshot-all: the few-shot benchmark over every dataset at once: each dataset by `make reproduce-fewshot`
+# into FS_ALL_WORK/DATASET (resumable: a finished dataset costs one `make` that does nothing), then
+# FS_ALL_WORK/table.md (the 10-dataset and 11-dataset averages beside the paper's, every dataset per K) and the
+# figures FS_ALL_WORK/figures/*.png (Figs. 2 left, 4/13, 5, 6, 8; Figs. 11/12 with FS_RECIPE=coop-mobilenetv2.yaml).
+#   make reproduce-fewshot-all ROOT=/data/coop [DATASETS="caltech101 ... ucf101 imagenet"] [SHOTS=..] [SEEDS=..] [GPUS=N]
+#       [FS_RECIPE=pipelines/fewshot/coop-resnet18.yaml] [IMAGENET_RECIPE=pipelines/fewshot/resnet50-dino.yaml]
+#       [LOG_GRAD_COSINE=N] [BASELINES=...] [FS_ALL_WORK=runs/fewshot-all]
+#   make reproduce-fewshot-all SMOKE=1   # three generated datasets (two of the ten and ImageNet), SHOTS="1 2", SEEDS=1,
+#                                        # the CE+KD baseline on every (K, seed), the diagnostics every step, on CPU
+# ImageNet runs its own recipe (ResNet-50 DINO, as Figs. 2 and 8; resnet18-scratch.yaml for Table 14's ResNet-18).
+# Cost: the sum of the datasets' reproduce-fewshot (see there); the report itself takes seconds.
+# =============================================================================================
+FS_TEN := caltech101 oxford_pets stanford_cars oxford_flowers food101 fgvc_aircraft sun397 dtd eurosat ucf101
+ifdef SMOKE
+DATASETS ?= oxford_pets eurosat imagenet
+FS_ALL_WORK ?= runs/fewshot-all-smoke
+IMAGENET_RECIPE ?= $(FS_RECIPE)
+FS_ALL_SEEDS := $(if $(filter file,$(origin SEEDS)),1,$(SEEDS))
+FS_ALL_BASELINES := $(if $(filter undefined,$(origin BASELINES)),ce+kd,$(BASELINES))
+FS_ALL_GRAD := $(if $(filter undefined,$(origin LOG_GRAD_COSINE)),1,$(LOG_GRAD_COSINE))
+else
+DATASETS ?= $(FS_TEN) imagenet
+FS_ALL_WORK ?= runs/fewshot-all
+IMAGENET_RECIPE ?= pipelines/fewshot/resnet50-dino.yaml
+FS_ALL_SEEDS := $(SEEDS)
+FS_ALL_BASELINES := $(if $(filter undefined,$(origin BASELINES)),,$(BASELINES))
+FS_ALL_GRAD := $(LOG_GRAD_COSINE)
+endif
+FS_ALL_RECIPE := $(FS_RECIPE)
+FS_ALL_UNKNOWN := $(filter-out $(FS_TEN) imagenet,$(DATASETS))
+ifneq ($(filter reproduce-fewshot-all,$(MAKECMDGOALS)),)
+ifneq ($(FS_ALL_UNKNOWN),)
+$(error DATASETS: $(FS_ALL_UNKNOWN) not of the CoOp benchmark; give some of: $(FS_TEN) imagenet)
+endif
+endif
+
+reproduce-fewshot-all: setup
+	@test -n "$(SMOKE)" -o -d "$(ROOT)" || { echo "error: give ROOT=FOLDER (CoOp's layout): make reproduce-fewshot-all ROOT=/data/coop"; exit 2; }
+	@i=0; for d in $(DATASETS); do \
+	  recipe=$$(test $$d = imagenet && echo $(IMAGENET_RECIPE) || echo $(FS_ALL_RECIPE)); \
+	  echo "== dataset $$d ($$recipe) -> $(FS_ALL_WORK)/$$d"; \
+	  $(MAKE) --no-print-directory reproduce-fewshot DATASET=$$d FS_WORK=$(FS_ALL_WORK)/$$d FS_RECIPE=$$recipe \
+	    SHOTS="$(SHOTS)" SEEDS="$(FS_ALL_SEEDS)" $(if $(SMOKE),SMOKE_DATA_SEED=$$i SMOKE_BASELINE_PAIRS=all) \
+	    $(if $(filter-out undefined,$(origin BASELINES))$(SMOKE),BASELINES="$(or $(FS_ALL_BASELINES),0)") \
+	    $(if $(FS_ALL_GRAD),LOG_GRAD_COSINE=$(FS_ALL_GRAD)) || exit $$?; \
+	  i=$$((i + 1)); \
+	done
+	@echo "== report -> $(FS_ALL_WORK)/table.md, $(FS_ALL_WORK)/figures"
+	$(PY) pipelines/fewshot/report_all.py --work $(FS_ALL_WORK) --datasets "$(DATASETS)" --recipe $(FS_ALL_RECIPE) \
+	  --imagenet-recipe $(IMAGENET_RECIPE) --out $(FS_ALL_WORK)/table.md --figures $(FS_ALL_WORK)/figures $(if $(SMOKE),--smoke)

@@ -22,9 +22,14 @@ def fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.1f}"
 
 
+def write_text_atomic(out: Path, text: str) -> None:
+    """Write a report file atomically: a stopped report never leaves a partial one."""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+
+
 def write_table(out: Path, table: str) -> None:
     """Write the Markdown table atomically (a stopped report never leaves a partial table.md) and print it."""
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(table, encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, table)
     print(table, end="")

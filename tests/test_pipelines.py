@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import importlib.util
 import re
+import statistics
 import subprocess
 import sys
 import typing
@@ -580,3 +581,102 @@ def test_log_grad_cosine_reaches_every_distill_of_the_reproduce_targets(tmp_path
             assert proc.returncode == 0, proc.stderr
             lines = [line for line in proc.stdout.splitlines() if " distill --config " in line]
             assert lines and all((want in line) if want else ("--log-grad-cosine" not in line) for line in lines), lines
+
+
+def _report_all():
+    spec = importlib.util.spec_from_file_location("report_all", PIPELINES / "fewshot" / "report_all.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_results(work: Path, name: str, dho: dict[int, list[float]], sho: dict[int, list[float]], teacher: float,
+                  diag: dict[str, list[tuple[int, float, float]]] | None = None) -> None:
+    """WORK/NAME/results.json as report.py --json-out writes it; diag: run -> [(step, grad_cosine, pred_inner)]."""
+    shots = sorted(dho)
+    seeds = list(range(1, len(dho[shots[0]]) + 1))
+    rows = {"DHO": dho, "DHO-F": {k: [v + 1 for v in vs] for k, vs in dho.items()}, "DHO (h_CE)": {k: [v - 2 for v in vs] for k, vs in dho.items()},
+            "DHO (h_KD)": {k: [v - 1 for v in vs] for k, vs in dho.items()}, "Tip-Adapter-F teacher": {k: [teacher + k] * len(seeds) for k in shots},
+            "CE+KD (logit)": sho}
+    (work / name).mkdir(parents=True)
+    (work / name / "results.json").write_text(json.dumps({
+        "dataset": name, "shots": shots, "seeds": seeds, "zero_shot_teacher": teacher,
+        "rows": {r: {str(k): v for k, v in by_k.items()} for r, by_k in rows.items()},
+        "baselines": {"ce+kd": {str(k): {str(s): f"ce+kd-k{k}-s{s}" for s in seeds} for k in shots}}}))
+    for run, records in (diag or {}).items():
+        (work / name / "runs" / run).mkdir(parents=True)
+        lines = [{"step": st, "loss": 1.0} for st in range(1, 11)] + [{"step": st, "grad_cosine": c, "pred_inner": p} for st, c, p in records]
+        (work / name / "runs" / run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_fewshot_all_report_averages_the_datasets_beside_the_paper_and_draws_the_figures(tmp_path):
+    """Every dataset counts once in an average; the 10-dataset average is the ten's, the 11-dataset one adds ImageNet;
+    the paper's 11-dataset number is derived from Table 14; a Δ only when every dataset of the average ran."""
+    report = _report_all()
+    ten = report.TEN
+    for i, d in enumerate(ten):
+        _fake_results(tmp_path, d, {1: [50.0 + i, 52.0 + i], 16: [70.0 + i, 70.0 + i]}, {1: [49.0 + i], 16: [68.0 + i]}, 40.0 + i)
+    _fake_results(tmp_path, "imagenet", {1: [61.0, 61.0], 16: [65.0, 65.0]}, {1: [60.0], 16: [63.0]}, 58.0,
+                  diag={"zs-k1-s1": [(5, 0.5, 0.1), (10, 0.3, 0.3)], "ce+kd-k1-s1": [(5, -0.2, -0.1), (10, -0.4, -0.3)]})
+    paper = report.paper_averages(yaml.safe_load((PIPELINES / "fewshot" / "coop-resnet18.yaml").read_text()),
+                                  yaml.safe_load((PIPELINES / "fewshot" / "resnet50-dino.yaml").read_text()))
+    assert paper["ten"] == {1: 58.9, 2: 62.2, 4: 68.4, 8: 73.1, 16: 76.5}
+    assert paper["eleven"][16] == pytest.approx((10 * 76.5 + 64.7) / 11)
+    results = report.load(tmp_path, [*ten, "imagenet"])
+    diag = report.diagnostics(tmp_path, results)
+    assert diag["note"].startswith("1 (K, seed) pairs over 1 dataset ")
+    # the curves at progress 0, 0.5, 1 (steps 5 and 10 of 10: clamped before the first record, then interpolated)
+    assert diag["curves"]["DHO"]["grad_cosine"][0] == 0.5 and diag["curves"]["DHO"]["grad_cosine"][5] == 0.5
+    assert diag["curves"]["DHO"]["grad_cosine"][10] == pytest.approx(0.3)
+    assert diag["summary"]["CE+KD (logit)"]["pred_inner"] == pytest.approx(-0.2)
+    table = report.build_table(results, [1, 16], paper, smoke=False, diag=diag)
+    dho = next(line for line in table.splitlines() if line.startswith("| DHO |"))
+    ten_1 = statistics.fmean(51.0 + i for i in range(10))  # each dataset's mean over its two seeds, then over datasets
+    eleven_16 = statistics.fmean([*(70.0 + i for i in range(10)), 65.0])
+    cells = [c.strip() for c in dho.strip("|").split("|")]
+    assert cells[1:4] == [f"{ten_1:.1f}", "58.9", f"{round(ten_1 - 58.9, 1):+.1f}"]
+    assert cells[10:13] == [f"{eleven_16:.1f}", f"{(10 * 76.5 + 64.7) / 11:.1f}", f"{round(eleven_16 - (10 * 76.5 + 64.7) / 11, 1):+.1f}"]
+    teacher = [c.strip() for c in next(line for line in table.splitlines() if line.startswith("| zero-shot teacher |")).strip("|").split("|")]
+    assert teacher[1:4] == [f"{statistics.fmean(40.0 + i for i in range(10)):.1f}", "–", "–"]
+    assert "| ImageNet | 2 | 61.0 | 62.0 | 59.0 | 60.0 | 60.0 |" in table  # 1-shot row: DHO, DHO-F, h_CE, h_KD, CE+KD
+    gain = statistics.fmean((70.0 + i) - (68.0 + i) for i in range(10))
+    assert f"DHO − best single-head baseline at 16 shots, 10-dataset mean over the 10 datasets with a baseline: {gain:+.1f}" in table
+    assert "| DHO | 0.4 | 0.2 |" in table
+    # a subset of the ten: labelled with what it has, no Δ against the paper's average of all ten
+    part = report.build_table(report.load(tmp_path, ["dtd", "eurosat"]), [1, 16], paper, smoke=False, diag=None)
+    assert "over 2 of the ten (DTD, EuroSAT)" in part
+    cells = [c.strip() for c in next(line for line in part.splitlines() if line.startswith("| DHO |")).strip("|").split("|")]
+    assert cells[2:4] == ["58.9", "–"]
+    # the figures: one panel per dataset and the averages, written as PNGs
+    paths = report.write_figures(results, [1, 16], paper, diag, tmp_path / "figures", smoke=False)
+    assert [p.name for p in paths] == ["accuracy_vs_shots.png", "teachers.png", "largest_k.png", "grad_conflict.png"]
+    from PIL import Image
+
+    sizes = {p.name: Image.open(p).size for p in paths}
+    assert sizes["accuracy_vs_shots.png"][1] > 3 * 250  # 11 datasets + 2 averages: 4 rows of panels
+    assert not list((tmp_path / "figures").glob("*.tmp*"))
+    missing = subprocess.run([sys.executable, str(PIPELINES / "fewshot" / "report_all.py"), "--work", str(tmp_path), "--datasets",
+                              "dtd caltech", "--recipe", str(PIPELINES / "fewshot" / "coop-resnet18.yaml"), "--out", str(tmp_path / "t.md"),
+                              "--figures", str(tmp_path / "f")], capture_output=True, text=True)
+    assert missing.returncode != 0 and missing.stderr.strip() == \
+        f"error: {tmp_path}/caltech/results.json not found; run `make reproduce-fewshot-all` (it makes every input of the table)"
+
+
+def test_reproduce_fewshot_all_runs_each_dataset_with_its_recipe(tmp_path):
+    def dry(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-n", "reproduce-fewshot-all", f"ROOT={tmp_path}", f"FS_ALL_WORK={tmp_path / 'w'}", "SHOTS=16",
+                               "SEEDS=1", "-o", ".venv/.installed", *args], cwd=ROOT, capture_output=True, text=True)
+
+    out = dry().stdout
+    datasets = re.findall(r"^== dataset (\w+) \((\S+)\) -> ", out, re.M)  # the loop's output, not its echoed text
+    assert datasets == [*((d, "pipelines/fewshot/coop-resnet18.yaml") for d in _report_all().TEN),
+                        ("imagenet", "pipelines/fewshot/resnet50-dino.yaml")]
+    assert f"--out {tmp_path}/w/table.md --figures {tmp_path}/w/figures" in out
+    for d in ("dtd", "imagenet"):  # each dataset's own graph, its own work folder
+        assert f"import-coop {d} {tmp_path} --out {tmp_path}/w/{d}/data" in out
+    mobile = dry("DATASETS=dtd eurosat", "FS_RECIPE=pipelines/fewshot/coop-mobilenetv2.yaml", "IMAGENET_RECIPE=pipelines/fewshot/resnet18-scratch.yaml").stdout
+    assert re.findall(r"^== dataset (\w+) \((\S+)\)", mobile, re.M) == [("dtd", "pipelines/fewshot/coop-mobilenetv2.yaml"),
+                                                                 ("eurosat", "pipelines/fewshot/coop-mobilenetv2.yaml")]
+    assert "student: mobilenet_v2" in (PIPELINES / "fewshot" / "coop-mobilenetv2.yaml").read_text()
+    bad = dry("DATASETS=dtd cifar10")
+    assert bad.returncode != 0 and "DATASETS: cifar10 not of the CoOp benchmark; give some of: caltech101" in bad.stderr

@@ -18,6 +18,7 @@ and the paper's numbers from the recipe's `expected:` section (`top1` = DHO, `dh
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tables import fmt, read_json, write_table  # noqa: E402
+from tables import fmt, read_json, write_table, write_text_atomic  # noqa: E402
 
 
 def _read_json(path: Path) -> dict:
@@ -45,6 +46,8 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 _fmt = fmt
 # single-head baselines, as Table 1 names them
 BASELINE_ROWS = {"kd": "KD", "ce": "CE", "ce+kd": "CE+KD (logit)", "ce+kd-feature": "CE+KD (feature)"}
+# the DHO student's model scored with one head (alpha 1 or 0, Fig. 8's ablations DHO (h_CE), DHO (h_KD))
+HEAD_ROWS = {"ce_head": "DHO (h_CE)", "kd_head": "DHO (h_KD)"}
 
 
 def baseline_runs(names: list[str]) -> dict[str, dict[int, dict[int, str]]]:
@@ -68,19 +71,14 @@ def _delta(values: list[float] | None, paper: float | None) -> str:
     return "–" if not values or paper is None else f"{round(mean_std(values)[0] - paper, 1) + 0.0:+.1f}"  # no -0.0
 
 
-def build_table(eval_dir: Path, recipe: dict, dataset: str, shots: list[int], seeds: list[int], smoke: bool,
-                baselines: list[str] = ()) -> str:
-    expected = recipe.get("expected", {})
-    paper = {
-        "DHO": expected.get("top1", {}),
-        "DHO-F": expected.get("dho_f", {}),
-        "Tip-Adapter-F teacher": expected.get("tip_adapter_f", {}),
-    }
+def collect(eval_dir: Path, shots: list[int], seeds: list[int], baselines: list[str] = ()) -> dict:
+    """Every number of the table, read from --eval: `rows` (row name -> {K: [top-1 per seed that ran]}), the
+    zero-shot teacher's top-1 and cache-info, the students' evaluate JSONs per kind and K, the Tip-Adapter-F
+    top-1 per K and seed, and the baseline runs by method."""
     runs = baseline_runs(list(baselines))
     base = {}  # row name -> {K: [top-1 per seed that ran]}
     for method, by_k in runs.items():
         row = BASELINE_ROWS[method]
-        paper[row] = (expected.get("baselines") or {}).get(method, {})
         if method == "kd":  # no labels: the per-seed runs stand under every K
             per_seed = {s: name for k_runs in by_k.values() for s, name in k_runs.items()}
             values = [_read_json(eval_dir / f"{per_seed[s]}.json")["combined"]["top1"] for s in sorted(per_seed)]
@@ -92,14 +90,40 @@ def build_table(eval_dir: Path, recipe: dict, dataset: str, shots: list[int], se
     student = {kind: {k: [_read_json(eval_dir / f"{kind}-{p}.json") for p in pairs[k]] for k in shots} for kind in ("zs", "fs")}
     tip = {k: [_agreement(_read_json(eval_dir / f"teacher-fs-{p}.json")) for p in pairs[k]] for k in shots}
     zs_info = _read_json(eval_dir / "teacher-zs.json")
-    zs_teacher = _agreement(zs_info)
-
-    ours = {
+    rows = {
         "DHO": {k: [r["combined"]["top1"] for r in student["zs"][k]] for k in shots},
         "DHO-F": {k: [r["combined"]["top1"] for r in student["fs"][k]] for k in shots},
+        HEAD_ROWS["ce_head"]: {k: [r["ce_head"]["top1"] for r in student["zs"][k]] for k in shots},  # Fig. 8's ablations:
+        HEAD_ROWS["kd_head"]: {k: [r["kd_head"]["top1"] for r in student["zs"][k]] for k in shots},  # one head of DHO's model
         "Tip-Adapter-F teacher": {k: [x for x in tip[k] if x is not None] for k in shots},
         **base,
     }
+    return {"rows": rows, "zs_teacher": _agreement(zs_info), "zs_info": zs_info, "student": student, "tip": tip, "runs": runs}
+
+
+def paper_rows(recipe: dict, methods=()) -> dict[str, dict]:
+    """Row name -> {"Kshot": the paper's top-1} from the recipe's `expected:` (DHO, DHO-F, Tip-Adapter-F, baselines)."""
+    expected = recipe.get("expected", {})
+    paper = {"DHO": expected.get("top1", {}), "DHO-F": expected.get("dho_f", {}), "Tip-Adapter-F teacher": expected.get("tip_adapter_f", {})}
+    for method in methods:
+        paper[BASELINE_ROWS[method]] = (expected.get("baselines") or {}).get(method, {})
+    return {name: values or {} for name, values in paper.items()}
+
+
+def results_json(dataset: str, recipe_path: Path, shots: list[int], seeds: list[int], got: dict) -> dict:
+    """The numbers of one dataset's table as JSON (FS_WORK/results.json), what `report_all.py` averages."""
+    return {"dataset": dataset, "recipe": str(recipe_path), "shots": shots, "seeds": seeds,
+            "rows": {name: {str(k): v for k, v in by_k.items()} for name, by_k in got["rows"].items()},
+            "zero_shot_teacher": got["zs_teacher"], "teacher": got["zs_info"].get("teacher", {}),
+            "baselines": {m: {str(k): {str(s): n for s, n in ks.items()} for k, ks in by_k.items()} for m, by_k in got["runs"].items()}}
+
+
+def build_table(eval_dir: Path, recipe: dict, dataset: str, shots: list[int], seeds: list[int], smoke: bool,
+                baselines: list[str] = (), got: dict | None = None) -> str:
+    expected = recipe.get("expected", {})
+    got = got or collect(eval_dir, shots, seeds, baselines)
+    runs, student, tip, zs_info, zs_teacher, ours = got["runs"], got["student"], got["tip"], got["zs_info"], got["zs_teacher"], got["rows"]
+    paper = paper_rows(recipe, runs)
     averaged = recipe.get("recipe", {}).get("paper_average")
     lines = []
     if smoke:
@@ -194,12 +218,16 @@ def main() -> None:
     parser.add_argument("--baselines", default="", help="Space-separated baseline runs METHOD-kK-sS (their eval JSON in --eval).")
     parser.add_argument("--out", type=Path, required=True, help="Markdown file to write.")
     parser.add_argument("--smoke", action="store_true", help="Title the table as a smoke run.")
+    parser.add_argument("--json-out", type=Path, default=None, help="Also write the table's numbers as JSON (report_all.py reads it).")
     args = parser.parse_args()
     if not args.recipe.is_file():
         sys.exit(f"error: recipe {args.recipe} not found; pass FS_RECIPE=pipelines/fewshot/<recipe>.yaml")
     recipe = yaml.safe_load(args.recipe.read_text(encoding="utf-8"))
-    table = build_table(args.eval, recipe, args.dataset, _ints(args.shots, "shots"), _ints(args.seeds, "seeds"), args.smoke,
-                        args.baselines.split())
+    shots, seeds = _ints(args.shots, "shots"), _ints(args.seeds, "seeds")
+    got = collect(args.eval, shots, seeds, args.baselines.split())
+    table = build_table(args.eval, recipe, args.dataset, shots, seeds, args.smoke, args.baselines.split(), got=got)
+    if args.json_out is not None:
+        write_text_atomic(args.json_out, json.dumps(results_json(args.dataset, args.recipe, shots, seeds, got), indent=1) + "\n")
     write_table(args.out, table)
 
 
