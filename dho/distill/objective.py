@@ -13,6 +13,9 @@ The loop asks the record what to read, train, optimise, log and keep; it never b
 name. A new method is one record here and one pure function in dho/losses.py (plus its name in the
 `--method` help of dho/cli.py, which a test keeps equal to METHODS).
 
+A method with two loss terms names them (`tasks`: lambda * L_CE and (1 - lambda) * L_KD), which
+`--grad-surgery pcgrad` projects apart (dho/distill/surgery.py).
+
 The backbone g always trains. An epoch is one pass over the unlabeled stream for every method (ce too),
 so baselines take the same number of steps.
 """

@@ -44,7 +44,8 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 _fmt = fmt
 # single-head baselines, as Table 1 names them
-BASELINE_ROWS = {"kd": "KD", "ce": "CE", "ce+kd": "CE+KD (logit)", "ce+kd-feature": "CE+KD (feature)"}
+BASELINE_ROWS = {"kd": "KD", "ce": "CE", "ce+kd": "CE+KD (logit)", "ce+kd-feature": "CE+KD (feature)",
+                 "ce+kd+pcgrad": "CE+KD (logit) + PCGrad"}  # PCGrad: the authors' train_imgnet_pc_grad.py, not in the paper
 
 
 def baseline_runs(names: list[str]) -> dict[str, dict[int, dict[int, str]]]:
