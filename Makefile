@@ -419,6 +419,9 @@ else
 FS_BASELINES := $(BASELINES)
 endif
 FS_DATA = $(FS_WORK)/data
+# a baseline that is a method with options (names.BASELINE_VARIANTS; tests/test_pipelines.py keeps them equal): its
+# `dho distill` flags; any other baseline M runs `--method M`
+FS_BASELINE_FLAGS_ce+kd+pcgrad = --method ce+kd --grad-surgery pcgrad
 FS_CACHE = $(FS_WORK)/cache
 FS_RUNS = $(FS_WORK)/runs
 FS_EVAL = $(FS_WORK)/eval
@@ -543,7 +546,7 @@ $(FS_RUNS)/%/model.pt:
 	@echo "== distill $* -> $(@D)"
 	mkdir -p $(FS_RUNS)
 	$(RECIPE) config $(FS_RECIPE) distill --out $(@D).distill.yaml
-	$(FS_LAUNCH) distill --config $(@D).distill.yaml --out $(@D) --seed $(SEED_S) $(if $(METHOD),--method $(METHOD)) $(GRAD_COSINE_OPTS) \
+	$(FS_LAUNCH) distill --config $(@D).distill.yaml --out $(@D) --seed $(SEED_S) $(if $(METHOD),$(or $(FS_BASELINE_FLAGS_$(METHOD)),--method $(METHOD))) $(GRAD_COSINE_OPTS) \
 	  --labeled $(FS_DATA)/lab-$(PAIR) --labeled-cache $(FS_CACHE)/$(word 2,$(TEACH))$(if $(filter lab,$(word 2,$(TEACH))),-$(PAIR)).zarr \
 	  --unlabeled $(FS_DATA)/train --unlabeled-cache $(FS_CACHE)/$(word 1,$(TEACH)).zarr --val $(FS_DATA)/val-$(PAIR) \
 	  $$(test -f $(@D)/checkpoints/last.pt && echo --resume)

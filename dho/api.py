@@ -308,10 +308,11 @@ def _run_from_folder(path: Path, device) -> Run:
                config.get("distill_config"))
 
 
-def load_run(path: Union[str, Path], device: Union[str, torch.device] = "auto") -> Run:
+def load_run(path: Union[str, Path], device: Union[str, torch.device] = "auto", weights: Optional[str] = None) -> Run:
     """A finished student as a `Run` on `device` (auto: CUDA, else MPS, else CPU; as `dho predict`): `path` is a
     run folder of `dho distill` (RUN/model.pt, alpha/beta as `dho predict` takes them), a folder of
-    `dho export --format hf`, or the OUT.safetensors weights of `dho export`."""
+    `dho export --format hf`, or the OUT.safetensors weights of `dho export`. `weights` ema | raw: of a run folder
+    trained with `dho distill --ema`, its EMA (the default) or its trained weights."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         return _run_from_weights(path, device)
@@ -321,7 +322,7 @@ def load_run(path: Union[str, Path], device: Union[str, torch.device] = "auto") 
         raise ConfigError(f"{path} is a file; load_run takes a run folder, a `dho export --format hf` folder or a "
                           ".safetensors file (for a pt2 / onnx / torchscript file use dho.load_export)")
     run = RunDir(path)
-    student, meta = run.load_student(device)
+    student, meta = run.load_student(device, weights)
     alpha, beta, source = run.alpha_beta_of(meta)
     return Run(path, student, meta, alpha, beta, source, run.read_config() if run.config.is_file() else None)
 

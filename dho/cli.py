@@ -31,6 +31,11 @@ BETA_GRID_HELP = ("beta values of an alpha/beta search: wide (0.1, 0.2, 0.3, 0.5
 
 
 
+WEIGHTS_HELP = ("ema | raw: of a run trained with `dho distill --ema`, its moving average of the weights or the trained "
+                "weights (a run without --ema has only these).")
+WEIGHTS_DEFAULT = "ema if the run has it, else raw"
+
+
 def shown(value) -> str:
     """A default as --help shows it: none, on, off, or the value."""
     return "none" if value is None else "on" if value is True else "off" if value is False else str(value)
@@ -238,6 +243,9 @@ def distill(
     view_sampling: Annotated[Optional[str], typer.Option(help="Which cached teacher view a sample gets: cycle (pass mod V) | random.", show_default=DISTILL_DEFAULTS["view_sampling"], rich_help_panel=DATA)] = None,
     grad_clip: Annotated[Optional[float], typer.Option(help="Clip the global gradient norm to this value; 0 = off.", show_default=DISTILL_DEFAULTS["grad_clip"], rich_help_panel=OPTIM)] = None,
     accum_steps: Annotated[Optional[int], typer.Option(help="Gradient accumulation: forward passes per optimiser step (batch split evenly).", show_default=DISTILL_DEFAULTS["accum_steps"], rich_help_panel=OPTIM)] = None,
+    grad_surgery: Annotated[Optional[str], typer.Option("--grad-surgery", help="none | pcgrad (PCGrad, Yu et al. 2020: the gradients of lambda*L_CE and (1-lambda)*L_KD projected off each other when they conflict, then averaged, as the authors' train_imgnet_pc_grad.py on ce+kd); with dho, ce+kd, ce+kd-feature.", show_default=DISTILL_DEFAULTS["grad_surgery"], rich_help_panel=METHOD)] = None,
+    ema: Annotated[Optional[float], typer.Option("--ema", help="Keep an exponential moving average of the student's weights with this decay (e.g. 0.9998; BatchNorm statistics averaged too, as timm's ModelEmaV3), updated after every optimiser step: validation, model.pt and so export/evaluate/predict use it (--weights raw: the trained weights). An extension, not the paper's.", show_default=DISTILL_DEFAULTS["ema"], rich_help_panel=OPTIM)] = None,
+    ema_warmup: Annotated[Optional[bool], typer.Option("--ema-warmup", help="Warm the EMA's decay up as min(--ema, 1 - (1 + step)^(-2/3)) (timm's --model-ema-warmup).", show_default=DISTILL_DEFAULTS["ema_warmup"], rich_help_panel=OPTIM)] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints (RUN_DIR/checkpoints/last.pt; also at each epoch end).", show_default=DISTILL_DEFAULTS["checkpoint_every"], rich_help_panel=LOGGING)] = None,
     log_every: Annotated[Optional[int], typer.Option(help="Steps between metric/progress lines.", show_default=DISTILL_DEFAULTS["log_every"], rich_help_panel=LOGGING)] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (smoke runs); the schedule keeps its full length.", show_default=DISTILL_DEFAULTS["max_steps"], rich_help_panel=OPTIM)] = None,
@@ -277,6 +285,7 @@ def distill(
         "epoch": epoch, "forward": forward, "select_best_on_val": select_best_on_val, "beta_grid": beta_grid, "lambda_": lambda_,
         "eta": eta, "zeta": zeta, "alpha": alpha, "beta": beta, "precision": precision, "device": device, "workers": workers,
         "seed": seed, "view_sampling": view_sampling, "grad_clip": grad_clip, "accum_steps": accum_steps,
+        "grad_surgery": grad_surgery, "ema": ema, "ema_warmup": ema_warmup,
         "checkpoint_every": checkpoint_every, "log_every": log_every, "max_steps": max_steps, "val": val,
         "eval_every_epoch": eval_every_epoch, "log_grad_cosine": log_grad_cosine, "init_heads_from_text": text_init, "text_init_heads": text_init_heads,
         "align_kd_head": align_kd_head, "vlm_heads": vlm_heads, "interpolation": interpolation, "window": window,
@@ -316,13 +325,14 @@ def evaluate(
     views: Annotated[str, typer.Option("--views", help="center (open_clip's eval transform: resize, center-crop) | random (the reference's Table 4 evaluation: one training view per image, RandomResizedCrop scale 0.5-1 + flip, replayed at the student's size; --draws passes, their mean). The --search-on search always uses center.")] = "center",
     draws: Annotated[Optional[int], typer.Option("--draws", help="With --views random: passes over --data, each with a fresh random view per image (draw d of an image is seeded by --seed, its key and d); the metrics are their mean.", show_default="1")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="With --views random: seed of the views (the same seed gives the same views and numbers).", show_default="0")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help=WEIGHTS_HELP, show_default=WEIGHTS_DEFAULT)] = None,
 ) -> None:
     """Top-1/top-5 of ce_head, kd_head and their combination (Eq. 11) on a labeled dataset."""
     from dho import evaluate as evaluation
 
     result = evaluation.evaluate(run_dir, data, alpha=alpha, beta=beta, search_on=search_on,
                                  batch_size=batch_size, device=device, workers=workers, beta_grid=beta_grid,
-                                 views=views, draws=draws, seed=seed)
+                                 views=views, draws=draws, seed=seed, weights=weights)
     if json_out:
         typer.echo(json.dumps(result))
         return
@@ -349,11 +359,12 @@ def predict(
     device: Annotated[str, typer.Option(help=DEVICE)] = "auto",
     heads: Annotated[bool, typer.Option("--heads", help="Show the top-k of ce_head, kd_head (at temperature beta) and their combination side by side.", show_default="off")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per image (one line each) instead of text.", show_default="off")] = False,
+    weights: Annotated[Optional[str], typer.Option("--weights", help=WEIGHTS_HELP, show_default=WEIGHTS_DEFAULT)] = None,
 ) -> None:
     """Print the top-k classes and probabilities of each image (Eq. 11 with the run's alpha, beta)."""
     from dho import evaluate as evaluation
 
-    for path, top in evaluation.predict(run_dir, images, topk=topk, device=device, heads=heads):
+    for path, top in evaluation.predict(run_dir, images, topk=topk, device=device, heads=heads, weights=weights):
         if json_out:
             as_list = lambda t: [{"class": c, "prob": p} for c, p in t]
             typer.echo(json.dumps({"image": str(path), **({h: as_list(t) for h, t in top.items()} if heads else {"combined": as_list(top)})}))
@@ -374,6 +385,7 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt).")],
     out: Annotated[Path, typer.Option("--out", help="Model file to write, named for its format (model.pt2, model.onnx, model.ts); beside it OUT.safetensors (the student's weights) and OUT.json (class names, preprocessing, alpha, beta). With --format hf, the folder to write (new, empty, or an earlier hf export).")],
     fmt: Annotated[Optional[str], typer.Option("--format", help="pt2 (torch.export: torch.export.load(OUT).module()) | onnx (onnxruntime; needs pip install 'dho[onnx]') | torchscript (torch.jit.load) | hf (the folder OUT in Hugging Face style: config.json, model.safetensors, README.md model card; dho.load_run(OUT) or plain safetensors loads it, huggingface_hub.upload_folder publishes it); must agree with the suffix of --out.", show_default="the suffix of --out: .pt2, .onnx, .ts; hf: give --format hf")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help=WEIGHTS_HELP, show_default=WEIGHTS_DEFAULT)] = None,
 ) -> None:
     """Write a deployable model: uint8 RGB images (B, 3, H, W) of any size -> probabilities (B, C); preprocessing, student and Eq. 11 with the run's alpha/beta baked in."""
     from dho.export import HF_FORMAT, metadata_path, weights_path
@@ -381,7 +393,7 @@ def export(
     from dho.export import format_for
 
     fmt = format_for(out, fmt)  # --out m.onnx: onnx
-    path = export_run(run_dir, out, format=fmt)
+    path = export_run(run_dir, out, format=fmt, weights=weights)
     if fmt == HF_FORMAT:
         typer.echo(f"wrote {path}/ (hf): config.json, model.safetensors, README.md")
         return

@@ -228,9 +228,11 @@ def collect_logits(
 # --------------------------------------------------------------------------------------------
 
 
-def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu") -> tuple[DualHeadStudent, dict]:
-    """The finished student of RUN_DIR (RUN_DIR/model.pt) in eval mode on `device`, and its meta."""
-    return RunDir(run_dir).load_student(device)
+def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu",
+             weights: Optional[str] = None) -> tuple[DualHeadStudent, dict]:
+    """The finished student of RUN_DIR (RUN_DIR/model.pt) in eval mode on `device`, and its meta; `weights` ema | raw
+    (a run of `dho distill --ema`: its EMA, the default, or its trained weights; see dho.students.load_student)."""
+    return RunDir(run_dir).load_student(device, weights)
 
 
 def run_alpha_beta(run_dir: Union[str, Path], meta: dict) -> tuple[float, float, str]:
@@ -339,6 +341,7 @@ def evaluate(
     views: str = "center",
     draws: Optional[int] = None,
     seed: Optional[int] = None,
+    weights: Optional[str] = None,
 ) -> dict:
     """Top-1/top-5 (%) of ce_head, kd_head and their combination (Eq. 11) on `data`.
 
@@ -371,7 +374,7 @@ def evaluate(
     check_number("--batch-size", batch_size, low=1, integer=True)
     check_number("--workers", workers, low=0, integer=True)
     beta_grid_of(beta_grid)
-    student, meta = load_run(run_dir, device)
+    student, meta = load_run(run_dir, device, weights)
     device = resolve_device(device)
     ds, columns = open_labeled(data, meta["classnames"], "--data")
 
@@ -488,6 +491,7 @@ def predict(
     device: Union[str, torch.device] = "auto",
     batch_size: int = PREDICT_BATCH,
     heads: bool = False,
+    weights: Optional[str] = None,
 ) -> list[tuple[Path, Union[list[tuple[str, float]], dict[str, list[tuple[str, float]]]]]]:
     """Top-k (class name, probability) per image from the combined heads (Eq. 11) with the run's alpha, beta.
     With `heads`, a dict per image: the top-k of ce_head (softmax), kd_head (softmax at temperature beta)
@@ -495,7 +499,7 @@ def predict(
     A folder among `images` stands for the image files in it (sorted, not recursive)."""
     check_number("--topk", topk, low=1, integer=True)
     paths = image_paths(images)
-    student, meta = load_run(run_dir, device)
+    student, meta = load_run(run_dir, device, weights)
     alpha, beta, _ = run_alpha_beta(run_dir, meta)
     preprocess: data_lib.Preprocessing = meta["preprocess"]
     classnames = meta["classnames"]

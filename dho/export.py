@@ -296,14 +296,16 @@ def format_for(out: Path, format: Optional[str]) -> str:
     return format
 
 
-def export(run_dir: Union[str, Path], out: Union[str, Path], format: Optional[str] = None) -> Path:
+def export(run_dir: Union[str, Path], out: Union[str, Path], format: Optional[str] = None,
+           weights: Optional[str] = None) -> Path:
     """Write RUN_DIR/model.pt (with the run's alpha, beta and preprocessing) as a `format` model at `out` (None: the
     format its suffix names, `format_for`), its weights at `weights_path(out)` and its metadata at
-    `metadata_path(out)`; return `out`. Format "hf": the folder `out` of `dho.hub.write_folder`."""
+    `metadata_path(out)`; return `out`. Format "hf": the folder `out` of `dho.hub.write_folder`. `weights` ema | raw: of a
+    run trained with --ema, its EMA (the default) or its trained weights (`dho.students.load_student`)."""
     run_dir, out = Path(run_dir), Path(out)
     format = format_for(out, format)
     if format == HF_FORMAT:  # a Hugging Face-style folder: config.json, model.safetensors, README.md
-        return write_folder(run_dir, out)
+        return write_folder(run_dir, out, weights)
     if out.exists() and not _is_dho_export(out):
         raise ConfigError(f"--out {out} exists and is not a dho export (no {metadata_path(out).name} of format dho-export "
                           "beside it); it is left alone: choose another --out or remove it yourself")
@@ -311,7 +313,7 @@ def export(run_dir: Union[str, Path], out: Union[str, Path], format: Optional[st
         missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
         if missing:
             raise ConfigError(f"cannot export {run_dir} as onnx: {', '.join(missing)} not installed; pip install 'dho[onnx]'")
-    student, meta = load_run(run_dir, "cpu")
+    student, meta = load_run(run_dir, "cpu", weights)
     alpha, beta, source = run_alpha_beta(run_dir, meta)
     pre = meta["preprocess"]  # dho.data.Preprocessing
     where = run_dir / MODEL

@@ -158,13 +158,14 @@ def _check_out(out: Path) -> None:
                           f"{' ...' if len(foreign) > 5 else ''}); move them away first, dho never deletes them")
 
 
-def write_folder(run_dir: Union[str, Path], out: Union[str, Path]) -> Path:
-    """RUN_DIR's finished student as a Hugging Face-style folder `out` (see the module docstring) -> out."""
+def write_folder(run_dir: Union[str, Path], out: Union[str, Path], weights: Optional[str] = None) -> Path:
+    """RUN_DIR's finished student (`weights` ema | raw of a --ema run, `dho.students.load_student`) as a Hugging
+    Face-style folder `out` (see the module docstring) -> out."""
     from dho.evaluate import load_run, run_alpha_beta
 
     run_dir, out = Path(run_dir), Path(out)
     _check_out(out)
-    student, meta = load_run(run_dir, "cpu")
+    student, meta = load_run(run_dir, "cpu", weights)
     alpha, beta, source = run_alpha_beta(run_dir, meta)
     run = RunDir(run_dir)
     run_config = run.read_config() if run.config.is_file() else None

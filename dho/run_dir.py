@@ -214,13 +214,14 @@ class RunDir:
     # ------------------------------------------------------------------ the best epoch
 
     def keep_best(self, student, classnames: list[str], alpha: float, beta: float, extra: dict, record: dict,
-                  searched: Optional[Path] = None) -> None:
-        """This epoch as checkpoints/best/: model.pt with its alpha/beta, best.json (`record`: top1, epoch, step,
-        ...), and the alpha_beta.json + heatmap that a search wrote into the folder `searched`, if any."""
+                  searched: Optional[Path] = None, raw=None) -> None:
+        """This epoch as checkpoints/best/: model.pt with its alpha/beta (and `raw`, the trained weights beside an EMA
+        `student`), best.json (`record`: top1, epoch, step, ...), and the alpha_beta.json + heatmap that a search
+        wrote into the folder `searched`, if any."""
         from dho.students import save_student
 
         self.best.mkdir(parents=True, exist_ok=True)
-        save_student(self.best / MODEL, student, classnames, alpha=alpha, beta=beta, extra=extra)
+        save_student(self.best / MODEL, student, classnames, alpha=alpha, beta=beta, extra=extra, raw=raw)
         write_json(self.best / BEST_JSON, record)
         for name in (ALPHA_BETA, HEATMAP) if searched is not None else ():
             os.replace(searched / name, self.best / name)
@@ -233,8 +234,9 @@ class RunDir:
 
     # ------------------------------------------------------------------ a finished run
 
-    def load_student(self, device: Union[str, torch.device] = "cpu"):
-        """The finished student (RUN/model.pt) in eval mode on `device`, and its meta (`dho.students.load_student`)."""
+    def load_student(self, device: Union[str, torch.device] = "cpu", weights: Optional[str] = None):
+        """The finished student (RUN/model.pt) in eval mode on `device`, and its meta (`dho.students.load_student`;
+        `weights`: ema | raw | None, the run's model)."""
         from dho.students import load_student
 
         if not self.path.is_dir():
@@ -251,7 +253,7 @@ class RunDir:
             hint = f" (only {CHECKPOINTS}/{LAST} is there)" if self.last.is_file() else ""
             raise ConfigError(f"{self.model} not found: the run is not finished{hint}; run `dho distill ... --out "
                               f"{self.path} --resume` to finish it")
-        return load_student(self.model, map_location=resolve_device(device))
+        return load_student(self.model, map_location=resolve_device(device), weights=weights)
 
     def read_alpha_beta(self) -> Optional[dict]:
         """RUN/alpha_beta.json (written by a search), or None."""

@@ -77,6 +77,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODEL_FILE_FORMAT = "dho-student"
 MODEL_FILE_VERSION = 1
+WEIGHTS = ("ema", "raw")  # load_student's weights: the EMA of a --ema run, or the trained weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,11 +532,13 @@ def save_student(
     alpha: float = 0.5,
     beta: float = 0.5,
     extra: Optional[dict] = None,
+    raw: Optional[DualHeadStudent] = None,
 ) -> Path:
     """Write a self-describing model file (atomically: a crash never leaves a partial file).
 
     Holds build_args, state_dict (CPU), classnames, preprocess, alpha, beta (Eq. 11 defaults
     of this run), dho version and ``extra`` (JSON-like metadata, e.g. the run's method).
+    With ``raw`` (`dho distill --ema`: `student` is the EMA), also raw_state_dict, its trained weights.
     """
     path = Path(path)
     if len(classnames) != student.num_classes:
@@ -552,14 +555,20 @@ def save_student(
         "extra": extra or {},
         "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()},
     }
+    if raw is not None:
+        payload["raw_state_dict"] = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
     # the part file is model.pt.part: torch.save names the folder inside its zip "model.pt" from it, so the bytes
     # do not depend on the temporary name
     return write_atomic(path, lambda part: torch.save(payload, part))
 
 
-def load_student(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[DualHeadStudent, dict]:
+def load_student(path: str | Path, map_location: str | torch.device = "cpu",
+                 weights: Optional[str] = None) -> tuple[DualHeadStudent, dict]:
     """-> (student in eval mode, meta) where meta has classnames, preprocess, alpha, beta,
-    build_args, extra, dho_version. Rebuilds offline from the file alone."""
+    build_args, extra, dho_version and weights (ema | raw). Rebuilds offline from the file alone.
+
+    weights: None (the file's model: the EMA of a `dho distill --ema` run), "ema" (an error without one) or
+    "raw" (the trained weights: raw_state_dict beside an EMA, else the only ones)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model file {path} not found")
@@ -571,9 +580,15 @@ def load_student(path: str | Path, map_location: str | torch.device = "cpu") -> 
         raise ConfigError(f"{path} is not a dho student model file (written by dho distill / save_student)")
     if payload.get("version") != MODEL_FILE_VERSION:
         raise ConfigError(f"{path} has model file version {payload.get('version')}; this dho reads version {MODEL_FILE_VERSION}")
+    has_ema = "raw_state_dict" in payload
+    if weights not in (None, *WEIGHTS):
+        raise ConfigError(f"--weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
+    if weights == "ema" and not has_ema:
+        raise ConfigError(f"{path} holds no EMA weights (its run trained without --ema); drop --weights ema or use --weights raw")
     student = rebuild_student(payload["build_args"], Preprocessing.from_dict(payload["preprocess"]))
-    student.load_state_dict(payload["state_dict"])
+    student.load_state_dict(payload["raw_state_dict" if weights == "raw" and has_ema else "state_dict"])
     student.to(map_location).eval()
     meta = {k: payload[k] for k in ("classnames", "alpha", "beta", "build_args", "extra", "dho_version")}
+    meta["weights"] = "ema" if has_ema and weights != "raw" else "raw"
     meta["preprocess"] = student.preprocess  # the record (the file holds its dict)
     return student, meta

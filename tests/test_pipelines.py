@@ -26,6 +26,7 @@ import yaml
 from dho.cli import app
 from dho.distill.config import load_options_file
 from dho.distill import METHODS, DistillConfig
+from dho.names import BASELINE_VARIANTS
 from dho.students import list_students
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -504,7 +505,7 @@ def test_makefile_reads_each_recipes_baselines_and_the_baselines_switch(recipe):
     single-head method; `make -n` runs them (KD once per seed), BASELINES=0 none, BASELINES="ce" only CE."""
     path, data = recipe
     listed = data["recipe"].get("baselines", [])
-    assert all(m in METHODS and m != "dho" for m in listed), f"{path}: baselines {listed}"
+    assert all((m in METHODS or m in BASELINE_VARIANTS) and m != "dho" for m in listed), f"{path}: baselines {listed}"
     proc = subprocess.run(["make", "-s", "--no-print-directory", "-f", "-", "show"], cwd=ROOT, capture_output=True, text=True,
                           input=f"FS_RECIPE := {path}\ninclude Makefile\nshow:\n\t@echo '$(FS_BASELINES)'\n")
     assert proc.returncode == 0 and proc.stdout.split() == listed, (proc.stdout, proc.stderr)
@@ -524,6 +525,20 @@ def test_reproduce_fewshot_baseline_runs_in_the_make_graph(tmp_path):
     assert runs == sorted(dho + base + [("kd-k1-s1", "kd"), ("kd-k1-s2", "kd")])
     assert distills("BASELINES=0") == sorted(dho)
     assert distills("BASELINES=ce") == sorted(dho + [(f"ce-k{k}-s{s}", "ce") for k in (1, 16) for s in (1, 2)])
+
+
+def test_a_baseline_variant_runs_its_method_and_options_in_the_make_graph(tmp_path):
+    """ce+kd+pcgrad of the ImageNet DINO recipe: `dho distill` gets names.BASELINE_VARIANTS' flags (the Makefile's
+    FS_BASELINE_FLAGS_NAME), and DistillConfig takes them."""
+    proc = subprocess.run(["make", "-n", "reproduce-fewshot", "DATASET=imagenet", f"ROOT={tmp_path}", f"FS_WORK={tmp_path / 'w'}",
+                           "FS_RECIPE=pipelines/fewshot/resnet50-dino.yaml", "SHOTS=1", "SEEDS=1", "BASELINES=ce+kd+pcgrad",
+                           "-o", ".venv/.installed"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for name, flags in BASELINE_VARIANTS.items():
+        assert re.search(rf"--out \S+/runs/{re.escape(name)}-k1-s1 --seed 1 {re.escape(' '.join(flags))} ", proc.stdout), name
+        options = dict(zip(flags[::2], flags[1::2]))
+        DistillConfig(labeled="l", labeled_cache="c", student="resnet50", out="o",
+                      **{k.lstrip("-").replace("-", "_"): v for k, v in options.items()})
 
 
 def test_clip_l14_teacher_setting_and_the_table5_ablation_in_the_make_graph(tmp_path):

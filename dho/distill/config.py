@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from dho.errors import ConfigError, check_choice, check_number
-from dho.names import ETA, METHODS, TEXT_INIT_HEADS, VLM_HEADS, ZETA  # torch-free: the CLI builds and checks the config before torch loads
+from dho.names import ETA, GRAD_SURGERIES, METHODS, SURGERY_METHODS, TEXT_INIT_HEADS, VLM_HEADS, ZETA  # torch-free: the CLI builds and checks the config before torch loads
 
 LR_SCHEDULES = ("warmup-cosine", "reference", "linear")
 UNLABELED_POOLS = ("union", "exclude-labeled")
@@ -93,6 +93,10 @@ class DistillConfig:
     view_sampling: str = "cycle"  # cycle: view = pass mod V; random: per (seed, key, pass)
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     accum_steps: int = 1  # gradient accumulation: each optimiser step = accum_steps forward passes
+    grad_surgery: str = "none"  # "pcgrad": CE and KD gradients projected off each other when they conflict (Yu et al.
+    #                             2020), as the authors' train_imgnet_pc_grad.py on ce+kd (dho/distill/surgery.py)
+    ema: Optional[float] = None  # decay of an EMA of the student's weights (timm's ModelEmaV3); the run's model is the EMA
+    ema_warmup: bool = False  # the EMA's decay warms up as min(ema, 1 - (1 + step)^(-2/3)) (timm's warmup)
     checkpoint_every: int = 500  # steps between checkpoints (also written at the end of each epoch)
     log_every: int = 20  # steps between metric lines
     max_steps: Optional[int] = None  # stop early after this many steps (smoke runs); the schedule keeps its length
@@ -127,8 +131,18 @@ class DistillConfig:
             ("--forward", self.forward, FORWARDS), ("--precision", self.precision, PRECISIONS),
             ("--view-sampling", self.view_sampling, VIEW_SAMPLINGS), ("--vlm-heads", self.vlm_heads, VLM_HEADS),
             ("--decode", self.decode, DECODES), ("--text-init-heads", self.text_init_heads, TEXT_INIT_HEADS),
+            ("--grad-surgery", self.grad_surgery, GRAD_SURGERIES),
         ):
             check_choice(option, value, choices)
+        if self.grad_surgery != "none" and self.method not in SURGERY_METHODS:
+            raise ConfigError(f"--grad-surgery {self.grad_surgery} projects two loss terms apart; --method {self.method} has "
+                              f"one: use --method {' | '.join(SURGERY_METHODS)} or --grad-surgery none")
+        if self.ema is not None:
+            check_number("--ema", self.ema, low=0, high=1, low_open=True)
+            if self.ema == 1:
+                raise ConfigError("--ema 1 never moves from the initial weights; give a decay below 1 (e.g. 0.999) or leave --ema out")
+        elif self.ema_warmup:
+            raise ConfigError("--ema-warmup warms up the EMA of --ema DECAY; give --ema too (e.g. --ema 0.999)")
         if self.warmup_fraction is not None:
             check_number("--warmup-fraction", self.warmup_fraction, low=0, high=1)
         check_choice("--beta-grid", self.beta_grid, BETA_GRIDS)

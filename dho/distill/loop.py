@@ -36,9 +36,11 @@ from dho.devices import Ranks, any_rank, cpu_threads_beside_workers, mean_over_r
 from dho.distill import schedule
 from dho.distill.config import DistillConfig, check_resume, report_sinks
 from dho.distill.diagnostics import grad_diagnostics, plot_grad_diagnostics
+from dho.distill.ema import StudentEma
 from dho.distill.metrics import EpochTerms, Metrics, format_val, resume_summary, step_line
 from dho.distill.objective import OBJECTIVES, Objective, Trainee, build_trainee
 from dho.distill.streams import DeviceBatches, Streams, make_loader, open_streams
+from dho.distill.surgery import TaskGrads
 from dho.errors import ConfigError, DhoError, Interrupted
 from dho.interrupt import StopSignal, workers_gone
 from dho.progress import Progress
@@ -75,10 +77,17 @@ class Training:
     log: Optional[Metrics] = None
     epoch_terms: EpochTerms = field(default_factory=EpochTerms)  # this epoch's loss terms summed (summary.csv's means)
     summary: list = field(default_factory=list)  # summary.csv's rows so far, one per epoch (kept in the checkpoint)
+    task_grads: Optional[TaskGrads] = None  # --grad-surgery: the two loss terms' gradients of the step
+    ema: Optional[StudentEma] = None  # --ema: the moving average of the student's weights (kept in the checkpoint)
 
     @property
     def student(self) -> nn.Module:
         return self.model.student
+
+    @property
+    def reported(self) -> nn.Module:
+        """The model the run validates, keeps and saves as model.pt: the EMA with --ema, else the student."""
+        return self.ema.module if self.ema is not None else self.student
 
     def autocast(self):
         device = self.ranks.device
@@ -214,7 +223,9 @@ def _setup_model(cfg: DistillConfig, objective: Objective, ranks: Ranks, plan: s
                                   fused=device.type == "cuda")
     return Training(cfg, objective, ranks, plan, run, streams, model, params, optimizer,
                     schedule.scheduler(optimizer, cfg, plan.total_steps),
-                    torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16), autocast_dtype)
+                    torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16), autocast_dtype,
+                    task_grads=TaskGrads(params) if cfg.grad_surgery == "pcgrad" else None,
+                    ema=StudentEma(model.student, cfg.ema, cfg.ema_warmup) if cfg.ema is not None else None)
 
 
 def _restore(t: Training) -> None:
@@ -235,6 +246,8 @@ def _restore(t: Training) -> None:
     t.best.update(ckpt.get("best") or {})
     t.epoch_terms.load(ckpt.get("epoch_terms"), t.ranks.device)  # a checkpoint of an older dho: the epoch's rest only
     t.summary = list(ckpt.get("summary") or [])
+    if t.ema is not None:
+        t.ema.load(ckpt["ema"])
 
 
 def _setup_parallel(t: Training) -> None:
@@ -245,8 +258,10 @@ def _setup_parallel(t: Training) -> None:
     if ranks.world_size > 1:
         if cfg.sync_bn:  # BatchNorm statistics over the global batch instead of each rank's share
             t.model = nn.SyncBatchNorm.convert_sync_batchnorm(t.model)  # replaces the BatchNorm children in place
+            t.ddp = t.model
         device = ranks.device
-        t.ddp = nn.parallel.DistributedDataParallel(t.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if t.task_grads is None:  # --grad-surgery averages each term's gradient over the ranks itself (TaskGrads)
+            t.ddp = nn.parallel.DistributedDataParallel(t.model, device_ids=[device.index] if device.type == "cuda" else None)
     ddp, model, objective = t.ddp, t.model, t.objective
 
     def forward_loss(batch) -> dict:
@@ -386,12 +401,17 @@ def _optimizer_step(t: Training, stop: StopSignal, step: int, unchecked: list) -
                 _save_checkpoint(t, step)
             raise _interrupted(t, stop, step) from None
         sync = micro_step == cfg.accum_steps - 1 or world == 1
-        with t.ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext():
+        with t.ddp.no_sync() if (world > 1 and not sync and t.task_grads is None) else contextlib.nullcontext():
             with t.autocast():
                 terms = t.step_fn(batch)
-            t.scaler.scale(terms["loss"] / cfg.accum_steps).backward()
+            if t.task_grads is None:
+                t.scaler.scale(terms["loss"] / cfg.accum_steps).backward()
+            else:  # --grad-surgery: each term's gradient apart, projected once the step's micro-batches are summed
+                t.task_grads.add([t.scaler.scale(part / cfg.accum_steps) for part in t.objective.tasks(terms, cfg.lambda_)])
         for k, v in terms.items():  # device tensors: no host sync inside the step
             terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float() / cfg.accum_steps
+    if t.task_grads is not None:
+        t.task_grads.apply_(world)
     if cfg.grad_clip > 0:
         t.scaler.unscale_(t.optimizer)
         torch.nn.utils.clip_grad_norm_(t.params, cfg.grad_clip)
@@ -400,6 +420,8 @@ def _optimizer_step(t: Training, stop: StopSignal, step: int, unchecked: list) -
     t.scaler.update()
     t.optimizer.zero_grad(set_to_none=True)
     t.scheduler.step()
+    if t.ema is not None:
+        t.ema.update(t.student)
     return batch, terms_sum, lr_used
 
 
@@ -425,7 +447,7 @@ def _save_checkpoint(t: Training, step: int) -> None:
         {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
          "scaler": t.scaler.state_dict(), "rng": rng_state(), "step": step, "epoch": step // t.plan.steps_per_epoch,
          "consumers": t.plan.consumers, "grad_diagnostics": t.grad_diag, "config": t.cfg.to_dict(), "best": t.best,
-         "epoch_terms": t.epoch_terms.state(), "summary": t.summary},
+         "epoch_terms": t.epoch_terms.state(), "summary": t.summary, **({"ema": t.ema.state()} if t.ema is not None else {})},
         keep=t.cfg.keep_checkpoints,
     )
 
@@ -451,8 +473,8 @@ def _end_of_epoch(t: Training, step: int) -> dict:
         t.log.say(f"epoch {epoch} validation: " + format_val(result))
         if not cfg.select_best_on_val and result["val_combined_top1"] > t.best["top1"]:
             t.best.update(top1=result["val_combined_top1"], epoch=epoch, step=step)
-            t.run.keep_best(t.student, t.streams.classnames, *t.alpha_beta(), extra=_model_extra(t, step),
-                            record={**t.best, "val": cfg.val, "metric": "val_combined_top1"})
+            t.run.keep_best(t.reported, t.streams.classnames, *t.alpha_beta(), extra=_model_extra(t, step),
+                            record={**t.best, "val": cfg.val, "metric": "val_combined_top1"}, raw=_raw(t))
         t.model.train()
     if cfg.select_best_on_val:
         if t.ranks.is_main:
@@ -466,52 +488,62 @@ def _end_of_epoch(t: Training, step: int) -> dict:
     return scores
 
 
-def _val_logits(t: Training) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The heads' logits on the labeled samples of --val (restricted to its classes) and their labels."""
+def _val_logits(t: Training, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The heads' logits of `model` on the labeled samples of --val (restricted to its classes) and their labels."""
     ds, columns = t.val
-    ce, kd, labels = evaluate.labeled_only(*evaluate.collect_logits(t.student, ds, batch_size=VAL_BATCH_SIZE,
+    ce, kd, labels = evaluate.labeled_only(*evaluate.collect_logits(model, ds, batch_size=VAL_BATCH_SIZE,
                                                                      device=t.ranks.device, workers=t.cfg.workers))
     return (*evaluate.restrict(ce, kd, columns), labels)
 
 
 def _validate(t: Training) -> dict:
-    """Top-1 of ce_head, kd_head and the combination (Eq. 11, the method's alpha/beta) on --val."""
-    t.student.eval()
-    ce, kd, labels = _val_logits(t)
-    return {
-        "val_ce_head_top1": evaluate.topk_accuracy(ce, labels)[1],
-        "val_kd_head_top1": evaluate.topk_accuracy(kd, labels)[1],
-        "val_combined_top1": evaluate.topk_accuracy(evaluate.combine_heads(ce, kd, *t.alpha_beta()), labels)[1],
-    }
+    """Top-1 of ce_head, kd_head and the combination (Eq. 11, the method's alpha/beta) on --val, of the run's model
+    (the EMA with --ema, as timm reports and keeps its EMA's) and with --ema also of the raw weights (val_raw_...)."""
+    scores = {}
+    for prefix, model in (("val_", t.reported), *((("val_raw_", t.student),) if t.ema is not None else ())):
+        model.eval()
+        ce, kd, labels = _val_logits(t, model)
+        scores.update({
+            f"{prefix}ce_head_top1": evaluate.topk_accuracy(ce, labels)[1],
+            f"{prefix}kd_head_top1": evaluate.topk_accuracy(kd, labels)[1],
+            f"{prefix}combined_top1": evaluate.topk_accuracy(evaluate.combine_heads(ce, kd, *t.alpha_beta()), labels)[1],
+        })
+    return scores
+
+
+def _raw(t: Training) -> Optional[nn.Module]:
+    """The trained weights, kept beside the EMA in model.pt with --ema (`dho ... --weights raw`); None without."""
+    return t.student if t.ema is not None else None
 
 
 def _select(t: Training, step: int) -> float:
     """--select-best-on-val: this epoch's top-1 on --val as its model would predict (a method without fixed
     alpha/beta has them searched there); a better epoch is kept in checkpoints/best/ and becomes RUN/model.pt
     when the schedule ends, as the reference keeps its best epoch: an unfinished run never has a model.pt."""
-    t.student.eval()
+    t.reported.eval()
     searched = t.objective.alpha_beta is None
     if searched:
         t.run.selection.mkdir(exist_ok=True)
         ds, columns = t.val
         alpha, beta, score = evaluate.search_and_store(
-            t.run.selection, t.student, ds, VAL_BATCH_SIZE, t.ranks.device, t.cfg.workers, columns=columns,
+            t.run.selection, t.reported, ds, VAL_BATCH_SIZE, t.ranks.device, t.cfg.workers, columns=columns,
             extra={"epoch": step // t.plan.steps_per_epoch, "step": step}, announce=False, beta_grid=t.cfg.beta_grid)
     else:
-        ce, kd, labels = _val_logits(t)
+        ce, kd, labels = _val_logits(t, t.reported)
         alpha, beta = t.objective.alpha_beta
         score = evaluate.topk_accuracy(evaluate.combine_heads(ce, kd, alpha, beta), labels)[1]
     if score > t.best["top1"]:
         t.best.update(top1=score, epoch=step // t.plan.steps_per_epoch, step=step)
-        t.run.keep_best(t.student, t.streams.classnames, alpha, beta,
+        t.run.keep_best(t.reported, t.streams.classnames, alpha, beta,
                         extra={**_model_extra(t, step), "selected_on_val": dict(t.best)},
                         record={**t.best, "val": t.cfg.val, "metric": "val_selection_top1"},
-                        searched=t.run.selection if searched else None)
+                        searched=t.run.selection if searched else None, raw=_raw(t))
     return score
 
 
 def _model_extra(t: Training, step: int) -> dict:
-    return {"method": t.cfg.method, "steps": step, "total_steps": t.plan.total_steps}
+    ema = {"ema": {"decay": t.cfg.ema, "warmup": t.cfg.ema_warmup, "updates": t.ema.updates}} if t.ema is not None else {}
+    return {"method": t.cfg.method, "steps": step, "total_steps": t.plan.total_steps, **ema}
 
 
 # ---------------------------------------------------------------------------------------------- the end
@@ -531,7 +563,8 @@ def _finish(t: Training, step: int) -> None:
             from dho.students import save_student
 
             alpha, beta = t.alpha_beta()
-            save_student(run.model, t.student, t.streams.classnames, alpha=alpha, beta=beta, extra=_model_extra(t, step))
+            save_student(run.model, t.reported, t.streams.classnames, alpha=alpha, beta=beta, extra=_model_extra(t, step),
+                         raw=_raw(t))
         if t.val is not None:
             result = _validate(t)
             t.log.write({"step": step, "final": True, **result})

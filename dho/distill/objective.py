@@ -13,6 +13,9 @@ The loop asks the record what to read, train, optimise, log and keep; it never b
 name. A new method is one record here and one pure function in dho/losses.py (plus its name in the
 `--method` help of dho/cli.py, which a test keeps equal to METHODS).
 
+A method with two loss terms names them (`tasks`: lambda * L_CE and (1 - lambda) * L_KD), which
+`--grad-surgery pcgrad` projects apart (dho/distill/surgery.py).
+
 The backbone g always trains. An epoch is one pass over the unlabeled stream for every method (ce too),
 so baselines take the same number of steps.
 """
@@ -47,6 +50,9 @@ class Objective:
     #                                                   searched on --val with --select-best-on-val
     diagnostics_head: Optional[str] = None  # the head whose KD gradient --log-grad-cosine compares with CE's; None: none
     feature_kd: bool = False  # reads the teacher's image embeddings and trains a projection to them
+    # (terms, lambda_) -> the loss's two weighted terms, summing to terms["loss"]: what --grad-surgery projects
+    # apart (dho/distill/surgery.py); None: one term, nothing to project (names.SURGERY_METHODS lists the others)
+    tasks: Optional[Callable[[dict, float], tuple[torch.Tensor, torch.Tensor]]] = None
 
     def samples_per_step(self, batch_size: int) -> int:
         """Samples one step reads (B labeled and/or B unlabeled)."""
@@ -77,13 +83,23 @@ def _feature(out_l, out_u, batch, model, lambda_, eta):
     return losses.ce_feature_kd_loss(out_l["ce_logits"], batch.l.label, z, emb, model.projection, lambda_=lambda_)
 
 
+def _ce_and_kd(terms, lambda_):
+    return lambda_ * terms["ce"], (1.0 - lambda_) * terms["kd"]
+
+
+def _ce_and_feature_kd(terms, lambda_):
+    return lambda_ * terms["ce"], (1.0 - lambda_) * terms["feature_kd"]
+
+
 SINGLE_HEAD = (1.0, 1.0)  # single-head methods predict with the head they trained: alpha = 1 -> ce_head
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
-    Objective("dho", True, True, ("ce_head", "kd_head"), _dho, diagnostics_head="kd_head"),
+    Objective("dho", True, True, ("ce_head", "kd_head"), _dho, diagnostics_head="kd_head", tasks=_ce_and_kd),
     Objective("ce", True, False, ("ce_head",), _ce, alpha_beta=SINGLE_HEAD),
     Objective("kd", False, True, ("kd_head",), _kd, alpha_beta=(0.0, 1.0)),  # alpha = 0, beta = 1 -> kd_head
-    Objective("ce+kd", True, True, ("ce_head",), _sho, alpha_beta=SINGLE_HEAD, diagnostics_head="ce_head"),
-    Objective("ce+kd-feature", True, True, ("ce_head",), _feature, alpha_beta=SINGLE_HEAD, feature_kd=True),
+    Objective("ce+kd", True, True, ("ce_head",), _sho, alpha_beta=SINGLE_HEAD, diagnostics_head="ce_head",
+              tasks=_ce_and_kd),
+    Objective("ce+kd-feature", True, True, ("ce_head",), _feature, alpha_beta=SINGLE_HEAD, feature_kd=True,
+              tasks=_ce_and_feature_kd),
 )}
 METHODS = tuple(OBJECTIVES)
 
