@@ -75,6 +75,7 @@ class Training:
     log: Optional[Metrics] = None
     epoch_terms: EpochTerms = field(default_factory=EpochTerms)  # this epoch's loss terms summed (summary.csv's means)
     summary: list = field(default_factory=list)  # summary.csv's rows so far, one per epoch (kept in the checkpoint)
+    dropout: bool = False  # an mlp head with --head-dropout > 0: its masks come from `_step_rng`
 
     @property
     def student(self) -> nn.Module:
@@ -194,7 +195,7 @@ def _setup_model(cfg: DistillConfig, objective: Objective, ranks: Ranks, plan: s
                  streams: Streams, autocast_dtype: Optional[torch.dtype]) -> Training:
     """The student (seeded: every rank and every resume builds the same one), the heads the method trains,
     AdamW (fused on CUDA), the schedule and the fp16 gradient scaler."""
-    from dho.students import build_student
+    from dho.students import MLPHead, build_student
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -215,7 +216,8 @@ def _setup_model(cfg: DistillConfig, objective: Objective, ranks: Ranks, plan: s
                                   fused=device.type == "cuda")
     return Training(cfg, objective, ranks, plan, run, streams, model, params, optimizer,
                     schedule.scheduler(optimizer, cfg, plan.total_steps),
-                    torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16), autocast_dtype)
+                    torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16), autocast_dtype,
+                    dropout=any(isinstance(m, MLPHead) and m.drop.p > 0 for m in student.modules()))
 
 
 def _restore(t: Training) -> None:
@@ -314,7 +316,8 @@ def _train(t: Training, stop: StopSignal) -> int:
         if logging and ranks.world_size > 1:
             terms = mean_over_ranks(terms, ranks.device, ranks.world_size)
         if t.objective.diagnostics_head and cfg.log_grad_cosine and step % cfg.log_grad_cosine == 0 and ranks.is_main:
-            record = {"step": step, **grad_diagnostics(t.model, batch, t.objective, cfg.eta, t.autocast)}
+            with _step_rng(t, step, cfg.accum_steps):  # its own masks, after the step's passes 0 .. accum_steps - 1
+                record = {"step": step, **grad_diagnostics(t.model, batch, t.objective, cfg.eta, t.autocast)}
             t.grad_diag.append(record)
             t.log.write(record)
         if logging:
@@ -388,7 +391,7 @@ def _optimizer_step(t: Training, stop: StopSignal, step: int, unchecked: list) -
             raise _interrupted(t, stop, step) from None
         sync = micro_step == cfg.accum_steps - 1 or world == 1
         with t.ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext():
-            with t.autocast():
+            with t.autocast(), _step_rng(t, step, micro_step):
                 terms = t.step_fn(batch)
             t.scaler.scale(terms["loss"] / cfg.accum_steps).backward()
         for k, v in terms.items():  # device tensors: no host sync inside the step
@@ -402,6 +405,25 @@ def _optimizer_step(t: Training, stop: StopSignal, step: int, unchecked: list) -
     t.optimizer.zero_grad(set_to_none=True)
     t.scheduler.step()
     return batch, terms_sum, lr_used
+
+
+def _step_rng(t: Training, step: int, index: int):
+    """Dropout masks (the mlp heads' --head-dropout) drawn from torch's RNG seeded by (seed, rank, step, pass), the
+    global state put back after: a resumed run draws the masks the uninterrupted one drew, whatever else drew from
+    torch's RNG in between (a DataLoader iterator made at the resume draws its base seed). Without dropout nothing
+    is touched (runs of linear heads stay as they were)."""
+    if not t.dropout:
+        return contextlib.nullcontext()
+    device = t.ranks.device
+    seed = int(np.random.SeedSequence([t.cfg.seed, t.ranks.rank, step, index]).generate_state(1)[0])
+
+    @contextlib.contextmanager
+    def seeded():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
+
+    return seeded()
 
 
 def _check_finite(unchecked: list[tuple[int, dict]], plan: schedule.Plan) -> dict[str, float]:
