@@ -104,7 +104,7 @@ def test_config_checks_the_head_options(world, tmp_path):
 @pytest.fixture(scope="module")
 def mlp_run(world, tmp_path_factory):  # noqa: F811
     run = tmp_path_factory.mktemp("mlp") / "run"
-    distill(_cfg(world, run, epochs=2, log_grad_cosine=2, **MLP))
+    distill(_cfg(world, run, epochs=1, log_grad_cosine=2, **MLP))
     return run
 
 
@@ -120,20 +120,20 @@ def test_distill_trains_both_mlp_heads_and_records_them(mlp_run):
         for p, q in zip(getattr(student, name).parameters(), getattr(init, name).parameters()):
             assert not torch.equal(p, q), name  # every layer of both heads trained
     losses = [m["loss"] for m in _metrics(mlp_run) if "loss" in m]
-    assert len(losses) == 2 * 40 // 8 and all(math.isfinite(v) for v in losses)
-    assert sum(losses[-3:]) < sum(losses[:3])
+    assert len(losses) == 40 // 8 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.7 * losses[0]
     diag = [m for m in _metrics(mlp_run) if "eig_ce" in m]
     assert diag and all("eig_kd" in m and "eig_ce_kd" not in m for m in diag)  # no cross term between hidden spaces
 
 
 def test_resume_with_mlp_heads_is_bit_identical_and_refuses_changed_heads(world, mlp_run, tmp_path):  # noqa: F811
     split = tmp_path / "split"
-    distill(_cfg(world, split, epochs=2, log_grad_cosine=2, max_steps=7, **MLP))
+    distill(_cfg(world, split, epochs=1, log_grad_cosine=2, max_steps=3, **MLP))
     for change, name in (({"kd_head": "linear"}, "kd_head: 'mlp' -> 'linear'"), ({"head_hidden": 32}, "head_hidden: 24 -> 32"),
                          ({"head_dropout": 0.0}, "head_dropout: 0.2 -> 0.0")):
         with pytest.raises(ConfigError, match=re.escape(name)):
-            distill(_cfg(world, split, epochs=2, log_grad_cosine=2, **{**MLP, **change}), resume=True)
-    distill(_cfg(world, split, epochs=2, log_grad_cosine=2, **MLP), resume=True)
+            distill(_cfg(world, split, epochs=1, log_grad_cosine=2, **{**MLP, **change}), resume=True)
+    distill(_cfg(world, split, epochs=1, log_grad_cosine=2, **MLP), resume=True)
     a, b = _state(mlp_run), _state(split)
     assert a.keys() == b.keys() and any(".norm." in k for k in a)
     for k in a:
