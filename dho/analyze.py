@@ -42,7 +42,7 @@ from dho.evaluate import (collect_logits, combine_heads, load_run, open_labeled,
                           topk_accuracy)
 from dho.progress import Progress
 from dho.run_dir import ALPHA_BETA, RunDir, write_json
-from dho.students import CosineHead, DualHeadStudent, NormalizedLinearHead, dominant_eigenvalue, head_weight
+from dho.students import DualHeadStudent, MLPHead, dominant_eigenvalue, head_input, head_weight
 
 CATEGORIES = ("both_correct", "ce_only", "kd_only", "both_wrong")  # Fig. 15 (middle)
 MAX_PROB_BINS = tuple(round(0.05 * i, 2) for i in range(21))  # 20 bins of width 0.05 on [0, 1], Fig. 15 (left)
@@ -204,19 +204,22 @@ def head_spectra(student: DualHeadStudent) -> dict:
     magnitude, real part), on the heads' effective weights (``dho.students.head_weight``: W of a
     linear head; for the aligned kd_head of VLM students the matrix acting on n(z) = z / ||z||, 1/zeta
     included), computed as ``distill --log-grad-cosine`` logs them during training. Also names the
-    input each head's W multiplies (z or n(z))."""
-    w_ce, w_kd = head_weight(student.ce_head), head_weight(student.kd_head)  # (C, D)
+    input each head's W multiplies (z or n(z); an mlp head's last layer: its own hidden h(z) or n(h(z)), so
+    with an mlp head ce_kd is None: the two matrices act on different spaces)."""
+    w_ce, w_kd = head_weight(student.ce_head), head_weight(student.kd_head)  # (C, D) or (C, H)
+    mlp = any(isinstance(h, MLPHead) for h in (student.ce_head, student.kd_head))
     return {
         "ce_head": dominant_eigenvalue(w_ce),
         "kd_head": dominant_eigenvalue(w_kd),
-        "ce_kd": dominant_eigenvalue(w_ce, w_kd),
-        "ce_head_input": _head_input(student.ce_head),
-        "kd_head_input": _head_input(student.kd_head),
+        "ce_kd": None if mlp else dominant_eigenvalue(w_ce, w_kd),
+        "ce_head_input": head_input(student.ce_head),
+        "kd_head_input": head_input(student.kd_head),
     }
 
 
-def _head_input(head: nn.Module) -> str:
-    return "n(z)" if isinstance(head, (CosineHead, NormalizedLinearHead)) else "z"
+def _eig(value: Optional[float], spec: str) -> str:
+    """An eigenvalue as text; None (W_CE W_KD^T with an mlp head) as 'n/a (mlp head)'."""
+    return "n/a (mlp head)" if value is None else format(value, spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,7 +459,7 @@ def spectrum_figure(spectrum: dict, heads: Optional[dict] = None, title: str = "
     text = f"effective rank {spectrum['effective_rank']:.1f} of D={spectrum['dim']} (N={spectrum['num_samples']})"
     if heads is not None:
         text += (f"\nlambda_max: W_CE W_CE^T {heads['ce_head']:.3g}, W_KD W_KD^T {heads['kd_head']:.3g}, "
-                 f"W_CE W_KD^T {heads['ce_kd']:.3g}")
+                 f"W_CE W_KD^T {_eig(heads['ce_kd'], '.3g')}")
     ax.set_title(f"{title}\n{text}" if title else text, fontsize=9)
     fig.tight_layout()
     return fig
@@ -782,7 +785,7 @@ def format_summary(result: dict) -> str:
         f"ce_head fails {er['ce_head']['failed']:.1f}% -> combined {er['ce_head']['still_failed']:.1f}%",
         f"features: effective rank {result['effective_rank']:.1f} of {result['dim']}, "
         f"{result['components_90']} / {result['components_99']} components for 90 / 99% of the variance",
-        f"dominant eigenvalue: W_CE W_CE^T {hs['ce_head']:.4g}  W_KD W_KD^T {hs['kd_head']:.4g}  W_CE W_KD^T {hs['ce_kd']:.4g}",
+        f"dominant eigenvalue: W_CE W_CE^T {hs['ce_head']:.4g}  W_KD W_KD^T {hs['kd_head']:.4g}  W_CE W_KD^T {_eig(hs['ce_kd'], '.4g')}",
     ]
     if result["probe"] is not None:
         p = result["probe"]

@@ -345,6 +345,12 @@ def model_card(config: dict) -> str:
         "Optimization, Kang et al.). It predicts", "",
         "    p = alpha * softmax(ce_head(z)) + (1 - alpha) * softmax(kd_head(z) / beta)    (Eq. 11)", "",
         f"with alpha = {config['alpha']:g}, beta = {config['beta']:g} ({config['alpha_beta_source']}).", "",
+    ]
+    build = config["build_args"]
+    if "ce_head" in build:  # an mlp head (§E.2); two linear heads record no forms
+        lines += [f"Heads: ce_head {build['ce_head']}, kd_head {build['kd_head']} (mlp: Linear -> LayerNorm -> GELU -> "
+                  f"Dropout({build['head_dropout']:g}) -> Linear, hidden width {build['head_hidden']}).", ""]
+    lines += [
         "## Teacher", "",
     ]
     if teacher:

@@ -17,7 +17,8 @@ FLOPs are counted by torch's flop counter (`torch.utils.flop_counter.FlopCounter
 forward of a single image, where a multiply-add is 2 FLOPs; `gmacs` = gflops / 2 is what the paper's
 "FLOPs" column reports (multiply-accumulates: ResNet-18 at 224 px is 1.82 G there, 3.64 GFLOPs here).
 The counter sees matrix products and convolutions only: normalisations, activations, softmax and
-Eq. 11's combination cost nothing in it, so DHO's FLOP overhead is exactly kd_head's 2 x D x C.
+Eq. 11's combination cost nothing in it, so DHO's FLOP overhead is exactly kd_head's 2 x D x C (an mlp kd_head
+of §E.2: 2 x (D x H + H x C); with an mlp ce_head the single-head network carries it too).
 Two gaps of the counter are closed while counting: nn.MultiheadAttention's inference fast path
 (one fused op it does not know, so ViT attention would count as zero) is switched off, and the CPU
 flash-attention kernel gets torch's own attention formula.

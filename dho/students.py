@@ -40,11 +40,22 @@ default, fan_in) and zero biases, as always for CNN students. ``text_init_heads`
 that head starts from the text embeddings, the other as with the init off (Table 5's per-head rows).
 ``align_kd_head`` off: kd_head is a plain linear head on z. The settings are independent (Table 5 ablation).
 
+Non-linear heads (paper §E.2, Tables 14-15; ``ce_head`` / ``kd_head`` = ``mlp``, every student kind):
+
+    head(z) = out(Dropout(GELU(LayerNorm(W_1 z + b_1))))   # (B, D) -> (B, H) -> (B, C), H = ``head_hidden`` (default D)
+
+``out`` is the layer the linear head would have been, on the hidden h instead of z: nn.Linear, or for the aligned
+kd_head of VLM students its reference / Eq. 10 form on n(h). Both linear layers start as the linear heads do
+(kaiming_uniform, zero bias), LayerNorm at (1, 0). Language-aware init sets linear heads only: the text embeddings
+live in z's space, not in the hidden space an mlp head's last layer reads, so an mlp head starts as with the init
+off (docs/fidelity.md); ``text_init_heads`` naming only mlp heads is refused. Model files record the forms,
+H and the dropout in ``build_args`` (only when a head is mlp: files of linear heads are as before).
+
 Model files: ``save_student`` / ``load_student`` hold everything needed to rebuild the
 student offline (no download, no text encoder): build args (incl. the open_clip model
 config), state_dict, class names, preprocessing, alpha and beta.
 
-Out of scope: non-linear heads (paper §E.2), ``hf-hub:`` / ``local-dir:`` sources for open_clip
+Out of scope: non-linear heads other than §E.2's, ``hf-hub:`` / ``local-dir:`` sources for open_clip
 and timm students, timm's crop_pct in the evaluation view, timm ``features_only`` / feature-map
 students.
 """
@@ -69,7 +80,7 @@ from dho.atomic import write_atomic
 from dho.data.views import Preprocessing
 from dho.errors import ConfigError
 from dho.losses import ZETA
-from dho.names import CNN_STUDENTS, TEXT_INIT_HEADS, VLM_HEADS, check_student  # noqa: F401  VLM_HEADS: see the module docstring
+from dho.names import CNN_STUDENTS, HEAD_DROPOUT, HEAD_FORMS, TEXT_INIT_HEADS, VLM_HEADS, check_student  # noqa: F401  VLM_HEADS: see the module docstring
 from dho.templates import STUDENT_INIT_TEMPLATES, fill_templates, resolve_templates, template_mean
 from dho.timm_students import TIMM_PREFIX, build_timm, rebuild_timm, strip_prefixes
 
@@ -121,10 +132,41 @@ class NormalizedLinearHead(nn.Linear):
         return super().extra_repr() + f", zeta={self.zeta}"
 
 
+class MLPHead(nn.Module):
+    """Non-linear head of §E.2: out(Dropout(GELU(LayerNorm(fc(z))))); `out` is the linear head's layer on h (C, H)."""
+
+    def __init__(self, in_features: int, hidden: int, out: nn.Module, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(in_features, hidden)  # (H, D)
+        self.norm = nn.LayerNorm(hidden)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        self.out = out
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.act(self.norm(self.fc(z))))  # (B, H)
+        return self.out(h)  # (B, C)
+
+
+def _make_head(form: str, linear: Callable[[int], nn.Module], in_features: int, hidden: int, dropout: float) -> nn.Module:
+    """`linear(in_features)` (the head's linear layer), or for form "mlp" an MLPHead ending in `linear(hidden)`."""
+    return linear(in_features) if form == "linear" else MLPHead(in_features, hidden, linear(hidden), dropout)
+
+
+def head_input(head: nn.Module) -> str:
+    """What the matrix of `head_weight(head)` multiplies: z, n(z) (aligned heads), h(z) or n(h(z)) (mlp heads)."""
+    if isinstance(head, MLPHead):
+        return head_input(head.out).replace("z", "h(z)")
+    return "n(z)" if isinstance(head, (CosineHead, NormalizedLinearHead)) else "z"
+
+
 def head_weight(head: nn.Module) -> torch.Tensor:
     """The (C, D) matrix W a head applies to its input (float32, detached): a linear head's weight, and
     for the aligned heads the matrix acting on the normalised feature, scale 1/zeta included (Eq. 10:
-    unit rows / zeta; the reference's head: W / zeta). The W of the paper's W W^T analysis (Fig. 13)."""
+    unit rows / zeta; the reference's head: W / zeta). The W of the paper's W W^T analysis (Fig. 13).
+    An mlp head: the (C, H) matrix of its last layer, on its hidden h (`head_input`)."""
+    if isinstance(head, MLPHead):
+        return head_weight(head.out)
     w = head.weight.detach().float()  # (C, D)
     if isinstance(head, CosineHead):
         return F.normalize(w, dim=-1) / head.zeta
@@ -163,22 +205,30 @@ class DualHeadStudent(nn.Module):
         preprocess: Preprocessing,
         build_args: dict,
         vlm_heads: str = "eq10",
+        ce_head: str = "linear",
+        kd_head: str = "linear",
+        head_hidden: Optional[int] = None,
+        head_dropout: float = HEAD_DROPOUT,
     ):
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.num_classes = num_classes
-        self.ce_head = nn.Linear(feature_dim, num_classes)
+        hidden = int(head_hidden or feature_dim)  # H of the mlp heads
         if not align_kd_head:
-            self.kd_head = nn.Linear(feature_dim, num_classes)
+            kd_linear = lambda d: nn.Linear(d, num_classes)  # noqa: E731
         elif vlm_heads == "reference":
-            self.kd_head = NormalizedLinearHead(feature_dim, num_classes, zeta)
+            kd_linear = lambda d: NormalizedLinearHead(d, num_classes, zeta)  # noqa: E731
         else:
-            self.kd_head = CosineHead(feature_dim, num_classes, zeta)
+            kd_linear = lambda d: CosineHead(d, num_classes, zeta)  # noqa: E731
+        self.ce_head = _make_head(ce_head, lambda d: nn.Linear(d, num_classes), feature_dim, hidden, head_dropout)
+        self.kd_head = _make_head(kd_head, kd_linear, feature_dim, hidden, head_dropout)
         for head in (self.ce_head, self.kd_head):
-            _kaiming_init(head.weight)
-            if getattr(head, "bias", None) is not None:
-                nn.init.zeros_(head.bias)
+            layers = (head.fc, head.out) if isinstance(head, MLPHead) else (head,)
+            for layer in layers:
+                _kaiming_init(layer.weight)
+                if getattr(layer, "bias", None) is not None:
+                    nn.init.zeros_(layer.bias)
         self.preprocess = preprocess  # how it takes its images (the views, the evaluation view, mean/std)
         self.build_args = dict(build_args)
         # convolutional backbones (torchvision, timm) run NHWC (channels_last) on CUDA: tensor cores without transposes
@@ -425,6 +475,10 @@ def build_student(
     text_init_heads: str = "both",
     zeta: float = ZETA,
     vlm_heads: str = "reference",
+    ce_head: str = "linear",
+    kd_head: str = "linear",
+    head_hidden: Optional[int] = None,
+    head_dropout: float = HEAD_DROPOUT,
     interpolation: Optional[str] = None,
     device: str | torch.device = "cpu",
 ) -> DualHeadStudent:
@@ -442,6 +496,8 @@ def build_student(
         default ``["a photo of a {}."]``).
     init_heads_from_text, text_init_heads, align_kd_head, vlm_heads: VLM students only (see module docstring).
     zeta: the aligned head's fixed temperature (logit scale 1 / zeta), Eq. 10.
+    ce_head, kd_head: ``linear`` | ``mlp`` (§E.2); head_hidden (H, default the feature dim D), head_dropout: the
+        mlp heads' (see module docstring).
     interpolation: resampling of the student's views and evaluation images (default: the
         student's own: bilinear for torchvision CNNs, the data config's for timm students, the
         open_clip config's for VLM students).
@@ -458,12 +514,16 @@ def build_student(
         raise ConfigError(f"--text-init-heads must be one of {', '.join(TEXT_INIT_HEADS)}, got {text_init_heads!r}")
     if interpolation is not None and interpolation not in ("bilinear", "bicubic"):
         raise ConfigError(f"--interpolation must be bilinear or bicubic, got {interpolation!r}")
+    for option, form in (("--ce-head", ce_head), ("--kd-head", kd_head)):
+        if form not in HEAD_FORMS:
+            raise ConfigError(f"{option} must be one of {', '.join(HEAD_FORMS)}, got {form!r}")
+    forms = {"ce_head": ce_head, "kd_head": kd_head, "head_hidden": head_hidden, "head_dropout": float(head_dropout)}
     if name.startswith(TIMM_PREFIX):
         backbone, dim, preprocess, timm_name = build_timm(name, pretrained, interpolation)
         build_args = {"name": name, "kind": "timm", "timm_name": timm_name, "num_classes": num_classes,
                       "feature_dim": dim, "align_kd_head": False, "zeta": zeta, "pretrained": pretrained,
-                      "init_heads_from_text": False}
-        return DualHeadStudent(backbone, dim, num_classes, False, zeta, preprocess, build_args)
+                      "init_heads_from_text": False, **_head_args(forms, dim)}
+        return DualHeadStudent(backbone, dim, num_classes, False, zeta, preprocess, build_args, **_head_kwargs(build_args))
     check_student(name)  # an unknown name: one line with the close names (dho/names.py, also run before torch loads)
     source = _clip_source(name)
 
@@ -472,9 +532,15 @@ def build_student(
         if interpolation is not None:
             preprocess = preprocess.replace(interpolation=interpolation)
         build_args = {"name": name, "kind": "torchvision", "num_classes": num_classes, "feature_dim": dim,
-                      "align_kd_head": False, "zeta": zeta, "pretrained": pretrained, "init_heads_from_text": False}
-        return DualHeadStudent(backbone, dim, num_classes, False, zeta, preprocess, build_args)
+                      "align_kd_head": False, "zeta": zeta, "pretrained": pretrained, "init_heads_from_text": False,
+                      **_head_args(forms, dim)}
+        return DualHeadStudent(backbone, dim, num_classes, False, zeta, preprocess, build_args, **_head_kwargs(build_args))
 
+    text_heads = [h for h in {"both": ("ce_head", "kd_head"), "ce": ("ce_head",), "kd": ("kd_head",)}[text_init_heads]
+                  if forms[h] == "linear"]  # the text embeddings are in z's space: mlp heads start as with the init off
+    if init_heads_from_text and not text_heads and text_init_heads != "both":
+        raise ConfigError(f"--text-init-heads {text_init_heads} names an mlp head, which language-aware init does not set "
+                          "(it sets linear heads only); use --text-init-heads both or --no-text-init")
     if init_heads_from_text:
         if classnames is None or len(classnames) != num_classes:
             raise ConfigError(
@@ -489,23 +555,38 @@ def build_student(
     if interpolation is not None:
         preprocess = preprocess.replace(interpolation=interpolation)
     text_weights = (_text_classifier(model, model_name, classnames, templates, device, normalized=vlm_heads == "eq10")
-                    if init_heads_from_text else None)
+                    if init_heads_from_text and text_heads else None)
     tower = tower.cpu()
     del model  # the text encoder is used only for init
     build_args = {"name": name, "kind": "open_clip", "num_classes": num_classes, "feature_dim": dim,
                   "align_kd_head": bool(align_kd_head), "zeta": zeta, "pretrained": pretrained,
                   "init_heads_from_text": bool(init_heads_from_text), "clip_config": cfg,
                   "text_init_heads": text_init_heads if init_heads_from_text else None,
-                  "templates": templates if init_heads_from_text else None, "vlm_heads": vlm_heads}
-    student = DualHeadStudent(tower, dim, num_classes, bool(align_kd_head), zeta, preprocess, build_args, vlm_heads)
+                  "templates": templates if init_heads_from_text else None, "vlm_heads": vlm_heads,
+                  **_head_args(forms, dim)}
+    student = DualHeadStudent(tower, dim, num_classes, bool(align_kd_head), zeta, preprocess, build_args, vlm_heads,
+                              **_head_kwargs(build_args))
     if text_weights is not None:
         with torch.no_grad():
-            heads = {"both": (student.ce_head, student.kd_head), "ce": (student.ce_head,), "kd": (student.kd_head,)}
-            for head in heads[text_init_heads]:
+            for head in (getattr(student, h) for h in text_heads):
                 head.weight.copy_(text_weights)  # (C, D): unit rows (eq10) or raw template means (reference)
                 if getattr(head, "bias", None) is not None:
                     head.bias.zero_()
     return student
+
+
+def _head_args(forms: dict, dim: int) -> dict:
+    """The build args of the head forms: none for two linear heads (model files as before the option), else the
+    forms, H (resolved: the feature dim D by default) and the dropout."""
+    if forms["ce_head"] == forms["kd_head"] == "linear":
+        return {}
+    return {**forms, "head_hidden": int(forms["head_hidden"] or dim)}
+
+
+def _head_kwargs(build_args: dict) -> dict:
+    """DualHeadStudent's head arguments from build args (files without them hold two linear heads)."""
+    return {"ce_head": build_args.get("ce_head", "linear"), "kd_head": build_args.get("kd_head", "linear"),
+            "head_hidden": build_args.get("head_hidden"), "head_dropout": float(build_args.get("head_dropout", HEAD_DROPOUT))}
 
 
 def rebuild_student(build_args: dict, preprocess: Preprocessing) -> DualHeadStudent:
@@ -522,7 +603,8 @@ def rebuild_student(build_args: dict, preprocess: Preprocessing) -> DualHeadStud
         raise ConfigError(f"unknown student kind {kind!r} in build args {build_args}")
     # model files written before the option existed hold the Eq. 10 heads
     return DualHeadStudent(backbone, dim, int(build_args["num_classes"]), bool(build_args["align_kd_head"]),
-                           float(build_args["zeta"]), preprocess, build_args, build_args.get("vlm_heads", "eq10"))
+                           float(build_args["zeta"]), preprocess, build_args, build_args.get("vlm_heads", "eq10"),
+                           **_head_kwargs(build_args))
 
 
 def save_student(

@@ -695,3 +695,41 @@ def test_reproduce_fewshot_all_runs_each_dataset_with_its_recipe(tmp_path):
     assert "student: mobilenet_v2" in (PIPELINES / "fewshot" / "coop-mobilenetv2.yaml").read_text()
     bad = dry("DATASETS=dtd cifar10")
     assert bad.returncode != 0 and "DATASETS: cifar10 not of the CoOp benchmark; give some of: caltech101" in bad.stderr
+
+
+VARIANT_RECIPES = [p for p in RECIPES if "variants" in (yaml.safe_load(p.read_text()).get("recipe") or {})]
+
+
+def test_table14_variants_are_in_both_blocks_recipes():
+    """Table 14 has two blocks: ImageNet (resnet50-dino.yaml, see its header) and the ten-dataset average."""
+    assert [str(p.relative_to(PIPELINES)) for p in VARIANT_RECIPES] == ["fewshot/coop-resnet18.yaml", "fewshot/resnet50-dino.yaml"]
+
+
+@pytest.mark.parametrize("path", VARIANT_RECIPES, ids=[str(p.relative_to(PIPELINES)) for p in VARIANT_RECIPES])
+def test_nonlinear_head_variants_are_distill_configs_with_the_papers_numbers(path, tmp_path):
+    """Each `recipe.variants` entry, applied as `recipe.py config R distill KEY=VALUE ...` (what its header runs), is a
+    DistillConfig with Table 14's head forms; `expected.variants` holds Table 14's rows for every split (and the base)."""
+    data = yaml.safe_load(path.read_text())
+    variants, expected = data["recipe"]["variants"], data["expected"]["variants"]
+    forms = {"nl-head-ce": ("mlp", "linear"), "nl-head-kd": ("linear", "mlp"), "nl-head-ce-kd": ("mlp", "mlp")}
+    assert set(variants) == set(forms) and set(expected) == {"base", *forms}
+    splits = set(data["recipe"]["splits"])
+    for name, numbers in expected.items():
+        assert set(numbers) == splits and all(isinstance(v, float) and 50 < v < 100 for v in numbers.values()), name
+    for name, overrides in variants.items():
+        out = tmp_path / f"{name}.yaml"
+        subprocess.run([sys.executable, str(PIPELINES / "lowshot" / "recipe.py"), "config", str(path), "distill",
+                        *[f"{k}={v}" for k, v in overrides.items()], "--out", str(out)], check=True, cwd=ROOT)
+        values = load_options_file(out)
+        val = {"val": "VAL"} if values.get("select_best_on_val") else {}
+        cfg = DistillConfig(labeled="L", labeled_cache="L.zarr", unlabeled="U", unlabeled_cache="U.zarr", out="RUN", **val, **values)
+        assert (cfg.ce_head, cfg.kd_head) == forms[name]
+        assert {k: v for k, v in values.items() if k not in ("ce_head", "kd_head")} == data["distill"]  # nothing else moves
+        assert f"{next(iter(overrides))}=mlp" in "\n".join(_header(path))  # the header shows how
+    if "head_decomposition_16shot" in data["expected"]:  # Table 15 (ImageNet, 16 shots): each head and Eq. 11, searched
+        table15 = data["expected"]["head_decomposition_16shot"]
+        assert set(table15) == {"base", *forms}
+        assert all(set(row) == {"ce_head", "kd_head", "combined"} for row in table15.values())
+        assert "--search-on" in "\n".join(_header(path))
+    else:
+        assert expected["base"] == data["expected"]["top1"]  # the ten-dataset base row is the recipe's own expectation

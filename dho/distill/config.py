@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from dho.errors import ConfigError, check_choice, check_number
-from dho.names import ETA, GRAD_SURGERIES, METHODS, SURGERY_METHODS, TEXT_INIT_HEADS, VLM_HEADS, ZETA  # torch-free: the CLI builds and checks the config before torch loads
+from dho.names import ETA, GRAD_SURGERIES, HEAD_DROPOUT, HEAD_FORMS, METHODS, SURGERY_METHODS, TEXT_INIT_HEADS, VLM_HEADS, ZETA  # torch-free: the CLI builds and checks the config before torch loads
 
 LR_SCHEDULES = ("warmup-cosine", "reference", "linear")
 UNLABELED_POOLS = ("union", "exclude-labeled")
@@ -107,6 +107,10 @@ class DistillConfig:
     text_init_heads: str = "both"  # which heads the text init sets: both | ce | kd (Table 5's per-head rows)
     align_kd_head: bool = True  # kd_head aligned with the teacher's rule, Eq. 10 (VLM students)
     vlm_heads: str = "reference"  # form of the aligned head and text init: "reference" (authors' code) | "eq10"
+    ce_head: str = "linear"  # linear (§3.2, every main result) | mlp: Linear -> LayerNorm -> GELU -> Dropout -> Linear (§E.2)
+    kd_head: str = "linear"  # the same for kd_head (Table 14: NL-Head-CE, NL-Head-KD, NL-Head-CE+KD)
+    head_hidden: Optional[int] = None  # hidden width H of the mlp heads; None = the feature dim D (the paper gives none)
+    head_dropout: float = HEAD_DROPOUT  # dropout of the mlp heads (the paper gives none)
     interpolation: Optional[str] = None  # student resampling (bilinear | bicubic); None = the student's own
     window: int = 2  # shards per shuffle window of each consumer
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all ranks (SyncBatchNorm)
@@ -132,6 +136,7 @@ class DistillConfig:
             ("--view-sampling", self.view_sampling, VIEW_SAMPLINGS), ("--vlm-heads", self.vlm_heads, VLM_HEADS),
             ("--decode", self.decode, DECODES), ("--text-init-heads", self.text_init_heads, TEXT_INIT_HEADS),
             ("--grad-surgery", self.grad_surgery, GRAD_SURGERIES),
+            ("--ce-head", self.ce_head, HEAD_FORMS), ("--kd-head", self.kd_head, HEAD_FORMS),
         ):
             check_choice(option, value, choices)
         if self.grad_surgery != "none" and self.method not in SURGERY_METHODS:
@@ -143,6 +148,13 @@ class DistillConfig:
                 raise ConfigError("--ema 1 never moves from the initial weights; give a decay below 1 (e.g. 0.999) or leave --ema out")
         elif self.ema_warmup:
             raise ConfigError("--ema-warmup warms up the EMA of --ema DECAY; give --ema too (e.g. --ema 0.999)")
+        if self.head_hidden is not None:
+            check_number("--head-hidden", self.head_hidden, low=1, integer=True)
+        if check_number("--head-dropout", self.head_dropout, low=0, high=1) == 1:
+            raise ConfigError("--head-dropout must be in [0, 1); got 1 (every hidden unit dropped)")
+        if self.ce_head == self.kd_head == "linear" and (self.head_hidden is not None or self.head_dropout != HEAD_DROPOUT):
+            raise ConfigError("--head-hidden and --head-dropout shape the mlp heads; give --ce-head mlp and/or --kd-head mlp, "
+                              "or leave them out")
         if self.warmup_fraction is not None:
             check_number("--warmup-fraction", self.warmup_fraction, low=0, high=1)
         check_choice("--beta-grid", self.beta_grid, BETA_GRIDS)

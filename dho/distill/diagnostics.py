@@ -9,7 +9,8 @@ both losses, so p_hat_CE = p_hat_KD):
     pred_inner           (p_hat_CE - y)^T (p_hat_KD - p) per labeled sample, averaged (Eqs. 4-5 / 8-9, Fig. 4's x)
     pred_inner_negative  the share of labeled samples where it is < 0
     eig_ce, eig_kd, eig_ce_kd   dominant eigenvalues of W_CE W_CE^T, W_KD W_KD^T, W_CE W_KD^T (Fig. 13 left;
-                         single head: eig_ce only)
+                         single head: eig_ce only; with an mlp head no eig_ce_kd: its W acts on its own
+                         hidden h, not on the other head's input, so the product has no meaning)
 
 L_KD is the training loss's: eta^2 KL on the labeled and on the unlabeled half.
 """
@@ -35,7 +36,7 @@ GRAD_PANELS = (  # (key, y label, title): the panels of grad_cosine.png
 
 def grad_diagnostics(model: Trainee, batch, objective: Objective, eta: float, autocast) -> dict:
     """The quantities of the module docstring on one batch (`dho.stream.Batch` on the device)."""
-    from dho.students import dominant_eigenvalue, head_weight
+    from dho.students import MLPHead, dominant_eigenvalue, head_weight
 
     student = model.student
     params = [p for p in student.backbone.parameters() if p.requires_grad]
@@ -61,7 +62,9 @@ def grad_diagnostics(model: Trainee, batch, objective: Objective, eta: float, au
     }
     if kd_head is not student.ce_head:  # two heads: their own spectrum and the cross term
         w_kd = head_weight(kd_head)
-        out.update(eig_kd=dominant_eigenvalue(w_kd), eig_ce_kd=dominant_eigenvalue(w_ce, w_kd))
+        out["eig_kd"] = dominant_eigenvalue(w_kd)
+        if not any(isinstance(h, MLPHead) for h in (student.ce_head, kd_head)):
+            out["eig_ce_kd"] = dominant_eigenvalue(w_ce, w_kd)
     return out
 
 

@@ -79,6 +79,7 @@ class Training:
     summary: list = field(default_factory=list)  # summary.csv's rows so far, one per epoch (kept in the checkpoint)
     task_grads: Optional[TaskGrads] = None  # --grad-surgery: the two loss terms' gradients of the step
     ema: Optional[StudentEma] = None  # --ema: the moving average of the student's weights (kept in the checkpoint)
+    dropout: bool = False  # an mlp head with --head-dropout > 0: its masks come from `_step_rng`
 
     @property
     def student(self) -> nn.Module:
@@ -203,7 +204,7 @@ def _setup_model(cfg: DistillConfig, objective: Objective, ranks: Ranks, plan: s
                  streams: Streams, autocast_dtype: Optional[torch.dtype]) -> Training:
     """The student (seeded: every rank and every resume builds the same one), the heads the method trains,
     AdamW (fused on CUDA), the schedule and the fp16 gradient scaler."""
-    from dho.students import build_student
+    from dho.students import MLPHead, build_student
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -212,6 +213,7 @@ def _setup_model(cfg: DistillConfig, objective: Objective, ranks: Ranks, plan: s
         cfg.student, len(streams.classnames), pretrained=cfg.student_pretrained, classnames=streams.classnames,
         templates=streams.templates, init_heads_from_text=cfg.init_heads_from_text, align_kd_head=cfg.align_kd_head,
         text_init_heads=cfg.text_init_heads, zeta=cfg.zeta, vlm_heads=cfg.vlm_heads, interpolation=cfg.interpolation,
+        ce_head=cfg.ce_head, kd_head=cfg.kd_head, head_hidden=cfg.head_hidden, head_dropout=cfg.head_dropout,
     )
     device = ranks.device
     model = build_trainee(objective, student, streams.embed_dim).to(device)
@@ -225,7 +227,8 @@ def _setup_model(cfg: DistillConfig, objective: Objective, ranks: Ranks, plan: s
                     schedule.scheduler(optimizer, cfg, plan.total_steps),
                     torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16), autocast_dtype,
                     task_grads=TaskGrads(params) if cfg.grad_surgery == "pcgrad" else None,
-                    ema=StudentEma(model.student, cfg.ema, cfg.ema_warmup) if cfg.ema is not None else None)
+                    ema=StudentEma(model.student, cfg.ema, cfg.ema_warmup) if cfg.ema is not None else None,
+                    dropout=any(isinstance(m, MLPHead) and m.drop.p > 0 for m in student.modules()))
 
 
 def _restore(t: Training) -> None:
@@ -328,7 +331,8 @@ def _train(t: Training, stop: StopSignal) -> int:
         if logging and ranks.world_size > 1:
             terms = mean_over_ranks(terms, ranks.device, ranks.world_size)
         if t.objective.diagnostics_head and cfg.log_grad_cosine and step % cfg.log_grad_cosine == 0 and ranks.is_main:
-            record = {"step": step, **grad_diagnostics(t.model, batch, t.objective, cfg.eta, t.autocast)}
+            with _step_rng(t, step, cfg.accum_steps):  # its own masks, after the step's passes 0 .. accum_steps - 1
+                record = {"step": step, **grad_diagnostics(t.model, batch, t.objective, cfg.eta, t.autocast)}
             t.grad_diag.append(record)
             t.log.write(record)
         if logging:
@@ -402,7 +406,7 @@ def _optimizer_step(t: Training, stop: StopSignal, step: int, unchecked: list) -
             raise _interrupted(t, stop, step) from None
         sync = micro_step == cfg.accum_steps - 1 or world == 1
         with t.ddp.no_sync() if (world > 1 and not sync and t.task_grads is None) else contextlib.nullcontext():
-            with t.autocast():
+            with t.autocast(), _step_rng(t, step, micro_step):
                 terms = t.step_fn(batch)
             if t.task_grads is None:
                 t.scaler.scale(terms["loss"] / cfg.accum_steps).backward()
@@ -423,6 +427,25 @@ def _optimizer_step(t: Training, stop: StopSignal, step: int, unchecked: list) -
     if t.ema is not None:
         t.ema.update(t.student)
     return batch, terms_sum, lr_used
+
+
+def _step_rng(t: Training, step: int, index: int):
+    """Dropout masks (the mlp heads' --head-dropout) drawn from torch's RNG seeded by (seed, rank, step, pass), the
+    global state put back after: a resumed run draws the masks the uninterrupted one drew, whatever else drew from
+    torch's RNG in between (a DataLoader iterator made at the resume draws its base seed). Without dropout nothing
+    is touched (runs of linear heads stay as they were)."""
+    if not t.dropout:
+        return contextlib.nullcontext()
+    device = t.ranks.device
+    seed = int(np.random.SeedSequence([t.cfg.seed, t.ranks.rank, step, index]).generate_state(1)[0])
+
+    @contextlib.contextmanager
+    def seeded():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
+
+    return seeded()
 
 
 def _check_finite(unchecked: list[tuple[int, dict]], plan: schedule.Plan) -> dict[str, float]:

@@ -256,7 +256,7 @@ def _panels(results: dict[str, dict]) -> list[tuple[str, list[str]]]:
     ten = [d for d in datasets if d in TEN]
     panels = [(SHORT.get(d, d), [d]) for d in datasets]
     if len(ten) > 1:
-        panels.append((f"Average of {len(ten)}" + (" (the ten)" if len(ten) == 10 else f" of the ten"), ten))
+        panels.append((f"Average of {len(ten)}" + (" (the ten)" if len(ten) == 10 else " of the ten"), ten))
     if "imagenet" in datasets and ten:
         panels.append((f"Average of {len(ten) + 1}" + (" (all eleven)" if len(ten) == 10 else " with ImageNet"), ten + ["imagenet"]))
     return panels
