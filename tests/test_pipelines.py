@@ -733,3 +733,11 @@ def test_nonlinear_head_variants_are_distill_configs_with_the_papers_numbers(pat
         assert "--search-on" in "\n".join(_header(path))
     else:
         assert expected["base"] == data["expected"]["top1"]  # the ten-dataset base row is the recipe's own expectation
+
+
+def test_fewshot_all_knows_every_baseline_row_of_the_per_dataset_report():
+    spec = importlib.util.spec_from_file_location("fewshot_report", PIPELINES / "fewshot" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert set(report.BASELINE_ROWS.values()) == set(_report_all().SINGLE_HEAD_ROWS)
+    assert set(report.HEAD_ROWS.values()) <= set(_report_all().MAIN_ROWS)

@@ -39,9 +39,8 @@ TEN = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101"
 SHORT = {"caltech101": "Caltech101", "oxford_pets": "Pets", "stanford_cars": "Cars", "oxford_flowers": "Flowers",
          "food101": "Food101", "fgvc_aircraft": "Aircraft", "sun397": "SUN397", "dtd": "DTD", "eurosat": "EuroSAT",
          "ucf101": "UCF101", "imagenet": "ImageNet"}
-MAIN_ROWS = ("DHO", "DHO-F", "DHO (h_CE)", "DHO (h_KD)", "KD", "CE", "CE+KD (logit)", "CE+KD (feature)",
-             "Tip-Adapter-F teacher", "zero-shot teacher")
-SINGLE_HEAD_ROWS = ("KD", "CE", "CE+KD (logit)", "CE+KD (feature)")  # the baselines DHO's gain is measured against
+SINGLE_HEAD_ROWS = ("KD", "CE", "CE+KD (logit)", "CE+KD (feature)", "CE+KD (logit) + PCGrad")  # report.py's BASELINE_ROWS
+MAIN_ROWS = ("DHO", "DHO-F", "DHO (h_CE)", "DHO (h_KD)", *SINGLE_HEAD_ROWS, "Tip-Adapter-F teacher", "zero-shot teacher")
 STUDENT_ROWS = ("DHO", "DHO (h_CE)", "DHO (h_KD)", *SINGLE_HEAD_ROWS)  # Fig. 2 / 8 bars
 GRAD_KEYS = (("grad_cosine", "cos(∇θ L_CE, ∇θ L_KD)", "parameters of g (Fig. 4)"),
              ("pred_inner", "(p̂_CE − y)ᵀ(p̂_KD − p)", "prediction level (Fig. 4)"),
