@@ -374,6 +374,7 @@ $(OOD_WORK)/$(OOD_NAME).$(OOD_MIX).md: $(foreach s,val $(OOD_SETS),$(OOD_OURS)/$
 #       [FS_RECIPE=pipelines/fewshot/coop-resnet18.yaml] [FS_WORK=runs/fewshot/DATASET] [TEACHER_WEIGHTS=FILE] [FS_VAL=fewshot|full]
 #   make reproduce-fewshot DATASET=imagenet ROOT=/data/coop FS_RECIPE=pipelines/fewshot/resnet18-scratch.yaml GPUS=4
 #   make reproduce-fewshot SMOKE=1 [FS_WORK=runs/fewshot-smoke]   # generated CoOp-layout data, tiny models, CPU
+#   make reproduce-fewshot ... VARIANTS=all   # also Table 14's non-linear-head variants of the recipe (recipe.variants)
 # Per K shots and seed S: the labeled split (K per class of train) and the few-shot val (min(K, 4) per class of
 # CoOp's val, from the same random stream right after the train shots; ImageNet: of train), both drawn by CoOp's sampler
 # (`dho split --sampler coop`: CoOp's shots for seed S; the DHO reference's own for S = 1), teacher caches with image
@@ -418,6 +419,16 @@ FS_BASELINES :=
 else
 FS_BASELINES := $(BASELINES)
 endif
+# Table 14's variants (VARIANTS=all: the recipe's `recipe.variants`, read by awk; VARIANTS="nl-head-kd": these): each a
+# DHO run from the zero-shot teacher with the variant's distill keys (`recipe.py config --variant NAME`), on every
+# (K, seed) (SMOKE: the first); evaluated as DHO (alpha/beta chosen on val); a row each in the table
+FS_RECIPE_VARIANTS = $(shell awk '/^recipe:/{r=1;next} /^[a-z]/{r=0} r && /^  variants:/{v=1;next} \
+  v && /^    [a-z]/{sub(/:.*/,"");sub(/^ +/,"");print;next} {v=0}' $(FS_RECIPE))
+FS_VARIANTS := $(if $(filter all,$(VARIANTS)),$(FS_RECIPE_VARIANTS),$(VARIANTS))
+ifneq ($(filter-out $(FS_RECIPE_VARIANTS),$(FS_VARIANTS)),)
+$(error VARIANTS: $(filter-out $(FS_RECIPE_VARIANTS),$(FS_VARIANTS)) not in $(FS_RECIPE)'s recipe.variants ($(or $(FS_RECIPE_VARIANTS),none)))
+endif
+FS_VARIANT_RUNS = $(foreach v,$(FS_VARIANTS),$(foreach p,$(FS_BASELINE_PAIRS),$(v)-$(p)))
 FS_DATA = $(FS_WORK)/data
 # a baseline that is a method with options (names.BASELINE_VARIANTS; tests/test_pipelines.py keeps them equal): its
 # `dho distill` flags; any other baseline M runs `--method M`
@@ -540,12 +551,22 @@ $(FS_EVAL)/$(1)-$(2).json: $(FS_RUNS)/$(1)-$(2)/model.pt $(FS_CACHE)/test.done
 endef
 $(foreach m,$(FS_BASELINES),$(foreach p,$(if $(filter kd,$(m)),$(FS_KD_PAIRS),$(FS_BASELINE_PAIRS)),$(eval $(call fewshot_baseline,$(m),$(p)))))
 
+define fewshot_variant
+$(FS_RUNS)/$(1)-$(2)/model.pt: PAIR := $(2)
+$(FS_RUNS)/$(1)-$(2)/model.pt: SEED_S := $(lastword $(subst -s, ,$(2)))
+$(FS_RUNS)/$(1)-$(2)/model.pt: TEACH := pool lab
+$(FS_RUNS)/$(1)-$(2)/model.pt: VARIANT := $(1)
+$(FS_RUNS)/$(1)-$(2)/model.pt: $(FS_CACHE)/lab-$(2).done $(FS_CACHE)/pool.done $(FS_DATA)/val-$(2)/manifest.json
+$(FS_EVAL)/$(1)-$(2).json: $(FS_RUNS)/$(1)-$(2)/model.pt $(FS_CACHE)/test.done
+endef
+$(foreach v,$(FS_VARIANTS),$(foreach p,$(FS_BASELINE_PAIRS),$(eval $(call fewshot_variant,$(v),$(p)))))
+
 # the unlabeled cache is the first word of TEACH, the labeled one the second; the labeled split's own cache
 # name is lab-PAIR (zs) or lab-tipf-PAIR (fs)
 $(FS_RUNS)/%/model.pt:
 	@echo "== distill $* -> $(@D)"
 	mkdir -p $(FS_RUNS)
-	$(RECIPE) config $(FS_RECIPE) distill --out $(@D).distill.yaml
+	$(RECIPE) config $(FS_RECIPE) distill --out $(@D).distill.yaml $(if $(VARIANT),--variant $(VARIANT))
 	$(FS_LAUNCH) distill --config $(@D).distill.yaml --out $(@D) --seed $(SEED_S) $(if $(METHOD),$(or $(FS_BASELINE_FLAGS_$(METHOD)),--method $(METHOD))) $(GRAD_COSINE_OPTS) \
 	  --labeled $(FS_DATA)/lab-$(PAIR) --labeled-cache $(FS_CACHE)/$(word 2,$(TEACH))$(if $(filter lab,$(word 2,$(TEACH))),-$(PAIR)).zarr \
 	  --unlabeled $(FS_DATA)/train --unlabeled-cache $(FS_CACHE)/$(word 1,$(TEACH)).zarr --val $(FS_DATA)/val-$(PAIR) \
@@ -559,10 +580,10 @@ $(FS_EVAL)/%.json:
 	mv $@.tmp $@
 
 $(FS_WORK)/table.md $(FS_WORK)/results.json &: $(foreach p,$(FS_PAIRS),$(FS_EVAL)/zs-$(p).json $(FS_EVAL)/fs-$(p).json $(FS_EVAL)/teacher-fs-$(p).json) \
-  $(FS_BASELINE_RUNS:%=$(FS_EVAL)/%.json) $(FS_EVAL)/teacher-zs.json
+  $(FS_BASELINE_RUNS:%=$(FS_EVAL)/%.json) $(FS_VARIANT_RUNS:%=$(FS_EVAL)/%.json) $(FS_EVAL)/teacher-zs.json
 	@echo "== report -> $(FS_WORK)/table.md"
 	$(PY) pipelines/fewshot/report.py --eval $(FS_EVAL) --recipe $(FS_RECIPE) --dataset $(FS_DATASET) \
-	  --shots "$(SHOTS)" --seeds "$(SEEDS)" --baselines "$(FS_BASELINE_RUNS)" --out $(FS_WORK)/table.md \
+	  --shots "$(SHOTS)" --seeds "$(SEEDS)" --baselines "$(FS_BASELINE_RUNS)" --variants "$(FS_VARIANT_RUNS)" --out $(FS_WORK)/table.md \
 	  --json-out $(FS_WORK)/results.json $(if $(SMOKE),--smoke)
 
 # =============================================================================================

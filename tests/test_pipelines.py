@@ -635,8 +635,11 @@ def test_fewshot_all_report_averages_the_datasets_beside_the_paper_and_draws_the
                   diag={"zs-k1-s1": [(5, 0.5, 0.1), (10, 0.3, 0.3)], "ce+kd-k1-s1": [(5, -0.2, -0.1), (10, -0.4, -0.3)]})
     paper = report.paper_averages(yaml.safe_load((PIPELINES / "fewshot" / "coop-resnet18.yaml").read_text()),
                                   yaml.safe_load((PIPELINES / "fewshot" / "resnet50-dino.yaml").read_text()))
-    assert paper["ten"] == {1: 58.9, 2: 62.2, 4: 68.4, 8: 73.1, 16: 76.5}
-    assert paper["eleven"][16] == pytest.approx((10 * 76.5 + 64.7) / 11)
+    assert paper["ten"]["DHO"] == {1: 58.9, 2: 62.2, 4: 68.4, 8: 73.1, 16: 76.5}
+    assert paper["eleven"]["DHO"][16] == pytest.approx((10 * 76.5 + 64.7) / 11)
+    # Table 14's variants: the ten-dataset block, and with the ImageNet block of the DINO recipe
+    assert paper["ten"]["DHO (nl-head-kd)"] == {1: 58.3, 2: 62.1, 4: 67.8, 8: 72.4, 16: 76.5}
+    assert paper["eleven"]["DHO (nl-head-kd)"][1] == pytest.approx((10 * 58.3 + 62.1) / 11)
     results = report.load(tmp_path, [*ten, "imagenet"])
     diag = report.diagnostics(tmp_path, results)
     assert diag["note"].startswith("1 (K, seed) pairs over 1 dataset ")
@@ -741,3 +744,40 @@ def test_fewshot_all_knows_every_baseline_row_of_the_per_dataset_report():
     spec.loader.exec_module(report)
     assert set(report.BASELINE_ROWS.values()) == set(_report_all().SINGLE_HEAD_ROWS)
     assert set(report.HEAD_ROWS.values()) <= set(_report_all().MAIN_ROWS)
+
+
+def test_table14_variants_run_from_the_recipe_and_reach_the_table(tmp_path):
+    """VARIANTS=all: a DHO run per recipe variant and (K, seed), its distill config the recipe's with the variant's keys;
+    report.py gives each a row beside Table 14's numbers."""
+    def dry(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-n", "reproduce-fewshot", "DATASET=dtd", f"ROOT={tmp_path}", f"FS_WORK={tmp_path / 'w'}",
+                               "SHOTS=16", "SEEDS=1", "-o", ".venv/.installed", *args], cwd=ROOT, capture_output=True, text=True)
+
+    out = dry("VARIANTS=all").stdout
+    configs = dict(re.findall(r"recipe.py config \S+ distill --out \S+/runs/(\S+)\.distill\.yaml(?: --variant (\S+))?", out))
+    assert {k: v for k, v in configs.items() if v} == {f"{v}-k16-s1": v for v in ("nl-head-ce", "nl-head-kd", "nl-head-ce-kd")}
+    assert f'--variants "nl-head-ce-k16-s1 nl-head-kd-k16-s1 nl-head-ce-kd-k16-s1"' in out
+    assert "--variant " not in dry().stdout
+    bad = dry("VARIANTS=nl-head-xx")
+    assert bad.returncode != 0 and "VARIANTS: nl-head-xx not in pipelines/fewshot/coop-resnet18.yaml's recipe.variants" in bad.stderr
+    written = tmp_path / "v.yaml"
+    subprocess.run([sys.executable, str(PIPELINES / "lowshot" / "recipe.py"), "config", str(PIPELINES / "fewshot" / "coop-resnet18.yaml"),
+                    "distill", "--out", str(written), "--variant", "nl-head-ce-kd"], check=True)
+    config = yaml.safe_load(written.read_text())
+    assert (config["ce_head"], config["kd_head"], config["epochs"]) == ("mlp", "mlp", 200)
+
+    spec = importlib.util.spec_from_file_location("fewshot_report", PIPELINES / "fewshot" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    result = {"combined": {"top1": 70.0}, "ce_head": {"top1": 60.0}, "kd_head": {"top1": 65.0}, "alpha": 0.5, "beta": 1.0}
+    for name in ("zs-k16-s1", "fs-k16-s1", "nl-head-kd-k16-s1"):
+        (ev / f"{name}.json").write_text(json.dumps(dict(result, combined={"top1": 70.0 + len(name)})))
+    for name in ("teacher-fs-k16-s1", "teacher-zs"):
+        (ev / f"{name}.json").write_text(json.dumps({"agreement": 0.5, "teacher": {}}))
+    recipe = yaml.safe_load((PIPELINES / "fewshot" / "coop-resnet18.yaml").read_text())
+    got = report.collect(ev, [16], [1], variants=["nl-head-kd-k16-s1"])
+    assert got["rows"]["DHO (nl-head-kd)"] == {16: [70.0 + len("nl-head-kd-k16-s1")]}
+    table = report.build_table(ev, recipe, "dtd", [16], [1], smoke=False, got=got)
+    assert f"| DHO (nl-head-kd) | {70.0 + 17:.1f} | 76.5 | {70.0 + 17 - 76.5:+.1f} |" in table

@@ -72,7 +72,24 @@ def _delta(values: list[float] | None, paper: float | None) -> str:
     return "–" if not values or paper is None else f"{round(mean_std(values)[0] - paper, 1) + 0.0:+.1f}"  # no -0.0
 
 
-def collect(eval_dir: Path, shots: list[int], seeds: list[int], baselines: list[str] = ()) -> dict:
+def variant_row(name: str) -> str:
+    """Table 14's row name of a recipe variant: 'nl-head-kd' -> 'DHO (nl-head-kd)'."""
+    return f"DHO ({name})"
+
+
+def variant_runs(names: list[str]) -> dict[str, dict[int, dict[int, str]]]:
+    """'nl-head-kd-k1-s2' ... -> {variant: {K: {seed: run name}}}; a name that is not NAME-kK-sS exits in one line."""
+    runs: dict[str, dict[int, dict[int, str]]] = {}
+    for name in names:
+        variant, _, pair = name.rpartition("-k")
+        k, _, seed = pair.partition("-s")
+        if not variant or not k.isdigit() or not seed.isdigit():
+            sys.exit(f"error: --variants {name!r}: want VARIANT-kK-sS, VARIANT one of the recipe's recipe.variants")
+        runs.setdefault(variant, {}).setdefault(int(k), {})[int(seed)] = name
+    return runs
+
+
+def collect(eval_dir: Path, shots: list[int], seeds: list[int], baselines: list[str] = (), variants: list[str] = ()) -> dict:
     """Every number of the table, read from --eval: `rows` (row name -> {K: [top-1 per seed that ran]}), the
     zero-shot teacher's top-1 and cache-info, the students' evaluate JSONs per kind and K, the Tip-Adapter-F
     top-1 per K and seed, and the baseline runs by method."""
@@ -99,15 +116,22 @@ def collect(eval_dir: Path, shots: list[int], seeds: list[int], baselines: list[
         "Tip-Adapter-F teacher": {k: [x for x in tip[k] if x is not None] for k in shots},
         **base,
     }
-    return {"rows": rows, "zs_teacher": _agreement(zs_info), "zs_info": zs_info, "student": student, "tip": tip, "runs": runs}
+    vruns = variant_runs(list(variants))
+    for variant, by_k in vruns.items():  # Table 14: DHO with the variant's heads, alpha/beta chosen on val like DHO
+        rows[variant_row(variant)] = {k: [_read_json(eval_dir / f"{name}.json")["combined"]["top1"] for _, name in sorted(by_k.get(k, {}).items())]
+                                      for k in shots}
+    return {"rows": rows, "zs_teacher": _agreement(zs_info), "zs_info": zs_info, "student": student, "tip": tip, "runs": runs,
+            "variants": vruns}
 
 
-def paper_rows(recipe: dict, methods=()) -> dict[str, dict]:
+def paper_rows(recipe: dict, methods=(), variants=()) -> dict[str, dict]:
     """Row name -> {"Kshot": the paper's top-1} from the recipe's `expected:` (DHO, DHO-F, Tip-Adapter-F, baselines)."""
     expected = recipe.get("expected", {})
     paper = {"DHO": expected.get("top1", {}), "DHO-F": expected.get("dho_f", {}), "Tip-Adapter-F teacher": expected.get("tip_adapter_f", {})}
     for method in methods:
         paper[BASELINE_ROWS[method]] = (expected.get("baselines") or {}).get(method, {})
+    for variant in variants:
+        paper[variant_row(variant)] = (expected.get("variants") or {}).get(variant, {})
     return {name: values or {} for name, values in paper.items()}
 
 
@@ -124,7 +148,7 @@ def build_table(eval_dir: Path, recipe: dict, dataset: str, shots: list[int], se
     expected = recipe.get("expected", {})
     got = got or collect(eval_dir, shots, seeds, baselines)
     runs, student, tip, zs_info, zs_teacher, ours = got["runs"], got["student"], got["tip"], got["zs_info"], got["zs_teacher"], got["rows"]
-    paper = paper_rows(recipe, runs)
+    paper = paper_rows(recipe, runs, got.get("variants", {}))
     averaged = recipe.get("recipe", {}).get("paper_average")
     lines = []
     if smoke:
@@ -149,7 +173,8 @@ def build_table(eval_dir: Path, recipe: dict, dataset: str, shots: list[int], se
     theirs_name = "recorded" if smoke else "paper"
     cols = "".join(f" {k}-shot ours | {k}-shot {theirs_name} | Δ |" for k in shots)
     lines += ["", f"| method |{cols}", "|---|" + "---|---|---|" * len(shots)]
-    for name in ("DHO", "DHO-F", *(BASELINE_ROWS[m] for m in BASELINE_ROWS if m in runs), "Tip-Adapter-F teacher"):
+    for name in ("DHO", *(variant_row(v) for v in got.get("variants", {})), "DHO-F",
+                 *(BASELINE_ROWS[m] for m in BASELINE_ROWS if m in runs), "Tip-Adapter-F teacher"):
         cells = ""
         for k in shots:
             theirs = paper[name].get(f"{k}shot")
@@ -217,6 +242,7 @@ def main() -> None:
     parser.add_argument("--shots", required=True, help="Space-separated K, e.g. '1 2 4 8 16'.")
     parser.add_argument("--seeds", required=True, help="Space-separated seeds, e.g. '1 2 3'.")
     parser.add_argument("--baselines", default="", help="Space-separated baseline runs METHOD-kK-sS (their eval JSON in --eval).")
+    parser.add_argument("--variants", default="", help="Space-separated variant runs VARIANT-kK-sS (Table 14; their eval JSON in --eval).")
     parser.add_argument("--out", type=Path, required=True, help="Markdown file to write.")
     parser.add_argument("--smoke", action="store_true", help="Title the table as a smoke run.")
     parser.add_argument("--json-out", type=Path, default=None, help="Also write the table's numbers as JSON (report_all.py reads it).")
@@ -225,7 +251,7 @@ def main() -> None:
         sys.exit(f"error: recipe {args.recipe} not found; pass FS_RECIPE=pipelines/fewshot/<recipe>.yaml")
     recipe = yaml.safe_load(args.recipe.read_text(encoding="utf-8"))
     shots, seeds = _ints(args.shots, "shots"), _ints(args.seeds, "seeds")
-    got = collect(args.eval, shots, seeds, args.baselines.split())
+    got = collect(args.eval, shots, seeds, args.baselines.split(), args.variants.split())
     table = build_table(args.eval, recipe, args.dataset, shots, seeds, args.smoke, args.baselines.split(), got=got)
     if args.json_out is not None:
         write_text_atomic(args.json_out, json.dumps(results_json(args.dataset, args.recipe, shots, seeds, got), indent=1) + "\n")

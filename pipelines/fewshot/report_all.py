@@ -71,15 +71,29 @@ def average(results: dict[str, dict], datasets: list[str], row: str, k: int):
     return (_mean(results[d]["mean"][row][k] for d in have) if have else None), have
 
 
-def paper_averages(recipe: dict, imagenet_recipe: dict | None) -> dict[str, dict[int, float]]:
-    """The paper's 10-dataset average of DHO (the ten datasets' recipe `expected.top1`, Table 14) and the
-    11-dataset one derived from it with ImageNet's DHO: (10 x average + ImageNet) / 11 (the paper prints no
+def _by_k(values: dict | None) -> dict[int, float]:
+    return {int(k.removesuffix("shot")): v for k, v in (values or {}).items() if v is not None}
+
+
+def paper_averages(recipe: dict, imagenet_recipe: dict | None) -> dict[str, dict[str, dict[int, float]]]:
+    """{"ten"|"eleven": {row: {K: the paper's average}}}: the ten-dataset average of DHO (the ten datasets' recipe
+    `expected.top1`, Table 14) and of each Table 14 variant (`expected.variants`, rows "DHO (NAME)"), and the
+    11-dataset ones derived with ImageNet's (its recipe's): (10 x average + ImageNet) / 11 (the paper prints no
     11-dataset mean)."""
-    ten = {int(k.removesuffix("shot")): v for k, v in ((recipe.get("expected") or {}).get("top1") or {}).items() if v is not None}
-    imnet = {int(k.removesuffix("shot")): v for k, v in (((imagenet_recipe or {}).get("expected") or {}).get("top1") or {}).items()
-             if v is not None}
-    eleven = {k: (10 * ten[k] + imnet[k]) / 11 for k in ten if k in imnet}
-    return {"ten": ten, "eleven": eleven}
+    def rows(r: dict | None) -> dict[str, dict[int, float]]:
+        expected = (r or {}).get("expected") or {}
+        out = {"DHO": _by_k(expected.get("top1"))}
+        out.update({variant_row(v): _by_k(values) for v, values in (expected.get("variants") or {}).items() if v != "base"})
+        return out
+
+    ten, imnet = rows(recipe), rows(imagenet_recipe)
+    eleven = {row: {k: (10 * v + imnet[row][k]) / 11 for k, v in by_k.items() if k in imnet.get(row, {})} for row, by_k in ten.items()}
+    return {"ten": {r: v for r, v in ten.items() if v}, "eleven": {r: v for r, v in eleven.items() if v}}
+
+
+def variant_row(name: str) -> str:
+    """report.py's row of a Table 14 variant."""
+    return f"DHO ({name})"
 
 
 def _delta(ours, paper, complete: bool) -> str:
@@ -87,7 +101,11 @@ def _delta(ours, paper, complete: bool) -> str:
 
 
 def _rows_present(results: dict[str, dict]) -> list[str]:
-    return [row for row in MAIN_ROWS if any(r["mean"].get(row) for r in results.values())]
+    """MAIN_ROWS that ran, with Table 14's variant rows ("DHO (NAME)", not in MAIN_ROWS) after DHO."""
+    rows = [row for row in MAIN_ROWS if any(r["mean"].get(row) for r in results.values())]
+    variants = sorted({row for r in results.values() for row in r["mean"] if row not in MAIN_ROWS and row.startswith("DHO (")})
+    at = rows.index("DHO") + 1 if "DHO" in rows else 0
+    return rows[:at] + variants + rows[at:]
 
 
 def build_table(results: dict[str, dict], shots: list[int], paper: dict, smoke: bool, diag: dict | None) -> str:
@@ -106,8 +124,9 @@ def build_table(results: dict[str, dict], shots: list[int], paper: dict, smoke: 
     lines += ["", f"Datasets: {', '.join(datasets)}. A dataset's number: mean over its seeds; an average: mean over the datasets.",
               f"10-dataset average: over {len(ten)} of the ten ({', '.join(SHORT[d] for d in ten) or 'none'}); "
               f"11-dataset average: over {len(eleven)} of the eleven. A Δ only where every dataset of the average ran.",
-              "Paper: DHO's ten-dataset average of Table 14 (\"DHO (base)\"); the 11-dataset one is derived as",
-              "(10 × that + ImageNet's DHO) / 11, ImageNet's from its recipe (the paper plots, not prints, it)."]
+              "Paper: the ten-dataset averages of Table 14 (\"DHO (base)\" and its non-linear-head variants); the",
+              "11-dataset ones are derived as (10 × that + ImageNet's) / 11, ImageNet's from its recipe (the paper prints",
+              "no 11-dataset mean)."]
     rows = _rows_present(results)
     cols = "".join(f" {k}-shot 10-avg | paper | Δ | {k}-shot 11-avg | paper | Δ |" for k in shots)
     lines += ["", "## Averages", "", f"| method |{cols}", "|---|" + "---|---|---|---|---|---|" * len(shots)]
@@ -116,7 +135,7 @@ def build_table(results: dict[str, dict], shots: list[int], paper: dict, smoke: 
         for k in shots:
             for group, name, full in ((ten, "ten", len(ten) == 10), (eleven, "eleven", len(eleven) == 11)):
                 ours, _ = average(results, group, row, k)
-                theirs = paper[name].get(k) if row == "DHO" else None
+                theirs = paper[name].get(row, {}).get(k)
                 cells += f" {fmt(ours)} | {fmt(theirs)} | {_delta(ours, theirs, full)} |"
         lines.append(f"| {row} |{cells}")
     gain = _gain_lines(results, shots, ten, eleven)
@@ -296,7 +315,7 @@ def figure_accuracy(results, shots, paper) -> "object":
         _curve(ax, results, group, "DHO", shots, color="C3")
         _curve(ax, results, group, "CE+KD (logit)", shots, color="C0")
         _curve(ax, results, group, "zero-shot teacher", shots, color="gray", ls="--")
-        theirs = paper["ten"] if group == [d for d in results if d in TEN] and len(group) == 10 else {}
+        theirs = paper["ten"].get("DHO", {}) if group == [d for d in results if d in TEN] and len(group) == 10 else {}
         if theirs:
             ax.plot(list(theirs), list(theirs.values()), "kx", label="paper: DHO (Table 14)")
         ax.set_title(title, fontsize=10)

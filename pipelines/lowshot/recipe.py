@@ -5,8 +5,9 @@
         -- dho precompute-teacher runs/lowshot/data/train --out runs/lowshot/cache/train.zarr
     # print one value of a section (empty if absent; a list as space-separated words)
     python pipelines/lowshot/recipe.py get pipelines/fewshot/resnet18-scratch.yaml recipe dho_f_alpha
-    # write a section as a plain YAML mapping, e.g. for `dho distill --config FILE`
-    python pipelines/lowshot/recipe.py config pipelines/lowshot/vit-b16.yaml distill --out distill.yaml
+    # write a section as a plain YAML mapping, e.g. for `dho distill --config FILE`; --variant NAME first applies
+    # the overrides of `recipe.variants.NAME` (e.g. Table 14's non-linear heads: nl-head-kd -> kd_head: mlp)
+    python pipelines/lowshot/recipe.py config pipelines/lowshot/vit-b16.yaml distill --out distill.yaml [--variant NAME]
     # teacher views a labeled split's cache needs so that no labeled (sample, view) is drawn more than
     # the recipe's `max_labeled_reuse` times over the distill schedule (prints one integer); pool-views
     # the same for the unlabeled pool's cache
@@ -134,6 +135,7 @@ def main() -> None:
         p.add_argument("section", choices=SECTIONS)
         p.add_argument("overrides", nargs="*", help="KEY=VALUE (VALUE read as YAML; empty drops KEY)")
     config.add_argument("--out", type=Path, required=True)
+    config.add_argument("--variant", default=None, help="apply recipe.variants.NAME's keys before the overrides")
     args = parser.parse_args(argv)
     if args.action == "get":
         value = section(args.recipe, args.section).get(args.key)
@@ -143,7 +145,14 @@ def main() -> None:
         print(stream_views(args.recipe, args.labeled, args.pool, "labeled" if args.action == "labeled-views" else "unlabeled"))
         return
 
-    values = section(args.recipe, args.section, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "variant", None):
+        variants = load_recipe(args.recipe).get("recipe", {}).get("variants") or {}
+        if args.variant not in variants:
+            sys.exit(f"error: {args.recipe} has no variant {args.variant!r}; its recipe.variants: {', '.join(variants) or 'none'}")
+        overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                     for k, v in variants[args.variant].items()] + overrides
+    values = section(args.recipe, args.section, overrides)
     if args.action == "config":
         if command:
             sys.exit("error: `config` takes no `-- COMMAND`")
