@@ -140,7 +140,7 @@ def test_reproduce_fewshot_smoke_then_nothing_then_resume(tmp_path):
     assert _json(work / "eval" / "fs-k2-s2.json") == old
     after = _artefacts(work)
     changed = sorted(k for k in after if after[k] != before.get(k))
-    assert all(k.startswith(("runs/fs-k2-s2", "eval/fs-k2-s2.json", "table.md")) for k in changed), changed
+    assert all(k.startswith(("runs/fs-k2-s2", "eval/fs-k2-s2.json", "table.md", "results.json")) for k in changed), changed
 
 
 def _json_lines(path: Path) -> list[dict]:
