@@ -14,11 +14,16 @@ Conventions (paper §3, Alg. 1):
 - ``ZETA`` and ``ETA`` below are the paper's two temperatures, the defaults of every
   command and builder that takes them.
 
-Out of scope: SSKD / DHKD objectives, sparse (top-k) teacher targets (the training loop
-densifies them on the device, ``cache.densify_topk``, before they reach these functions).
+The two dual-head KD baselines of the paper's §4.1-4.2 (Table 1's text): ``sskd_loss`` (He et al. 2021)
+and ``dhkd_loss`` with ``binary_kl_norm`` (Yang et al. 2024d); both predict with the ce_head only.
+
+Out of scope: sparse (top-k) teacher targets (the training loop densifies them on the device,
+``cache.densify_topk``, before they reach these functions).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +132,75 @@ def ce_feature_kd_loss(
     feature_kd = feature_kd_loss(student_z, teacher_emb, projection)
     loss = lambda_ * ce + (1.0 - lambda_) * feature_kd
     return {"loss": loss, "ce": ce, "feature_kd": feature_kd}
+
+
+def sskd_loss(
+    ce_logits_l: Tensor,
+    labels: Tensor,
+    probs_l: Tensor,
+    kd_logits_u: Tensor,
+    probs_u: Tensor,
+    lambda_: float,
+    eta: float,
+) -> dict[str, Tensor]:
+    """SSKD (He et al. 2021, "Semi-Supervised Domain Generalizable Person Re-Identification", arXiv:2108.05045; its
+    loss as its authors' code computes it, xiaomingzhid/sskd `Distiller.losses`): the main head learns the labels
+    AND the teacher's soft labels on the labeled data, an auxiliary head (here the kd_head) the teacher's soft labels
+    on the unlabeled data:
+
+        L = lambda * CE(ce_head(x_l), y) + (1 - lambda) * [KD(ce_head(x_l), p_l) + KD(kd_head(x_u), p_u)]
+
+    KD as in Eq. 3 (eta**2 * KL at temperature eta). SSKD weighs its three terms equally: lambda = 0.5 does, up to
+    an overall 1/2. Its code tempers the two KLs at 16 and 6 (re-id logits); one eta here (docs/fidelity.md #45).
+    """
+    ce = ce_loss(ce_logits_l, labels)
+    kd_labeled = kd_loss(ce_logits_l, probs_l, eta)  # on the ce_head: SSKD's labeled KL trains the main classifier
+    kd_unlabeled = kd_loss(kd_logits_u, probs_u, eta)  # on the auxiliary head
+    kd = kd_labeled + kd_unlabeled
+    loss = lambda_ * ce + (1.0 - lambda_) * kd
+    return {"loss": loss, "ce": ce, "kd": kd, "kd_labeled": kd_labeled, "kd_unlabeled": kd_unlabeled}
+
+
+def binary_kl_norm(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """BinaryKL-Norm of DHKD (Yang et al. 2024d, "Dual-Head Knowledge Distillation", arXiv:2411.08937), as its
+    authors' code computes it (penghui-yang/DHKD distiller_zoo/BinaryKLNorm.py):
+
+        T**2 * mean_b sum_c KL(Bern(1/2) || Bern(sigmoid((z_s[b, c] - z_t[b, c]) / T)))
+
+    a per-class binary KL on the logits before softmax, zero exactly where z_s = z_t. The binary KL to 1/2 is
+    log cosh(u / 2) of u = (z_s - z_t) / T, computed so (|x| + log1p(exp(-2|x|)) - log 2): finite for any gap, where
+    the authors' clamp of the sigmoid to 1 - 1e-8 rounds to 1 in float32 and gives inf for gaps past ~17 T
+    (docs/fidelity.md #46). It is NOT invariant to a per-sample shift of the teacher's logits, so log-probabilities
+    would not do: it needs the teacher's logits.
+    """
+    x = ((student_logits.float() - teacher_logits.float()) / (2.0 * temperature)).abs()  # (B, C)
+    log_cosh = x + torch.log1p(torch.exp(-2.0 * x)) - math.log(2.0)  # (B, C) = KL(Bern(1/2) || Bern(sigmoid(2x)))
+    return log_cosh.sum(dim=-1).mean() * temperature**2
+
+
+def dhkd_loss(
+    ce_logits_l: Tensor,
+    labels: Tensor,
+    kd_logits_l: Tensor,
+    teacher_logits_l: Tensor,
+    kd_logits_u: Tensor,
+    teacher_logits_u: Tensor,
+    lambda_: float,
+    eta: float,
+) -> dict[str, Tensor]:
+    """DHKD (Yang et al. 2024d) in DHO's semi-supervised frame: CE on the ce_head (the labeled batch), BinaryKL-Norm
+    at temperature eta on the auxiliary kd_head (labeled + unlabeled batches, each averaged and summed as Eq. 7):
+
+        L = lambda * CE(ce_head(x_l), y) + (1 - lambda) * [BKLN(kd_head(x_l), z_t,l) + BKLN(kd_head(x_u), z_t,u)]
+
+    ``teacher_logits_*`` (B, C) are the teacher's logits f_X(x) . w_c / zeta (Eq. 1 before the softmax).
+    """
+    ce = ce_loss(ce_logits_l, labels)
+    kd_labeled = binary_kl_norm(kd_logits_l, teacher_logits_l, eta)
+    kd_unlabeled = binary_kl_norm(kd_logits_u, teacher_logits_u, eta)
+    kd = kd_labeled + kd_unlabeled
+    loss = lambda_ * ce + (1.0 - lambda_) * kd
+    return {"loss": loss, "ce": ce, "kd": kd, "kd_labeled": kd_labeled, "kd_unlabeled": kd_unlabeled}
 
 
 def prediction_conflict(ce_logits: Tensor, kd_logits: Tensor, labels: Tensor, teacher_probs: Tensor, eta: float) -> Tensor:

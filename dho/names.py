@@ -23,8 +23,8 @@ from dho.errors import ConfigError, did_you_mean
 ZETA = 0.01  # ζ: logit scale 1/ζ = 100 of the teacher (Eq. 1, as CLIP and the reference code) and of the aligned kd_head (Eq. 10)
 ETA = 2.0  # η: the KD temperature (Alg. 1 lines 13, 19)
 
-METHODS = ("dho", "ce", "kd", "ce+kd", "ce+kd-feature")  # the records of dho/distill/objective.py, in their order
-SURGERY_METHODS = ("dho", "ce+kd", "ce+kd-feature")  # the records with two loss terms (Objective.tasks): --grad-surgery's
+METHODS = ("dho", "ce", "kd", "ce+kd", "ce+kd-feature", "sskd", "dhkd")  # the records of dho/distill/objective.py, in their order
+SURGERY_METHODS = ("dho", "ce+kd", "ce+kd-feature", "sskd", "dhkd")  # the records with two loss terms (Objective.tasks): --grad-surgery's
 GRAD_SURGERIES = ("none", "pcgrad")  # --grad-surgery: none, or PCGrad between the two terms (dho/distill/surgery.py)
 # baselines of the recipes that are a method with options (`recipe.baselines`, the Makefile's FS_BASELINE_FLAGS_NAME)
 BASELINE_VARIANTS = {"ce+kd+pcgrad": ("--method", "ce+kd", "--grad-surgery", "pcgrad")}  # the authors' train_imgnet_pc_grad.py

@@ -216,7 +216,8 @@ def _setup_model(cfg: DistillConfig, objective: Objective, ranks: Ranks, plan: s
         ce_head=cfg.ce_head, kd_head=cfg.kd_head, head_hidden=cfg.head_hidden, head_dropout=cfg.head_dropout,
     )
     device = ranks.device
-    model = build_trainee(objective, student, streams.embed_dim).to(device)
+    weight = None if streams.teacher_logit_weight is None else torch.from_numpy(streams.teacher_logit_weight)
+    model = build_trainee(objective, student, streams.embed_dim, weight).to(device)
     memory_format = _memory_format(student, device)
     if memory_format is not None:  # CNN students on CUDA: NHWC convolutions (tensor cores without transposes)
         model = model.to(memory_format=memory_format)

@@ -8,6 +8,15 @@
     ce+kd          labeled + unlabeled  ce_head    sho_loss: Eq. 2-3 on one head (SHO)      ce_head
     ce+kd-feature  labeled + unlabeled  ce_head    ce_feature_kd_loss: CE + MSE of the       ce_head
                                                    projected feature to the teacher's image embedding (CLIP-KD)
+    sskd           labeled + unlabeled  both heads sskd_loss: CE + KD on ce_head (labeled),      ce_head
+                                                   KD on kd_head (unlabeled) (He et al. 2021)
+    dhkd           labeled + unlabeled  both heads dhkd_loss: CE on ce_head, BinaryKL-Norm on    ce_head
+                                                   kd_head against the teacher's logits (Yang et al. 2024d)
+
+SSKD's and DHKD's auxiliary head is the student's kd_head (built, saved in model.pt and initialised as for dho);
+like the paper (§4.1) they predict with the ce_head only. DHKD's loss needs the teacher's logits before the
+softmax, which the cache does not hold: they are rebuilt as (cached image embedding) . (cached text classifier)
+/ zeta of the teacher, so dhkd needs caches made with `--store-embeddings` (docs/fidelity.md #46).
 
 The loop asks the record what to read, train, optimise, log and keep; it never branches on a method's
 name. A new method is one record here and one pure function in dho/losses.py (plus its name in the
@@ -50,9 +59,15 @@ class Objective:
     #                                                   searched on --val with --select-best-on-val
     diagnostics_head: Optional[str] = None  # the head whose KD gradient --log-grad-cosine compares with CE's; None: none
     feature_kd: bool = False  # reads the teacher's image embeddings and trains a projection to them
+    teacher_logits: bool = False  # reads the teacher's image embeddings and rebuilds its logits from them (Trainee)
     # (terms, lambda_) -> the loss's two weighted terms, summing to terms["loss"]: what --grad-surgery projects
     # apart (dho/distill/surgery.py); None: one term, nothing to project (names.SURGERY_METHODS lists the others)
     tasks: Optional[Callable[[dict, float], tuple[torch.Tensor, torch.Tensor]]] = None
+
+    @property
+    def reads_embeddings(self) -> bool:
+        """Whether its batches carry the teacher's image embeddings (the caches need --store-embeddings)."""
+        return self.feature_kd or self.teacher_logits
 
     def samples_per_step(self, batch_size: int) -> int:
         """Samples one step reads (B labeled and/or B unlabeled)."""
@@ -83,6 +98,16 @@ def _feature(out_l, out_u, batch, model, lambda_, eta):
     return losses.ce_feature_kd_loss(out_l["ce_logits"], batch.l.label, z, emb, model.projection, lambda_=lambda_)
 
 
+def _sskd(out_l, out_u, batch, model, lambda_, eta):
+    return losses.sskd_loss(out_l["ce_logits"], batch.l.label, batch.l.probs, out_u["kd_logits"], batch.u.probs,
+                            lambda_=lambda_, eta=eta)
+
+
+def _dhkd(out_l, out_u, batch, model, lambda_, eta):
+    return losses.dhkd_loss(out_l["ce_logits"], batch.l.label, out_l["kd_logits"], model.teacher_logits(batch.l.emb),
+                            out_u["kd_logits"], model.teacher_logits(batch.u.emb), lambda_=lambda_, eta=eta)
+
+
 def _ce_and_kd(terms, lambda_):
     return lambda_ * terms["ce"], (1.0 - lambda_) * terms["kd"]
 
@@ -100,17 +125,28 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
               tasks=_ce_and_kd),
     Objective("ce+kd-feature", True, True, ("ce_head",), _feature, alpha_beta=SINGLE_HEAD, feature_kd=True,
               tasks=_ce_and_feature_kd),
+    Objective("sskd", True, True, ("ce_head", "kd_head"), _sskd, alpha_beta=SINGLE_HEAD, tasks=_ce_and_kd),
+    Objective("dhkd", True, True, ("ce_head", "kd_head"), _dhkd, alpha_beta=SINGLE_HEAD, teacher_logits=True,
+              tasks=_ce_and_kd),
 )}
 METHODS = tuple(OBJECTIVES)
 
 
 class Trainee(nn.Module):
-    """The student plus training-only parts (the feature-KD projection); only `student` is exported."""
+    """The student plus training-only parts (the feature-KD projection, the teacher's logit weights); only `student`
+    is exported."""
 
-    def __init__(self, student: nn.Module, projection: Optional[nn.Module]):
+    def __init__(self, student: nn.Module, projection: Optional[nn.Module], teacher_logit_weight: Optional[torch.Tensor] = None):
         super().__init__()
         self.student = student
         self.projection = projection
+        # (C, D) the teacher's text classifier / its zeta, from the cache: not trained, not checkpointed (rebuilt)
+        self.register_buffer("teacher_logit_weight", teacher_logit_weight, persistent=False)
+
+    def teacher_logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits f_X(x) . w_c / zeta (Eq. 1 before the softmax) from its cached image embeddings (b, D)
+        -> (b, C) float32, as dho.teacher.Teacher.logits computes them."""
+        return emb.float() @ self.teacher_logit_weight.T
 
     def forward(self, l_image: Optional[torch.Tensor], u_image: Optional[torch.Tensor], separate: bool = False):
         """-> (outputs of the labeled half, of the unlabeled half); either may be None. Joint: one forward over
@@ -125,11 +161,14 @@ class Trainee(nn.Module):
         return {k: v[:n_l] for k, v in both.items()}, {k: v[n_l:] for k, v in both.items()}
 
 
-def build_trainee(objective: Objective, student: nn.Module, embed_dim: int) -> Trainee:
-    """The student with the heads the method does not train frozen, and the method's projection (drawn from
-    the global RNG after the student, as the run's seed fixes it)."""
+def build_trainee(objective: Objective, student: nn.Module, embed_dim: int,
+                  teacher_logit_weight: Optional[torch.Tensor] = None) -> Trainee:
+    """The student with the heads the method does not train frozen, the method's projection (drawn from the global
+    RNG after the student, as the run's seed fixes it) and, for a method on the teacher's logits, its (C, D) weights."""
+    if objective.teacher_logits and teacher_logit_weight is None:
+        raise ValueError(f"--method {objective.name} needs the teacher's logit weights (text classifier / zeta)")
     projection = nn.Linear(student.feature_dim, embed_dim) if objective.feature_kd else None
     for head in ("ce_head", "kd_head"):
         if head not in objective.trains:
             getattr(student, head).requires_grad_(False)
-    return Trainee(student, projection)
+    return Trainee(student, projection, teacher_logit_weight if objective.teacher_logits else None)

@@ -45,6 +45,7 @@ class Streams:
     size_l: int  # valid labeled samples
     size_u: int  # usable samples of the unlabeled stream (0 without one)
     views_u: int  # the fewest training views among the unlabeled stream's caches
+    teacher_logit_weight: Optional[np.ndarray] = None  # (C, D) the teacher's text classifier / zeta (--method dhkd)
 
     def reuse(self, objective: Objective) -> list[tuple[str, int, int]]:
         """(stream, samples, cached views) of each stream the method reads."""
@@ -99,11 +100,14 @@ def open_streams(cfg, objective: Objective) -> Streams:
             caches.append(l_cache)
     elif objective.reads_unlabeled:
         raise ConfigError(f"--method {cfg.method} needs --unlabeled DATASET --unlabeled-cache CACHE")
-    if objective.feature_kd:
-        for path, cache in [(cfg.labeled_cache, l_cache)] + [(p.cache_path, c) for p, c in zip(parts_u, caches)]:
+    all_caches = [(cfg.labeled_cache, l_cache)] + [(p.cache_path, c) for p, c in zip(parts_u, caches)]
+    if objective.reads_embeddings:
+        for path, cache in all_caches:
             if not cache.has_embeddings:
-                raise CacheError(f"{path}: --method {cfg.method} needs teacher image embeddings in the caches; "
-                                 "re-run `dho precompute-teacher ... --store-embeddings`")
+                why = " (to rebuild the teacher's logits)" if objective.teacher_logits else ""
+                raise CacheError(f"{path}: --method {cfg.method} needs teacher image embeddings in the caches{why}; "
+                                 "re-run `dho precompute-teacher ... --store-embeddings` (a Tip-Adapter-F cache has none)")
+    teacher_logit_weight = _teacher_logit_weight(cfg.method, all_caches) if objective.teacher_logits else None
     classnames = list(l_ds.classnames)
     if l_cache.num_classes != len(classnames):
         raise CacheError(f"{cfg.labeled_cache} has {l_cache.num_classes} classes but {cfg.labeled} has {len(classnames)}")
@@ -112,7 +116,20 @@ def open_streams(cfg, objective: Objective) -> Streams:
         raise ConfigError(f"the unlabeled stream is empty: every sample of {cfg.unlabeled} is labeled or invalid; "
                           "use --unlabeled-pool union or a larger pool")
     return Streams(classnames, labeled, parts_u, l_cache.attrs.get("templates"), int(l_cache.attrs["embed_dim"]),
-                   int(np.asarray(l_cache.valid).sum()), size_u, min((p.train_views for p in parts_u), default=0))
+                   int(np.asarray(l_cache.valid).sum()), size_u, min((p.train_views for p in parts_u), default=0),
+                   teacher_logit_weight)
+
+
+def _teacher_logit_weight(method: str, caches: list) -> np.ndarray:
+    """(C, D) float32 text classifier / zeta of the teacher that made every cache: its logits are emb . W^T / zeta
+    (Eq. 1, dho.teacher.Teacher.logits). The caches must share one teacher, else its logits are not defined."""
+    (path0, first), rest = caches[0], caches[1:]
+    weight = first.text_classifier  # (C, D)
+    for path, cache in rest:
+        if cache.attrs["teacher"] != first.attrs["teacher"] or not np.array_equal(cache.text_classifier, weight):
+            raise CacheError(f"{path} and {path0} were made by different teachers (or text classifiers); --method {method} "
+                             "distills one teacher's logits: make both caches with the same `dho precompute-teacher` options")
+    return weight / float(first.attrs["zeta"])
 
 
 def make_loader(streams: Streams, objective: Objective, cfg, *, rank: int, world_size: int, micro: int, start_step: int,
@@ -123,7 +140,7 @@ def make_loader(streams: Streams, objective: Objective, cfg, *, rank: int, world
         [streams.labeled] if objective.reads_labeled else [], streams.unlabeled if objective.reads_unlabeled else [],
         micro_l=micro, micro_u=micro, seed=cfg.seed, rank=rank, world_size=world_size, num_workers=max(cfg.workers, 1),
         start_item=start_step * cfg.accum_steps, view_sampling=cfg.view_sampling, image_size=image_size,
-        interpolation=interpolation, eta=cfg.eta, need_embeddings=objective.feature_kd, window=cfg.window,
+        interpolation=interpolation, eta=cfg.eta, need_embeddings=objective.reads_embeddings, window=cfg.window,
         raw=cfg.decode == "gpu",
     )
     return torch.utils.data.DataLoader(
