@@ -383,10 +383,11 @@ $(OOD_WORK)/$(OOD_NAME).$(OOD_MIX).md: $(foreach s,val $(OOD_SETS),$(OOD_OURS)/$
 # a student from each teacher (zs: the zero-shot teacher, fs: Tip-Adapter-F), evaluation on test; then
 # FS_WORK/table.md: mean ± std over the seeds beside the paper. Resumable like reproduce-lowshot.
 # Baselines (BASELINES=0: none; BASELINES="ce ce+kd": these): the recipe's `baselines:` single-head methods
-# (ImageNet: Table 1's KD, CE, CE+KD (logit), CE+KD (feature); the ten datasets: the CE+KD curve of Figs. 5/8/11),
-# each `dho distill --method M` from the zero-shot teacher's caches on every (K, seed), KD (no labels) once per seed.
-# Cost: one student run each, the same steps as DHO's (an epoch is a pass over the same unlabeled stream), no
-# teacher work: the four ImageNet baselines add 3 x 5 x 3 + 3 = 48 runs to DHO's 30 (zs + fs); SMOKE runs them on
+# (ImageNet: Table 1's KD, CE, CE+KD (logit), CE+KD (feature), SHO + PCGrad, and §4.2's dual-head SSKD, DHKD; the ten
+# datasets: the CE+KD curve of Figs. 5/8/11), each `dho distill --method M` from the zero-shot teacher's caches on
+# every (K, seed), KD (no labels) once per seed. Cost: one student run each, the same steps as DHO's (an epoch is a
+# pass over the same unlabeled stream), no teacher work: the seven ImageNet baselines add 6 x 5 x 3 + 3 = 93 runs to
+# DHO's 30 (zs + fs); SMOKE runs them on
 # the first (K, seed) only.
 # =============================================================================================
 ifdef SMOKE

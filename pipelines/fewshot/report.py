@@ -46,7 +46,8 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 _fmt = fmt
 # single-head baselines, as Table 1 names them
 BASELINE_ROWS = {"kd": "KD", "ce": "CE", "ce+kd": "CE+KD (logit)", "ce+kd-feature": "CE+KD (feature)",
-                 "ce+kd+pcgrad": "CE+KD (logit) + PCGrad"}  # PCGrad: the authors' train_imgnet_pc_grad.py, not in the paper
+                 "ce+kd+pcgrad": "CE+KD (logit) + PCGrad",  # PCGrad: the authors' train_imgnet_pc_grad.py, not in the paper
+                 "sskd": "SSKD", "dhkd": "DHKD"}  # the dual-head KD baselines of §4.2's text (ImageNet, ResNet-50); h_CE predicts
 # the DHO student's model scored with one head (alpha 1 or 0, Fig. 8's ablations DHO (h_CE), DHO (h_KD))
 HEAD_ROWS = {"ce_head": "DHO (h_CE)", "kd_head": "DHO (h_KD)"}
 

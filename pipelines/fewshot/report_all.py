@@ -39,7 +39,8 @@ TEN = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101"
 SHORT = {"caltech101": "Caltech101", "oxford_pets": "Pets", "stanford_cars": "Cars", "oxford_flowers": "Flowers",
          "food101": "Food101", "fgvc_aircraft": "Aircraft", "sun397": "SUN397", "dtd": "DTD", "eurosat": "EuroSAT",
          "ucf101": "UCF101", "imagenet": "ImageNet"}
-SINGLE_HEAD_ROWS = ("KD", "CE", "CE+KD (logit)", "CE+KD (feature)", "CE+KD (logit) + PCGrad")  # report.py's BASELINE_ROWS
+SINGLE_HEAD_ROWS = ("KD", "CE", "CE+KD (logit)", "CE+KD (feature)", "CE+KD (logit) + PCGrad",  # report.py's BASELINE_ROWS
+                    "SSKD", "DHKD")  # dual-head KD baselines that predict with one head (h_CE): DHO's competitors all the same
 MAIN_ROWS = ("DHO", "DHO-F", "DHO (h_CE)", "DHO (h_KD)", *SINGLE_HEAD_ROWS, "Tip-Adapter-F teacher", "zero-shot teacher")
 STUDENT_ROWS = ("DHO", "DHO (h_CE)", "DHO (h_KD)", *SINGLE_HEAD_ROWS)  # Fig. 2 / 8 bars
 GRAD_KEYS = (("grad_cosine", "cos(∇θ L_CE, ∇θ L_KD)", "parameters of g (Fig. 4)"),
