@@ -124,6 +124,12 @@ def test_teacher_logits_rebuilt_from_the_cache_reproduce_its_probabilities(world
     rebuilt = torch.softmax(emb @ weight.T / float(tc.attrs["eta"]), dim=-1)
     cached = torch.from_numpy(tc.probs(0, 0, 8))
     assert float((rebuilt - cached).abs().max()) < 5e-3
+    from dho.distill.objective import Trainee
+
+    trainee = Trainee(torch.nn.Identity(), None, weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the loop's --precision bf16: the teacher's logits stay float32
+        logits = trainee.teacher_logits(emb)
+    assert logits.dtype == torch.float32 and torch.equal(logits, emb @ weight.T)
 
 
 # ---------------------------------------------------------------------------------------------- the command lines

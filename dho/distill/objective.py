@@ -145,8 +145,10 @@ class Trainee(nn.Module):
 
     def teacher_logits(self, emb: torch.Tensor) -> torch.Tensor:
         """The teacher's logits f_X(x) . w_c / zeta (Eq. 1 before the softmax) from its cached image embeddings (b, D)
-        -> (b, C) float32, as dho.teacher.Teacher.logits computes them."""
-        return emb.float() @ self.teacher_logit_weight.T
+        -> (b, C) float32, as dho.teacher.Teacher.logits computes them (outside autocast: a bf16 matmul would move
+        a logit of ~30 by ~0.1)."""
+        with torch.autocast(emb.device.type, enabled=False):
+            return emb.float() @ self.teacher_logit_weight.float().T
 
     def forward(self, l_image: Optional[torch.Tensor], u_image: Optional[torch.Tensor], separate: bool = False):
         """-> (outputs of the labeled half, of the unlabeled half); either may be None. Joint: one forward over
