@@ -16,7 +16,8 @@ name. A new method is one record here and one pure function in dho/losses.py (pl
 A method with two loss terms names them (`tasks`: lambda * L_CE and (1 - lambda) * L_KD), which
 `--grad-surgery pcgrad` projects apart (dho/distill/surgery.py).
 
-The backbone g always trains. An epoch is one pass over the unlabeled stream for every method (ce too),
+The backbone g trains unless `--freeze-backbone` (linear evaluation / prompt tuning, Table 13) freezes it for any
+method (then only the method's heads and the VPT prompts train). An epoch is one pass over the unlabeled stream for every method (ce too),
 so baselines take the same number of steps.
 """
 
@@ -125,9 +126,12 @@ class Trainee(nn.Module):
         return {k: v[:n_l] for k, v in both.items()}, {k: v[n_l:] for k, v in both.items()}
 
 
-def build_trainee(objective: Objective, student: nn.Module, embed_dim: int) -> Trainee:
-    """The student with the heads the method does not train frozen, and the method's projection (drawn from
-    the global RNG after the student, as the run's seed fixes it)."""
+def build_trainee(objective: Objective, student: nn.Module, embed_dim: int, freeze_backbone: bool = False) -> Trainee:
+    """The student with the heads the method does not train frozen (and with `freeze_backbone` g too, its prompts
+    aside: `DualHeadStudent.freeze_backbone`), and the method's projection (drawn from the global RNG after the
+    student, as the run's seed fixes it)."""
+    if freeze_backbone:
+        student.freeze_backbone()
     projection = nn.Linear(student.feature_dim, embed_dim) if objective.feature_kd else None
     for head in ("ce_head", "kd_head"):
         if head not in objective.trains:
