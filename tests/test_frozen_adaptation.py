@@ -228,3 +228,66 @@ def test_vpt_export_round_trip(fmt, vpt_run, world, tmp_path):  # noqa: F811
         probs = dho.load_export(written).predict(uint8).probs
         torch.testing.assert_close(probs, ev.combine_heads(logits["ce_logits"], logits["kd_logits"], meta["alpha"], meta["beta"]),
                                    rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- the recipe
+
+
+def _recipe():
+    import yaml
+
+    from test_pipelines import ROOT
+
+    path = ROOT / "pipelines" / "lowshot" / "frozen-clip-l14.yaml"
+    return path, yaml.safe_load(path.read_text())
+
+
+def test_recipe_rows_are_distill_configs_with_table_13s_numbers(tmp_path):
+    """Each row of pipelines/lowshot/frozen-clip-l14.yaml, applied as `recipe.py config R distill KEY=VALUE ...` (its
+    header's command), is a frozen-backbone DistillConfig; the labeled-only rows take the pool rows' number of steps."""
+    import subprocess
+    import sys
+
+    from dho.distill.config import load_options_file
+    from dho.distill.schedule import schedule_steps
+    from test_pipelines import ROOT
+
+    path, data = _recipe()
+    rows, table = data["recipe"]["rows"], data["expected"]["table13"]
+    assert set(rows) <= set(table) and all(len(v) == 5 for v in table.values())
+    assert data["expected"]["top1"] == {"1pct": table["le-dho"][0], "16shot": table["vpt3-dho"][0]}
+    pool = {"1pct": 1_281_167 - 13_000, "16shot": 1_281_167 - 16_000}
+    labeled = {"1pct": 13_000, "16shot": 16_000}
+    for name, row in rows.items():
+        out = tmp_path / f"{name}.yaml"
+        subprocess.run([sys.executable, str(ROOT / "pipelines" / "lowshot" / "recipe.py"), "config", str(path), "distill",
+                        *[f"{k}={v}" for k, v in row["overrides"].items()], "--out", str(out)], check=True, cwd=ROOT)
+        cfg = DistillConfig(labeled="L", labeled_cache="L.zarr", out="RUN", **load_options_file(out))
+        assert cfg.freeze_backbone and cfg.method == ("ce" if name in ("le", "vpt3") else "dho"), name
+        assert (cfg.vpt_depth, cfg.vpt_tokens) == ((int(name[3]), 50) if name.startswith("vpt") else (0, 0)), name
+        size = labeled[row["split"]] if row["unlabeled"] == "labeled" else pool[row["split"]]
+        steps = schedule_steps(size, cfg.batch_size, cfg.epochs, cfg.lr_schedule)[1]
+        full = schedule_steps(pool[row["split"]], cfg.batch_size, 20, cfg.lr_schedule)[1]
+        assert abs(steps - full) / full < 0.002, (name, steps, full)  # the same schedule length, to within one epoch
+
+
+@pytest.mark.parametrize("row", ["le", "le-dho-l", "vpt3-dho"])
+def test_recipe_row_families_train_on_the_tiny_models(row, world, tmp_path, tiny_teacher_ckpt):  # noqa: F811
+    """SMOKE form of each row family: the row's overrides on the tiny ViT (depth 3 -> its 2 blocks), 2 steps; the
+    tower stays as built, the run's model loads."""
+    _, data = _recipe()
+    spec = data["recipe"]["rows"][row]
+    overrides = {k: v for k, v in spec["overrides"].items() if k != "epochs"}
+    if "vpt_depth" in overrides:
+        overrides.update(vpt_depth=2, vpt_tokens=4)
+    unlabeled = {} if spec["unlabeled"] == "pool" else {"unlabeled": str(world / "labeled"), "unlabeled_cache": str(world / "labeled.zarr")}
+    cfg = _cfg(world, tmp_path / row, student=str(TINY_CLIP_CONFIG), student_pretrained=str(tiny_teacher_ckpt), epochs=2,
+               max_steps=2, freeze_backbone=True, alpha=0.5, beta=1.0, **{**unlabeled, **overrides})
+    distill(cfg)
+    student, meta = load_student(tmp_path / row / "model.pt")
+    fresh = _fresh(cfg).state_dict()
+    frozen = [k for k in student.state_dict() if k.startswith("backbone.") and k != "backbone.prompts"]
+    assert frozen and all(torch.equal(student.state_dict()[k], fresh[k]) for k in frozen)
+    assert (meta["alpha"], meta["beta"]) == ((1.0, 1.0) if cfg.method == "ce" else (0.5, 1.0))
+    steps = [m for m in _metrics(tmp_path / row) if "loss" in m]
+    assert len(steps) == 2 and all(math.isfinite(m["loss"]) for m in steps)
