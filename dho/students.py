@@ -51,11 +51,15 @@ live in z's space, not in the hidden space an mlp head's last layer reads, so an
 off (docs/fidelity.md); ``text_init_heads`` naming only mlp heads is refused. Model files record the forms,
 H and the dropout in ``build_args`` (only when a head is mlp: files of linear heads are as before).
 
+Frozen backbones and visual prompts (§D.2, Table 13): ``DualHeadStudent.freeze_backbone`` (``dho distill
+--freeze-backbone``) freezes g and keeps it in eval mode; ``vpt_tokens`` / ``vpt_depth`` wrap an open_clip ViT tower in
+``VptTower`` (VPT-deep: learned tokens after the class token at the first D blocks), recorded in ``build_args``.
+
 Model files: ``save_student`` / ``load_student`` hold everything needed to rebuild the
 student offline (no download, no text encoder): build args (incl. the open_clip model
 config), state_dict, class names, preprocessing, alpha and beta.
 
-Out of scope: non-linear heads other than §E.2's, ``hf-hub:`` / ``local-dir:`` sources for open_clip
+Out of scope: text-side prompts (CoOp, PromptSRC), VPT-shallow/other prompt placements, non-linear heads other than §E.2's, ``hf-hub:`` / ``local-dir:`` sources for open_clip
 and timm students, timm's crop_pct in the evaluation view, timm ``features_only`` / feature-map
 students.
 """
