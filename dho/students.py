@@ -51,11 +51,15 @@ live in z's space, not in the hidden space an mlp head's last layer reads, so an
 off (docs/fidelity.md); ``text_init_heads`` naming only mlp heads is refused. Model files record the forms,
 H and the dropout in ``build_args`` (only when a head is mlp: files of linear heads are as before).
 
+Frozen backbones and visual prompts (§D.2, Table 13): ``DualHeadStudent.freeze_backbone`` (``dho distill
+--freeze-backbone``) freezes g and keeps it in eval mode; ``vpt_tokens`` / ``vpt_depth`` wrap an open_clip ViT tower in
+``VptTower`` (VPT-deep: learned tokens after the class token at the first D blocks), recorded in ``build_args``.
+
 Model files: ``save_student`` / ``load_student`` hold everything needed to rebuild the
 student offline (no download, no text encoder): build args (incl. the open_clip model
 config), state_dict, class names, preprocessing, alpha and beta.
 
-Out of scope: non-linear heads other than §E.2's, ``hf-hub:`` / ``local-dir:`` sources for open_clip
+Out of scope: text-side prompts (CoOp, PromptSRC), VPT-shallow/other prompt placements, non-linear heads other than §E.2's, ``hf-hub:`` / ``local-dir:`` sources for open_clip
 and timm students, timm's crop_pct in the evaluation view, timm ``features_only`` / feature-map
 students.
 """
@@ -233,6 +237,25 @@ class DualHeadStudent(nn.Module):
         self.build_args = dict(build_args)
         # convolutional backbones (torchvision, timm) run NHWC (channels_last) on CUDA: tensor cores without transposes
         self.channels_last = build_args.get("kind") in ("torchvision", "timm")
+        self.backbone_frozen = False  # `freeze_backbone`: g stays as built and in eval mode
+
+    def freeze_backbone(self) -> "DualHeadStudent":
+        """Freeze g (linear evaluation, prompt tuning; Table 13): no parameter of the backbone takes gradients but its
+        prompts (`VptTower.prompt_parameters`), and the backbone stays in eval mode whatever `train()` is called:
+        BatchNorm normalises with its running statistics and never updates them, Dropout / DropPath / open_clip's
+        patch dropout are off; LayerNorm has no state, its affine parameters are frozen with the rest. The heads
+        (their dropout included) train as always."""
+        self.backbone.requires_grad_(False)
+        for p in getattr(self.backbone, "prompt_parameters", list)():
+            p.requires_grad_(True)
+        self.backbone_frozen = True
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "DualHeadStudent":
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """z = g(x): (B, 3, S, S) normalised images -> (B, D)."""
@@ -241,6 +264,74 @@ class DualHeadStudent(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.features(x)  # (B, D)
         return {"ce_logits": self.ce_head(z), "kd_logits": self.kd_head(z), "z": z}  # (B, C), (B, C), (B, D)
+
+
+# --------------------------------------------------------------------------------------------
+# frozen backbones and visual prompts (paper §D.2, Table 13)
+# --------------------------------------------------------------------------------------------
+
+
+def vpt_init_bound(patch_size: tuple[int, int], width: int) -> float:
+    """VPT's prompt init bound (Jia et al. 2022, the authors' code): val = sqrt(6 / (3 * patch_h * patch_w + width)),
+    a Xavier-uniform bound over a patch's 3 * h * w pixels and the token width; prompts ~ U(-val, val)."""
+    return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + width))
+
+
+class VptTower(nn.Module):
+    """VPT-deep around an open_clip VisionTransformer: N learned tokens after the class token at the input of each of
+    the first D blocks (Jia et al. 2022, Eq. 3-4), those of block i replacing the ones block i - 1 output; blocks D..
+    carry the tokens block D - 1 output. The class token is pooled, so the prompts reach z only through attention.
+
+        x_0 = ln_pre([cls; patches] + pos)                        # (B, 1 + P, W), open_clip's _embeds
+        x_i = block_i([x_{i-1}[:, :1]; prompts[i]; x_{i-1}[:, 1 + N:]])   for i < D (block 0: no old prompts)
+        z   = ln_post(x_L[:, 0]) @ proj                           # (B, D_embed), open_clip's _pool + proj
+
+    ``tower`` keeps open_clip's parameters and keys (``backbone.tower.*``); ``prompts`` is (D, N, W)."""
+
+    def __init__(self, tower: nn.Module, tokens: int, depth: int):
+        super().__init__()
+        self.tower = tower
+        self.tokens, self.depth = int(tokens), int(depth)
+        width = tower.class_embedding.shape[-1]
+        patch = tuple(tower.conv1.kernel_size)
+        self.prompts = nn.Parameter(torch.empty(self.depth, self.tokens, width))  # (D, N, W)
+        bound = vpt_init_bound(patch, width)
+        nn.init.uniform_(self.prompts, -bound, bound)
+
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        """What trains when the tower is frozen (`DualHeadStudent.freeze_backbone`)."""
+        return [self.prompts]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tower = self.tower
+        x = tower._embeds(x)  # (B, 1 + P, W)
+        n = self.tokens
+        for i, block in enumerate(tower.transformer.resblocks):
+            if i < self.depth and n > 0:
+                rest = x[:, 1:] if i == 0 else x[:, 1 + n:]  # the patches (and below block 0 the old prompts dropped)
+                prompt = self.prompts[i].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, N, W)
+                x = torch.cat([x[:, :1], prompt, rest], dim=1)  # (B, 1 + N + P, W)
+            x = block(x)
+        pooled, _ = tower._pool(x)  # (B, W): the class token
+        return pooled @ tower.proj if tower.proj is not None else pooled  # (B, D_embed)
+
+
+def check_vpt(tower: nn.Module, tokens: int, depth: int, name: str) -> None:
+    """VPT-deep needs a batch-first open_clip ViT that pools its class token and has at least `depth` blocks."""
+    from open_clip.transformer import VisionTransformer
+
+    if not isinstance(tower, VisionTransformer):
+        raise ConfigError(f"--vpt-tokens prompts an open_clip ViT image tower; student {name!r} has a "
+                          f"{type(tower).__name__}: use a ViT student (e.g. ViT-B-16) or drop --vpt-tokens")
+    if tower.attn_pool is not None or tower.pool_type != "tok" or not tower.transformer.batch_first:
+        raise ConfigError(f"--vpt-tokens needs a ViT that pools its class token (student {name!r} pools "
+                          f"{tower.pool_type!r}{' with an attention pooler' if tower.attn_pool is not None else ''}); "
+                          "drop --vpt-tokens")
+    blocks = len(tower.transformer.resblocks)
+    if not 1 <= depth <= blocks:
+        raise ConfigError(f"--vpt-depth must be 1 to {blocks} (the blocks of {name!r}); got {depth}")
+    if tokens < 1:
+        raise ConfigError(f"--vpt-tokens must be >= 1; got {tokens}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,6 +571,8 @@ def build_student(
     head_hidden: Optional[int] = None,
     head_dropout: float = HEAD_DROPOUT,
     interpolation: Optional[str] = None,
+    vpt_tokens: int = 0,
+    vpt_depth: int = 0,
     device: str | torch.device = "cpu",
 ) -> DualHeadStudent:
     """Build a dual-head student (on CPU).
@@ -501,6 +594,8 @@ def build_student(
     interpolation: resampling of the student's views and evaluation images (default: the
         student's own: bilinear for torchvision CNNs, the data config's for timm students, the
         open_clip config's for VLM students).
+    vpt_tokens, vpt_depth: VPT-deep (`VptTower`) for open_clip ViT students: N prompt tokens at the first D blocks;
+        0 (default): the plain tower.
     device: where the text encoder runs for language-aware init.
     """
     if pretrained is not None and str(pretrained).lower() == "none":
@@ -518,6 +613,9 @@ def build_student(
         if form not in HEAD_FORMS:
             raise ConfigError(f"{option} must be one of {', '.join(HEAD_FORMS)}, got {form!r}")
     forms = {"ce_head": ce_head, "kd_head": kd_head, "head_hidden": head_hidden, "head_dropout": float(head_dropout)}
+    if (vpt_tokens or vpt_depth) and (name.startswith(TIMM_PREFIX) or name in _TORCHVISION_STUDENTS):
+        raise ConfigError(f"--vpt-tokens prompts an open_clip ViT image tower; {name!r} is a CNN student: use a ViT "
+                          "student (e.g. ViT-B-16) or drop --vpt-tokens / --vpt-depth")
     if name.startswith(TIMM_PREFIX):
         backbone, dim, preprocess, timm_name = build_timm(name, pretrained, interpolation)
         build_args = {"name": name, "kind": "timm", "timm_name": timm_name, "num_classes": num_classes,
@@ -558,12 +656,16 @@ def build_student(
                     if init_heads_from_text and text_heads else None)
     tower = tower.cpu()
     del model  # the text encoder is used only for init
+    vpt = _vpt_args(vpt_tokens, vpt_depth)
+    if vpt:
+        check_vpt(tower, vpt_tokens, vpt_depth, name)
+        tower = VptTower(tower, vpt_tokens, vpt_depth)
     build_args = {"name": name, "kind": "open_clip", "num_classes": num_classes, "feature_dim": dim,
                   "align_kd_head": bool(align_kd_head), "zeta": zeta, "pretrained": pretrained,
                   "init_heads_from_text": bool(init_heads_from_text), "clip_config": cfg,
                   "text_init_heads": text_init_heads if init_heads_from_text else None,
                   "templates": templates if init_heads_from_text else None, "vlm_heads": vlm_heads,
-                  **_head_args(forms, dim)}
+                  **_head_args(forms, dim), **vpt}
     student = DualHeadStudent(tower, dim, num_classes, bool(align_kd_head), zeta, preprocess, build_args, vlm_heads,
                               **_head_kwargs(build_args))
     if text_weights is not None:
@@ -583,6 +685,11 @@ def _head_args(forms: dict, dim: int) -> dict:
     return {**forms, "head_hidden": int(forms["head_hidden"] or dim)}
 
 
+def _vpt_args(tokens: int, depth: int) -> dict:
+    """The build args of VPT: none without prompts (model files as before the option)."""
+    return {"vpt_tokens": int(tokens), "vpt_depth": int(depth)} if tokens or depth else {}
+
+
 def _head_kwargs(build_args: dict) -> dict:
     """DualHeadStudent's head arguments from build args (files without them hold two linear heads)."""
     return {"ce_head": build_args.get("ce_head", "linear"), "kd_head": build_args.get("kd_head", "linear"),
@@ -599,6 +706,8 @@ def rebuild_student(build_args: dict, preprocess: Preprocessing) -> DualHeadStud
         backbone = rebuild_timm(build_args["timm_name"], dim)
     elif kind == "open_clip":
         backbone, dim = _rebuild_clip_tower(build_args["clip_config"]), int(build_args["feature_dim"])
+        if build_args.get("vpt_tokens"):
+            backbone = VptTower(backbone, build_args["vpt_tokens"], build_args["vpt_depth"])
     else:
         raise ConfigError(f"unknown student kind {kind!r} in build args {build_args}")
     # model files written before the option existed hold the Eq. 10 heads

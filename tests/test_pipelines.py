@@ -56,6 +56,13 @@ PAPER = {
                     "student": "ViT-B-16-quickgelu", "student_pretrained": "openai"},
         "splits": {"1pct": {"percent": 1, "per_class": "equal", "seed": 13}, "10pct": {"percent": 10, "per_class": "equal", "seed": 13}},
     },
+    "frozen-clip-l14": {  # Table 11's "Adaptation Methods" block: Table 13's frozen-backbone rows
+        "precompute": {"model": "ViT-L-14-336-quickgelu", "pretrained": "openai", "templates": "tip-adapter", "zeta": 0.01, "eta": 2.0},
+        "distill": {"epochs": 20, "lr": 5e-5, "weight_decay": 5e-2, "batch_size": 256, "warmup_steps": 5000,
+                    "lambda_": 0.5, "eta": 2.0, "zeta": 0.01, "alpha": 0.5, "beta": 1.0, "method": "dho",
+                    "student": "ViT-B-16-quickgelu", "student_pretrained": "openai", "freeze_backbone": True},
+        "splits": {"1pct": {"percent": 1, "per_class": "equal", "seed": 13}, "16shot": {"shots": 16, "sampler": "coop", "seed": 1}},
+    },
     "coop-": {
         "precompute": {"model": "RN50-quickgelu", "pretrained": "openai", "zeta": 0.01, "eta": 2.0},
         "distill": {"epochs": 200, "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 64, "lambda_": 0.5, "eta": 2.0,
@@ -88,6 +95,11 @@ REFERENCE = {
         "precompute": {"precision": "fp16", "text_classifier_norm": "renormalize"},
         "distill": {"lr_schedule": "reference", "unlabeled_pool": "exclude-labeled", "vlm_heads": "reference"},
     },
+    "frozen-clip-l14": {  # as lowshot-clip-l14 (its caches)
+        "recipe": {"max_labeled_reuse": 10},
+        "precompute": {"precision": "fp16", "text_classifier_norm": "renormalize"},
+        "distill": {"lr_schedule": "reference", "unlabeled_pool": "exclude-labeled", "vlm_heads": "reference"},
+    },
     "fewshot-": {
         "recipe": {"max_labeled_reuse": 10},
         "precompute": {"precision": "fp16"},
@@ -97,7 +109,8 @@ REFERENCE = {
 }
 # Recipes that must share one teacher cache (identical precompute sections).
 SHARED_CACHE = [("lowshot/vit-b16.yaml", "lowshot/vit-l14.yaml"), ("fewshot/resnet18-scratch.yaml", "fewshot/resnet50-dino.yaml"),
-                ("fewshot/coop-resnet18.yaml", "fewshot/coop-mobilenetv2.yaml")]
+                ("fewshot/coop-resnet18.yaml", "fewshot/coop-mobilenetv2.yaml"),
+                ("lowshot/vit-b16-clip-l14.yaml", "lowshot/frozen-clip-l14.yaml")]
 
 
 def _load_script(name: str):

@@ -111,6 +111,9 @@ class DistillConfig:
     kd_head: str = "linear"  # the same for kd_head (Table 14: NL-Head-CE, NL-Head-KD, NL-Head-CE+KD)
     head_hidden: Optional[int] = None  # hidden width H of the mlp heads; None = the feature dim D (the paper gives none)
     head_dropout: float = HEAD_DROPOUT  # dropout of the mlp heads (the paper gives none)
+    freeze_backbone: bool = False  # g frozen (linear evaluation / prompt tuning, Table 13): only heads and prompts train
+    vpt_tokens: int = 0  # VPT-deep prompt tokens per prompted block (open_clip ViT students); 0 = none
+    vpt_depth: int = 0  # blocks whose input gets new prompts (Table 13: 3 or 9); 0 with vpt_tokens 0
     interpolation: Optional[str] = None  # student resampling (bilinear | bicubic); None = the student's own
     window: int = 2  # shards per shuffle window of each consumer
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all ranks (SyncBatchNorm)
@@ -155,6 +158,14 @@ class DistillConfig:
         if self.ce_head == self.kd_head == "linear" and (self.head_hidden is not None or self.head_dropout != HEAD_DROPOUT):
             raise ConfigError("--head-hidden and --head-dropout shape the mlp heads; give --ce-head mlp and/or --kd-head mlp, "
                               "or leave them out")
+        check_number("--vpt-tokens", self.vpt_tokens, low=0, integer=True)
+        check_number("--vpt-depth", self.vpt_depth, low=0, integer=True)
+        if (self.vpt_tokens > 0) != (self.vpt_depth > 0):
+            raise ConfigError(f"VPT needs both --vpt-tokens N and --vpt-depth D >= 1 (got {self.vpt_tokens} and "
+                              f"{self.vpt_depth}); give both, or neither for the plain tower")
+        if self.freeze_backbone and self.log_grad_cosine and not self.vpt_tokens:
+            raise ConfigError("--log-grad-cosine compares the gradients of g's parameters, and --freeze-backbone trains none "
+                              "of them; drop one (with --vpt-tokens the prompts are those parameters)")
         if self.warmup_fraction is not None:
             check_number("--warmup-fraction", self.warmup_fraction, low=0, high=1)
         check_choice("--beta-grid", self.beta_grid, BETA_GRIDS)

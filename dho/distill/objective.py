@@ -25,7 +25,8 @@ name. A new method is one record here and one pure function in dho/losses.py (pl
 A method with two loss terms names them (`tasks`: lambda * L_CE and (1 - lambda) * L_KD), which
 `--grad-surgery pcgrad` projects apart (dho/distill/surgery.py).
 
-The backbone g always trains. An epoch is one pass over the unlabeled stream for every method (ce too),
+The backbone g trains unless `--freeze-backbone` (linear evaluation / prompt tuning, Table 13) freezes it for any
+method (then only the method's heads and the VPT prompts train). An epoch is one pass over the unlabeled stream for every method (ce too),
 so baselines take the same number of steps.
 """
 
@@ -164,11 +165,14 @@ class Trainee(nn.Module):
 
 
 def build_trainee(objective: Objective, student: nn.Module, embed_dim: int,
-                  teacher_logit_weight: Optional[torch.Tensor] = None) -> Trainee:
-    """The student with the heads the method does not train frozen, the method's projection (drawn from the global
-    RNG after the student, as the run's seed fixes it) and, for a method on the teacher's logits, its (C, D) weights."""
+                  teacher_logit_weight: Optional[torch.Tensor] = None, freeze_backbone: bool = False) -> Trainee:
+    """The student with the heads the method does not train frozen (and with `freeze_backbone` g too, its prompts
+    aside: `DualHeadStudent.freeze_backbone`), the method's projection (drawn from the global RNG after the student,
+    as the run's seed fixes it) and, for a method on the teacher's logits, its (C, D) weights."""
     if objective.teacher_logits and teacher_logit_weight is None:
         raise ValueError(f"--method {objective.name} needs the teacher's logit weights (text classifier / zeta)")
+    if freeze_backbone:
+        student.freeze_backbone()
     projection = nn.Linear(student.feature_dim, embed_dim) if objective.feature_kd else None
     for head in ("ce_head", "kd_head"):
         if head not in objective.trains:
