@@ -23,7 +23,7 @@ from dho.cli import app
 from dho.errors import ConfigError
 from dho.inference_bench import bench_inference, count_flops, format_table
 from dho.students import build_student, save_student
-from dho.tome import apply_tome, bipartite_soft_matching, merge_wavg, proportional_attention
+from dho.tome import ToMeBlocks, ToMeTransformer, apply_tome, bipartite_soft_matching, merge_wavg, proportional_attention
 
 TINY_CLIP = Path(__file__).parent / "assets" / "tiny-clip.json"  # ViT 2 blocks x width 64 (2 heads), 32 px / patch 8: 17 tokens
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*torch\.jit.*deprecated")
@@ -213,6 +213,14 @@ def test_r0_is_the_unmerged_model_bit_for_bit(kind):
         assert torch.equal(got[key], plain[key])
     assert info["tokens_per_block"] == [info["tokens_out"]] * len(info["tokens_per_block"])
     assert [type(m) for m in same.modules()] == [type(m) for m in student.modules()]  # nothing was rewritten
+    # the merged blocks' own attention (recomputed from the blocks' weights), merging nothing, is the tower's
+    forced = copy.deepcopy(student)
+    if kind == "open_clip":
+        forced.backbone.transformer = ToMeTransformer(ToMeBlocks(list(forced.backbone.transformer.resblocks), 0, kind))
+    else:
+        forced.backbone.blocks = ToMeBlocks(list(forced.backbone.blocks), 0, kind)
+    with torch.no_grad():
+        torch.testing.assert_close(forced(x)["z"], plain["z"], rtol=1e-5, atol=1e-6)
 
 
 def _hand_macs(tokens: list[int], width: int, head_dim: int, mlp: int, patches: int, patch: int, out: int) -> int:
