@@ -34,6 +34,9 @@ BETA_GRID_HELP = ("beta values of an alpha/beta search: wide (0.1, 0.2, 0.3, 0.5
 WEIGHTS_HELP = ("ema | raw: of a run trained with `dho distill --ema`, its moving average of the weights or the trained "
                 "weights (a run without --ema has only these).")
 WEIGHTS_DEFAULT = "ema if the run has it, else raw"
+TOME_HELP = ("Token merging (ToMe, paper Table 9) at inference: merge R tokens in every transformer block (bipartite "
+             "soft matching of the attention keys, class token kept, size-weighted merge, proportional attention); ViT "
+             "students only (open_clip or timm, class-token pooling). 0 is the unmerged model; Table 9's ViT-B/16 uses 8.")
 
 
 def shown(value) -> str:
@@ -335,13 +338,14 @@ def evaluate(
     draws: Annotated[Optional[int], typer.Option("--draws", help="With --views random: passes over --data, each with a fresh random view per image (draw d of an image is seeded by --seed, its key and d); the metrics are their mean.", show_default="1")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="With --views random: seed of the views (the same seed gives the same views and numbers).", show_default="0")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help=WEIGHTS_HELP, show_default=WEIGHTS_DEFAULT)] = None,
+    tome_r: Annotated[Optional[int], typer.Option("--tome-r", help=TOME_HELP + " Recorded under \"tome\" in --json.", show_default="none, no merging")] = None,
 ) -> None:
     """Top-1/top-5 of ce_head, kd_head and their combination (Eq. 11) on a labeled dataset."""
     from dho import evaluate as evaluation
 
     result = evaluation.evaluate(run_dir, data, alpha=alpha, beta=beta, search_on=search_on,
                                  batch_size=batch_size, device=device, workers=workers, beta_grid=beta_grid,
-                                 views=views, draws=draws, seed=seed, weights=weights)
+                                 views=views, draws=draws, seed=seed, weights=weights, tome_r=tome_r)
     if json_out:
         typer.echo(json.dumps(result))
         return
@@ -350,6 +354,9 @@ def evaluate(
     if result["num_unlabeled_ignored"]:
         typer.echo(f"left out {result['num_unlabeled_ignored']} unlabeled samples")
     typer.echo(f"alpha = {result['alpha']:g}, beta = {result['beta']:g}  ({result['alpha_beta_source']})")
+    if "tome" in result:
+        t = result["tome"]
+        typer.echo(f"ToMe r = {t['r']}: tokens per block {t['tokens_per_block']} -> {t['tokens_out']}")
     spread = result.get("std")
     if "views" in result:
         typer.echo(f"views: random crops (RandomResizedCrop scale 0.5-1 + flip), seed {result['seed']}, "
@@ -369,11 +376,13 @@ def predict(
     heads: Annotated[bool, typer.Option("--heads", help="Show the top-k of ce_head, kd_head (at temperature beta) and their combination side by side.", show_default="off")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per image (one line each) instead of text.", show_default="off")] = False,
     weights: Annotated[Optional[str], typer.Option("--weights", help=WEIGHTS_HELP, show_default=WEIGHTS_DEFAULT)] = None,
+    tome_r: Annotated[Optional[int], typer.Option("--tome-r", help=TOME_HELP, show_default="none, no merging")] = None,
 ) -> None:
     """Print the top-k classes and probabilities of each image (Eq. 11 with the run's alpha, beta)."""
     from dho import evaluate as evaluation
 
-    for path, top in evaluation.predict(run_dir, images, topk=topk, device=device, heads=heads, weights=weights):
+    for path, top in evaluation.predict(run_dir, images, topk=topk, device=device, heads=heads, weights=weights,
+                                        tome_r=tome_r):
         if json_out:
             as_list = lambda t: [{"class": c, "prob": p} for c, p in t]
             typer.echo(json.dumps({"image": str(path), **({h: as_list(t) for h, t in top.items()} if heads else {"combined": as_list(top)})}))
@@ -395,6 +404,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="Model file to write, named for its format (model.pt2, model.onnx, model.ts); beside it OUT.safetensors (the student's weights) and OUT.json (class names, preprocessing, alpha, beta). With --format hf, the folder to write (new, empty, or an earlier hf export).")],
     fmt: Annotated[Optional[str], typer.Option("--format", help="pt2 (torch.export: torch.export.load(OUT).module()) | onnx (onnxruntime; needs pip install 'dho[onnx]') | torchscript (torch.jit.load) | hf (the folder OUT in Hugging Face style: config.json, model.safetensors, README.md model card; dho.load_run(OUT) or plain safetensors loads it, huggingface_hub.upload_folder publishes it); must agree with the suffix of --out.", show_default="the suffix of --out: .pt2, .onnx, .ts; hf: give --format hf")] = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help=WEIGHTS_HELP, show_default=WEIGHTS_DEFAULT)] = None,
+    tome_r: Annotated[Optional[int], typer.Option("--tome-r", help=TOME_HELP + " Baked into the graph (pt2, onnx, torchscript; not hf), recorded under \"tome\" in OUT.json.", show_default="none, no merging")] = None,
 ) -> None:
     """Write a deployable model: uint8 RGB images (B, 3, H, W) of any size -> probabilities (B, C); preprocessing, student and Eq. 11 with the run's alpha/beta baked in."""
     from dho.export import HF_FORMAT, metadata_path, weights_path
@@ -402,7 +412,7 @@ def export(
     from dho.export import format_for
 
     fmt = format_for(out, fmt)  # --out m.onnx: onnx
-    path = export_run(run_dir, out, format=fmt, weights=weights)
+    path = export_run(run_dir, out, format=fmt, weights=weights, tome_r=tome_r)
     if fmt == HF_FORMAT:
         typer.echo(f"wrote {path}/ (hf): config.json, model.safetensors, README.md")
         return
@@ -446,7 +456,8 @@ def features(
     typer.echo(f"wrote {info['shape'][0]} x {info['shape'][1]} features -> {out}")
 
 
-@app.command("bench-inference", cls=PanelCommand, short_help="Params, FLOPs and images/s: student, SHO, teacher", epilog="Example: dho bench-inference runs/r18 --batch-sizes 1,256 --device cuda --precision bf16")
+@app.command("bench-inference", cls=PanelCommand, short_help="Params, FLOPs and images/s: student, SHO, teacher", epilog="Example: dho bench-inference runs/r18 --batch-sizes 1,256 --device cuda --precision bf16\n\n"
+             "Example: dho bench-inference runs/vit-b16-1pct --tome-r 8 --data data/val --device cuda (Table 9: DHO beside DHO + ToMe)")
 def bench_inference(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `dho distill` (reads RUN_DIR/model.pt, and the teacher cache named in RUN_DIR/config.json).")],
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes to time, comma-separated: 1 is latency, a large batch throughput.")] = "1,256",
@@ -458,8 +469,11 @@ def bench_inference(
     iters: Annotated[int, typer.Option(help="Timed forwards per model and batch size, at least.")] = 20,
     min_seconds: Annotated[float, typer.Option("--min-seconds", help="Time each model and batch size at least this long.")] = 2.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object (per model params, gflops, gmacs, images_per_s; ratios) instead of a table.", show_default="off")] = False,
+    tome_r: Annotated[Optional[int], typer.Option("--tome-r", help=TOME_HELP + " Measured as a fourth model beside the unmerged student, with its ratios to it (Table 9).", show_default="none, no ToMe model")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Labeled dataset: also score the student (and its ToMe variant) on it, top-1/top-5 of both heads and Eq. 11 as `dho evaluate` does (Table 9's accuracy).", show_default="none, no accuracy")] = None,
+    workers: Annotated[int, typer.Option(help="With --data: DataLoader worker processes decoding images.")] = 2,
 ) -> None:
-    """Parameters, FLOPs and images/s of the student, its single-head (SHO) variant and the teacher (Tables 2, 7); writes RUN_DIR/inference_cost.json."""
+    """Parameters, FLOPs and images/s of the student, its single-head (SHO) variant and the teacher (Tables 2, 7), with --tome-r its ToMe variant and with --data their accuracy (Table 9); writes RUN_DIR/inference_cost.json."""
     from dho.inference_bench import bench_inference as bench, format_table, write_inference_cost
 
     try:
@@ -469,7 +483,8 @@ def bench_inference(
     if not sizes:
         raise ConfigError(f"--batch-sizes takes positive integers separated by commas, e.g. --batch-sizes 1,256; got {batch_sizes!r}")
     result = bench(run_dir, batch_sizes=sizes, device=device, precision=precision, teacher=teacher,
-                   teacher_model=teacher_model, warmup=warmup, iters=iters, min_seconds=min_seconds)
+                   teacher_model=teacher_model, warmup=warmup, iters=iters, min_seconds=min_seconds, tome_r=tome_r,
+                   data=data, workers=workers)
     path = write_inference_cost(run_dir, result)
     typer.echo(json.dumps(result) if json_out else format_table(result))
     typer.echo(f"wrote {path}", err=True)

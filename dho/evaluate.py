@@ -25,6 +25,9 @@ training view per image (RandomResizedCrop scale 0.5-1, ratio 3/4-4/3, flip 0.5)
 at the student's size (the reference resized the crop to the teacher's 378 px first, then to 224:
 docs/fidelity.md); ``draws`` full passes with draws 0 ... N-1, their metrics averaged.
 
+Token merging (``tome_r``, paper Table 9): evaluate and predict can run a ViT student with ToMe, r tokens merged
+per block (``dho.tome``); evaluate's result records the settings under "tome".
+
 Out of scope: multi-crop / TTA evaluation (the draws are scored one by one, never averaged per
 image), per-class metrics, distributed evaluation.
 """
@@ -229,10 +232,19 @@ def collect_logits(
 
 
 def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu",
-             weights: Optional[str] = None) -> tuple[DualHeadStudent, dict]:
+             weights: Optional[str] = None, tome_r: Optional[int] = None) -> tuple[DualHeadStudent, dict]:
     """The finished student of RUN_DIR (RUN_DIR/model.pt) in eval mode on `device`, and its meta; `weights` ema | raw
-    (a run of `dho distill --ema`: its EMA, the default, or its trained weights; see dho.students.load_student)."""
-    return RunDir(run_dir).load_student(device, weights)
+    (a run of `dho distill --ema`: its EMA, the default, or its trained weights; see dho.students.load_student).
+    `tome_r`: merge that many tokens per block (ToMe, `dho.tome.apply_tome`; ViT students only), its settings in
+    meta["tome"]; None: the student as trained."""
+    if tome_r is not None:
+        check_number("--tome-r", tome_r, low=0, integer=True)
+    student, meta = RunDir(run_dir).load_student(device, weights)
+    if tome_r is not None:
+        from dho.tome import apply_tome
+
+        meta["tome"] = apply_tome(student, tome_r)
+    return student, meta
 
 
 def run_alpha_beta(run_dir: Union[str, Path], meta: dict) -> tuple[float, float, str]:
@@ -342,6 +354,7 @@ def evaluate(
     draws: Optional[int] = None,
     seed: Optional[int] = None,
     weights: Optional[str] = None,
+    tome_r: Optional[int] = None,
 ) -> dict:
     """Top-1/top-5 (%) of ce_head, kd_head and their combination (Eq. 11) on `data`.
 
@@ -356,6 +369,8 @@ def evaluate(
     training views, draw d of image `key` seeded by (`seed` (default 0), key, d) (the reference's Table 4 way): the
     head metrics are the mean over the draws, followed by views, draws, seed, per_draw (each draw's head metrics)
     and std (sample std over the draws; null for one draw). The search of `search_on` uses the center view.
+    `tome_r`: the student merges that many tokens per block (ToMe, ViT students; the search too), its settings
+    under "tome" (`dho.tome.apply_tome`); 0 is the unmerged model.
     """
     run_dir = Path(run_dir)
     check_choice("--views", views, VIEWS)
@@ -374,7 +389,7 @@ def evaluate(
     check_number("--batch-size", batch_size, low=1, integer=True)
     check_number("--workers", workers, low=0, integer=True)
     beta_grid_of(beta_grid)
-    student, meta = load_run(run_dir, device, weights)
+    student, meta = load_run(run_dir, device, weights, tome_r)
     device = resolve_device(device)
     ds, columns = open_labeled(data, meta["classnames"], "--data")
 
@@ -431,6 +446,7 @@ def evaluate(
         "data": str(ds.root),
         "data_fingerprint": ds.fingerprint,
         **spread,
+        **({"tome": meta["tome"]} if "tome" in meta else {}),
     }
 
 
@@ -492,14 +508,16 @@ def predict(
     batch_size: int = PREDICT_BATCH,
     heads: bool = False,
     weights: Optional[str] = None,
+    tome_r: Optional[int] = None,
 ) -> list[tuple[Path, Union[list[tuple[str, float]], dict[str, list[tuple[str, float]]]]]]:
     """Top-k (class name, probability) per image from the combined heads (Eq. 11) with the run's alpha, beta.
     With `heads`, a dict per image: the top-k of ce_head (softmax), kd_head (softmax at temperature beta)
     and the combination, as the paper's qualitative figures (Figs. 9, 16-19) show them side by side.
-    A folder among `images` stands for the image files in it (sorted, not recursive)."""
+    A folder among `images` stands for the image files in it (sorted, not recursive). `tome_r`: the student merges
+    that many tokens per block (ToMe, ViT students)."""
     check_number("--topk", topk, low=1, integer=True)
     paths = image_paths(images)
-    student, meta = load_run(run_dir, device, weights)
+    student, meta = load_run(run_dir, device, weights, tome_r)
     alpha, beta, _ = run_alpha_beta(run_dir, meta)
     preprocess: data_lib.Preprocessing = meta["preprocess"]
     classnames = meta["classnames"]

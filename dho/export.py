@@ -49,6 +49,11 @@ one rounding level. The TorchScript-based exporter would freeze the traced sizes
 graph's input is `images` (batch, 3, height, width) uint8 and its output `probs` (batch, C), the dynamic
 axes named so (`_name_onnx_axes`; the exporter would call them after torch's shape symbols, s34, ...).
 
+ToMe (``--tome-r R``, paper Table 9): the exported graph merges R tokens per block (``dho.tome``), so the file
+runs ToMe without dho; OUT.json and ``dho.json`` record the settings under "tome", the weights file is the plain
+student's. pt2, ONNX and TorchScript take it (each checked against the eager merged model like any export); an hf
+folder refuses it (its loaders build the unmerged model from the weights).
+
 Out of scope: quantisation, fp16 exports, ONNX files over 2 GB (external data), AOTInductor packages,
 interpolations other than bilinear and bicubic, and in ``longest`` mode images whose short side resizes to
 one pixel (aspect ratio over 2S/3 : 1), which the pt2 graph's shape guards refuse.
@@ -297,13 +302,18 @@ def format_for(out: Path, format: Optional[str]) -> str:
 
 
 def export(run_dir: Union[str, Path], out: Union[str, Path], format: Optional[str] = None,
-           weights: Optional[str] = None) -> Path:
+           weights: Optional[str] = None, tome_r: Optional[int] = None) -> Path:
     """Write RUN_DIR/model.pt (with the run's alpha, beta and preprocessing) as a `format` model at `out` (None: the
     format its suffix names, `format_for`), its weights at `weights_path(out)` and its metadata at
     `metadata_path(out)`; return `out`. Format "hf": the folder `out` of `dho.hub.write_folder`. `weights` ema | raw: of a
-    run trained with --ema, its EMA (the default) or its trained weights (`dho.students.load_student`)."""
+    run trained with --ema, its EMA (the default) or its trained weights (`dho.students.load_student`). `tome_r`: the
+    graph merges that many tokens per block (ToMe, `dho.tome`; ViT students), recorded under "tome" in the metadata;
+    pt2, onnx and torchscript only (an hf folder holds weights, which its loaders build without ToMe)."""
     run_dir, out = Path(run_dir), Path(out)
     format = format_for(out, format)
+    if format == HF_FORMAT and tome_r is not None:
+        raise ConfigError(f"--tome-r: an hf folder holds the weights only, and its loaders build the model without token "
+                          f"merging; export ToMe as a graph: --out {out.with_suffix('.pt2')} (or .onnx, .ts)")
     if format == HF_FORMAT:  # a Hugging Face-style folder: config.json, model.safetensors, README.md
         return write_folder(run_dir, out, weights)
     if out.exists() and not _is_dho_export(out):
@@ -313,7 +323,7 @@ def export(run_dir: Union[str, Path], out: Union[str, Path], format: Optional[st
         missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
         if missing:
             raise ConfigError(f"cannot export {run_dir} as onnx: {', '.join(missing)} not installed; pip install 'dho[onnx]'")
-    student, meta = load_run(run_dir, "cpu", weights)
+    student, meta = load_run(run_dir, "cpu", weights, tome_r)
     alpha, beta, source = run_alpha_beta(run_dir, meta)
     pre = meta["preprocess"]  # dho.data.Preprocessing
     where = run_dir / MODEL
@@ -335,6 +345,8 @@ def export(run_dir: Union[str, Path], out: Union[str, Path], format: Optional[st
             "; also one image (3, H, W)" if format == "torchscript" else "; one image: images[None]"),
         "output": "float32 probabilities (B, C) = alpha * softmax(ce_head) + (1 - alpha) * softmax(kd_head / beta)",
     }
+    if "tome" in meta:
+        info["tome"] = meta["tome"]  # token merging in the graph; the weights file is the plain student's
     if format == "onnx":
         info["onnx"] = {"opset": ONNX_OPSET, "input": "images", "output": "probs"}
 
@@ -390,6 +402,8 @@ def _write_model(wrapper: DeployableDHO, probs: StudentProbs, format: str, path:
         with warnings.catch_warnings():
             # recent torch deprecates TorchScript in favour of torch.export; it still loads with plain torch.jit.load
             warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
+            # ToMe's per-block cap min(r, (N - 1) // 2) reads the token count, fixed by the preprocessing: a constant
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"dho\.tome")
             try:
                 # the student traced (open_clip towers do not script), the preprocessing scripted (a trace would
                 # freeze its size arithmetic to the example's)

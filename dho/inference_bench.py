@@ -31,12 +31,22 @@ as `dho precompute-teacher` runs its teacher (heads and the teacher's classifier
 serving). Throughput differences of a few percent (DHO over SHO) are within run-to-run noise on a
 shared machine; the parameter and FLOP overheads are exact.
 
+ToMe (``tome_r``, paper Table 9): a fourth network, ``student_tome``, the served student with r tokens merged per
+block (``dho.tome``, ViT students), measured beside the unmerged one in the same rounds; the counter sees the merged
+model's shrinking token counts (and the matching's small cosine-similarity matmul), so its FLOPs are the merged
+model's. ToMe's ratios over the unmerged student go under ``tome_over_student_pct``.
+
+Accuracy (``data``, Table 9's first column): with a labeled dataset, the top-1/top-5 of both heads and of Eq. 11
+(the run's alpha, beta) of the student, and of the merged student, as `dho evaluate` scores them (center view,
+fp32, whatever the timing precision); the change in top-1 points under ``tome_over_student_pct``.
+
 Out of scope: the Tip-Adapter-F cache model of DHO-F (a `tip-adapter-f(NAME)` cache is measured
 as its base teacher NAME), data loading and decoding, torch.compile / TensorRT, memory use.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -55,7 +65,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from dho.data import Preprocessing
 from dho.devices import resolve_device
 from dho.errors import CacheError, ConfigError, check_choice, check_number
-from dho.evaluate import combine_heads, load_run, run_alpha_beta
+from dho.evaluate import (collect_logits, combine_heads, head_metrics, labeled_only, load_run, open_labeled, restrict,
+                          run_alpha_beta)
 from dho.losses import ZETA
 from dho.run_dir import RunDir, write_json
 
@@ -245,7 +256,8 @@ def build_teacher(run_dir: Path, teacher_model: Optional[str], num_classes: int,
 # --------------------------------------------------------------------------------------------
 
 
-def _check_options(batch_sizes, precision: str, device: torch.device, warmup, iters, min_seconds) -> tuple[int, ...]:
+def _check_options(batch_sizes, precision: str, device: torch.device, warmup, iters, min_seconds, tome_r,
+                   workers) -> tuple[int, ...]:
     if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Sequence) or len(batch_sizes) == 0:
         raise ConfigError(f"--batch-sizes must be one or more positive integers, e.g. 1,256; got {batch_sizes!r}")
     for b in batch_sizes:
@@ -256,6 +268,9 @@ def _check_options(batch_sizes, precision: str, device: torch.device, warmup, it
     check_number("--warmup", warmup, low=0, integer=True)
     check_number("--iters", iters, low=1, integer=True)
     check_number("--min-seconds", min_seconds, low=0)
+    if tome_r is not None:
+        check_number("--tome-r", tome_r, low=0, integer=True)
+    check_number("--workers", workers, low=0, integer=True)
     return tuple(sorted(set(batch_sizes)))
 
 
@@ -273,24 +288,39 @@ def bench_inference(
     warmup: int = DEFAULT_WARMUP,
     iters: int = DEFAULT_ITERS,
     min_seconds: float = DEFAULT_MIN_SECONDS,
+    tome_r: Optional[int] = None,
+    data: Union[str, Path, None] = None,
+    workers: int = 2,
 ) -> dict:
     """Parameters, FLOPs per image and images/s of the run's student, its single-head (SHO) variant and
     (with `teacher`) its teacher, with the teacher/student ratios and DHO-over-SHO overheads -> a JSON-able dict.
 
     `teacher_model` replaces the cache's teacher name (an open_clip model name or model-config JSON),
     for teachers that cannot be rebuilt from it (`local-dir:`, a config file since moved).
+    `tome_r`: also the student with ToMe, r tokens merged per block (Table 9). `data`: a labeled dataset on which
+    the student (and the merged student) are also scored, read by `workers` DataLoader workers.
     """
     run_dir = Path(run_dir)
     device = resolve_device(device)
-    batch_sizes = _check_options(batch_sizes, precision, device, warmup, iters, min_seconds)
+    batch_sizes = _check_options(batch_sizes, precision, device, warmup, iters, min_seconds, tome_r, workers)
     student, meta = load_run(run_dir, device)
     alpha, beta, alpha_beta_source = run_alpha_beta(run_dir, meta)
     size = student.preprocess.image_size
     name = meta["build_args"]["name"]
     nets = {  # role -> (name, module, input size)
         "student": (f"DHO student {name} (2 heads + Eq. 11)", ServedStudent(student, alpha, beta).eval(), size),
-        "single_head": (f"SHO baseline {name} (1 head)", SingleHeadStudent(student).eval(), size),
     }
+    scored = {"student": student}  # role -> the DualHeadStudent scored on `data`
+    tome_info = None
+    if tome_r is not None:
+        from dho.tome import apply_tome
+
+        merged = copy.deepcopy(student)
+        tome_info = apply_tome(merged, tome_r)
+        nets["student_tome"] = (f"DHO student {name} + ToMe r={tome_info['r']}", ServedStudent(merged, alpha, beta).eval(), size)
+        scored["student_tome"] = merged
+    nets["single_head"] = (f"SHO baseline {name} (1 head)", SingleHeadStudent(student).eval(), size)
+    labeled = open_labeled(data, meta["classnames"], "--data") if data is not None else None
     teacher_info = None
     if teacher:
         module, teacher_info = build_teacher(run_dir, teacher_model, student.num_classes, device)
@@ -303,6 +333,14 @@ def bench_inference(
         params = sum(p.numel() for p in module.parameters())
         models[role] = {"name": label, "input_size": s, "params": params, "params_m": params / 1e6, "flops": flops,
                         "gflops": flops / 1e9, "gmacs": flops / 2e9, "images_per_s": {}}
+    data_info = None
+    if labeled is not None:
+        ds, columns = labeled
+        for role, module in scored.items():
+            ce, kd, labels = labeled_only(*collect_logits(module, ds, batch_size=256, device=device, workers=workers))
+            ce, kd = restrict(ce, kd, columns)
+            models[role]["accuracy"] = head_metrics(ce, kd, labels, alpha, beta)
+        data_info = {"data": str(ds.root), "data_fingerprint": ds.fingerprint, "num_samples": int(len(labels))}
     gen = torch.Generator().manual_seed(0)
     for b in batch_sizes:
         xs = {role: torch.randn(b, 3, s, s, generator=gen).to(device) for role, (_, _, s) in nets.items()}  # (B, 3, S, S)
@@ -322,6 +360,12 @@ def bench_inference(
     dho, sho = models["student"], models["single_head"]
     ratios = {"dho_over_sho_pct": {"params": _pct(dho["params"], sho["params"]), "gflops": _pct(dho["flops"], sho["flops"]),
                                    "images_per_s": {k: _pct(v, sho["images_per_s"][k]) for k, v in dho["images_per_s"].items()}}}
+    if tome_r is not None:
+        tm = models["student_tome"]
+        ratios["tome_over_student_pct"] = {"params": _pct(tm["params"], dho["params"]), "gflops": _pct(tm["flops"], dho["flops"]),
+                                           "images_per_s": {k: _pct(v, dho["images_per_s"][k]) for k, v in tm["images_per_s"].items()}}
+        if data_info is not None:  # points of top-1, as Table 9's "(-0.2)"
+            ratios["tome_over_student_pct"]["top1_points"] = tm["accuracy"]["combined"]["top1"] - dho["accuracy"]["combined"]["top1"]
     if teacher:
         t = models["teacher"]
         ratios["teacher_over_student"] = {"params": t["params"] / dho["params"], "gflops": t["flops"] / dho["flops"],
@@ -339,6 +383,8 @@ def bench_inference(
         "alpha_beta_source": alpha_beta_source,
         "num_classes": int(student.num_classes),
         "teacher": teacher_info,
+        "tome": tome_info,
+        "accuracy_data": data_info,
         "models": models,
         "ratios": ratios,
     }
@@ -357,17 +403,29 @@ def format_table(result: dict) -> str:
     """A plain-text table in the manner of the paper's Table 7, with the ratio lines."""
     sizes = [str(b) for b in result["batch_sizes"]]
     w = max(len(m["name"]) for m in result["models"].values())
-    header = (f"{'model':<{w}} {'input':>5} {'params (M)':>10} {'GFLOPs':>9} {'GMACs':>9}"
+    scored = result.get("accuracy_data") is not None
+    header = (f"{'model':<{w}} {'input':>5} {'params (M)':>10} {'GFLOPs':>9} {'GMACs':>9}" + (f" {'top-1':>6}" if scored else "")
               + "".join(f" {'img/s @' + b:>11}" for b in sizes))
     lines = [f"inference cost of {result['run_dir']}: {result['device']} ({result['device_name']}), {result['precision']}, "
              f"torch {result['torch']}", header, "-" * len(header)]
     for m in result["models"].values():
-        lines.append(f"{m['name']:<{w}} {m['input_size']:>5} {m['params_m']:>10.3f} {m['gflops']:>9.4g} {m['gmacs']:>9.4g}"
+        top1 = (f" {m['accuracy']['combined']['top1']:>6.2f}" if "accuracy" in m else f" {'-':>6}") if scored else ""
+        lines.append(f"{m['name']:<{w}} {m['input_size']:>5} {m['params_m']:>10.3f} {m['gflops']:>9.4g} {m['gmacs']:>9.4g}{top1}"
                      + "".join(f" {m['images_per_s'][b]:>11.1f}" for b in sizes))
     o = result["ratios"]["dho_over_sho_pct"]
     lines.append("")
     lines.append(f"DHO over SHO: params {_signed(o['params'])}, FLOPs {_signed(o['gflops'])}, images/s "
                  + ", ".join(f"{_signed(o['images_per_s'][b])} @{b}" for b in sizes))
+    if "tome_over_student_pct" in result["ratios"]:
+        t, tome = result["ratios"]["tome_over_student_pct"], result["tome"]
+        points = f", top-1 {t['top1_points']:+.2f} points" if "top1_points" in t else ""
+        lines.append(f"ToMe r={tome['r']} over DHO: FLOPs {_signed(t['gflops'])}, images/s "
+                     + ", ".join(f"{_signed(t['images_per_s'][b])} @{b}" for b in sizes)
+                     + f"{points} (tokens per block {tome['tokens_per_block'][0]} -> {tome['tokens_out']})")
+    if scored:
+        d = result["accuracy_data"]
+        lines.append(f"top-1 = Eq. 11 with alpha={result['alpha']:g}, beta={result['beta']:g} on {d['data']} "
+                     f"({d['num_samples']} samples, fp32, center view)")
     if "teacher_over_student" in result["ratios"]:
         r = result["ratios"]["teacher_over_student"]
         lines.append(f"teacher / student: params {r['params']:.3g}x, FLOPs {r['gflops']:.3g}x, speed-up "

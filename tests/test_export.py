@@ -359,8 +359,8 @@ def test_export_errors_are_one_line_and_leave_nothing(trained_run, tmp_path, mon
 
     real_load_run = export_lib.load_run
 
-    def load_run(run_dir, device="cpu", weights=None):
-        student, meta = real_load_run(run_dir, device, weights)
+    def load_run(run_dir, device="cpu", weights=None, tome_r=None):
+        student, meta = real_load_run(run_dir, device, weights, tome_r)
         student.backbone = DataDependent(student.backbone)
         return student, meta
 
