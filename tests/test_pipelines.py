@@ -769,7 +769,7 @@ def test_table14_variants_run_from_the_recipe_and_reach_the_table(tmp_path):
     out = dry("VARIANTS=all").stdout
     configs = dict(re.findall(r"recipe.py config \S+ distill --out \S+/runs/(\S+)\.distill\.yaml(?: --variant (\S+))?", out))
     assert {k: v for k, v in configs.items() if v} == {f"{v}-k16-s1": v for v in ("nl-head-ce", "nl-head-kd", "nl-head-ce-kd")}
-    assert f'--variants "nl-head-ce-k16-s1 nl-head-kd-k16-s1 nl-head-ce-kd-k16-s1"' in out
+    assert '--variants "nl-head-ce-k16-s1 nl-head-kd-k16-s1 nl-head-ce-kd-k16-s1"' in out
     assert "--variant " not in dry().stdout
     bad = dry("VARIANTS=nl-head-xx")
     assert bad.returncode != 0 and "VARIANTS: nl-head-xx not in pipelines/fewshot/coop-resnet18.yaml's recipe.variants" in bad.stderr
