@@ -86,6 +86,27 @@ def test_coop_class_weights_and_logits_equal_a_plain_torch_restatement():
         assert not torch.allclose(_coop_restated(head, torch.zeros(4, 64)), expected)
 
 
+def test_coop_eval_mode_computes_the_class_weights_once_per_context_value():
+    """In-loop validation calls the head batch by batch in eval mode: the text tower runs once per context value, and
+    a context changed in place (an optimiser step, a resume's load_state_dict) gives the new class weights."""
+    torch.manual_seed(0)
+    head = _tiny().ce_head.eval()
+    calls = []
+    head.transformer.register_forward_hook(lambda *_: calls.append(1))
+    z = torch.randn(5, 32)
+    with torch.no_grad():
+        first = head(z)
+        assert torch.equal(head(z), first) and len(calls) == 1
+        head.context.add_(0.5)
+        second = head(z)
+        assert len(calls) == 2 and not torch.allclose(second, first)
+        assert torch.equal(second, F.normalize(z, dim=-1) @ F.normalize(head.class_weights(), dim=-1).t() / head.zeta)
+    head.train()
+    head(z).sum().backward()  # training: every call through the tower, gradients reach the context only
+    assert len(calls) == 4 and head.context.grad is not None and head.context.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in head.named_parameters() if n != "context")
+
+
 def test_coop_init_and_what_trains():
     torch.manual_seed(0)
     student = _tiny(n_ctx=16)
