@@ -270,6 +270,7 @@ def distill(
     freeze_backbone: Annotated[Optional[bool], typer.Option("--freeze-backbone", help="Freeze the student's feature extractor g (linear evaluation / prompt tuning, Table 13): no gradients, out of the optimiser and weight decay, always in eval mode (BatchNorm on its running statistics, dropout off); only the heads (and --vpt-tokens prompts) train.", show_default=DISTILL_DEFAULTS["freeze_backbone"], rich_help_panel=MODEL)] = None,
     vpt_tokens: Annotated[Optional[int], typer.Option("--vpt-tokens", help="VPT-deep (Jia et al. 2022) for open_clip ViT students: N learned prompt tokens after the class token at the input of the first --vpt-depth blocks; 0 = none.", show_default=DISTILL_DEFAULTS["vpt_tokens"], rich_help_panel=MODEL)] = None,
     vpt_depth: Annotated[Optional[int], typer.Option("--vpt-depth", help="Blocks whose input gets (new) VPT prompt tokens, 1 to the ViT's depth (Table 13: VPT-3, VPT-9); 0 with --vpt-tokens 0.", show_default=DISTILL_DEFAULTS["vpt_depth"], rich_help_panel=MODEL)] = None,
+    coop_context: Annotated[Optional[int], typer.Option("--coop-context", help="CoOp (Zhou et al. 2022) for open_clip CLIP students, with --freeze-backbone: ce_head is the class text embeddings of N learned context vectors ('[SOS] ctx_1..ctx_N class name . [EOS]') through the frozen text tower, times CLIP's logit scale; kd_head stays the linear head on z (CoOp+DHO, Table 13); model.pt holds the resulting class weights; 0 = a linear ce_head.", show_default=DISTILL_DEFAULTS["coop_context"], rich_help_panel=MODEL)] = None,
     interpolation: Annotated[Optional[str], typer.Option(help="Resampling of the student's training views and evaluation images: bilinear | bicubic; none keeps the student's own (bilinear for torchvision CNNs, the open_clip config's for VLM students).", show_default=DISTILL_DEFAULTS["interpolation"], rich_help_panel=MODEL)] = None,
     window: Annotated[Optional[int], typer.Option(help="Shards per shuffle window of each data consumer.", show_default=DISTILL_DEFAULTS["window"], rich_help_panel=SPEED)] = None,
     sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn", help="Under torchrun on GPUs, BatchNorm statistics over the global batch (SyncBatchNorm) instead of each rank's share.", show_default=DISTILL_DEFAULTS["sync_bn"], rich_help_panel=DISTRIBUTED)] = None,
@@ -300,7 +301,7 @@ def distill(
         "eval_every_epoch": eval_every_epoch, "log_grad_cosine": log_grad_cosine, "init_heads_from_text": text_init, "text_init_heads": text_init_heads,
         "align_kd_head": align_kd_head, "vlm_heads": vlm_heads, "ce_head": ce_head, "kd_head": kd_head,
         "head_hidden": head_hidden, "head_dropout": head_dropout, "freeze_backbone": freeze_backbone, "vpt_tokens": vpt_tokens,
-        "vpt_depth": vpt_depth, "interpolation": interpolation, "window": window,
+        "vpt_depth": vpt_depth, "coop_context": coop_context, "interpolation": interpolation, "window": window,
         "sync_bn": sync_bn, "report_to": report_to, "keep_checkpoints": keep_checkpoints, "compile": compile_,
         "decode": decode, "run_name": run_name, "group": group, "tags": tags,
     }

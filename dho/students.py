@@ -54,12 +54,16 @@ H and the dropout in ``build_args`` (only when a head is mlp: files of linear he
 Frozen backbones and visual prompts (§D.2, Table 13): ``DualHeadStudent.freeze_backbone`` (``dho distill
 --freeze-backbone``) freezes g and keeps it in eval mode; ``vpt_tokens`` / ``vpt_depth`` wrap an open_clip ViT tower in
 ``VptTower`` (VPT-deep: learned tokens after the class token at the first D blocks), recorded in ``build_args``.
+``coop_context`` N makes ce_head ``CoopHead`` (CoOp: N learned context vectors through the student's frozen text tower
+give the class weights; kd_head stays the linear head on z, DHO's distillation pathway); model files hold it as a
+fixed ``CosineHead`` with those class weights (``fixed_state``), so no reader needs the text tower.
 
 Model files: ``save_student`` / ``load_student`` hold everything needed to rebuild the
 student offline (no download, no text encoder): build args (incl. the open_clip model
 config), state_dict, class names, preprocessing, alpha and beta.
 
-Out of scope: text-side prompts (CoOp, PromptSRC), VPT-shallow/other prompt placements, non-linear heads other than §E.2's, ``hf-hub:`` / ``local-dir:`` sources for open_clip
+Out of scope: PromptSRC (multimodal prompts), CoOp's class-specific contexts and other class-token positions,
+VPT-shallow/other prompt placements, non-linear heads other than §E.2's, ``hf-hub:`` / ``local-dir:`` sources for open_clip
 and timm students, timm's crop_pct in the evaluation view, timm ``features_only`` / feature-map
 students.
 """
@@ -314,6 +318,101 @@ class VptTower(nn.Module):
             x = block(x)
         pooled, _ = tower._pool(x)  # (B, W): the class token
         return pooled @ tower.proj if tower.proj is not None else pooled  # (B, D_embed)
+
+
+COOP_INIT_STD = 0.02  # CoOp's generic context: ctx ~ N(0, 0.02^2) (KaiyangZhou/CoOp, CTX_INIT "")
+
+
+def coop_prompts(classnames: list[str], n_ctx: int) -> list[str]:
+    """CoOp's prompt texts, the class token at the end: "X X ... X {class name}." with n_ctx placeholders "X"
+    (their embeddings are replaced by the learned context) and underscores in class names read as spaces."""
+    return [" ".join(["X"] * n_ctx) + " " + name.replace("_", " ") + "." for name in classnames]
+
+
+class CoopHead(nn.Module):
+    """CoOp's classifier (Zhou et al. 2022: one context shared by all classes, the class token at the end) as ce_head,
+    through the student's own frozen CLIP text tower; only ``context`` (N, W) trains.
+
+        e_c = [E(SOS); ctx_1 .. ctx_N; E(class c's tokens); E(.); E(EOS); E(pad) ...]   # (C, L, W), E = token embedding
+        t_c = ln_final(transformer(e_c + pos))[EOT_c] @ text_projection                 # (C, D): `class_weights`
+        ce_logits = cos(z, t_c) / zeta,  1 / zeta = exp(logit_scale) of the student's CLIP   # (B, C)
+
+    The last line is `CosineHead`'s: `fixed_state` turns the head into a CosineHead holding t_c (model.pt), so every
+    reader works without the text tower; the checkpoint keeps the context and the tower (a resume is exact). The
+    tower stays in eval mode; in eval mode without gradients t_c is computed once per context value."""
+
+    def __init__(self, clip_model: nn.Module, tokenizer: Callable, classnames: list[str], n_ctx: int, logit_scale: float):
+        super().__init__()
+        from open_clip.transformer import text_global_pool
+
+        self._pool = text_global_pool
+        self.n_ctx = int(n_ctx)
+        self.logit_scale = float(logit_scale)  # recorded in build_args: the fixed head's zeta is computed alike
+        self.zeta = 1.0 / self.logit_scale
+        self.register_buffer("tokens", tokenizer(coop_prompts(classnames, n_ctx)))  # (C, L) token ids
+        for part in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection"):
+            setattr(self, part, getattr(clip_model, part))
+        self.register_buffer("attn_mask", clip_model.attn_mask, persistent=False)  # (L, L) causal, rebuilt by open_clip
+        self.pool_type, self.eos_id = clip_model.text_pool_type, getattr(clip_model, "text_eos_id", None)
+        self.requires_grad_(False)
+        width = self.token_embedding.weight.shape[1]
+        self.context = nn.Parameter(torch.empty(self.n_ctx, width))  # (N, W)
+        nn.init.normal_(self.context, std=COOP_INIT_STD)
+        self._cached: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (context, t) of the last eval-mode call
+
+    def train(self, mode: bool = True) -> "CoopHead":
+        self.training = mode  # the text tower itself always in eval mode (frozen, as CoOp's)
+        for child in self.children():
+            child.eval()
+        return self
+
+    def class_weights(self) -> torch.Tensor:
+        """t_c of every class: (C, D) float32, not normalised (the head normalises, as CosineHead)."""
+        emb = self.token_embedding(self.tokens)  # (C, L, W)
+        ctx = self.context.to(emb.dtype).unsqueeze(0).expand(emb.shape[0], -1, -1)  # (C, N, W)
+        x = torch.cat([emb[:, :1], ctx, emb[:, 1 + self.n_ctx:]], dim=1)  # (C, L, W): SOS, context, class tokens, EOS
+        x = x + self.positional_embedding.to(x.dtype)
+        x = self.ln_final(self.transformer(x, attn_mask=self.attn_mask))  # (C, L, W)
+        x = self._pool(x, self.tokens, self.pool_type, eos_token_id=self.eos_id)  # (C, W): the EOT token
+        proj = self.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (C, D)
+        return x.float()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled():
+            t = self.class_weights()  # (C, D)
+        else:  # evaluation: the text tower once per context value, not once per batch
+            if self._cached is None or not torch.equal(self._cached[0], self.context):
+                self._cached = (self.context.detach().clone(), self.class_weights())
+            t = self._cached[1]
+        with torch.autocast(device_type=z.device.type, enabled=False):  # float32, as CosineHead
+            return F.normalize(z.float(), dim=-1) @ F.normalize(t, dim=-1).t() / self.zeta  # (B, C)
+
+    def extra_repr(self) -> str:
+        return f"n_ctx={self.n_ctx}, num_classes={self.tokens.shape[0]}, zeta={self.zeta}"
+
+
+def fixed_state(student: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict the model file holds (on CPU): as the student's, but a CoOp ce_head becomes a CosineHead's
+    weight, its class weights t_c (`rebuild_student` builds that CosineHead): no text tower in model.pt."""
+    state = student.state_dict()
+    if isinstance(getattr(student, "ce_head", None), CoopHead):
+        state = {k: v for k, v in state.items() if not k.startswith("ce_head.")}
+        with torch.no_grad():
+            state["ce_head.weight"] = student.ce_head.class_weights()  # (C, D)
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def check_coop(model: nn.Module, n_ctx: int, name: str) -> None:
+    """CoOp needs an open_clip CLIP with its own text transformer (not an HF text tower) and room for the context."""
+    if not all(hasattr(model, part) for part in ("token_embedding", "transformer", "ln_final", "attn_mask")):
+        raise ConfigError(f"--coop-context learns a context through an open_clip text transformer; student {name!r} has "
+                          f"a {type(model).__name__} text tower: use an OpenAI-style CLIP student (e.g. ViT-B-16) or drop it")
+    length = int(model.positional_embedding.shape[0])
+    if not 1 <= n_ctx <= length - 3:  # SOS, the context, at least one class token, EOS
+        raise ConfigError(f"--coop-context must be 1 to {length - 3} (the text context length {length} less SOS, a class "
+                          f"token and EOS); got {n_ctx}")
 
 
 def check_vpt(tower: nn.Module, tokens: int, depth: int, name: str) -> None:
@@ -573,6 +672,7 @@ def build_student(
     interpolation: Optional[str] = None,
     vpt_tokens: int = 0,
     vpt_depth: int = 0,
+    coop_context: int = 0,
     device: str | torch.device = "cpu",
 ) -> DualHeadStudent:
     """Build a dual-head student (on CPU).
@@ -596,6 +696,9 @@ def build_student(
         open_clip config's for VLM students).
     vpt_tokens, vpt_depth: VPT-deep (`VptTower`) for open_clip ViT students: N prompt tokens at the first D blocks;
         0 (default): the plain tower.
+    coop_context: CoOp (`CoopHead`) for open_clip CLIP students: ce_head is the class text embeddings of N learned
+        context vectors through the student's frozen text tower (language-aware init then sets kd_head only);
+        0 (default): a linear ce_head.
     device: where the text encoder runs for language-aware init.
     """
     if pretrained is not None and str(pretrained).lower() == "none":
@@ -616,6 +719,11 @@ def build_student(
     if (vpt_tokens or vpt_depth) and (name.startswith(TIMM_PREFIX) or name in _TORCHVISION_STUDENTS):
         raise ConfigError(f"--vpt-tokens prompts an open_clip ViT image tower; {name!r} is a CNN student: use a ViT "
                           "student (e.g. ViT-B-16) or drop --vpt-tokens / --vpt-depth")
+    if coop_context and (name.startswith(TIMM_PREFIX) or name in _TORCHVISION_STUDENTS):
+        raise ConfigError(f"--coop-context learns a prompt for a CLIP text tower; {name!r} is a CNN student without one: "
+                          "use an open_clip student (e.g. ViT-B-16) or drop --coop-context")
+    if coop_context and ce_head != "linear":
+        raise ConfigError("--coop-context makes ce_head CoOp's text classifier; drop --ce-head mlp")
     if name.startswith(TIMM_PREFIX):
         backbone, dim, preprocess, timm_name = build_timm(name, pretrained, interpolation)
         build_args = {"name": name, "kind": "timm", "timm_name": timm_name, "num_classes": num_classes,
@@ -635,9 +743,11 @@ def build_student(
         return DualHeadStudent(backbone, dim, num_classes, False, zeta, preprocess, build_args, **_head_kwargs(build_args))
 
     text_heads = [h for h in {"both": ("ce_head", "kd_head"), "ce": ("ce_head",), "kd": ("kd_head",)}[text_init_heads]
-                  if forms[h] == "linear"]  # the text embeddings are in z's space: mlp heads start as with the init off
+                  if forms[h] == "linear" and not (coop_context and h == "ce_head")]  # the text embeddings are in z's
+    # space: mlp heads start as with the init off; a CoOp ce_head is its own text classifier
     if init_heads_from_text and not text_heads and text_init_heads != "both":
-        raise ConfigError(f"--text-init-heads {text_init_heads} names an mlp head, which language-aware init does not set "
+        what = "CoOp's ce_head (its own text classifier)" if coop_context else "an mlp head"
+        raise ConfigError(f"--text-init-heads {text_init_heads} names {what}, which language-aware init does not set "
                           "(it sets linear heads only); use --text-init-heads both or --no-text-init")
     if init_heads_from_text:
         if classnames is None or len(classnames) != num_classes:
@@ -654,8 +764,18 @@ def build_student(
         preprocess = preprocess.replace(interpolation=interpolation)
     text_weights = (_text_classifier(model, model_name, classnames, templates, device, normalized=vlm_heads == "eq10")
                     if init_heads_from_text and text_heads else None)
+    coop = None
+    if coop_context:
+        import open_clip
+
+        check_coop(model, coop_context, name)
+        if classnames is None or len(classnames) != num_classes:
+            raise ConfigError(f"--coop-context needs the {num_classes} class names (got "
+                              f"{None if classnames is None else len(classnames)}); pass classnames=")
+        coop = CoopHead(model.cpu(), open_clip.get_tokenizer(model_name), classnames, coop_context,
+                        float(model.logit_scale.detach().exp()))
     tower = tower.cpu()
-    del model  # the text encoder is used only for init
+    del model  # the text encoder is used only for init (and with CoOp its tower lives on in ce_head)
     vpt = _vpt_args(vpt_tokens, vpt_depth)
     if vpt:
         check_vpt(tower, vpt_tokens, vpt_depth, name)
@@ -665,9 +785,12 @@ def build_student(
                   "init_heads_from_text": bool(init_heads_from_text), "clip_config": cfg,
                   "text_init_heads": text_init_heads if init_heads_from_text else None,
                   "templates": templates if init_heads_from_text else None, "vlm_heads": vlm_heads,
-                  **_head_args(forms, dim), **vpt}
+                  **_head_args(forms, dim), **vpt,
+                  **({"coop_context": int(coop_context), "coop_logit_scale": coop.logit_scale} if coop else {})}
     student = DualHeadStudent(tower, dim, num_classes, bool(align_kd_head), zeta, preprocess, build_args, vlm_heads,
                               **_head_kwargs(build_args))
+    if coop is not None:
+        student.ce_head = coop  # after the linear heads' init: the RNG draws of the other heads are as without CoOp
     if text_weights is not None:
         with torch.no_grad():
             for head in (getattr(student, h) for h in text_heads):
@@ -711,9 +834,12 @@ def rebuild_student(build_args: dict, preprocess: Preprocessing) -> DualHeadStud
     else:
         raise ConfigError(f"unknown student kind {kind!r} in build args {build_args}")
     # model files written before the option existed hold the Eq. 10 heads
-    return DualHeadStudent(backbone, dim, int(build_args["num_classes"]), bool(build_args["align_kd_head"]),
-                           float(build_args["zeta"]), preprocess, build_args, build_args.get("vlm_heads", "eq10"),
-                           **_head_kwargs(build_args))
+    student = DualHeadStudent(backbone, dim, int(build_args["num_classes"]), bool(build_args["align_kd_head"]),
+                              float(build_args["zeta"]), preprocess, build_args, build_args.get("vlm_heads", "eq10"),
+                              **_head_kwargs(build_args))
+    if build_args.get("coop_context"):  # CoOp's ce_head, fixed: its class weights t_c (`fixed_state`)
+        student.ce_head = CosineHead(dim, student.num_classes, 1.0 / float(build_args["coop_logit_scale"]))
+    return student
 
 
 def save_student(
@@ -744,10 +870,10 @@ def save_student(
         "alpha": float(alpha),
         "beta": float(beta),
         "extra": extra or {},
-        "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()},
+        "state_dict": fixed_state(student),  # a CoOp ce_head as its class weights
     }
     if raw is not None:
-        payload["raw_state_dict"] = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
+        payload["raw_state_dict"] = fixed_state(raw)
     # the part file is model.pt.part: torch.save names the folder inside its zip "model.pt" from it, so the bytes
     # do not depend on the temporary name
     return write_atomic(path, lambda part: torch.save(payload, part))

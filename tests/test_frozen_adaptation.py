@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from dho import evaluate as ev
 from dho.distill import DistillConfig, distill
 from dho.errors import ConfigError
-from dho.students import VptTower, build_student, load_student, vpt_init_bound
+from dho.students import CosineHead, VptTower, build_student, load_student, vpt_init_bound
 from fixtures_models import TINY_CLIP_CONFIG, tiny_teacher_ckpt  # noqa: F401
 from test_distill import _cfg, _metrics, _state, world  # noqa: F401  the 4-class world with its tiny-clip caches
 
@@ -126,7 +126,8 @@ def _fresh(cfg: DistillConfig):
     classnames = load_student(cfg.out + "/model.pt")[1]["classnames"]
     torch.manual_seed(cfg.seed)
     return build_student(cfg.student, len(classnames), pretrained=cfg.student_pretrained, classnames=classnames,
-                         vpt_tokens=cfg.vpt_tokens, vpt_depth=cfg.vpt_depth, init_heads_from_text=cfg.init_heads_from_text)
+                         vpt_tokens=cfg.vpt_tokens, vpt_depth=cfg.vpt_depth, coop_context=cfg.coop_context,
+                         init_heads_from_text=cfg.init_heads_from_text)
 
 
 def test_linear_evaluation_keeps_the_cnn_backbone_and_its_batchnorm_statistics_bit_identical(world, tmp_path):  # noqa: F811
@@ -263,18 +264,19 @@ def test_recipe_rows_are_distill_configs_with_table_13s_numbers(tmp_path):
         subprocess.run([sys.executable, str(ROOT / "pipelines" / "lowshot" / "recipe.py"), "config", str(path), "distill",
                         *[f"{k}={v}" for k, v in row["overrides"].items()], "--out", str(out)], check=True, cwd=ROOT)
         cfg = DistillConfig(labeled="L", labeled_cache="L.zarr", out="RUN", **load_options_file(out))
-        assert cfg.freeze_backbone and cfg.method == ("ce" if name in ("le", "vpt3") else "dho"), name
+        assert cfg.freeze_backbone and cfg.method == ("ce" if name in ("le", "vpt3", "coop") else "dho"), name
         assert (cfg.vpt_depth, cfg.vpt_tokens) == ((int(name[3]), 50) if name.startswith("vpt") else (0, 0)), name
+        assert cfg.coop_context == (16 if name.startswith("coop") else 0), name
         size = labeled[row["split"]] if row["unlabeled"] == "labeled" else pool[row["split"]]
         steps = schedule_steps(size, cfg.batch_size, cfg.epochs, cfg.lr_schedule)[1]
         full = schedule_steps(pool[row["split"]], cfg.batch_size, 20, cfg.lr_schedule)[1]
         assert abs(steps - full) / full < 0.002, (name, steps, full)  # the same schedule length, to within one epoch
 
 
-@pytest.mark.parametrize("row", ["le", "le-dho-l", "vpt3-dho"])
+@pytest.mark.parametrize("row", ["le", "le-dho-l", "vpt3-dho", "coop", "coop-dho"])
 def test_recipe_row_families_train_on_the_tiny_models(row, world, tmp_path, tiny_teacher_ckpt):  # noqa: F811
     """SMOKE form of each row family: the row's overrides on the tiny ViT (depth 3 -> its 2 blocks), 2 steps; the
-    tower stays as built, the run's model loads."""
+    tower stays as built, the run's model loads (a CoOp row's with its trained class weights)."""
     _, data = _recipe()
     spec = data["recipe"]["rows"][row]
     overrides = {k: v for k, v in spec["overrides"].items() if k != "epochs"}
@@ -285,9 +287,15 @@ def test_recipe_row_families_train_on_the_tiny_models(row, world, tmp_path, tiny
                max_steps=2, freeze_backbone=True, alpha=0.5, beta=1.0, **{**unlabeled, **overrides})
     distill(cfg)
     student, meta = load_student(tmp_path / row / "model.pt")
-    fresh = _fresh(cfg).state_dict()
+    built = _fresh(cfg)
+    fresh = built.state_dict()
     frozen = [k for k in student.state_dict() if k.startswith("backbone.") and k != "backbone.prompts"]
     assert frozen and all(torch.equal(student.state_dict()[k], fresh[k]) for k in frozen)
+    if cfg.coop_context:  # model.pt: CoOp's class weights as a fixed cosine head, moved by the trained context
+        assert isinstance(student.ce_head, CosineHead) and meta["build_args"]["coop_context"] == 16
+        with torch.no_grad():
+            initial = built.ce_head.class_weights()  # (C, D)
+        assert student.ce_head.weight.shape == initial.shape and not torch.equal(student.ce_head.weight, initial)
     assert (meta["alpha"], meta["beta"]) == ((1.0, 1.0) if cfg.method == "ce" else (0.5, 1.0))
     steps = [m for m in _metrics(tmp_path / row) if "loss" in m]
     assert len(steps) == 2 and all(math.isfinite(m["loss"]) for m in steps)

@@ -114,6 +114,7 @@ class DistillConfig:
     freeze_backbone: bool = False  # g frozen (linear evaluation / prompt tuning, Table 13): only heads and prompts train
     vpt_tokens: int = 0  # VPT-deep prompt tokens per prompted block (open_clip ViT students); 0 = none
     vpt_depth: int = 0  # blocks whose input gets new prompts (Table 13: 3 or 9); 0 with vpt_tokens 0
+    coop_context: int = 0  # CoOp (Table 13): ce_head = N learned context vectors through the frozen text tower; 0 = none
     interpolation: Optional[str] = None  # student resampling (bilinear | bicubic); None = the student's own
     window: int = 2  # shards per shuffle window of each consumer
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all ranks (SyncBatchNorm)
@@ -163,6 +164,11 @@ class DistillConfig:
         if (self.vpt_tokens > 0) != (self.vpt_depth > 0):
             raise ConfigError(f"VPT needs both --vpt-tokens N and --vpt-depth D >= 1 (got {self.vpt_tokens} and "
                               f"{self.vpt_depth}); give both, or neither for the plain tower")
+        check_number("--coop-context", self.coop_context, low=0, integer=True)
+        if self.coop_context and not self.freeze_backbone:
+            raise ConfigError("--coop-context trains CoOp's context with both CLIP towers frozen; add --freeze-backbone")
+        if self.coop_context and self.ce_head != "linear":
+            raise ConfigError("--coop-context makes ce_head CoOp's text classifier; drop --ce-head mlp")
         if self.freeze_backbone and self.log_grad_cosine and not self.vpt_tokens:
             raise ConfigError("--log-grad-cosine compares the gradients of g's parameters, and --freeze-backbone trains none "
                               "of them; drop one (with --vpt-tokens the prompts are those parameters)")

@@ -214,7 +214,7 @@ def _setup_model(cfg: DistillConfig, objective: Objective, ranks: Ranks, plan: s
         templates=streams.templates, init_heads_from_text=cfg.init_heads_from_text, align_kd_head=cfg.align_kd_head,
         text_init_heads=cfg.text_init_heads, zeta=cfg.zeta, vlm_heads=cfg.vlm_heads, interpolation=cfg.interpolation,
         ce_head=cfg.ce_head, kd_head=cfg.kd_head, head_hidden=cfg.head_hidden, head_dropout=cfg.head_dropout,
-        vpt_tokens=cfg.vpt_tokens, vpt_depth=cfg.vpt_depth,
+        vpt_tokens=cfg.vpt_tokens, vpt_depth=cfg.vpt_depth, coop_context=cfg.coop_context,
     )
     device = ranks.device
     weight = None if streams.teacher_logit_weight is None else torch.from_numpy(streams.teacher_logit_weight)
