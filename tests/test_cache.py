@@ -212,7 +212,7 @@ def test_schema_checked_on_every_open(tmp_path, tiny_dataset):
     g.attrs.update({"schema_version": 4})  # v4 has no teacher.prompt_names
     with pytest.raises(CacheError, match="schema v4 at teacher: Additional properties .*'prompt_names' was unexpected"):
         TeacherCache.open(path)
-    g.attrs.update({"schema_version": 5, "teacher": {**g.attrs["teacher"], "prompt_names": "other"}})
+    g.attrs.update({"schema_version": 6, "teacher": {**g.attrs["teacher"], "prompt_names": "other"}})
     with pytest.raises(CacheError, match="do not match cache schema v6 at teacher.prompt_names"):
         TeacherCache.open(path)
     g.attrs.update({"teacher": {**g.attrs["teacher"], "prompt_names": "underscores-to-spaces"}, "eta": -1})

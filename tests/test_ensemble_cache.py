@@ -205,3 +205,12 @@ def test_a_failed_merge_leaves_no_cache_and_a_killed_ones_leftover_is_removed(en
     merge_caches([ens / "full-A.zarr", ens / "full-B.zarr"], out, names=["A", "B"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ens.zarr"]
     assert np.array_equal(_raw(out, "probs"), _raw(ens / "full-ens.zarr", "probs"))
+
+
+def test_readme_member_table_is_the_schemas():
+    import cache_schemas
+
+    readme = (Path(cache_schemas.__file__).parent / "README.md").read_text()
+    rows = dict(re.findall(r"\| `teachers/<i>/(\w+)` \| [^|]+ \| (\w+) \|", readme))
+    table = cache_schemas.load_schema(6)["x-dho-member-arrays"]
+    assert rows == {name: spec["dtype"] for name, spec in table.items()}
