@@ -57,7 +57,7 @@ from zarr.codecs import Crc32cCodec, ShardingCodec, ZstdCodec
 import dho
 from cache_schemas import CURRENT_VERSION, KNOWN_VERSIONS, SCHEMA_NAME, load_schema
 from dho.atomic import fsync, remove_stale, temp_sibling
-from dho.cache_layout import dataset_mismatch, expected_arrays, row_bytes, shard_group
+from dho.cache_layout import dataset_mismatch, expected_arrays, member_group, row_bytes, shard_group
 from dho.errors import CacheError
 
 # attributes that must be equal for a rerun to add units to an existing store ("don't mix")
@@ -74,6 +74,11 @@ SUM_TOLERANCE = 1e-2  # |sum(p) - 1| of a stored float16 row (C roundings of at 
 WHOLE_ARRAYS = ("keys", "labels", "valid", "done", "text_classifier")
 READ_BLOCK_BYTES = 64 << 20  # rows of a whole array read at once (whole chunks): bounds the memory of a check
 REBUILD = "rebuild the cache with `dho precompute-teacher` into a new --out"
+# the arrays each member of an ensemble cache (schema v6) has of its own, in `teachers/<i>/`
+MEMBER_ARRAYS = ("probs", "embeddings", "text_classifier")
+# what a member of an ensemble has of its own in the attributes (`teachers[i]`); selecting it puts them on top
+MEMBER_ATTRS = ("teacher", "text_classifier_norm", "preprocess", "precision", "store_embeddings", "embed_dim")
+MEAN = "mean"  # `TeacherCache.select`: the ensemble's arithmetic mean (the only teacher of a single-teacher cache)
 
 
 def prompt_names(attrs: dict) -> str:
@@ -137,6 +142,9 @@ class TeacherCache:
         self.attrs: dict = dict(group.attrs)
         if self.attrs["schema_version"] == 1:  # v1 had one classifier: the re-normalised template mean
             self.attrs.setdefault("text_classifier_norm", "renormalize")
+        self.base_attrs: dict = dict(self.attrs)  # the store's own attributes (`attrs` gets a selected member's on top)
+        self.members: list[dict] = list(self.attrs.get("teachers") or [])  # [] for a single-teacher cache
+        self.member: int | None = None  # the selected member of an ensemble (`select`); None = the mean
         self.num_views: int = self.attrs["num_views"]
         self.num_samples: int = self.attrs["num_samples"]
         self.classnames: list[str] = list(self.attrs["classnames"])
@@ -161,10 +169,54 @@ class TeacherCache:
         return prompt_names(self.attrs)
 
     def array(self, name: str):
-        """The zarr array `name` (opened once: each open reads its metadata file)."""
+        """The zarr array `name` (opened once: each open reads its metadata file); with a member of an ensemble
+        selected, its own arrays (MEMBER_ARRAYS) come from its subgroup."""
+        name = self._resolve(name)
         if name not in self._arrays:
             self._arrays[name] = self.group[name]
         return self._arrays[name]
+
+    def _resolve(self, name: str) -> str:
+        """The path of array `name` in the store: `teachers/<i>/name` for a selected member's own arrays."""
+        if self.member is not None and name in MEMBER_ARRAYS:
+            return f"{member_group(self.member)}/{name}"
+        return name
+
+    # ------------------------------------------------------------------ ensembles (schema v6)
+
+    @property
+    def is_ensemble(self) -> bool:
+        """Whether the store holds several teachers (`dho merge-caches`) and their mean."""
+        return bool(self.members)
+
+    @property
+    def teacher_names(self) -> list[str]:
+        """The members' names of an ensemble, [] for a single-teacher cache."""
+        return [m["name"] for m in self.members]
+
+    def member_index(self, teacher: str | int) -> int | None:
+        """`teacher` (MEAN, a member's index as int or digits, or its name) -> the member's index, None for the mean;
+        a CacheError naming the choices for anything else. A single-teacher cache has the mean only (its teacher)."""
+        names = self.teacher_names
+        choices = f"{MEAN}, " + ", ".join(f"{i} or {n}" for i, n in enumerate(names)) if names else MEAN
+        if teacher == MEAN:
+            return None
+        if isinstance(teacher, int) or str(teacher).isdigit():
+            if names and 0 <= int(teacher) < len(names):
+                return int(teacher)
+        elif teacher in names:
+            return names.index(teacher)
+        what = f"an ensemble of {len(names)} teachers" if names else "a single-teacher cache"
+        raise CacheError(f"--teacher {teacher}: {self.path} is {what}; choose {choices}")
+
+    def select(self, teacher: str | int) -> "TeacherCache":
+        """Read member `teacher` of an ensemble (`member_index`), or the mean (MEAN): its probabilities, embeddings,
+        text classifier and attributes (MEMBER_ATTRS on top of the store's). Returns self."""
+        self.member = self.member_index(teacher)
+        self.attrs = dict(self.base_attrs)
+        if self.member is not None:
+            self.attrs.update({k: self.members[self.member][k] for k in MEMBER_ATTRS})
+        return self
 
     # ------------------------------------------------------------------ creating and opening
 
@@ -186,7 +238,9 @@ class TeacherCache:
         return cache
 
     @classmethod
-    def _create(cls, path: Path, attrs: dict, keys: list[str], labels: np.ndarray, text_classifier: np.ndarray) -> None:
+    def _create(cls, path: Path, attrs: dict, keys: list[str], labels: np.ndarray, text_classifier) -> None:
+        """Create the empty store at `path` atomically; `text_classifier` is (C, D), or for an ensemble (attribute
+        `teachers`, schema v6) one (C, D_i) per member."""
         key_matrix = encode_keys(keys)  # (N, W) uint8
         attrs = {
             "schema": SCHEMA_NAME, "schema_version": CURRENT_VERSION, "dho_version": dho.__version__,
@@ -203,13 +257,22 @@ class TeacherCache:
         tmp = temp_sibling(path, "creating")
         try:
             group = zarr.open_group(str(tmp), mode="w-", attributes=attrs)
-            for name, spec in expected_arrays(attrs).items():
-                group.create_array(name, shape=spec["shape"], dtype=spec["dtype"], chunks=spec["chunks"], shards=spec["shards"],
-                                   fill_value=spec["fill_value"], dimension_names=spec["dims"],
-                                   compressors=[ZstdCodec(), Crc32cCodec()])  # every (inner) chunk checksummed
+            members = attrs.get("teachers") or ()
+            tables = [(group, expected_arrays(attrs))]
+            if members:
+                teachers = group.create_group("teachers", attributes={"names": [m["name"] for m in members]})
+                tables += [(teachers.create_group(str(i), attributes={"name": m["name"]}), expected_arrays(attrs, i))
+                           for i, m in enumerate(members)]
+            for where, table in tables:
+                for name, spec in table.items():
+                    where.create_array(name, shape=spec["shape"], dtype=spec["dtype"], chunks=spec["chunks"], shards=spec["shards"],
+                                       fill_value=spec["fill_value"], dimension_names=spec["dims"],
+                                       compressors=[ZstdCodec(), Crc32cCodec()])  # every (inner) chunk checksummed
             group["keys"][:] = key_matrix
             group["labels"][:] = np.asarray(labels, dtype=np.int64)
-            group["text_classifier"][:] = np.asarray(text_classifier, dtype=np.float32)
+            for where, classifier in zip([t for t, _ in tables[1:]] if members else [group],
+                                         text_classifier if members else [text_classifier]):
+                where["text_classifier"][:] = np.asarray(classifier, dtype=np.float32)
             for f in sorted(tmp.rglob("*")):
                 if f.is_file():
                     fsync(f)
@@ -260,11 +323,11 @@ class TeacherCache:
         return cache
 
     @classmethod
-    def reopen(cls, path, done: np.ndarray, valid: np.ndarray) -> "TeacherCache":
+    def reopen(cls, path, done: np.ndarray, valid: np.ndarray, teacher: str | int = MEAN) -> "TeacherCache":
         """A read-only handle on a cache another process already opened and checked (a DataLoader
         worker's): reads the group attributes, then chunks only; `done` and `valid` are that process's
         arrays (no per-unit or per-sample read here)."""
-        cache = cls(Path(path), zarr.open_group(str(path), mode="r"), "r")
+        cache = cls(Path(path), zarr.open_group(str(path), mode="r"), "r").select(teacher)
         cache._done, cache._valid = done, valid
         return cache
 
@@ -387,12 +450,19 @@ class TeacherCache:
 
     @property
     def has_embeddings(self) -> bool:
-        """Whether the store holds the teacher's image embeddings (`precompute --store-embeddings`)."""
+        """Whether the store holds the teacher's image embeddings (`precompute --store-embeddings`); of an ensemble,
+        the selected member's (the mean has none)."""
+        if self.is_ensemble:
+            return self.member is not None and bool(self.members[self.member]["store_embeddings"])
         return "embeddings" in self.group
 
     @property
     def text_classifier(self) -> np.ndarray:
-        """(C, D) float32 zero-shot classifier of the teacher (unit rows unless text_classifier_norm is "mean")."""
+        """(C, D) float32 zero-shot classifier of the teacher (unit rows unless text_classifier_norm is "mean");
+        of an ensemble, the selected member's (the mean has none)."""
+        if self.is_ensemble and self.member is None:
+            raise CacheError(f"{self.path} is an ensemble of {', '.join(self.teacher_names)}: their mean has no text "
+                             "classifier; select one teacher (`dho distill --teacher NAME`)")
         return np.asarray(self._read_whole("text_classifier"), dtype=np.float32)
 
     def is_complete(self) -> bool:
@@ -447,7 +517,7 @@ class TeacherCache:
     def _chunk_where(self, name: str, coords: tuple) -> str:
         """Chunk `coords` of a whole array (not per view): its file and, along the samples, its rows."""
         arr = self.array(name)
-        rel = f"{name}/{arr.metadata.encode_chunk_key(coords)}"
+        rel = f"{self._resolve(name)}/{arr.metadata.encode_chunk_key(coords)}"
         if name in ("keys", "labels", "valid"):
             start = coords[0] * arr.chunks[0]
             return f"chunk {coords[0]} (rows {start}-{min(start + arr.chunks[0], arr.shape[0]) - 1}, file {rel})"
@@ -461,7 +531,7 @@ class TeacherCache:
         grid = arr.cdata_shape  # chunks per axis (these arrays are not in Zarr shards: a chunk is a file)
         if files and self.attrs["schema_version"] >= 2:
             for coords in np.ndindex(*grid):
-                if not (self.path / name / arr.metadata.encode_chunk_key(coords)).is_file():
+                if not (self.path / self._resolve(name) / arr.metadata.encode_chunk_key(coords)).is_file():
                     raise CacheError(f"{self.path}: array {name!r}, {self._chunk_where(name, coords)}: the chunk file is "
                                      f"missing; {REBUILD}")
         rows = arr.chunks[0]
@@ -505,6 +575,10 @@ class TeacherCache:
         """
         self._check_read(view, start, stop)
         valid = self.valid[start:stop]  # (n,)
+        if self.is_ensemble and self.member is None and eta is not None and float(eta) != self.eta:
+            # the mean at another eta is the mean of the members re-tempered, each exactly (not the stored mean re-tempered)
+            members = [self.members_probs(i, view, start, stop, eta) for i in range(len(self.members))]
+            return np.mean(members, axis=0, dtype=np.float64).astype(np.float32)  # (n, C)
         if self.topk is None:
             p = np.asarray(self._read("probs", view, start, stop), dtype=np.float32)  # (n, C)
             self._check_distribution("probs", view, start, stop, p, valid, exact_sum=True)
@@ -513,6 +587,15 @@ class TeacherCache:
         if eta is not None and float(eta) != self.eta:
             p = retemper(p, self.eta / float(eta))
         return p
+
+    def members_probs(self, member: int, view: int, start: int, stop: int, eta: float | None = None) -> np.ndarray:
+        """(n, C) float32 probabilities of member `member` of an ensemble, whatever is selected (`probs` of it)."""
+        selected = self.member
+        self.member = member
+        try:
+            return self.probs(view, start, stop, eta=eta)
+        finally:
+            self.member = selected
 
     def topk_rows(self, view: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """A top-k cache's rows [start, stop) as stored, checked: indices (n, K) int64, probabilities (n, K)
@@ -573,6 +656,14 @@ class TeacherCache:
         return problems + self.verify_units()
 
     def verify_arrays(self) -> list[str]:
+        """`_verify_arrays` of the store, whichever member is selected (an ensemble's members are all read)."""
+        selected = self.member
+        try:
+            return self._verify_arrays()
+        finally:
+            self.select(MEAN if selected is None else selected)
+
+    def _verify_arrays(self) -> list[str]:
         """Read every chunk of the arrays that are not per view (WHOLE_ARRAYS: checksums, missing chunk files);
         `done` itself also for a complete cache, whose flags are otherwise taken as read -> one line per damaged
         array. Small (O(N) bytes): `dho distill` checks them when it opens a cache (`check_arrays`)."""
@@ -589,6 +680,9 @@ class TeacherCache:
                 elif name == "valid":
                     self._valid = None  # re-read: checks the chunk files of every started shard
                     _ = self.valid
+                elif name == "text_classifier" and self.is_ensemble:  # each member has its own
+                    for i in range(len(self.members)):
+                        self.select(i)._read_whole(name, keep=False)
                 else:
                     self._read_whole(name, keep=False)
             except CacheError as e:
@@ -613,6 +707,14 @@ class TeacherCache:
                     self.view_params(int(view), start, stop)
                     if self.has_embeddings:
                         self.embeddings(int(view), start, stop)
+                    for i, member in enumerate(self.members):  # an ensemble: every member's own arrays too
+                        self.members_probs(i, int(view), start, stop)
+                        if member["store_embeddings"]:
+                            self.member, selected = i, self.member
+                            try:
+                                self.embeddings(int(view), start, stop)
+                            finally:
+                                self.member = selected
                 except CacheError as e:
                     problems.append(str(e))
         return problems
@@ -627,7 +729,7 @@ class TeacherCache:
         rows_per_file = arr.metadata.chunk_grid.chunk_shape[1 if arr.ndim == 3 else 0]  # the shard shape when sharded
         rows = range(start // rows_per_file, (stop - 1) // rows_per_file + 1)
         coords = [(j,) if arr.ndim == 1 else (view, j, 0) for j in rows]
-        return [self.path / name / arr.metadata.encode_chunk_key(c) for c in coords]
+        return [self.path / self._resolve(name) / arr.metadata.encode_chunk_key(c) for c in coords]
 
     def _clean_and_sync(self, names: list[str], view: int, shard: int, sync: bool) -> None:
         """Delete stray `*.partial` temp files of a killed writer in these chunks, or fsync the chunks."""
@@ -653,8 +755,10 @@ class TeacherCache:
 
     def write_unit(self, view: int, shard: int, *, view_params: np.ndarray, probs: np.ndarray | None = None,
                    topk_indices: np.ndarray | None = None, topk_probs: np.ndarray | None = None,
-                   embeddings: np.ndarray | None = None) -> None:
-        """Write and fsync all data of unit (view, shard): rows of the shard, whole chunks; then mark it done."""
+                   embeddings: np.ndarray | None = None, members: list[dict] | None = None) -> None:
+        """Write and fsync all data of unit (view, shard): rows of the shard, whole chunks; then mark it done. An
+        ensemble (schema v6): `probs` is the mean and `members` one dict per member of its own `probs` (and
+        `embeddings`), all written before the unit is marked done."""
         if self.mode != "r+":
             raise CacheError(f"{self.path} is open read-only")
         start, stop = self.shard_range(shard)
@@ -666,6 +770,12 @@ class TeacherCache:
             data["topk_probs"] = np.asarray(topk_probs, dtype=np.float16)
         if self.attrs["store_embeddings"]:
             data["embeddings"] = np.asarray(embeddings, dtype=np.float16)
+        for i, own in enumerate(members or ()):
+            data[f"{member_group(i)}/probs"] = np.asarray(own["probs"], dtype=np.float16)
+            if self.members[i]["store_embeddings"]:
+                data[f"{member_group(i)}/embeddings"] = np.asarray(own["embeddings"], dtype=np.float16)
+        if len(members or ()) != len(self.members):
+            raise ValueError(f"unit ({view}, {shard}) of an ensemble of {len(self.members)} needs one `members` entry each")
         for name, values in data.items():
             if values.shape[0] != stop - start:
                 raise ValueError(f"{name} for shard {shard} has {values.shape[0]} rows, expected {stop - start}")
@@ -748,14 +858,25 @@ def _short(v) -> str:
 
 
 def _check_layout(path: Path, group, attrs: dict) -> None:
-    """Every array of the schema's table exists with its dtype, shape, chunks and (v3) dimension names."""
-    expected = expected_arrays(attrs)
+    """Every array of the schema's table exists with its dtype, shape, chunks and (v3) dimension names; of an
+    ensemble (v6) also every member's own arrays, in its subgroup."""
+    _check_table(path, group, attrs, expected_arrays(attrs), "")
+    for i in range(len(attrs.get("teachers") or ())):
+        try:
+            sub = group[member_group(i)]
+        except (KeyError, ValueError, TypeError, OSError):
+            raise CacheError(f"{path}: the group {member_group(i)} of teacher {i} of the ensemble is missing; {REBUILD}") from None
+        _check_table(path, sub, attrs, expected_arrays(attrs, i), f"{member_group(i)}/")
+
+
+def _check_table(path: Path, group, attrs: dict, expected: dict, prefix: str) -> None:
     present = set(group.array_keys())
-    for name, spec in expected.items():
-        if name not in present:
+    for bare, spec in expected.items():
+        name = prefix + bare
+        if bare not in present:
             raise CacheError(f"{path}: array {name!r} required by cache schema v{attrs['schema_version']} is missing; rebuild the cache")
         try:
-            arr = group[name]
+            arr = group[bare]
         except (ValueError, TypeError, KeyError, OSError) as e:
             raise CacheError(f"{path}: array {name!r} has unreadable metadata ({name}/zarr.json: {type(e).__name__}); {REBUILD}") from None
         dtype = arr.metadata.data_type.to_json(zarr_format=3)
@@ -773,13 +894,14 @@ def _check_layout(path: Path, group, attrs: dict) -> None:
                 f"v{attrs['schema_version']} requires {spec['dims']}; rebuild the cache with `dho precompute-teacher`"
             )
     if attrs["schema_version"] >= 2:  # v2 checksums every chunk; a store without them was not written by dho
-        for name in expected:
-            codecs = group[name].metadata.codecs
+        for bare in expected:
+            codecs = group[bare].metadata.codecs
             if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):  # v4: the inner chunks' codecs
                 codecs = codecs[0].codecs
             if not any(isinstance(c, Crc32cCodec) for c in codecs):
-                raise CacheError(f"{path}: array {name!r} has no crc32c checksum codec, which cache schema "
+                raise CacheError(f"{path}: array {prefix + bare!r} has no crc32c checksum codec, which cache schema "
                                  f"v{attrs['schema_version']} requires; rebuild the cache with `dho precompute-teacher`")
     extra = present - set(expected)
     if extra:
-        raise CacheError(f"{path}: unexpected arrays {sorted(extra)} for these attributes (topk / store_embeddings); rebuild the cache")
+        raise CacheError(f"{path}: unexpected arrays {sorted(prefix + e for e in extra)} for these attributes (topk / "
+                         "store_embeddings); rebuild the cache")

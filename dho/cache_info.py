@@ -42,6 +42,14 @@ def summarize(path) -> dict:
             pred = top1(cache, view, start, stop)
             agree += int((pred[mask] == labels[start:stop][mask]).sum())
             counted += int(mask.sum())
+    members = []
+    for i, m in enumerate(cache.members):  # an ensemble (schema v6): each teacher's own agreement with the labels
+        cache.select(i)
+        hits = sum(int((top1(cache, view, start, stop)[mask] == labels[start:stop][mask]).sum())
+                   for start, stop in _blocks(cache, done[view])
+                   for mask in [valid[start:stop] & (labels[start:stop] >= 0)])
+        members.append({**m, "agreement": hits / counted if counted else None})
+    cache.select("mean")
     samples_done = int(sum(c for c, d in zip(cache.shard_counts, done.all(axis=0)) if d))
     started = _shard_rows(cache, done.any(axis=0))  # (N,) rows of shards with any unit done
     return {
@@ -50,6 +58,7 @@ def summarize(path) -> dict:
         "dho_version": a["dho_version"],
         "created_at": a["created_at"],
         "teacher": a["teacher"],
+        "teachers": members,  # [] for a single-teacher cache
         "precision": a["precision"],
         "templates": a["templates"],
         "text_classifier_norm": a["text_classifier_norm"],
@@ -135,12 +144,25 @@ def format_summary(info: dict) -> str:
     else:
         which = "center view" if info["center_view"] else "view 0"
         agree = f"{100.0 * info['agreement']:.2f}% on {info['agreement_count']} labeled valid samples ({which})"
+    members = info.get("teachers") or []
+    if members:
+        storage = "dense probs (float16): the mean and each teacher's" + (" + each teacher's embeddings" if members[0]["store_embeddings"] else "")
     lines = [
         f"cache:      {info['path']} (schema v{info['schema_version']}, dho {info['dho_version']}, created {info['created_at']})",
-        f"teacher:    {t['model']} / {t['pretrained']} (weights sha256 {t['weights_sha256'][:16]}...), precision {info['precision']}",
-        f"classifier: {len(info['templates'])} templates ({info['text_classifier_norm']}, class names {info['prompt_names']}), zeta={info['zeta']} "
+        f"teacher:    {t['model']} / {t['pretrained']} (weights sha256 {t['weights_sha256'][:16]}...), precision {info['precision']}"
+        if not members else f"teachers:   {len(members)}, their mean in probs (arithmetic, at eta={info['eta']}); "
+                            "`dho distill --teacher mean | INDEX | NAME`",
+    ]
+    for i, m in enumerate(members):
+        mt, mp = m["teacher"], m["preprocess"]
+        agree_m = "n/a" if m["agreement"] is None else f"{100.0 * m['agreement']:.2f}%"
+        lines.append(f"  [{i}] {m['name']}: {mt['model']} / {mt['pretrained']} (weights sha256 {mt['weights_sha256'][:16]}...), "
+                     f"precision {m['precision']}, {mp['image_size']}px {mp['interpolation']}, {m['text_classifier_norm']}, "
+                     f"D={m['embed_dim']}{' + embeddings' if m['store_embeddings'] else ''}; top-1 vs labels {agree_m}")
+    lines += [
+        f"classifier: {len(info['templates'])} templates ({'' if members else info['text_classifier_norm'] + ', '}class names {info['prompt_names']}), zeta={info['zeta']} "
         f"(logit scale {1.0 / info['zeta']:g}), eta={info['eta']}",
-        f"preprocess: {pp['image_size']}px {pp['interpolation']} resize_mode={pp['resize_mode']} mean={pp['mean']} std={pp['std']} ({pp['source']})",
+        *([] if members else [f"preprocess: {pp['image_size']}px {pp['interpolation']} resize_mode={pp['resize_mode']} mean={pp['mean']} std={pp['std']} ({pp['source']})"]),
         f"views:      {views}, seed {info['seed']}; storage: {storage}",
         f"data:       {info['num_samples']} samples, {info['num_classes']} classes, {info['num_shards']} shards, chunk length {info['chunk_len']}, "
         f"{info['shard_group']} shard(s) per Zarr shard",
@@ -149,7 +171,7 @@ def format_summary(info: dict) -> str:
         f"samples:    {info['samples_all_views_done']}/{info['num_samples']} with all views done, "
         f"{info['valid_samples']} valid, {info['invalid_samples']} invalid (unreadable, NaN rows)",
         f"size:       {info['size_bytes'] / 2**20:.2f} MiB on disk in {info['num_files']} files",
-        f"agreement:  teacher top-1 vs labels {agree}",
+        f"agreement:  {'the mean' if members else 'teacher'} top-1 vs labels {agree}",
     ]
     if "verified" in info:
         v = info["verified"]

@@ -45,11 +45,15 @@ def shard_group(shard_counts: list[int], chunk_len: int, row_bytes: int) -> int:
 
 
 def row_bytes(attrs: dict) -> int:
-    """Bytes per (view, sample) of the widest per-view array of a cache with these attributes."""
+    """Bytes per (view, sample) of the widest per-view array of a cache with these attributes (of an ensemble
+    (schema v6): also of every member's arrays, as one shard group G holds for all of them)."""
     widths = [5 * 4]  # view_params
     widths.append(len(attrs["classnames"]) * 2 if attrs["topk"] is None else attrs["topk"] * 4)
     if attrs["store_embeddings"]:
         widths.append(attrs["embed_dim"] * 2)
+    for member in attrs.get("teachers") or ():
+        if member["store_embeddings"]:
+            widths.append(member["embed_dim"] * 2)
     return max(widths)
 
 
@@ -62,15 +66,26 @@ def _symbols(attrs: dict) -> dict:
     }
 
 
-def expected_arrays(attrs: dict) -> dict[str, dict]:
-    """The schema's array table for these attributes, with symbols resolved to numbers."""
+def member_group(index: int) -> str:
+    """The subgroup that holds the own arrays of member `index` of an ensemble cache (schema v6)."""
+    return f"teachers/{index}"
+
+
+def expected_arrays(attrs: dict, member: Optional[int] = None) -> dict[str, dict]:
+    """The schema's array table for these attributes, with symbols resolved to numbers; with `member`, the table
+    of the own arrays of that member of an ensemble (schema v6 `x-dho-member-arrays`, in `member_group(member)`)."""
     sym = _symbols(attrs)
+    table = "x-dho-arrays"
+    store_embeddings = attrs["store_embeddings"]
+    if member is not None:
+        table, spec_of = "x-dho-member-arrays", attrs["teachers"][member]
+        sym["D"], store_embeddings = spec_of["embed_dim"], spec_of["store_embeddings"]
     when = {
         "always": True, "topk is null": attrs["topk"] is None, "topk is not null": attrs["topk"] is not None,
-        "store_embeddings": attrs["store_embeddings"],
+        "store_embeddings": store_embeddings, "single teacher": not attrs.get("teachers"),
     }
     out = {}
-    for name, spec in load_schema(attrs["schema_version"])["x-dho-arrays"].items():
+    for name, spec in load_schema(attrs["schema_version"])[table].items():
         if not when[spec["when"]]:
             continue
         shape = tuple(sym[d] if isinstance(d, str) else d for d in spec["shape"])
@@ -91,9 +106,13 @@ def store_files(attrs: dict) -> int:
     L samples each, V views and G = `shard_group`: (A V + 4) ceil(S / G) + 1 + arrays + 1, A = the per-view arrays
     (probs + view_params: 2; top-k: 3; + embeddings)."""
     files = 1  # the group's zarr.json
-    for spec in expected_arrays(attrs).values():
-        per_file = spec["shards"] or spec["chunks"]
-        files += 1 + math.prod(-(-n // c) for n, c in zip(spec["shape"], per_file))
+    members = attrs.get("teachers") or ()
+    tables = [expected_arrays(attrs)] + [expected_arrays(attrs, i) for i in range(len(members))]
+    files += (1 + len(members)) if members else 0  # ensembles (v6): the zarr.json of `teachers` and of each member group
+    for table in tables:
+        for spec in table.values():
+            per_file = spec["shards"] or spec["chunks"]
+            files += 1 + math.prod(-(-n // c) for n, c in zip(spec["shape"], per_file))
     return files
 
 

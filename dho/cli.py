@@ -220,6 +220,7 @@ def distill(
     labeled_cache: Annotated[Optional[Path], typer.Option("--labeled-cache", help="Teacher cache of the labeled dataset. [required unless in --config]", rich_help_panel=DATA)] = None,
     unlabeled: Annotated[Optional[Path], typer.Option("--unlabeled", help="Unlabeled pool; unlabeled batches are drawn from labeled ∪ unlabeled (keys already in --labeled are not repeated). [required for every method but ce]", rich_help_panel=DATA)] = None,
     unlabeled_cache: Annotated[Optional[Path], typer.Option("--unlabeled-cache", help="Teacher cache of the unlabeled dataset. [required with --unlabeled]", rich_help_panel=DATA)] = None,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="Of ensemble caches (`dho merge-caches`): mean (the members' mean probabilities; at another --eta the mean of the members re-tempered) | a member's index (0, 1, ...) or name: train on that teacher alone (its probabilities, embeddings and text classifier). The labeled and unlabeled caches must hold the same ensemble.", show_default=DISTILL_DEFAULTS["teacher"], rich_help_panel=DATA)] = None,
     student: Annotated[Optional[str], typer.Option("--student", help="Student: resnet18, resnet50, mobilenet_v2, resnet-tiny, timm/NAME[.TAG] (any timm model, heads on its pooled features, its own preprocessing), an open_clip name (ViT-B-16, ViT-L-14, ...) or an open_clip model-config JSON. [required unless in --config]", rich_help_panel=MODEL)] = None,
     student_pretrained: Annotated[Optional[str], typer.Option("--student-pretrained", help="Student weights: torchvision weights name, open_clip tag, timm (the timm student's tag from the local Hugging Face cache, never downloaded) or a timm tag, a local checkpoint file (.pt/.safetensors), or none.", show_default=DISTILL_DEFAULTS["student_pretrained"], rich_help_panel=MODEL)] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="dho | ce | kd | ce+kd | ce+kd-feature | sskd | dhkd.", show_default=DISTILL_DEFAULTS["method"], rich_help_panel=METHOD)] = None,
@@ -290,6 +291,7 @@ def distill(
 
     given = {
         "labeled": labeled, "labeled_cache": labeled_cache, "unlabeled": unlabeled, "unlabeled_cache": unlabeled_cache,
+        "teacher": teacher,
         "student": student, "student_pretrained": student_pretrained, "method": method, "out": out, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
         "lr_schedule": lr_schedule, "unlabeled_pool": unlabeled_pool, "warmup_fraction": warmup_fraction,
@@ -602,6 +604,20 @@ def tip_adapter_cache(
 
     result = tip.apply(adapter, dataset, cache, out, device=device, log=lambda m: typer.echo(m, err=True))
     typer.echo(f"wrote {result.path} ({int(result.done.sum())} units)")
+
+
+@app.command("merge-caches", cls=PanelCommand, short_help="Several teachers' caches of one dataset -> one ensemble cache", epilog="Example: dho merge-caches cache/vit-b16.zarr cache/vit-l14.zarr --out cache/ens.zarr (then dho distill --teacher mean | vit-l14)")
+def merge_caches(
+    caches: Annotated[list[Path], typer.Argument(help="Two or more complete dense teacher caches of one dataset, made with the same views (--views, --center-view, --seed), --eta, --zeta and templates.")],
+    out: Annotated[Path, typer.Option("--out", help="The ensemble cache to create (must not exist); built hidden beside it and renamed into place when complete.")],
+    names: Annotated[Optional[str], typer.Option("--names", help="The teachers' names, comma-separated, one per cache in order (what `dho distill --teacher NAME` selects).", show_default="the cache folders' names without .zarr")] = None,
+) -> None:
+    """One cache holding each teacher's probabilities (and embeddings when every cache has them) and their mean."""
+    from dho.ensemble import merge_caches as merge
+
+    ens = merge(caches, out, names=None if names is None else [n.strip() for n in names.split(",")],
+                log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"wrote {ens.path}: the mean of {', '.join(ens.teacher_names)} ({ens.num_views} views, {ens.num_samples} samples)")
 
 
 @app.command("cache-info", cls=PanelCommand, short_help="Teacher, views, coverage and size of a teacher cache", epilog="Example: dho cache-info cache/train.zarr --verify")

@@ -95,6 +95,7 @@ class PartData:
     train_views: int
     topk: int | None
     cache_eta: float
+    teacher: int | None = None  # the selected member of an ensemble cache (`TeacherCache.select`), None = the mean
 
     @classmethod
     def open(cls, part: Part) -> "PartData":
@@ -107,7 +108,7 @@ class PartData:
         """The part from its dataset and its cache (a `TeacherCache` checked against `ds`), opened by the caller."""
         usable = part.usable(ds.key_bytes, cache.valid)
         return cls(ds, part.cache_path, cache.done, cache.valid, usable, count_per_shard(usable, [s.count for s in ds.shards]),
-                   cache.train_views, cache.topk, cache.eta)
+                   cache.train_views, cache.topk, cache.eta, cache.member)
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,8 @@ class _PartReader:
     def __init__(self, part: PartData, window: int, view_sampling: str, eta: float, need_embeddings: bool, sparse: bool):
         self.part = part
         self.ds = part.dataset
-        self.cache = TeacherCache.reopen(part.cache_path, done=part.done, valid=part.valid)
+        self.cache = TeacherCache.reopen(part.cache_path, done=part.done, valid=part.valid,
+                                         teacher="mean" if part.teacher is None else part.teacher)
         self.eta = eta
         self.need_embeddings = need_embeddings
         self.sparse = sparse

@@ -212,20 +212,20 @@ def test_schema_checked_on_every_open(tmp_path, tiny_dataset):
     g.attrs.update({"schema_version": 4})  # v4 has no teacher.prompt_names
     with pytest.raises(CacheError, match="schema v4 at teacher: Additional properties .*'prompt_names' was unexpected"):
         TeacherCache.open(path)
-    g.attrs.update({"schema_version": 5, "teacher": {**g.attrs["teacher"], "prompt_names": "other"}})
-    with pytest.raises(CacheError, match="do not match cache schema v5 at teacher.prompt_names"):
+    g.attrs.update({"schema_version": 6, "teacher": {**g.attrs["teacher"], "prompt_names": "other"}})
+    with pytest.raises(CacheError, match="do not match cache schema v6 at teacher.prompt_names"):
         TeacherCache.open(path)
     g.attrs.update({"teacher": {**g.attrs["teacher"], "prompt_names": "underscores-to-spaces"}, "eta": -1})
-    with pytest.raises(CacheError, match="do not match cache schema v5 at eta"):
+    with pytest.raises(CacheError, match="do not match cache schema v6 at eta"):
         TeacherCache.open(path)
     g.attrs.update({"eta": 2.0, "text_classifier_norm": "other"})
-    with pytest.raises(CacheError, match="do not match cache schema v5 at text_classifier_norm"):
+    with pytest.raises(CacheError, match="do not match cache schema v6 at text_classifier_norm"):
         TeacherCache.open(path)
     g.attrs.update({"text_classifier_norm": "mean", "chunk_len": 3})
-    with pytest.raises(CacheError, match="array 'probs' .* chunks \\(1, 5, 3\\) .*, but schema v5 requires .* chunks \\(1, 3, 3\\)"):
+    with pytest.raises(CacheError, match="array 'probs' .* chunks \\(1, 5, 3\\) .*, but schema v6 requires .* chunks \\(1, 3, 3\\)"):
         TeacherCache.open(path)
     g.attrs.update({"chunk_len": 5, "shard_group": 1})
-    with pytest.raises(CacheError, match="array 'probs' .* \\(shards \\(1, 25, 3\\)\\), but schema v5 requires .* \\(shards \\(1, 5, 3\\)\\)"):
+    with pytest.raises(CacheError, match="array 'probs' .* \\(shards \\(1, 25, 3\\)\\), but schema v6 requires .* \\(shards \\(1, 5, 3\\)\\)"):
         TeacherCache.open(path)
     g.attrs.update({"shard_group": 5})
     TeacherCache.open(path)
@@ -294,7 +294,7 @@ def test_readme_and_json_schema_document_the_same_layout(tmp_path, tiny_dataset)
     assert cache.finalize() is False
     g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
     assert set(g.array_keys()) == set(arrays) - {"topk_indices", "topk_probs"}
-    assert set(g.attrs) == attrs - {"complete"}
+    assert set(g.attrs) == attrs - {"complete", "teachers"}  # `teachers`: ensembles only (v6)
     assert json.loads((tmp_path / "c.zarr" / "zarr.json").read_text())["attributes"]["schema"] == "dho-teacher-cache"
 
 

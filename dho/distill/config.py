@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -36,7 +37,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 VIEW_SAMPLINGS = ("cycle", "random")
 INTERPOLATIONS = ("bilinear", "bicubic")
 REPORT_TO = ("jsonl", "tensorboard", "wandb")
-BETA_GRIDS = ("wide", "reference")  # the names of dho.evaluate.BETA_GRIDS (the grids of an alpha/beta search)
+BETA_GRIDS = ("wide", "reference")
+TEACHER_CHOICE = re.compile(r"^[A-Za-z0-9._+-]+$")  # mean, a member's index or name (dho.ensemble.NAME)  # the names of dho.evaluate.BETA_GRIDS (the grids of an alpha/beta search)
 # Options that may change on --resume without changing the result. Anything that changes the data order
 # or the numerics (workers set the thread count and the consumers, the device the kernels, compile and
 # decode the kernels and pixels) is refused on resume, so a resumed run stays bit-identical.
@@ -67,6 +69,7 @@ class DistillConfig:
     out: str
     unlabeled: Optional[str] = None  # the unlabeled pool; samples already in `labeled` are not repeated
     unlabeled_cache: Optional[str] = None
+    teacher: str = "mean"  # of an ensemble cache (`dho merge-caches`): mean | a member's INDEX or NAME
     method: str = "dho"
     student_pretrained: Optional[str] = None  # tag / local checkpoint / none (random init)
     epochs: int = 20  # few-shot ImageNet: 20; 10 datasets: 200; low-shot: 32
@@ -133,6 +136,9 @@ class DistillConfig:
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), str(f.type)))
         if not self.student.strip():
             raise ConfigError("--student must name a student (see `dho distill --help`)")
+        if not TEACHER_CHOICE.match(self.teacher):
+            raise ConfigError(f"--teacher {self.teacher!r}: give mean, a teacher's index (0, 1, ...) or its name in the "
+                              "ensemble cache (see `dho cache-info CACHE`)")
         for option, value, choices in (
             ("--method", self.method, METHODS), ("--lr-schedule", self.lr_schedule, LR_SCHEDULES),
             ("--unlabeled-pool", self.unlabeled_pool, UNLABELED_POOLS), ("--epoch", self.epoch, EPOCHS),

@@ -53,11 +53,13 @@ class Streams:
                ([("unlabeled", self.size_u, self.views_u)] if objective.reads_unlabeled else [])
 
 
-def _open_part(dataset: str, cache: str, role: str) -> tuple[data.Dataset, TeacherCache]:
+def _open_part(dataset: str, cache: str, role: str, teacher: str = "mean") -> tuple[data.Dataset, TeacherCache]:
     """Open a dataset and its cache and check they belong together (keys, classes, completeness) and that the
-    cache's arrays that are not per view read back intact (checksums, every chunk file present)."""
+    cache's arrays that are not per view read back intact (checksums, every chunk file present); of an ensemble
+    cache, `teacher` (mean, a member's index or name) is what the run reads."""
     ds = data.Dataset.open(dataset)
     tc = TeacherCache.open(cache, dataset=ds)
+    tc.select(teacher)
     if not tc.is_complete():
         raise CacheError(
             f"{cache}: the teacher cache for the {role} set is incomplete (see `dho cache-info {cache}`); "
@@ -69,7 +71,7 @@ def _open_part(dataset: str, cache: str, role: str) -> tuple[data.Dataset, Teach
 
 def open_streams(cfg, objective: Objective) -> Streams:
     """Open the labeled set and the unlabeled pool with their caches, once, and check them against each other."""
-    l_ds, l_cache = _open_part(cfg.labeled, cfg.labeled_cache, "labeled")
+    l_ds, l_cache = _open_part(cfg.labeled, cfg.labeled_cache, "labeled", cfg.teacher)
     if (l_ds.labels < 0).any():
         bad = l_ds.key(int(np.flatnonzero(l_ds.labels < 0)[0]))
         raise ConfigError(f"{cfg.labeled}: the labeled set has unlabeled samples (e.g. key {bad!r}); make it with `dho split`")
@@ -78,7 +80,8 @@ def open_streams(cfg, objective: Objective) -> Streams:
     if cfg.unlabeled is not None:
         if cfg.unlabeled_cache is None:
             raise ConfigError("--unlabeled needs --unlabeled-cache (made by `dho precompute-teacher` on that dataset)")
-        u_ds, u_cache = _open_part(cfg.unlabeled, cfg.unlabeled_cache, "unlabeled")
+        u_ds, u_cache = _open_part(cfg.unlabeled, cfg.unlabeled_cache, "unlabeled", cfg.teacher)
+        _check_same_ensemble(cfg, l_cache, u_cache)
         if u_ds.classnames != l_ds.classnames:
             raise ConfigError(f"{cfg.unlabeled} and {cfg.labeled} have different class lists; both must come from one source dataset")
         for name in ("eta", "zeta"):
@@ -101,6 +104,9 @@ def open_streams(cfg, objective: Objective) -> Streams:
     elif objective.reads_unlabeled:
         raise ConfigError(f"--method {cfg.method} needs --unlabeled DATASET --unlabeled-cache CACHE")
     all_caches = [(cfg.labeled_cache, l_cache)] + [(p.cache_path, c) for p, c in zip(parts_u, caches)]
+    if l_cache.is_ensemble and l_cache.member is None and (objective.reads_embeddings or objective.teacher_logits):
+        raise ConfigError(f"--method {cfg.method} reads one teacher's image embeddings, which the mean of the ensemble "
+                          f"{', '.join(l_cache.teacher_names)} has not: choose one with --teacher NAME")
     if objective.reads_embeddings:
         for path, cache in all_caches:
             if not cache.has_embeddings:
@@ -118,6 +124,18 @@ def open_streams(cfg, objective: Objective) -> Streams:
     return Streams(classnames, labeled, parts_u, l_cache.attrs.get("templates"), int(l_cache.attrs["embed_dim"]),
                    int(np.asarray(l_cache.valid).sum()), size_u, min((p.train_views for p in parts_u), default=0),
                    teacher_logit_weight)
+
+
+def _check_same_ensemble(cfg, l_cache: TeacherCache, u_cache: TeacherCache) -> None:
+    """The labeled and unlabeled caches hold the same teachers, by name and identity, in the same order (or are both
+    single-teacher caches): --teacher then means one thing for both."""
+    def members(cache: TeacherCache) -> list:
+        return [(m["name"], m["teacher"]["weights_sha256"], m["teacher"]["model_config_sha256"]) for m in cache.members]
+
+    if members(l_cache) != members(u_cache):
+        describe = lambda c: f"an ensemble of {', '.join(c.teacher_names)}" if c.is_ensemble else "a single-teacher cache"  # noqa: E731
+        raise CacheError(f"--labeled-cache is {describe(l_cache)} but --unlabeled-cache is {describe(u_cache)} (or other "
+                         "teachers under these names); merge both with the same caches in the same order (`dho merge-caches`)")
 
 
 def _teacher_logit_weight(method: str, caches: list) -> np.ndarray:
