@@ -39,8 +39,9 @@ demo: setup
 demo-record: setup
 	$(PY) pipelines/demo/run_demo.py --out $(DEMO_OUT) --record
 
-# Retrain the demo's stand-in teacher and ship it (pipelines/demo/teacher/): ~40 s of CPU; the digits of
-# its fixed pre-training part never change, but another CPU gives other floats, so another checksum.
+# Retrain the demo's stand-in teacher and ship it (pipelines/demo/teacher/): ~7 min of a quiet 2-core CPU
+# (40 epochs over 3774 cluttered renders); the digits of its fixed pre-training part never change, but
+# another CPU gives other floats, so another checksum.
 DEMO_TEACHER := pipelines/demo/teacher
 demo-teacher: setup
 	rm -rf $(DEMO_OUT)-teacher

@@ -70,8 +70,9 @@ def test_readme_shows_the_recorded_analyses_and_their_figures():
 
 def test_the_shipped_teacher_matches_its_checksum(tmp_path):
     path, record = run_demo.unpack_teacher(tmp_path)
-    assert path.stat().st_size > 1_000_000 and record["num_images"] == 629
-    assert record["zero_shot_top1"]["pretrain"] > 0.8
+    assert path.stat().st_size > 1_000_000 and record["scene"] == "cluttered" and record["num_images"] == 629 * 6
+    # chosen on the task's val part, far above chance (0.1) and above raw-pixel methods on the labels (outside.py)
+    assert record["zero_shot_top1"]["demo_out-teacher/digits/task/val"] > 0.35
 
 
 def _demo(out: Path, *args: str) -> dict:

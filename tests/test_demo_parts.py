@@ -17,7 +17,7 @@ import open_clip
 import pytest
 import torch
 
-from dho.errors import DatasetError
+from dho.errors import ConfigError, DatasetError
 
 DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "demo"
 CONFIG = DEMO / "demo-clip.json"
@@ -65,11 +65,14 @@ def test_make_digits_parts_are_stratified_disjoint_and_complete(digits):
         assert all(make_digits.CLASSNAMES[labels[r]] == name for r, name in rows.items())  # right folder
         per_class = np.bincount([labels[r] for r in rows], minlength=10)
         assert np.all(np.abs(per_class - fraction * class_sizes) <= 1), (part, per_class)
-        assert per_class.tolist() == summary["parts"][part]["per_class"]
+        renders = make_digits.PRETRAIN_RENDERS if part == "pretrain" else 1
+        assert (renders * per_class).tolist() == summary["parts"][part]["per_class"]
         assert sorted(rows) == summary["parts"][part]["rows"]
+        assert len(list((digits / part).rglob("*.png"))) == renders * len(rows)
     assert seen == set(range(len(labels)))  # 1797 digits, each in exactly one part
     sizes = {p: summary["parts"][p]["num_samples"] for p in make_digits.PARTS}
-    assert sizes == {"pretrain": 629, "task/train": 809, "task/val": 143, "task/test": 216}
+    assert sizes == {"pretrain": 629 * make_digits.PRETRAIN_RENDERS, "task/train": 809, "task/val": 143, "task/test": 216}
+    assert summary["scene"] == "cluttered"
 
 
 def test_make_digits_images_are_32px_rgb_and_byte_identical_per_seed(digits, tmp_path):
@@ -93,7 +96,38 @@ def test_make_digits_images_are_32px_rgb_and_byte_identical_per_seed(digits, tmp
     assert other["pretrain"]["rows"] == mine["pretrain"]["rows"]  # ... never the teacher's pre-training part
     assert {k: v for k, v in _tree_digest(again).items() if k.startswith("pretrain/")} == \
         {k: v for k, v in _tree_digest(digits).items() if k.startswith("pretrain/")}  # same pixels, same colours
-    assert len(list(again.rglob("*.png"))) == 1797  # the old seed's files are gone
+    assert len(list(again.rglob("*.png"))) == 1797 + 629 * (make_digits.PRETRAIN_RENDERS - 1)  # the old seed's files are gone
+
+
+def test_the_cluttered_scene_moves_scales_and_recolours_the_digit_and_the_plain_scene_stays(digits, tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    x = load_digits().data
+    boxes, inks = [], []
+    for r in range(40):  # the same digit row rendered 40 times: the scene draws anew each time
+        rng = np.random.default_rng([make_digits.PRETRAIN_SEED, 2, 7, r])
+        side = int(rng.integers(make_digits.SIZE_RANGE[0], make_digits.SIZE_RANGE[1] + 1))
+        x0, y0 = rng.integers(0, 32 - side + 1, size=2)
+        boxes.append((side, int(x0), int(y0)))
+        image = np.asarray(make_digits.render_cluttered(x[7], np.random.default_rng([make_digits.PRETRAIN_SEED, 2, 7, r])))
+        assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+        inks.append(image.reshape(-1, 3).mean(axis=0))
+    sides = [b[0] for b in boxes]
+    assert min(sides) < 17 and max(sides) > 21 and len({b[1:] for b in boxes}) > 30  # sizes and places vary
+    assert np.std(inks, axis=0).min() > 10  # colours vary
+    a = make_digits.render_cluttered(x[7], np.random.default_rng([0, 2, 7, 0]))
+    assert np.array_equal(np.asarray(a), np.asarray(make_digits.render_cluttered(x[7], np.random.default_rng([0, 2, 7, 0]))))
+    names = {p.name for p in (digits / "pretrain").rglob("*.png")}
+    assert {n.rsplit("-r", 1)[1] for n in names} == {f"{r}.png" for r in range(make_digits.PRETRAIN_RENDERS)}
+
+    plain = tmp_path / "plain"
+    summary = make_digits.make_digits(plain, seed=0, scene="plain")
+    assert summary["scene"] == "plain" and summary["parts"]["pretrain"]["num_samples"] == 629
+    image = np.asarray(Image.open(next((plain / "task" / "test" / "seven").glob("*.png"))), dtype=np.int64)
+    assert image.shape == (32, 32, 3) and image.max() - image.min() > 80
+    with pytest.raises(ConfigError, match="unknown scene"):
+        make_digits.make_digits(tmp_path / "x", scene="photo")
 
 
 def test_demo_config_builds_the_documented_model():
@@ -141,8 +175,17 @@ def test_random_views_keep_shape_range_and_are_seeded():
 
 
 @pytest.fixture(scope="module")
-def short_teacher(digits, tmp_path_factory) -> tuple[Path, dict]:
-    """180 steps on 4 images per class with clean captions: ~12 s on one thread."""
+def plain_digits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("plain-digits")
+    make_digits.make_digits(out, seed=0, scene="plain")
+    return out
+
+
+@pytest.fixture(scope="module")
+def short_teacher(plain_digits, tmp_path_factory) -> tuple[Path, dict]:
+    """180 steps on 4 plain images per class with clean captions: ~12 s on one thread (the training's mechanics;
+    the cluttered scene needs the full pre-training part to learn)."""
+    digits = plain_digits
     out = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     settings = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.random.get_rng_state()
     record = train_teacher.train_teacher(digits / "pretrain", CONFIG, out, seed=0, epochs=45, batch_size=10, lr=3e-3,
@@ -162,8 +205,9 @@ def test_short_teacher_training_learns(short_teacher):
     assert record["zero_shot_top1"]["pretrain"] >= 0.3  # chance is 0.1
 
 
-def test_short_teacher_loads_in_open_clip_and_classifies(short_teacher, digits):
+def test_short_teacher_loads_in_open_clip_and_classifies(short_teacher, plain_digits):
     out, record = short_teacher
+    digits = plain_digits
     val = str(digits / "task" / "val")
     assert json.loads(out.with_suffix(".json").read_text())["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert set(record["zero_shot_top1"]) == {"pretrain", val}
@@ -204,3 +248,30 @@ def test_pruning_the_vocabulary_keeps_every_caption_embedding():
     assert torch.equal(before, after)
     rows = model.token_embedding.weight
     assert kept == int((rows.abs().sum(dim=1) > 0).sum()) and 10 < kept < 100 and rows.shape[0] == 49408
+
+
+def test_outside_baselines_read_the_task_images_pixels_and_are_near_chance_on_the_cluttered_scene(digits, plain_digits, tmp_path):
+    """outside.py fits scikit-learn on the images the students see: the cluttered PNGs' 3072 raw values (near chance
+    from 65 labels), the 64 load_digits() intensities for the plain scene (as first recorded)."""
+    import subprocess
+
+    from PIL import Image
+
+    outside = _load("outside")
+    summary = json.loads((digits / "digits.json").read_text())
+    rows = np.array(summary["parts"]["task/test"]["rows"][:5])
+    pixels = outside.task_pixels(digits, rows)  # (5, 3072)
+    for r, row in zip(rows, pixels):
+        f = next((digits / "task" / "test").glob(f"*/digit-{r:04d}.png"))
+        assert np.array_equal(row, np.asarray(Image.open(f).convert("RGB"), dtype=np.float32).reshape(-1) / 255.0)
+    results = {}
+    for scene, root in (("cluttered", digits), ("plain", plain_digits)):
+        ds = tmp_path / scene
+        for cmd in (["prepare", str(root / "task" / "train"), "--out", str(ds / "train"), "--shard-size", "64", "--seed", "0"],
+                    ["split", str(ds / "train"), "--out", str(ds / "labeled"), "--percent", "8", "--seed", "0", "--shard-size", "16"]):
+            proc = subprocess.run([sys.executable, "-m", "dho", *cmd], capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+        results[scene] = outside.outside_baselines(root / "digits.json", ds / "labeled")
+    assert results["cluttered"]["features"] == 3072 and results["plain"]["features"] == 64
+    assert results["cluttered"]["num_labeled"] == results["plain"]["num_labeled"] == 65  # the same split either way
+    assert results["cluttered"]["svc_labeled"] < 25 < 80 < results["plain"]["svc_labeled"]  # chance is 10

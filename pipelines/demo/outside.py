@@ -1,10 +1,12 @@
-"""Outside baselines for the demo's table: scikit-learn on the raw 8x8 pixels of each seed's exact split.
+"""Outside baselines for the demo's table: scikit-learn on the raw pixels of each seed's exact split.
 
     python pipelines/demo/run_demo.py --record-outside   # add them to the recorded run (results.json, README)
 
 The demo's numbers need something outside dho to stand beside. On each seed's own cut of the task (the same
 65 labeled images, 809-image pool and 216 test images the students see, recovered from the image keys, which
-carry the `load_digits()` row: `digit-0042`) this fits, on the 64 raw intensities / 16:
+carry the `load_digits()` row: `digit-0042`) this fits, on the raw pixels of the images the students see (the
+task's 32x32 RGB PNGs, 3072 values / 255; for the `plain` scene, whose images are the 8x8 grid upsampled, the 64
+intensities of `load_digits()` / 16, as the demo's table was first recorded):
 - SVC (RBF, scikit-learn's defaults) and logistic regression on the labeled images only;
 - LabelSpreading (kNN, 7 neighbours) on the labeled images plus the unlabeled pool (the pool's labels hidden):
   a classic semi-supervised method on the same data the students get;
@@ -41,6 +43,17 @@ def _rows(keys) -> np.ndarray:
     return np.array(rows, dtype=np.int64)
 
 
+def task_pixels(digits_dir: Path, rows: np.ndarray) -> np.ndarray:
+    """(len(rows), 3072) raw pixels / 255 of the task images of `rows` (their PNGs under digits_dir/task/*/*/)."""
+    from PIL import Image
+
+    files = {int(m.group(1)): f for f in sorted(Path(digits_dir).glob("task/*/*/digit-*.png")) if (m := _ROW.search(f.name))}
+    missing = sorted(set(rows.tolist()) - set(files))
+    if missing:
+        sys.exit(f"demo: {digits_dir}/task has no image of load_digits() row {missing[0]}; remake the demo's data")
+    return np.stack([np.asarray(Image.open(files[r]).convert("RGB"), dtype=np.float32).reshape(-1) / 255.0 for r in rows])
+
+
 def outside_baselines(digits_json: Path, labeled: Path) -> dict:
     """Test top-1 (%) of the four baselines on the split of `digits_json` (make_digits.py's record) with the labeled
     subset of the dataset `labeled` (made by `dho split` of the task's train part)."""
@@ -52,9 +65,16 @@ def outside_baselines(digits_json: Path, labeled: Path) -> dict:
     from dho import data
 
     digits = load_digits()
-    x, y = digits.data / 16.0, digits.target  # (1797, 64) in [0, 1], (1797,)
-    parts = json.loads(Path(digits_json).read_text())["parts"]
+    y = digits.target  # (1797,)
+    record = json.loads(Path(digits_json).read_text())
+    parts = record["parts"]
     train, test = np.array(parts["task/train"]["rows"]), np.array(parts["task/test"]["rows"])
+    if record.get("scene", "plain") == "plain":
+        x = digits.data / 16.0  # (1797, 64) in [0, 1]
+    else:  # rows outside the task stay zero: never read
+        task = np.concatenate([train, test])
+        x = np.zeros((len(y), 3 * 32 * 32), dtype=np.float32)
+        x[task] = task_pixels(Path(digits_json).parent, task)
     lab = _rows(data.Dataset.open(labeled).keys)
     if not set(lab) <= set(train):
         sys.exit(f"demo: {labeled} holds images outside the task's train part of {digits_json}")
@@ -69,5 +89,5 @@ def outside_baselines(digits_json: Path, labeled: Path) -> dict:
         "logreg_labeled": score(LogisticRegression(max_iter=5000), x[lab], y[lab]),
         "label_spreading": score(LabelSpreading(kernel="knn", n_neighbors=7, max_iter=1000), x[train], hidden),
         "svc_all_labels": score(SVC(), x[train], y[train]),
-        "num_labeled": int(len(lab)), "num_pool": int(len(train)), "num_test": int(len(test)),
+        "num_labeled": int(len(lab)), "num_pool": int(len(train)), "num_test": int(len(test)), "features": int(x.shape[1]),
     }

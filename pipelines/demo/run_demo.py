@@ -19,7 +19,7 @@
    `dho tip-adapter-cache` relabels the caches with it, and DHO is distilled from those.
 3. A table of test top-1 over the seeds, mean ± std (population std over seeds) with every seed's
    value, and the paired differences the demo's story rests on; beside them, outside baselines on each
-   seed's exact split (scikit-learn on the raw 8x8 pixels: SVC and logistic regression on the labeled
+   seed's exact split (scikit-learn on the raw pixels: SVC and logistic regression on the labeled
    images, LabelSpreading on labeled + pool, SVC on all train labels; pipelines/demo/outside.py).
 
 With 216 test images one image is 0.46 points, and one seed cannot order methods a point apart:
@@ -122,20 +122,20 @@ def unpack_teacher(out: Path) -> tuple[Path, dict]:
     return path, record
 
 
-def train_teacher(out: Path, logs: Path) -> tuple[Path, dict]:
-    """Retrain the stand-in teacher on the fixed pre-training part (what `make demo-teacher` ships)."""
+def train_teacher(out: Path, logs: Path, scene: str = "cluttered") -> tuple[Path, dict]:
+    """Retrain the stand-in teacher on the fixed pre-training part of `scene` (what `make demo-teacher` ships)."""
     py = sys.executable
-    run([py, HERE / "make_digits.py", "--out", out / "teacher-digits"], logs / "teacher_digits.log")
+    run([py, HERE / "make_digits.py", "--out", out / "teacher-digits", "--scene", scene], logs / "teacher_digits.log")
     run([py, HERE / "train_teacher.py", "--data", out / "teacher-digits" / "pretrain", "--config", HERE / "demo-clip.json",
          "--out", out / "teacher.pt", "--seed", 0], logs / "train_teacher.log")
     return out / "teacher.pt", json.loads((out / "teacher.json").read_text())
 
 
-def run_seed(out: Path, seed: int, teacher: Path, epochs: int, labeled_views: int | str) -> dict:
+def run_seed(out: Path, seed: int, teacher: Path, epochs: int, labeled_views: int | str, scene: str = "cluttered") -> dict:
     """The real commands for one seed under OUT/seed-S; -> {row key: test top-1 (%)} plus details."""
     py = sys.executable
     logs, ds, runs = out / "logs", out / "datasets", out / "runs"
-    run([py, HERE / "make_digits.py", "--out", out / "digits", "--seed", seed], logs / "make_digits.log")
+    run([py, HERE / "make_digits.py", "--out", out / "digits", "--seed", seed, "--scene", scene], logs / "make_digits.log")
     for part in ("train", "val", "test"):
         run([DHO, "prepare", out / "digits" / "task" / part, "--out", ds / part, "--shard-size", 64, "--seed", seed],
             logs / f"prepare_{part}.log")
@@ -288,8 +288,11 @@ def format_table(record: dict) -> str:
     seeds = [r["seed"] for r in per_seed]
     c = per_seed[0]["counts"]
     views = sorted({r["labeled_views"] for r in per_seed})
+    scene = record.get("scene", "plain")  # results.json recorded before the cluttered scene have no "scene"
+    task = "handwritten digits (scikit-learn)" if scene == "plain" else \
+        "handwritten digits (scikit-learn) at random size, place and ink on textures, 32 px"
     lines = [
-        f"dho demo: handwritten digits (scikit-learn), 10 classes, {len(seeds)} seed(s): {' '.join(map(str, seeds))}",
+        f"dho demo: {task}, 10 classes, {len(seeds)} seed(s): {' '.join(map(str, seeds))}",
         f"  task train {c['train']} images, of which {c['labeled']} labeled ({LABELED_PERCENT}%); "
         f"val {c['val']} (alpha/beta search); test {c['test']} (one image = {100 / c['test']:.2f} points)",
         f"  teacher: small CLIP pre-trained on {record['teacher_pretrain_images']} other digit images (shipped); "
@@ -306,7 +309,8 @@ def format_table(record: dict) -> str:
         lines.append(f"  {label:<36} {m:>14.1f} ± {s:>4.1f}%   " + " ".join(f"{v:.1f}" for v in values))
     outside = all("outside" in r for r in per_seed)
     if outside:
-        lines += ["", "  outside baselines: scikit-learn on the raw 8x8 pixels, each seed's split (pipelines/demo/outside.py)"]
+        pixels = "8x8" if scene == "plain" else "32x32 RGB"
+        lines += ["", f"  outside baselines: scikit-learn on the raw {pixels} pixels, each seed's split (pipelines/demo/outside.py)"]
         for key, label in OUTSIDE_ROWS:
             values = [r["outside"][key] for r in per_seed]
             m, s = mean_std(values)
@@ -373,7 +377,8 @@ def record_outside() -> None:
         for r in record["per_seed"]:
             out, seed = Path(work) / f"seed-{r['seed']}", r["seed"]
             logs = out / "logs"
-            run([sys.executable, HERE / "make_digits.py", "--out", out / "digits", "--seed", seed], logs / "make_digits.log")
+            run([sys.executable, HERE / "make_digits.py", "--out", out / "digits", "--seed", seed, "--scene",
+                 record.get("scene", "plain")], logs / "make_digits.log")
             run([DHO, "prepare", out / "digits" / "task" / "train", "--out", out / "train", "--shard-size", 64, "--seed", seed],
                 logs / "prepare_train.log")
             run([DHO, "split", out / "train", "--out", out / "labeled", "--percent", LABELED_PERCENT, "--seed", seed,
@@ -391,6 +396,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12, help="student epochs (one epoch = one pass over the unlabeled pool)")
     ap.add_argument("--labeled-views", default="auto",
                     help=f"teacher views per labeled image; auto = enough that none is drawn more than {MAX_LABELED_REUSE} times")
+    ap.add_argument("--scene", choices=("cluttered", "plain"), default="cluttered",
+                    help="the task's images (make_digits.py --scene): cluttered = digits at random size, place and ink on "
+                         "textures (default); plain = the 8x8 digit filling the image (the demo before; needs --train-teacher)")
     ap.add_argument("--train-teacher", action="store_true",
                     help="retrain the stand-in teacher (~40 s, CPU-dependent) instead of using the shipped one")
     ap.add_argument("--no-analyses", action="store_true",
@@ -414,6 +422,10 @@ def main() -> None:
                  f"{args.seeds!r}, {args.labeled_views!r}")
     if not seeds or args.epochs < 1 or (labeled_views != "auto" and labeled_views < 1):
         sys.exit("demo: need at least one seed, --epochs >= 1 and --labeled-views >= 1")
+    shipped_scene = json.loads((TEACHER_DIR / "teacher.json").read_text()).get("scene", "plain")
+    if not args.train_teacher and args.scene != shipped_scene:
+        sys.exit(f"demo: the shipped teacher was pre-trained on the {shipped_scene} scene, not {args.scene}; "
+                 "add --train-teacher to pre-train one on it for this run")
     out: Path = args.out.resolve()
     if out.exists():
         if not (out / "demo.json").exists() and any(out.iterdir()):
@@ -425,7 +437,7 @@ def main() -> None:
 
     if args.train_teacher:
         print("[teacher] retraining the stand-in VLM on the fixed pre-training part of the digits (~40 s)")
-        teacher, record = train_teacher(out, out / "logs")
+        teacher, record = train_teacher(out, out / "logs", args.scene)
     else:
         teacher, record = unpack_teacher(out)
         print(f"[teacher] the shipped stand-in VLM ({TEACHER_DIR.relative_to(HERE.parent.parent)}, sha256 {record['sha256'][:12]})")
@@ -434,7 +446,7 @@ def main() -> None:
         print(f"[seed {seed}] ({i + 1}/{len(seeds)}) data, teacher caches, students ce / ce+kd / dho, Tip-Adapter-F and "
               "DHO-F, evaluation", flush=True)
         t_seed = time.time()
-        result = run_seed(out / f"seed-{seed}", seed, teacher, args.epochs, labeled_views)
+        result = run_seed(out / f"seed-{seed}", seed, teacher, args.epochs, labeled_views, args.scene)
         if i == 0 and not args.no_analyses:
             t_an = time.time()
             print(f"[seed {seed}] analyses: gradient diagnostics, dho analyze, dho bench-inference", flush=True)
@@ -446,7 +458,7 @@ def main() -> None:
 
     wall = time.time() - t0
     summary = {key: dict(zip(("mean", "std"), mean_std([r["top1"][key] for r in per_seed]))) for key, _ in ROWS}
-    results = {"seeds": seeds, "epochs": args.epochs, "teacher_sha256": record["sha256"],
+    results = {"seeds": seeds, "epochs": args.epochs, "scene": args.scene, "teacher_sha256": record["sha256"],
                "teacher_pretrain_images": record.get("num_images"), "summary": summary, "per_seed": per_seed,
                "wall_s": round(wall, 1)}
     if not args.no_analyses:
