@@ -57,12 +57,15 @@ Frozen backbones and visual prompts (§D.2, Table 13): ``DualHeadStudent.freeze_
 ``coop_context`` N makes ce_head ``CoopHead`` (CoOp: N learned context vectors through the student's frozen text tower
 give the class weights; kd_head stays the linear head on z, DHO's distillation pathway); model files hold it as a
 fixed ``CosineHead`` with those class weights (``fixed_state``), so no reader needs the text tower.
+``promptsrc_tokens`` / ``promptsrc_depth`` are PromptSRC's (IVLP) prompts on both towers: the image tower in ``VptTower``'s
+"ivlp" placement, ce_head ``PromptSrcHead`` (CoopHead's context from "a photo of a" plus deeper text prompts, and the frozen
+text features of its L_SCL, dho.losses); model files hold it as CoOp's, the image prompts in ``backbone.prompts``.
 
 Model files: ``save_student`` / ``load_student`` hold everything needed to rebuild the
 student offline (no download, no text encoder): build args (incl. the open_clip model
 config), state_dict, class names, preprocessing, alpha and beta.
 
-Out of scope: PromptSRC (multimodal prompts), CoOp's class-specific contexts and other class-token positions,
+Out of scope: MaPLe-style coupled prompts, CoOp's class-specific contexts and other class-token positions,
 VPT-shallow/other prompt placements, non-linear heads other than §E.2's, ``hf-hub:`` / ``local-dir:`` sources for open_clip
 and timm students, timm's crop_pct in the evaluation view, timm ``features_only`` / feature-map
 students.

@@ -28,6 +28,9 @@ A method with two loss terms names them (`tasks`: lambda * L_CE and (1 - lambda)
 The backbone g trains unless `--freeze-backbone` (linear evaluation / prompt tuning, Table 13) freezes it for any
 method (then only the method's heads and the VPT prompts train). An epoch is one pass over the unlabeled stream for every method (ce too),
 so baselines take the same number of steps.
+
+With a PromptSRC ce_head (`--promptsrc-tokens`), `Objective.terms` adds PromptSRC's L_SCL on the labeled batch at the
+weight the method gives its CE term (`ce_share`: 1 for ce, lambda for dho; the other methods refuse it).
 """
 
 from __future__ import annotations
