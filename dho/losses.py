@@ -212,3 +212,55 @@ def prediction_conflict(ce_logits: Tensor, kd_logits: Tensor, labels: Tensor, te
     g_ce = torch.softmax(ce_logits.float(), dim=-1) - y  # (B, C) = dL_CE/dz_logits per sample
     g_kd = torch.softmax(kd_logits.float() / eta, dim=-1) - teacher_probs.float()  # (B, C)
     return (g_ce * g_kd).sum(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- PromptSRC
+# Khattak et al. 2023, "Self-regulating Prompts: Foundational Model Adaptation without Forgetting" (ICCV), §3.2, as its
+# authors' trainer computes it (muzairkhattak/PromptSRC trainers/promptsrc.py, `forward_backward`, `get_gauss`).
+# Table 13's PromptSRC rows: the ce_head is PromptSRC's prompted text classifier, trained with these terms.
+
+PROMPTSRC_TEXT_WEIGHT = 25.0  # lambda_1 of L_SCL-text (its configs' TEXT_LOSS_WEIGHT)
+PROMPTSRC_IMAGE_WEIGHT = 10.0  # lambda_2 of L_SCL-image (IMAGE_LOSS_WEIGHT)
+GPA_MEAN, GPA_STD, GPA_EPOCHS = 6.0, 10.0, 20  # GPA's Gaussian over its 20 epochs (GPA_MEAN, GPA_STD, MAX_EPOCH)
+
+
+def scl_feature_loss(features: Tensor, frozen: Tensor) -> Tensor:
+    """L_SCL-image / L_SCL-text of PromptSRC (§3.2.1, mutual agreement with the frozen model): the L1 distance of the
+    prompted features to the frozen CLIP's, both L2-normalised, averaged over every element (its code's
+    ``F.l1_loss(..., reduction='mean')``): mean_{i,d} |n(f_p)[i, d] - n(f)[i, d]| for (N, D) features."""
+    return F.l1_loss(F.normalize(features.float(), dim=-1), F.normalize(frozen.float(), dim=-1), reduction="mean")
+
+
+def scl_logit_loss(logits: Tensor, frozen_logits: Tensor) -> Tensor:
+    """L_SCL-logits of PromptSRC (§3.2.1): KL(softmax(frozen zero-shot logits) || softmax(prompted logits)) at
+    temperature 1, summed over batch and classes and divided by B * C (its code: ``F.kl_div(log_softmax(logits),
+    log_softmax(zero_shot_logits), reduction='sum', log_target=True) / logits.numel()``), i.e. the per-sample KL
+    divided by the number of classes."""
+    log_q = F.log_softmax(logits.float(), dim=-1)  # (B, C) prompted
+    log_p = F.log_softmax(frozen_logits.float(), dim=-1)  # (B, C) frozen CLIP's zero-shot
+    return (log_p.exp() * (log_p - log_q)).sum() / logits.numel()
+
+
+def promptsrc_regularizer(text: Tensor, frozen_text: Tensor, image: Tensor, frozen_image: Tensor, logits: Tensor,
+                          frozen_logits: Tensor, text_weight: float = PROMPTSRC_TEXT_WEIGHT,
+                          image_weight: float = PROMPTSRC_IMAGE_WEIGHT) -> dict[str, Tensor]:
+    """L_SCL = lambda_1 L_SCL-text + lambda_2 L_SCL-image + L_SCL-logits (PromptSRC §3.2.1; the full objective is
+    L_CE + L_SCL). text / frozen_text: (C, D) class text features of the prompted and the frozen text tower (the
+    latter the mean over PromptSRC's 60 ImageNet templates); image / frozen_image: (B, D) image features; logits /
+    frozen_logits: (B, C) -> {"scl": L_SCL, "scl_text", "scl_image", "scl_logits"} (each unweighted but L_SCL)."""
+    scl_text = scl_feature_loss(text, frozen_text)
+    scl_image = scl_feature_loss(image, frozen_image)
+    scl_logits = scl_logit_loss(logits, frozen_logits)
+    scl = text_weight * scl_text + image_weight * scl_image + scl_logits
+    return {"scl": scl, "scl_text": scl_text, "scl_image": scl_image, "scl_logits": scl_logits}
+
+
+def gpa_weights(epochs: int, mean: float = GPA_MEAN, std: float = GPA_STD, span: int = GPA_EPOCHS) -> list[float]:
+    """Gaussian prompt aggregation's epoch weights (PromptSRC §3.2.2): w_e proportional to the N(mean, std^2) density
+    at epoch e = 1 .. epochs, normalised to sum 1; the prompts of the model are sum_e w_e P_e, P_e those at the end of
+    epoch e. PromptSRC's Gaussian is over its 20 epochs (`span`); a run of another length evaluates it at e * span /
+    epochs (the same place in the schedule; exactly PromptSRC's at epochs = span)."""
+    x = [e * span / epochs for e in range(1, epochs + 1)]
+    density = [math.exp(-0.5 * ((v - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi)) for v in x]
+    total = sum(density)
+    return [d / total for d in density]

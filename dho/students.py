@@ -57,12 +57,15 @@ Frozen backbones and visual prompts (§D.2, Table 13): ``DualHeadStudent.freeze_
 ``coop_context`` N makes ce_head ``CoopHead`` (CoOp: N learned context vectors through the student's frozen text tower
 give the class weights; kd_head stays the linear head on z, DHO's distillation pathway); model files hold it as a
 fixed ``CosineHead`` with those class weights (``fixed_state``), so no reader needs the text tower.
+``promptsrc_tokens`` / ``promptsrc_depth`` are PromptSRC's (IVLP) prompts on both towers: the image tower in ``VptTower``'s
+"ivlp" placement, ce_head ``PromptSrcHead`` (CoopHead's context from "a photo of a" plus deeper text prompts, and the frozen
+text features of its L_SCL, dho.losses); model files hold it as CoOp's, the image prompts in ``backbone.prompts``.
 
 Model files: ``save_student`` / ``load_student`` hold everything needed to rebuild the
 student offline (no download, no text encoder): build args (incl. the open_clip model
 config), state_dict, class names, preprocessing, alpha and beta.
 
-Out of scope: PromptSRC (multimodal prompts), CoOp's class-specific contexts and other class-token positions,
+Out of scope: MaPLe-style coupled prompts, CoOp's class-specific contexts and other class-token positions,
 VPT-shallow/other prompt placements, non-linear heads other than §E.2's, ``hf-hub:`` / ``local-dir:`` sources for open_clip
 and timm students, timm's crop_pct in the evaluation view, timm ``features_only`` / feature-map
 students.
@@ -275,6 +278,9 @@ class DualHeadStudent(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+VPT_PLACEMENTS = ("vpt", "ivlp")  # VptTower: VPT-deep's (after the class token, after ln_pre), PromptSRC's (IVLP)
+
+
 def vpt_init_bound(patch_size: tuple[int, int], width: int) -> float:
     """VPT's prompt init bound (Jia et al. 2022, the authors' code): val = sqrt(6 / (3 * patch_h * patch_w + width)),
     a Xavier-uniform bound over a patch's 3 * h * w pixels and the token width; prompts ~ U(-val, val)."""
@@ -292,21 +298,32 @@ class VptTower(nn.Module):
 
     ``tower`` keeps open_clip's parameters and keys (``backbone.tower.*``); ``prompts`` is (D, N, W)."""
 
-    def __init__(self, tower: nn.Module, tokens: int, depth: int):
+    def __init__(self, tower: nn.Module, tokens: int, depth: int, placement: str = "vpt"):
         super().__init__()
+        if placement not in VPT_PLACEMENTS:
+            raise ConfigError(f"prompt placement must be one of {', '.join(VPT_PLACEMENTS)}, got {placement!r}")
         self.tower = tower
-        self.tokens, self.depth = int(tokens), int(depth)
+        self.tokens, self.depth, self.placement = int(tokens), int(depth), placement
         width = tower.class_embedding.shape[-1]
         patch = tuple(tower.conv1.kernel_size)
         self.prompts = nn.Parameter(torch.empty(self.depth, self.tokens, width))  # (D, N, W)
-        bound = vpt_init_bound(patch, width)
-        nn.init.uniform_(self.prompts, -bound, bound)
+        if placement == "ivlp":
+            nn.init.normal_(self.prompts, std=PROMPTSRC_INIT_STD)
+        else:
+            bound = vpt_init_bound(patch, width)
+            nn.init.uniform_(self.prompts, -bound, bound)
 
     def prompt_parameters(self) -> list[nn.Parameter]:
         """What trains when the tower is frozen (`DualHeadStudent.freeze_backbone`)."""
         return [self.prompts]
 
+    def zero_shot(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen tower's own features, without prompts (PromptSRC's frozen CLIP image features): (B, D_embed)."""
+        return self.tower(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.placement == "ivlp":
+            return self._forward_ivlp(x)
         tower = self.tower
         x = tower._embeds(x)  # (B, 1 + P, W)
         n = self.tokens
@@ -315,6 +332,28 @@ class VptTower(nn.Module):
                 rest = x[:, 1:] if i == 0 else x[:, 1 + n:]  # the patches (and below block 0 the old prompts dropped)
                 prompt = self.prompts[i].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, N, W)
                 x = torch.cat([x[:, :1], prompt, rest], dim=1)  # (B, 1 + N + P, W)
+            x = block(x)
+        pooled, _ = tower._pool(x)  # (B, W): the class token
+        return pooled @ tower.proj if tower.proj is not None else pooled  # (B, D_embed)
+
+    def _forward_ivlp(self, x: torch.Tensor) -> torch.Tensor:
+        """PromptSRC's (IVLP) placement: the block-0 prompts appended after the patches before ln_pre, the last N
+        tokens replaced by new prompts at the input of blocks 1 .. D - 1 (muzairkhattak/PromptSRC clip/model.py)."""
+        tower = self.tower
+        x = tower.conv1(x)  # (B, W, g, g)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, P, W)
+        cls = tower.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, W)
+        x = torch.cat([cls, x], dim=1) + tower.positional_embedding.to(x.dtype)  # (B, 1 + P, W)
+        x = tower.patch_dropout(x)  # identity in eval mode (a frozen tower always is)
+        n = self.tokens
+        for i, block in enumerate(tower.transformer.resblocks):
+            if i < self.depth and n > 0:
+                prompt = self.prompts[i].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, N, W)
+                x = torch.cat([x if i == 0 else x[:, :-n], prompt], dim=1)  # (B, 1 + P + N, W)
+                if i == 0:
+                    x = tower.ln_pre(x)  # the input prompts are normalised with the tokens, as PromptSRC's
+            elif i == 0:
+                x = tower.ln_pre(x)
             x = block(x)
         pooled, _ = tower._pool(x)  # (B, W): the class token
         return pooled @ tower.proj if tower.proj is not None else pooled  # (B, D_embed)
@@ -391,6 +430,106 @@ class CoopHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_ctx={self.n_ctx}, num_classes={self.tokens.shape[0]}, zeta={self.zeta}"
+
+
+PROMPTSRC_INIT_STD = 0.02  # PromptSRC's deep prompts (both towers) and a context past its init words: N(0, 0.02^2)
+PROMPTSRC_CTX_INIT = "a photo of a"  # its configs' CTX_INIT: the first text context, for N <= 4 tokens
+PROMPTSRC_TEMPLATE_COUNT = 60  # its IMAGENET_TEMPLATES: the first 60 of CLIP's 80 ImageNet prompts (as a set)
+
+
+def promptsrc_prompts(classnames: list[str], n_ctx: int) -> list[str]:
+    """PromptSRC's prompt texts: "a photo of a {class name}." for N <= 4 context tokens (the first N words' embeddings
+    become the context, the rest stay fixed tokens), else "X X ... X {class name}." as CoOp's (a random context)."""
+    if n_ctx <= 4:
+        return [f"{PROMPTSRC_CTX_INIT} {name.replace('_', ' ')}." for name in classnames]
+    return coop_prompts(classnames, n_ctx)
+
+
+def promptsrc_templates() -> list[str]:
+    """The templates of PromptSRC's frozen text features: open_clip's first 60 OPENAI_IMAGENET_TEMPLATES, the set of
+    PromptSRC's IMAGENET_TEMPLATES (its order differs: the template mean differs by rounding only)."""
+    import open_clip
+
+    return [t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES[:PROMPTSRC_TEMPLATE_COUNT]]
+
+
+class PromptSrcHead(CoopHead):
+    """PromptSRC's text side (Khattak et al. 2023, its IVLP prompts) as ce_head: CoopHead's first-layer context
+    (initialised from the embeddings of "a photo of a" for N <= 4) plus new text prompts at the input of blocks
+    1 .. D - 1 (``deep``, (D - 1, N, W), N(0, 0.02^2)), each replacing the N tokens after SOS that the block before
+    output. ``frozen_text`` (C, D) holds the frozen text tower's class features (L2-normalised mean over PromptSRC's 60
+    templates) for L_SCL-text; in training each forward keeps its class features in ``text_features`` for the loss.
+    Model files hold the class weights of the prompts as CoOp's do (`fixed_state`)."""
+
+    def __init__(self, clip_model: nn.Module, tokenizer: Callable, classnames: list[str], n_ctx: int, depth: int,
+                 logit_scale: float, frozen_text: torch.Tensor):
+        super().__init__(clip_model, tokenizer, classnames, n_ctx, logit_scale)
+        self.depth = int(depth)
+        self.tokens = tokenizer(promptsrc_prompts(classnames, n_ctx))  # (C, L): the EOT positions of these texts
+        width = self.token_embedding.weight.shape[1]
+        with torch.no_grad():
+            if n_ctx <= 4:  # PromptSRC: the context starts as the embeddings of its init words (the draw is skipped)
+                init = tokenizer([PROMPTSRC_CTX_INIT])[0, 1:1 + n_ctx]
+                self.context.copy_(self.token_embedding.weight[init])
+            else:
+                nn.init.normal_(self.context, std=PROMPTSRC_INIT_STD)
+        self.deep = nn.Parameter(torch.empty(self.depth - 1, self.n_ctx, width))  # (D - 1, N, W)
+        nn.init.normal_(self.deep, std=PROMPTSRC_INIT_STD)
+        self.register_buffer("frozen_text", F.normalize(frozen_text.float(), dim=-1))  # (C, D)
+        self.text_features: Optional[torch.Tensor] = None  # t_c of the last training forward (its graph kept)
+
+    def class_weights(self) -> torch.Tensor:
+        """t_c of every class through the prompted text tower: (C, D) float32, not normalised."""
+        emb = self.token_embedding(self.tokens)  # (C, L, W)
+        c, n = emb.shape[0], self.n_ctx
+        ctx = self.context.to(emb.dtype).unsqueeze(0).expand(c, -1, -1)  # (C, N, W)
+        x = torch.cat([emb[:, :1], ctx, emb[:, 1 + n:]], dim=1) + self.positional_embedding.to(emb.dtype)  # (C, L, W)
+        for i, block in enumerate(self.transformer.resblocks):
+            if 1 <= i < self.depth:  # the prompts of block i replace what block i - 1 made of the old ones
+                deep = self.deep[i - 1].to(x.dtype).unsqueeze(0).expand(c, -1, -1)  # (C, N, W)
+                x = torch.cat([x[:, :1], deep, x[:, 1 + n:]], dim=1)
+            x = block(x, attn_mask=self.attn_mask)
+        x = self._pool(self.ln_final(x), self.tokens, self.pool_type, eos_token_id=self.eos_id)  # (C, W): EOT
+        proj = self.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (C, D)
+        return x.float()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled():
+            t = self.class_weights()  # (C, D)
+            self.text_features = t if self.training else None
+        else:  # evaluation: the text tower once per prompt value
+            key = torch.cat([self.context.flatten(), self.deep.flatten()])
+            if self._cached is None or not torch.equal(self._cached[0], key):
+                self._cached = (key.detach().clone(), self.class_weights())
+            t = self._cached[1]
+        with torch.autocast(device_type=z.device.type, enabled=False):  # float32, as CosineHead
+            return F.normalize(z.float(), dim=-1) @ F.normalize(t, dim=-1).t() / self.zeta  # (B, C)
+
+    def frozen_logits(self, frozen_image: torch.Tensor) -> torch.Tensor:
+        """PromptSRC's zero-shot logits of the frozen towers: exp(logit_scale) cos(f, g_c), (B, C) float32."""
+        with torch.autocast(device_type=frozen_image.device.type, enabled=False):
+            return F.normalize(frozen_image.float(), dim=-1) @ self.frozen_text.t() / self.zeta
+
+    def extra_repr(self) -> str:
+        return f"n_ctx={self.n_ctx}, depth={self.depth}, num_classes={self.tokens.shape[0]}, zeta={self.zeta}"
+
+
+def check_promptsrc(model: nn.Module, tokens: int, depth: int, name: str) -> None:
+    """PromptSRC needs what CoOp's context needs, a batch-first text transformer and both towers `depth` blocks deep."""
+    if not all(hasattr(model, part) for part in ("token_embedding", "transformer", "ln_final", "attn_mask")):
+        raise ConfigError(f"--promptsrc-tokens prompts an open_clip text transformer; student {name!r} has a "
+                          f"{type(model).__name__} text tower: use an OpenAI-style CLIP student (e.g. ViT-B-16)")
+    length = int(model.positional_embedding.shape[0])
+    if not 1 <= tokens <= length - 3:
+        raise ConfigError(f"--promptsrc-tokens must be 1 to {length - 3} (the text context length {length} less SOS, a "
+                          f"class token and EOS); got {tokens}")
+    if not model.transformer.batch_first:
+        raise ConfigError(f"--promptsrc-tokens needs a batch-first text transformer (student {name!r}'s is not)")
+    blocks = min(len(model.transformer.resblocks), len(model.visual.transformer.resblocks))
+    if not 1 <= depth <= blocks:
+        raise ConfigError(f"--promptsrc-depth must be 1 to {blocks} (the blocks of {name!r}'s shallower tower); got {depth}")
 
 
 def fixed_state(student: nn.Module) -> dict[str, torch.Tensor]:
@@ -673,6 +812,8 @@ def build_student(
     vpt_tokens: int = 0,
     vpt_depth: int = 0,
     coop_context: int = 0,
+    promptsrc_tokens: int = 0,
+    promptsrc_depth: int = 0,
     device: str | torch.device = "cpu",
 ) -> DualHeadStudent:
     """Build a dual-head student (on CPU).
@@ -699,7 +840,10 @@ def build_student(
     coop_context: CoOp (`CoopHead`) for open_clip CLIP students: ce_head is the class text embeddings of N learned
         context vectors through the student's frozen text tower (language-aware init then sets kd_head only);
         0 (default): a linear ce_head.
-    device: where the text encoder runs for language-aware init.
+    promptsrc_tokens, promptsrc_depth: PromptSRC (IVLP prompts) for open_clip CLIP students: N prompt tokens at the
+        first D blocks of both towers; the image tower in `VptTower`'s "ivlp" placement, ce_head `PromptSrcHead`
+        (language-aware init then sets kd_head only); 0 (default): neither.
+    device: where the text encoder runs for language-aware init (and PromptSRC's frozen text features).
     """
     if pretrained is not None and str(pretrained).lower() == "none":
         pretrained = None
@@ -724,6 +868,16 @@ def build_student(
                           "use an open_clip student (e.g. ViT-B-16) or drop --coop-context")
     if coop_context and ce_head != "linear":
         raise ConfigError("--coop-context makes ce_head CoOp's text classifier; drop --ce-head mlp")
+    if promptsrc_tokens or promptsrc_depth:
+        if name.startswith(TIMM_PREFIX) or name in _TORCHVISION_STUDENTS:
+            raise ConfigError(f"--promptsrc-tokens prompts both towers of a CLIP; {name!r} is a CNN student without them: "
+                              "use an open_clip student (e.g. ViT-B-16) or drop --promptsrc-tokens")
+        if not (promptsrc_tokens and promptsrc_depth):
+            raise ConfigError(f"PromptSRC needs both --promptsrc-tokens N and --promptsrc-depth D >= 1 (got {promptsrc_tokens} "
+                              f"and {promptsrc_depth})")
+        if coop_context or vpt_tokens or vpt_depth or ce_head != "linear":
+            raise ConfigError("--promptsrc-tokens brings its own text classifier and visual prompts; drop --coop-context, "
+                              "--vpt-tokens / --vpt-depth and --ce-head mlp")
     if name.startswith(TIMM_PREFIX):
         backbone, dim, preprocess, timm_name = build_timm(name, pretrained, interpolation)
         build_args = {"name": name, "kind": "timm", "timm_name": timm_name, "num_classes": num_classes,
@@ -743,10 +897,11 @@ def build_student(
         return DualHeadStudent(backbone, dim, num_classes, False, zeta, preprocess, build_args, **_head_kwargs(build_args))
 
     text_heads = [h for h in {"both": ("ce_head", "kd_head"), "ce": ("ce_head",), "kd": ("kd_head",)}[text_init_heads]
-                  if forms[h] == "linear" and not (coop_context and h == "ce_head")]  # the text embeddings are in z's
-    # space: mlp heads start as with the init off; a CoOp ce_head is its own text classifier
+                  if forms[h] == "linear" and not ((coop_context or promptsrc_tokens) and h == "ce_head")]  # the text
+    # embeddings are in z's space: mlp heads start as with the init off; a CoOp / PromptSRC ce_head is its own classifier
     if init_heads_from_text and not text_heads and text_init_heads != "both":
-        what = "CoOp's ce_head (its own text classifier)" if coop_context else "an mlp head"
+        what = ("CoOp's ce_head (its own text classifier)" if coop_context else
+                "PromptSRC's ce_head (its own text classifier)" if promptsrc_tokens else "an mlp head")
         raise ConfigError(f"--text-init-heads {text_init_heads} names {what}, which language-aware init does not set "
                           "(it sets linear heads only); use --text-init-heads both or --no-text-init")
     if init_heads_from_text:
@@ -774,19 +929,34 @@ def build_student(
                               f"{None if classnames is None else len(classnames)}); pass classnames=")
         coop = CoopHead(model.cpu(), open_clip.get_tokenizer(model_name), classnames, coop_context,
                         float(model.logit_scale.detach().exp()))
+    elif promptsrc_tokens:
+        import open_clip
+
+        check_promptsrc(model, promptsrc_tokens, promptsrc_depth, name)
+        check_vpt(tower, promptsrc_tokens, promptsrc_depth, name)
+        if classnames is None or len(classnames) != num_classes:
+            raise ConfigError(f"--promptsrc-tokens needs the {num_classes} class names (got "
+                              f"{None if classnames is None else len(classnames)}); pass classnames=")
+        frozen_text = _text_classifier(model, model_name, classnames, promptsrc_templates(), device, normalized=False)
+        coop = PromptSrcHead(model.cpu(), open_clip.get_tokenizer(model_name), classnames, promptsrc_tokens,
+                             promptsrc_depth, float(model.logit_scale.detach().exp()), frozen_text)
     tower = tower.cpu()
     del model  # the text encoder is used only for init (and with CoOp its tower lives on in ce_head)
     vpt = _vpt_args(vpt_tokens, vpt_depth)
     if vpt:
         check_vpt(tower, vpt_tokens, vpt_depth, name)
         tower = VptTower(tower, vpt_tokens, vpt_depth)
+    if promptsrc_tokens:
+        tower = VptTower(tower, promptsrc_tokens, promptsrc_depth, placement="ivlp")
     build_args = {"name": name, "kind": "open_clip", "num_classes": num_classes, "feature_dim": dim,
                   "align_kd_head": bool(align_kd_head), "zeta": zeta, "pretrained": pretrained,
                   "init_heads_from_text": bool(init_heads_from_text), "clip_config": cfg,
                   "text_init_heads": text_init_heads if init_heads_from_text else None,
                   "templates": templates if init_heads_from_text else None, "vlm_heads": vlm_heads,
                   **_head_args(forms, dim), **vpt,
-                  **({"coop_context": int(coop_context), "coop_logit_scale": coop.logit_scale} if coop else {})}
+                  **({"coop_context": int(coop_context), "coop_logit_scale": coop.logit_scale} if coop_context else {}),
+                  **({"promptsrc_tokens": int(promptsrc_tokens), "promptsrc_depth": int(promptsrc_depth),
+                      "promptsrc_logit_scale": coop.logit_scale} if promptsrc_tokens else {})}
     student = DualHeadStudent(tower, dim, num_classes, bool(align_kd_head), zeta, preprocess, build_args, vlm_heads,
                               **_head_kwargs(build_args))
     if coop is not None:
@@ -831,14 +1001,17 @@ def rebuild_student(build_args: dict, preprocess: Preprocessing) -> DualHeadStud
         backbone, dim = _rebuild_clip_tower(build_args["clip_config"]), int(build_args["feature_dim"])
         if build_args.get("vpt_tokens"):
             backbone = VptTower(backbone, build_args["vpt_tokens"], build_args["vpt_depth"])
+        if build_args.get("promptsrc_tokens"):
+            backbone = VptTower(backbone, build_args["promptsrc_tokens"], build_args["promptsrc_depth"], placement="ivlp")
     else:
         raise ConfigError(f"unknown student kind {kind!r} in build args {build_args}")
     # model files written before the option existed hold the Eq. 10 heads
     student = DualHeadStudent(backbone, dim, int(build_args["num_classes"]), bool(build_args["align_kd_head"]),
                               float(build_args["zeta"]), preprocess, build_args, build_args.get("vlm_heads", "eq10"),
                               **_head_kwargs(build_args))
-    if build_args.get("coop_context"):  # CoOp's ce_head, fixed: its class weights t_c (`fixed_state`)
-        student.ce_head = CosineHead(dim, student.num_classes, 1.0 / float(build_args["coop_logit_scale"]))
+    scale = build_args.get("coop_logit_scale") or build_args.get("promptsrc_logit_scale")
+    if scale:  # CoOp's / PromptSRC's ce_head, fixed: its class weights t_c (`fixed_state`)
+        student.ce_head = CosineHead(dim, student.num_classes, 1.0 / float(scale))
     return student
 
 

@@ -127,6 +127,7 @@ def _fresh(cfg: DistillConfig):
     torch.manual_seed(cfg.seed)
     return build_student(cfg.student, len(classnames), pretrained=cfg.student_pretrained, classnames=classnames,
                          vpt_tokens=cfg.vpt_tokens, vpt_depth=cfg.vpt_depth, coop_context=cfg.coop_context,
+                         promptsrc_tokens=cfg.promptsrc_tokens, promptsrc_depth=cfg.promptsrc_depth,
                          init_heads_from_text=cfg.init_heads_from_text)
 
 
@@ -264,16 +265,17 @@ def test_recipe_rows_are_distill_configs_with_table_13s_numbers(tmp_path):
         subprocess.run([sys.executable, str(ROOT / "pipelines" / "lowshot" / "recipe.py"), "config", str(path), "distill",
                         *[f"{k}={v}" for k, v in row["overrides"].items()], "--out", str(out)], check=True, cwd=ROOT)
         cfg = DistillConfig(labeled="L", labeled_cache="L.zarr", out="RUN", **load_options_file(out))
-        assert cfg.freeze_backbone and cfg.method == ("ce" if name in ("le", "vpt3", "coop") else "dho"), name
+        assert cfg.freeze_backbone and cfg.method == ("ce" if name in ("le", "vpt3", "coop", "promptsrc") else "dho"), name
         assert (cfg.vpt_depth, cfg.vpt_tokens) == ((int(name[3]), 50) if name.startswith("vpt") else (0, 0)), name
         assert cfg.coop_context == (16 if name.startswith("coop") else 0), name
+        assert (cfg.promptsrc_tokens, cfg.promptsrc_depth) == ((4, 3) if name.startswith("promptsrc") else (0, 0)), name
         size = labeled[row["split"]] if row["unlabeled"] == "labeled" else pool[row["split"]]
         steps = schedule_steps(size, cfg.batch_size, cfg.epochs, cfg.lr_schedule)[1]
         full = schedule_steps(pool[row["split"]], cfg.batch_size, 20, cfg.lr_schedule)[1]
         assert abs(steps - full) / full < 0.002, (name, steps, full)  # the same schedule length, to within one epoch
 
 
-@pytest.mark.parametrize("row", ["le", "le-dho-l", "vpt3-dho", "coop", "coop-dho"])
+@pytest.mark.parametrize("row", ["le", "le-dho-l", "vpt3-dho", "coop", "coop-dho", "promptsrc", "promptsrc-dho"])
 def test_recipe_row_families_train_on_the_tiny_models(row, world, tmp_path, tiny_teacher_ckpt):  # noqa: F811
     """SMOKE form of each row family: the row's overrides on the tiny ViT (depth 3 -> its 2 blocks), 2 steps; the
     tower stays as built, the run's model loads (a CoOp row's with its trained class weights)."""
@@ -282,6 +284,8 @@ def test_recipe_row_families_train_on_the_tiny_models(row, world, tmp_path, tiny
     overrides = {k: v for k, v in spec["overrides"].items() if k != "epochs"}
     if "vpt_depth" in overrides:
         overrides.update(vpt_depth=2, vpt_tokens=4)
+    if "promptsrc_depth" in overrides:  # the tiny towers' 2 blocks
+        overrides.update(promptsrc_depth=2)
     unlabeled = {} if spec["unlabeled"] == "pool" else {"unlabeled": str(world / "labeled"), "unlabeled_cache": str(world / "labeled.zarr")}
     cfg = _cfg(world, tmp_path / row, student=str(TINY_CLIP_CONFIG), student_pretrained=str(tiny_teacher_ckpt), epochs=2,
                max_steps=2, freeze_backbone=True, alpha=0.5, beta=1.0, **{**unlabeled, **overrides})
@@ -291,8 +295,10 @@ def test_recipe_row_families_train_on_the_tiny_models(row, world, tmp_path, tiny
     fresh = built.state_dict()
     frozen = [k for k in student.state_dict() if k.startswith("backbone.") and k != "backbone.prompts"]
     assert frozen and all(torch.equal(student.state_dict()[k], fresh[k]) for k in frozen)
-    if cfg.coop_context:  # model.pt: CoOp's class weights as a fixed cosine head, moved by the trained context
-        assert isinstance(student.ce_head, CosineHead) and meta["build_args"]["coop_context"] == 16
+    if cfg.coop_context or cfg.promptsrc_tokens:  # model.pt: the class weights as a fixed cosine head, moved by training
+        assert isinstance(student.ce_head, CosineHead)
+        assert meta["build_args"].get("coop_context", 0) == cfg.coop_context
+        assert meta["build_args"].get("promptsrc_tokens", 0) == cfg.promptsrc_tokens
         with torch.no_grad():
             initial = built.ce_head.class_weights()  # (C, D)
         assert student.ce_head.weight.shape == initial.shape and not torch.equal(student.ce_head.weight, initial)

@@ -118,6 +118,8 @@ class DistillConfig:
     vpt_tokens: int = 0  # VPT-deep prompt tokens per prompted block (open_clip ViT students); 0 = none
     vpt_depth: int = 0  # blocks whose input gets new prompts (Table 13: 3 or 9); 0 with vpt_tokens 0
     coop_context: int = 0  # CoOp (Table 13): ce_head = N learned context vectors through the frozen text tower; 0 = none
+    promptsrc_tokens: int = 0  # PromptSRC (Table 13): N prompt tokens per prompted block of both towers; 0 = none
+    promptsrc_depth: int = 0  # PromptSRC: blocks of each tower whose input gets new prompts (its DG config: 3)
     interpolation: Optional[str] = None  # student resampling (bilinear | bicubic); None = the student's own
     window: int = 2  # shards per shuffle window of each consumer
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over all ranks (SyncBatchNorm)
@@ -175,6 +177,7 @@ class DistillConfig:
             raise ConfigError("--coop-context trains CoOp's context with both CLIP towers frozen; add --freeze-backbone")
         if self.coop_context and self.ce_head != "linear":
             raise ConfigError("--coop-context makes ce_head CoOp's text classifier; drop --ce-head mlp")
+        self._check_promptsrc()
         if self.freeze_backbone and self.log_grad_cosine and not self.vpt_tokens:
             raise ConfigError("--log-grad-cosine compares the gradients of g's parameters, and --freeze-backbone trains none "
                               "of them; drop one (with --vpt-tokens the prompts are those parameters)")
@@ -208,6 +211,32 @@ class DistillConfig:
         check_number("--alpha", self.alpha, low=0, high=1)
         for option, value in (("--eta", self.eta), ("--zeta", self.zeta), ("--beta", self.beta)):
             check_number(option, value, low=0, low_open=True)
+
+    def _check_promptsrc(self) -> None:
+        """--promptsrc-tokens / --promptsrc-depth: both or neither, on frozen towers, with a method whose CE term L_SCL
+        can join (Objective.ce_share), and without what would replace its prompts or its GPA model."""
+        from dho.distill.objective import PROMPTSRC_METHODS
+
+        check_number("--promptsrc-tokens", self.promptsrc_tokens, low=0, integer=True)
+        check_number("--promptsrc-depth", self.promptsrc_depth, low=0, integer=True)
+        if (self.promptsrc_tokens > 0) != (self.promptsrc_depth > 0):
+            raise ConfigError(f"PromptSRC needs both --promptsrc-tokens N and --promptsrc-depth D >= 1 (got "
+                              f"{self.promptsrc_tokens} and {self.promptsrc_depth}); its DG config: 4 and 3")
+        if not self.promptsrc_tokens:
+            return
+        if not self.freeze_backbone:
+            raise ConfigError("--promptsrc-tokens trains prompts with both CLIP towers frozen; add --freeze-backbone")
+        if self.method not in PROMPTSRC_METHODS:
+            raise ConfigError(f"--promptsrc-tokens trains ce_head with PromptSRC's losses: use --method "
+                              f"{' or '.join(PROMPTSRC_METHODS)} (PromptSRC alone / with DHO), not {self.method}")
+        clashes = [flag for flag, on in (("--coop-context", self.coop_context), ("--vpt-tokens", self.vpt_tokens),
+                                         ("--ce-head mlp", self.ce_head != "linear"), ("--ema", self.ema is not None),
+                                         ("--select-best-on-val", self.select_best_on_val),
+                                         ("--grad-surgery", self.grad_surgery != "none"),
+                                         ("--log-grad-cosine", self.log_grad_cosine)) if on]
+        if clashes:
+            raise ConfigError(f"--promptsrc-tokens brings its own prompts, text classifier and GPA model; drop "
+                              f"{', '.join(clashes)}")
 
     @classmethod
     def check_keys(cls, values: dict, where: str, spelled: Optional[dict] = None) -> None:

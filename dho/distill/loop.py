@@ -37,6 +37,7 @@ from dho.distill import schedule
 from dho.distill.config import DistillConfig, check_resume, report_sinks
 from dho.distill.diagnostics import grad_diagnostics, plot_grad_diagnostics
 from dho.distill.ema import StudentEma
+from dho.distill.gpa import Gpa
 from dho.distill.metrics import EpochTerms, Metrics, format_val, resume_summary, step_line
 from dho.distill.objective import OBJECTIVES, Objective, Trainee, build_trainee
 from dho.distill.streams import DeviceBatches, Streams, make_loader, open_streams
@@ -80,6 +81,7 @@ class Training:
     task_grads: Optional[TaskGrads] = None  # --grad-surgery: the two loss terms' gradients of the step
     ema: Optional[StudentEma] = None  # --ema: the moving average of the student's weights (kept in the checkpoint)
     dropout: bool = False  # an mlp head with --head-dropout > 0: its masks come from `_step_rng`
+    gpa: Optional[Gpa] = None  # --promptsrc-tokens: the Gaussian-weighted sum of the epochs' weights (in the checkpoint)
 
     @property
     def student(self) -> nn.Module:
@@ -215,6 +217,8 @@ def _setup_model(cfg: DistillConfig, objective: Objective, ranks: Ranks, plan: s
         text_init_heads=cfg.text_init_heads, zeta=cfg.zeta, vlm_heads=cfg.vlm_heads, interpolation=cfg.interpolation,
         ce_head=cfg.ce_head, kd_head=cfg.kd_head, head_hidden=cfg.head_hidden, head_dropout=cfg.head_dropout,
         vpt_tokens=cfg.vpt_tokens, vpt_depth=cfg.vpt_depth, coop_context=cfg.coop_context,
+        promptsrc_tokens=cfg.promptsrc_tokens, promptsrc_depth=cfg.promptsrc_depth,
+        device=ranks.device if cfg.promptsrc_tokens else "cpu",  # PromptSRC's C x 60 frozen text features: on the device
     )
     device = ranks.device
     weight = None if streams.teacher_logit_weight is None else torch.from_numpy(streams.teacher_logit_weight)
@@ -230,7 +234,8 @@ def _setup_model(cfg: DistillConfig, objective: Objective, ranks: Ranks, plan: s
                     torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16), autocast_dtype,
                     task_grads=TaskGrads(params) if cfg.grad_surgery == "pcgrad" else None,
                     ema=StudentEma(model.student, cfg.ema, cfg.ema_warmup) if cfg.ema is not None else None,
-                    dropout=any(isinstance(m, MLPHead) and m.drop.p > 0 for m in student.modules()))
+                    dropout=any(isinstance(m, MLPHead) and m.drop.p > 0 for m in student.modules()),
+                    gpa=Gpa(student, cfg.epochs) if cfg.promptsrc_tokens else None)
 
 
 def _restore(t: Training) -> None:
@@ -253,6 +258,8 @@ def _restore(t: Training) -> None:
     t.summary = list(ckpt.get("summary") or [])
     if t.ema is not None:
         t.ema.load(ckpt["ema"])
+    if t.gpa is not None:
+        t.gpa.load(ckpt["gpa"])
 
 
 def _setup_parallel(t: Training) -> None:
@@ -272,7 +279,7 @@ def _setup_parallel(t: Training) -> None:
     def forward_loss(batch) -> dict:
         """The hot path: both halves through the student, the method's loss terms."""
         out_l, out_u = ddp(*batch.images(), cfg.forward == "separate")
-        return objective.loss(out_l, out_u, batch, model, cfg.lambda_, cfg.eta)
+        return objective.terms(out_l, out_u, batch, model, cfg.lambda_, cfg.eta)
 
     t.step_fn = torch.compile(forward_loss) if cfg.compile else forward_loss
 
@@ -356,6 +363,8 @@ def _train(t: Training, stop: StopSignal) -> int:
             summary_row = _summary_row(t, step, lr_used)
         if end_of_epoch:
             t.epoch_terms.reset()  # before the checkpoint: a resume starts the next epoch's sums
+            if t.gpa is not None:
+                t.gpa.add(t.student)  # PromptSRC's GPA: this epoch's weights, before the checkpoint keeps the sum
         if (saving or stopping) and ranks.is_main:
             _save_checkpoint(t, step)
         if stopping:
@@ -472,7 +481,8 @@ def _save_checkpoint(t: Training, step: int) -> None:
         {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
          "scaler": t.scaler.state_dict(), "rng": rng_state(), "step": step, "epoch": step // t.plan.steps_per_epoch,
          "consumers": t.plan.consumers, "grad_diagnostics": t.grad_diag, "config": t.cfg.to_dict(), "best": t.best,
-         "epoch_terms": t.epoch_terms.state(), "summary": t.summary, **({"ema": t.ema.state()} if t.ema is not None else {})},
+         "epoch_terms": t.epoch_terms.state(), "summary": t.summary, **({"ema": t.ema.state()} if t.ema is not None else {}),
+         **({"gpa": t.gpa.state()} if t.gpa is not None else {})},
         keep=t.cfg.keep_checkpoints,
     )
 
@@ -587,6 +597,8 @@ def _finish(t: Training, step: int) -> None:
         else:
             from dho.students import save_student
 
+            if t.gpa is not None:
+                t.log.say(t.gpa.finish(t.student))
             alpha, beta = t.alpha_beta()
             save_student(run.model, t.reported, t.streams.classnames, alpha=alpha, beta=beta, extra=_model_extra(t, step),
                          raw=_raw(t))

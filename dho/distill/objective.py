@@ -28,6 +28,9 @@ A method with two loss terms names them (`tasks`: lambda * L_CE and (1 - lambda)
 The backbone g trains unless `--freeze-backbone` (linear evaluation / prompt tuning, Table 13) freezes it for any
 method (then only the method's heads and the VPT prompts train). An epoch is one pass over the unlabeled stream for every method (ce too),
 so baselines take the same number of steps.
+
+With a PromptSRC ce_head (`--promptsrc-tokens`), `Objective.terms` adds PromptSRC's L_SCL on the labeled batch at the
+weight the method gives its CE term (`ce_share`: 1 for ce, lambda for dho; the other methods refuse it).
 """
 
 from __future__ import annotations
@@ -64,11 +67,25 @@ class Objective:
     # (terms, lambda_) -> the loss's two weighted terms, summing to terms["loss"]: what --grad-surgery projects
     # apart (dho/distill/surgery.py); None: one term, nothing to project (names.SURGERY_METHODS lists the others)
     tasks: Optional[Callable[[dict, float], tuple[torch.Tensor, torch.Tensor]]] = None
+    # lambda_ -> the weight its loss gives the ce_head's CE term: where PromptSRC's L_SCL joins it (the ce_head's
+    # objective L_CE + L_SCL keeps PromptSRC's balance); None: a method --promptsrc-tokens does not combine with
+    ce_share: Optional[Callable[[float], float]] = None
 
     @property
     def reads_embeddings(self) -> bool:
         """Whether its batches carry the teacher's image embeddings (the caches need --store-embeddings)."""
         return self.feature_kd or self.teacher_logits
+
+    def terms(self, out_l: Outputs, out_u: Outputs, batch: "Batch", model: "Trainee", lambda_: float, eta: float) -> dict:
+        """The step's loss terms: the method's, and with a PromptSRC ce_head its L_SCL on the labeled batch
+        (dho.losses.promptsrc_regularizer) added at the CE term's weight: loss + ce_share(lambda) * L_SCL."""
+        terms = self.loss(out_l, out_u, batch, model, lambda_, eta)
+        if not model.promptsrc:
+            return terms
+        head = model.student.ce_head
+        reg = losses.promptsrc_regularizer(out_l["text_features"], head.frozen_text, out_l["z"], out_l["frozen_z"],
+                                           out_l["ce_logits"], head.frozen_logits(out_l["frozen_z"]))
+        return {**terms, **reg, "loss": terms["loss"] + self.ce_share(lambda_) * reg["scl"]}
 
     def samples_per_step(self, batch_size: int) -> int:
         """Samples one step reads (B labeled and/or B unlabeled)."""
@@ -119,8 +136,9 @@ def _ce_and_feature_kd(terms, lambda_):
 
 SINGLE_HEAD = (1.0, 1.0)  # single-head methods predict with the head they trained: alpha = 1 -> ce_head
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
-    Objective("dho", True, True, ("ce_head", "kd_head"), _dho, diagnostics_head="kd_head", tasks=_ce_and_kd),
-    Objective("ce", True, False, ("ce_head",), _ce, alpha_beta=SINGLE_HEAD),
+    Objective("dho", True, True, ("ce_head", "kd_head"), _dho, diagnostics_head="kd_head", tasks=_ce_and_kd,
+              ce_share=lambda lambda_: lambda_),
+    Objective("ce", True, False, ("ce_head",), _ce, alpha_beta=SINGLE_HEAD, ce_share=lambda lambda_: 1.0),
     Objective("kd", False, True, ("kd_head",), _kd, alpha_beta=(0.0, 1.0)),  # alpha = 0, beta = 1 -> kd_head
     Objective("ce+kd", True, True, ("ce_head",), _sho, alpha_beta=SINGLE_HEAD, diagnostics_head="ce_head",
               tasks=_ce_and_kd),
@@ -131,6 +149,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
               tasks=_ce_and_kd),
 )}
 METHODS = tuple(OBJECTIVES)
+PROMPTSRC_METHODS = tuple(name for name, o in OBJECTIVES.items() if o.ce_share is not None)  # --promptsrc-tokens' methods
 
 
 class Trainee(nn.Module):
@@ -143,6 +162,11 @@ class Trainee(nn.Module):
         self.projection = projection
         # (C, D) the teacher's text classifier / its zeta, from the cache: not trained, not checkpointed (rebuilt)
         self.register_buffer("teacher_logit_weight", teacher_logit_weight, persistent=False)
+        from dho.students import PromptSrcHead
+
+        # PromptSRC: the labeled half's outputs also carry the class text features of the step and the frozen tower's
+        # image features (its L_SCL; `Objective.terms`)
+        self.promptsrc = isinstance(getattr(student, "ce_head", None), PromptSrcHead)
 
     def teacher_logits(self, emb: torch.Tensor) -> torch.Tensor:
         """The teacher's logits f_X(x) . w_c / zeta (Eq. 1 before the softmax) from its cached image embeddings (b, D)
@@ -153,7 +177,16 @@ class Trainee(nn.Module):
 
     def forward(self, l_image: Optional[torch.Tensor], u_image: Optional[torch.Tensor], separate: bool = False):
         """-> (outputs of the labeled half, of the unlabeled half); either may be None. Joint: one forward over
-        [labeled; unlabeled], so both share the BatchNorm statistics; separate: two (the ten-dataset reference)."""
+        [labeled; unlabeled], so both share the BatchNorm statistics; separate: two (the ten-dataset reference).
+        PromptSRC in training: the labeled half's also holds text_features (C, D) and frozen_z (b, D)."""
+        out_l, out_u = self._halves(l_image, u_image, separate)
+        if self.promptsrc and self.training and out_l is not None:
+            with torch.no_grad():  # the frozen CLIP's image features: the tower without its prompts
+                frozen_z = self.student.backbone.zero_shot(l_image)
+            out_l = {**out_l, "text_features": self.student.ce_head.text_features, "frozen_z": frozen_z}
+        return out_l, out_u
+
+    def _halves(self, l_image: Optional[torch.Tensor], u_image: Optional[torch.Tensor], separate: bool):
         if l_image is None or u_image is None:
             return (self.student(l_image) if l_image is not None else None,
                     self.student(u_image) if u_image is not None else None)
