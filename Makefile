@@ -39,13 +39,15 @@ demo: setup
 demo-record: setup
 	$(PY) pipelines/demo/run_demo.py --out $(DEMO_OUT) --record
 
-# Retrain the demo's stand-in teacher and ship it (pipelines/demo/teacher/): ~7 min of a quiet 2-core CPU
-# (40 epochs over 3774 cluttered renders); the digits of its fixed pre-training part never change, but
-# another CPU gives other floats, so another checksum.
-DEMO_TEACHER := pipelines/demo/teacher
+# Retrain the demo's stand-in teacher and ship it (pipelines/demo/teacher/): ~40 s of CPU; the digits of
+# its fixed pre-training part never change, but another CPU gives other floats, so another checksum.
+# DEMO_SCENE=cluttered retrains the cluttered scene's teacher (pipelines/demo/teacher-cluttered/: 40 epochs
+# over 3774 renders, ~7 min of a quiet 2-core CPU; run_demo.py --scene cluttered).
+DEMO_SCENE ?= plain
+DEMO_TEACHER := pipelines/demo/$(if $(filter cluttered,$(DEMO_SCENE)),teacher-cluttered,teacher)
 demo-teacher: setup
 	rm -rf $(DEMO_OUT)-teacher
-	$(PY) pipelines/demo/make_digits.py --out $(DEMO_OUT)-teacher/digits
+	$(PY) pipelines/demo/make_digits.py --out $(DEMO_OUT)-teacher/digits --scene $(DEMO_SCENE)
 	$(PY) pipelines/demo/train_teacher.py --data $(DEMO_OUT)-teacher/digits/pretrain --config pipelines/demo/demo-clip.json \
 	  --out $(DEMO_OUT)-teacher/teacher.pt --seed 0 --eval $(DEMO_OUT)-teacher/digits/task/train \
 	  --eval $(DEMO_OUT)-teacher/digits/task/val --eval $(DEMO_OUT)-teacher/digits/task/test

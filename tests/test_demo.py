@@ -70,9 +70,16 @@ def test_readme_shows_the_recorded_analyses_and_their_figures():
 
 def test_the_shipped_teacher_matches_its_checksum(tmp_path):
     path, record = run_demo.unpack_teacher(tmp_path)
+    assert path.stat().st_size > 1_000_000 and record["num_images"] == 629
+    assert record["zero_shot_top1"]["pretrain"] > 0.8
+    # the cluttered scene's teacher: chosen on the task's val part, far above chance (0.1) and above raw-pixel methods
+    # on the labels (outside.py)
+    (tmp_path / "cluttered").mkdir()
+    path, record = run_demo.unpack_teacher(tmp_path / "cluttered", "cluttered")
     assert path.stat().st_size > 1_000_000 and record["scene"] == "cluttered" and record["num_images"] == 629 * 6
-    # chosen on the task's val part, far above chance (0.1) and above raw-pixel methods on the labels (outside.py)
     assert record["zero_shot_top1"]["demo_out-teacher/digits/task/val"] > 0.35
+    (tmp_path / "cluttered" / "teacher.pt").unlink()
+    assert run_demo.TEACHER_DIRS["plain"] != run_demo.TEACHER_DIRS["cluttered"]
 
 
 def _demo(out: Path, *args: str) -> dict:

@@ -45,7 +45,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits")
-    make_digits.make_digits(out, seed=0)
+    make_digits.make_digits(out, seed=0, scene="cluttered")
     return out
 
 
@@ -85,11 +85,11 @@ def test_make_digits_images_are_32px_rgb_and_byte_identical_per_seed(digits, tmp
     assert not np.array_equal(pixels[..., 0], pixels[..., 1])  # tinted, channels differ
 
     again = tmp_path / "again"
-    make_digits.make_digits(again, seed=0)
+    make_digits.make_digits(again, seed=0, scene="cluttered")
     assert _tree_digest(again) == _tree_digest(digits)
     with pytest.raises(DatasetError, match="overwrite"):
-        make_digits.make_digits(again, seed=1)
-    make_digits.make_digits(again, seed=1, overwrite=True)
+        make_digits.make_digits(again, seed=1, scene="cluttered")
+    make_digits.make_digits(again, seed=1, overwrite=True, scene="cluttered")
     other = json.loads((again / "digits.json").read_text())["parts"]
     mine = json.loads((digits / "digits.json").read_text())["parts"]
     assert other["task/test"]["rows"] != mine["task/test"]["rows"]  # the seed redraws the task's cut ...

@@ -24,14 +24,14 @@ for these words is alphabetical (eight=0, five=1, four=2, nine=3, one=4, seven=5
 three=7, two=8, zero=9); `SORTED_CLASSNAMES` spells that order out.
 
 Two scenes (`--scene`), both 32x32 RGB:
-- `cluttered` (the default, the demo's task): each digit is drawn at a random size (SIZE_RANGE px
+- `cluttered` (`run_demo.py --scene cluttered`): each digit is drawn at a random size (SIZE_RANGE px
   square), at a random position, in a random ink, over a random smooth texture of two random
   colours (ink and background at least MIN_CONTRAST apart). Like a photo, and unlike the 8x8
   grid, the pixels at a place say little about the class: scikit-learn on the raw pixels of 65
   labels is near chance (pipelines/demo/outside.py), while the stand-in VLM is pre-trained on
   such scenes. Every pre-training digit is rendered PRETRAIN_RENDERS times (other size, place,
   colours, texture), as a web corpus shows a concept in many scenes; a task image once.
-- `plain` (the demo before issue 24): the 8x8 intensities upsampled bicubically to fill the
+- `plain` (the default, `make demo`'s task): the 8x8 intensities upsampled bicubically to fill the
   image, a per-image dark ink on a light background.
 Every image's rendering is drawn from (PRETRAIN_SEED, its row, its render index) only, never from
 `--seed`. Output is byte-identical for the same seed and scene (file names carry the row of the
@@ -125,7 +125,7 @@ def split_parts(labels: np.ndarray, seed: int, fractions=FRACTIONS) -> list[np.n
 
 
 def make_digits(out: str | Path, seed: int = 0, fractions=FRACTIONS, overwrite: bool = False,
-                scene: str = "cluttered") -> dict:
+                scene: str = "plain") -> dict:
     """Write the four ImageFolder parts under `out` and `out/digits.json`; return its content.
 
     `digits.json` records the seed, fractions, class names and the `load_digits()` rows of
@@ -178,8 +178,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder (pretrain/ and task/{train,val,test}/)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task part's train/val/test split (the pretrain part is fixed)")
     parser.add_argument("--overwrite", action="store_true", help="write into a folder that already holds an export")
-    parser.add_argument("--scene", choices=SCENES, default="cluttered",
-                        help="cluttered: random size, place, ink and texture (the demo's task); plain: the 8x8 digit filling the image")
+    parser.add_argument("--scene", choices=SCENES, default="plain",
+                        help="plain: the 8x8 digit filling the image (the demo's default); cluttered: random size, place, ink "
+                             "and texture")
     args = parser.parse_args()
     summary = make_digits(args.out, seed=args.seed, overwrite=args.overwrite, scene=args.scene)
     sizes = ", ".join(f"{p}={s['num_samples']}" for p, s in summary["parts"].items())

@@ -45,7 +45,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DHO = str(Path(sys.executable).parent / "dho")
-TEACHER_DIR = HERE / "teacher"  # the shipped teacher: teacher.pt.gz + teacher.json (made by `make demo-teacher`)
+TEACHER_DIRS = {  # the shipped teachers per scene: teacher.pt.gz + teacher.json (made by `make demo-teacher [DEMO_SCENE=...]`)
+    "plain": HERE / "teacher",
+    "cluttered": HERE / "teacher-cluttered",
+}
+TEACHER_DIR = TEACHER_DIRS["plain"]
 SEEDS = (0, 1, 2, 3, 4)  # ~1 min each on 2 cores
 LABELED_PERCENT = 8  # of the task's train part; the rest is the unlabeled pool
 VIEWS = 4  # teacher views per image of the unlabeled pool (each is drawn ~12 times over 12 epochs)
@@ -109,20 +113,24 @@ def labeled_draws(num_labeled: int, pool: int, epochs: int, batch: int = BATCH) 
     return draws_per_sample(total_steps, batch, num_labeled)
 
 
-def unpack_teacher(out: Path) -> tuple[Path, dict]:
-    """The shipped teacher as OUT/teacher.pt, after checking it is byte for byte the recorded one."""
-    record = json.loads((TEACHER_DIR / "teacher.json").read_text())
-    payload = gzip.decompress((TEACHER_DIR / "teacher.pt.gz").read_bytes())
+def unpack_teacher(out: Path, scene: str = "plain") -> tuple[Path, dict]:
+    """The scene's shipped teacher as OUT/teacher.pt, after checking it is byte for byte the recorded one."""
+    folder = TEACHER_DIRS[scene]
+    record = json.loads((folder / "teacher.json").read_text())
+    if record.get("scene", "plain") != scene:
+        sys.exit(f"demo: {folder / 'teacher.json'} was pre-trained on the {record.get('scene', 'plain')} scene, not {scene}; "
+                 f"retrain it with `make demo-teacher DEMO_SCENE={scene}`")
+    payload = gzip.decompress((folder / "teacher.pt.gz").read_bytes())
     digest = hashlib.sha256(payload).hexdigest()
     if digest != record["sha256"]:
-        sys.exit(f"demo: {TEACHER_DIR / 'teacher.pt.gz'} has sha256 {digest}, {TEACHER_DIR / 'teacher.json'} records "
+        sys.exit(f"demo: {folder / 'teacher.pt.gz'} has sha256 {digest}, {folder / 'teacher.json'} records "
                  f"{record['sha256']}: the file is damaged; restore it with git or retrain it with `make demo-teacher`")
     path = out / "teacher.pt"
     path.write_bytes(payload)
     return path, record
 
 
-def train_teacher(out: Path, logs: Path, scene: str = "cluttered") -> tuple[Path, dict]:
+def train_teacher(out: Path, logs: Path, scene: str = "plain") -> tuple[Path, dict]:
     """Retrain the stand-in teacher on the fixed pre-training part of `scene` (what `make demo-teacher` ships)."""
     py = sys.executable
     run([py, HERE / "make_digits.py", "--out", out / "teacher-digits", "--scene", scene], logs / "teacher_digits.log")
@@ -131,7 +139,7 @@ def train_teacher(out: Path, logs: Path, scene: str = "cluttered") -> tuple[Path
     return out / "teacher.pt", json.loads((out / "teacher.json").read_text())
 
 
-def run_seed(out: Path, seed: int, teacher: Path, epochs: int, labeled_views: int | str, scene: str = "cluttered") -> dict:
+def run_seed(out: Path, seed: int, teacher: Path, epochs: int, labeled_views: int | str, scene: str = "plain") -> dict:
     """The real commands for one seed under OUT/seed-S; -> {row key: test top-1 (%)} plus details."""
     py = sys.executable
     logs, ds, runs = out / "logs", out / "datasets", out / "runs"
@@ -396,9 +404,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12, help="student epochs (one epoch = one pass over the unlabeled pool)")
     ap.add_argument("--labeled-views", default="auto",
                     help=f"teacher views per labeled image; auto = enough that none is drawn more than {MAX_LABELED_REUSE} times")
-    ap.add_argument("--scene", choices=("cluttered", "plain"), default="cluttered",
-                    help="the task's images (make_digits.py --scene): cluttered = digits at random size, place and ink on "
-                         "textures (default); plain = the 8x8 digit filling the image (the demo before; needs --train-teacher)")
+    ap.add_argument("--scene", choices=tuple(TEACHER_DIRS), default="plain",
+                    help="the task's images (make_digits.py --scene) and the shipped teacher pre-trained on them: plain = "
+                         "the 8x8 digit filling the image (default); cluttered = digits at random size, place and ink on "
+                         "textures, where pixels fail and, in 12 epochs, so do the students (docs/demo.md)")
     ap.add_argument("--train-teacher", action="store_true",
                     help="retrain the stand-in teacher (~40 s, CPU-dependent) instead of using the shipped one")
     ap.add_argument("--no-analyses", action="store_true",
@@ -422,10 +431,6 @@ def main() -> None:
                  f"{args.seeds!r}, {args.labeled_views!r}")
     if not seeds or args.epochs < 1 or (labeled_views != "auto" and labeled_views < 1):
         sys.exit("demo: need at least one seed, --epochs >= 1 and --labeled-views >= 1")
-    shipped_scene = json.loads((TEACHER_DIR / "teacher.json").read_text()).get("scene", "plain")
-    if not args.train_teacher and args.scene != shipped_scene:
-        sys.exit(f"demo: the shipped teacher was pre-trained on the {shipped_scene} scene, not {args.scene}; "
-                 "add --train-teacher to pre-train one on it for this run")
     out: Path = args.out.resolve()
     if out.exists():
         if not (out / "demo.json").exists() and any(out.iterdir()):
@@ -439,8 +444,9 @@ def main() -> None:
         print("[teacher] retraining the stand-in VLM on the fixed pre-training part of the digits (~40 s)")
         teacher, record = train_teacher(out, out / "logs", args.scene)
     else:
-        teacher, record = unpack_teacher(out)
-        print(f"[teacher] the shipped stand-in VLM ({TEACHER_DIR.relative_to(HERE.parent.parent)}, sha256 {record['sha256'][:12]})")
+        teacher, record = unpack_teacher(out, args.scene)
+        print(f"[teacher] the shipped stand-in VLM ({TEACHER_DIRS[args.scene].relative_to(HERE.parent.parent)}, "
+              f"sha256 {record['sha256'][:12]})")
     per_seed = []
     for i, seed in enumerate(seeds):
         print(f"[seed {seed}] ({i + 1}/{len(seeds)}) data, teacher caches, students ce / ce+kd / dho, Tip-Adapter-F and "

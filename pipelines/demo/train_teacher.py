@@ -26,7 +26,7 @@ ten classes and ~630 images rather than the web:
 - on the `plain` scene, `CAPTION_NOISE` = 15% of the images carry, once and for all, a caption
   naming another class, like wrong alt-text. Without it the teacher is ~99% right on task images
   and there is nothing for distillation to improve on; with it, it lands at 85-90% zero-shot on
-  task images (seeds 0-2). The `cluttered` scene (the demo's default) is hard enough without
+  task images (seeds 0-2). The `cluttered` scene (`run_demo.py --scene cluttered`) is hard enough without
   noise: clean captions, 40 epochs of 58 batches of 64 over the 3774 renders, ~43% zero-shot on
   task/val (SCENE_DEFAULTS; chosen on val only: batch 32 with lr 2-3e-3 sat at chance for 15+
   epochs; gentler crops (scale 0.85-1) with plain renders mixed in reached 29% on val).
