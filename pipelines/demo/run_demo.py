@@ -56,6 +56,12 @@ VIEWS = 4  # teacher views per image of the unlabeled pool (each is drawn ~12 ti
 MAX_LABELED_REUSE = 4  # --labeled-views auto: enough labeled views that none is drawn more often than this
 BATCH = 32  # labeled + unlabeled per step (32 + 32)
 STUDENT = "resnet-tiny"  # a real torchvision ResNet (BasicBlock x [1,1,1,1]) at 32 px, from scratch
+STUDENTS = {  # --student: (how the table names it, its learning rate)
+    "resnet-tiny": ("resnet-tiny from scratch", "2e-3"),
+    # the stand-in CLIP's own towers as the student (pretrained, text-initialised heads: self-distillation), as the
+    # demo's --vlm-heads measurement (docs/fidelity.md section 2)
+    "stand-in-clip": ("the stand-in CLIP's own towers (pretrained; self-distillation)", "5e-4"),
+}
 METHODS = ("ce", "ce+kd", "dho")
 ROWS = (  # (key in a seed's results, table label)
     ("teacher", "teacher zero-shot (stand-in VLM)"),
@@ -139,7 +145,8 @@ def train_teacher(out: Path, logs: Path, scene: str = "plain") -> tuple[Path, di
     return out / "teacher.pt", json.loads((out / "teacher.json").read_text())
 
 
-def run_seed(out: Path, seed: int, teacher: Path, epochs: int, labeled_views: int | str, scene: str = "plain") -> dict:
+def run_seed(out: Path, seed: int, teacher: Path, epochs: int, labeled_views: int | str, scene: str = "plain",
+             student: str = STUDENT) -> dict:
     """The real commands for one seed under OUT/seed-S; -> {row key: test top-1 (%)} plus details."""
     py = sys.executable
     logs, ds, runs = out / "logs", out / "datasets", out / "runs"
@@ -165,9 +172,11 @@ def run_seed(out: Path, seed: int, teacher: Path, epochs: int, labeled_views: in
         run([DHO, "precompute-teacher", ds / name, "--out", out / f"{name}-teacher.zarr", "--views", 1, "--center-view",
              *teacher_args], logs / f"precompute_{name}.log")
 
+    student_args = ["--student", STUDENT] if student == STUDENT else \
+        ["--student", HERE / "demo-clip.json", "--student-pretrained", teacher]
     common = ["--labeled", ds / "labeled", "--labeled-cache", out / "labeled.zarr", "--unlabeled", ds / "train",
-              "--unlabeled-cache", out / "train.zarr", "--student", STUDENT, "--epochs", epochs, "--batch-size", BATCH,
-              "--lr", "2e-3", "--weight-decay", "1e-2", "--device", "cpu", "--workers", 2, "--seed", seed, "--log-every", 50]
+              "--unlabeled-cache", out / "train.zarr", *student_args, "--epochs", epochs, "--batch-size", BATCH,
+              "--lr", STUDENTS[student][1], "--weight-decay", "1e-2", "--device", "cpu", "--workers", 2, "--seed", seed, "--log-every", 50]
     evals = {}
     for method in METHODS:
         tag = method.replace("+", "_")
@@ -304,7 +313,7 @@ def format_table(record: dict) -> str:
         f"  task train {c['train']} images, of which {c['labeled']} labeled ({LABELED_PERCENT}%); "
         f"val {c['val']} (alpha/beta search); test {c['test']} (one image = {100 / c['test']:.2f} points)",
         f"  teacher: small CLIP pre-trained on {record['teacher_pretrain_images']} other digit images (shipped); "
-        f"student: {STUDENT} from scratch, {record['epochs']} epochs",
+        f"student: {STUDENTS[record.get('student', STUDENT)][0]}, {record['epochs']} epochs",
         f"  teacher views: {VIEWS} per unlabeled image, {'/'.join(map(str, views))} per labeled image "
         f"(each labeled crop drawn <= {MAX_LABELED_REUSE} times)",
         "",
@@ -408,6 +417,8 @@ def main() -> None:
                     help="the task's images (make_digits.py --scene) and the shipped teacher pre-trained on them: plain = "
                          "the 8x8 digit filling the image (default); cluttered = digits at random size, place and ink on "
                          "textures, where pixels fail and, in 12 epochs, so do the students (docs/demo.md)")
+    ap.add_argument("--student", choices=tuple(STUDENTS), default=STUDENT,
+                    help="resnet-tiny from scratch (default), or stand-in-clip: the teacher's own pretrained towers")
     ap.add_argument("--train-teacher", action="store_true",
                     help="retrain the stand-in teacher (~40 s, CPU-dependent) instead of using the shipped one")
     ap.add_argument("--no-analyses", action="store_true",
@@ -452,7 +463,7 @@ def main() -> None:
         print(f"[seed {seed}] ({i + 1}/{len(seeds)}) data, teacher caches, students ce / ce+kd / dho, Tip-Adapter-F and "
               "DHO-F, evaluation", flush=True)
         t_seed = time.time()
-        result = run_seed(out / f"seed-{seed}", seed, teacher, args.epochs, labeled_views, args.scene)
+        result = run_seed(out / f"seed-{seed}", seed, teacher, args.epochs, labeled_views, args.scene, args.student)
         if i == 0 and not args.no_analyses:
             t_an = time.time()
             print(f"[seed {seed}] analyses: gradient diagnostics, dho analyze, dho bench-inference", flush=True)
@@ -464,7 +475,8 @@ def main() -> None:
 
     wall = time.time() - t0
     summary = {key: dict(zip(("mean", "std"), mean_std([r["top1"][key] for r in per_seed]))) for key, _ in ROWS}
-    results = {"seeds": seeds, "epochs": args.epochs, "scene": args.scene, "teacher_sha256": record["sha256"],
+    results = {"seeds": seeds, "epochs": args.epochs, "scene": args.scene, "student": args.student,
+               "teacher_sha256": record["sha256"],
                "teacher_pretrain_images": record.get("num_images"), "summary": summary, "per_seed": per_seed,
                "wall_s": round(wall, 1)}
     if not args.no_analyses:
