@@ -248,15 +248,16 @@ STREAMS_SCRIPT = """
 import json, sys, time
 from types import SimpleNamespace
 import numpy as np
+from dho.distill.objective import OBJECTIVES
 from dho.distill.streams import open_streams
 from dho.stream import consumer_records
 labeled, labeled_cache, unlabeled, unlabeled_cache = sys.argv[1:5]
 out = {}
 for pool in ("union", "exclude-labeled"):
     cfg = SimpleNamespace(labeled=labeled, labeled_cache=labeled_cache, unlabeled=unlabeled, unlabeled_cache=unlabeled_cache,
-                          unlabeled_pool=pool, method="dho")
+                          unlabeled_pool=pool, method="dho", teacher="mean")
     t0 = time.perf_counter()
-    streams = open_streams(cfg, SimpleNamespace(reads_unlabeled=True, feature_kd=False))
+    streams = open_streams(cfg, OBJECTIVES["dho"])
     out[pool] = time.perf_counter() - t0
     out[pool + "_size"] = streams.size_u
 parts = streams.unlabeled

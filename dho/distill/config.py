@@ -215,8 +215,6 @@ class DistillConfig:
     def _check_promptsrc(self) -> None:
         """--promptsrc-tokens / --promptsrc-depth: both or neither, on frozen towers, with a method whose CE term L_SCL
         can join (Objective.ce_share), and without what would replace its prompts or its GPA model."""
-        from dho.distill.objective import PROMPTSRC_METHODS
-
         check_number("--promptsrc-tokens", self.promptsrc_tokens, low=0, integer=True)
         check_number("--promptsrc-depth", self.promptsrc_depth, low=0, integer=True)
         if (self.promptsrc_tokens > 0) != (self.promptsrc_depth > 0):
@@ -224,6 +222,8 @@ class DistillConfig:
                               f"{self.promptsrc_tokens} and {self.promptsrc_depth}); its DG config: 4 and 3")
         if not self.promptsrc_tokens:
             return
+        from dho.distill.objective import PROMPTSRC_METHODS  # torch: only when PromptSRC is asked for
+
         if not self.freeze_backbone:
             raise ConfigError("--promptsrc-tokens trains prompts with both CLIP towers frozen; add --freeze-backbone")
         if self.method not in PROMPTSRC_METHODS:
