@@ -290,6 +290,12 @@ def test_paper_hyperparameters(recipe):
     name = data["recipe"]["name"]
     settings = [v for prefix, v in PAPER.items() if name.startswith(prefix)]
     if name.endswith("smoke"):
+        if name.startswith("frozen-"):  # Table 13's smoke: 1% and a few shots (the smoke data has 12 per class, not 16)
+            real = PAPER["frozen-clip-l14"]["splits"]
+            kinds = {k for options in data["recipe"]["splits"].values() for k in ("percent", "shots") if k in options}
+            assert kinds == {k for options in real.values() for k in ("percent", "shots") if k in options}
+            assert data["recipe"]["splits"]["1pct"] == real["1pct"]
+            return
         real = PAPER["coop-"] if name.startswith("coop-") else PAPER["lowshot-vit"]
         assert set(data["recipe"]["splits"]) <= set(real["splits"]), "the smoke run must use (some of) the real splits"
         return
@@ -794,3 +800,77 @@ def test_table14_variants_run_from_the_recipe_and_reach_the_table(tmp_path):
     assert got["rows"]["DHO (nl-head-kd)"] == {16: [70.0 + len("nl-head-kd-k16-s1")]}
     table = report.build_table(ev, recipe, "dtd", [16], [1], smoke=False, got=got)
     assert f"| DHO (nl-head-kd) | {70.0 + 17:.1f} | 76.5 | {70.0 + 17 - 76.5:+.1f} |" in table
+
+
+# ------------------------------------------------------------------------------- reproduce-frozen (Table 13)
+FROZEN_RECIPES = ("lowshot/frozen-clip-l14.yaml", "lowshot/frozen-smoke.yaml")
+
+
+@pytest.mark.parametrize("name", FROZEN_RECIPES)
+def test_makefile_reads_each_frozen_recipes_rows(name):
+    """The Makefile reads `recipe.rows` with awk (no venv at parse time): the YAML's names, splits and unlabeled streams,
+    in order; every row's split is a split of the recipe and its overrides make a DistillConfig."""
+    path = PIPELINES / name
+    rows = yaml.safe_load(path.read_text())["recipe"]["rows"]
+    proc = subprocess.run(["make", "-s", "--no-print-directory", "-f", "-", "show"], cwd=ROOT, capture_output=True, text=True,
+                          input=f"FZ_RECIPE := {path}\ninclude Makefile\nshow:\n\t@echo '$(FZ_RECIPE_ROWS)'\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [f"{n}:{r['split']}:{r['unlabeled']}" for n, r in rows.items()]
+    splits = yaml.safe_load(path.read_text())["recipe"]["splits"]
+    assert all(r["split"] in splits and r["unlabeled"] in ("pool", "labeled") for r in rows.values())
+
+
+def _frozen_dry(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-n", "reproduce-frozen", f"IMAGENET={tmp_path}", f"WORK={tmp_path / 'w'}", "-o", ".venv/.installed",
+                           *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_reproduce_frozen_runs_every_row_and_evaluates_it_on_val_and_the_ood_sets(tmp_path):
+    """`make -n reproduce-frozen`: the clip-l14 teacher's caches (vit-b16-clip-l14.yaml's precompute, shared with
+    reproduce-lowshot TEACHER=clip-l14), the 16-shot split by the recipe's options, one distill per row with its
+    overrides (`--row`) and its unlabeled stream, five evaluations per row at alpha 0.5 / beta 1.0, the report."""
+    proc = _frozen_dry(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out, w = proc.stdout, tmp_path / "w"
+    path = PIPELINES / "lowshot" / "frozen-clip-l14.yaml"
+    rows = yaml.safe_load(path.read_text())["recipe"]["rows"]
+    assert "recipe.py run pipelines/lowshot/vit-b16-clip-l14.yaml precompute" in out
+    assert f"dho split {w}/data/train --out {w}/data/train-16shot $(" in out and "split-options pipelines/lowshot/frozen-clip-l14.yaml 16shot" in out
+    assert f"labeled-views pipelines/lowshot/frozen-clip-l14.yaml --labeled {w}/data/train-16shot" in out
+    for name, row in rows.items():
+        assert f"recipe.py config pipelines/lowshot/frozen-clip-l14.yaml distill --row {name} --out {w}/runs/frozen-{name}.distill.yaml" in out
+        lab = f"train-{row['split']}"
+        unl = lab if row["unlabeled"] == "labeled" else "train"
+        assert re.search(rf"distill --config {w}/runs/frozen-{name}\.distill\.yaml --out {w}/runs/frozen-{name} \\\n"
+                         rf"\s+--labeled {w}/data/{lab} --labeled-cache {w}/cache/{lab}\.zarr \\\n"
+                         rf"\s+--unlabeled {w}/data/{unl} --unlabeled-cache {w}/cache/{unl}\.zarr", out), name
+        for s, data in (("val", f"{w}/data/val"), *((s, f"{w}/ood/data/{s}") for s in ("v2", "sketch", "r", "a"))):
+            assert (f"dho evaluate {w}/runs/frozen-{name} --data {data} --alpha 0.5 --beta 1.0 --json > "
+                    f"{w}/ood/eval/frozen-{name}.a0.5-b1.0/{s}.json.tmp") in out, (name, s)
+    assert len(re.findall(r" distill --config ", out)) == len(rows)
+    assert f"student_zs.py --run {w}/runs/frozen-{next(iter(rows))}" in out
+    assert (f"frozen_report.py --recipe pipelines/lowshot/frozen-clip-l14.yaml --paper pipelines/lowshot/frozen-clip-l14.yaml "
+            f"--runs {w}/runs --eval {w}/ood/eval --mix a0.5-b1.0 --rows \"{' '.join(rows)}\" --out {w}/table13.md") in re.sub(r"\\\n\s*", "", out)
+
+
+def test_reproduce_frozen_rows_selection_and_errors(tmp_path):
+    proc = _frozen_dry(tmp_path, "ROWS=le vpt3-dho")
+    assert proc.returncode == 0, proc.stderr
+    runs = re.findall(r" distill --config \S+ --out \S+/runs/frozen-(\S+)", proc.stdout)
+    assert runs == ["le", "vpt3-dho"] or sorted(runs) == ["le", "vpt3-dho"]
+    assert "--rows \"le vpt3-dho\"" in proc.stdout and "frozen-coop" not in proc.stdout
+    bad = _frozen_dry(tmp_path, "ROWS=le vpt5")
+    assert bad.returncode != 0 and "ROWS: vpt5 not in pipelines/lowshot/frozen-clip-l14.yaml's recipe.rows" in bad.stderr
+    dfn = _frozen_dry(tmp_path, "TEACHER=dfn")
+    assert dfn.returncode != 0 and "CLIP ViT-L/14@336 teacher" in dfn.stderr
+    smoke = subprocess.run(["make", "-n", "reproduce-frozen", "SMOKE=1", f"WORK={tmp_path / 's'}", "-o", ".venv/.installed"],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert smoke.returncode == 0, smoke.stderr
+    smoke_rows = yaml.safe_load((PIPELINES / "lowshot" / "frozen-smoke.yaml").read_text())["recipe"]["rows"]
+    assert sorted(re.findall(r" distill --config \S+ --out \S+/runs/frozen-(\S+)", smoke.stdout)) == sorted(smoke_rows)
+    assert f"distill student_pretrained={tmp_path / 's'}/ood/smoke-student.pt --row le --out" in smoke.stdout and "make_smoke_ood.py" in smoke.stdout
+    families = {"le": "", "vpt": "vpt_tokens", "coop": "coop_context", "promptsrc": "promptsrc_tokens"}
+    for family, key in families.items():  # each family with and without DHO
+        members = {n: r for n, r in smoke_rows.items() if n.split("-")[0].rstrip("39") == family}
+        assert {r["overrides"].get("method", "dho") for r in members.values()} == {"ce", "dho"}, family
+        assert not key or all(key in r["overrides"] for r in members.values())
