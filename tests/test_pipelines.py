@@ -874,3 +874,53 @@ def test_reproduce_frozen_rows_selection_and_errors(tmp_path):
         members = {n: r for n, r in smoke_rows.items() if n.split("-")[0].rstrip("39") == family}
         assert {r["overrides"].get("method", "dho") for r in members.values()} == {"ce", "dho"}, family
         assert not key or all(key in r["overrides"] for r in members.values())
+
+
+def test_recipe_row_and_split_options_read_the_recipe(tmp_path):
+    script = [sys.executable, str(PIPELINES / "lowshot" / "recipe.py")]
+    path = PIPELINES / "lowshot" / "frozen-clip-l14.yaml"
+    out = tmp_path / "d.yaml"
+    subprocess.run(script + ["config", str(path), "distill", "seed=3", "--row", "vpt9-dho-l", "--out", str(out)], check=True, cwd=ROOT)
+    values = load_options_file(out)
+    assert (values["vpt_tokens"], values["vpt_depth"], values["epochs"], values["unlabeled_pool"]) == (50, 9, 1569, "union")
+    assert values["seed"] == 3 and values["freeze_backbone"] is True  # KEY=VALUE after the row's overrides; the section kept
+    bad = subprocess.run(script + ["config", str(path), "distill", "--row", "vpt5", "--out", str(out)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "has no row 'vpt5'; its recipe.rows: le, le-dho-l" in bad.stderr
+    split = subprocess.run(script + ["split-options", str(path), "16shot"], capture_output=True, text=True, check=True)
+    assert split.stdout.split() == ["--shots", "16", "--sampler", "coop", "--seed", "1"]
+    assert _parse("split", ["SRC", "--out", "OUT", *split.stdout.split()])["shots"] == 16
+    bad = subprocess.run(script + ["split-options", str(path), "2pct"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "has no split '2pct'" in bad.stderr
+
+
+def test_frozen_report_rows_beside_the_paper_not_run_rows_and_the_options_check(tmp_path):
+    spec = importlib.util.spec_from_file_location("frozen_report", PIPELINES / "lowshot" / "frozen_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    recipe = PIPELINES / "lowshot" / "frozen-clip-l14.yaml"
+    rows = yaml.safe_load(recipe.read_text())["recipe"]["rows"]
+    ev, runs = tmp_path / "eval", tmp_path / "runs"
+    for name, top1 in (("le", [72.0, 64.0, 46.0, 74.0, 48.0]), ("vpt3-dho", [75.0, 66.0, 50.0, 76.0, 50.0])):
+        (runs / f"frozen-{name}").mkdir(parents=True)
+        (runs / f"frozen-{name}" / "config.json").write_text(json.dumps({**rows[name]["overrides"], "freeze_backbone": True}))
+        (ev / f"frozen-{name}.a0.5-b1.0").mkdir(parents=True)
+        for s, t in zip(report.SETS, top1):
+            (ev / f"frozen-{name}.a0.5-b1.0" / f"{s}.json").write_text(json.dumps({"combined": {"top1": t}, "alpha": 0.5, "beta": 1.0}))
+    for who, agreement in (("teacher", 0.8), ("student-frozen", 0.6)):
+        (ev / who).mkdir()
+        for s in report.SETS:
+            (ev / who / f"{s}.json").write_text(json.dumps({"agreement": agreement, "teacher": {"model": "M", "pretrained": "openai"}}))
+    table = report.build_table(recipe, recipe, runs, ev, "a0.5-b1.0", ["le", "vpt3-dho"], smoke=False)
+    lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert lines["| le"] == "| le | 1pct | labeled only | 72.0 / 72.8 | 64.0 / 64.2 | 46.0 / 47.0 | 74.0 / 74.6 | 48.0 / 48.6 | 58.0 / 58.6 |"
+    assert lines["| vpt3-dho"].startswith("| vpt3-dho | 16shot | train | 75.0 / 75.1 | 66.0 / 66.8 |")
+    assert lines["| coop"] == ("| coop | 16shot | labeled only | not run / 71.5 | not run / 64.2 | not run / 48.0 | not run / 75.2 | "
+                               "not run / 49.7 | not run / 59.3 |")
+    assert lines["| CLIP zero-shot (the frozen student, M / openai)"].endswith("| 60.0 / 66.7 | 60.0 / 60.8 | 60.0 / 46.2 | 60.0 / 74.0 | 60.0 / 47.8 | 60.0 / 57.2 |")
+    assert "alpha = 0.5, beta = 1" in table and "Not run (ROWS): le-dho-l, le-dho, vpt3, vpt3-dho-l" in table
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + 1 + len(rows) + 1  # head, zero-shot, rows, teacher
+    with pytest.raises(SystemExit, match=r"rows \['coop'\] have no evaluations"):
+        report.build_table(recipe, recipe, runs, ev, "a0.5-b1.0", ["le", "coop"], smoke=False)
+    (runs / "frozen-vpt3-dho" / "config.json").write_text(json.dumps({"vpt_tokens": 50, "vpt_depth": 9}))
+    with pytest.raises(SystemExit, match=r"frozen-vpt3-dho/config.json: vpt_depth = 9, but Table 13's row vpt3-dho needs 3"):
+        report.build_table(recipe, recipe, runs, ev, "a0.5-b1.0", ["le", "vpt3-dho"], smoke=False)
