@@ -917,7 +917,7 @@ def test_frozen_report_rows_beside_the_paper_not_run_rows_and_the_options_check(
     assert lines["| coop"] == ("| coop | 16shot | labeled only | not run / 71.5 | not run / 64.2 | not run / 48.0 | not run / 75.2 | "
                                "not run / 49.7 | not run / 59.3 |")
     assert lines["| CLIP zero-shot (the frozen student, M / openai)"].endswith("| 60.0 / 66.7 | 60.0 / 60.8 | 60.0 / 46.2 | 60.0 / 74.0 | 60.0 / 47.8 | 60.0 / 57.2 |")
-    assert "alpha = 0.5, beta = 1" in table and "Not run (ROWS): le-dho-l, le-dho, vpt3, vpt3-dho-l" in table
+    assert "alpha = 0.5, beta = 1.0" in table and "Not run (ROWS): le-dho-l, le-dho, vpt3, vpt3-dho-l" in table
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + 1 + len(rows) + 1  # head, zero-shot, rows, teacher
     with pytest.raises(SystemExit, match=r"rows \['coop'\] have no evaluations"):
         report.build_table(recipe, recipe, runs, ev, "a0.5-b1.0", ["le", "coop"], smoke=False)

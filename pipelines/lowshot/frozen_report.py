@@ -97,7 +97,7 @@ def build_table(recipe: Path, paper_recipe: Path, runs: Path, eval_dir: Path, mi
                   "rows); unlabeled: all of train (rows `-dho`) or the labeled split only (`-dho-l`, and the rows without "
                   "a teacher).", ""]
     (a, b), = alpha_beta or {(None, None)}
-    mix_line = f"alpha = {a:g}, beta = {b:g}" if a is not None else f"{mix}"
+    mix_line = f"alpha = {a}, beta = {b}" if a is not None else mix
     lines += [f"Top-1 (%), **ours / paper**; DHO rows: Eq. 11 with {mix_line} (Table 13: 0.5 and 1.0); "
               "R and A scored on their 200 classes; mean over V2, Sketch, R, A.", "",
               "| row | labels | unlabeled | " + " | ".join(TITLES) + " | OOD mean |", "|" + "---|" * (len(SETS) + 4)]
