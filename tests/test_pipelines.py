@@ -861,6 +861,8 @@ def test_reproduce_frozen_rows_selection_and_errors(tmp_path):
     assert "--rows \"le vpt3-dho\"" in proc.stdout and "frozen-coop" not in proc.stdout
     bad = _frozen_dry(tmp_path, "ROWS=le vpt5")
     assert bad.returncode != 0 and "ROWS: vpt5 not in pipelines/lowshot/frozen-clip-l14.yaml's recipe.rows" in bad.stderr
+    empty = _frozen_dry(tmp_path, "ROWS=")
+    assert empty.returncode != 0 and "ROWS is empty; give ROWS=all or some of: le le-dho-l" in empty.stderr
     dfn = _frozen_dry(tmp_path, "TEACHER=dfn")
     assert dfn.returncode != 0 and "CLIP ViT-L/14@336 teacher" in dfn.stderr
     smoke = subprocess.run(["make", "-n", "reproduce-frozen", "SMOKE=1", f"WORK={tmp_path / 's'}", "-o", ".venv/.installed"],
