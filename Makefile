@@ -9,7 +9,7 @@ CONSTRAINTS ?= constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-slow demo demo-record demo-teacher reproduce-lowshot reproduce-fewshot reproduce-fewshot-all eval-ood ablation-vlm-heads clean
+.PHONY: setup test test-slow demo demo-record demo-teacher reproduce-lowshot reproduce-fewshot reproduce-fewshot-all eval-ood ablation-vlm-heads reproduce-frozen clean
 
 setup: $(VENV)/.installed
 
@@ -77,7 +77,7 @@ STUDENTS := vit-b16 vit-l14
 SPLITS := 1pct 10pct
 # TEACHER=clip-l14: the ViT-L/14-teacher setting of Tables 5 and 12 (CLIP ViT-L/14@336 -> ViT-B/16 only), own WORK;
 # `make ablation-vlm-heads` (Table 5) is in that setting
-ifneq ($(filter ablation-vlm-heads,$(MAKECMDGOALS)),)
+ifneq ($(filter ablation-vlm-heads reproduce-frozen,$(MAKECMDGOALS)),)
 TEACHER ?= clip-l14
 endif
 TEACHER ?= dfn
@@ -139,7 +139,7 @@ CACHE_SET_train-10pct = views=$(call LABELED_VIEWS_OF,train-10pct)
 NEED_IMAGENET = test -d "$(IMAGENET)/train" -a -d "$(IMAGENET)/val" || { echo "error: IMAGENET='$(IMAGENET)' \
 	must be a folder with train/ and val/ class folders: make reproduce-lowshot IMAGENET=/path/to/imagenet"; exit 2; }
 # GPU stages use every GPU (torchrun): never two at once, even under make -j (SMOKE runs on CPU, in parallel)
-ifneq ($(if $(SMOKE),,$(filter reproduce-lowshot $(WORK)/%,$(MAKECMDGOALS))),)
+ifneq ($(if $(SMOKE),,$(filter reproduce-lowshot reproduce-frozen $(WORK)/%,$(MAKECMDGOALS))),)
 .NOTPARALLEL:
 endif
 
@@ -370,6 +370,118 @@ $(OOD_EVAL)/student-$(OOD_NAME)/%.json: $(OOD_RUN)/config.json $(OOD_SOURCE_DEPS
 $(OOD_WORK)/$(OOD_NAME).$(OOD_MIX).md: $(foreach s,val $(OOD_SETS),$(OOD_OURS)/$(s).json $(OOD_EVAL)/teacher/$(s).json $(OOD_EVAL)/student-$(OOD_NAME)/$(s).json)
 	@echo "== report -> $@"
 	$(PY) pipelines/ood/report.py --run $(OOD_RUN) --ours $(OOD_OURS) --eval $(OOD_EVAL) --sets "val $(OOD_SETS)" --out $@ $(if $(SMOKE),--smoke)
+
+# =============================================================================================
+# reproduce-frozen: the paper's Table 13 (DHO with adaptation methods on a frozen CLIP ViT-B/16, CLIP ViT-L/14@336
+# teacher) end to end: linear evaluation, VPT-deep, CoOp, PromptSRC, each without a teacher, with DHO on the labeled
+# split only and with DHO on labeled + unlabeled (pipelines/lowshot/frozen-clip-l14.yaml's recipe.rows).
+#   make reproduce-frozen IMAGENET=/data/imagenet IMAGENET_V2=... SKETCH=... R=... A=... [GPUS=8] [ROWS=all|"le vpt3-dho"]
+#       [WORK=runs/lowshot-clip-l14] [TEACHER_WEIGHTS=FILE] [CLASSES=FILE]
+#   make reproduce-frozen SMOKE=1 [ROWS=...]   # frozen-smoke.yaml's 8 rows (2 per family) on the smoke data, CPU, ~3 min
+# The datasets, the 1% split and the teacher caches are reproduce-lowshot TEACHER=clip-l14's (made once, shared: its
+# WORK), the 16-shot split (CoOp's sampler, seed 1) and its cache are added; every selected row is one `dho distill`
+# (the recipe's distill section + the row's overrides, `recipe.py config --row NAME`; rows with `unlabeled: labeled`
+# take the labeled split as their unlabeled stream), evaluated on val and V2/Sketch/R/A as `make eval-ood` does
+# (its prepared sets, teacher caches and file names: OOD_WORK/eval/frozen-ROW.a0.5-b1.0/SET.json), at Eq. 11's
+# alpha = 0.5, beta = 1.0 (ALPHA/BETA, Table 13's setting); the CLIP zero-shot row is the frozen student's own
+# zero-shot classifier (pipelines/ood/student_zs.py); WORK/table13.md: every row of the recipe beside the paper's,
+# the rows not run marked so. Resumable like reproduce-lowshot. Cost: 14 student runs of ~99k steps (unmeasured).
+# =============================================================================================
+ifdef SMOKE
+FZ_RECIPE ?= $(LOWSHOT)/frozen-smoke.yaml
+# the frozen smoke student: eval-ood's random-init stand-in for pretrained weights (its zero-shot row is this tower's)
+FZ_DISTILL_SET := student_pretrained=$(OOD_WORK)/smoke-student.pt
+FZ_DEPS := $(OOD_WORK)/src.done
+FZ_STUDENT_PRETRAINED := $(OOD_WORK)/smoke-student.pt
+else
+FZ_RECIPE ?= $(LOWSHOT)/frozen-clip-l14.yaml
+FZ_DISTILL_SET :=
+FZ_DEPS :=
+FZ_STUDENT_PRETRAINED := $(STUDENT_PRETRAINED)
+endif
+FZ_PAPER := $(LOWSHOT)/frozen-clip-l14.yaml
+# the recipe's rows as NAME:SPLIT:UNLABELED, read by awk (the venv may not exist when make parses this file);
+# tests/test_pipelines.py checks it against the YAML
+FZ_RECIPE_ROWS := $(shell awk '/^recipe:/{r=1;next} /^[a-z]/{r=0} !r{next} /^  rows:/{v=1;next} /^ *\#/{next} \
+  v && /^    [a-z]/{n=$$1; sub(/:$$/,"",n); s=$$0; sub(/.*split: */,"",s); sub(/[,}].*/,"",s); \
+  u=$$0; sub(/.*unlabeled: */,"",u); sub(/[,}].*/,"",u); print n ":" s ":" u; next} {v=0}' $(FZ_RECIPE))
+FZ_ALL_ROWS := $(foreach t,$(FZ_RECIPE_ROWS),$(firstword $(subst :, ,$(t))))
+$(foreach t,$(FZ_RECIPE_ROWS),$(eval FZ_SPLIT_$(word 1,$(subst :, ,$(t))) := $(word 2,$(subst :, ,$(t)))) \
+  $(eval FZ_UNL_$(word 1,$(subst :, ,$(t))) := $(word 3,$(subst :, ,$(t)))))
+ROWS ?= all
+FZ_ROWS := $(if $(filter all,$(ROWS)),$(FZ_ALL_ROWS),$(ROWS))
+ifneq ($(filter reproduce-frozen,$(MAKECMDGOALS)),)
+ifeq ($(if $(SMOKE),clip-l14,$(TEACHER)),dfn)
+$(error reproduce-frozen runs Table 13's CLIP ViT-L/14@336 teacher: drop TEACHER=dfn (TEACHER=clip-l14 is its default))
+endif
+ifneq ($(filter-out $(FZ_ALL_ROWS),$(FZ_ROWS)),)
+$(error ROWS: $(filter-out $(FZ_ALL_ROWS),$(FZ_ROWS)) not in $(FZ_RECIPE)'s recipe.rows; give ROWS=all or some of: $(FZ_ALL_ROWS))
+endif
+ifeq ($(FZ_ROWS),)
+$(error ROWS is empty; give ROWS=all or some of: $(FZ_ALL_ROWS))
+endif
+endif
+FZ_SPLITS := $(sort $(foreach r,$(FZ_ROWS),$(FZ_SPLIT_$(r))))
+FZ_NEW_SPLITS := $(filter-out $(SPLITS),$(FZ_SPLITS))
+FZ_EVAL_SETS := val $(OOD_SETS)
+FZ_ZS := $(OOD_EVAL)/student-frozen
+FZ_EVALS := $(foreach r,$(FZ_ROWS),$(foreach s,$(FZ_EVAL_SETS),$(OOD_EVAL)/frozen-$(r).$(OOD_MIX)/$(s).json))
+
+reproduce-frozen: setup $(WORK)/table13.md
+	@echo "== table: $(WORK)/table13.md"
+
+# the splits only Table 13 uses (16 shots per class): `dho split` with the recipe's recipe.splits options; their caches
+# by the teacher caches' rule, with the views this recipe's schedule needs
+$(FZ_NEW_SPLITS:%=$(DATA)/train-%/manifest.json): $(DATA)/train-%/manifest.json: $(DATA)/train/manifest.json
+	@echo "== split $*: labeled subset of $(<D) -> $(@D)"
+	$(DHO) split $(<D) --out $(@D) $$($(RECIPE) split-options $(FZ_RECIPE) $*)
+$(FZ_NEW_SPLITS:%=$(CACHE)/train-%.done): $(DATA)/train/manifest.json
+$(foreach p,$(FZ_NEW_SPLITS),$(eval CACHE_SET_train-$(p) = views=$(if $(LABELED_VIEWS),$(LABELED_VIEWS),$$$$($(RECIPE) labeled-views $(FZ_RECIPE) --labeled $(DATA)/train-$(p) --pool $(DATA)/train))))
+
+define frozen_row
+$(RUNS)/frozen-$(1)/model.pt: FZ_LAB := train-$(2)
+$(RUNS)/frozen-$(1)/model.pt: FZ_UNL := $(if $(filter labeled,$(3)),train-$(2),train)
+$(RUNS)/frozen-$(1)/model.pt: $(CACHE)/train-$(2).done $(if $(filter labeled,$(3)),,$(CACHE)/train.done) $(FZ_DEPS)
+$(foreach s,$(FZ_EVAL_SETS),$(OOD_EVAL)/frozen-$(1).$(OOD_MIX)/$(s).json): FZ_RUN := $(RUNS)/frozen-$(1)
+$(foreach s,$(FZ_EVAL_SETS),$(OOD_EVAL)/frozen-$(1).$(OOD_MIX)/$(s).json): $(RUNS)/frozen-$(1)/model.pt
+endef
+$(foreach r,$(FZ_ROWS),$(eval $(call frozen_row,$(r),$(FZ_SPLIT_$(r)),$(FZ_UNL_$(r)))))
+$(foreach r,$(FZ_ROWS),$(foreach s,$(FZ_EVAL_SETS),$(eval $(OOD_EVAL)/frozen-$(r).$(OOD_MIX)/$(s).json: FZ_SET := $(s)) \
+  $(eval $(OOD_EVAL)/frozen-$(r).$(OOD_MIX)/$(s).json: $(OOD_DATA_$(s))/manifest.json)))
+$(foreach s,$(FZ_EVAL_SETS),$(eval $(FZ_ZS)/$(s).json: $(OOD_DATA_$(s))/manifest.json))
+
+# one run per row; resumes from checkpoints/last.pt
+$(FZ_ROWS:%=$(RUNS)/frozen-%/model.pt): $(RUNS)/frozen-%/model.pt:
+	@echo "== distill Table 13 row $* ($(FZ_LAB) labeled, $(FZ_UNL) unlabeled) -> $(@D)"
+	$(RECIPE) config $(FZ_RECIPE) distill$(if $(FZ_DISTILL_SET), $(FZ_DISTILL_SET)) --row $* --out $(@D).distill.yaml
+	$(LAUNCH) distill --config $(@D).distill.yaml --out $(@D) \
+	  --labeled $(DATA)/$(FZ_LAB) --labeled-cache $(CACHE)/$(FZ_LAB).zarr \
+	  --unlabeled $(DATA)/$(FZ_UNL) --unlabeled-cache $(CACHE)/$(FZ_UNL).zarr \
+	  $$(test -f $(@D)/checkpoints/last.pt && echo --resume)
+
+# val and the shifted sets, as eval-ood's evaluations (Eq. 11 at ALPHA, BETA)
+$(FZ_EVALS):
+	@echo "== evaluate $(FZ_RUN) on $(OOD_DATA_$(FZ_SET)) (alpha $(ALPHA), beta $(BETA))"
+	mkdir -p $(@D)
+	$(DHO) evaluate $(FZ_RUN) --data $(OOD_DATA_$(FZ_SET)) $(OOD_MIX_OPTS) --json > $@.tmp
+	mv $@.tmp $@
+
+# Table 13's "CLIP zero-shot" row: the frozen student's own zero-shot classifier (eval-ood's zero-shot student row)
+$(FZ_EVAL_SETS:%=$(FZ_ZS)/%.json): $(FZ_ZS)/%.json: $(RUNS)/frozen-$(firstword $(FZ_ROWS))/model.pt
+	mkdir -p $(@D) $(OOD_WORK)/student-cache/frozen
+	@set -e; rm -f $@.tmp; \
+	zs=$$($(PY) pipelines/ood/student_zs.py --run $(<D) --note $@.tmp $(if $(FZ_STUDENT_PRETRAINED),--pretrained $(FZ_STUDENT_PRETRAINED))); \
+	if [ -n "$$zs" ]; then \
+	  echo "== zero-shot student ($$zs) on $(OOD_DATA_$*) -> $(OOD_WORK)/student-cache/frozen/$*.zarr"; \
+	  $(RECIPE) run $(TEACHER_RECIPE) precompute $$zs views=1 center_view=true -- \
+	    $(LAUNCH) precompute-teacher $(OOD_DATA_$*) --out $(OOD_WORK)/student-cache/frozen/$*.zarr; \
+	  $(DHO) cache-info $(OOD_WORK)/student-cache/frozen/$*.zarr --json > $@.tmp; \
+	fi; mv $@.tmp $@
+
+$(WORK)/table13.md: $(FZ_EVALS) $(foreach s,$(FZ_EVAL_SETS),$(OOD_EVAL)/teacher/$(s).json $(FZ_ZS)/$(s).json)
+	@echo "== report -> $@"
+	$(PY) $(LOWSHOT)/frozen_report.py --recipe $(FZ_RECIPE) --paper $(FZ_PAPER) --runs $(RUNS) --eval $(OOD_EVAL) \
+	  --mix $(OOD_MIX) --rows "$(FZ_ROWS)" --out $@ $(if $(SMOKE),--smoke)
 
 # =============================================================================================
 # reproduce-fewshot: the few-shot experiments (Table 1, Figs. 5/6) on one dataset of the CoOp benchmark.

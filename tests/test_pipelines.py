@@ -290,6 +290,12 @@ def test_paper_hyperparameters(recipe):
     name = data["recipe"]["name"]
     settings = [v for prefix, v in PAPER.items() if name.startswith(prefix)]
     if name.endswith("smoke"):
+        if name.startswith("frozen-"):  # Table 13's smoke: 1% and a few shots (the smoke data has 12 per class, not 16)
+            real = PAPER["frozen-clip-l14"]["splits"]
+            kinds = {k for options in data["recipe"]["splits"].values() for k in ("percent", "shots") if k in options}
+            assert kinds == {k for options in real.values() for k in ("percent", "shots") if k in options}
+            assert data["recipe"]["splits"]["1pct"] == real["1pct"]
+            return
         real = PAPER["coop-"] if name.startswith("coop-") else PAPER["lowshot-vit"]
         assert set(data["recipe"]["splits"]) <= set(real["splits"]), "the smoke run must use (some of) the real splits"
         return
@@ -794,3 +800,129 @@ def test_table14_variants_run_from_the_recipe_and_reach_the_table(tmp_path):
     assert got["rows"]["DHO (nl-head-kd)"] == {16: [70.0 + len("nl-head-kd-k16-s1")]}
     table = report.build_table(ev, recipe, "dtd", [16], [1], smoke=False, got=got)
     assert f"| DHO (nl-head-kd) | {70.0 + 17:.1f} | 76.5 | {70.0 + 17 - 76.5:+.1f} |" in table
+
+
+# ------------------------------------------------------------------------------- reproduce-frozen (Table 13)
+FROZEN_RECIPES = ("lowshot/frozen-clip-l14.yaml", "lowshot/frozen-smoke.yaml")
+
+
+@pytest.mark.parametrize("name", FROZEN_RECIPES)
+def test_makefile_reads_each_frozen_recipes_rows(name):
+    """The Makefile reads `recipe.rows` with awk (no venv at parse time): the YAML's names, splits and unlabeled streams,
+    in order; every row's split is a split of the recipe and its overrides make a DistillConfig."""
+    path = PIPELINES / name
+    rows = yaml.safe_load(path.read_text())["recipe"]["rows"]
+    proc = subprocess.run(["make", "-s", "--no-print-directory", "-f", "-", "show"], cwd=ROOT, capture_output=True, text=True,
+                          input=f"FZ_RECIPE := {path}\ninclude Makefile\nshow:\n\t@echo '$(FZ_RECIPE_ROWS)'\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [f"{n}:{r['split']}:{r['unlabeled']}" for n, r in rows.items()]
+    splits = yaml.safe_load(path.read_text())["recipe"]["splits"]
+    assert all(r["split"] in splits and r["unlabeled"] in ("pool", "labeled") for r in rows.values())
+
+
+def _frozen_dry(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-n", "reproduce-frozen", f"IMAGENET={tmp_path}", f"WORK={tmp_path / 'w'}", "-o", ".venv/.installed",
+                           *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_reproduce_frozen_runs_every_row_and_evaluates_it_on_val_and_the_ood_sets(tmp_path):
+    """`make -n reproduce-frozen`: the clip-l14 teacher's caches (vit-b16-clip-l14.yaml's precompute, shared with
+    reproduce-lowshot TEACHER=clip-l14), the 16-shot split by the recipe's options, one distill per row with its
+    overrides (`--row`) and its unlabeled stream, five evaluations per row at alpha 0.5 / beta 1.0, the report."""
+    proc = _frozen_dry(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out, w = proc.stdout, tmp_path / "w"
+    path = PIPELINES / "lowshot" / "frozen-clip-l14.yaml"
+    rows = yaml.safe_load(path.read_text())["recipe"]["rows"]
+    assert "recipe.py run pipelines/lowshot/vit-b16-clip-l14.yaml precompute" in out
+    assert f"dho split {w}/data/train --out {w}/data/train-16shot $(" in out and "split-options pipelines/lowshot/frozen-clip-l14.yaml 16shot" in out
+    assert f"labeled-views pipelines/lowshot/frozen-clip-l14.yaml --labeled {w}/data/train-16shot" in out
+    for name, row in rows.items():
+        assert f"recipe.py config pipelines/lowshot/frozen-clip-l14.yaml distill --row {name} --out {w}/runs/frozen-{name}.distill.yaml" in out
+        lab = f"train-{row['split']}"
+        unl = lab if row["unlabeled"] == "labeled" else "train"
+        assert re.search(rf"distill --config {w}/runs/frozen-{name}\.distill\.yaml --out {w}/runs/frozen-{name} \\\n"
+                         rf"\s+--labeled {w}/data/{lab} --labeled-cache {w}/cache/{lab}\.zarr \\\n"
+                         rf"\s+--unlabeled {w}/data/{unl} --unlabeled-cache {w}/cache/{unl}\.zarr", out), name
+        for s, data in (("val", f"{w}/data/val"), *((s, f"{w}/ood/data/{s}") for s in ("v2", "sketch", "r", "a"))):
+            assert (f"dho evaluate {w}/runs/frozen-{name} --data {data} --alpha 0.5 --beta 1.0 --json > "
+                    f"{w}/ood/eval/frozen-{name}.a0.5-b1.0/{s}.json.tmp") in out, (name, s)
+    assert len(re.findall(r" distill --config ", out)) == len(rows)
+    assert f"student_zs.py --run {w}/runs/frozen-{next(iter(rows))}" in out
+    assert (f"frozen_report.py --recipe pipelines/lowshot/frozen-clip-l14.yaml --paper pipelines/lowshot/frozen-clip-l14.yaml "
+            f"--runs {w}/runs --eval {w}/ood/eval --mix a0.5-b1.0 --rows \"{' '.join(rows)}\" --out {w}/table13.md") in re.sub(r"\\\n\s*", "", out)
+
+
+def test_reproduce_frozen_rows_selection_and_errors(tmp_path):
+    proc = _frozen_dry(tmp_path, "ROWS=le vpt3-dho")
+    assert proc.returncode == 0, proc.stderr
+    runs = re.findall(r" distill --config \S+ --out \S+/runs/frozen-(\S+)", proc.stdout)
+    assert runs == ["le", "vpt3-dho"] or sorted(runs) == ["le", "vpt3-dho"]
+    assert "--rows \"le vpt3-dho\"" in proc.stdout and "frozen-coop" not in proc.stdout
+    bad = _frozen_dry(tmp_path, "ROWS=le vpt5")
+    assert bad.returncode != 0 and "ROWS: vpt5 not in pipelines/lowshot/frozen-clip-l14.yaml's recipe.rows" in bad.stderr
+    empty = _frozen_dry(tmp_path, "ROWS=")
+    assert empty.returncode != 0 and "ROWS is empty; give ROWS=all or some of: le le-dho-l" in empty.stderr
+    dfn = _frozen_dry(tmp_path, "TEACHER=dfn")
+    assert dfn.returncode != 0 and "CLIP ViT-L/14@336 teacher" in dfn.stderr
+    smoke = subprocess.run(["make", "-n", "reproduce-frozen", "SMOKE=1", f"WORK={tmp_path / 's'}", "-o", ".venv/.installed"],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert smoke.returncode == 0, smoke.stderr
+    smoke_rows = yaml.safe_load((PIPELINES / "lowshot" / "frozen-smoke.yaml").read_text())["recipe"]["rows"]
+    assert sorted(re.findall(r" distill --config \S+ --out \S+/runs/frozen-(\S+)", smoke.stdout)) == sorted(smoke_rows)
+    assert f"distill student_pretrained={tmp_path / 's'}/ood/smoke-student.pt --row le --out" in smoke.stdout and "make_smoke_ood.py" in smoke.stdout
+    families = {"le": "", "vpt": "vpt_tokens", "coop": "coop_context", "promptsrc": "promptsrc_tokens"}
+    for family, key in families.items():  # each family with and without DHO
+        members = {n: r for n, r in smoke_rows.items() if n.split("-")[0].rstrip("39") == family}
+        assert {r["overrides"].get("method", "dho") for r in members.values()} == {"ce", "dho"}, family
+        assert not key or all(key in r["overrides"] for r in members.values())
+
+
+def test_recipe_row_and_split_options_read_the_recipe(tmp_path):
+    script = [sys.executable, str(PIPELINES / "lowshot" / "recipe.py")]
+    path = PIPELINES / "lowshot" / "frozen-clip-l14.yaml"
+    out = tmp_path / "d.yaml"
+    subprocess.run(script + ["config", str(path), "distill", "seed=3", "--row", "vpt9-dho-l", "--out", str(out)], check=True, cwd=ROOT)
+    values = load_options_file(out)
+    assert (values["vpt_tokens"], values["vpt_depth"], values["epochs"], values["unlabeled_pool"]) == (50, 9, 1569, "union")
+    assert values["seed"] == 3 and values["freeze_backbone"] is True  # KEY=VALUE after the row's overrides; the section kept
+    bad = subprocess.run(script + ["config", str(path), "distill", "--row", "vpt5", "--out", str(out)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "has no row 'vpt5'; its recipe.rows: le, le-dho-l" in bad.stderr
+    split = subprocess.run(script + ["split-options", str(path), "16shot"], capture_output=True, text=True, check=True)
+    assert split.stdout.split() == ["--shots", "16", "--sampler", "coop", "--seed", "1"]
+    assert _parse("split", ["SRC", "--out", "OUT", *split.stdout.split()])["shots"] == 16
+    bad = subprocess.run(script + ["split-options", str(path), "2pct"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "has no split '2pct'" in bad.stderr
+
+
+def test_frozen_report_rows_beside_the_paper_not_run_rows_and_the_options_check(tmp_path):
+    spec = importlib.util.spec_from_file_location("frozen_report", PIPELINES / "lowshot" / "frozen_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    recipe = PIPELINES / "lowshot" / "frozen-clip-l14.yaml"
+    rows = yaml.safe_load(recipe.read_text())["recipe"]["rows"]
+    ev, runs = tmp_path / "eval", tmp_path / "runs"
+    for name, top1 in (("le", [72.0, 64.0, 46.0, 74.0, 48.0]), ("vpt3-dho", [75.0, 66.0, 50.0, 76.0, 50.0])):
+        (runs / f"frozen-{name}").mkdir(parents=True)
+        (runs / f"frozen-{name}" / "config.json").write_text(json.dumps({**rows[name]["overrides"], "freeze_backbone": True}))
+        (ev / f"frozen-{name}.a0.5-b1.0").mkdir(parents=True)
+        for s, t in zip(report.SETS, top1):
+            (ev / f"frozen-{name}.a0.5-b1.0" / f"{s}.json").write_text(json.dumps({"combined": {"top1": t}, "alpha": 0.5, "beta": 1.0}))
+    for who, agreement in (("teacher", 0.8), ("student-frozen", 0.6)):
+        (ev / who).mkdir()
+        for s in report.SETS:
+            (ev / who / f"{s}.json").write_text(json.dumps({"agreement": agreement, "teacher": {"model": "M", "pretrained": "openai"}}))
+    table = report.build_table(recipe, recipe, runs, ev, "a0.5-b1.0", ["le", "vpt3-dho"], smoke=False)
+    lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert lines["| le"] == "| le | 1pct | labeled only | 72.0 / 72.8 | 64.0 / 64.2 | 46.0 / 47.0 | 74.0 / 74.6 | 48.0 / 48.6 | 58.0 / 58.6 |"
+    assert lines["| vpt3-dho"].startswith("| vpt3-dho | 16shot | train | 75.0 / 75.1 | 66.0 / 66.8 |")
+    assert lines["| coop"] == ("| coop | 16shot | labeled only | not run / 71.5 | not run / 64.2 | not run / 48.0 | not run / 75.2 | "
+                               "not run / 49.7 | not run / 59.3 |")
+    assert lines["| CLIP zero-shot (the frozen student, M / openai)"].endswith("| 60.0 / 66.7 | 60.0 / 60.8 | 60.0 / 46.2 | 60.0 / 74.0 | 60.0 / 47.8 | 60.0 / 57.2 |")
+    assert "alpha = 0.5, beta = 1.0" in table and "Not run (ROWS): le-dho-l, le-dho, vpt3, vpt3-dho-l" in table
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + 1 + len(rows) + 1  # head, zero-shot, rows, teacher
+    with pytest.raises(SystemExit, match=r"rows \['coop'\] have no evaluations"):
+        report.build_table(recipe, recipe, runs, ev, "a0.5-b1.0", ["le", "coop"], smoke=False)
+    (runs / "frozen-vpt3-dho" / "config.json").write_text(json.dumps({"vpt_tokens": 50, "vpt_depth": 9}))
+    with pytest.raises(SystemExit, match=r"frozen-vpt3-dho/config.json: vpt_depth = 9, but Table 13's row vpt3-dho needs 3"):
+        report.build_table(recipe, recipe, runs, ev, "a0.5-b1.0", ["le", "vpt3-dho"], smoke=False)

@@ -8,6 +8,10 @@
     # write a section as a plain YAML mapping, e.g. for `dho distill --config FILE`; --variant NAME first applies
     # the overrides of `recipe.variants.NAME` (e.g. Table 14's non-linear heads: nl-head-kd -> kd_head: mlp)
     python pipelines/lowshot/recipe.py config pipelines/lowshot/vit-b16.yaml distill --out distill.yaml [--variant NAME]
+    # --row NAME: the same with `recipe.rows.NAME.overrides` (Table 13's rows, frozen-clip-l14.yaml)
+    python pipelines/lowshot/recipe.py config pipelines/lowshot/frozen-clip-l14.yaml distill --row vpt3-dho --out vpt3-dho.yaml
+    # `dho split` options of a split of `recipe.splits` (e.g. `--shots 16 --sampler coop --seed 1`)
+    python pipelines/lowshot/recipe.py split-options pipelines/lowshot/frozen-clip-l14.yaml 16shot
     # teacher views a labeled split's cache needs so that no labeled (sample, view) is drawn more than
     # the recipe's `max_labeled_reuse` times over the distill schedule (prints one integer); pool-views
     # the same for the unlabeled pool's cache
@@ -112,6 +116,11 @@ def stream_views(path: Path, labeled: Path, pool: Path, stream: str = "labeled")
     return views_needed(total, cfg["batch_size"], sizes["labeled"] if stream == "labeled" else unlabeled, max_reuse)
 
 
+def _yaml_value(value) -> str:
+    """A value as the YAML text of a KEY=VALUE override (read back by `section`)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def main() -> None:
     argv = sys.argv[1:]
     command = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -136,7 +145,17 @@ def main() -> None:
         p.add_argument("overrides", nargs="*", help="KEY=VALUE (VALUE read as YAML; empty drops KEY)")
     config.add_argument("--out", type=Path, required=True)
     config.add_argument("--variant", default=None, help="apply recipe.variants.NAME's keys before the overrides")
+    config.add_argument("--row", default=None, help="apply recipe.rows.NAME.overrides before the overrides")
+    split = sub.add_parser("split-options", help="print the `dho split` options of a split of recipe.splits")
+    split.add_argument("recipe", type=Path)
+    split.add_argument("split")
     args = parser.parse_args(argv)
+    if args.action == "split-options":
+        splits = load_recipe(args.recipe).get("recipe", {}).get("splits") or {}
+        if args.split not in splits:
+            sys.exit(f"error: {args.recipe} has no split {args.split!r}; its recipe.splits: {', '.join(splits) or 'none'}")
+        print(shlex.join(to_options(splits[args.split])))
+        return
     if args.action == "get":
         value = section(args.recipe, args.section).get(args.key)
         print("" if value is None else " ".join(map(str, value)) if isinstance(value, list) else value)
@@ -146,12 +165,16 @@ def main() -> None:
         return
 
     overrides = list(args.overrides)
+    if getattr(args, "row", None):
+        rows = load_recipe(args.recipe).get("recipe", {}).get("rows") or {}
+        if args.row not in rows:
+            sys.exit(f"error: {args.recipe} has no row {args.row!r}; its recipe.rows: {', '.join(rows) or 'none'}")
+        overrides = [f"{k}={_yaml_value(v)}" for k, v in (rows[args.row].get("overrides") or {}).items()] + overrides
     if getattr(args, "variant", None):
         variants = load_recipe(args.recipe).get("recipe", {}).get("variants") or {}
         if args.variant not in variants:
             sys.exit(f"error: {args.recipe} has no variant {args.variant!r}; its recipe.variants: {', '.join(variants) or 'none'}")
-        overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                     for k, v in variants[args.variant].items()] + overrides
+        overrides = [f"{k}={_yaml_value(v)}" for k, v in variants[args.variant].items()] + overrides
     values = section(args.recipe, args.section, overrides)
     if args.action == "config":
         if command:
