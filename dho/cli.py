@@ -128,6 +128,8 @@ def prepare(
     src: Annotated[Path, typer.Argument(help="ImageFolder tree: one sub-folder per class (class index = position in sorted folder names).")],
     out: Annotated[Path, typer.Option("--out", help="Output dataset folder (webdataset shards + manifest.json).")],
     shard_size: Annotated[int, typer.Option(help="Samples per tar shard.")] = 1000,
+    augment: Annotated[Optional[str], typer.Option(help="Strong augmentation of every random view, replayed by distill from the cache: randaugment:N,M (torchvision's RandAugment ops, N per view at magnitude M of 0-30), drawn per (seed, key, view) and applied after the crop at each model's resolution.", show_default="none = crop + flip only", rich_help_panel=VIEWS)] = None,
+    erase: Annotated[Optional[float], typer.Option(help="Random erasing probability P per random view (torchvision RandomErasing, value 0), after --augment; replayed by distill.", show_default="0", rich_help_panel=VIEWS)] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out unreadable images (listed in the manifest's `skipped`) instead of failing.", show_default="off")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty OUT (the new dataset is built beside it, then swapped in).", show_default="off")] = False,
     shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle", help="Write samples in a seeded random order so every shard mixes classes (training reads whole shards); --no-shuffle keeps folder order.")] = True,
@@ -554,11 +556,15 @@ def precompute_teacher(
     )
     kwargs = {k: v for k, v in given.items() if v is not None}
     check_given(dataset, out, {**kwargs, "topk": topk, "shard_group": shard_group})  # names and ranges: before torch loads (seconds)
+    from dho.data.augment import parse_augment
+
+    parse_augment(augment, erase)  # a bad spec: one line, before torch loads
     from dho.precompute import precompute
 
     precompute(
         dataset, out, center_view=center_view, store_embeddings=store_embeddings, topk=topk,
-        rank=rank, world_size=world_size, shard_group=shard_group, skip_bad=skip_bad, compile=compile_, **kwargs,
+        rank=rank, world_size=world_size, shard_group=shard_group, skip_bad=skip_bad, compile=compile_,
+        augment=augment, erase=erase, **kwargs,
     )
 
 
