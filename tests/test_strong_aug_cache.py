@@ -153,3 +153,15 @@ def test_distill_on_augmented_cache_runs_and_resumes_bit_identically(aug_world, 
         assert torch.equal(a[k], b[k]), k
     with pytest.raises(ConfigError, match="--decode cpu"):
         distill(_cfg(aug_world, tmp_path / "gpu", decode="gpu", **kw))
+
+
+def test_cli_refuses_a_bad_spec_in_one_line_before_loading_the_teacher(tiny_dataset, tmp_path):
+    import subprocess
+    import sys
+
+    for args, msg in ((["--augment", "randaugment:2"], "--augment 'randaugment:2': write randaugment:N,M"),
+                      (["--erase", "2"], "--erase 2.0: the erasing probability must be in [0, 1]")):
+        proc = subprocess.run([sys.executable, "-m", "dho.cli", "precompute-teacher", str(tiny_dataset.root), "--out",
+                               str(tmp_path / "c.zarr"), *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and msg in proc.stderr, proc.stderr
+        assert not (tmp_path / "c.zarr").exists()
