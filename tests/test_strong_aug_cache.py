@@ -165,3 +165,17 @@ def test_cli_refuses_a_bad_spec_in_one_line_before_loading_the_teacher(tiny_data
                                str(tmp_path / "c.zarr"), *args], capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and msg in proc.stderr, proc.stderr
         assert not (tmp_path / "c.zarr").exists()
+
+
+def test_job_array_ranks_compute_the_same_augmented_cache(aug_world, tmp_path, tiny_teacher_ckpt):  # noqa: F811
+    """Two job-array ranks (one shard group each) write the numbers one process wrote: the programs depend on
+    (seed, key, view) only, never on the rank."""
+    out = tmp_path / "ranks.zarr"
+    teacher = dict(model=str(TINY_CLIP_CONFIG), pretrained=str(tiny_teacher_ckpt), views=2, device="cpu", workers=0, batch_size=16)
+    for rank in (0, 1):
+        precompute(aug_world / "labeled", out, augment="randaugment:2,9", erase=0.5, rank=rank, world_size=2, shard_group=1, **teacher)
+    a, b = TeacherCache.open(aug_world / "labeled.zarr"), TeacherCache.open(out)
+    assert b.is_complete() and b.augment == a.augment
+    for v in range(2):
+        assert np.array_equal(a.probs(v, 0, a.num_samples), b.probs(v, 0, b.num_samples))
+        assert np.array_equal(a.view_params(v, 0, a.num_samples), b.view_params(v, 0, b.num_samples))
