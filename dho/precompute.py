@@ -11,7 +11,8 @@
   4. work: units are (view, dataset shard); ranks own whole groups of `shard_group` shards (the
      shards of one Zarr shard, cache schema v4; groups round-robin, `TeacherCache.shard_owner`) and skip
      shards whose units are all done. DataLoader workers decode each image once and replay all its
-     views (`data.view_params` boxes replayed with `data.replay_view`; the optional last center view
+     views (`data.view_params` boxes replayed with `data.replay_view`, then `--augment` / `--erase` programs
+     of (seed, key, view), `data.augment`; the optional last center view
      is open_clip's eval transform, `data.eval_view_uint8`, its region stored as a box) at the
      teacher's size / interpolation / mean / std. Batches never
      cross shards and are formed the same way on every run (shard, batch size, views), so a resumed
