@@ -12,8 +12,8 @@ from functools import lru_cache
 from importlib import resources
 
 SCHEMA_NAME = "dho-teacher-cache"
-CURRENT_VERSION = 6
-KNOWN_VERSIONS = (1, 2, 3, 4, 5, 6)
+CURRENT_VERSION = 7
+KNOWN_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 
 
 @lru_cache(maxsize=None)

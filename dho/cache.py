@@ -64,7 +64,7 @@ from dho.errors import CacheError
 PARAM_KEYS = (
     "dataset_fingerprint", "num_samples", "classnames", "shard_counts", "chunk_len", "num_views", "center_view",
     "seed", "zeta", "eta", "teacher", "templates", "text_classifier_norm", "preprocess", "precision", "topk",
-    "store_embeddings", "embed_dim",
+    "store_embeddings", "embed_dim", "augment",
 )
 VIEW_PARAM_FIELDS = ("top", "left", "height", "width", "flip")
 # store every chunk, also one equal to the fill value: a chunk file that is missing is then damage
@@ -183,6 +183,12 @@ class TeacherCache:
         return name
 
     # ------------------------------------------------------------------ ensembles (schema v6)
+
+    @property
+    def augment(self) -> dict | None:
+        """The strong augmentation of the random views (schema v7 attribute `augment`, `dho.data.augment`); None: crop and
+        flip only (every cache before v7)."""
+        return self.attrs.get("augment")
 
     @property
     def is_ensemble(self) -> bool:

@@ -537,6 +537,8 @@ def precompute_teacher(
     rank: Annotated[Optional[int], typer.Option(help="This job's index for job arrays (no torchrun); with --world-size.", show_default="none = single process or torchrun", rich_help_panel=DISTRIBUTED)] = None,
     world_size: Annotated[Optional[int], typer.Option(help="Number of jobs of a job array; groups of --shard-group shards are split round-robin.", show_default="none", rich_help_panel=DISTRIBUTED)] = None,
     shard_group: Annotated[Optional[int], typer.Option(help="Dataset shards per Zarr shard of a new cache (cache files ~ views x shards / G; one process writes a group, so a job array needs at least as many groups as jobs). Fixed when the cache is created.", show_default="auto, about 1 MiB per Zarr shard (each unit written rewrites its Zarr shard)", rich_help_panel=DISTRIBUTED)] = None,
+    augment: Annotated[Optional[str], typer.Option(help="Strong augmentation of every random view, replayed by distill from the cache: randaugment:N,M (torchvision's RandAugment ops, N per view at magnitude M of 0-30), drawn per (seed, key, view) and applied after the crop at each model's resolution.", show_default="none = crop + flip only", rich_help_panel=VIEWS)] = None,
+    erase: Annotated[Optional[float], typer.Option(help="Random erasing probability P per random view (torchvision RandomErasing, value 0), after --augment; replayed by distill.", show_default="none = no erasing", rich_help_panel=VIEWS)] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Record unreadable images as invalid (valid=False, NaN rows) instead of stopping with an error.", show_default="off", rich_help_panel=VIEWS)] = False,
     compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the teacher's image tower (the first batches compile, then faster forwards; same math, other kernels); if compiling fails, says so in one line and runs eagerly.", show_default="on for CUDA, off on CPU", rich_help_panel=SPEED)] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Override the teacher's input size (pixels).", show_default="from the pretrained config", rich_help_panel=PREPROCESS)] = None,
@@ -557,11 +559,15 @@ def precompute_teacher(
     )
     kwargs = {k: v for k, v in given.items() if v is not None}
     check_given(dataset, out, {**kwargs, "topk": topk, "shard_group": shard_group})  # names and ranges: before torch loads (seconds)
+    from dho.data.augment import parse_augment
+
+    parse_augment(augment, erase)  # a bad spec: one line, before torch loads
     from dho.precompute import precompute
 
     precompute(
         dataset, out, center_view=center_view, store_embeddings=store_embeddings, topk=topk,
-        rank=rank, world_size=world_size, shard_group=shard_group, skip_bad=skip_bad, compile=compile_, **kwargs,
+        rank=rank, world_size=world_size, shard_group=shard_group, skip_bad=skip_bad, compile=compile_,
+        augment=augment, erase=erase, **kwargs,
     )
 
 

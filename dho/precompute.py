@@ -11,7 +11,8 @@
   4. work: units are (view, dataset shard); ranks own whole groups of `shard_group` shards (the
      shards of one Zarr shard, cache schema v4; groups round-robin, `TeacherCache.shard_owner`) and skip
      shards whose units are all done. DataLoader workers decode each image once and replay all its
-     views (`data.view_params` boxes replayed with `data.replay_view`; the optional last center view
+     views (`data.view_params` boxes replayed with `data.replay_view`, then `--augment` / `--erase` programs
+     of (seed, key, view), `data.augment`; the optional last center view
      is open_clip's eval transform, `data.eval_view_uint8`, its region stored as a box) at the
      teacher's size / interpolation / mean / std. Batches never
      cross shards and are formed the same way on every run (shard, batch size, views), so a resumed
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 
 from dho import data
+from dho.data.augment import augment_view, parse_augment
 from dho.cache import TeacherCache
 from dho.cache_layout import chunk_length, row_bytes, shard_group as auto_shard_group, store_files
 from dho.devices import Ranks, cpu_threads_beside_workers, default_workers, resolve_device, setup_ranks
@@ -84,6 +86,8 @@ def precompute(
     std: tuple[float, float, float] | None = None,
     interpolation: str | None = None,
     resize_mode: str | None = None,
+    augment: str | None = None,
+    erase: float | None = None,
     progress_every_s: float = 30.0,
     stats: dict | None = None,
 ) -> TeacherCache:
@@ -92,9 +96,11 @@ def precompute(
     `stats`, if given, is filled with this rank's timing: images (sample-views) computed,
     setup_s (teacher + store), loop_s (decode -> teacher -> writes) and first_batch_s (worker
     start-up until the first batch arrives, part of loop_s), for bench/. `workers` None: what the machine has
-    (`dho.devices.default_workers`).
+    (`dho.devices.default_workers`). `augment` ("randaugment:N,M") and `erase` (P): the strong augmentation of every
+    random view (`dho.data.augment`), stored as the cache attribute `augment` and replayed by distill.
     """
     t_start = time.time()
+    augment_attr = parse_augment(augment, erase)
     # every option is checked here, where it enters (the CLI passes them through unchanged)
     check_options(out, model=model, pretrained=pretrained, views=views, batch_size=batch_size, workers=workers, seed=seed, eta=eta, zeta=zeta,
                    precision=precision, text_classifier_norm=text_classifier_norm, topk=topk, shard_group=shard_group,
@@ -118,6 +124,8 @@ def precompute(
     total_views = views + int(center_view)
     attrs = _store_attrs(ds, teacher, num_views=total_views, center_view=center_view, seed=seed, zeta=zeta, eta=eta,
                          topk=topk, store_embeddings=store_embeddings, shard_group=shard_group)
+    if augment_attr is not None:
+        attrs["augment"] = augment_attr
     cache = _open_store(out, ds, teacher, attrs, ranks)
     if cache.prompt_names != teacher.identity["prompt_names"] and rank == 0:  # complete (check_params refuses otherwise)
         log(f"note: {out} was made by an older dho that put the class names with '_' into the prompts as given; it is "
@@ -149,7 +157,7 @@ def precompute(
     )
     cpu_threads_beside_workers(dev, workers, world_size)
     loader = torch.utils.data.DataLoader(
-        _ShardBatches(ds, todo, views, center_view, seed, teacher.preprocess, max(1, batch_size // total_views)),
+        _ShardBatches(ds, todo, views, center_view, seed, teacher.preprocess, max(1, batch_size // total_views), augment_attr),
         batch_size=None,
         num_workers=workers,
         pin_memory=dev.type == "cuda",
@@ -225,8 +233,9 @@ class _ShardBatches(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, ds, shards: list[int], num_views: int, center_view: bool, seed: int, preprocess: data.Preprocessing,
-                 samples_per_batch: int):
+                 samples_per_batch: int, augment: dict | None = None):
         super().__init__()
+        self.augment = augment
         self.ds, self.shards = ds, shards
         self.num_views, self.center_view, self.seed = num_views, center_view, seed
         self.pp = preprocess
@@ -266,7 +275,9 @@ class _ShardBatches(torch.utils.data.IterableDataset):
                     images[i, v] = pp.eval_view(image)
                 else:
                     box = data.view_params(s.key, v, self.seed, w, h)
-                    images[i, v] = data.replay_view(image, box, size, pp.interpolation, pp.mean, pp.std)
+                    view = data.replay_view_uint8(image, box, size, pp.interpolation)  # (3, S, S) uint8
+                    view = augment_view(view, self.augment, self.seed, s.key, v)  # strong augmentation (or as is)
+                    images[i, v] = data.normalize(view, pp.mean, pp.std)
                 params[i, v] = torch.tensor([int(b) for b in box], dtype=torch.int32)
         return {
             "images": images.view(n * total, 3, size, size),  # (b * V', 3, S, S), sample-major

@@ -23,7 +23,9 @@ Passes repeat forever; the loop decides how many steps an epoch has.
 Views. Each sample's view comes from its own cache: `cycle` uses view (pass mod V), so a
 sample is seen under all V teacher views in turn; `random` draws a view per (seed, key, pass).
 The student's crop is replayed from the cached `view_params` at the student's resolution
-(`data.decode_view` + `data.replay_view_uint8`), i.e. the student sees the view the teacher saw.
+(`data.decode_view` + `data.replay_view_uint8`), i.e. the student sees the view the teacher saw; a cache made
+with `--augment` / `--erase` (schema v7 attribute `augment`) has each view's RandAugment / erasing program
+replayed on it (`data.augment.augment_view`, a function of the cache's seed, the key and the view).
 Workers yield uint8 images (a quarter of the bytes through shared and pinned memory); the loop
 normalises them on the device with the student's mean/std (`data.normalize`). With `raw=True`
 (`dho distill --decode gpu`) workers decode nothing: they yield each sample's encoded bytes, its
@@ -57,6 +59,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dho import data
+from dho.data.augment import augment_view
 from dho.cache import TeacherCache, densify_topk, retemper
 from dho.errors import ConfigError
 
@@ -96,6 +99,8 @@ class PartData:
     topk: int | None
     cache_eta: float
     teacher: int | None = None  # the selected member of an ensemble cache (`TeacherCache.select`), None = the mean
+    augment: dict | None = None  # the cache's strong augmentation (schema v7, `dho.data.augment`), replayed on each view
+    view_seed: int = 0  # the cache's `seed`: of its view boxes and augmentation programs
 
     @classmethod
     def open(cls, part: Part) -> "PartData":
@@ -108,7 +113,7 @@ class PartData:
         """The part from its dataset and its cache (a `TeacherCache` checked against `ds`), opened by the caller."""
         usable = part.usable(ds.key_bytes, cache.valid)
         return cls(ds, part.cache_path, cache.done, cache.valid, usable, count_per_shard(usable, [s.count for s in ds.shards]),
-                   cache.train_views, cache.topk, cache.eta, cache.member)
+                   cache.train_views, cache.topk, cache.eta, cache.member, cache.augment, int(cache.attrs["seed"]))
 
 
 @dataclass(frozen=True)
@@ -372,7 +377,9 @@ class PairedStream(IterableDataset):
                 else:
                     where = f"{info.name} key {sample.key!r}"
                     image, box = data.decode_view(sample.data, sample.ext, where, block["params"][r.pos], self.size)
-                    images.append(data.replay_view_uint8(image, box, self.size, self.interpolation))  # (3, S, S) uint8
+                    image = data.replay_view_uint8(image, box, self.size, self.interpolation)  # (3, S, S) uint8
+                    # the cache's strong augmentation: the program of (cache seed, key, view), as the teacher's
+                    images.append(augment_view(image, reader.part.augment, reader.part.view_seed, sample.key, view))
                 labels.append(int(reader.ds.labels[info.offset + r.pos]))
                 probs.append((block["topk_idx"][r.pos], block["topk_val"][r.pos]) if sparse else block["probs"][r.pos])
                 if self.need_embeddings:

@@ -294,7 +294,7 @@ def test_readme_and_json_schema_document_the_same_layout(tmp_path, tiny_dataset)
     assert cache.finalize() is False
     g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
     assert set(g.array_keys()) == set(arrays) - {"topk_indices", "topk_probs"}
-    assert set(g.attrs) == attrs - {"complete", "teachers"}  # `teachers`: ensembles only (v6)
+    assert set(g.attrs) == attrs - {"complete", "teachers", "augment"}  # `teachers`: ensembles only (v6); `augment`: --augment only (v7)
     assert json.loads((tmp_path / "c.zarr" / "zarr.json").read_text())["attributes"]["schema"] == "dho-teacher-cache"
 
 

@@ -171,7 +171,7 @@ def test_v3_dimension_names_are_checked_on_open(caches, tmp_path):
     meta = json.loads(meta_file.read_text())
     meta["dimension_names"] = ["view", "sample", "klass"]
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(CacheError, match=r"array 'probs' has dimension names .*'klass'.*, but schema v6 requires "
+    with pytest.raises(CacheError, match=r"array 'probs' has dimension names .*'klass'.*, but schema v7 requires "
                                          r"\('view', 'sample', 'class'\); rebuild"):
         TeacherCache.open(copy)
     del meta["dimension_names"]

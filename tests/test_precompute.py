@@ -4,6 +4,8 @@ job arrays, top-k, corrupt images, mismatches, cache-info."""
 from __future__ import annotations
 
 import inspect
+
+import cache_schemas
 import io
 import os
 import re
@@ -336,7 +338,7 @@ def test_cache_info_output(ref_cache, tiny_dataset):
     center = zarr.open_group(str(ref_cache), mode="r")["probs"][VIEWS].astype(np.float32)  # (N, C)
     agree = 100.0 * (center.argmax(axis=1) == tiny_dataset.labels).mean()
     lines = r.stdout.splitlines()
-    assert lines[0].startswith(f"cache:      {ref_cache} (schema v6, dho ")
+    assert lines[0].startswith(f"cache:      {ref_cache} (schema v{cache_schemas.CURRENT_VERSION}, dho ")
     assert re.match(r"teacher: +tiny-clip / tiny-teacher.pt \(weights sha256 [0-9a-f]{16}\.\.\.\), precision fp32", lines[1])
     assert "classifier: 7 templates (renormalize, class names underscores-to-spaces), zeta=0.01 (logit scale 100), eta=2.0" in lines
     assert "views:      3 (last = center view), seed 3; storage: dense probs (float16) + embeddings" in lines

@@ -8,8 +8,8 @@ shows; `decode_view` is the student's decode (DCT-downscaled JPEGs). `Preprocess
 how a model (student or teacher) takes its images: size, resampling, resize mode, mean/std; its
 `random_view` is a training view at the model's size (`dho evaluate --views random`). torch and
 torchvision are imported inside the functions that use them.
-Out of scope: augmentation beyond the RandomResizedCrop + flip of the paper, and views decoded on the
-device (`gpu_views.py`).
+Strong augmentation (RandAugment, random erasing) replayed on these views is `augment.py`.
+Out of scope: views decoded on the device (`gpu_views.py`).
 """
 
 from __future__ import annotations

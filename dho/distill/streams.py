@@ -103,6 +103,11 @@ def open_streams(cfg, objective: Objective) -> Streams:
             caches.append(l_cache)
     elif objective.reads_unlabeled:
         raise ConfigError(f"--method {cfg.method} needs --unlabeled DATASET --unlabeled-cache CACHE")
+    if cfg.decode == "gpu":
+        for path, cache in [(cfg.labeled_cache, l_cache)] + [(p.cache_path, c) for p, c in zip(parts_u, caches)]:
+            if cache.augment is not None:
+                raise ConfigError(f"{path} was made with --augment / --erase, which dho replays on the CPU only: "
+                                  "use --decode cpu (the default) with this cache")
     all_caches = [(cfg.labeled_cache, l_cache)] + [(p.cache_path, c) for p, c in zip(parts_u, caches)]
     if l_cache.is_ensemble and l_cache.member is None and (objective.reads_embeddings or objective.teacher_logits):
         raise ConfigError(f"--method {cfg.method} reads one teacher's image embeddings, which the mean of the ensemble "
