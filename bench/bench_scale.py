@@ -255,7 +255,7 @@ labeled, labeled_cache, unlabeled, unlabeled_cache = sys.argv[1:5]
 out = {}
 for pool in ("union", "exclude-labeled"):
     cfg = SimpleNamespace(labeled=labeled, labeled_cache=labeled_cache, unlabeled=unlabeled, unlabeled_cache=unlabeled_cache,
-                          unlabeled_pool=pool, method="dho", teacher="mean")
+                          unlabeled_pool=pool, method="dho", teacher="mean", decode="cpu")
     t0 = time.perf_counter()
     streams = open_streams(cfg, OBJECTIVES["dho"])
     out[pool] = time.perf_counter() - t0
